@@ -1,0 +1,93 @@
+// main.cpp -- the `bmoe` command: subcommands train, data.
+//
+// Every failure ends as ONE line on stderr, "bmoe <cmd>: error: <what and how to fix>", and a
+// non-zero exit status: bad flags and config values (CLI11 / RunConfig::validate), bad data
+// files (data/), NaN/Inf during training (trainer/).
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "data/data_command.h"
+#include "model/backend.h"
+#include "parallel/check.h"
+#include "trainer/run_config.h"
+#include "trainer/trainer.h"
+
+namespace {
+
+int fail(const std::string& cmd, const std::string& message) {
+    std::cerr << "bmoe" << (cmd.empty() ? "" : " " + cmd) << ": error: " << message << std::endl;
+    return 1;
+}
+
+// CLI11's parse errors, on one line, with the hint to --help.
+std::string one_line(const std::string& text) {
+    std::string out;
+    for (char c : text) out += (c == '\n') ? ' ' : c;
+    while (!out.empty() && out.back() == ' ') out.pop_back();
+    return out;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    using namespace bmoe;
+    CLI::App app{"bmoe: Mixture-of-Experts training with Bayesian routers (version " BMOE_VERSION ")", "bmoe"};
+    app.require_subcommand(1);
+    app.set_version_flag("--version", std::string(BMOE_VERSION));
+    app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+
+    // ---- bmoe train ----
+    trainer::RunConfig config;
+    trainer::RunConfigCli config_cli;
+    bool print_config = false;
+    CLI::App* train = app.add_subcommand("train", "train a MoE language model from scratch");
+    train->add_flag("--print-config", print_config, "print the resolved config as TOML and exit");
+    train->add_option("--config", "TOML file with [model] [optim] [loss] [data] [train] sections; flags override it");
+    trainer::add_run_options(*train, config, config_cli);
+
+    // ---- bmoe data ----
+    data::DataCommandOptions data_options;
+    CLI::App* data_cmd = app.add_subcommand("data", "build token files (train/val/ood .bin) from a corpus");
+    data::add_data_options(*data_cmd, data_options);
+
+    std::string cmd;
+    try {
+        const std::vector<std::string> args = trainer::expand_config_file(argc, argv);
+        std::vector<const char*> cargs;
+        for (const std::string& a : args) cargs.push_back(a.c_str());
+        try {
+            app.parse(static_cast<int>(cargs.size()), cargs.data());
+        } catch (const CLI::CallForHelp& e) {
+            return app.exit(e);
+        } catch (const CLI::CallForVersion& e) {
+            return app.exit(e);
+        } catch (const CLI::ParseError& e) {
+            for (CLI::App* sub : app.get_subcommands()) cmd = sub->get_name();
+            return fail(cmd, one_line(e.what()) + " (see bmoe " + (cmd.empty() ? "" : cmd + " ") + "--help)");
+        }
+        if (train->parsed()) {
+            cmd = "train";
+            trainer::finish_cli_parse(config, config_cli);
+            config.validate();
+            if (print_config) {
+                std::cout << config.to_toml();
+                return 0;
+            }
+            trainer::Trainer trainer(config, std::cout);
+            trainer.run();
+            return 0;
+        }
+        if (data_cmd->parsed()) {
+            cmd = "data";
+            return data::run_data_command(data_options);
+        }
+    } catch (const Error& e) {
+        return fail(cmd, e.what());
+    } catch (const std::exception& e) {
+        return fail(cmd, std::string("unexpected failure: ") + e.what());
+    }
+    return 0;
+}

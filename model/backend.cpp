@@ -1,0 +1,31 @@
+#include "model/backend.h"
+
+#include "model/cpu_backend.h"
+#include "parallel/check.h"
+#ifdef BMOE_HAVE_CUDA
+#include "model/cuda/cuda_backend.h"
+#endif
+
+namespace bmoe::model {
+
+bool cuda_backend_compiled() {
+#ifdef BMOE_HAVE_CUDA
+    return true;
+#else
+    return false;
+#endif
+}
+
+std::unique_ptr<Backend> make_backend(const std::string& name) {
+    if (name == "cpu") return std::make_unique<CpuBackend>();
+    if (name == "cuda") {
+#ifdef BMOE_HAVE_CUDA
+        return make_cuda_backend();  // throws with a hint when no device is visible
+#else
+        throw Error("--backend=cuda: this bmoe was built without CUDA; rebuild with nvcc installed (-DBMOE_CUDA=ON)");
+#endif
+    }
+    throw Error(concat("unknown backend '", name, "': use --backend=cpu or --backend=cuda"));
+}
+
+}  // namespace bmoe::model

@@ -1,0 +1,257 @@
+// backend.h -- the compute interface every bmoe backend implements (CPU reference, CUDA).
+//
+// The model (model/model.cpp) is a straight list of calls to these ops; a backend owns memory
+// and kernels. Every float*/int32_t* argument is *backend memory* (host RAM for the CPU backend,
+// device memory for CUDA) unless its comment says "host". All math is fp32.
+//
+// Conventions (llm.c style):
+//   - forward:  outputs (incl. saved-for-backward), then inputs, then weights, then sizes.
+//   - backward: d-inputs, d-weights, then dout, saved activations, weights, sizes.
+//   - Parameter gradients ACCUMULATE (+=). Activation gradients OVERWRITE (=) unless the
+//     comment says "+=" (norm backward accumulates into the residual stream's gradient).
+//   - Linear weights are [out, in] row-major (PyTorch nn.Linear layout): y = x W^T + b.
+// Shape legend: N = tokens (B*T), B = batch, T = sequence, D = d_model, V = vocab, H = query heads,
+// KV = key/value heads, Hd = head_dim, E = experts, K = top-k, R = routed rows (N*K, grouped by
+// expert), F = FFN hidden, I/O = GEMM in/out features, G = groups of a grouped GEMM.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace bmoe::model {
+
+class Backend {
+  public:
+    virtual ~Backend() = default;
+    virtual std::string name() const = 0;
+
+    // ---- memory -------------------------------------------------------------------------
+    virtual void* alloc(size_t bytes) = 0;  // zero-filled; throws bmoe::Error when out of memory
+    virtual void free(void* ptr) = 0;
+    virtual void upload(void* dst, const void* src_host, size_t bytes) = 0;
+    virtual void download(void* dst_host, const void* src, size_t bytes) = 0;
+    virtual void copy(void* dst, const void* src, size_t bytes) = 0;  // backend -> backend
+    virtual void zero(void* ptr, size_t bytes) = 0;
+    virtual void synchronize() = 0;  // wait for queued work (no-op on CPU)
+
+    // ---- elementwise ----------------------------------------------------------------------
+    // out = a + b (out may alias a or b)
+    virtual void add(float* out, const float* a, const float* b, size_t n) = 0;
+    // out += a
+    virtual void accumulate(float* out, const float* a, size_t n) = 0;
+    // x *= s
+    virtual void scale(float* x, float s, size_t n) = 0;
+    // sum of x[i]^2 over n elements, accumulated in double; NaN/Inf propagate (used for grad norm)
+    virtual double sum_squares(const float* x, size_t n) = 0;
+
+    // ---- dense GEMMs ----------------------------------------------------------------------
+    // out_NO = in_NI * w_OI^T (+ bias_O if not null)
+    virtual void matmul_forward(
+        float* out_NO, const float* in_NI, const float* w_OI, const float* bias_O, int N, int I, int O) = 0;
+    // din_NI = (accumulate_din ? din_NI : 0) + dout_NO * w_OI   (skipped if din_NI is null)
+    // dw_OI += dout_NO^T * in_NI;  dbias_O += sum_n dout_NO (if not null)
+    virtual void matmul_backward(float* din_NI,
+                                 float* dw_OI,
+                                 float* dbias_O,
+                                 const float* dout_NO,
+                                 const float* in_NI,
+                                 const float* w_OI,
+                                 int N,
+                                 int I,
+                                 int O,
+                                 bool accumulate_din) = 0;
+    // Grouped GEMM: rows [offsets[g], offsets[g+1]) of in_RI use weight w_GOI[g] ([O, I]).
+    // offsets_host has G+1 entries, offsets_host[0] == 0, offsets_host[G] == R. Empty groups allowed.
+    virtual void grouped_matmul_forward(
+        float* out_RO, const float* in_RI, const float* w_GOI, const int* offsets_host, int G, int I, int O) = 0;
+    // din_RI = dout_RO * w_g (=);  dw_GOI[g] += dout_g^T * in_g
+    virtual void grouped_matmul_backward(float* din_RI,
+                                         float* dw_GOI,
+                                         const float* dout_RO,
+                                         const float* in_RI,
+                                         const float* w_GOI,
+                                         const int* offsets_host,
+                                         int G,
+                                         int I,
+                                         int O) = 0;
+
+    // ---- embeddings -----------------------------------------------------------------------
+    // out_ND[n] = table_VD[tokens_N[n]]
+    virtual void embedding_forward(float* out_ND, const int32_t* tokens_N, const float* table_VD, int N, int D) = 0;
+    // dtable_VD[tokens_N[n]] += dout_ND[n]  (deterministic order: results must not depend on threads)
+    virtual void embedding_backward(float* dtable_VD, const float* dout_ND, const int32_t* tokens_N, int N, int D) = 0;
+    // x_BTD[b,t] += wpe_SD[t]   (learned absolute positions, t < S)
+    virtual void position_forward(float* x_BTD, const float* wpe_SD, int B, int T, int D) = 0;
+    // dwpe_SD[t] += sum_b dx_BTD[b,t]
+    virtual void position_backward(float* dwpe_SD, const float* dx_BTD, int B, int T, int D) = 0;
+
+    // ---- norms ------------------------------------------------------------------------------
+    // out = in * rstd * w,  rstd_N = 1/sqrt(mean(in^2) + eps)
+    virtual void rmsnorm_forward(
+        float* out_ND, float* rstd_N, const float* in_ND, const float* w_D, int N, int D, float eps) = 0;
+    // din_ND += ..., dw_D += ...
+    virtual void rmsnorm_backward(float* din_ND,
+                                  float* dw_D,
+                                  const float* dout_ND,
+                                  const float* in_ND,
+                                  const float* w_D,
+                                  const float* rstd_N,
+                                  int N,
+                                  int D) = 0;
+    // out = (in - mean) * rstd * w + b
+    virtual void layernorm_forward(float* out_ND,
+                                   float* mean_N,
+                                   float* rstd_N,
+                                   const float* in_ND,
+                                   const float* w_D,
+                                   const float* b_D,
+                                   int N,
+                                   int D,
+                                   float eps) = 0;
+    // din_ND += ..., dw_D += ..., db_D += ...
+    virtual void layernorm_backward(float* din_ND,
+                                    float* dw_D,
+                                    float* db_D,
+                                    const float* dout_ND,
+                                    const float* in_ND,
+                                    const float* w_D,
+                                    const float* mean_N,
+                                    const float* rstd_N,
+                                    int N,
+                                    int D) = 0;
+
+    // ---- attention --------------------------------------------------------------------------
+    // Rotary embedding in place on x [B, T, nh, Hd], position = t, HF "rotate_half" pairing:
+    // element i pairs with i + Hd/2, angle = t * theta^(-2i/Hd), i < Hd/2.
+    virtual void rope_forward(float* x_BTHd, int B, int T, int nh, int Hd, float theta) = 0;
+    // In place: rotates gradients back (the inverse rotation).
+    virtual void rope_backward(float* dx_BTHd, int B, int T, int nh, int Hd, float theta) = 0;
+    // Causal grouped-query attention. q [B,T,H,Hd], k/v [B,T,KV,Hd]; query head h reads kv head
+    // h / (H/KV). out [B,T,H,Hd]; att_BHTT saves softmax(q k^T / sqrt(Hd)) (zeros above diagonal).
+    virtual void attention_forward(float* out_BTHd,
+                                   float* att_BHTT,
+                                   const float* q_BTHd,
+                                   const float* k_BTKVHd,
+                                   const float* v_BTKVHd,
+                                   int B,
+                                   int T,
+                                   int H,
+                                   int KV,
+                                   int Hd) = 0;
+    // dq, dk, dv overwritten.
+    virtual void attention_backward(float* dq_BTHd,
+                                    float* dk_BTKVHd,
+                                    float* dv_BTKVHd,
+                                    const float* dout_BTHd,
+                                    const float* q_BTHd,
+                                    const float* k_BTKVHd,
+                                    const float* v_BTKVHd,
+                                    const float* att_BHTT,
+                                    int B,
+                                    int T,
+                                    int H,
+                                    int KV,
+                                    int Hd) = 0;
+
+    // ---- activations ------------------------------------------------------------------------
+    // out = silu(gate) * up
+    virtual void swiglu_forward(float* out, const float* gate, const float* up, size_t n) = 0;
+    virtual void swiglu_backward(
+        float* dgate, float* dup, const float* dout, const float* gate, const float* up, size_t n) = 0;
+    // GELU, tanh approximation (GPT-2)
+    virtual void gelu_forward(float* out, const float* in, size_t n) = 0;
+    virtual void gelu_backward(float* din, const float* dout, const float* in, size_t n) = 0;
+
+    // ---- loss -------------------------------------------------------------------------------
+    // probs_NV = softmax(logits_NV); loss_N = -log probs[target]; targets < 0 are ignored (loss 0).
+    virtual void cross_entropy_forward(
+        float* loss_N, float* probs_NV, const float* logits_NV, const int32_t* targets_N, int N, int V) = 0;
+    // dlogits_NV = dloss * (probs - onehot(target)) for valid targets, 0 for ignored rows.
+    virtual void cross_entropy_backward(
+        float* dlogits_NV, const float* probs_NV, const int32_t* targets_N, float dloss, int N, int V) = 0;
+
+    // ---- MoE router and token permutation ---------------------------------------------------
+    // probs_NE = softmax(logits_NE) (fp32, max-subtracted), lse_N = logsumexp(logits_NE).
+    // topk_idx_NK = the K largest probs per token in descending order; ties go to the lower index.
+    // topk_weight_NK = those probs, divided by their sum when renormalize.
+    virtual void router_topk_forward(float* probs_NE,
+                                     float* lse_N,
+                                     int32_t* topk_idx_NK,
+                                     float* topk_weight_NK,
+                                     const float* logits_NE,
+                                     int N,
+                                     int E,
+                                     int K,
+                                     bool renormalize) = 0;
+    // dlogits_NE (=) from three sources:
+    //   gates:  dtopk_weight_NK through the (optionally renormalised) top-k probs;
+    //   aux:    dprobs[n, e] += aux_dprobs_E[e] for every token (load-balancing loss gradient);
+    //   z-loss: d/dlogits of zloss_coef * lse_n^2 for every token (zloss_coef includes 1/N).
+    virtual void router_topk_backward(float* dlogits_NE,
+                                      const float* dtopk_weight_NK,
+                                      const float* probs_NE,
+                                      const float* lse_N,
+                                      const int32_t* topk_idx_NK,
+                                      const float* topk_weight_NK,
+                                      const float* aux_dprobs_E,
+                                      float zloss_coef,
+                                      int N,
+                                      int E,
+                                      int K,
+                                      bool renormalize) = 0;
+    // Routed rows r are grouped by expert. row_src_R[r] = n*K + k: the (token, slot) copy that row
+    // r carries. slot_row_NK[n*K + k] = r, or -1 when that copy was dropped (capacity).
+    // x_RD[r] = x_ND[row_src_R[r] / K]
+    virtual void moe_gather_forward(float* x_RD, const float* x_ND, const int32_t* row_src_R, int R, int K, int D) = 0;
+    // dx_ND[n] += sum_k dx_RD[slot_row_NK[n,k]]  (skips -1)
+    virtual void moe_gather_backward(
+        float* dx_ND, const float* dx_RD, const int32_t* slot_row_NK, int N, int K, int D) = 0;
+    // y_ND[n] = sum_k topk_weight_NK[n,k] * y_RD[slot_row_NK[n,k]]  (=, skips -1)
+    virtual void moe_combine_forward(float* y_ND,
+                                     const float* y_RD,
+                                     const int32_t* slot_row_NK,
+                                     const float* topk_weight_NK,
+                                     int N,
+                                     int K,
+                                     int D) = 0;
+    // dy_RD[r] = topk_weight[src] * dy_ND[src / K]   (=)
+    // dtopk_weight_NK[n,k] = dot(dy_ND[n], y_RD[slot_row_NK[n,k]])  (=, 0 for dropped copies)
+    virtual void moe_combine_backward(float* dy_RD,
+                                      float* dtopk_weight_NK,
+                                      const float* dy_ND,
+                                      const float* y_RD,
+                                      const int32_t* row_src_R,
+                                      const int32_t* slot_row_NK,
+                                      const float* topk_weight_NK,
+                                      int N,
+                                      int R,
+                                      int K,
+                                      int D) = 0;
+
+    // ---- optimizer --------------------------------------------------------------------------
+    // AdamW on one tensor, decoupled weight decay (PyTorch semantics), g = grad * grad_scale:
+    //   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
+    //   param -= lr * (m / (1-b1^step) / (sqrt(v / (1-b2^step)) + eps) + weight_decay * param)
+    virtual void adamw_update(float* param,
+                              const float* grad,
+                              float* m,
+                              float* v,
+                              size_t n,
+                              float lr,
+                              float beta1,
+                              float beta2,
+                              float eps,
+                              float weight_decay,
+                              float grad_scale,
+                              int step) = 0;
+};
+
+// Factory: "cpu" always works; "cuda" when built with CUDA and a device is present
+// (throws bmoe::Error with a hint otherwise).
+std::unique_ptr<Backend> make_backend(const std::string& name);
+// True when this build contains the CUDA backend (it may still find no device at run time).
+bool cuda_backend_compiled();
+
+}  // namespace bmoe::model

@@ -1,0 +1,172 @@
+// cpu_backend.h -- CpuBackend: the reference implementation of model/backend.h.
+// Plain loops + OpenBLAS sgemm, OpenMP over independent rows/heads where it pays. fp32.
+// It is the oracle the CUDA backend is tested against, and fast enough to train small models.
+// Threading: one level of parallelism per region (BLAS threads for GEMMs, OpenMP for the rest);
+// results never depend on the thread count (every reduction has a fixed order).
+#pragma once
+
+#include "model/backend.h"
+
+namespace bmoe::model {
+
+class CpuBackend final : public Backend {
+  public:
+    std::string name() const override { return "cpu"; }
+    void* alloc(size_t bytes) override;
+    void free(void* ptr) override;
+    void upload(void* dst, const void* src_host, size_t bytes) override;
+    void download(void* dst_host, const void* src, size_t bytes) override;
+    void copy(void* dst, const void* src, size_t bytes) override;
+    void zero(void* ptr, size_t bytes) override;
+    void synchronize() override;
+    void add(float* out, const float* a, const float* b, size_t n) override;
+    void accumulate(float* out, const float* a, size_t n) override;
+    void scale(float* x, float s, size_t n) override;
+    double sum_squares(const float* x, size_t n) override;
+    void matmul_forward(
+        float* out_NO, const float* in_NI, const float* w_OI, const float* bias_O, int N, int I, int O) override;
+    void matmul_backward(float* din_NI,
+                         float* dw_OI,
+                         float* dbias_O,
+                         const float* dout_NO,
+                         const float* in_NI,
+                         const float* w_OI,
+                         int N,
+                         int I,
+                         int O,
+                         bool accumulate_din) override;
+    void grouped_matmul_forward(
+        float* out_RO, const float* in_RI, const float* w_GOI, const int* offsets_host, int G, int I, int O) override;
+    void grouped_matmul_backward(float* din_RI,
+                                 float* dw_GOI,
+                                 const float* dout_RO,
+                                 const float* in_RI,
+                                 const float* w_GOI,
+                                 const int* offsets_host,
+                                 int G,
+                                 int I,
+                                 int O) override;
+    void embedding_forward(float* out_ND, const int32_t* tokens_N, const float* table_VD, int N, int D) override;
+    void embedding_backward(float* dtable_VD, const float* dout_ND, const int32_t* tokens_N, int N, int D) override;
+    void position_forward(float* x_BTD, const float* wpe_SD, int B, int T, int D) override;
+    void position_backward(float* dwpe_SD, const float* dx_BTD, int B, int T, int D) override;
+    void rmsnorm_forward(
+        float* out_ND, float* rstd_N, const float* in_ND, const float* w_D, int N, int D, float eps) override;
+    void rmsnorm_backward(float* din_ND,
+                          float* dw_D,
+                          const float* dout_ND,
+                          const float* in_ND,
+                          const float* w_D,
+                          const float* rstd_N,
+                          int N,
+                          int D) override;
+    void layernorm_forward(float* out_ND,
+                           float* mean_N,
+                           float* rstd_N,
+                           const float* in_ND,
+                           const float* w_D,
+                           const float* b_D,
+                           int N,
+                           int D,
+                           float eps) override;
+    void layernorm_backward(float* din_ND,
+                            float* dw_D,
+                            float* db_D,
+                            const float* dout_ND,
+                            const float* in_ND,
+                            const float* w_D,
+                            const float* mean_N,
+                            const float* rstd_N,
+                            int N,
+                            int D) override;
+    void rope_forward(float* x_BTHd, int B, int T, int nh, int Hd, float theta) override;
+    void rope_backward(float* dx_BTHd, int B, int T, int nh, int Hd, float theta) override;
+    void attention_forward(float* out_BTHd,
+                           float* att_BHTT,
+                           const float* q_BTHd,
+                           const float* k_BTKVHd,
+                           const float* v_BTKVHd,
+                           int B,
+                           int T,
+                           int H,
+                           int KV,
+                           int Hd) override;
+    void attention_backward(float* dq_BTHd,
+                            float* dk_BTKVHd,
+                            float* dv_BTKVHd,
+                            const float* dout_BTHd,
+                            const float* q_BTHd,
+                            const float* k_BTKVHd,
+                            const float* v_BTKVHd,
+                            const float* att_BHTT,
+                            int B,
+                            int T,
+                            int H,
+                            int KV,
+                            int Hd) override;
+    void swiglu_forward(float* out, const float* gate, const float* up, size_t n) override;
+    void swiglu_backward(
+        float* dgate, float* dup, const float* dout, const float* gate, const float* up, size_t n) override;
+    void gelu_forward(float* out, const float* in, size_t n) override;
+    void gelu_backward(float* din, const float* dout, const float* in, size_t n) override;
+    void cross_entropy_forward(
+        float* loss_N, float* probs_NV, const float* logits_NV, const int32_t* targets_N, int N, int V) override;
+    void cross_entropy_backward(
+        float* dlogits_NV, const float* probs_NV, const int32_t* targets_N, float dloss, int N, int V) override;
+    void router_topk_forward(float* probs_NE,
+                             float* lse_N,
+                             int32_t* topk_idx_NK,
+                             float* topk_weight_NK,
+                             const float* logits_NE,
+                             int N,
+                             int E,
+                             int K,
+                             bool renormalize) override;
+    void router_topk_backward(float* dlogits_NE,
+                              const float* dtopk_weight_NK,
+                              const float* probs_NE,
+                              const float* lse_N,
+                              const int32_t* topk_idx_NK,
+                              const float* topk_weight_NK,
+                              const float* aux_dprobs_E,
+                              float zloss_coef,
+                              int N,
+                              int E,
+                              int K,
+                              bool renormalize) override;
+    void moe_gather_forward(float* x_RD, const float* x_ND, const int32_t* row_src_R, int R, int K, int D) override;
+    void moe_gather_backward(
+        float* dx_ND, const float* dx_RD, const int32_t* slot_row_NK, int N, int K, int D) override;
+    void moe_combine_forward(float* y_ND,
+                             const float* y_RD,
+                             const int32_t* slot_row_NK,
+                             const float* topk_weight_NK,
+                             int N,
+                             int K,
+                             int D) override;
+    void moe_combine_backward(float* dy_RD,
+                              float* dtopk_weight_NK,
+                              const float* dy_ND,
+                              const float* y_RD,
+                              const int32_t* row_src_R,
+                              const int32_t* slot_row_NK,
+                              const float* topk_weight_NK,
+                              int N,
+                              int R,
+                              int K,
+                              int D) override;
+    void adamw_update(float* param,
+                      const float* grad,
+                      float* m,
+                      float* v,
+                      size_t n,
+                      float lr,
+                      float beta1,
+                      float beta2,
+                      float eps,
+                      float weight_decay,
+                      float grad_scale,
+                      int step) override;
+};
+
+}  // namespace bmoe::model

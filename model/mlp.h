@@ -1,0 +1,49 @@
+// mlp.h -- GroupedMlp: G independent feed-forward networks over row groups (experts).
+//
+// Rows [offsets[g], offsets[g+1]) of x_RD run through MLP g. A MoE block uses G = E experts;
+// a dense FFN layer is the same code with G = 1, so both share one forward/backward.
+//   swiglu: y = (silu(x W1_g^T) * (x W3_g^T)) W2_g^T      W1, W3 [G, F, D], W2 [G, D, F]
+//   gelu:   y = gelu(x W3_g^T) W2_g^T
+// Saves its hidden activations for backward (sized for the largest R seen).
+#pragma once
+
+#include <vector>
+
+#include "model/backend.h"
+#include "model/buffer.h"
+#include "model/config.h"
+
+namespace bmoe::model {
+
+struct MlpWeights {
+    const float* gate = nullptr;  // [G, F, D] (swiglu only)
+    const float* up = nullptr;    // [G, F, D]
+    const float* down = nullptr;  // [G, D, F]
+};
+struct MlpGrads {
+    float* gate = nullptr;
+    float* up = nullptr;
+    float* down = nullptr;
+};
+
+class GroupedMlp {
+  public:
+    GroupedMlp(Backend* backend, Activation activation, int d_model, int hidden)
+        : backend_(backend), activation_(activation), D_(d_model), F_(hidden) {}
+
+    // y_RD (=) from x_RD; offsets_host [G+1] stays referenced until backward.
+    void forward(float* y_RD, const float* x_RD, const MlpWeights& w, const std::vector<int>& offsets_host);
+    // dx_RD (=), weight grads (+=). x_RD must be the forward input.
+    void backward(float* dx_RD, const MlpGrads& dw, const float* dy_RD, const float* x_RD, const MlpWeights& w);
+
+  private:
+    Backend* backend_;
+    Activation activation_;
+    int D_, F_;
+    std::vector<int> offsets_;
+    Buffer<float> h_gate_RF_, h_up_RF_, act_RF_;     // saved
+    Buffer<float> dh_gate_RF_, dh_up_RF_, dact_RF_;  // backward scratch
+    Buffer<float> dx_tmp_RD_;
+};
+
+}  // namespace bmoe::model

@@ -1,0 +1,259 @@
+#include "model/model.h"
+
+#include <cmath>
+
+#include "parallel/check.h"
+
+namespace bmoe::model {
+
+// Saved activations of one transformer layer for a micro-batch of N = B*T tokens.
+struct Model::LayerActs {
+    Buffer<float> resid_in;                        // [N, D] residual stream entering the layer
+    Buffer<float> norm1_out, norm1_mean, norm1_rstd;  // [N, D], [N], [N]
+    Buffer<float> q, k, v;                         // [N, H*Hd], [N, KV*Hd] x2 (q, k after RoPE)
+    Buffer<float> att;                             // [B, H, T, T]
+    Buffer<float> attn_out;                        // [N, H*Hd]
+    Buffer<float> resid_mid;                       // [N, D] after the attention residual add
+    Buffer<float> norm2_out, norm2_mean, norm2_rstd;
+    Buffer<float> ffn_out;                         // [N, D]
+    std::unique_ptr<GroupedMlp> dense_ffn;         // dense layers only
+    int moe_index = -1;                            // index into moe_blocks_, or -1
+};
+
+Model::Model(const ModelConfig& config, Backend* backend)
+    : config_(config), backend_(backend), layout_((config.validate(), config)) {
+    params_ = Buffer<float>(backend_, layout_.total_numel());
+    grads_ = Buffer<float>(backend_, layout_.total_numel());
+    param_views_ = layout_.views(params_.data());
+    grad_views_ = layout_.views(grads_.data());
+    for (int l = 0; l < config_.num_layers; ++l) {
+        auto acts = std::make_unique<LayerActs>();
+        if (config_.is_moe_layer(l)) {
+            acts->moe_index = static_cast<int>(moe_blocks_.size());
+            moe_blocks_.emplace_back(config_, backend_);
+        } else {
+            acts->dense_ffn =
+                std::make_unique<GroupedMlp>(backend_, config_.activation, config_.d_model, config_.dense_hidden);
+        }
+        layer_acts_.push_back(std::move(acts));
+    }
+}
+
+Model::~Model() = default;
+
+void Model::init_weights(uint64_t seed) { params_.upload(layout_.init_host(seed)); }
+
+void Model::params_from_host(const std::vector<float>& host) {
+    BMOE_REQUIRE(host.size() == layout_.total_numel(), "parameter block has ", host.size(), " floats, model expects ",
+                 layout_.total_numel(), ": the weights were made for another model config");
+    params_.upload(host);
+}
+
+std::vector<float> Model::logits_to_host() const {
+    std::vector<float> host(static_cast<size_t>(B_) * T_ * config_.vocab_size);
+    backend_->download(host.data(), logits_.data(), host.size() * sizeof(float));
+    return host;
+}
+
+void Model::ensure_activations(int B, int T) {
+    if (B == B_ && T == T_) return;
+    B_ = B;
+    T_ = T;
+    const size_t N = static_cast<size_t>(B) * T, D = config_.d_model, V = config_.vocab_size;
+    const size_t q_dim = static_cast<size_t>(config_.num_heads) * config_.head_dim();
+    const size_t kv_dim = static_cast<size_t>(config_.num_kv_heads) * config_.head_dim();
+    Backend* be = backend_;
+    tokens_ = Buffer<int32_t>(be, N);
+    targets_ = Buffer<int32_t>(be, N);
+    for (auto& a : layer_acts_) {
+        a->resid_in = Buffer<float>(be, N * D);
+        a->norm1_out = Buffer<float>(be, N * D);
+        a->norm1_mean = Buffer<float>(be, N);
+        a->norm1_rstd = Buffer<float>(be, N);
+        a->q = Buffer<float>(be, N * q_dim);
+        a->k = Buffer<float>(be, N * kv_dim);
+        a->v = Buffer<float>(be, N * kv_dim);
+        a->att = Buffer<float>(be, static_cast<size_t>(B) * config_.num_heads * T * T);
+        a->attn_out = Buffer<float>(be, N * q_dim);
+        a->resid_mid = Buffer<float>(be, N * D);
+        a->norm2_out = Buffer<float>(be, N * D);
+        a->norm2_mean = Buffer<float>(be, N);
+        a->norm2_rstd = Buffer<float>(be, N);
+        a->ffn_out = Buffer<float>(be, N * D);
+    }
+    resid_final_ = Buffer<float>(be, N * D);
+    final_norm_out_ = Buffer<float>(be, N * D);
+    final_mean_ = Buffer<float>(be, N);
+    final_rstd_ = Buffer<float>(be, N);
+    logits_ = Buffer<float>(be, N * V);
+    probs_ = Buffer<float>(be, N * V);
+    losses_ = Buffer<float>(be, N);
+    dresidual_ = Buffer<float>(be, N * D);
+    dtmp_ND_ = Buffer<float>(be, N * std::max(D, q_dim));
+    dlogits_ = Buffer<float>(be, N * V);
+    dq_ = Buffer<float>(be, N * q_dim);
+    dk_ = Buffer<float>(be, N * kv_dim);
+    dv_ = Buffer<float>(be, N * kv_dim);
+    dattn_ = Buffer<float>(be, N * q_dim);
+}
+
+// ---------------------------------------------------------------------------------------------
+// norm dispatch: the config picks RMSNorm (mean unused) or LayerNorm
+
+namespace {
+void norm_forward(Backend* be, const ModelConfig& c, float* out, float* mean, float* rstd, const float* in,
+                  const float* w, const float* b, int N) {
+    if (c.norm == NormType::kRmsNorm)
+        be->rmsnorm_forward(out, rstd, in, w, N, c.d_model, c.norm_eps);
+    else
+        be->layernorm_forward(out, mean, rstd, in, w, b, N, c.d_model, c.norm_eps);
+}
+void norm_backward(Backend* be, const ModelConfig& c, float* din, float* dw, float* db, const float* dout,
+                   const float* in, const float* w, const float* mean, const float* rstd, int N) {
+    if (c.norm == NormType::kRmsNorm)
+        be->rmsnorm_backward(din, dw, dout, in, w, rstd, N, c.d_model);
+    else
+        be->layernorm_backward(din, dw, db, dout, in, w, mean, rstd, N, c.d_model);
+}
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// forward
+
+ForwardStats Model::forward(const int32_t* tokens, const int32_t* targets, int B, int T, const LossWeights& weights) {
+    BMOE_REQUIRE(B >= 1 && T >= 1, "batch size and sequence length must be >= 1 (got ", B, "x", T, ")");
+    BMOE_REQUIRE(config_.position != PositionType::kLearned || T <= config_.max_seq_len, "sequence length ", T,
+                 " exceeds model.max_seq_len ", config_.max_seq_len, " (learned positions): shorten data.seq_len");
+    ensure_activations(B, T);
+    const ModelConfig& c = config_;
+    const int N = B * T, D = c.d_model, V = c.vocab_size, H = c.num_heads, KV = c.num_kv_heads, Hd = c.head_dim();
+    const ModelTensors& p = param_views_;
+    Backend* be = backend_;
+    loss_weights_ = weights;
+    for (int i = 0; i < N; ++i)
+        BMOE_REQUIRE(tokens[i] >= 0 && tokens[i] < V, "token id ", tokens[i], " at position ", i,
+                     " is outside the vocabulary [0, ", V, "): the data was made for another vocab_size");
+    be->upload(tokens_.data(), tokens, N * sizeof(int32_t));
+
+    // embeddings -> residual stream of layer 0
+    float* x = layer_acts_[0]->resid_in.data();
+    be->embedding_forward(x, tokens_.data(), p.tok_emb, N, D);
+    if (c.position == PositionType::kLearned) be->position_forward(x, p.pos_emb, B, T, D);
+
+    ForwardStats stats;
+    for (int l = 0; l < c.num_layers; ++l) {
+        LayerActs& a = *layer_acts_[l];
+        const LayerTensors& w = p.layers[l];
+        // attention sub-block
+        norm_forward(be, c, a.norm1_out.data(), a.norm1_mean.data(), a.norm1_rstd.data(), a.resid_in.data(),
+                     w.attn_norm_w, w.attn_norm_b, N);
+        be->matmul_forward(a.q.data(), a.norm1_out.data(), w.wq, nullptr, N, D, H * Hd);
+        be->matmul_forward(a.k.data(), a.norm1_out.data(), w.wk, nullptr, N, D, KV * Hd);
+        be->matmul_forward(a.v.data(), a.norm1_out.data(), w.wv, nullptr, N, D, KV * Hd);
+        if (c.position == PositionType::kRope) {
+            be->rope_forward(a.q.data(), B, T, H, Hd, c.rope_theta);
+            be->rope_forward(a.k.data(), B, T, KV, Hd, c.rope_theta);
+        }
+        be->attention_forward(a.attn_out.data(), a.att.data(), a.q.data(), a.k.data(), a.v.data(), B, T, H, KV, Hd);
+        be->matmul_forward(a.ffn_out.data(), a.attn_out.data(), w.wo, nullptr, N, H * Hd, D);  // ffn_out as scratch
+        be->add(a.resid_mid.data(), a.resid_in.data(), a.ffn_out.data(), static_cast<size_t>(N) * D);
+        // feed-forward sub-block (MoE or dense)
+        norm_forward(be, c, a.norm2_out.data(), a.norm2_mean.data(), a.norm2_rstd.data(), a.resid_mid.data(),
+                     w.ffn_norm_w, w.ffn_norm_b, N);
+        if (a.moe_index >= 0) {
+            stats.moe_layers.push_back(moe_blocks_[a.moe_index].forward(a.ffn_out.data(), a.norm2_out.data(), w, N));
+        } else {
+            a.dense_ffn->forward(a.ffn_out.data(), a.norm2_out.data(), MlpWeights{w.ffn_gate, w.ffn_up, w.ffn_down},
+                                 {0, N});
+        }
+        float* next = l + 1 < c.num_layers ? layer_acts_[l + 1]->resid_in.data() : resid_final_.data();
+        be->add(next, a.resid_mid.data(), a.ffn_out.data(), static_cast<size_t>(N) * D);
+    }
+
+    // final norm -> LM head
+    norm_forward(be, c, final_norm_out_.data(), final_mean_.data(), final_rstd_.data(), resid_final_.data(),
+                 p.final_norm_w, p.final_norm_b, N);
+    be->matmul_forward(logits_.data(), final_norm_out_.data(), p.lm_head, nullptr, N, D, V);
+
+    for (const MoeLayerStats& s : stats.moe_layers) {
+        stats.aux_loss += s.aux_loss / static_cast<double>(stats.moe_layers.size());
+        stats.z_loss += s.z_loss / static_cast<double>(stats.moe_layers.size());
+    }
+    num_valid_targets_ = 0;
+    if (targets != nullptr) {
+        for (int i = 0; i < N; ++i) {
+            BMOE_REQUIRE(targets[i] < V, "target id ", targets[i], " is outside the vocabulary [0, ", V, ")");
+            num_valid_targets_ += targets[i] >= 0 ? 1 : 0;
+        }
+        be->upload(targets_.data(), targets, N * sizeof(int32_t));
+        be->cross_entropy_forward(losses_.data(), probs_.data(), logits_.data(), targets_.data(), N, V);
+        std::vector<float> losses = losses_.download();
+        double sum = 0.0;
+        for (int i = 0; i < N; ++i) sum += losses[i];
+        stats.ce_loss = num_valid_targets_ > 0 ? sum / static_cast<double>(num_valid_targets_) : 0.0;
+    }
+    stats.num_valid_targets = num_valid_targets_;
+    stats.total_loss = stats.ce_loss + weights.aux_coef * stats.aux_loss + weights.zloss_coef * stats.z_loss;
+    return stats;
+}
+
+// ---------------------------------------------------------------------------------------------
+// backward: the forward's calls in reverse order
+
+void Model::backward(float loss_scale) {
+    BMOE_ASSERT(B_ > 0, "backward() before forward()");
+    const ModelConfig& c = config_;
+    const int B = B_, T = T_, N = B * T, D = c.d_model, V = c.vocab_size, H = c.num_heads, KV = c.num_kv_heads,
+              Hd = c.head_dim();
+    const ModelTensors& p = param_views_;
+    const ModelTensors& g = grad_views_;
+    Backend* be = backend_;
+    const int num_moe = c.num_moe_layers();
+    const float aux_weight = num_moe > 0 ? loss_weights_.aux_coef * loss_scale / num_moe : 0.0f;
+    const float z_weight = num_moe > 0 ? loss_weights_.zloss_coef * loss_scale / num_moe : 0.0f;
+
+    // LM head and final norm. CE is a mean over valid targets.
+    const float dloss = num_valid_targets_ > 0 ? loss_scale / static_cast<float>(num_valid_targets_) : 0.0f;
+    be->cross_entropy_backward(dlogits_.data(), probs_.data(), targets_.data(), dloss, N, V);
+    be->matmul_backward(dtmp_ND_.data(), g.lm_head, nullptr, dlogits_.data(), final_norm_out_.data(), p.lm_head, N, D,
+                        V, false);
+    dresidual_.zero();
+    norm_backward(be, c, dresidual_.data(), g.final_norm_w, g.final_norm_b, dtmp_ND_.data(), resid_final_.data(),
+                  p.final_norm_w, final_mean_.data(), final_rstd_.data(), N);
+
+    for (int l = c.num_layers - 1; l >= 0; --l) {
+        LayerActs& a = *layer_acts_[l];
+        const LayerTensors& w = p.layers[l];
+        const LayerTensors& dw = g.layers[l];
+        // feed-forward sub-block: d ffn_out = dresidual
+        if (a.moe_index >= 0) {
+            moe_blocks_[a.moe_index].backward(dtmp_ND_.data(), dw, dresidual_.data(), a.norm2_out.data(), w,
+                                              aux_weight, z_weight);
+        } else {
+            a.dense_ffn->backward(dtmp_ND_.data(), MlpGrads{dw.ffn_gate, dw.ffn_up, dw.ffn_down}, dresidual_.data(),
+                                  a.norm2_out.data(), MlpWeights{w.ffn_gate, w.ffn_up, w.ffn_down});
+        }
+        norm_backward(be, c, dresidual_.data(), dw.ffn_norm_w, dw.ffn_norm_b, dtmp_ND_.data(), a.resid_mid.data(),
+                      w.ffn_norm_w, a.norm2_mean.data(), a.norm2_rstd.data(), N);
+        // attention sub-block: d o_proj out = dresidual
+        be->matmul_backward(dattn_.data(), dw.wo, nullptr, dresidual_.data(), a.attn_out.data(), w.wo, N, H * Hd, D,
+                            false);
+        be->attention_backward(dq_.data(), dk_.data(), dv_.data(), dattn_.data(), a.q.data(), a.k.data(), a.v.data(),
+                               a.att.data(), B, T, H, KV, Hd);
+        if (c.position == PositionType::kRope) {
+            be->rope_backward(dq_.data(), B, T, H, Hd, c.rope_theta);
+            be->rope_backward(dk_.data(), B, T, KV, Hd, c.rope_theta);
+        }
+        be->matmul_backward(dtmp_ND_.data(), dw.wq, nullptr, dq_.data(), a.norm1_out.data(), w.wq, N, D, H * Hd, false);
+        be->matmul_backward(dtmp_ND_.data(), dw.wk, nullptr, dk_.data(), a.norm1_out.data(), w.wk, N, D, KV * Hd, true);
+        be->matmul_backward(dtmp_ND_.data(), dw.wv, nullptr, dv_.data(), a.norm1_out.data(), w.wv, N, D, KV * Hd, true);
+        norm_backward(be, c, dresidual_.data(), dw.attn_norm_w, dw.attn_norm_b, dtmp_ND_.data(), a.resid_in.data(),
+                      w.attn_norm_w, a.norm1_mean.data(), a.norm1_rstd.data(), N);
+    }
+
+    // embeddings
+    if (c.position == PositionType::kLearned) be->position_backward(g.pos_emb, dresidual_.data(), B, T, D);
+    be->embedding_backward(g.tok_emb, dresidual_.data(), tokens_.data(), N, D);
+}
+
+}  // namespace bmoe::model

@@ -1,0 +1,94 @@
+// model.h -- Model: a decoder-only MoE transformer on one Backend.
+//
+// Owns the flat parameter and gradient blocks (model/params.h) and the activations of one
+// micro-batch. forward() computes logits (and the loss when targets are given); backward()
+// accumulates parameter gradients of
+//     loss = CE + aux_coef * mean_l(aux_l) + zloss_coef * mean_l(z_l)      (l over MoE layers)
+// scaled by loss_scale (1/grad_accum_steps), so micro-batches add up to the mean.
+// Layer l: x += attn(norm1(x)); x += ffn(norm2(x)), ffn = MoE block or dense FFN.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "model/backend.h"
+#include "model/buffer.h"
+#include "model/config.h"
+#include "model/moe_block.h"
+#include "model/params.h"
+
+namespace bmoe::model {
+
+struct LossWeights {
+    float aux_coef = 0.01f;    // Switch/GShard load-balancing loss weight
+    float zloss_coef = 0.001f; // ST-MoE router z-loss weight
+};
+
+// What one forward pass measured (host values).
+struct ForwardStats {
+    double ce_loss = 0.0;   // mean cross-entropy over valid targets
+    double aux_loss = 0.0;  // mean over MoE layers of the load-balancing loss (unweighted)
+    double z_loss = 0.0;    // mean over MoE layers of the router z-loss (unweighted)
+    double total_loss = 0.0;
+    int64_t num_valid_targets = 0;
+    std::vector<MoeLayerStats> moe_layers;  // one per MoE layer
+};
+
+class Model {
+  public:
+    Model(const ModelConfig& config, Backend* backend);
+    ~Model();
+    Model(const Model&) = delete;
+    Model& operator=(const Model&) = delete;
+
+    const ModelConfig& config() const { return config_; }
+    const ParameterLayout& layout() const { return layout_; }
+    Backend* backend() const { return backend_; }
+
+    float* params() { return params_.data(); }
+    float* grads() { return grads_.data(); }
+    const ModelTensors& param_views() const { return param_views_; }
+    const ModelTensors& grad_views() const { return grad_views_; }
+
+    void init_weights(uint64_t seed);
+    std::vector<float> params_to_host() const { return params_.download(); }
+    void params_from_host(const std::vector<float>& host);
+    std::vector<float> grads_to_host() const { return grads_.download(); }
+    void zero_grad() { grads_.zero(); }
+
+    // tokens/targets: host arrays [B*T]; targets may be null (no loss) and < 0 means "ignore".
+    ForwardStats forward(const int32_t* tokens, const int32_t* targets, int B, int T, const LossWeights& weights);
+    // Requires a forward with targets; accumulates d(loss * loss_scale)/dparams into grads().
+    void backward(float loss_scale);
+
+    // Logits of the last forward, backend memory [B*T, V].
+    const float* logits() const { return logits_.data(); }
+    std::vector<float> logits_to_host() const;
+
+  private:
+    struct LayerActs;  // per-layer saved activations (model.cpp)
+    void ensure_activations(int B, int T);
+
+    ModelConfig config_;
+    Backend* backend_;
+    ParameterLayout layout_;
+    Buffer<float> params_, grads_;
+    ModelTensors param_views_, grad_views_;
+
+    // ---- activations of the last forward (sized for B*T) ----
+    int B_ = 0, T_ = 0;
+    LossWeights loss_weights_;
+    int64_t num_valid_targets_ = 0;
+    Buffer<int32_t> tokens_, targets_;
+    std::vector<std::unique_ptr<LayerActs>> layer_acts_;
+    std::vector<MoeBlock> moe_blocks_;      // one per MoE layer
+    Buffer<float> resid_final_;                                 // [N, D] output of the last layer
+    Buffer<float> final_norm_out_, final_mean_, final_rstd_;  // [N, D], [N], [N]
+    Buffer<float> logits_, probs_, losses_;                   // [N, V], [N, V], [N]
+    // backward scratch
+    Buffer<float> dresidual_, dtmp_ND_, dlogits_;  // [N, D], [N, max(D, H*Hd)], [N, V]
+    Buffer<float> dq_, dk_, dv_, dattn_;            // [N, H*Hd], [N, KV*Hd] x2, [N, H*Hd]
+};
+
+}  // namespace bmoe::model

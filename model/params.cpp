@@ -1,0 +1,138 @@
+#include "model/params.h"
+
+#include <cmath>
+
+#include "model/rng.h"
+#include "parallel/check.h"
+
+namespace bmoe::model {
+
+ParameterLayout::ParameterLayout(const ModelConfig& c) : config_(c) {
+    const int64_t V = c.vocab_size, D = c.d_model, E = c.num_experts, F = c.expert_hidden, Fd = c.dense_hidden;
+    const int64_t q_dim = int64_t{c.num_heads} * c.head_dim(), kv_dim = int64_t{c.num_kv_heads} * c.head_dim();
+    const bool layernorm = c.norm == NormType::kLayerNorm;
+    const bool swiglu = c.activation == Activation::kSwiGlu;
+    auto add_norm = [&](const std::string& prefix) {
+        add(prefix + ".weight", {D}, ParamGroup::kDense, ParamInit::kOnes);
+        if (layernorm) add(prefix + ".bias", {D}, ParamGroup::kDense, ParamInit::kZeros);
+    };
+
+    add("model.embed_tokens.weight", {V, D}, ParamGroup::kDense, ParamInit::kNormal);
+    if (c.position == PositionType::kLearned)
+        add("model.embed_positions.weight", {c.max_seq_len, D}, ParamGroup::kDense, ParamInit::kNormal);
+    for (int l = 0; l < c.num_layers; ++l) {
+        const std::string p = "model.layers." + std::to_string(l);
+        add_norm(p + ".input_layernorm");
+        add(p + ".self_attn.q_proj.weight", {q_dim, D}, ParamGroup::kDense, ParamInit::kNormal);
+        add(p + ".self_attn.k_proj.weight", {kv_dim, D}, ParamGroup::kDense, ParamInit::kNormal);
+        add(p + ".self_attn.v_proj.weight", {kv_dim, D}, ParamGroup::kDense, ParamInit::kNormal);
+        add(p + ".self_attn.o_proj.weight", {D, q_dim}, ParamGroup::kDense, ParamInit::kNormalScaled);
+        add_norm(p + ".post_attention_layernorm");
+        if (c.is_moe_layer(l)) {
+            const std::string m = p + ".block_sparse_moe";
+            add(m + ".gate.weight", {E, D}, ParamGroup::kRouter, ParamInit::kNormal);
+            if (swiglu) add(m + ".experts.w1", {E, F, D}, ParamGroup::kExpert, ParamInit::kNormal);
+            add(m + ".experts.w3", {E, F, D}, ParamGroup::kExpert, ParamInit::kNormal);
+            add(m + ".experts.w2", {E, D, F}, ParamGroup::kExpert, ParamInit::kNormalScaled);
+        } else {
+            if (swiglu) add(p + ".mlp.gate_proj.weight", {Fd, D}, ParamGroup::kDense, ParamInit::kNormal);
+            add(p + ".mlp.up_proj.weight", {Fd, D}, ParamGroup::kDense, ParamInit::kNormal);
+            add(p + ".mlp.down_proj.weight", {D, Fd}, ParamGroup::kDense, ParamInit::kNormalScaled);
+        }
+    }
+    add_norm("model.norm");
+    if (!c.tie_embeddings) add("lm_head.weight", {V, D}, ParamGroup::kDense, ParamInit::kNormal);
+}
+
+void ParameterLayout::add(const std::string& name, std::vector<int64_t> shape, ParamGroup group, ParamInit init) {
+    ParamInfo info;
+    info.name = name;
+    info.numel = 1;
+    for (int64_t s : shape) info.numel *= static_cast<size_t>(s);
+    info.shape = std::move(shape);
+    info.offset = total_numel_;
+    info.weight_decay = info.shape.size() >= 2;  // no decay on norms and biases
+    info.group = group;
+    info.init = init;
+    // Keep every tensor 16-float aligned so vectorised kernels can assume it.
+    total_numel_ += (info.numel + 15) / 16 * 16;
+    params_.push_back(std::move(info));
+}
+
+int ParameterLayout::find(const std::string& name) const {
+    for (size_t i = 0; i < params_.size(); ++i)
+        if (params_[i].name == name) return static_cast<int>(i);
+    return -1;
+}
+
+ModelTensors ParameterLayout::views(float* block) const {
+    auto at = [&](const std::string& name) -> float* {
+        int i = find(name);
+        return i < 0 ? nullptr : block + params_[i].offset;
+    };
+    ModelTensors t;
+    t.tok_emb = at("model.embed_tokens.weight");
+    t.pos_emb = at("model.embed_positions.weight");
+    t.final_norm_w = at("model.norm.weight");
+    t.final_norm_b = at("model.norm.bias");
+    t.lm_head = config_.tie_embeddings ? t.tok_emb : at("lm_head.weight");
+    for (int l = 0; l < config_.num_layers; ++l) {
+        const std::string p = "model.layers." + std::to_string(l);
+        LayerTensors L;
+        L.attn_norm_w = at(p + ".input_layernorm.weight");
+        L.attn_norm_b = at(p + ".input_layernorm.bias");
+        L.wq = at(p + ".self_attn.q_proj.weight");
+        L.wk = at(p + ".self_attn.k_proj.weight");
+        L.wv = at(p + ".self_attn.v_proj.weight");
+        L.wo = at(p + ".self_attn.o_proj.weight");
+        L.ffn_norm_w = at(p + ".post_attention_layernorm.weight");
+        L.ffn_norm_b = at(p + ".post_attention_layernorm.bias");
+        if (config_.is_moe_layer(l)) {
+            L.router_w = at(p + ".block_sparse_moe.gate.weight");
+            L.ffn_gate = at(p + ".block_sparse_moe.experts.w1");
+            L.ffn_up = at(p + ".block_sparse_moe.experts.w3");
+            L.ffn_down = at(p + ".block_sparse_moe.experts.w2");
+        } else {
+            L.ffn_gate = at(p + ".mlp.gate_proj.weight");
+            L.ffn_up = at(p + ".mlp.up_proj.weight");
+            L.ffn_down = at(p + ".mlp.down_proj.weight");
+        }
+        t.layers.push_back(L);
+    }
+    return t;
+}
+
+std::vector<float> ParameterLayout::init_host(uint64_t seed) const {
+    std::vector<float> host(total_numel_, 0.0f);
+    const float scaled_std = config_.init_std / std::sqrt(2.0f * static_cast<float>(config_.num_layers));
+    for (size_t i = 0; i < params_.size(); ++i) {
+        const ParamInfo& p = params_[i];
+        float* dst = host.data() + p.offset;
+        // One independent stream per tensor: adding a tensor never changes the others' values.
+        CounterRng rng(seed, /*stream=*/0x1000 + i);
+        for (size_t j = 0; j < p.numel; ++j) {
+            switch (p.init) {
+                case ParamInit::kNormal: dst[j] = config_.init_std * rng.normal(j); break;
+                case ParamInit::kNormalScaled: dst[j] = scaled_std * rng.normal(j); break;
+                case ParamInit::kOnes: dst[j] = 1.0f; break;
+                case ParamInit::kZeros: dst[j] = 0.0f; break;
+            }
+        }
+    }
+    return host;
+}
+
+size_t ParameterLayout::active_matmul_params() const {
+    const ModelConfig& c = config_;
+    size_t n = 0;
+    for (const ParamInfo& p : params_) {
+        if (p.shape.size() < 2 || p.name == "model.embed_tokens.weight" || p.name == "model.embed_positions.weight")
+            continue;
+        // Only K of E experts run per token.
+        n += p.group == ParamGroup::kExpert ? p.numel / c.num_experts * c.top_k : p.numel;
+    }
+    if (c.tie_embeddings) n += static_cast<size_t>(c.vocab_size) * c.d_model;  // tied LM head is still a matmul
+    return n;
+}
+
+}  // namespace bmoe::model

@@ -1,0 +1,100 @@
+// params.h -- ParameterLayout: every model parameter as a named slice of ONE flat fp32 block.
+//
+// A flat block makes gradient all-reduce, AdamW, clipping and checkpointing one pointer and one
+// length (llm.c). Names follow the Hugging Face Mixtral layout so external checkpoints map 1:1:
+//   model.embed_tokens.weight                         [V, D]
+//   model.embed_positions.weight                      [S, D]   (position = learned only)
+//   model.layers.{l}.input_layernorm.{weight,bias}    [D]      (bias: layernorm only)
+//   model.layers.{l}.self_attn.{q,k,v,o}_proj.weight  q [H*Hd, D], k/v [KV*Hd, D], o [D, H*Hd]
+//   model.layers.{l}.post_attention_layernorm.{weight,bias}
+//   MoE layer:   model.layers.{l}.block_sparse_moe.gate.weight     [E, D]     (router)
+//                model.layers.{l}.block_sparse_moe.experts.w1      [E, F, D]  (gate proj; swiglu only)
+//                model.layers.{l}.block_sparse_moe.experts.w3      [E, F, D]  (up proj)
+//                model.layers.{l}.block_sparse_moe.experts.w2      [E, D, F]  (down proj)
+//   Dense layer: model.layers.{l}.mlp.{gate_proj [Fd, D] (swiglu only), up_proj [Fd, D], down_proj [D, Fd]}
+//   model.norm.{weight,bias}                          [D]
+//   lm_head.weight                                    [V, D]   (absent when tied)
+// Experts are stored stacked ([E, ...]) with the global expert id as the leading index.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "model/config.h"
+
+namespace bmoe::model {
+
+// Which ranks share a parameter's gradient (used by the data/expert-parallel all-reduce).
+enum class ParamGroup {
+    kDense,   // replicated on every rank: attention, norms, embeddings, LM head
+    kRouter,  // replicated on every rank, but the router family may treat it specially
+    kExpert,  // sharded over the expert-parallel group by leading [E] index
+};
+
+enum class ParamInit {
+    kNormal,        // N(0, init_std)
+    kNormalScaled,  // N(0, init_std / sqrt(2 * num_layers)): residual output projections (GPT-2)
+    kOnes,          // norm weights
+    kZeros,         // biases
+};
+
+struct ParamInfo {
+    std::string name;
+    std::vector<int64_t> shape;
+    size_t offset = 0;  // in floats, into the flat block
+    size_t numel = 0;
+    bool weight_decay = true;  // false for norms and biases (1-D tensors)
+    ParamGroup group = ParamGroup::kDense;
+    ParamInit init = ParamInit::kNormal;
+};
+
+// Typed views into a flat block (params or grads): nullptr where the config has no such tensor.
+struct LayerTensors {
+    float* attn_norm_w = nullptr;  // [D]
+    float* attn_norm_b = nullptr;  // [D]
+    float* wq = nullptr;           // [H*Hd, D]
+    float* wk = nullptr;           // [KV*Hd, D]
+    float* wv = nullptr;           // [KV*Hd, D]
+    float* wo = nullptr;           // [D, H*Hd]
+    float* ffn_norm_w = nullptr;   // [D]
+    float* ffn_norm_b = nullptr;   // [D]
+    float* router_w = nullptr;     // [E, D]            MoE layers
+    float* ffn_gate = nullptr;     // [E, F, D] | [Fd, D]  (swiglu only)
+    float* ffn_up = nullptr;       // [E, F, D] | [Fd, D]
+    float* ffn_down = nullptr;     // [E, D, F] | [D, Fd]
+};
+
+struct ModelTensors {
+    float* tok_emb = nullptr;       // [V, D]
+    float* pos_emb = nullptr;       // [S, D]
+    float* final_norm_w = nullptr;  // [D]
+    float* final_norm_b = nullptr;  // [D]
+    float* lm_head = nullptr;       // [V, D]  (== tok_emb when tied)
+    std::vector<LayerTensors> layers;
+};
+
+class ParameterLayout {
+  public:
+    explicit ParameterLayout(const ModelConfig& config);
+
+    const std::vector<ParamInfo>& params() const { return params_; }
+    size_t total_numel() const { return total_numel_; }
+    // Index of the parameter with this name, or -1.
+    int find(const std::string& name) const;
+    // Views of a flat block laid out by this layout.
+    ModelTensors views(float* block) const;
+    // Deterministic initialisation of a host copy of the block (same seed -> same bits).
+    std::vector<float> init_host(uint64_t seed) const;
+    // Number of parameters a token touches (top-k experts instead of all): for FLOP counts.
+    size_t active_matmul_params() const;
+
+  private:
+    void add(const std::string& name, std::vector<int64_t> shape, ParamGroup group, ParamInit init);
+    ModelConfig config_;
+    std::vector<ParamInfo> params_;
+    size_t total_numel_ = 0;
+};
+
+}  // namespace bmoe::model

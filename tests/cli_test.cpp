@@ -1,0 +1,104 @@
+// cli_test.cpp -- the `bmoe` binary as a user meets it: bad flags, bad config values, missing or
+// corrupt files. Each must exit non-zero with ONE line on stderr that names the problem.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+namespace {
+
+namespace fs = std::filesystem;
+
+struct RunResult {
+    int rc = -1;
+    std::string out, err;
+};
+
+std::string slurp(const fs::path& p) {
+    std::ifstream f(p);
+    return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+}
+
+// Runs `bmoe ARGS` in a scratch directory, capturing stdout and stderr separately.
+RunResult run_bmoe(const std::string& args) {
+    static int counter = 0;
+    const fs::path dir = fs::temp_directory_path() / ("bmoe_cli_test_" + std::to_string(::getpid()));
+    fs::create_directories(dir);
+    const fs::path out = dir / ("out" + std::to_string(counter)), err = dir / ("err" + std::to_string(counter));
+    ++counter;
+    const std::string cmd = std::string("cd '") + dir.string() + "' && '" + BMOE_BINARY + "' " + args + " >'" +
+                            out.string() + "' 2>'" + err.string() + "'";
+    const int status = std::system(cmd.c_str());
+    RunResult r;
+    r.rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    r.out = slurp(out);
+    r.err = slurp(err);
+    return r;
+}
+
+int count_lines(const std::string& s) {
+    int n = 0;
+    for (char c : s) n += c == '\n';
+    return n;
+}
+
+// Non-zero exit, exactly one stderr line, which contains `needle`.
+void expect_one_line_error(const RunResult& r, const std::string& needle) {
+    EXPECT_NE(r.rc, 0);
+    EXPECT_EQ(count_lines(r.err), 1) << r.err;
+    EXPECT_NE(r.err.find(needle), std::string::npos) << "stderr: " << r.err;
+    EXPECT_NE(r.err.find("error"), std::string::npos) << r.err;
+}
+
+TEST(CliTest, HelpListsEveryOptionWithDefaults) {
+    RunResult r = run_bmoe("train --help");
+    EXPECT_EQ(r.rc, 0);
+    for (const char* opt : {"--model.num_experts INT=8", "--model.top_k INT=2", "--optim.lr FLOAT=0.003",
+                            "--data.dataset TEXT=synthetic", "--train.steps INT=300", "--config", "--print-config"})
+        EXPECT_NE(r.out.find(opt), std::string::npos) << opt << "\n" << r.out;
+    EXPECT_EQ(run_bmoe("data --help").rc, 0);
+    EXPECT_EQ(run_bmoe("--help").rc, 0);
+}
+
+TEST(CliTest, UnknownFlagIsOneLineError) { expect_one_line_error(run_bmoe("train --model.bogus=3"), "--model.bogus"); }
+
+TEST(CliTest, MissingSubcommandIsOneLineError) { expect_one_line_error(run_bmoe(""), "subcommand"); }
+
+TEST(CliTest, BadConfigValuesAreOneLineErrors) {
+    expect_one_line_error(run_bmoe("train --model.top_k=9 --model.num_experts=8"), "model.top_k");
+    expect_one_line_error(run_bmoe("train --optim.lr=-1"), "optim.lr");
+    expect_one_line_error(run_bmoe("train --model.norm=batchnorm"), "model.norm");
+    expect_one_line_error(run_bmoe("train --model.num_experts=many"), "--model.num_experts");
+    expect_one_line_error(run_bmoe("train --train.backend=tpu"), "train.backend");
+}
+
+TEST(CliTest, ConfigFileIsReadAndFlagsOverrideIt) {
+    const fs::path cfg = fs::temp_directory_path() / ("bmoe_cli_cfg_" + std::to_string(::getpid()) + ".toml");
+    std::ofstream(cfg) << "[model]\nnum_experts = 4\ntop_k = 1\nnorm = \"layernorm\"\n[optim]\nlr = 0.5\n";
+    RunResult r = run_bmoe("train --config " + cfg.string() + " --optim.lr=0.25 --print-config");
+    ASSERT_EQ(r.rc, 0) << r.err;
+    EXPECT_NE(r.out.find("num_experts = 4"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("top_k = 1"), std::string::npos);
+    EXPECT_NE(r.out.find("norm = \"layernorm\""), std::string::npos);
+    EXPECT_NE(r.out.find("lr = 0.25"), std::string::npos) << "the flag must override the file";
+    // The printed config is itself a valid config file that round-trips.
+    const fs::path again = cfg.string() + ".2.toml";
+    std::ofstream(again) << r.out;
+    RunResult r2 = run_bmoe("train --config " + again.string() + " --print-config");
+    ASSERT_EQ(r2.rc, 0) << r2.err;
+    EXPECT_EQ(r2.out, r.out);
+}
+
+TEST(CliTest, MissingConfigFileIsOneLineError) {
+    expect_one_line_error(run_bmoe("train --config /nonexistent/run.toml"), "/nonexistent/run.toml");
+}
+
+TEST(CliTest, MissingDatasetDirectoryIsOneLineError) {
+    expect_one_line_error(run_bmoe("train --data.dataset=/nonexistent/data --train.steps=1"), "/nonexistent/data");
+}
+
+}  // namespace

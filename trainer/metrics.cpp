@@ -1,0 +1,73 @@
+#include "trainer/metrics.h"
+
+#include <cstdio>
+#include <nlohmann/json.hpp>
+
+#include "parallel/check.h"
+
+namespace bmoe::trainer {
+
+MetricsLog::MetricsLog(const std::string& path) : path_(path) {
+    if (path.empty()) return;
+    out_.open(path, std::ios::trunc);
+    BMOE_REQUIRE(out_.good(), "cannot write metrics file '", path, "': check that train.out_dir is writable");
+}
+
+void MetricsLog::write(const StepMetrics& m) {
+    if (!out_.is_open()) return;
+    nlohmann::json j = {{"step", m.step},         {"loss", m.loss}, {"ce", m.ce},
+                        {"aux", m.aux},           {"z", m.z},       {"lr", m.lr},
+                        {"grad_norm", m.grad_norm}, {"tokens_per_s", m.tokens_per_s},
+                        {"elapsed_s", m.elapsed_s}, {"expert_load", m.expert_load},
+                        {"dropped", m.num_dropped}};
+    out_ << j.dump() << '\n';
+    out_.flush();
+}
+
+void MetricsLog::write(const EvalMetrics& m) {
+    if (!out_.is_open()) return;
+    nlohmann::json j = {{"step", m.step}, {"val_loss", m.val_loss}, {"unigram_loss", m.unigram_loss}};
+    out_ << j.dump() << '\n';
+    out_.flush();
+}
+
+std::string format_duration(double s) {
+    char buf[32];
+    const long t = static_cast<long>(s + 0.5);
+    if (t >= 3600)
+        std::snprintf(buf, sizeof buf, "%ldh%02ldm", t / 3600, (t % 3600) / 60);
+    else if (t >= 60)
+        std::snprintf(buf, sizeof buf, "%ldm%02lds", t / 60, t % 60);
+    else
+        std::snprintf(buf, sizeof buf, "%lds", t);
+    return buf;
+}
+
+std::string format_progress(const StepMetrics& m) {
+    char buf[256];
+    const double eta = m.step > 0 ? m.elapsed_s / m.step * (m.total_steps - m.step) : 0.0;
+    std::snprintf(buf, sizeof buf,
+                  "step %5d/%d | loss %.4f (ce %.4f aux %.3f z %.3f) | lr %.2e | gnorm %.2f | %.0f tok/s | ETA %s",
+                  m.step, m.total_steps, m.loss, m.ce, m.aux, m.z, m.lr, m.grad_norm, m.tokens_per_s,
+                  format_duration(eta).c_str());
+    std::string line = buf;
+    // Per-expert load, summed over MoE layers, as % of routed copies; max/mean shows imbalance.
+    if (!m.expert_load.empty()) {
+        std::vector<int64_t> total(m.expert_load[0].size(), 0);
+        int64_t sum = 0;
+        for (const auto& layer : m.expert_load)
+            for (size_t e = 0; e < layer.size(); ++e) total[e] += layer[e], sum += layer[e];
+        int64_t mx = 0;
+        line += " | load%";
+        for (int64_t t : total) {
+            line += concat(" ", sum > 0 ? (100 * t + sum / 2) / sum : 0);
+            mx = std::max(mx, t);
+        }
+        std::snprintf(buf, sizeof buf, " (max/mean %.2f)",
+                      sum > 0 ? static_cast<double>(mx) * static_cast<double>(total.size()) / sum : 0.0);
+        line += buf;
+    }
+    return line;
+}
+
+}  // namespace bmoe::trainer

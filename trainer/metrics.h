@@ -1,0 +1,50 @@
+// metrics.h -- MetricsLog: one JSON object per line (metrics.jsonl) and the human progress line.
+// The JSONL file is the machine-readable record of a run (tools/plot_loss.py reads it); the
+// progress line is what a person watches. Only rank 0 writes either.
+#pragma once
+
+#include <cstdint>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "model/model.h"
+
+namespace bmoe::trainer {
+
+struct StepMetrics {
+    int step = 0;  // 1-based, after the update
+    int total_steps = 0;
+    double loss = 0.0, ce = 0.0, aux = 0.0, z = 0.0;  // means over the step's micro-batches
+    double lr = 0.0, grad_norm = 0.0;
+    double tokens_per_s = 0.0;
+    double elapsed_s = 0.0;
+    std::vector<std::vector<int64_t>> expert_load;  // [moe layer][expert] routed copies this step
+    int64_t num_dropped = 0;
+};
+
+struct EvalMetrics {
+    int step = 0;
+    double val_loss = 0.0;        // mean CE over the validation windows
+    double unigram_loss = 0.0;    // baseline: unigram model of the training data
+};
+
+class MetricsLog {
+  public:
+    // Opens (truncates) path; an empty path logs nothing to a file.
+    explicit MetricsLog(const std::string& path);
+    void write(const StepMetrics& m);
+    void write(const EvalMetrics& m);
+    const std::string& path() const { return path_; }
+
+  private:
+    std::string path_;
+    std::ofstream out_;
+};
+
+// "step   10/300 | loss 3.2101 (ce 3.2001 aux 1.004 z 0.512) | lr 1.50e-03 | gnorm 0.83 | ..."
+std::string format_progress(const StepMetrics& m);
+// "1h02m", "3m05s", "12s"
+std::string format_duration(double seconds);
+
+}  // namespace bmoe::trainer

@@ -1,0 +1,33 @@
+// optimizer.h -- AdamW over a Model's flat parameter block, with global grad-norm clipping.
+//
+// Moments m, v live in backend memory in the same layout as the parameters. Weight decay is
+// decoupled (PyTorch AdamW) and skipped for tensors whose ParamInfo says so (norms, biases).
+// Clipping: g <- g * min(1, clip / ||g||_2) over ALL parameters (applied inside the update).
+#pragma once
+
+#include "model/buffer.h"
+#include "model/model.h"
+#include "trainer/run_config.h"
+
+namespace bmoe::trainer {
+
+class AdamW {
+  public:
+    AdamW(const OptimConfig& config, model::Model& model);
+
+    // Global L2 norm of the current gradients (NaN/Inf propagate, so callers can check them).
+    double grad_norm() const;
+    // One update with learning rate `lr`; grad_scale multiplies every gradient (clipping).
+    void step(float lr, float grad_scale);
+    // Scale that clips a gradient of norm `norm` to the configured maximum (1 when no clip).
+    float clip_scale(double norm) const;
+    int num_steps() const { return step_; }
+
+  private:
+    OptimConfig config_;
+    model::Model& model_;
+    model::Buffer<float> m_, v_;
+    int step_ = 0;
+};
+
+}  // namespace bmoe::trainer

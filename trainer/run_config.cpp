@@ -1,0 +1,162 @@
+#include "trainer/run_config.h"
+
+#include <CLI/CLI.hpp>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "parallel/check.h"
+
+namespace bmoe::trainer {
+
+void RunConfig::validate() const {
+    model.validate();
+    BMOE_REQUIRE(optim.lr > 0.0f, "optim.lr must be > 0 (got ", optim.lr, ")");
+    BMOE_REQUIRE(optim.min_lr_ratio >= 0.0f && optim.min_lr_ratio <= 1.0f, "optim.min_lr_ratio must be in [0, 1] (got ",
+                 optim.min_lr_ratio, ")");
+    BMOE_REQUIRE(optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0 (got ", optim.warmup_steps, ")");
+    BMOE_REQUIRE(optim.beta1 >= 0.0f && optim.beta1 < 1.0f, "optim.beta1 must be in [0, 1) (got ", optim.beta1, ")");
+    BMOE_REQUIRE(optim.beta2 >= 0.0f && optim.beta2 < 1.0f, "optim.beta2 must be in [0, 1) (got ", optim.beta2, ")");
+    BMOE_REQUIRE(optim.eps > 0.0f, "optim.eps must be > 0 (got ", optim.eps, ")");
+    BMOE_REQUIRE(optim.weight_decay >= 0.0f, "optim.weight_decay must be >= 0 (got ", optim.weight_decay, ")");
+    BMOE_REQUIRE(loss.aux_coef >= 0.0f, "loss.aux_coef must be >= 0 (got ", loss.aux_coef, ")");
+    BMOE_REQUIRE(loss.zloss_coef >= 0.0f, "loss.zloss_coef must be >= 0 (got ", loss.zloss_coef, ")");
+    BMOE_REQUIRE(data.batch_size >= 1, "data.batch_size must be >= 1 (got ", data.batch_size, ")");
+    BMOE_REQUIRE(data.seq_len >= 1, "data.seq_len must be >= 1 (got ", data.seq_len, ")");
+    BMOE_REQUIRE(model.position != model::PositionType::kLearned || data.seq_len <= model.max_seq_len,
+                 "data.seq_len (", data.seq_len, ") exceeds model.max_seq_len (", model.max_seq_len,
+                 ") with learned positions: raise model.max_seq_len or shorten data.seq_len");
+    BMOE_REQUIRE(data.train_tokens >= 1000, "data.train_tokens must be >= 1000 (got ", data.train_tokens, ")");
+    BMOE_REQUIRE(train.steps >= 1, "train.steps must be >= 1 (got ", train.steps, ")");
+    BMOE_REQUIRE(train.grad_accum >= 1, "train.grad_accum must be >= 1 (got ", train.grad_accum, ")");
+    BMOE_REQUIRE(train.log_every >= 1, "train.log_every must be >= 1 (got ", train.log_every, ")");
+    BMOE_REQUIRE(train.eval_every >= 0, "train.eval_every must be >= 0 (got ", train.eval_every, ")");
+    BMOE_REQUIRE(train.eval_batches >= 1, "train.eval_batches must be >= 1 (got ", train.eval_batches, ")");
+    BMOE_REQUIRE(train.threads >= 0, "train.threads must be >= 0 (got ", train.threads, ")");
+    BMOE_REQUIRE(train.backend == "cpu" || train.backend == "cuda", "train.backend must be 'cpu' or 'cuda' (got '",
+                 train.backend, "')");
+    BMOE_REQUIRE(!train.out_dir.empty(), "train.out_dir must not be empty");
+}
+
+void add_run_options(CLI::App& app, RunConfig& c, RunConfigCli& cli) {
+    auto opt = [&](const std::string& name, auto& field, const std::string& help) {
+        app.add_option("--" + name, field, help)->capture_default_str()->group("Options");
+    };
+    model::ModelConfig& m = c.model;
+    opt("model.vocab_size", m.vocab_size, "vocabulary size (256 for the byte tokenizer)");
+    opt("model.max_seq_len", m.max_seq_len, "longest sequence (size of the learned position table)");
+    opt("model.d_model", m.d_model, "hidden size D");
+    opt("model.num_layers", m.num_layers, "transformer layers");
+    opt("model.num_heads", m.num_heads, "query heads (head_dim = d_model / num_heads)");
+    opt("model.num_kv_heads", m.num_kv_heads, "key/value heads (grouped-query attention); divides num_heads");
+    opt("model.num_experts", m.num_experts, "experts per MoE layer");
+    opt("model.top_k", m.top_k, "experts per token");
+    opt("model.expert_hidden", m.expert_hidden, "hidden width of each expert");
+    opt("model.moe_every", m.moe_every, "every Nth layer is MoE, the others dense (1 = all MoE, 0 = none)");
+    opt("model.dense_hidden", m.dense_hidden, "hidden width of dense FFN layers");
+    opt("model.tie_embeddings", m.tie_embeddings, "share the token embedding with the LM head");
+    opt("model.norm", cli.norm, "rmsnorm | layernorm");
+    opt("model.position", cli.position, "rope | learned");
+    opt("model.activation", cli.activation, "swiglu | gelu (experts and dense FFN)");
+    opt("model.norm_eps", m.norm_eps, "epsilon of the norms");
+    opt("model.rope_theta", m.rope_theta, "RoPE base");
+    opt("model.router_renormalize", m.router_renormalize, "renormalise the top-k gate weights to sum to 1");
+    opt("model.init_std", m.init_std, "std of the normal weight init");
+    opt("optim.lr", c.optim.lr, "peak learning rate");
+    opt("optim.min_lr_ratio", c.optim.min_lr_ratio, "final lr = lr * min_lr_ratio (cosine)");
+    opt("optim.warmup_steps", c.optim.warmup_steps, "linear warm-up steps");
+    opt("optim.beta1", c.optim.beta1, "AdamW beta1");
+    opt("optim.beta2", c.optim.beta2, "AdamW beta2");
+    opt("optim.eps", c.optim.eps, "AdamW epsilon");
+    opt("optim.weight_decay", c.optim.weight_decay, "decoupled weight decay (not on norms/biases)");
+    opt("optim.grad_clip", c.optim.grad_clip, "global grad-norm clip (<= 0 disables)");
+    opt("loss.aux_coef", c.loss.aux_coef, "load-balancing loss weight");
+    opt("loss.zloss_coef", c.loss.zloss_coef, "router z-loss weight");
+    opt("data.dataset", c.data.dataset, "synthetic | text | DIR with train.bin/val.bin from `bmoe data`");
+    opt("data.batch_size", c.data.batch_size, "sequences per micro-batch");
+    opt("data.seq_len", c.data.seq_len, "tokens per sequence");
+    opt("data.train_tokens", c.data.train_tokens, "tokens to generate for the built-in corpora");
+    opt("train.steps", c.train.steps, "optimizer steps");
+    opt("train.grad_accum", c.train.grad_accum, "micro-batches per optimizer step");
+    opt("train.seed", c.train.seed, "seed for weights, data order and all randomness");
+    opt("train.log_every", c.train.log_every, "progress line every N steps");
+    opt("train.eval_every", c.train.eval_every, "validation every N steps (0 = only at the end)");
+    opt("train.eval_batches", c.train.eval_batches, "validation micro-batches per evaluation");
+    opt("train.out_dir", c.train.out_dir, "output directory (metrics.jsonl, loss_curve.png, config.toml)");
+    opt("train.backend", c.train.backend, "cpu | cuda");
+    opt("train.threads", c.train.threads, "CPU threads (0 = all cores)");
+    opt("train.plot", c.train.plot, "write loss_curve.png at the end (python3-matplotlib)");
+}
+
+void finish_cli_parse(RunConfig& c, const RunConfigCli& cli) {
+    c.model.norm = model::parse_norm_type(cli.norm);
+    c.model.position = model::parse_position_type(cli.position);
+    c.model.activation = model::parse_activation(cli.activation);
+}
+
+std::string RunConfig::to_toml() const {
+    std::ostringstream os;
+    auto b = [](bool v) { return v ? "true" : "false"; };
+    const model::ModelConfig& m = model;
+    os << "[model]\nvocab_size = " << m.vocab_size << "\nmax_seq_len = " << m.max_seq_len << "\nd_model = " << m.d_model
+       << "\nnum_layers = " << m.num_layers << "\nnum_heads = " << m.num_heads << "\nnum_kv_heads = " << m.num_kv_heads
+       << "\nnum_experts = " << m.num_experts << "\ntop_k = " << m.top_k << "\nexpert_hidden = " << m.expert_hidden
+       << "\nmoe_every = " << m.moe_every << "\ndense_hidden = " << m.dense_hidden
+       << "\ntie_embeddings = " << b(m.tie_embeddings) << "\nnorm = \"" << model::to_string(m.norm)
+       << "\"\nposition = \"" << model::to_string(m.position) << "\"\nactivation = \"" << model::to_string(m.activation)
+       << "\"\nnorm_eps = " << m.norm_eps << "\nrope_theta = " << m.rope_theta
+       << "\nrouter_renormalize = " << b(m.router_renormalize) << "\ninit_std = " << m.init_std;
+    os << "\n\n[optim]\nlr = " << optim.lr << "\nmin_lr_ratio = " << optim.min_lr_ratio
+       << "\nwarmup_steps = " << optim.warmup_steps << "\nbeta1 = " << optim.beta1 << "\nbeta2 = " << optim.beta2
+       << "\neps = " << optim.eps << "\nweight_decay = " << optim.weight_decay << "\ngrad_clip = " << optim.grad_clip;
+    os << "\n\n[loss]\naux_coef = " << loss.aux_coef << "\nzloss_coef = " << loss.zloss_coef;
+    os << "\n\n[data]\ndataset = \"" << data.dataset << "\"\nbatch_size = " << data.batch_size
+       << "\nseq_len = " << data.seq_len << "\ntrain_tokens = " << data.train_tokens;
+    os << "\n\n[train]\nsteps = " << train.steps << "\ngrad_accum = " << train.grad_accum << "\nseed = " << train.seed
+       << "\nlog_every = " << train.log_every << "\neval_every = " << train.eval_every
+       << "\neval_batches = " << train.eval_batches << "\nout_dir = \"" << train.out_dir << "\"\nbackend = \""
+       << train.backend << "\"\nthreads = " << train.threads << "\nplot = " << b(train.plot) << "\n";
+    return os.str();
+}
+
+std::vector<std::string> expand_config_file(int argc, const char* const* argv) {
+    std::vector<std::string> args(argv, argv + argc);
+    std::string path;
+    for (size_t i = 1; i < args.size(); ++i) {
+        if (args[i] == "--config") {
+            BMOE_REQUIRE(i + 1 < args.size(), "--config needs a file name: --config run.toml");
+            path = args[i + 1];
+            args.erase(args.begin() + static_cast<long>(i), args.begin() + static_cast<long>(i) + 2);
+            break;
+        }
+        if (args[i].rfind("--config=", 0) == 0) {
+            path = args[i].substr(9);
+            args.erase(args.begin() + static_cast<long>(i));
+            break;
+        }
+    }
+    if (path.empty()) return args;
+    BMOE_REQUIRE(std::filesystem::is_regular_file(path), "config file '", path,
+                 "' not found: pass an existing TOML file (bmoe train --print-config writes one)");
+    std::vector<CLI::ConfigItem> items;
+    try {
+        items = CLI::ConfigTOML().from_file(path);
+    } catch (const std::exception& e) {
+        throw Error(concat("config file '", path, "' is not valid TOML: ", e.what()));
+    }
+    // Insert after the subcommand name so flags given on the command line come later and win.
+    size_t insert_at = 1;
+    while (insert_at < args.size() && args[insert_at].rfind("-", 0) == 0) ++insert_at;
+    insert_at = std::min(insert_at + 1, args.size());
+    std::vector<std::string> from_file;
+    for (const CLI::ConfigItem& item : items) {
+        if (item.name == "++" || item.name == "--") continue;  // section open/close markers
+        std::string value;
+        for (size_t j = 0; j < item.inputs.size(); ++j) value += (j ? "," : "") + item.inputs[j];
+        from_file.push_back("--" + item.fullname() + "=" + value);
+    }
+    args.insert(args.begin() + static_cast<long>(insert_at), from_file.begin(), from_file.end());
+    return args;
+}
+
+}  // namespace bmoe::trainer

@@ -1,0 +1,82 @@
+// run_config.h -- RunConfig: every setting of a training run, grouped by component.
+//
+// Each field is a dotted CLI flag (--model.num_experts=8, torchtitan style) and a TOML key
+// ([model] num_experts = 8) read with --config FILE; flags given on the command line win over
+// the file. validate() checks everything once; describe()/to_toml() print the resolved config.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "model/config.h"
+
+namespace CLI {
+class App;
+}
+
+namespace bmoe::trainer {
+
+struct OptimConfig {
+    float lr = 3e-3f;             // peak learning rate
+    float min_lr_ratio = 0.1f;    // cosine decays to lr * min_lr_ratio
+    int warmup_steps = 20;        // linear warm-up from 0
+    float beta1 = 0.9f;
+    float beta2 = 0.95f;
+    float eps = 1e-8f;
+    float weight_decay = 0.1f;    // decoupled (AdamW); never applied to norms/biases
+    float grad_clip = 1.0f;       // global L2 grad-norm clip; <= 0 disables
+};
+
+struct LossConfig {
+    float aux_coef = 0.01f;    // Switch/GShard load-balancing loss weight
+    float zloss_coef = 0.001f; // router z-loss weight
+};
+
+struct DataConfig {
+    // "synthetic" (built-in multi-domain corpus), "text" (Debian fortunes + C headers), or a
+    // directory holding train.bin / val.bin (and optionally ood.bin) written by `bmoe data`.
+    std::string dataset = "synthetic";
+    int batch_size = 8;   // sequences per micro-batch
+    int seq_len = 128;    // tokens per sequence
+    uint64_t train_tokens = 2'000'000;  // size of generated corpora (synthetic/text)
+};
+
+struct TrainConfig {
+    int steps = 300;         // optimizer steps
+    int grad_accum = 1;      // micro-batches per step
+    uint64_t seed = 1234;    // weights, data order, everything random
+    int log_every = 10;      // progress line every N steps
+    int eval_every = 100;    // validation every N steps (and at the end); 0 = only at the end
+    int eval_batches = 8;    // validation micro-batches per evaluation
+    std::string out_dir = "runs/default";  // metrics.jsonl, loss curve, config.toml
+    std::string backend = "cpu";           // cpu | cuda
+    int threads = 0;                       // CPU threads; 0 = all cores
+    bool plot = true;                      // write loss_curve.png (needs python3-matplotlib)
+};
+
+struct RunConfig {
+    model::ModelConfig model;
+    OptimConfig optim;
+    LossConfig loss;
+    DataConfig data;
+    TrainConfig train;
+
+    void validate() const;
+    std::string to_toml() const;  // resolved config, loadable again with --config
+};
+
+// Registers every RunConfig field as a --section.key option on `app` (defaults shown in --help).
+// String-valued enums (model.norm, ...) are written into `config` by finish_cli_parse().
+struct RunConfigCli {
+    std::string norm = "rmsnorm", position = "rope", activation = "swiglu";
+};
+void add_run_options(CLI::App& app, RunConfig& config, RunConfigCli& cli);
+void finish_cli_parse(RunConfig& config, const RunConfigCli& cli);
+
+// Expands "--config FILE" (TOML) into dotted flags placed before the user's own flags, so the
+// command line overrides the file. Returns the new argv (argv[0] and the subcommand kept).
+// Throws bmoe::Error for a missing or malformed file.
+std::vector<std::string> expand_config_file(int argc, const char* const* argv);
+
+}  // namespace bmoe::trainer

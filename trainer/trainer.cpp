@@ -1,0 +1,140 @@
+#include "trainer/trainer.h"
+
+#include <chrono>
+#include <cstdlib>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <ostream>
+
+#include "model/cpu_threads.h"
+#include "parallel/check.h"
+#include "trainer/lr_schedule.h"
+
+namespace bmoe::trainer {
+
+using Clock = std::chrono::steady_clock;
+
+Trainer::Trainer(const RunConfig& config, std::ostream& log) : config_(config), log_(log) {
+    config_.validate();
+    model::set_cpu_threads(config_.train.threads);
+    std::filesystem::create_directories(config_.train.out_dir);
+    {
+        std::ofstream cfg(std::filesystem::path(config_.train.out_dir) / "config.toml");
+        cfg << config_.to_toml();
+    }
+    datasets_ = load_datasets(config_.data, config_.model.vocab_size, config_.train.seed, config_.train.eval_batches, log_);
+    backend_ = model::make_backend(config_.train.backend);
+    model_ = std::make_unique<model::Model>(config_.model, backend_.get());
+    model_->init_weights(config_.train.seed);
+    optimizer_ = std::make_unique<AdamW>(config_.optim, *model_);
+    metrics_ = std::make_unique<MetricsLog>((std::filesystem::path(config_.train.out_dir) / "metrics.jsonl").string());
+    log_ << config_.model.describe() << "\n"
+         << "params: " << model_->layout().total_numel() << " total, " << model_->layout().active_matmul_params()
+         << " active matmul per token | backend " << backend_->name() << " | threads " << model::cpu_threads()
+         << "\n";
+}
+
+Trainer::~Trainer() = default;
+
+StepMetrics Trainer::train_step(int step) {
+    const DataConfig& d = config_.data;
+    const int accum = config_.train.grad_accum;
+    const model::LossWeights weights{config_.loss.aux_coef, config_.loss.zloss_coef};
+    StepMetrics m;
+    m.step = step + 1;
+    m.total_steps = config_.train.steps;
+    model_->zero_grad();
+    for (int micro = 0; micro < accum; ++micro) {
+        const data::Batch batch = datasets_.train_loader->next_batch();
+        const model::ForwardStats s = model_->forward(batch.tokens.data(), batch.targets.data(), d.batch_size,
+                                                      d.seq_len, weights);
+        model_->backward(1.0f / static_cast<float>(accum));
+        m.loss += s.total_loss / accum;
+        m.ce += s.ce_loss / accum;
+        m.aux += s.aux_loss / accum;
+        m.z += s.z_loss / accum;
+        if (m.expert_load.empty()) m.expert_load.assign(s.moe_layers.size(), {});
+        for (size_t l = 0; l < s.moe_layers.size(); ++l) {
+            auto& load = m.expert_load[l];
+            load.resize(s.moe_layers[l].tokens_per_expert.size(), 0);
+            for (size_t e = 0; e < load.size(); ++e) load[e] += s.moe_layers[l].tokens_per_expert[e];
+            m.num_dropped += s.moe_layers[l].num_dropped;
+        }
+    }
+    m.grad_norm = optimizer_->grad_norm();
+    BMOE_REQUIRE(std::isfinite(m.grad_norm) && std::isfinite(m.loss), "step ", m.step,
+                 ": loss or gradient is NaN/Inf (loss ", m.loss, ", grad norm ", m.grad_norm,
+                 "); lower optim.lr or raise optim.warmup_steps");
+    const OptimConfig& o = config_.optim;
+    m.lr = lr_at_step(step, config_.train.steps, o.lr, o.warmup_steps, o.min_lr_ratio);
+    optimizer_->step(static_cast<float>(m.lr), optimizer_->clip_scale(m.grad_norm));
+    return m;
+}
+
+double Trainer::evaluate() {
+    const model::LossWeights weights{config_.loss.aux_coef, config_.loss.zloss_coef};
+    double sum = 0.0;
+    int64_t count = 0;
+    for (const data::Batch& batch : datasets_.val_batches) {
+        const model::ForwardStats s = model_->forward(batch.tokens.data(), batch.targets.data(), batch.B, batch.T,
+                                                      weights);
+        sum += s.ce_loss * static_cast<double>(s.num_valid_targets);
+        count += s.num_valid_targets;
+    }
+    return count > 0 ? sum / static_cast<double>(count) : 0.0;
+}
+
+TrainResult Trainer::run() {
+    TrainResult result;
+    const TrainConfig& t = config_.train;
+    const double tokens_per_step =
+        static_cast<double>(config_.data.batch_size) * config_.data.seq_len * t.grad_accum;
+    auto run_eval = [&](int step) {
+        EvalMetrics e{step, evaluate(), datasets_.unigram_loss};
+        metrics_->write(e);
+        result.evals.push_back(e);
+        log_ << "eval step " << step << " | val loss " << e.val_loss << " | unigram baseline " << e.unigram_loss
+             << std::endl;
+    };
+    const auto start = Clock::now();
+    auto window_start = start;
+    int window_steps = 0;
+    for (int step = 0; step < t.steps; ++step) {
+        StepMetrics m = train_step(step);
+        ++window_steps;
+        const auto now = Clock::now();
+        m.elapsed_s = std::chrono::duration<double>(now - start).count();
+        const double window_s = std::chrono::duration<double>(now - window_start).count();
+        m.tokens_per_s = window_s > 0 ? tokens_per_step * window_steps / window_s : 0.0;
+        result.losses.push_back(m.loss);
+        metrics_->write(m);
+        if (m.step % t.log_every == 0 || m.step == t.steps || m.step == 1) {
+            log_ << format_progress(m) << std::endl;
+            window_start = now;
+            window_steps = 0;
+        }
+        if (t.eval_every > 0 && m.step % t.eval_every == 0 && m.step != t.steps) run_eval(m.step);
+    }
+    const double total_s = std::chrono::duration<double>(Clock::now() - start).count();
+    result.tokens_per_s = total_s > 0 ? tokens_per_step * t.steps / total_s : 0.0;
+    run_eval(t.steps);
+    log_ << "trained " << t.steps << " steps in " << format_duration(total_s) << " ("
+         << static_cast<long>(result.tokens_per_s) << " tok/s); metrics: " << metrics_->path() << std::endl;
+    if (t.plot) plot_loss_curve();
+    return result;
+}
+
+void Trainer::plot_loss_curve() {
+    // Drawn by matplotlib (tools/plot_loss.py); a missing Python is a warning, not a failure.
+    const std::string cmd = std::string("/usr/bin/python3 '") + BMOE_TOOLS_DIR + "/plot_loss.py' '" +
+                            metrics_->path() + "' >/dev/null 2>&1";
+    if (std::system(cmd.c_str()) == 0)
+        log_ << "loss curve: " << (std::filesystem::path(config_.train.out_dir) / "loss_curve.png").string()
+             << std::endl;
+    else
+        log_ << "warning: loss curve not drawn (needs /usr/bin/python3 with matplotlib: "
+             << "apt-get install python3-matplotlib)" << std::endl;
+}
+
+}  // namespace bmoe::trainer
