@@ -34,7 +34,7 @@ using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
 
 struct Options {
-    int steps = 8;
+    int steps = 10;
     int warmup = 2;
     int threads = 0;  // 0 = all cores
     int gemm = 2048;

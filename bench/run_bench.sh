@@ -2,7 +2,7 @@
 # run_bench.sh -- bmoe CPU training throughput vs PyTorch eager on the same model (~2-3 min, 2 cores).
 #
 #   bash bench/run_bench.sh                 # build bench_train into ./build, run both, print a table
-#   BENCH_STEPS=8 TORCH_STEPS=4 bash bench/run_bench.sh
+#   BENCH_STEPS=10 TORCH_STEPS=5 BMOE_BUILD_DIR=build bash bench/run_bench.sh   # the defaults
 #
 # Both sides train the default comparison model (vocab 256, seq 256, batch 8, d 256, 4 layers,
 # 4 heads, 8 experts top-2, expert hidden 512, SwiGLU/RMSNorm/RoPE, untied) with AdamW on random
@@ -13,18 +13,20 @@ cd "$(dirname "$0")/.."
 PY="${BMOE_PYTHON:-/usr/bin/python3}"
 [[ -x "$PY" ]] || PY=python3
 
-if [[ ! -f build/build.ninja && ! -f build/Makefile ]]; then
-  cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
+BUILD="${BMOE_BUILD_DIR:-build}"
+
+if [[ ! -f "$BUILD/build.ninja" && ! -f "$BUILD/Makefile" ]]; then
+  cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
 fi
-cmake --build build -j "${BMOE_JOBS:-2}" --target bench_train >/dev/null
+cmake --build "$BUILD" -j "${BMOE_JOBS:-2}" --target bench_train >/dev/null
 
 echo "== environment: OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-(unset)} OPENBLAS_L2_SIZE=${OPENBLAS_L2_SIZE:-(unset)}" \
      "OMP_NUM_THREADS=${OMP_NUM_THREADS:-(unset)} nproc=$(nproc)"
 echo "== bmoe (C++ CPU backend)"
-bmoe_out="$(./build/bench/bench_train --steps "${BENCH_STEPS:-8}" --warmup 2)"
+bmoe_out="$("$BUILD/bench/bench_train" --steps "${BENCH_STEPS:-10}" --warmup 2)"
 echo "$bmoe_out" | grep -v '^JSON '
 echo "== PyTorch eager (tools/bmoe_torch.py)"
-torch_out="$("$PY" bench/torch_bench.py --steps "${TORCH_STEPS:-4}" --warmup 1 --threads 1,2)"
+torch_out="$("$PY" bench/torch_bench.py --steps "${TORCH_STEPS:-5}" --warmup 1 --threads 1,2)"
 echo "$torch_out" | grep -v '^JSON '
 
 BMOE_JSON="$(echo "$bmoe_out" | sed -n 's/^JSON //p')" TORCH_JSON="$(echo "$torch_out" | sed -n 's/^JSON //p')" \

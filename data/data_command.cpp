@@ -2,7 +2,6 @@
 #include "data/data_command.h"
 
 #include <CLI/CLI.hpp>
-#include <cstdio>
 #include <filesystem>
 #include <iomanip>
 #include <iostream>

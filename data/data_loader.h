@@ -1,10 +1,9 @@
-// data_loader.h -- Batch, DataLoader (random training windows) and EvalLoader (fixed validation
-// windows) over a TokenData.
+// data_loader.h -- Batch, DataLoader (random training windows), EvalLoader (fixed eval windows).
 //
-// DataLoader: sample i of a run is the window starting at hash64(seed, i) mod (N - T), so any
-// position can be reached in O(1) (exact resume: position()/seek()). Data-parallel ranks draw
-// disjoint rows of the same global batch: global sample = step*B*num_shards + shard_rank*B + b.
-// EvalLoader: evenly spaced, non-overlapping windows, identical in every run (comparable losses).
+// DataLoader: global sample i is the window at hash64(seed, i) mod (N - T), so any position is
+// reachable in O(1) (exact resume via position()/seek()); data-parallel rank r draws rows
+// step*B*num_shards + r*B + b of the global batch. EvalLoader: evenly spaced, non-overlapping
+// windows, identical in every run, so validation losses are comparable.
 #pragma once
 
 #include <cstdint>

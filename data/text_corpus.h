@@ -1,10 +1,9 @@
-// text_corpus.h -- labelled corpora from real text: Debian's fortune files and C headers, or any
-// user text file.
+// text_corpus.h -- labelled corpora from real text: Debian fortunes and C headers, or a user file.
 //
 // "text": in-distribution english (package fortunes) and c_headers (/usr/include/*.h, libc6-dev);
-// held-out OoD german, spanish, russian (fortunes-de, fortunes-es, fortunes-ru). Documents are
-// split into train / validation / ood by a seeded shuffle, balanced across domains. A missing
-// package is a one-line bmoe::Error naming the package to install.
+// held-out OoD german, spanish, russian (fortunes-de/-es/-ru). A seeded shuffle deals documents to
+// validation / train / ood, balanced across domains. A missing package is a one-line bmoe::Error
+// naming the package to install.
 #pragma once
 
 #include <cstdint>

@@ -101,4 +101,23 @@ TEST(CliTest, MissingDatasetDirectoryIsOneLineError) {
     expect_one_line_error(run_bmoe("train --data.dataset=/nonexistent/data --train.steps=1"), "/nonexistent/data");
 }
 
+TEST(CliTest, EmptyTextFileIsOneLineError) {
+    const fs::path empty = fs::temp_directory_path() / ("bmoe_cli_empty_" + std::to_string(::getpid()) + ".txt");
+    std::ofstream(empty).close();
+    expect_one_line_error(run_bmoe("data --source " + empty.string() + " --out " + empty.string() + ".d"),
+                          empty.string());
+}
+
+TEST(CliTest, TruncatedTokenFileIsOneLineError) {
+    const fs::path dir = fs::temp_directory_path() / ("bmoe_cli_data_" + std::to_string(::getpid()));
+    RunResult made = run_bmoe("data --source synthetic --train-tokens 20000 --val-tokens 5000 --ood-tokens 5000 --out " +
+                              dir.string());
+    ASSERT_EQ(made.rc, 0) << made.err;
+    const fs::path train = dir / "train.bin";
+    fs::resize_file(train, fs::file_size(train) - 100);
+    expect_one_line_error(run_bmoe("train --train.steps=1 --data.dataset=" + dir.string()), "truncated");
+    fs::remove(train);
+    expect_one_line_error(run_bmoe("train --train.steps=1 --data.dataset=" + dir.string()), "train.bin");
+}
+
 }  // namespace

@@ -27,6 +27,22 @@ namespace {
 
 namespace fs = std::filesystem;
 
+std::vector<fs::path>& scratch_dirs() {
+    static std::vector<fs::path> dirs;
+    return dirs;
+}
+
+// Removes every scratch directory when the test program ends.
+class ScratchCleanup : public ::testing::Environment {
+  public:
+    void TearDown() override {
+        std::error_code ec;
+        for (const fs::path& d : scratch_dirs()) fs::remove_all(d, ec);
+    }
+};
+[[maybe_unused]] ::testing::Environment* const kScratchCleanup =
+    ::testing::AddGlobalTestEnvironment(new ScratchCleanup);
+
 // A fresh scratch directory per test (tests may run as parallel processes under ctest).
 fs::path scratch_dir() {
     const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
@@ -34,6 +50,7 @@ fs::path scratch_dir() {
                                                       info->test_suite_name() + "_" + info->name());
     fs::remove_all(dir);
     fs::create_directories(dir);
+    scratch_dirs().push_back(dir);
     return dir;
 }
 

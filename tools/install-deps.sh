@@ -21,7 +21,7 @@ pkgs=(
   g++ make cmake ninja-build pkg-config git
   openmpi-bin libopenmpi-dev
   libhdf5-dev libhdf5-openmpi-dev hdf5-tools
-  libopenblas-dev
+  libopenblas-openmp-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libcli11-dev nlohmann-json3-dev
   python3 python3-numpy python3-matplotlib

@@ -26,7 +26,7 @@ data::CorpusSplits load_splits(const DataConfig& config, uint64_t seed) {
         return data::build_corpus(opts);
     }
     BMOE_REQUIRE(fs::is_directory(ds), "data.dataset '", ds,
-                 "' is neither 'synthetic', 'text', a text file nor a directory: write one with `bmoe data --out_dir ",
+                 "' is neither 'synthetic', 'text', a text file nor a directory: write one with `bmoe data --out ",
                  ds, "`");
     const fs::path train = fs::path(ds) / "train.bin", val = fs::path(ds) / "val.bin";
     BMOE_REQUIRE(fs::exists(train), "data.dataset directory '", ds, "' has no train.bin: write it with `bmoe data`");
