@@ -34,7 +34,28 @@ data::CorpusSplits load_splits(const DataConfig& config, uint64_t seed) {
     data::CorpusSplits splits;
     splits.train = data::read_token_file(train.string());
     splits.validation = data::read_token_file(val.string());
+    const fs::path ood = fs::path(ds) / "ood.bin";  // optional: a single text file has no OoD domains
+    if (fs::exists(ood)) splits.ood = data::read_token_file(ood.string());
     return splits;
+}
+
+// Per-domain windows: up to `max_windows` of each domain's documents, concatenated.
+std::vector<DomainEval> domain_evaluations(const data::TokenData& train, const data::TokenData& split, int B, int T,
+                                           size_t max_windows) {
+    std::vector<DomainEval> out;
+    const std::vector<uint64_t> docs = split.documents_per_domain();
+    for (int d = 0; d < split.num_domains(); ++d) {
+        if (docs[d] == 0) continue;
+        const data::TokenData one = data::select_domain(split, d);
+        if (one.num_tokens() < static_cast<uint64_t>(T) + 1) continue;
+        DomainEval e;
+        e.name = split.domains[d].name;
+        e.is_ood = split.domains[d].is_ood;
+        e.batches = data::EvalLoader(one, B, T, max_windows).all_batches();
+        e.unigram_loss = data::unigram_cross_entropy(train, one);
+        out.push_back(std::move(e));
+    }
+    return out;
 }
 
 }  // namespace
@@ -46,6 +67,14 @@ Datasets load_datasets(const DataConfig& config, int vocab_size, uint64_t seed, 
                      " but model.vocab_size is ", vocab_size, ": set --model.vocab_size=", d->vocab_size);
     Datasets ds;
     ds.domain_names = splits.train.domain_names();
+    const size_t windows_per_domain = static_cast<size_t>(std::max(1, eval_batches / 2)) * config.batch_size;
+    ds.domain_evals = domain_evaluations(splits.train, splits.validation, config.batch_size, config.seq_len,
+                                         windows_per_domain);
+    if (splits.ood.num_tokens() > 0) {
+        std::vector<DomainEval> ood = domain_evaluations(splits.train, splits.ood, config.batch_size, config.seq_len,
+                                                         windows_per_domain);
+        for (DomainEval& e : ood) ds.domain_evals.push_back(std::move(e));
+    }
     ds.unigram_loss = data::unigram_cross_entropy(splits.train, splits.validation);
     ds.train = std::make_shared<const data::TokenData>(std::move(splits.train));
     ds.val = std::make_shared<const data::TokenData>(std::move(splits.validation));

@@ -13,12 +13,22 @@
 
 namespace bmoe::trainer {
 
+// Fixed evaluation windows of one domain (validation split for in-distribution domains, the ood
+// split for held-out ones), for the per-domain report at the end of a run.
+struct DomainEval {
+    std::string name;
+    bool is_ood = false;
+    std::vector<data::Batch> batches;
+    double unigram_loss = 0.0;  // train unigram on this domain's tokens
+};
+
 struct Datasets {
     std::shared_ptr<const data::TokenData> train, val;
     std::unique_ptr<data::DataLoader> train_loader;
     std::vector<data::Batch> val_batches;  // fixed validation windows (same every evaluation)
     double unigram_loss = 0.0;             // nats/token of a unigram model of train, on val
     std::vector<std::string> domain_names;
+    std::vector<DomainEval> domain_evals;  // every domain present in validation or ood
 };
 
 Datasets load_datasets(const DataConfig& config, int vocab_size, uint64_t seed, int eval_batches, std::ostream& log);

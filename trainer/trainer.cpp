@@ -10,6 +10,7 @@
 #include "model/cpu_threads.h"
 #include "parallel/check.h"
 #include "trainer/lr_schedule.h"
+#include "trainer/report.h"
 
 namespace bmoe::trainer {
 
@@ -121,6 +122,11 @@ TrainResult Trainer::run() {
     run_eval(t.steps);
     log_ << "trained " << t.steps << " steps in " << format_duration(total_s) << " ("
          << static_cast<long>(result.tokens_per_s) << " tok/s); metrics: " << metrics_->path() << std::endl;
+    const auto reports = evaluate_domains(*model_, datasets_.domain_evals,
+                                          model::LossWeights{config_.loss.aux_coef, config_.loss.zloss_coef});
+    const std::string report_path = (std::filesystem::path(t.out_dir) / "report.json").string();
+    write_report_json(report_path, t.steps, reports);
+    log_ << "\nevaluation report (" << report_path << ")\n" << format_report(reports) << std::endl;
     if (t.plot) plot_loss_curve();
     return result;
 }

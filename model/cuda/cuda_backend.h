@@ -1,0 +1,218 @@
+// cuda_backend.h -- CudaBackend: model/backend.h on one NVIDIA GPU (fp32, cuBLAS + simple kernels).
+//
+// Plain-C++ header (no CUDA includes): the stream and cuBLAS handle are held through their opaque
+// struct types, so g++-compiled code (model/backend.cpp, tests) can include it.
+// Every op is enqueued on the backend's own stream; download(), sum_squares() and synchronize()
+// wait for it. Results match CpuBackend within fp32 rounding and are deterministic (no atomics).
+// Implementation: cuda_backend.cu (lifecycle, memory, elementwise, GEMMs, optimizer),
+// cuda_ops.cu (embeddings, norms, activations, loss, router, MoE), cuda_attention.cu (rope, attention).
+#pragma once
+
+#include <memory>
+
+#include "model/backend.h"
+
+struct CUstream_st;    // cudaStream_t is CUstream_st*
+struct cublasContext;  // cublasHandle_t is cublasContext*
+
+namespace bmoe::model {
+
+// True when the CUDA runtime sees at least one device (never throws).
+bool cuda_device_available();
+// Throws bmoe::Error with a hint when no device is visible.
+std::unique_ptr<Backend> make_cuda_backend();
+
+class CudaBackend final : public Backend {
+  public:
+    CudaBackend();  // creates the stream and cuBLAS handle on the current device
+    ~CudaBackend() override;
+    CudaBackend(const CudaBackend&) = delete;
+    CudaBackend& operator=(const CudaBackend&) = delete;
+
+    std::string name() const override { return "cuda"; }
+    void* alloc(size_t bytes) override;
+    void free(void* ptr) override;
+    void upload(void* dst, const void* src_host, size_t bytes) override;
+    void download(void* dst_host, const void* src, size_t bytes) override;
+    void copy(void* dst, const void* src, size_t bytes) override;
+    void zero(void* ptr, size_t bytes) override;
+    void synchronize() override;
+    void add(float* out, const float* a, const float* b, size_t n) override;
+    void accumulate(float* out, const float* a, size_t n) override;
+    void scale(float* x, float s, size_t n) override;
+    double sum_squares(const float* x, size_t n) override;
+    void matmul_forward(
+        float* out_NO, const float* in_NI, const float* w_OI, const float* bias_O, int N, int I, int O) override;
+    void matmul_backward(float* din_NI,
+                         float* dw_OI,
+                         float* dbias_O,
+                         const float* dout_NO,
+                         const float* in_NI,
+                         const float* w_OI,
+                         int N,
+                         int I,
+                         int O,
+                         bool accumulate_din) override;
+    void grouped_matmul_forward(
+        float* out_RO, const float* in_RI, const float* w_GOI, const int* offsets_host, int G, int I, int O) override;
+    void grouped_matmul_backward(float* din_RI,
+                                 float* dw_GOI,
+                                 const float* dout_RO,
+                                 const float* in_RI,
+                                 const float* w_GOI,
+                                 const int* offsets_host,
+                                 int G,
+                                 int I,
+                                 int O) override;
+    void embedding_forward(float* out_ND, const int32_t* tokens_N, const float* table_VD, int N, int D) override;
+    void embedding_backward(float* dtable_VD, const float* dout_ND, const int32_t* tokens_N, int N, int D) override;
+    void position_forward(float* x_BTD, const float* wpe_SD, int B, int T, int D) override;
+    void position_backward(float* dwpe_SD, const float* dx_BTD, int B, int T, int D) override;
+    void rmsnorm_forward(
+        float* out_ND, float* rstd_N, const float* in_ND, const float* w_D, int N, int D, float eps) override;
+    void rmsnorm_backward(float* din_ND,
+                          float* dw_D,
+                          const float* dout_ND,
+                          const float* in_ND,
+                          const float* w_D,
+                          const float* rstd_N,
+                          int N,
+                          int D) override;
+    void layernorm_forward(float* out_ND,
+                           float* mean_N,
+                           float* rstd_N,
+                           const float* in_ND,
+                           const float* w_D,
+                           const float* b_D,
+                           int N,
+                           int D,
+                           float eps) override;
+    void layernorm_backward(float* din_ND,
+                            float* dw_D,
+                            float* db_D,
+                            const float* dout_ND,
+                            const float* in_ND,
+                            const float* w_D,
+                            const float* mean_N,
+                            const float* rstd_N,
+                            int N,
+                            int D) override;
+    void rope_forward(float* x_BTHd, int B, int T, int nh, int Hd, float theta) override;
+    void rope_backward(float* dx_BTHd, int B, int T, int nh, int Hd, float theta) override;
+    void attention_forward(float* out_BTHd,
+                           float* att_BHTT,
+                           const float* q_BTHd,
+                           const float* k_BTKVHd,
+                           const float* v_BTKVHd,
+                           int B,
+                           int T,
+                           int H,
+                           int KV,
+                           int Hd) override;
+    void attention_backward(float* dq_BTHd,
+                            float* dk_BTKVHd,
+                            float* dv_BTKVHd,
+                            const float* dout_BTHd,
+                            const float* q_BTHd,
+                            const float* k_BTKVHd,
+                            const float* v_BTKVHd,
+                            const float* att_BHTT,
+                            int B,
+                            int T,
+                            int H,
+                            int KV,
+                            int Hd) override;
+    void swiglu_forward(float* out, const float* gate, const float* up, size_t n) override;
+    void swiglu_backward(
+        float* dgate, float* dup, const float* dout, const float* gate, const float* up, size_t n) override;
+    void gelu_forward(float* out, const float* in, size_t n) override;
+    void gelu_backward(float* din, const float* dout, const float* in, size_t n) override;
+    void cross_entropy_forward(
+        float* loss_N, float* probs_NV, const float* logits_NV, const int32_t* targets_N, int N, int V) override;
+    void cross_entropy_backward(
+        float* dlogits_NV, const float* probs_NV, const int32_t* targets_N, float dloss, int N, int V) override;
+    void router_topk_forward(float* probs_NE,
+                             float* lse_N,
+                             int32_t* topk_idx_NK,
+                             float* topk_weight_NK,
+                             const float* logits_NE,
+                             int N,
+                             int E,
+                             int K,
+                             bool renormalize) override;
+    void router_topk_backward(float* dlogits_NE,
+                              const float* dtopk_weight_NK,
+                              const float* probs_NE,
+                              const float* lse_N,
+                              const int32_t* topk_idx_NK,
+                              const float* topk_weight_NK,
+                              const float* aux_dprobs_E,
+                              float zloss_coef,
+                              int N,
+                              int E,
+                              int K,
+                              bool renormalize) override;
+    void moe_gather_forward(float* x_RD, const float* x_ND, const int32_t* row_src_R, int R, int K, int D) override;
+    void moe_gather_backward(
+        float* dx_ND, const float* dx_RD, const int32_t* slot_row_NK, int N, int K, int D) override;
+    void moe_combine_forward(float* y_ND,
+                             const float* y_RD,
+                             const int32_t* slot_row_NK,
+                             const float* topk_weight_NK,
+                             int N,
+                             int K,
+                             int D) override;
+    void moe_combine_backward(float* dy_RD,
+                              float* dtopk_weight_NK,
+                              const float* dy_ND,
+                              const float* y_RD,
+                              const int32_t* row_src_R,
+                              const int32_t* slot_row_NK,
+                              const float* topk_weight_NK,
+                              int N,
+                              int R,
+                              int K,
+                              int D) override;
+    void adamw_update(float* param,
+                      const float* grad,
+                      float* m,
+                      float* v,
+                      size_t n,
+                      float lr,
+                      float beta1,
+                      float beta2,
+                      float eps,
+                      float weight_decay,
+                      float grad_scale,
+                      int step) override;
+
+  private:
+    // Device scratch that grows on demand and is reused across calls (stream-ordered).
+    struct Scratch {
+        void* ptr = nullptr;
+        size_t bytes = 0;
+    };
+    void* scratch(Scratch& s, size_t bytes);
+    // Row-major C_MN = alpha op(A)_MK op(B)_KN + beta C_MN via cuBLAS (column-major underneath).
+    void gemm(int M,
+              int N,
+              int K,
+              float alpha,
+              const float* A,
+              int lda,
+              bool transA,
+              const float* B,
+              int ldb,
+              bool transB,
+              float beta,
+              float* C,
+              int ldc);
+
+    CUstream_st* stream_ = nullptr;
+    cublasContext* blas_ = nullptr;
+    Scratch reduce_ws_;  // sum_squares partials
+    Scratch embed_ws_;   // embedding_backward CSR of token positions
+    Scratch attn_ws_;    // attention_backward dS [B, H, T, T]
+};
+
+}  // namespace bmoe::model
