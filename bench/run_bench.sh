@@ -2,7 +2,7 @@
 # run_bench.sh -- bmoe CPU training throughput vs PyTorch eager on the same model (~2-3 min, 2 cores).
 #
 #   bash bench/run_bench.sh                 # build bench_train into ./build, run both, print a table
-#   BENCH_STEPS=10 TORCH_STEPS=5 BMOE_BUILD_DIR=build bash bench/run_bench.sh   # the defaults
+#   BENCH_STEPS=16 TORCH_STEPS=8 BMOE_BUILD_DIR=build bash bench/run_bench.sh   # the defaults
 #
 # Both sides train the default comparison model (vocab 256, seq 256, batch 8, d 256, 4 layers,
 # 4 heads, 8 experts top-2, expert hidden 512, SwiGLU/RMSNorm/RoPE, untied) with AdamW on random
@@ -23,10 +23,10 @@ cmake --build "$BUILD" -j "${BMOE_JOBS:-2}" --target bench_train >/dev/null
 echo "== environment: OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-(unset)} OPENBLAS_L2_SIZE=${OPENBLAS_L2_SIZE:-(unset)}" \
      "OMP_NUM_THREADS=${OMP_NUM_THREADS:-(unset)} nproc=$(nproc)"
 echo "== bmoe (C++ CPU backend)"
-bmoe_out="$("$BUILD/bench/bench_train" --steps "${BENCH_STEPS:-10}" --warmup 2)"
+bmoe_out="$("$BUILD/bench/bench_train" --steps "${BENCH_STEPS:-16}" --warmup 2)"
 echo "$bmoe_out" | grep -v '^JSON '
 echo "== PyTorch eager (tools/bmoe_torch.py)"
-torch_out="$("$PY" bench/torch_bench.py --steps "${TORCH_STEPS:-5}" --warmup 1 --threads 1,2)"
+torch_out="$("$PY" bench/torch_bench.py --steps "${TORCH_STEPS:-8}" --warmup 1 --threads 1,2)"
 echo "$torch_out" | grep -v '^JSON '
 
 BMOE_JSON="$(echo "$bmoe_out" | sed -n 's/^JSON //p')" TORCH_JSON="$(echo "$torch_out" | sed -n 's/^JSON //p')" \
@@ -42,5 +42,7 @@ print(f"{'impl':<22}{'threads':>8}{'tokens/s':>12}{'GFLOP/s':>10}{'% peak':>9}{'
 for name, r in (("bmoe cpu", b), ("torch eager " + t["torch_version"], t)):
     print(f"{name:<22}{r['threads']:>8}{r['tokens_per_s']:>12.0f}{r['model_flops'] / 1e9:>10.1f}"
           f"{100 * r['model_flops'] / peak:>8.1f}%{r['peak_rss_mib']:>14.0f}")
-print(f"ratio bmoe / torch tokens/s: {b['tokens_per_s'] / t['tokens_per_s']:.2f}x")
+print(f"ratio bmoe / torch tokens/s: {b['tokens_per_s'] / t['tokens_per_s']:.2f}x   "
+      f"(torch per thread count: {', '.join(f'{k}: {v:.0f}' for k, v in t['tokens_per_s_by_threads'].items())} "
+      f"tokens/s, OMP_WAIT_POLICY={t['omp_wait_policy']})")
 EOF

@@ -8,6 +8,11 @@ batch 8, d 256, 4 layers, 4 heads, 8 experts top-2, expert hidden 512, SwiGLU, R
 untied) trained with torch.optim.AdamW (no decay on 1-D tensors, grad-norm clip 1.0) on random
 tokens. Measured at each thread count; reports the best. Model FLOP/s uses bmoe's formula:
 tokens/s * (6 * active_matmul_params + 12 * L * T * d). Prints human lines and one "JSON {...}" line.
+
+Debian's torch runs its ops on libgomp threads and its GEMMs on OpenBLAS's own pthread pool; with
+both spinning while idle, 2 torch threads on 2 cores ran ~3.5x slower than 1. OMP_WAIT_POLICY
+defaults to PASSIVE here (set it explicitly to override), which removes that penalty, so the
+baseline is torch at its best.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import resource
 import sys
 import time
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP; see above
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
 
 import torch  # noqa: E402
@@ -94,12 +100,13 @@ def main() -> None:
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kilobytes
     print(f"torch eager best: {tokens_per_s:.0f} tokens/s at {best_threads} thread(s), "
           f"{tokens_per_s * flops_per_token / 1e9:.1f} GFLOP/s model, peak RSS {rss_mib:.0f} MiB "
-          f"(torch {torch.__version__})")
+          f"(torch {torch.__version__}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']})")
     print("JSON " + json.dumps({
         "impl": "torch", "torch_version": torch.__version__, "threads": best_threads,
         "tokens_per_s_by_threads": {str(k): v for k, v in results.items()}, "tokens_per_s": tokens_per_s,
         "model_flops": tokens_per_s * flops_per_token, "flops_per_token": flops_per_token,
         "active_matmul_params": active, "steps": args.steps, "peak_rss_mib": rss_mib,
+        "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
     }))
 
 

@@ -116,8 +116,12 @@ std::string torch_unavailable_reason() {
     const int status = run_command(std::string("'") + BMOE_PYTHON + "' -c 'import torch, numpy'", log, &out);
     fs::remove(log);
     if (status == 0) return "";
-    return std::string("torch/numpy not importable by ") + BMOE_PYTHON +
-           ": run `bash tools/install-deps.sh --tests` (installs python3-torch). Output: " + out;
+    // Keep the last line of the traceback, e.g. "ModuleNotFoundError: No module named 'torch'".
+    while (!out.empty() && (out.back() == '\n' || out.back() == ' ')) out.pop_back();
+    const size_t last_line = out.find_last_of('\n');
+    if (last_line != std::string::npos) out = out.substr(last_line + 1);
+    return std::string("torch/numpy not importable by ") + BMOE_PYTHON + " (" + out +
+           "): run `bash tools/install-deps.sh --tests` (installs python3-torch)";
 }
 
 struct TempDir {

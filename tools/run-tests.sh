@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/install-deps.sh --tests
 bash tools/build.sh "$@"
+# The PyTorch reference test must run, not skip, when this script installed torch.
+export BMOE_REQUIRE_TORCH=1
 ctest --test-dir build --output-on-failure -j "${BMOE_TEST_JOBS:-2}"

@@ -1,0 +1,106 @@
+// cuda_common.cuh -- device helpers shared by the CUDA backend's .cu files (internal header).
+//
+// Every reduction here runs in a fixed order for a given launch shape (shuffle trees, then warp
+// partials summed in warp order), so results are bitwise reproducible run to run: no atomics.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstddef>
+
+#include "model/cuda/cuda_check.h"
+
+namespace bmoe::model::cuda {
+
+constexpr int kThreads = 256;              // default block size (a multiple of 32: block_* need full warps)
+constexpr unsigned kMaxBlocks = 1u << 16;  // grid-stride loops cover the rest
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// Blocks for a grid-stride loop over n elements.
+inline unsigned grid_for(size_t n, int threads = kThreads) {
+    const size_t blocks = (n + threads - 1) / threads;
+    return static_cast<unsigned>(std::clamp<size_t>(blocks, 1, kMaxBlocks));
+}
+
+inline unsigned div_up(size_t a, size_t b) { return static_cast<unsigned>((a + b - 1) / b); }
+
+#define BMOE_GRID_STRIDE(i, n) \
+    for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < (n); i += size_t{gridDim.x} * blockDim.x)
+
+// ---- warp / block reductions -------------------------------------------------------------
+
+template <typename T>
+__device__ T warp_sum(T v) {
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+    return v;
+}
+
+__device__ inline float warp_max(float v) {
+    for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, off));
+    return v;
+}
+
+// Sum over a 1-D block (blockDim.x a multiple of 32); every thread gets the total. Call from all
+// threads. The leading barrier makes back-to-back calls safe.
+template <typename T>
+__device__ T block_sum(T v) {
+    __shared__ T part[32];
+    v = warp_sum(v);
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
+    __syncthreads();
+    T total = 0;
+    for (unsigned w = 0; w < blockDim.x / 32; ++w) total += part[w];
+    return total;
+}
+
+__device__ inline float block_max(float v) {
+    __shared__ float part[32];
+    v = warp_max(v);
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float m = part[0];
+    for (unsigned w = 1; w < blockDim.x / 32; ++w) m = fmaxf(m, part[w]);
+    return m;
+}
+
+// ---- column reductions: out_D[d] += sum_n f(n, d) -------------------------------------------
+// Block (32, kColRows): x picks the column (coalesced rows), y strides the rows; partials are
+// summed over y in order, in double like the CPU's column_reduce. One block per 32 columns; a
+// split over rows (two-pass) would add parallelism for small D if this ever shows in profiles.
+constexpr int kColRows = 16;
+
+template <typename F>
+__global__ void column_reduce_kernel(float* out_D, int N, int D, F f) {
+    __shared__ double part[kColRows][33];
+    const int d = blockIdx.x * 32 + threadIdx.x;
+    double acc = 0.0;
+    if (d < D) {
+        for (int n = threadIdx.y; n < N; n += kColRows) acc += f(n, d);
+    }
+    part[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && d < D) {
+        double s = 0.0;
+        for (int y = 0; y < kColRows; ++y) s += part[y][threadIdx.x];
+        out_D[d] += static_cast<float>(s);
+    }
+}
+
+template <typename F>
+void column_reduce(cudaStream_t stream, float* out_D, int N, int D, F f) {
+    if (N <= 0 || D <= 0) return;
+    column_reduce_kernel<<<div_up(D, 32), dim3(32, kColRows), 0, stream>>>(out_D, N, D, f);
+    CUDA_CHECK_LAST();
+}
+
+// f(n, d) = x[n * ld + d]: plain column sums (bias / beta gradients).
+struct RowValue {
+    const float* x;
+    int ld;
+    __device__ float operator()(int n, int d) const { return x[static_cast<size_t>(n) * ld + d]; }
+};
+
+}  // namespace bmoe::model::cuda

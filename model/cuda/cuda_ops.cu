@@ -1,0 +1,591 @@
+// cuda_ops.cu -- CudaBackend: embeddings, norms, activations, loss, router top-k, MoE permutation.
+// Simple kernels that mirror cpu_backend.cpp's arithmetic (same double accumulators, same order of
+// float operations where cheap), so parity holds well inside 1e-4. No atomics anywhere.
+#include <cuda_runtime.h>
+
+#include <vector>
+
+#include "model/cuda/cuda_backend.h"
+#include "model/cuda/cuda_check.h"
+#include "model/cuda/cuda_common.cuh"
+
+namespace bmoe::model {
+
+using namespace cuda;
+
+namespace {
+
+constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2/pi)
+
+// ---- embeddings kernels ---------------------------------------------------------------------
+
+__global__ void embedding_forward_kernel(
+    float* out_ND, const int32_t* tokens_N, const float* table_VD, size_t n, int D) {
+    BMOE_GRID_STRIDE(i, n) out_ND[i] = table_VD[static_cast<size_t>(tokens_N[i / D]) * D + i % D];
+}
+
+// Block (u, column tile): vocab row ids[u] sums its token positions pos[ptr[u] .. ptr[u+1]) in
+// token order, exactly the CPU's order, so the result is also bitwise independent of scheduling.
+__global__ void embedding_backward_kernel(
+    float* dtable_VD, const float* dout_ND, const int32_t* ids, const int32_t* ptr, const int32_t* pos, int D) {
+    const int d = blockIdx.y * blockDim.x + threadIdx.x;
+    if (d >= D) return;
+    const int u = blockIdx.x;
+    float* dst = dtable_VD + static_cast<size_t>(ids[u]) * D + d;
+    float acc = *dst;
+    for (int p = ptr[u]; p < ptr[u + 1]; ++p) acc += dout_ND[static_cast<size_t>(pos[p]) * D + d];
+    *dst = acc;
+}
+
+__global__ void position_forward_kernel(float* x_BTD, const float* wpe_SD, size_t n, size_t TD) {
+    BMOE_GRID_STRIDE(i, n) x_BTD[i] += wpe_SD[i % TD];
+}
+
+// One thread per (t, d): sums the batch in order b = 0..B-1, like the CPU.
+__global__ void position_backward_kernel(float* dwpe_SD, const float* dx_BTD, int B, size_t TD) {
+    BMOE_GRID_STRIDE(i, TD) {
+        float acc = dwpe_SD[i];
+        for (int b = 0; b < B; ++b) acc += dx_BTD[b * TD + i];
+        dwpe_SD[i] = acc;
+    }
+}
+
+// Host CSR of token positions per used vocab id (stable counting sort): [ids U | ptr U+1 | pos N].
+std::vector<int32_t> token_csr(const std::vector<int32_t>& tokens, int& used) {
+    int32_t vmax = -1;
+    for (int32_t t : tokens) {
+        BMOE_REQUIRE(t >= 0, "embedding_backward: negative token id ", t, " in the batch");
+        vmax = std::max(vmax, t);
+    }
+    std::vector<int32_t> count(static_cast<size_t>(vmax) + 2, 0);
+    for (int32_t t : tokens) ++count[t + 1];
+    used = 0;
+    for (int32_t v = 0; v <= vmax; ++v) used += count[v + 1] > 0;
+    const size_t N = tokens.size();
+    std::vector<int32_t> csr(static_cast<size_t>(used) * 2 + 1 + N);
+    int32_t *ids = csr.data(), *ptr = ids + used, *pos = ptr + used + 1;
+    for (int32_t v = 0, u = 0; v <= vmax; ++v) {
+        if (count[v + 1] > 0) ids[u++] = v;
+        count[v + 1] += count[v];  // now count[v] = first slot of v
+    }
+    for (int u = 0; u <= used; ++u) ptr[u] = u < used ? count[ids[u]] : static_cast<int32_t>(N);
+    for (size_t n = 0; n < N; ++n) pos[count[tokens[n]]++] = static_cast<int32_t>(n);
+    return csr;
+}
+
+// ---- norm kernels: one block per row ----------------------------------------------------------
+
+__global__ void rmsnorm_forward_kernel(
+    float* out_ND, float* rstd_N, const float* in_ND, const float* w_D, int D, float eps) {
+    const size_t row = static_cast<size_t>(blockIdx.x) * D;
+    const float* x = in_ND + row;
+    double ss = 0.0;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) ss += static_cast<double>(x[d]) * x[d];
+    ss = block_sum(ss);
+    const float rstd = static_cast<float>(1.0 / sqrt(ss / D + eps));
+    for (int d = threadIdx.x; d < D; d += blockDim.x) out_ND[row + d] = x[d] * rstd * w_D[d];
+    if (threadIdx.x == 0) rstd_N[blockIdx.x] = rstd;
+}
+
+// dx += r w dy - x r^3 / D * sum(dy w x)
+__global__ void rmsnorm_backward_kernel(
+    float* din_ND, const float* dout_ND, const float* in_ND, const float* w_D, const float* rstd_N, int D) {
+    const size_t row = static_cast<size_t>(blockIdx.x) * D;
+    const float *x = in_ND + row, *dy = dout_ND + row;
+    const float r = rstd_N[blockIdx.x];
+    double dot = 0.0;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) dot += static_cast<double>(dy[d]) * w_D[d] * x[d];
+    dot = block_sum(dot);
+    const float c = static_cast<float>(dot * r * r * r / D);
+    for (int d = threadIdx.x; d < D; d += blockDim.x) din_ND[row + d] += r * w_D[d] * dy[d] - x[d] * c;
+}
+
+struct RmsDw {
+    const float *dy, *x, *rstd;
+    int D;
+    __device__ float operator()(int n, int d) const {
+        const size_t i = static_cast<size_t>(n) * D + d;
+        return dy[i] * x[i] * rstd[n];
+    }
+};
+
+__global__ void layernorm_forward_kernel(float* out_ND,
+                                         float* mean_N,
+                                         float* rstd_N,
+                                         const float* in_ND,
+                                         const float* w_D,
+                                         const float* b_D,
+                                         int D,
+                                         float eps) {
+    const size_t row = static_cast<size_t>(blockIdx.x) * D;
+    const float* x = in_ND + row;
+    double sum = 0.0;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) sum += x[d];
+    const double mean = block_sum(sum) / D;
+    double var = 0.0;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) var += (x[d] - mean) * (x[d] - mean);
+    var = block_sum(var);
+    const float m = static_cast<float>(mean), rstd = static_cast<float>(1.0 / sqrt(var / D + eps));
+    for (int d = threadIdx.x; d < D; d += blockDim.x) out_ND[row + d] = (x[d] - m) * rstd * w_D[d] + b_D[d];
+    if (threadIdx.x == 0) {
+        mean_N[blockIdx.x] = m;
+        rstd_N[blockIdx.x] = rstd;
+    }
+}
+
+// xhat = (x - mean) r;  dx += r (g - mean(g) - xhat mean(g xhat)),  g = dy w
+__global__ void layernorm_backward_kernel(float* din_ND,
+                                          const float* dout_ND,
+                                          const float* in_ND,
+                                          const float* w_D,
+                                          const float* mean_N,
+                                          const float* rstd_N,
+                                          int D) {
+    const size_t row = static_cast<size_t>(blockIdx.x) * D;
+    const float *x = in_ND + row, *dy = dout_ND + row;
+    const float m = mean_N[blockIdx.x], r = rstd_N[blockIdx.x];
+    double g_sum = 0.0, gx_sum = 0.0;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        const float g = dy[d] * w_D[d];
+        g_sum += g;
+        gx_sum += static_cast<double>(g) * (x[d] - m) * r;
+    }
+    const float gm = static_cast<float>(block_sum(g_sum) / D), gxm = static_cast<float>(block_sum(gx_sum) / D);
+    for (int d = threadIdx.x; d < D; d += blockDim.x)
+        din_ND[row + d] += r * (dy[d] * w_D[d] - gm - (x[d] - m) * r * gxm);
+}
+
+struct LnDw {
+    const float *dy, *x, *mean, *rstd;
+    int D;
+    __device__ float operator()(int n, int d) const {
+        const size_t i = static_cast<size_t>(n) * D + d;
+        return dy[i] * (x[i] - mean[n]) * rstd[n];
+    }
+};
+
+// ---- activation kernels -------------------------------------------------------------------------
+
+__global__ void swiglu_forward_kernel(float* out, const float* gate, const float* up, size_t n) {
+    BMOE_GRID_STRIDE(i, n) {
+        const float g = gate[i];
+        out[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
+__global__ void swiglu_backward_kernel(
+    float* dgate, float* dup, const float* dout, const float* gate, const float* up, size_t n) {
+    BMOE_GRID_STRIDE(i, n) {
+        const float g = gate[i], s = 1.0f / (1.0f + expf(-g));
+        const float dy = dout[i];                             // read before writing: dgate/dup may alias dout
+        dgate[i] = dy * up[i] * s * (1.0f + g * (1.0f - s));  // d silu/dg = s (1 + g (1 - s))
+        dup[i] = dy * g * s;
+    }
+}
+
+__global__ void gelu_forward_kernel(float* out, const float* in, size_t n) {
+    BMOE_GRID_STRIDE(i, n) {
+        const float x = in[i];
+        out[i] = 0.5f * x * (1.0f + tanhf(kGeluC * (x + 0.044715f * x * x * x)));
+    }
+}
+
+__global__ void gelu_backward_kernel(float* din, const float* dout, const float* in, size_t n) {
+    BMOE_GRID_STRIDE(i, n) {
+        const float x = in[i], th = tanhf(kGeluC * (x + 0.044715f * x * x * x));
+        const float grad =
+            0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * kGeluC * (1.0f + 3.0f * 0.044715f * x * x);
+        din[i] = grad * dout[i];
+    }
+}
+
+// ---- loss kernels ---------------------------------------------------------------------------------
+
+// One block per row: probs = softmax(logits) (float exp, double sum), loss = lse - logit[target].
+__global__ void cross_entropy_forward_kernel(
+    float* loss_N, float* probs_NV, const float* logits_NV, const int32_t* targets_N, int V) {
+    const size_t row = static_cast<size_t>(blockIdx.x) * V;
+    const float* x = logits_NV + row;
+    float* p = probs_NV + row;
+    float mx = -INFINITY;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) mx = fmaxf(mx, x[v]);
+    mx = block_max(mx);
+    double sum = 0.0;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) {
+        p[v] = expf(x[v] - mx);
+        sum += p[v];
+    }
+    sum = block_sum(sum);
+    const float inv = static_cast<float>(1.0 / sum);
+    for (int v = threadIdx.x; v < V; v += blockDim.x) p[v] *= inv;  // same thread wrote p[v]
+    if (threadIdx.x == 0) {
+        const int32_t t = targets_N[blockIdx.x];
+        const double lse = static_cast<double>(mx) + log(sum);
+        loss_N[blockIdx.x] = t < 0 ? 0.0f : static_cast<float>(lse - x[t]);
+    }
+}
+
+__global__ void cross_entropy_backward_kernel(
+    float* dlogits_NV, const float* probs_NV, const int32_t* targets_N, float dloss, size_t n, int V) {
+    BMOE_GRID_STRIDE(i, n) {
+        const int32_t t = targets_N[i / V];
+        const int v = static_cast<int>(i % V);
+        dlogits_NV[i] = t < 0 ? 0.0f : (v == t ? dloss * probs_NV[i] - dloss : dloss * probs_NV[i]);
+    }
+}
+
+// ---- router kernels: one thread per token (E and K are small) ------------------------------------
+
+struct RouterDims {
+    int N, E, K;
+    bool renormalize;
+};
+
+__global__ void router_topk_forward_kernel(
+    float* probs_NE, float* lse_N, int32_t* topk_idx_NK, float* topk_weight_NK, const float* logits_NE, RouterDims r) {
+    const int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= r.N) return;
+    const float* x = logits_NE + static_cast<size_t>(n) * r.E;
+    float* p = probs_NE + static_cast<size_t>(n) * r.E;
+    float mx = x[0];
+    for (int e = 1; e < r.E; ++e) mx = fmaxf(mx, x[e]);
+    double sum = 0.0;
+    for (int e = 0; e < r.E; ++e) sum += (p[e] = expf(x[e] - mx));
+    const float inv = static_cast<float>(1.0 / sum);
+    for (int e = 0; e < r.E; ++e) p[e] *= inv;
+    lse_N[n] = static_cast<float>(static_cast<double>(mx) + log(sum));
+    int32_t* idx = topk_idx_NK + static_cast<size_t>(n) * r.K;
+    float* w = topk_weight_NK + static_cast<size_t>(n) * r.K;
+    double wsum = 0.0;
+    for (int k = 0; k < r.K; ++k) {  // selection: strict '>' keeps the lower index on ties
+        int best = -1;
+        for (int e = 0; e < r.E; ++e) {
+            bool taken = false;
+            for (int j = 0; j < k; ++j) taken |= idx[j] == e;
+            if (!taken && (best < 0 || p[e] > p[best])) best = e;
+        }
+        idx[k] = best;
+        w[k] = p[best];
+        wsum += p[best];
+    }
+    if (r.renormalize) {
+        for (int k = 0; k < r.K; ++k) w[k] = static_cast<float>(w[k] / wsum);
+    }
+}
+
+struct RouterGrads {
+    const float *dtopk_weight_NK, *probs_NE, *lse_N, *topk_weight_NK, *aux_dprobs_E;
+    const int32_t* topk_idx_NK;
+    float zloss_coef;
+};
+
+// dprobs from the gates (+ aux), then the softmax Jacobian plus the z-loss term, in place.
+__global__ void router_topk_backward_kernel(float* dlogits_NE, RouterGrads a, RouterDims r) {
+    const int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= r.N) return;
+    const float* p = a.probs_NE + static_cast<size_t>(n) * r.E;
+    const int32_t* idx = a.topk_idx_NK + static_cast<size_t>(n) * r.K;
+    const float *dg = a.dtopk_weight_NK + static_cast<size_t>(n) * r.K,
+                *g = a.topk_weight_NK + static_cast<size_t>(n) * r.K;
+    float* dp = dlogits_NE + static_cast<size_t>(n) * r.E;
+    for (int e = 0; e < r.E; ++e) dp[e] = a.aux_dprobs_E ? a.aux_dprobs_E[e] : 0.0f;
+    if (r.renormalize) {  // g_k = p_k / S:  dp_k += dg_k / S - sum_j dg_j g_j / S
+        double S = 0.0, dgg = 0.0;
+        for (int k = 0; k < r.K; ++k) {
+            S += p[idx[k]];
+            dgg += static_cast<double>(dg[k]) * g[k];
+        }
+        for (int k = 0; k < r.K; ++k) dp[idx[k]] += static_cast<float>((dg[k] - dgg) / S);
+    } else {
+        for (int k = 0; k < r.K; ++k) dp[idx[k]] += dg[k];
+    }
+    double pdp = 0.0;
+    for (int e = 0; e < r.E; ++e) pdp += static_cast<double>(p[e]) * dp[e];
+    const float z = 2.0f * a.zloss_coef * a.lse_N[n];  // d(c lse^2)/dlogit_e = 2 c lse p_e
+    for (int e = 0; e < r.E; ++e) dp[e] = p[e] * (dp[e] - static_cast<float>(pdp) + z);
+}
+
+// ---- MoE permutation kernels: one thread per output element ---------------------------------------
+
+__global__ void moe_gather_forward_kernel(
+    float* x_RD, const float* x_ND, const int32_t* row_src_R, size_t n, int K, int D) {
+    BMOE_GRID_STRIDE(i, n) x_RD[i] = x_ND[static_cast<size_t>(row_src_R[i / D] / K) * D + i % D];
+}
+
+__global__ void moe_gather_backward_kernel(
+    float* dx_ND, const float* dx_RD, const int32_t* slot_row_NK, size_t n, int K, int D) {
+    BMOE_GRID_STRIDE(i, n) {
+        const size_t tok = i / D, d = i % D;
+        float acc = dx_ND[i];
+        for (int k = 0; k < K; ++k) {
+            const int32_t r = slot_row_NK[tok * K + k];
+            if (r >= 0) acc += dx_RD[static_cast<size_t>(r) * D + d];
+        }
+        dx_ND[i] = acc;
+    }
+}
+
+__global__ void moe_combine_forward_kernel(
+    float* y_ND, const float* y_RD, const int32_t* slot_row_NK, const float* topk_weight_NK, size_t n, int K, int D) {
+    BMOE_GRID_STRIDE(i, n) {
+        const size_t tok = i / D, d = i % D;
+        float acc = 0.0f;
+        for (int k = 0; k < K; ++k) {
+            const int32_t r = slot_row_NK[tok * K + k];
+            if (r >= 0) acc += topk_weight_NK[tok * K + k] * y_RD[static_cast<size_t>(r) * D + d];
+        }
+        y_ND[i] = acc;
+    }
+}
+
+__global__ void moe_combine_backward_rows_kernel(
+    float* dy_RD, const float* dy_ND, const int32_t* row_src_R, const float* topk_weight_NK, size_t n, int K, int D) {
+    BMOE_GRID_STRIDE(i, n) {
+        const int32_t src = row_src_R[i / D];
+        dy_RD[i] = topk_weight_NK[src] * dy_ND[static_cast<size_t>(src / K) * D + i % D];
+    }
+}
+
+// One warp per (token, slot): dot(dy_ND[n], y_RD[slot row]) in double; 0 for dropped copies.
+__global__ void moe_combine_backward_gate_kernel(
+    float* dtopk_weight_NK, const float* dy_ND, const float* y_RD, const int32_t* slot_row_NK, int NK, int K, int D) {
+    const int nk = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
+    if (nk >= NK) return;  // whole warps exit together
+    const int32_t r = slot_row_NK[nk];
+    double dot = 0.0;
+    if (r >= 0) {
+        const float *dy = dy_ND + static_cast<size_t>(nk / K) * D, *y = y_RD + static_cast<size_t>(r) * D;
+        for (int d = lane; d < D; d += 32) dot += static_cast<double>(dy[d]) * y[d];
+    }
+    dot = warp_sum(dot);
+    if (lane == 0) dtopk_weight_NK[nk] = static_cast<float>(dot);
+}
+
+}  // namespace
+
+// ---- embeddings -------------------------------------------------------------------------------
+
+void CudaBackend::embedding_forward(float* out_ND, const int32_t* tokens_N, const float* table_VD, int N, int D) {
+    const size_t n = static_cast<size_t>(N) * D;
+    if (n == 0) return;
+    embedding_forward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(out_ND, tokens_N, table_VD, n, D);
+    CUDA_CHECK_LAST();
+}
+
+// Deterministic without atomics or a scan over the vocabulary: the tokens (N ints) come to the
+// host once, a stable counting sort builds a CSR of positions per used vocab id, and one block
+// column per used id sums its rows in token order. Costs one sync + O(N) host work per call.
+void CudaBackend::embedding_backward(float* dtable_VD, const float* dout_ND, const int32_t* tokens_N, int N, int D) {
+    if (N <= 0 || D <= 0) return;
+    std::vector<int32_t> tokens(N);
+    download(tokens.data(), tokens_N, tokens.size() * sizeof(int32_t));
+    int used = 0;
+    const std::vector<int32_t> csr = token_csr(tokens, used);
+    auto* ws = static_cast<int32_t*>(scratch(embed_ws_, csr.size() * sizeof(int32_t)));
+    upload(ws, csr.data(), csr.size() * sizeof(int32_t));
+    const int32_t *ids = ws, *ptr = ws + used, *pos = ptr + used + 1;
+    constexpr int kCols = 128;
+    embedding_backward_kernel<<<dim3(used, div_up(D, kCols)), kCols, 0, stream_>>>(dtable_VD, dout_ND, ids, ptr, pos,
+                                                                                   D);
+    CUDA_CHECK_LAST();
+}
+
+void CudaBackend::position_forward(float* x_BTD, const float* wpe_SD, int B, int T, int D) {
+    const size_t TD = static_cast<size_t>(T) * D, n = TD * B;
+    if (n == 0) return;
+    position_forward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(x_BTD, wpe_SD, n, TD);
+    CUDA_CHECK_LAST();
+}
+
+void CudaBackend::position_backward(float* dwpe_SD, const float* dx_BTD, int B, int T, int D) {
+    const size_t TD = static_cast<size_t>(T) * D;
+    if (TD == 0) return;
+    position_backward_kernel<<<grid_for(TD), kThreads, 0, stream_>>>(dwpe_SD, dx_BTD, B, TD);
+    CUDA_CHECK_LAST();
+}
+
+// ---- norms ------------------------------------------------------------------------------------
+
+void CudaBackend::rmsnorm_forward(
+    float* out_ND, float* rstd_N, const float* in_ND, const float* w_D, int N, int D, float eps) {
+    if (N <= 0) return;
+    rmsnorm_forward_kernel<<<N, kThreads, 0, stream_>>>(out_ND, rstd_N, in_ND, w_D, D, eps);
+    CUDA_CHECK_LAST();
+}
+
+void CudaBackend::rmsnorm_backward(float* din_ND,
+                                   float* dw_D,
+                                   const float* dout_ND,
+                                   const float* in_ND,
+                                   const float* w_D,
+                                   const float* rstd_N,
+                                   int N,
+                                   int D) {
+    if (N <= 0) return;
+    rmsnorm_backward_kernel<<<N, kThreads, 0, stream_>>>(din_ND, dout_ND, in_ND, w_D, rstd_N, D);
+    CUDA_CHECK_LAST();
+    column_reduce(stream_, dw_D, N, D, RmsDw{dout_ND, in_ND, rstd_N, D});
+}
+
+void CudaBackend::layernorm_forward(float* out_ND,
+                                    float* mean_N,
+                                    float* rstd_N,
+                                    const float* in_ND,
+                                    const float* w_D,
+                                    const float* b_D,
+                                    int N,
+                                    int D,
+                                    float eps) {
+    if (N <= 0) return;
+    layernorm_forward_kernel<<<N, kThreads, 0, stream_>>>(out_ND, mean_N, rstd_N, in_ND, w_D, b_D, D, eps);
+    CUDA_CHECK_LAST();
+}
+
+void CudaBackend::layernorm_backward(float* din_ND,
+                                     float* dw_D,
+                                     float* db_D,
+                                     const float* dout_ND,
+                                     const float* in_ND,
+                                     const float* w_D,
+                                     const float* mean_N,
+                                     const float* rstd_N,
+                                     int N,
+                                     int D) {
+    if (N <= 0) return;
+    layernorm_backward_kernel<<<N, kThreads, 0, stream_>>>(din_ND, dout_ND, in_ND, w_D, mean_N, rstd_N, D);
+    CUDA_CHECK_LAST();
+    column_reduce(stream_, dw_D, N, D, LnDw{dout_ND, in_ND, mean_N, rstd_N, D});
+    column_reduce(stream_, db_D, N, D, RowValue{dout_ND, D});
+}
+
+// ---- activations ------------------------------------------------------------------------------
+
+void CudaBackend::swiglu_forward(float* out, const float* gate, const float* up, size_t n) {
+    if (n == 0) return;
+    swiglu_forward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(out, gate, up, n);
+    CUDA_CHECK_LAST();
+}
+
+void CudaBackend::swiglu_backward(
+    float* dgate, float* dup, const float* dout, const float* gate, const float* up, size_t n) {
+    if (n == 0) return;
+    swiglu_backward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(dgate, dup, dout, gate, up, n);
+    CUDA_CHECK_LAST();
+}
+
+void CudaBackend::gelu_forward(float* out, const float* in, size_t n) {
+    if (n == 0) return;
+    gelu_forward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(out, in, n);
+    CUDA_CHECK_LAST();
+}
+
+void CudaBackend::gelu_backward(float* din, const float* dout, const float* in, size_t n) {
+    if (n == 0) return;
+    gelu_backward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(din, dout, in, n);
+    CUDA_CHECK_LAST();
+}
+
+// ---- loss -------------------------------------------------------------------------------------
+
+void CudaBackend::cross_entropy_forward(
+    float* loss_N, float* probs_NV, const float* logits_NV, const int32_t* targets_N, int N, int V) {
+    if (N <= 0 || V <= 0) return;
+    cross_entropy_forward_kernel<<<N, kThreads, 0, stream_>>>(loss_N, probs_NV, logits_NV, targets_N, V);
+    CUDA_CHECK_LAST();
+}
+
+void CudaBackend::cross_entropy_backward(
+    float* dlogits_NV, const float* probs_NV, const int32_t* targets_N, float dloss, int N, int V) {
+    const size_t n = static_cast<size_t>(N) * V;
+    if (n == 0) return;
+    cross_entropy_backward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(dlogits_NV, probs_NV, targets_N, dloss, n, V);
+    CUDA_CHECK_LAST();
+}
+
+// ---- MoE router and token permutation ---------------------------------------------------------
+
+void CudaBackend::router_topk_forward(float* probs_NE,
+                                      float* lse_N,
+                                      int32_t* topk_idx_NK,
+                                      float* topk_weight_NK,
+                                      const float* logits_NE,
+                                      int N,
+                                      int E,
+                                      int K,
+                                      bool renormalize) {
+    if (N <= 0) return;
+    BMOE_REQUIRE(E > 0 && K >= 0 && K <= E, "router: top-k (", K, ") must be in [0, num_experts = ", E, "]");
+    constexpr int kRouterThreads = 128;
+    router_topk_forward_kernel<<<div_up(N, kRouterThreads), kRouterThreads, 0, stream_>>>(
+        probs_NE, lse_N, topk_idx_NK, topk_weight_NK, logits_NE, RouterDims{N, E, K, renormalize});
+    CUDA_CHECK_LAST();
+}
+
+void CudaBackend::router_topk_backward(float* dlogits_NE,
+                                       const float* dtopk_weight_NK,
+                                       const float* probs_NE,
+                                       const float* lse_N,
+                                       const int32_t* topk_idx_NK,
+                                       const float* topk_weight_NK,
+                                       const float* aux_dprobs_E,
+                                       float zloss_coef,
+                                       int N,
+                                       int E,
+                                       int K,
+                                       bool renormalize) {
+    if (N <= 0) return;
+    constexpr int kRouterThreads = 128;
+    const RouterGrads a{dtopk_weight_NK, probs_NE, lse_N, topk_weight_NK, aux_dprobs_E, topk_idx_NK, zloss_coef};
+    router_topk_backward_kernel<<<div_up(N, kRouterThreads), kRouterThreads, 0, stream_>>>(
+        dlogits_NE, a, RouterDims{N, E, K, renormalize});
+    CUDA_CHECK_LAST();
+}
+
+void CudaBackend::moe_gather_forward(float* x_RD, const float* x_ND, const int32_t* row_src_R, int R, int K, int D) {
+    const size_t n = static_cast<size_t>(R) * D;
+    if (n == 0) return;
+    moe_gather_forward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(x_RD, x_ND, row_src_R, n, K, D);
+    CUDA_CHECK_LAST();
+}
+
+void CudaBackend::moe_gather_backward(
+    float* dx_ND, const float* dx_RD, const int32_t* slot_row_NK, int N, int K, int D) {
+    const size_t n = static_cast<size_t>(N) * D;
+    if (n == 0) return;
+    moe_gather_backward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(dx_ND, dx_RD, slot_row_NK, n, K, D);
+    CUDA_CHECK_LAST();
+}
+
+void CudaBackend::moe_combine_forward(
+    float* y_ND, const float* y_RD, const int32_t* slot_row_NK, const float* topk_weight_NK, int N, int K, int D) {
+    const size_t n = static_cast<size_t>(N) * D;
+    if (n == 0) return;
+    moe_combine_forward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(y_ND, y_RD, slot_row_NK, topk_weight_NK, n, K, D);
+    CUDA_CHECK_LAST();
+}
+
+void CudaBackend::moe_combine_backward(float* dy_RD,
+                                       float* dtopk_weight_NK,
+                                       const float* dy_ND,
+                                       const float* y_RD,
+                                       const int32_t* row_src_R,
+                                       const int32_t* slot_row_NK,
+                                       const float* topk_weight_NK,
+                                       int N,
+                                       int R,
+                                       int K,
+                                       int D) {
+    const size_t rows = static_cast<size_t>(R) * D;
+    if (rows > 0) {
+        moe_combine_backward_rows_kernel<<<grid_for(rows), kThreads, 0, stream_>>>(dy_RD, dy_ND, row_src_R,
+                                                                                   topk_weight_NK, rows, K, D);
+        CUDA_CHECK_LAST();
+    }
+    const int NK = N * K;
+    if (NK <= 0) return;
+    moe_combine_backward_gate_kernel<<<div_up(NK, kThreads / 32), kThreads, 0, stream_>>>(dtopk_weight_NK, dy_ND, y_RD,
+                                                                                          slot_row_NK, NK, K, D);
+    CUDA_CHECK_LAST();
+}
+
+}  // namespace bmoe::model
