@@ -2,9 +2,13 @@
 //
 // Every failure ends as ONE line on stderr, "bmoe <cmd>: error: <what and how to fix>", and a
 // non-zero exit status: bad flags and config values (CLI11 / RunConfig::validate), bad data
-// files (data/), NaN/Inf during training (trainer/).
+// files (data/), NaN/Inf during training (trainer/). Under mpirun/srun the line carries the
+// rank and host, and the failing rank aborts the whole job (MPI_Abort) instead of hanging it.
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cstdio>
+#include <cstdlib>
+#include <thread>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -12,6 +16,8 @@
 #include "data/data_command.h"
 #include "model/backend.h"
 #include "parallel/check.h"
+#include "parallel/mpi_comm.h"
+#include "parallel/mpi_env.h"
 #include "trainer/run_config.h"
 #include "trainer/trainer.h"
 
@@ -28,6 +34,23 @@ std::string one_line(const std::string& text) {
     for (char c : text) out += (c == '\n') ? ' ' : c;
     while (!out.empty() && out.back() == ' ') out.pop_back();
     return out;
+}
+
+// One Trainer per rank over MPI_COMM_WORLD. Errors end the job from the rank that hit them.
+int train_distributed(bmoe::trainer::RunConfig config) {
+    using namespace bmoe;
+    parallel::MpiEnvironment mpi;
+    try {
+        parallel::MpiComm world(MPI_COMM_WORLD);
+        const parallel::LaunchInfo launch = parallel::launch_info();
+        if (config.train.threads == 0 && std::getenv("OMP_NUM_THREADS") == nullptr && launch.local_size > 1)
+            config.train.threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / launch.local_size);
+        trainer::Trainer trainer(config, std::cout, &world);
+        trainer.run();
+    } catch (const std::exception& e) {
+        parallel::abort_job(std::string("train: ") + e.what(), 1);
+    }
+    return 0;
 }
 
 }  // namespace
@@ -76,9 +99,12 @@ int main(int argc, char** argv) {
                 std::cout << config.to_toml();
                 return 0;
             }
-            trainer::Trainer trainer(config, std::cout);
-            trainer.run();
-            return 0;
+            if (!parallel::launched_under_mpi()) {
+                trainer::Trainer trainer(config, std::cout);
+                trainer.run();
+                return 0;
+            }
+            return train_distributed(config);
         }
         if (data_cmd->parsed()) {
             cmd = "data";

@@ -26,6 +26,8 @@ class Backend {
   public:
     virtual ~Backend() = default;
     virtual std::string name() const = 0;
+    // True when buffers are host memory (pointers can go straight to MPI or std::memcpy).
+    virtual bool is_host() const { return false; }
 
     // ---- memory -------------------------------------------------------------------------
     virtual void* alloc(size_t bytes) = 0;  // zero-filled; throws bmoe::Error when out of memory

@@ -12,6 +12,7 @@ namespace bmoe::model {
 class CpuBackend final : public Backend {
   public:
     std::string name() const override { return "cpu"; }
+    bool is_host() const override { return true; }
     void* alloc(size_t bytes) override;
     void free(void* ptr) override;
     void upload(void* dst, const void* src_host, size_t bytes) override;

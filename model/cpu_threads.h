@@ -3,7 +3,7 @@
 
 namespace bmoe::model {
 
-// n <= 0 means all cores. Sets both OpenMP's and OpenBLAS's thread counts.
+// n <= 0 means OMP_NUM_THREADS if set, else all cores. Sets both OpenMP's and OpenBLAS's thread counts.
 void set_cpu_threads(int n);
 int cpu_threads();
 

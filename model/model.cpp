@@ -20,8 +20,11 @@ struct Model::LayerActs {
     int moe_index = -1;                            // index into moe_blocks_, or -1
 };
 
-Model::Model(const ModelConfig& config, Backend* backend)
-    : config_(config), backend_(backend), layout_((config.validate(), config)) {
+Model::Model(const ModelConfig& config, Backend* backend, const ParallelContext& parallel)
+    : config_(config),
+      backend_(backend),
+      parallel_(parallel),
+      layout_((config.validate(), config), parallel.first_expert, parallel.num_local_experts) {
     params_ = Buffer<float>(backend_, layout_.total_numel());
     grads_ = Buffer<float>(backend_, layout_.total_numel());
     param_views_ = layout_.views(params_.data());
@@ -30,7 +33,7 @@ Model::Model(const ModelConfig& config, Backend* backend)
         auto acts = std::make_unique<LayerActs>();
         if (config_.is_moe_layer(l)) {
             acts->moe_index = static_cast<int>(moe_blocks_.size());
-            moe_blocks_.emplace_back(config_, backend_);
+            moe_blocks_.emplace_back(config_, backend_, parallel_);
         } else {
             acts->dense_ffn =
                 std::make_unique<GroupedMlp>(backend_, config_.activation, config_.d_model, config_.dense_hidden);
@@ -181,16 +184,19 @@ ForwardStats Model::forward(const int32_t* tokens, const int32_t* targets, int B
     }
     num_valid_targets_ = 0;
     if (targets != nullptr) {
+        // [sum of losses, valid targets] over the global batch: CE is the mean over all ranks' tokens.
+        double totals[2] = {0.0, 0.0};
         for (int i = 0; i < N; ++i) {
             BMOE_REQUIRE(targets[i] < V, "target id ", targets[i], " is outside the vocabulary [0, ", V, ")");
-            num_valid_targets_ += targets[i] >= 0 ? 1 : 0;
+            totals[1] += targets[i] >= 0 ? 1.0 : 0.0;
         }
         be->upload(targets_.data(), targets, N * sizeof(int32_t));
         be->cross_entropy_forward(losses_.data(), probs_.data(), logits_.data(), targets_.data(), N, V);
         std::vector<float> losses = losses_.download();
-        double sum = 0.0;
-        for (int i = 0; i < N; ++i) sum += losses[i];
-        stats.ce_loss = num_valid_targets_ > 0 ? sum / static_cast<double>(num_valid_targets_) : 0.0;
+        for (int i = 0; i < N; ++i) totals[0] += losses[i];
+        if (parallel_.world != nullptr) parallel_.world->all_reduce_sum(totals, 2);
+        num_valid_targets_ = static_cast<int64_t>(totals[1]);
+        stats.ce_loss = num_valid_targets_ > 0 ? totals[0] / totals[1] : 0.0;
     }
     stats.num_valid_targets = num_valid_targets_;
     stats.total_loss = stats.ce_loss + weights.aux_coef * stats.aux_loss + weights.zloss_coef * stats.z_loss;

@@ -16,6 +16,7 @@
 #include "model/buffer.h"
 #include "model/config.h"
 #include "model/moe_block.h"
+#include "model/parallel_context.h"
 #include "model/params.h"
 
 namespace bmoe::model {
@@ -27,6 +28,7 @@ struct LossWeights {
 
 // What one forward pass measured (host values).
 struct ForwardStats {
+    // All values are over the GLOBAL batch (every rank's tokens) when the model is distributed.
     double ce_loss = 0.0;   // mean cross-entropy over valid targets
     double aux_loss = 0.0;  // mean over MoE layers of the load-balancing loss (unweighted)
     double z_loss = 0.0;    // mean over MoE layers of the router z-loss (unweighted)
@@ -37,7 +39,7 @@ struct ForwardStats {
 
 class Model {
   public:
-    Model(const ModelConfig& config, Backend* backend);
+    Model(const ModelConfig& config, Backend* backend, const ParallelContext& parallel = {});
     ~Model();
     Model(const Model&) = delete;
     Model& operator=(const Model&) = delete;
@@ -72,6 +74,7 @@ class Model {
 
     ModelConfig config_;
     Backend* backend_;
+    ParallelContext parallel_;
     ParameterLayout layout_;
     Buffer<float> params_, grads_;
     ModelTensors param_views_, grad_views_;
@@ -79,7 +82,7 @@ class Model {
     // ---- activations of the last forward (sized for B*T) ----
     int B_ = 0, T_ = 0;
     LossWeights loss_weights_;
-    int64_t num_valid_targets_ = 0;
+    int64_t num_valid_targets_ = 0;  // over the global batch (all ranks)
     Buffer<int32_t> tokens_, targets_;
     std::vector<std::unique_ptr<LayerActs>> layer_acts_;
     std::vector<MoeBlock> moe_blocks_;      // one per MoE layer

@@ -4,8 +4,59 @@
 
 namespace bmoe::model {
 
-MoeBlock::MoeBlock(const ModelConfig& config, Backend* backend)
-    : config_(config), backend_(backend), experts_(backend, config.activation, config.d_model, config.expert_hidden) {}
+MoeBlock::MoeBlock(const ModelConfig& config, Backend* backend, const ParallelContext& parallel)
+    : config_(config),
+      backend_(backend),
+      parallel_(parallel),
+      experts_(backend, config.activation, config.d_model, config.expert_hidden) {
+    if (parallel_.expert_parallel())
+        dispatcher_ = std::make_unique<parallel::ExpertDispatcher>(*parallel_.ep, config.num_experts);
+}
+
+// Rows leave for their experts' ranks after routing and come back before combine; on one rank
+// (or EP = 1) the experts run directly on x_RD.
+void MoeBlock::run_experts_forward(const LayerTensors& w) {
+    const int D = config_.d_model;
+    const MlpWeights mw{w.ffn_gate, w.ffn_up, w.ffn_down};
+    if (!dispatcher_) {
+        experts_.forward(y_RD_.data(), x_RD_.data(), mw, plan_.expert_offsets);
+        return;
+    }
+    const size_t R = static_cast<size_t>(plan_.num_rows());
+    host_rows_.resize(R * D);
+    if (R > 0) backend_->download(host_rows_.data(), x_RD_.data(), R * D * sizeof(float));
+    handle_ = dispatcher_->dispatch(host_rows_.data(), plan_.expert_offsets, D, host_local_);
+    const size_t L = static_cast<size_t>(handle_.num_local_rows());
+    x_local_.ensure(backend_, L * D);
+    y_local_.ensure(backend_, L * D);
+    if (L > 0) backend_->upload(x_local_.data(), host_local_.data(), L * D * sizeof(float));
+    experts_.forward(y_local_.data(), x_local_.data(), mw, handle_.local_expert_offsets);
+    if (L > 0) backend_->download(host_local_.data(), y_local_.data(), L * D * sizeof(float));
+    dispatcher_->combine(handle_, host_local_.data(), D, host_rows_.data());
+    if (R > 0) backend_->upload(y_RD_.data(), host_rows_.data(), R * D * sizeof(float));
+}
+
+// dy_RD_ -> dx_RD_, the mirror image of run_experts_forward (same handle, same exchanges).
+void MoeBlock::run_experts_backward(const LayerTensors& dw, const LayerTensors& w) {
+    const int D = config_.d_model;
+    const MlpWeights mw{w.ffn_gate, w.ffn_up, w.ffn_down};
+    const MlpGrads mg{dw.ffn_gate, dw.ffn_up, dw.ffn_down};
+    if (!dispatcher_) {
+        experts_.backward(dx_RD_.data(), mg, dy_RD_.data(), x_RD_.data(), mw);
+        return;
+    }
+    const size_t R = static_cast<size_t>(plan_.num_rows()), L = static_cast<size_t>(handle_.num_local_rows());
+    host_rows_.resize(R * D);
+    if (R > 0) backend_->download(host_rows_.data(), dy_RD_.data(), R * D * sizeof(float));
+    dispatcher_->forward(handle_, host_rows_.data(), D, host_local_);
+    dy_local_.ensure(backend_, L * D);
+    dx_local_.ensure(backend_, L * D);
+    if (L > 0) backend_->upload(dy_local_.data(), host_local_.data(), L * D * sizeof(float));
+    experts_.backward(dx_local_.data(), mg, dy_local_.data(), x_local_.data(), mw);
+    if (L > 0) backend_->download(host_local_.data(), dx_local_.data(), L * D * sizeof(float));
+    dispatcher_->combine(handle_, host_local_.data(), D, host_rows_.data());
+    if (R > 0) backend_->upload(dx_RD_.data(), host_rows_.data(), R * D * sizeof(float));
+}
 
 MoeLayerStats MoeBlock::forward(float* out_ND, const float* x_ND, const LayerTensors& w, int N) {
     const int D = config_.d_model, E = config_.num_experts, K = config_.top_k;
@@ -35,28 +86,35 @@ MoeLayerStats MoeBlock::forward(float* out_ND, const float* x_ND, const LayerTen
     x_RD_.ensure(backend_, static_cast<size_t>(R) * D);
     y_RD_.ensure(backend_, static_cast<size_t>(R) * D);
     backend_->moe_gather_forward(x_RD_.data(), x_ND, row_src_R_.data(), R, K, D);
-    MlpWeights mw{w.ffn_gate, w.ffn_up, w.ffn_down};
-    experts_.forward(y_RD_.data(), x_RD_.data(), mw, plan_.expert_offsets);
+    run_experts_forward(w);
     backend_->moe_combine_forward(out_ND, y_RD_.data(), slot_row_NK_.data(), topk_weight_NK_.data(), N, K, D);
 
-    // 4. auxiliary losses (host: E + N floats)
+    // 4. auxiliary losses from global-batch statistics (host: N*E + N floats down, 2E+2 reduced)
     std::vector<float> probs_host(static_cast<size_t>(N) * E), lse_host(N);
     backend_->download(probs_host.data(), probs_NE_.data(), probs_host.size() * sizeof(float));
     backend_->download(lse_host.data(), lse_N_.data(), lse_host.size() * sizeof(float));
+    // totals = [copies per expert (E), prob sums per expert (E), sum of lse^2, tokens]
+    std::vector<double> totals(2 * E + 2, 0.0);
+    for (int e = 0; e < E; ++e) totals[e] = static_cast<double>(plan_.tokens_per_expert[e]);
+    for (int n = 0; n < N; ++n)
+        for (int e = 0; e < E; ++e) totals[E + e] += probs_host[static_cast<size_t>(n) * E + e];
+    for (int n = 0; n < N; ++n) totals[2 * E] += static_cast<double>(lse_host[n]) * lse_host[n];
+    totals[2 * E + 1] = N;
+    if (parallel_.world != nullptr) parallel_.world->all_reduce_sum(totals.data(), totals.size());
+    const double N_global = totals[2 * E + 1];
+    num_tokens_global_ = N_global;
     MoeLayerStats stats;
-    stats.tokens_per_expert = plan_.tokens_per_expert;
+    stats.tokens_per_expert.resize(E);
+    for (int e = 0; e < E; ++e) stats.tokens_per_expert[e] = static_cast<int64_t>(totals[e]);
     stats.num_dropped = plan_.num_dropped;
     aux_dprobs_host_.assign(E, 0.0f);
     for (int e = 0; e < E; ++e) {
-        double P = 0.0;
-        for (int n = 0; n < N; ++n) P += probs_host[static_cast<size_t>(n) * E + e];
-        P /= N;
-        const double f = static_cast<double>(plan_.tokens_per_expert[e]) / (static_cast<double>(N) * K);
+        const double P = totals[E + e] / N_global;
+        const double f = totals[e] / (N_global * K);
         stats.aux_loss += E * f * P;
-        aux_dprobs_host_[e] = static_cast<float>(E * f / N);
+        aux_dprobs_host_[e] = static_cast<float>(E * f / N_global);
     }
-    for (int n = 0; n < N; ++n) stats.z_loss += static_cast<double>(lse_host[n]) * lse_host[n];
-    stats.z_loss /= N;
+    stats.z_loss = totals[2 * E] / N_global;
     return stats;
 }
 
@@ -71,9 +129,7 @@ void MoeBlock::backward(float* dx_ND, const LayerTensors& dw, const float* dout_
 
     backend_->moe_combine_backward(dy_RD_.data(), dtopk_weight_NK_.data(), dout_ND, y_RD_.data(), row_src_R_.data(),
                                    slot_row_NK_.data(), topk_weight_NK_.data(), N, R, K, D);
-    MlpWeights mw{w.ffn_gate, w.ffn_up, w.ffn_down};
-    MlpGrads mg{dw.ffn_gate, dw.ffn_up, dw.ffn_down};
-    experts_.backward(dx_RD_.data(), mg, dy_RD_.data(), x_RD_.data(), mw);
+    run_experts_backward(dw, w);
     backend_->zero(dx_ND, static_cast<size_t>(N) * D * sizeof(float));
     backend_->moe_gather_backward(dx_ND, dx_RD_.data(), slot_row_NK_.data(), N, K, D);
 
@@ -82,7 +138,8 @@ void MoeBlock::backward(float* dx_ND, const LayerTensors& dw, const float* dout_
     backend_->upload(aux_dprobs_E_.data(), aux_dprobs.data(), E * sizeof(float));
     backend_->router_topk_backward(dlogits_NE_.data(), dtopk_weight_NK_.data(), probs_NE_.data(), lse_N_.data(),
                                    topk_idx_NK_.data(), topk_weight_NK_.data(), aux_dprobs_E_.data(),
-                                   z_weight / static_cast<float>(N), N, E, K, config_.router_renormalize);
+                                   z_weight / static_cast<float>(num_tokens_global_), N, E, K,
+                                   config_.router_renormalize);
     backend_->matmul_backward(dx_ND, dw.router_w, nullptr, dlogits_NE_.data(), x_ND, w.router_w, N, D, E,
                               /*accumulate_din=*/true);
 }

@@ -9,15 +9,21 @@
 //         (Switch/GShard; f is a constant, the gradient flows through P; uniform routing gives 1)
 //   z   = mean_n logsumexp(logits_n)^2   (ST-MoE router z-loss)
 // Backward mirrors forward; the router gets gradients from the gates and from aux/z.
+// Distributed: f, P and z are statistics of the GLOBAL batch (all-reduced over the world), and
+// under expert parallelism the grouped rows travel to their experts' ranks and back
+// (parallel/expert_dispatcher.h) between gather and combine; routing is decided before the exchange.
 #pragma once
 
+#include <memory>
 #include <vector>
 
 #include "model/backend.h"
 #include "model/buffer.h"
 #include "model/config.h"
 #include "model/mlp.h"
+#include "model/parallel_context.h"
 #include "model/params.h"
+#include "parallel/expert_dispatcher.h"
 #include "model/routing_plan.h"
 
 namespace bmoe::model {
@@ -31,7 +37,7 @@ struct MoeLayerStats {
 
 class MoeBlock {
   public:
-    MoeBlock(const ModelConfig& config, Backend* backend);
+    MoeBlock(const ModelConfig& config, Backend* backend, const ParallelContext& parallel);
 
     // out_ND (=) from x_ND with this layer's weights (router_w, ffn_* of `w`).
     MoeLayerStats forward(float* out_ND, const float* x_ND, const LayerTensors& w, int N);
@@ -45,10 +51,20 @@ class MoeBlock {
     const float* topk_weight_NK() const { return topk_weight_NK_.data(); }
 
   private:
+    // experts on this rank: x_RD (grouped by global expert) -> y_RD, exchanging rows when EP > 1
+    void run_experts_forward(const LayerTensors& w);
+    void run_experts_backward(const LayerTensors& dw, const LayerTensors& w);
+
     ModelConfig config_;
     Backend* backend_;
+    ParallelContext parallel_;
     GroupedMlp experts_;
+    std::unique_ptr<parallel::ExpertDispatcher> dispatcher_;  // EP > 1 only
+    parallel::DispatchHandle handle_;
+    std::vector<float> host_rows_, host_local_;  // staging for the exchange (host memory)
+    Buffer<float> x_local_, y_local_, dy_local_, dx_local_;  // rows of this rank's experts
     int N_ = 0;
+    double num_tokens_global_ = 0.0;
     RoutingPlan plan_;
     std::vector<float> aux_dprobs_host_;  // [E] d aux / d probs[n, e], same for every n
     // saved

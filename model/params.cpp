@@ -7,7 +7,9 @@
 
 namespace bmoe::model {
 
-ParameterLayout::ParameterLayout(const ModelConfig& c) : config_(c) {
+ParameterLayout::ParameterLayout(const ModelConfig& c, int first_expert, int num_local_experts)
+    : config_(c), first_expert_(first_expert), num_local_experts_(num_local_experts < 0 ? c.num_experts : num_local_experts) {
+    BMOE_ASSERT(first_expert_ >= 0 && first_expert_ + num_local_experts_ <= c.num_experts, "bad expert slice");
     const int64_t V = c.vocab_size, D = c.d_model, E = c.num_experts, F = c.expert_hidden, Fd = c.dense_hidden;
     const int64_t q_dim = int64_t{c.num_heads} * c.head_dim(), kv_dim = int64_t{c.num_kv_heads} * c.head_dim();
     const bool layernorm = c.norm == NormType::kLayerNorm;
@@ -47,6 +49,12 @@ ParameterLayout::ParameterLayout(const ModelConfig& c) : config_(c) {
 void ParameterLayout::add(const std::string& name, std::vector<int64_t> shape, ParamGroup group, ParamInit init) {
     ParamInfo info;
     info.name = name;
+    info.global_shape = shape;
+    if (group == ParamGroup::kExpert) {  // this rank's experts only
+        const size_t per_expert = static_cast<size_t>(shape[1] * shape[2]);
+        info.global_offset = static_cast<size_t>(first_expert_) * per_expert;
+        shape[0] = num_local_experts_;
+    }
     info.numel = 1;
     for (int64_t s : shape) info.numel *= static_cast<size_t>(s);
     info.shape = std::move(shape);
@@ -112,8 +120,8 @@ std::vector<float> ParameterLayout::init_host(uint64_t seed) const {
         CounterRng rng(seed, /*stream=*/0x1000 + i);
         for (size_t j = 0; j < p.numel; ++j) {
             switch (p.init) {
-                case ParamInit::kNormal: dst[j] = config_.init_std * rng.normal(j); break;
-                case ParamInit::kNormalScaled: dst[j] = scaled_std * rng.normal(j); break;
+                case ParamInit::kNormal: dst[j] = config_.init_std * rng.normal(p.global_offset + j); break;
+                case ParamInit::kNormalScaled: dst[j] = scaled_std * rng.normal(p.global_offset + j); break;
                 case ParamInit::kOnes: dst[j] = 1.0f; break;
                 case ParamInit::kZeros: dst[j] = 0.0f; break;
             }
@@ -129,7 +137,7 @@ size_t ParameterLayout::active_matmul_params() const {
         if (p.shape.size() < 2 || p.name == "model.embed_tokens.weight" || p.name == "model.embed_positions.weight")
             continue;
         // Only K of E experts run per token.
-        n += p.group == ParamGroup::kExpert ? p.numel / c.num_experts * c.top_k : p.numel;
+        n += p.group == ParamGroup::kExpert ? p.numel / num_local_experts_ * c.top_k : p.numel;
     }
     if (c.tie_embeddings) n += static_cast<size_t>(c.vocab_size) * c.d_model;  // tied LM head is still a matmul
     return n;

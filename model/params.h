@@ -14,7 +14,9 @@
 //   Dense layer: model.layers.{l}.mlp.{gate_proj [Fd, D] (swiglu only), up_proj [Fd, D], down_proj [D, Fd]}
 //   model.norm.{weight,bias}                          [D]
 //   lm_head.weight                                    [V, D]   (absent when tied)
-// Experts are stored stacked ([E, ...]) with the global expert id as the leading index.
+// Experts are stored stacked ([E, ...]) with the global expert id as the leading index. Under
+// expert parallelism a rank holds experts [first_expert, first_expert + num_local_experts) only;
+// every element is initialised from its GLOBAL index, so any sharding starts from the same model.
 #pragma once
 
 #include <cstddef>
@@ -42,7 +44,9 @@ enum class ParamInit {
 
 struct ParamInfo {
     std::string name;
-    std::vector<int64_t> shape;
+    std::vector<int64_t> shape;         // local shape (experts: [num_local_experts, ...])
+    std::vector<int64_t> global_shape;  // shape across all ranks (experts: [E, ...])
+    size_t global_offset = 0;           // index of this rank's first element in the global tensor
     size_t offset = 0;  // in floats, into the flat block
     size_t numel = 0;
     bool weight_decay = true;  // false for norms and biases (1-D tensors)
@@ -77,7 +81,8 @@ struct ModelTensors {
 
 class ParameterLayout {
   public:
-    explicit ParameterLayout(const ModelConfig& config);
+    // first_expert/num_local_experts: this rank's slice of every expert tensor (-1: all experts).
+    explicit ParameterLayout(const ModelConfig& config, int first_expert = 0, int num_local_experts = -1);
 
     const std::vector<ParamInfo>& params() const { return params_; }
     size_t total_numel() const { return total_numel_; }
@@ -89,10 +94,13 @@ class ParameterLayout {
     std::vector<float> init_host(uint64_t seed) const;
     // Number of parameters a token touches (top-k experts instead of all): for FLOP counts.
     size_t active_matmul_params() const;
+    int first_expert() const { return first_expert_; }
+    int num_local_experts() const { return num_local_experts_; }
 
   private:
     void add(const std::string& name, std::vector<int64_t> shape, ParamGroup group, ParamInit init);
     ModelConfig config_;
+    int first_expert_ = 0, num_local_experts_ = 0;
     std::vector<ParamInfo> params_;
     size_t total_numel_ = 0;
 };

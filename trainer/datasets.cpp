@@ -60,7 +60,8 @@ std::vector<DomainEval> domain_evaluations(const data::TokenData& train, const d
 
 }  // namespace
 
-Datasets load_datasets(const DataConfig& config, int vocab_size, uint64_t seed, int eval_batches, std::ostream& log) {
+Datasets load_datasets(const DataConfig& config, int vocab_size, uint64_t seed, int eval_batches, int rank,
+                       int num_ranks, std::ostream& log) {
     data::CorpusSplits splits = load_splits(config, seed);
     for (const data::TokenData* d : {&splits.train, &splits.validation})
         BMOE_REQUIRE(d->vocab_size <= vocab_size, d->describe(), " has vocab size ", d->vocab_size,
@@ -78,7 +79,8 @@ Datasets load_datasets(const DataConfig& config, int vocab_size, uint64_t seed, 
     ds.unigram_loss = data::unigram_cross_entropy(splits.train, splits.validation);
     ds.train = std::make_shared<const data::TokenData>(std::move(splits.train));
     ds.val = std::make_shared<const data::TokenData>(std::move(splits.validation));
-    ds.train_loader = std::make_unique<data::DataLoader>(*ds.train, config.batch_size, config.seq_len, seed);
+    ds.train_loader = std::make_unique<data::DataLoader>(*ds.train, config.batch_size / num_ranks, config.seq_len,
+                                                         seed, rank, num_ranks);
     data::EvalLoader val(*ds.val, config.batch_size, config.seq_len,
                          static_cast<size_t>(eval_batches) * config.batch_size);
     ds.val_batches = val.all_batches();

@@ -27,6 +27,7 @@ void RunConfig::validate() const {
                  "data.seq_len (", data.seq_len, ") exceeds model.max_seq_len (", model.max_seq_len,
                  ") with learned positions: raise model.max_seq_len or shorten data.seq_len");
     BMOE_REQUIRE(data.train_tokens >= 1000, "data.train_tokens must be >= 1000 (got ", data.train_tokens, ")");
+    BMOE_REQUIRE(parallel.ep >= 0, "parallel.ep must be >= 0 (0 = all ranks; got ", parallel.ep, ")");
     BMOE_REQUIRE(train.steps >= 1, "train.steps must be >= 1 (got ", train.steps, ")");
     BMOE_REQUIRE(train.grad_accum >= 1, "train.grad_accum must be >= 1 (got ", train.grad_accum, ")");
     BMOE_REQUIRE(train.log_every >= 1, "train.log_every must be >= 1 (got ", train.log_every, ")");
@@ -73,9 +74,10 @@ void add_run_options(CLI::App& app, RunConfig& c, RunConfigCli& cli) {
     opt("loss.aux_coef", c.loss.aux_coef, "load-balancing loss weight");
     opt("loss.zloss_coef", c.loss.zloss_coef, "router z-loss weight");
     opt("data.dataset", c.data.dataset, "synthetic | text | DIR with train.bin/val.bin from `bmoe data`");
-    opt("data.batch_size", c.data.batch_size, "sequences per micro-batch");
+    opt("data.batch_size", c.data.batch_size, "sequences per micro-batch (global: split over the ranks)");
     opt("data.seq_len", c.data.seq_len, "tokens per sequence");
     opt("data.train_tokens", c.data.train_tokens, "tokens to generate for the built-in corpora");
+    opt("parallel.ep", c.parallel.ep, "expert-parallel size (experts split over this many ranks; 0 = all ranks)");
     opt("train.steps", c.train.steps, "optimizer steps");
     opt("train.grad_accum", c.train.grad_accum, "micro-batches per optimizer step");
     opt("train.seed", c.train.seed, "seed for weights, data order and all randomness");
@@ -112,6 +114,7 @@ std::string RunConfig::to_toml() const {
     os << "\n\n[loss]\naux_coef = " << loss.aux_coef << "\nzloss_coef = " << loss.zloss_coef;
     os << "\n\n[data]\ndataset = \"" << data.dataset << "\"\nbatch_size = " << data.batch_size
        << "\nseq_len = " << data.seq_len << "\ntrain_tokens = " << data.train_tokens;
+    os << "\n\n[parallel]\nep = " << parallel.ep;
     os << "\n\n[train]\nsteps = " << train.steps << "\ngrad_accum = " << train.grad_accum << "\nseed = " << train.seed
        << "\nlog_every = " << train.log_every << "\neval_every = " << train.eval_every
        << "\neval_batches = " << train.eval_batches << "\nout_dir = \"" << train.out_dir << "\"\nbackend = \""

@@ -37,9 +37,15 @@ struct DataConfig {
     // "synthetic" (built-in multi-domain corpus), "text" (Debian fortunes + C headers), or a
     // directory holding train.bin / val.bin (and optionally ood.bin) written by `bmoe data`.
     std::string dataset = "synthetic";
-    int batch_size = 8;   // sequences per micro-batch
+    int batch_size = 8;   // sequences per micro-batch, GLOBAL: split evenly over the ranks
     int seq_len = 128;    // tokens per sequence
     uint64_t train_tokens = 2'000'000;  // size of generated corpora (synthetic/text)
+};
+
+struct ParallelConfig {
+    // Expert-parallel group size: experts are split over `ep` consecutive ranks; the world is
+    // dp x ep. 0 = the whole world (pure expert parallelism).
+    int ep = 0;
 };
 
 struct TrainConfig {
@@ -60,6 +66,7 @@ struct RunConfig {
     OptimConfig optim;
     LossConfig loss;
     DataConfig data;
+    ParallelConfig parallel;
     TrainConfig train;
 
     void validate() const;

@@ -9,6 +9,7 @@
 
 #include "model/cpu_threads.h"
 #include "parallel/check.h"
+#include "trainer/grad_sync.h"
 #include "trainer/lr_schedule.h"
 #include "trainer/report.h"
 
@@ -16,24 +17,60 @@ namespace bmoe::trainer {
 
 using Clock = std::chrono::steady_clock;
 
-Trainer::Trainer(const RunConfig& config, std::ostream& log) : config_(config), log_(log) {
+namespace {
+parallel::Communicator& world_or_local(parallel::Communicator* world, parallel::LocalComm& local) {
+    return world != nullptr ? *world : local;
+}
+}  // namespace
+
+Trainer::Trainer(const RunConfig& config, std::ostream& log, parallel::Communicator* world)
+    : config_(config), log_(world == nullptr || world->rank() == 0 ? log : null_log_) {
     config_.validate();
+    parallel::Communicator& comm = world_or_local(world, local_comm_);
+    const int ep = config_.parallel.ep == 0 ? comm.size() : config_.parallel.ep;
+    grid_ = std::make_unique<parallel::ProcessGrid>(comm, ep);
+    const int W = grid_->world_size();
+    BMOE_REQUIRE(config_.data.batch_size % W == 0, "data.batch_size (", config_.data.batch_size,
+                 ") is the global batch and must divide evenly over the ", W, " ranks: use a multiple of ", W);
+    const parallel::ExpertRange experts = grid_->expert_range(config_.model.num_experts);
     model::set_cpu_threads(config_.train.threads);
-    std::filesystem::create_directories(config_.train.out_dir);
-    {
-        std::ofstream cfg(std::filesystem::path(config_.train.out_dir) / "config.toml");
-        cfg << config_.to_toml();
+    const std::filesystem::path out_dir(config_.train.out_dir);
+    if (is_root()) {
+        std::filesystem::create_directories(out_dir);
+        std::ofstream(out_dir / "config.toml") << config_.to_toml();
     }
-    datasets_ = load_datasets(config_.data, config_.model.vocab_size, config_.train.seed, config_.train.eval_batches, log_);
+    datasets_ = load_datasets(config_.data, config_.model.vocab_size, config_.train.seed, config_.train.eval_batches,
+                              grid_->world_rank(), W, log_);
     backend_ = model::make_backend(config_.train.backend);
-    model_ = std::make_unique<model::Model>(config_.model, backend_.get());
+    model::ParallelContext ctx;
+    if (W > 1) ctx.world = &grid_->world();
+    ctx.ep = &grid_->ep();
+    ctx.first_expert = experts.first;
+    ctx.num_local_experts = experts.count;
+    model_ = std::make_unique<model::Model>(config_.model, backend_.get(), ctx);
     model_->init_weights(config_.train.seed);
     optimizer_ = std::make_unique<AdamW>(config_.optim, *model_);
-    metrics_ = std::make_unique<MetricsLog>((std::filesystem::path(config_.train.out_dir) / "metrics.jsonl").string());
-    log_ << config_.model.describe() << "\n"
-         << "params: " << model_->layout().total_numel() << " total, " << model_->layout().active_matmul_params()
-         << " active matmul per token | backend " << backend_->name() << " | threads " << model::cpu_threads()
-         << "\n";
+    metrics_ = std::make_unique<MetricsLog>(is_root() ? (out_dir / "metrics.jsonl").string() : "");
+    log_ << "parallel: world " << W << " = dp " << grid_->dp_size() << " x ep " << grid_->ep_size() << " | "
+         << experts.count << " of " << config_.model.num_experts << " experts per rank | batch "
+         << config_.data.batch_size / W << " of " << config_.data.batch_size << " sequences per rank\n"
+         << config_.model.describe() << "\n"
+         << "params: " << model_->layout().total_numel() << " on rank 0, "
+         << model_->layout().active_matmul_params() << " active matmul per token | backend " << backend_->name()
+         << " | threads " << model::cpu_threads() << "\n";
+}
+
+data::Batch Trainer::local_rows(const data::Batch& global) const {
+    const int W = grid_->world_size(), r = grid_->world_rank();
+    if (W == 1) return global;
+    data::Batch b;
+    b.B = global.B / W;
+    b.T = global.T;
+    const size_t begin = static_cast<size_t>(r) * b.B * b.T, n = static_cast<size_t>(b.B) * b.T;
+    b.tokens.assign(global.tokens.begin() + begin, global.tokens.begin() + begin + n);
+    b.targets.assign(global.targets.begin() + begin, global.targets.begin() + begin + n);
+    b.domains.assign(global.domains.begin() + begin, global.domains.begin() + begin + n);
+    return b;
 }
 
 Trainer::~Trainer() = default;
@@ -47,8 +84,8 @@ StepMetrics Trainer::train_step(int step) {
     m.total_steps = config_.train.steps;
     model_->zero_grad();
     for (int micro = 0; micro < accum; ++micro) {
-        const data::Batch batch = datasets_.train_loader->next_batch();
-        const model::ForwardStats s = model_->forward(batch.tokens.data(), batch.targets.data(), d.batch_size,
+        const data::Batch batch = datasets_.train_loader->next_batch();  // this rank's rows
+        const model::ForwardStats s = model_->forward(batch.tokens.data(), batch.targets.data(), batch.B,
                                                       d.seq_len, weights);
         model_->backward(1.0f / static_cast<float>(accum));
         m.loss += s.total_loss / accum;
@@ -63,7 +100,8 @@ StepMetrics Trainer::train_step(int step) {
             m.num_dropped += s.moe_layers[l].num_dropped;
         }
     }
-    m.grad_norm = optimizer_->grad_norm();
+    all_reduce_gradients(*model_, *grid_);
+    m.grad_norm = global_grad_norm(*model_, *grid_);
     BMOE_REQUIRE(std::isfinite(m.grad_norm) && std::isfinite(m.loss), "step ", m.step,
                  ": loss or gradient is NaN/Inf (loss ", m.loss, ", grad norm ", m.grad_norm,
                  "); lower optim.lr or raise optim.warmup_steps");
@@ -77,9 +115,11 @@ double Trainer::evaluate() {
     const model::LossWeights weights{config_.loss.aux_coef, config_.loss.zloss_coef};
     double sum = 0.0;
     int64_t count = 0;
-    for (const data::Batch& batch : datasets_.val_batches) {
+    for (const data::Batch& global : datasets_.val_batches) {
+        if (global.B % grid_->world_size() != 0) continue;  // a short last batch cannot be split evenly
+        const data::Batch batch = local_rows(global);
         const model::ForwardStats s = model_->forward(batch.tokens.data(), batch.targets.data(), batch.B, batch.T,
-                                                      weights);
+                                                      weights);  // global CE over all ranks' rows
         sum += s.ce_loss * static_cast<double>(s.num_valid_targets);
         count += s.num_valid_targets;
     }
@@ -122,12 +162,21 @@ TrainResult Trainer::run() {
     run_eval(t.steps);
     log_ << "trained " << t.steps << " steps in " << format_duration(total_s) << " ("
          << static_cast<long>(result.tokens_per_s) << " tok/s); metrics: " << metrics_->path() << std::endl;
-    const auto reports = evaluate_domains(*model_, datasets_.domain_evals,
+    std::vector<DomainEval> local_domains = datasets_.domain_evals;
+    for (DomainEval& d : local_domains) {
+        std::vector<data::Batch> rows;
+        for (const data::Batch& b : d.batches)
+            if (b.B % grid_->world_size() == 0) rows.push_back(local_rows(b));
+        d.batches = std::move(rows);
+    }
+    const auto reports = evaluate_domains(*model_, local_domains,
                                           model::LossWeights{config_.loss.aux_coef, config_.loss.zloss_coef});
-    const std::string report_path = (std::filesystem::path(t.out_dir) / "report.json").string();
-    write_report_json(report_path, t.steps, reports);
-    log_ << "\nevaluation report (" << report_path << ")\n" << format_report(reports) << std::endl;
-    if (t.plot) plot_loss_curve();
+    if (is_root()) {
+        const std::string report_path = (std::filesystem::path(t.out_dir) / "report.json").string();
+        write_report_json(report_path, t.steps, reports);
+        log_ << "\nevaluation report (" << report_path << ")\n" << format_report(reports) << std::endl;
+        if (t.plot) plot_loss_curve();
+    }
     return result;
 }
 

@@ -4,6 +4,9 @@
 // 1/grad_accum) } -> global grad norm -> finite check -> clip -> AdamW at the scheduled lr ->
 // metrics. Validation every train.eval_every steps and at the end, against the unigram baseline.
 // Deterministic: the same config (seed) gives a bitwise-identical loss sequence.
+// Distributed: every rank runs a Trainer over the same world communicator; data.batch_size is
+// the global batch, split evenly over the ranks; experts are split over --parallel.ep ranks;
+// gradients are summed across ranks (grad_sync.h); only rank 0 prints and writes files.
 #pragma once
 
 #include <iosfwd>
@@ -12,6 +15,8 @@
 
 #include "model/backend.h"
 #include "model/model.h"
+#include "parallel/local_comm.h"
+#include "parallel/process_grid.h"
 #include "trainer/datasets.h"
 #include "trainer/metrics.h"
 #include "trainer/optimizer.h"
@@ -28,7 +33,8 @@ struct TrainResult {
 class Trainer {
   public:
     // `log` receives the progress lines (rank 0); metrics go to <out_dir>/metrics.jsonl.
-    Trainer(const RunConfig& config, std::ostream& log);
+    // world: all ranks of the job (nullptr = this process alone).
+    Trainer(const RunConfig& config, std::ostream& log, parallel::Communicator* world = nullptr);
     ~Trainer();
 
     TrainResult run();
@@ -36,14 +42,22 @@ class Trainer {
     double evaluate();
 
     model::Model& model() { return *model_; }
+    const parallel::ProcessGrid& grid() const { return *grid_; }
     const Datasets& datasets() const { return datasets_; }
 
   private:
     StepMetrics train_step(int step);
     void plot_loss_curve();
 
+    bool is_root() const { return grid_->world_rank() == 0; }
+    // This rank's rows of a global batch (rows split evenly; B must divide by the world size).
+    data::Batch local_rows(const data::Batch& global) const;
+
     RunConfig config_;
+    std::ostream null_log_{nullptr};  // ranks != 0 print nothing
     std::ostream& log_;
+    parallel::LocalComm local_comm_;
+    std::unique_ptr<parallel::ProcessGrid> grid_;
     std::unique_ptr<model::Backend> backend_;
     std::unique_ptr<model::Model> model_;
     std::unique_ptr<AdamW> optimizer_;

@@ -1,0 +1,23 @@
+// parallel_context.h -- how a Model is spread over ranks: which communicators reduce its global
+// statistics and exchange its tokens, and which experts this rank holds.
+// A default-constructed context is a single process holding every expert.
+#pragma once
+
+#include "parallel/communicator.h"
+
+namespace bmoe::model {
+
+struct ParallelContext {
+    // Every rank of the job (data-parallel over tokens): reduces the loss normalisers and the
+    // router statistics so the objective is that of the GLOBAL batch. nullptr = single process.
+    parallel::Communicator* world = nullptr;
+    // This rank's expert-parallel group: tokens travel to the experts' owners. nullptr or size 1 =
+    // all experts local.
+    parallel::Communicator* ep = nullptr;
+    int first_expert = 0;        // this rank's experts: [first_expert, first_expert + num_local_experts)
+    int num_local_experts = -1;  // -1 = all
+
+    bool expert_parallel() const { return ep != nullptr && ep->size() > 1; }
+};
+
+}  // namespace bmoe::model
