@@ -30,6 +30,8 @@ void ModelConfig::validate() const {
                  "model.dense_hidden must be >= 1 when some layers are dense (got ", dense_hidden, ")");
     BMOE_REQUIRE(norm_eps > 0.0f, "model.norm_eps must be > 0 (got ", norm_eps, ")");
     BMOE_REQUIRE(rope_theta > 0.0f, "model.rope_theta must be > 0 (got ", rope_theta, ")");
+    BMOE_REQUIRE(capacity_factor >= 0.0f, "model.capacity_factor must be >= 0 (0 = dropless, got ", capacity_factor,
+                 ")");
     BMOE_REQUIRE(init_std > 0.0f, "model.init_std must be > 0 (got ", init_std, ")");
 }
 
@@ -37,8 +39,10 @@ std::string ModelConfig::describe() const {
     return concat("model: vocab ", vocab_size, ", seq ", max_seq_len, ", d_model ", d_model, ", layers ", num_layers,
                   " (", num_moe_layers(), " MoE every ", moe_every, "), heads ", num_heads, "/", num_kv_heads,
                   " kv (head_dim ", head_dim(), ")\n", "       experts ", num_experts, " top-", top_k, " (hidden ",
-                  expert_hidden, ", renormalize ", router_renormalize ? "on" : "off", "), dense hidden ", dense_hidden,
-                  ", ", to_string(norm), ", ", to_string(position), ", ", to_string(activation), ", ",
+                  expert_hidden, ", renormalize ", router_renormalize ? "on" : "off", ", ",
+                  capacity_factor > 0.0f ? concat("capacity factor ", capacity_factor) : std::string("dropless"), ")",
+                  num_moe_layers() < num_layers ? concat(", dense hidden ", dense_hidden) : std::string(), ", ",
+                  to_string(norm), ", ", to_string(position), ", ", to_string(activation), ", ",
                   tie_embeddings ? "tied" : "untied", " LM head");
 }
 

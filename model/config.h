@@ -32,6 +32,10 @@ struct ModelConfig {
     float norm_eps = 1e-5f;
     float rope_theta = 10000.0f;
     bool router_renormalize = true;  // gates = top-k probs / their sum (Mixtral, OLMoE); else raw probs
+    // Expert capacity = ceil(capacity_factor * N * K / E) copies per expert and micro-batch (N =
+    // this rank's tokens); copies beyond it are dropped (in token order) and the token passes
+    // through the residual. 0 = dropless (default): every copy is computed.
+    float capacity_factor = 0.0f;
     float init_std = 0.02f;          // N(0, init_std) for weights; output projections scaled by 1/sqrt(2L)
 
     int head_dim() const { return d_model / num_heads; }

@@ -44,6 +44,12 @@ Model::Model(const ModelConfig& config, Backend* backend, const ParallelContext&
 
 Model::~Model() = default;
 
+double Model::take_exchange_seconds() {
+    double s = 0.0;
+    for (MoeBlock& b : moe_blocks_) s += b.take_exchange_seconds();
+    return s;
+}
+
 void Model::init_weights(uint64_t seed) { params_.upload(layout_.init_host(seed)); }
 
 void Model::params_from_host(const std::vector<float>& host) {

@@ -64,6 +64,9 @@ class Model {
     // Requires a forward with targets; accumulates d(loss * loss_scale)/dparams into grads().
     void backward(float loss_scale);
 
+    // Seconds this rank spent in expert-parallel all-to-alls since the last call (all layers).
+    double take_exchange_seconds();
+
     // Logits of the last forward, backend memory [B*T, V].
     const float* logits() const { return logits_.data(); }
     std::vector<float> logits_to_host() const;

@@ -1,6 +1,7 @@
 #include "model/moe_block.h"
 
 #include <cmath>
+#include <memory>
 
 namespace bmoe::model {
 
@@ -75,7 +76,10 @@ MoeLayerStats MoeBlock::forward(float* out_ND, const float* x_ND, const LayerTen
     // 2. plan the permutation on the host (N*K ints down, R + N*K ints up)
     std::vector<int32_t> idx_host(static_cast<size_t>(N) * K);
     backend_->download(idx_host.data(), topk_idx_NK_.data(), idx_host.size() * sizeof(int32_t));
-    plan_ = plan_routing(idx_host.data(), N, K, E);
+    const int capacity = config_.capacity_factor > 0.0f
+                             ? static_cast<int>(std::ceil(config_.capacity_factor * N * K / static_cast<double>(E)))
+                             : -1;
+    plan_ = plan_routing(idx_host.data(), N, K, E, capacity);
     const int R = plan_.num_rows();
     row_src_R_.ensure(backend_, R);
     slot_row_NK_.ensure(backend_, idx_host.size());
@@ -93,20 +97,22 @@ MoeLayerStats MoeBlock::forward(float* out_ND, const float* x_ND, const LayerTen
     std::vector<float> probs_host(static_cast<size_t>(N) * E), lse_host(N);
     backend_->download(probs_host.data(), probs_NE_.data(), probs_host.size() * sizeof(float));
     backend_->download(lse_host.data(), lse_N_.data(), lse_host.size() * sizeof(float));
-    // totals = [copies per expert (E), prob sums per expert (E), sum of lse^2, tokens]
-    std::vector<double> totals(2 * E + 2, 0.0);
+    // totals = [copies per expert (E), prob sums per expert (E), sum of lse^2, tokens, dropped]
+    std::vector<double> totals(2 * E + 3, 0.0);
     for (int e = 0; e < E; ++e) totals[e] = static_cast<double>(plan_.tokens_per_expert[e]);
     for (int n = 0; n < N; ++n)
         for (int e = 0; e < E; ++e) totals[E + e] += probs_host[static_cast<size_t>(n) * E + e];
     for (int n = 0; n < N; ++n) totals[2 * E] += static_cast<double>(lse_host[n]) * lse_host[n];
     totals[2 * E + 1] = N;
+    totals[2 * E + 2] = static_cast<double>(plan_.num_dropped);
     if (parallel_.world != nullptr) parallel_.world->all_reduce_sum(totals.data(), totals.size());
     const double N_global = totals[2 * E + 1];
     num_tokens_global_ = N_global;
     MoeLayerStats stats;
     stats.tokens_per_expert.resize(E);
     for (int e = 0; e < E; ++e) stats.tokens_per_expert[e] = static_cast<int64_t>(totals[e]);
-    stats.num_dropped = plan_.num_dropped;
+    stats.num_dropped = static_cast<int64_t>(totals[2 * E + 2]);
+    stats.num_copies = static_cast<int64_t>(N_global) * K;
     aux_dprobs_host_.assign(E, 0.0f);
     for (int e = 0; e < E; ++e) {
         const double P = totals[E + e] / N_global;

@@ -30,7 +30,8 @@ namespace bmoe::model {
 
 struct MoeLayerStats {
     std::vector<int64_t> tokens_per_expert;  // [E] routed copies per expert (before dropping)
-    int64_t num_dropped = 0;
+    int64_t num_dropped = 0;                 // copies dropped by the capacity limit (all ranks)
+    int64_t num_copies = 0;                  // routed copies N*K (all ranks)
     double aux_loss = 0.0;
     double z_loss = 0.0;
 };
@@ -44,6 +45,9 @@ class MoeBlock {
     // dx_ND (=); parameter grads (+=). aux_weight / z_weight: d(total loss)/d(aux), d/d(z).
     void backward(float* dx_ND, const LayerTensors& dw, const float* dout_ND, const float* x_ND,
                   const LayerTensors& w, float aux_weight, float z_weight);
+
+    // Seconds this rank spent in token all-to-alls (forward and backward) since the last call.
+    double take_exchange_seconds() { return dispatcher_ ? dispatcher_->take_seconds() : 0.0; }
 
     // Router outputs of the last forward (backend memory), for evaluation and tests.
     const float* probs_NE() const { return probs_NE_.data(); }

@@ -1,10 +1,13 @@
 #include "parallel/expert_dispatcher.h"
 
 #include <algorithm>
+#include <chrono>
 
 #include "parallel/check.h"
 
 namespace bmoe::parallel {
+
+using Clock = std::chrono::steady_clock;
 
 ExpertDispatcher::ExpertDispatcher(Communicator& ep, int num_experts)
     : ep_(ep), num_experts_(num_experts), num_local_experts_(num_experts / ep.size()) {
@@ -25,7 +28,9 @@ DispatchHandle ExpertDispatcher::dispatch(const float* x_RD, const std::vector<i
     for (int p = 0; p < P; ++p) h.send_rows[p] = expert_offsets[(p + 1) * El] - expert_offsets[p * El];
     std::vector<int64_t> per_peer(P, El);
     std::vector<int32_t> recv_expert_rows(static_cast<size_t>(P) * El);
+    const auto t0 = Clock::now();
     ep_.all_to_all_v(expert_rows.data(), per_peer.data(), recv_expert_rows.data(), per_peer.data());
+    seconds_ += std::chrono::duration<double>(Clock::now() - t0).count();
     h.recv_expert_rows.assign(recv_expert_rows.begin(), recv_expert_rows.end());
     h.recv_rows.assign(P, 0);
     for (int s = 0; s < P; ++s)
@@ -56,7 +61,9 @@ void ExpertDispatcher::forward(const DispatchHandle& h, const float* rows_RD, in
     std::vector<int64_t> send(P), recv(P);
     for (int p = 0; p < P; ++p) send[p] = h.send_rows[p] * D, recv[p] = h.recv_rows[p] * D;
     staging_.resize(static_cast<size_t>(h.num_local_rows()) * D);
+    const auto t0 = Clock::now();
     ep_.all_to_all_v(rows_RD, send.data(), staging_.data(), recv.data());
+    seconds_ += std::chrono::duration<double>(Clock::now() - t0).count();
     local_rows.resize(staging_.size());
     for (size_t i = 0; i < h.received_to_sorted.size(); ++i)
         std::copy_n(staging_.data() + i * D, D, local_rows.data() + static_cast<size_t>(h.received_to_sorted[i]) * D);
@@ -69,7 +76,9 @@ void ExpertDispatcher::combine(const DispatchHandle& h, const float* local_rows,
         std::copy_n(local_rows + static_cast<size_t>(h.received_to_sorted[i]) * D, D, staging_.data() + i * D);
     std::vector<int64_t> send(P), recv(P);
     for (int p = 0; p < P; ++p) send[p] = h.recv_rows[p] * D, recv[p] = h.send_rows[p] * D;
+    const auto t0 = Clock::now();
     ep_.all_to_all_v(staging_.data(), send.data(), y_RD, recv.data());
+    seconds_ += std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
 }  // namespace bmoe::parallel

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "parallel/communicator.h"
@@ -40,11 +41,14 @@ class ExpertDispatcher {
     void forward(const DispatchHandle& h, const float* rows_RD, int D, std::vector<float>& local_rows);
     // Inverse movement: local expert-sorted rows back to their original slots, y_RD (R x D).
     void combine(const DispatchHandle& h, const float* local_rows, int D, float* y_RD);
+    // Wall seconds spent inside all-to-alls (waiting for peers included) since the last call.
+    double take_seconds() { return std::exchange(seconds_, 0.0); }
 
   private:
     Communicator& ep_;
     int num_experts_, num_local_experts_;
     std::vector<float> staging_;
+    double seconds_ = 0.0;
 };
 
 }  // namespace bmoe::parallel

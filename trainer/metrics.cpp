@@ -19,7 +19,8 @@ void MetricsLog::write(const StepMetrics& m) {
                         {"aux", m.aux},           {"z", m.z},       {"lr", m.lr},
                         {"grad_norm", m.grad_norm}, {"tokens_per_s", m.tokens_per_s},
                         {"elapsed_s", m.elapsed_s}, {"expert_load", m.expert_load},
-                        {"dropped", m.num_dropped}};
+                        {"dropped", m.num_dropped}, {"copies", m.num_copies},
+                        {"step_s", m.step_s},       {"exchange_s", m.exchange_s}};
     out_ << j.dump() << '\n';
     out_.flush();
 }
@@ -65,6 +66,14 @@ std::string format_progress(const StepMetrics& m) {
         }
         std::snprintf(buf, sizeof buf, " (max/mean %.2f)",
                       sum > 0 ? static_cast<double>(mx) * static_cast<double>(total.size()) / sum : 0.0);
+        line += buf;
+    }
+    if (m.num_dropped > 0) {
+        std::snprintf(buf, sizeof buf, " | dropped %.2f%%", 100.0 * m.num_dropped / std::max<int64_t>(1, m.num_copies));
+        line += buf;
+    }
+    if (m.exchange_s > 0.0 && m.step_s > 0.0) {
+        std::snprintf(buf, sizeof buf, " | a2a %.0f%%", 100.0 * m.exchange_s / m.step_s);
         line += buf;
     }
     return line;

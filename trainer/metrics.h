@@ -20,7 +20,10 @@ struct StepMetrics {
     double tokens_per_s = 0.0;
     double elapsed_s = 0.0;
     std::vector<std::vector<int64_t>> expert_load;  // [moe layer][expert] routed copies this step
-    int64_t num_dropped = 0;
+    int64_t num_dropped = 0;   // copies dropped by expert capacity (all ranks, all MoE layers)
+    int64_t num_copies = 0;    // routed copies (all ranks, all MoE layers)
+    double step_s = 0.0;       // wall time of the step
+    double exchange_s = 0.0;   // of which in expert-parallel all-to-alls (max over ranks)
 };
 
 struct EvalMetrics {

@@ -62,6 +62,7 @@ void add_run_options(CLI::App& app, RunConfig& c, RunConfigCli& cli) {
     opt("model.norm_eps", m.norm_eps, "epsilon of the norms");
     opt("model.rope_theta", m.rope_theta, "RoPE base");
     opt("model.router_renormalize", m.router_renormalize, "renormalise the top-k gate weights to sum to 1");
+    opt("model.capacity_factor", m.capacity_factor, "expert capacity factor; copies beyond it are dropped (0 = dropless)");
     opt("model.init_std", m.init_std, "std of the normal weight init");
     opt("optim.lr", c.optim.lr, "peak learning rate");
     opt("optim.min_lr_ratio", c.optim.min_lr_ratio, "final lr = lr * min_lr_ratio (cosine)");
@@ -107,7 +108,8 @@ std::string RunConfig::to_toml() const {
        << "\ntie_embeddings = " << b(m.tie_embeddings) << "\nnorm = \"" << model::to_string(m.norm)
        << "\"\nposition = \"" << model::to_string(m.position) << "\"\nactivation = \"" << model::to_string(m.activation)
        << "\"\nnorm_eps = " << m.norm_eps << "\nrope_theta = " << m.rope_theta
-       << "\nrouter_renormalize = " << b(m.router_renormalize) << "\ninit_std = " << m.init_std;
+       << "\nrouter_renormalize = " << b(m.router_renormalize) << "\ncapacity_factor = " << m.capacity_factor
+       << "\ninit_std = " << m.init_std;
     os << "\n\n[optim]\nlr = " << optim.lr << "\nmin_lr_ratio = " << optim.min_lr_ratio
        << "\nwarmup_steps = " << optim.warmup_steps << "\nbeta1 = " << optim.beta1 << "\nbeta2 = " << optim.beta2
        << "\neps = " << optim.eps << "\nweight_decay = " << optim.weight_decay << "\ngrad_clip = " << optim.grad_clip;

@@ -1,6 +1,7 @@
 #include "trainer/trainer.h"
 
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <cmath>
 #include <filesystem>
@@ -75,7 +76,19 @@ data::Batch Trainer::local_rows(const data::Batch& global) const {
 
 Trainer::~Trainer() = default;
 
+namespace {
+// Testing hook for job teardown: BMOE_FAIL_AT=RANK:STEP makes that rank fail in that step.
+void maybe_inject_failure(int rank, int step) {
+    const char* spec = std::getenv("BMOE_FAIL_AT");
+    if (spec == nullptr) return;
+    int fail_rank = -1, fail_step = -1;
+    if (std::sscanf(spec, "%d:%d", &fail_rank, &fail_step) == 2 && fail_rank == rank && fail_step == step)
+        throw Error(concat("injected failure in step ", step, " (BMOE_FAIL_AT=", spec, ")"));
+}
+}  // namespace
+
 StepMetrics Trainer::train_step(int step) {
+    maybe_inject_failure(grid_->world_rank(), step + 1);
     const DataConfig& d = config_.data;
     const int accum = config_.train.grad_accum;
     const model::LossWeights weights{config_.loss.aux_coef, config_.loss.zloss_coef};
@@ -98,8 +111,11 @@ StepMetrics Trainer::train_step(int step) {
             load.resize(s.moe_layers[l].tokens_per_expert.size(), 0);
             for (size_t e = 0; e < load.size(); ++e) load[e] += s.moe_layers[l].tokens_per_expert[e];
             m.num_dropped += s.moe_layers[l].num_dropped;
+            m.num_copies += s.moe_layers[l].num_copies;
         }
     }
+    m.exchange_s = model_->take_exchange_seconds();
+    if (grid_->world_size() > 1) grid_->world().all_reduce_max(&m.exchange_s, 1);
     all_reduce_gradients(*model_, *grid_);
     m.grad_norm = global_grad_norm(*model_, *grid_);
     BMOE_REQUIRE(std::isfinite(m.grad_norm) && std::isfinite(m.loss), "step ", m.step,
@@ -142,9 +158,11 @@ TrainResult Trainer::run() {
     auto window_start = start;
     int window_steps = 0;
     for (int step = 0; step < t.steps; ++step) {
+        const auto step_start = Clock::now();
         StepMetrics m = train_step(step);
         ++window_steps;
         const auto now = Clock::now();
+        m.step_s = std::chrono::duration<double>(now - step_start).count();
         m.elapsed_s = std::chrono::duration<double>(now - start).count();
         const double window_s = std::chrono::duration<double>(now - window_start).count();
         m.tokens_per_s = window_s > 0 ? tokens_per_step * window_steps / window_s : 0.0;
