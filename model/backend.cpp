@@ -16,11 +16,11 @@ bool cuda_backend_compiled() {
 #endif
 }
 
-std::unique_ptr<Backend> make_backend(const std::string& name) {
+std::unique_ptr<Backend> make_backend(const std::string& name, int local_rank) {
     if (name == "cpu") return std::make_unique<CpuBackend>();
     if (name == "cuda") {
 #ifdef BMOE_HAVE_CUDA
-        return make_cuda_backend();  // throws with a hint when no device is visible
+        return make_cuda_backend(local_rank);  // throws with a hint when no device is visible
 #else
         throw Error("--backend=cuda: this bmoe was built without CUDA; rebuild with nvcc installed (-DBMOE_CUDA=ON)");
 #endif

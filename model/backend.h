@@ -251,8 +251,8 @@ class Backend {
 };
 
 // Factory: "cpu" always works; "cuda" when built with CUDA and a device is present
-// (throws bmoe::Error with a hint otherwise).
-std::unique_ptr<Backend> make_backend(const std::string& name);
+// (throws bmoe::Error with a hint otherwise); it uses GPU local_rank % (visible GPUs).
+std::unique_ptr<Backend> make_backend(const std::string& name, int local_rank = 0);
 // True when this build contains the CUDA backend (it may still find no device at run time).
 bool cuda_backend_compiled();
 

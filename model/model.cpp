@@ -44,10 +44,15 @@ Model::Model(const ModelConfig& config, Backend* backend, const ParallelContext&
 
 Model::~Model() = default;
 
-double Model::take_exchange_seconds() {
-    double s = 0.0;
-    for (MoeBlock& b : moe_blocks_) s += b.take_exchange_seconds();
-    return s;
+ExchangeStats Model::take_exchange_stats() {
+    ExchangeStats total;
+    for (MoeBlock& b : moe_blocks_) {
+        const ExchangeStats s = b.take_exchange_stats();
+        total.seconds += s.seconds;
+        total.rows_sent += s.rows_sent;
+        total.min_rows_sent += s.min_rows_sent;
+    }
+    return total;
 }
 
 void Model::init_weights(uint64_t seed) { params_.upload(layout_.init_host(seed)); }

@@ -64,8 +64,8 @@ class Model {
     // Requires a forward with targets; accumulates d(loss * loss_scale)/dparams into grads().
     void backward(float loss_scale);
 
-    // Seconds this rank spent in expert-parallel all-to-alls since the last call (all layers).
-    double take_exchange_seconds();
+    // This rank's expert-parallel traffic since the last call, summed over MoE layers.
+    ExchangeStats take_exchange_stats();
 
     // Logits of the last forward, backend memory [B*T, V].
     const float* logits() const { return logits_.data(); }

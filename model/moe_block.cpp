@@ -27,6 +27,7 @@ void MoeBlock::run_experts_forward(const LayerTensors& w) {
     host_rows_.resize(R * D);
     if (R > 0) backend_->download(host_rows_.data(), x_RD_.data(), R * D * sizeof(float));
     handle_ = dispatcher_->dispatch(host_rows_.data(), plan_.expert_offsets, D, host_local_);
+    count_exchange_rows();
     const size_t L = static_cast<size_t>(handle_.num_local_rows());
     x_local_.ensure(backend_, L * D);
     y_local_.ensure(backend_, L * D);
@@ -35,6 +36,29 @@ void MoeBlock::run_experts_forward(const LayerTensors& w) {
     if (L > 0) backend_->download(host_local_.data(), y_local_.data(), L * D * sizeof(float));
     dispatcher_->combine(handle_, host_local_.data(), D, host_rows_.data());
     if (R > 0) backend_->upload(y_RD_.data(), host_rows_.data(), R * D * sizeof(float));
+}
+
+ExchangeStats MoeBlock::take_exchange_stats() {
+    ExchangeStats s = exchange_;
+    if (dispatcher_) s.seconds = dispatcher_->take_seconds();
+    exchange_ = {};
+    return s;
+}
+
+void MoeBlock::count_exchange_rows() {
+    const int P = parallel_.ep->size(), me = parallel_.ep->rank(), K = config_.top_k;
+    const int experts_per_rank = config_.num_experts / P;
+    for (int p = 0; p < P; ++p) exchange_.rows_sent += p == me ? 0 : handle_.send_rows[p];
+    const std::vector<int32_t>& idx_host = topk_idx_host_;
+    std::vector<int> seen(P, -1);  // last token that sent to rank p
+    for (int n = 0; n < N_; ++n)
+        for (int k = 0; k < K; ++k) {
+            const size_t i = static_cast<size_t>(n) * K + k;
+            const int p = idx_host[i] / experts_per_rank;
+            if (plan_.slot_row[i] < 0 || p == me || seen[p] == n) continue;
+            seen[p] = n;
+            ++exchange_.min_rows_sent;
+        }
 }
 
 // dy_RD_ -> dx_RD_, the mirror image of run_experts_forward (same handle, same exchanges).
@@ -74,7 +98,8 @@ MoeLayerStats MoeBlock::forward(float* out_ND, const float* x_ND, const LayerTen
                                   logits_NE_.data(), N, E, K, config_.router_renormalize);
 
     // 2. plan the permutation on the host (N*K ints down, R + N*K ints up)
-    std::vector<int32_t> idx_host(static_cast<size_t>(N) * K);
+    std::vector<int32_t>& idx_host = topk_idx_host_;
+    idx_host.resize(static_cast<size_t>(N) * K);
     backend_->download(idx_host.data(), topk_idx_NK_.data(), idx_host.size() * sizeof(int32_t));
     const int capacity = config_.capacity_factor > 0.0f
                              ? static_cast<int>(std::ceil(config_.capacity_factor * N * K / static_cast<double>(E)))

@@ -28,6 +28,14 @@
 
 namespace bmoe::model {
 
+// Expert-parallel traffic of this rank since the last take (rows of D floats each way).
+struct ExchangeStats {
+    double seconds = 0.0;       // wall time inside all-to-alls (waiting for peers included)
+    int64_t rows_sent = 0;      // token copies sent to OTHER ranks (dispatch direction, forward)
+    int64_t min_rows_sent = 0;  // the same with one row per (token, destination rank): the minimum
+                                // a deduplicating dispatcher (DeepEP style) would send
+};
+
 struct MoeLayerStats {
     std::vector<int64_t> tokens_per_expert;  // [E] routed copies per expert (before dropping)
     int64_t num_dropped = 0;                 // copies dropped by the capacity limit (all ranks)
@@ -46,8 +54,8 @@ class MoeBlock {
     void backward(float* dx_ND, const LayerTensors& dw, const float* dout_ND, const float* x_ND,
                   const LayerTensors& w, float aux_weight, float z_weight);
 
-    // Seconds this rank spent in token all-to-alls (forward and backward) since the last call.
-    double take_exchange_seconds() { return dispatcher_ ? dispatcher_->take_seconds() : 0.0; }
+    // Traffic since the last call (seconds cover forward and backward all-to-alls).
+    ExchangeStats take_exchange_stats();
 
     // Router outputs of the last forward (backend memory), for evaluation and tests.
     const float* probs_NE() const { return probs_NE_.data(); }
@@ -58,6 +66,7 @@ class MoeBlock {
     // experts on this rank: x_RD (grouped by global expert) -> y_RD, exchanging rows when EP > 1
     void run_experts_forward(const LayerTensors& w);
     void run_experts_backward(const LayerTensors& dw, const LayerTensors& w);
+    void count_exchange_rows();  // adds this dispatch's rows to exchange_
 
     ModelConfig config_;
     Backend* backend_;
@@ -69,7 +78,9 @@ class MoeBlock {
     Buffer<float> x_local_, y_local_, dy_local_, dx_local_;  // rows of this rank's experts
     int N_ = 0;
     double num_tokens_global_ = 0.0;
+    ExchangeStats exchange_;
     RoutingPlan plan_;
+    std::vector<int32_t> topk_idx_host_;  // [N*K] host copy of the last routing
     std::vector<float> aux_dprobs_host_;  // [E] d aux / d probs[n, e], same for every n
     // saved
     Buffer<float> logits_NE_, probs_NE_, lse_N_, topk_weight_NK_;

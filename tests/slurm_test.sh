@@ -69,6 +69,7 @@ run_local_error)
 # -------------------------------------------------------------------------------------- slurm --
 slurm)
   slurm="$root/tools/local-slurm.sh"
+  slurm_dir="${LOCAL_SLURM_DIR:-/tmp/local-slurm}"
   eval "$(bash "$slurm" env)"  # talk to the local cluster even if /etc/slurm/slurm.conf is foreign
   if bash "$slurm" status >/dev/null 2>&1; then
     echo "== local Slurm cluster already running: using it (will not stop it)"
@@ -78,8 +79,8 @@ slurm)
     if ! bash "$slurm" start; then
       command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \
         || skip "Slurm is not installed and could not be installed with apt (offline?)"
-      if ss -ltnp 2>/dev/null | grep -E ':(6817|6818) ' | grep -vq "$(cat /tmp/local-slurm/run/slurmctld.pid 2>/dev/null || echo none)"; then
-        skip "Slurm ports 6817/6818 are taken by another program: $(ss -ltnp | grep -E ':(6817|6818) ')"
+      if grep -qs 'Address already in use' "$slurm_dir"/log/slurm*.log; then
+        skip "the Slurm ports (LOCAL_SLURM_PORTS, default 6817 6818) are taken by another program"
       fi
       bash "$slurm" stop || true
       fail "tools/local-slurm.sh start failed (see the messages above)"
@@ -102,7 +103,7 @@ slurm)
   echo "----"
   if [[ $rc != 0 ]]; then
     scontrol show job "$job" 2>/dev/null
-    tail -n 20 /tmp/local-slurm/log/slurmd.log 2>/dev/null
+    tail -n 20 "$slurm_dir/log/slurmd.log" 2>/dev/null
     fail "job $job did not complete with 0:0"
   fi
   check_run_output "$tmp/job.out"

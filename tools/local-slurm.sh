@@ -157,10 +157,11 @@ PartitionName=urgent Nodes=$NODE Default=NO  MaxTime=INFINITE State=UP OverSubsc
 EOF
   mv "$CONF.tmp" "$CONF"
   mkdir -p /etc/slurm
-  if [[ -L "$ETC_CONF" || ! -e "$ETC_CONF" ]]; then
+  # Take /etc/slurm/slurm.conf only if it is free: absent, a dangling link, or already our link.
+  if [[ ! -e "$ETC_CONF" || "$(readlink "$ETC_CONF" || true)" == "$CONF" ]]; then
     ln -sfn "$CONF" "$ETC_CONF"
-  elif ! grep -qF "$MARKER" "$ETC_CONF"; then
-    log "$ETC_CONF is not ours: use eval \"\$($0 env)\" before sbatch/srun"
+  else
+    log "$ETC_CONF is not ours: run eval \"\$($0 env)\" before sbatch/srun"
   fi
 }
 
@@ -182,20 +183,34 @@ cmd_start() {
   install_packages
   write_config
   start_munge
+  # A daemon started now logs into a fresh file (the previous one is kept as .log.1).
   # -c: cold start, forget jobs of an earlier cluster (deterministic tests)
-  pid_alive "$DIR/run/slurmctld.pid" || /usr/sbin/slurmctld -c
+  if ! pid_alive "$DIR/run/slurmctld.pid"; then
+    [[ -e "$DIR/log/slurmctld.log" ]] && mv -f "$DIR/log/slurmctld.log" "$DIR/log/slurmctld.log.1"
+    /usr/sbin/slurmctld -c
+  fi
   # -N: our NodeName is "localhost", not the machine's hostname
-  pid_alive "$DIR/run/slurmd.pid" || /usr/sbin/slurmd -N "$NODE"
-  local i st
+  if ! pid_alive "$DIR/run/slurmd.pid"; then
+    [[ -e "$DIR/log/slurmd.log" ]] && mv -f "$DIR/log/slurmd.log" "$DIR/log/slurmd.log.1"
+    /usr/sbin/slurmd -N "$NODE"
+  fi
+  local i st d
   for ((i = 0; i < TIMEOUT * 4; i++)); do
-    cluster_ready && break
+    # our daemons must be the ones answering (not another cluster on the same ports)
+    pid_alive "$DIR/run/slurmctld.pid" && pid_alive "$DIR/run/slurmd.pid" && cluster_ready && break
+    for d in slurmctld slurmd; do
+      if [[ -s "$DIR/run/$d.pid" ]] && ! pid_alive "$DIR/run/$d.pid"; then
+        tail -n 5 "$DIR/log/$d.log" >&2 || true
+        die "$d exited right after start (log: $DIR/log/$d.log)"
+      fi
+    done
     st="$(sinfo -h -n "$NODE" -o %T 2>/dev/null | head -1 || true)"
     if [[ "$st" =~ ^(down|drain) ]]; then
       scontrol update NodeName="$NODE" State=RESUME 2>/dev/null || true
     fi
     sleep 0.25
   done
-  if ! cluster_ready; then
+  if ! { pid_alive "$DIR/run/slurmctld.pid" && pid_alive "$DIR/run/slurmd.pid" && cluster_ready; }; then
     tail -n 20 "$DIR"/log/slurm*.log >&2 || true
     die "cluster not ready after ${TIMEOUT}s (logs in $DIR/log)"
   fi

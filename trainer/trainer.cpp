@@ -10,6 +10,7 @@
 
 #include "model/cpu_threads.h"
 #include "parallel/check.h"
+#include "parallel/mpi_env.h"
 #include "trainer/grad_sync.h"
 #include "trainer/lr_schedule.h"
 #include "trainer/report.h"
@@ -42,7 +43,7 @@ Trainer::Trainer(const RunConfig& config, std::ostream& log, parallel::Communica
     }
     datasets_ = load_datasets(config_.data, config_.model.vocab_size, config_.train.seed, config_.train.eval_batches,
                               grid_->world_rank(), W, log_);
-    backend_ = model::make_backend(config_.train.backend);
+    backend_ = model::make_backend(config_.train.backend, W > 1 ? parallel::launch_info().local_rank : 0);
     model::ParallelContext ctx;
     if (W > 1) ctx.world = &grid_->world();
     ctx.ep = &grid_->ep();
@@ -114,8 +115,17 @@ StepMetrics Trainer::train_step(int step) {
             m.num_copies += s.moe_layers[l].num_copies;
         }
     }
-    m.exchange_s = model_->take_exchange_seconds();
-    if (grid_->world_size() > 1) grid_->world().all_reduce_max(&m.exchange_s, 1);
+    const model::ExchangeStats x = model_->take_exchange_stats();
+    m.exchange_s = x.seconds;
+    // 4 transfers of D floats per row: x and y in forward, dy and dx in backward.
+    const double row_bytes = 4.0 * config_.model.d_model * sizeof(float);
+    double traffic[2] = {static_cast<double>(x.rows_sent) * row_bytes, static_cast<double>(x.min_rows_sent) * row_bytes};
+    if (grid_->world_size() > 1) {
+        grid_->world().all_reduce_max(&m.exchange_s, 1);
+        grid_->world().all_reduce_sum(traffic, 2);
+    }
+    m.exchange_bytes = traffic[0];
+    m.exchange_min_bytes = traffic[1];
     all_reduce_gradients(*model_, *grid_);
     m.grad_norm = global_grad_norm(*model_, *grid_);
     BMOE_REQUIRE(std::isfinite(m.grad_norm) && std::isfinite(m.loss), "step ", m.step,

@@ -21,7 +21,7 @@ bool cuda_device_available() {
     return rc == cudaSuccess && count > 0;
 }
 
-std::unique_ptr<Backend> make_cuda_backend() {
+std::unique_ptr<Backend> make_cuda_backend(int local_rank) {
     int count = 0;
     const cudaError_t rc = cudaGetDeviceCount(&count);
     if (rc != cudaSuccess || count == 0) {
@@ -30,6 +30,9 @@ std::unique_ptr<Backend> make_cuda_backend() {
                            rc != cudaSuccess ? cudaGetErrorString(rc) : "cudaGetDeviceCount returned 0",
                            "); use --backend=cpu"));
     }
+    // One GPU per local rank; more ranks than GPUs share them round-robin (MPI communicator only:
+    // NCCL refuses two ranks on one GPU).
+    CUDA_CHECK(cudaSetDevice(local_rank % count));
     return std::make_unique<CudaBackend>();
 }
 

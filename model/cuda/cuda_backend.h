@@ -20,7 +20,7 @@ namespace bmoe::model {
 // True when the CUDA runtime sees at least one device (never throws).
 bool cuda_device_available();
 // Throws bmoe::Error with a hint when no device is visible.
-std::unique_ptr<Backend> make_cuda_backend();
+std::unique_ptr<Backend> make_cuda_backend(int local_rank = 0);  // device = local_rank % device count
 
 class CudaBackend final : public Backend {
   public:
