@@ -13,6 +13,9 @@
 #include <sstream>
 
 #include "model/cpu_backend.h"
+#ifdef BMOE_HAVE_CUDA
+#include "model/cuda/cuda_backend.h"
+#endif
 #include "parallel/mpi_comm.h"
 #include "trainer/grad_sync.h"
 #include "trainer/trainer.h"
@@ -157,6 +160,17 @@ TEST(EpEquivalence, DistributedTrainingMatchesSingleProcess) {
         for (int ep = 1; ep <= world.size(); ep *= 2)
             if (world.size() % ep == 0) expect_same_training(c.config, ep, c.name);
 }
+
+#ifdef BMOE_HAVE_CUDA
+// Several ranks on one GPU (host-staged MPI exchange) train like one rank on that GPU.
+TEST(EpEquivalence, CudaRanksSharingOneGpuMatchSingleProcess) {
+    if (!model::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+    parallel::MpiComm world(MPI_COMM_WORLD);
+    RunConfig c = base_config();
+    c.train.backend = "cuda";
+    expect_same_training(c, world.size(), "cuda");
+}
+#endif
 
 }  // namespace
 }  // namespace bmoe::trainer
