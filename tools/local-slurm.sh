@@ -33,6 +33,7 @@
 #   LOCAL_SLURM_PORTS       "slurmctld_port slurmd_port"    (default "6817 6818")
 #   LOCAL_SLURM_TIMEOUT     seconds to wait for readiness  (default 60)
 #   LOCAL_SLURM_NO_INSTALL  1 = never run apt-get; fail if Slurm is missing
+# Exit status: 0 ok, 1 failure, 2 usage, 3 (start) packages missing and not installable.
 # Open MPI itself comes from tools/install-deps.sh.
 set -euo pipefail
 
@@ -48,8 +49,9 @@ export SLURM_CONF="$CONF"
 log() { printf '[local-slurm] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-# Is the process whose pid is in file $1 alive?
-pid_alive() { [[ -s "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# The pid in file $1 (empty if none); is that process alive?
+pid_of() { cat "$1" 2>/dev/null || true; }
+pid_alive() { local p; p="$(pid_of "$1")"; [[ -n "$p" ]] && kill -0 "$p" 2>/dev/null; }
 
 # ------------------------------------------------------------------------------------ install --
 install_packages() {
@@ -58,7 +60,10 @@ install_packages() {
     [[ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)" == "install ok installed" ]] || missing+=("$p")
   done
   [[ ${#missing[@]} -eq 0 ]] && return 0
-  [[ "${LOCAL_SLURM_NO_INSTALL:-0}" == 1 ]] && die "missing packages: ${missing[*]} (LOCAL_SLURM_NO_INSTALL=1)"
+  if [[ "${LOCAL_SLURM_NO_INSTALL:-0}" == 1 ]]; then
+    log "error: missing packages: ${missing[*]} (LOCAL_SLURM_NO_INSTALL=1)"
+    exit 3
+  fi
   log "installing ${missing[*]}"
   # There is no init system here: keep the packages' postinst scripts from starting services.
   if [[ ! -e /usr/sbin/policy-rc.d ]]; then
@@ -69,8 +74,10 @@ install_packages() {
   local apt=(env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends -o Dpkg::Use-Pty=0)
   # Try the cached package lists first; refresh them only if that fails.
   if ! "${apt[@]}" "${missing[@]}" >/dev/null 2>&1; then
-    apt-get update -q >/dev/null
-    "${apt[@]}" "${missing[@]}" >/dev/null
+    if ! apt-get update -q >/dev/null || ! "${apt[@]}" "${missing[@]}" >/dev/null; then
+      log "error: could not install ${missing[*]} with apt-get"
+      exit 3
+    fi
   fi
 }
 
@@ -87,6 +94,7 @@ start_munge() {
   chmod 0400 /etc/munge/munge.key
   install -d -o munge -g munge -m 0755 /run/munge
   install -d -o munge -g munge -m 0700 /var/lib/munge /var/log/munge
+  rm -f /run/munge/munged.pid  # stale: no working munged answers
   runuser -u munge -- /usr/sbin/munged
   local _
   for _ in $(seq 50); do
@@ -172,6 +180,21 @@ cluster_ready() {
   [[ "$st" =~ ^(idle|mixed|allocated|completing) ]]
 }
 
+# start_daemon NAME CMD...: start a self-daemonizing Slurm daemon with a fresh log (the previous
+# one is kept as .log.1) and wait until it has written its pid file, so `stop` can always find it.
+start_daemon() {
+  local name="$1" _
+  shift
+  rm -f "$DIR/run/$name.pid"
+  if [[ -e "$DIR/log/$name.log" ]]; then mv -f "$DIR/log/$name.log" "$DIR/log/$name.log.1"; fi
+  "$@" || die "$name did not start (log: $DIR/log/$name.log)"
+  for _ in $(seq 50); do
+    [[ -s "$DIR/run/$name.pid" ]] && return 0
+    sleep 0.1
+  done
+  die "$name wrote no pid file in 5 s (log: $DIR/log/$name.log)"
+}
+
 cmd_start() {
   [[ $EUID -eq 0 ]] || die "must run as root (the daemons run as root here)"
   mkdir -p "$DIR/run"
@@ -183,17 +206,10 @@ cmd_start() {
   install_packages
   write_config
   start_munge
-  # A daemon started now logs into a fresh file (the previous one is kept as .log.1).
   # -c: cold start, forget jobs of an earlier cluster (deterministic tests)
-  if ! pid_alive "$DIR/run/slurmctld.pid"; then
-    [[ -e "$DIR/log/slurmctld.log" ]] && mv -f "$DIR/log/slurmctld.log" "$DIR/log/slurmctld.log.1"
-    /usr/sbin/slurmctld -c
-  fi
+  pid_alive "$DIR/run/slurmctld.pid" || start_daemon slurmctld /usr/sbin/slurmctld -c
   # -N: our NodeName is "localhost", not the machine's hostname
-  if ! pid_alive "$DIR/run/slurmd.pid"; then
-    [[ -e "$DIR/log/slurmd.log" ]] && mv -f "$DIR/log/slurmd.log" "$DIR/log/slurmd.log.1"
-    /usr/sbin/slurmd -N "$NODE"
-  fi
+  pid_alive "$DIR/run/slurmd.pid" || start_daemon slurmd /usr/sbin/slurmd -N "$NODE"
   local i st d
   for ((i = 0; i < TIMEOUT * 4; i++)); do
     # our daemons must be the ones answering (not another cluster on the same ports)
@@ -220,8 +236,8 @@ cmd_start() {
 # Wait (up to 10 s) for the process in pid file $1 to exit, then TERM, then KILL.
 stop_pidfile() {
   local f="$1" pid _
-  [[ -s "$f" ]] || return 0
-  pid="$(cat "$f")"
+  pid="$(pid_of "$f")"
+  [[ -n "$pid" ]] || { rm -f "$f"; return 0; }
   for _ in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
   if kill -0 "$pid" 2>/dev/null; then kill -TERM "$pid" 2>/dev/null || true; sleep 1; fi
   if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null || true; fi
@@ -229,13 +245,15 @@ stop_pidfile() {
 }
 
 cmd_stop() {
-  if pid_alive "$DIR/run/slurmctld.pid" || pid_alive "$DIR/run/slurmd.pid"; then
-    scontrol shutdown 2>/dev/null || true  # slurmctld tells slurmd to exit too
+  if pid_alive "$DIR/run/slurmctld.pid"; then
+    scontrol shutdown 2>/dev/null || true  # our slurmctld tells slurmd to exit too
+  elif pid_alive "$DIR/run/slurmd.pid"; then
+    kill -TERM "$(pid_of "$DIR/run/slurmd.pid")" 2>/dev/null || true  # never shut down a foreign ctld
   fi
   stop_pidfile "$DIR/run/slurmd.pid"
   stop_pidfile "$DIR/run/slurmctld.pid"
   if pid_alive "$DIR/run/munged.pid"; then  # only a munged this script started
-    kill -TERM "$(cat "$DIR/run/munged.pid")" 2>/dev/null || true
+    kill -TERM "$(pid_of "$DIR/run/munged.pid")" 2>/dev/null || true
   fi
   stop_pidfile "$DIR/run/munged.pid"
   if [[ -L "$ETC_CONF" && "$(readlink "$ETC_CONF")" == "$CONF" ]]; then rm -f "$ETC_CONF"; fi
@@ -245,7 +263,7 @@ cmd_stop() {
 cmd_status() {
   local d
   for d in munged slurmctld slurmd; do
-    if pid_alive "$DIR/run/$d.pid"; then echo "$d: running (pid $(cat "$DIR/run/$d.pid"))"
+    if pid_alive "$DIR/run/$d.pid"; then echo "$d: running (pid $(pid_of "$DIR/run/$d.pid"))"
     else echo "$d: not started by local-slurm.sh"; fi
   done
   if command -v scontrol >/dev/null && cluster_ready; then
