@@ -105,7 +105,8 @@ TEST_P(ModelGradTest, DirectionalDerivativesMatchFiniteDifferences) {
             return loss_of(model, tokens, targets, B, T, weights);
         };
         const double numeric = (shifted(+1) - shifted(-1)) / (2.0 * eps);
-        const double scale = std::max({std::abs(analytic), std::abs(numeric), 1e-2});
+        // The floor absorbs fp32 round-off of the loss difference (~1e-4 absolute at this eps).
+        const double scale = std::max({std::abs(analytic), std::abs(numeric), 3e-2});
         EXPECT_LT(std::abs(analytic - numeric) / scale, 5e-3)
             << GetParam().name << " " << p.name << ": analytic " << analytic << " numeric " << numeric;
         ++checked;
