@@ -1,4 +1,4 @@
-// main.cpp -- the `bmoe` command: subcommands train, data.
+// main.cpp -- the `bmoe` command: subcommands train, data, ckpt inspect.
 //
 // Every failure ends as ONE line on stderr, "bmoe <cmd>: error: <what and how to fix>", and a
 // non-zero exit status: bad flags and config values (CLI11 / RunConfig::validate), bad data
@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "checkpoints/checkpoint.h"
 #include "data/data_command.h"
 #include "model/backend.h"
 #include "parallel/check.h"
@@ -76,6 +77,13 @@ int main(int argc, char** argv) {
     CLI::App* data_cmd = app.add_subcommand("data", "build token files (train/val/ood .bin) from a corpus");
     data::add_data_options(*data_cmd, data_options);
 
+    // ---- bmoe ckpt inspect ----
+    std::string inspect_path;
+    CLI::App* ckpt = app.add_subcommand("ckpt", "checkpoint tools");
+    CLI::App* inspect = ckpt->add_subcommand("inspect", "print a checkpoint's tree, shapes, config and step");
+    inspect->add_option("file", inspect_path, "checkpoint file (.h5)")->required();
+    ckpt->require_subcommand(1);
+
     std::string cmd;
     try {
         const std::vector<std::string> args = trainer::expand_config_file(argc, argv);
@@ -109,6 +117,11 @@ int main(int argc, char** argv) {
         if (data_cmd->parsed()) {
             cmd = "data";
             return data::run_data_command(data_options);
+        }
+        if (inspect->parsed()) {
+            cmd = "ckpt inspect";
+            std::cout << checkpoints::describe_checkpoint(inspect_path);
+            return 0;
         }
     } catch (const Error& e) {
         return fail(cmd, e.what());

@@ -7,9 +7,9 @@
 
 namespace bmoe::trainer {
 
-MetricsLog::MetricsLog(const std::string& path) : path_(path) {
+MetricsLog::MetricsLog(const std::string& path, bool append) : path_(path) {
     if (path.empty()) return;
-    out_.open(path, std::ios::trunc);
+    out_.open(path, append ? std::ios::app : std::ios::trunc);
     BMOE_REQUIRE(out_.good(), "cannot write metrics file '", path, "': check that train.out_dir is writable");
 }
 

@@ -37,8 +37,8 @@ struct EvalMetrics {
 
 class MetricsLog {
   public:
-    // Opens (truncates) path; an empty path logs nothing to a file.
-    explicit MetricsLog(const std::string& path);
+    // Opens path (truncated, or appended to when resuming); an empty path logs nothing to a file.
+    explicit MetricsLog(const std::string& path, bool append = false);
     void write(const StepMetrics& m);
     void write(const EvalMetrics& m);
     const std::string& path() const { return path_; }

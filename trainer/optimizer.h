@@ -22,6 +22,10 @@ class AdamW {
     // Scale that clips a gradient of norm `norm` to the configured maximum (1 when no clip).
     float clip_scale(double norm) const;
     int num_steps() const { return step_; }
+    // Moments in backend memory (same layout as the parameters), for checkpoints.
+    float* m() { return m_.data(); }
+    float* v() { return v_.data(); }
+    void set_num_steps(int steps) { step_ = steps; }  // resume: bias corrections continue from here
 
   private:
     OptimConfig config_;

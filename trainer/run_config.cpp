@@ -28,6 +28,9 @@ void RunConfig::validate() const {
                  ") with learned positions: raise model.max_seq_len or shorten data.seq_len");
     BMOE_REQUIRE(data.train_tokens >= 1000, "data.train_tokens must be >= 1000 (got ", data.train_tokens, ")");
     BMOE_REQUIRE(parallel.ep >= 0, "parallel.ep must be >= 0 (0 = all ranks; got ", parallel.ep, ")");
+    BMOE_REQUIRE(checkpoint.every >= 0, "checkpoint.every must be >= 0 (0 = only at the end; got ", checkpoint.every,
+                 ")");
+    BMOE_REQUIRE(checkpoint.keep >= 1, "checkpoint.keep must be >= 1 (got ", checkpoint.keep, ")");
     BMOE_REQUIRE(train.steps >= 1, "train.steps must be >= 1 (got ", train.steps, ")");
     BMOE_REQUIRE(train.grad_accum >= 1, "train.grad_accum must be >= 1 (got ", train.grad_accum, ")");
     BMOE_REQUIRE(train.log_every >= 1, "train.log_every must be >= 1 (got ", train.log_every, ")");
@@ -79,6 +82,10 @@ void add_run_options(CLI::App& app, RunConfig& c, RunConfigCli& cli) {
     opt("data.seq_len", c.data.seq_len, "tokens per sequence");
     opt("data.train_tokens", c.data.train_tokens, "tokens to generate for the built-in corpora");
     opt("parallel.ep", c.parallel.ep, "expert-parallel size (experts split over this many ranks; 0 = all ranks)");
+    opt("checkpoint.dir", c.checkpoint.dir, "checkpoint directory (empty = <train.out_dir>/checkpoints)");
+    opt("checkpoint.every", c.checkpoint.every, "save every N steps (0 = only at the end)");
+    opt("checkpoint.keep", c.checkpoint.keep, "newest checkpoints to keep");
+    opt("checkpoint.resume", c.checkpoint.resume, "'' = start fresh, 'auto' = latest in checkpoint.dir, or a file");
     opt("train.steps", c.train.steps, "optimizer steps");
     opt("train.grad_accum", c.train.grad_accum, "micro-batches per optimizer step");
     opt("train.seed", c.train.seed, "seed for weights, data order and all randomness");
@@ -117,11 +124,17 @@ std::string RunConfig::to_toml() const {
     os << "\n\n[data]\ndataset = \"" << data.dataset << "\"\nbatch_size = " << data.batch_size
        << "\nseq_len = " << data.seq_len << "\ntrain_tokens = " << data.train_tokens;
     os << "\n\n[parallel]\nep = " << parallel.ep;
+    os << "\n\n[checkpoint]\ndir = \"" << checkpoint.dir << "\"\nevery = " << checkpoint.every
+       << "\nkeep = " << checkpoint.keep << "\nresume = \"" << checkpoint.resume << "\"";
     os << "\n\n[train]\nsteps = " << train.steps << "\ngrad_accum = " << train.grad_accum << "\nseed = " << train.seed
        << "\nlog_every = " << train.log_every << "\neval_every = " << train.eval_every
        << "\neval_batches = " << train.eval_batches << "\nout_dir = \"" << train.out_dir << "\"\nbackend = \""
        << train.backend << "\"\nthreads = " << train.threads << "\nplot = " << b(train.plot) << "\n";
     return os.str();
+}
+
+std::string RunConfig::checkpoint_dir() const {
+    return checkpoint.dir.empty() ? (std::filesystem::path(train.out_dir) / "checkpoints").string() : checkpoint.dir;
 }
 
 std::vector<std::string> expand_config_file(int argc, const char* const* argv) {
@@ -158,6 +171,9 @@ std::vector<std::string> expand_config_file(int argc, const char* const* argv) {
         if (item.name == "++" || item.name == "--") continue;  // section open/close markers
         std::string value;
         for (size_t j = 0; j < item.inputs.size(); ++j) value += (j ? "," : "") + item.inputs[j];
+        // `key = ""`: CLI11 would read "--key=" as a flag missing its value (and eat the next
+        // argument); every string option whose empty value means something defaults to it.
+        if (value.empty()) continue;
         from_file.push_back("--" + item.fullname() + "=" + value);
     }
     args.insert(args.begin() + static_cast<long>(insert_at), from_file.begin(), from_file.end());

@@ -48,6 +48,13 @@ struct ParallelConfig {
     int ep = 0;
 };
 
+struct CheckpointConfig {
+    std::string dir;          // "" = <train.out_dir>/checkpoints
+    int every = 0;            // save every N steps (0 = only at the end)
+    int keep = 3;             // newest checkpoints kept
+    std::string resume;       // "" (start fresh) | "auto" (latest in dir, if any) | a checkpoint file
+};
+
 struct TrainConfig {
     int steps = 300;         // optimizer steps
     int grad_accum = 1;      // micro-batches per step
@@ -67,10 +74,12 @@ struct RunConfig {
     LossConfig loss;
     DataConfig data;
     ParallelConfig parallel;
+    CheckpointConfig checkpoint;
     TrainConfig train;
 
     void validate() const;
     std::string to_toml() const;  // resolved config, loadable again with --config
+    std::string checkpoint_dir() const;  // checkpoint.dir or <train.out_dir>/checkpoints
 };
 
 // Registers every RunConfig field as a --section.key option on `app` (defaults shown in --help).

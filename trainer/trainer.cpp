@@ -1,6 +1,7 @@
 #include "trainer/trainer.h"
 
 #include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <cmath>
@@ -11,6 +12,8 @@
 #include "model/cpu_threads.h"
 #include "parallel/check.h"
 #include "parallel/mpi_env.h"
+#include "checkpoints/checkpoint.h"
+#include "trainer/checkpointing.h"
 #include "trainer/grad_sync.h"
 #include "trainer/lr_schedule.h"
 #include "trainer/report.h"
@@ -52,7 +55,9 @@ Trainer::Trainer(const RunConfig& config, std::ostream& log, parallel::Communica
     model_ = std::make_unique<model::Model>(config_.model, backend_.get(), ctx);
     model_->init_weights(config_.train.seed);
     optimizer_ = std::make_unique<AdamW>(config_.optim, *model_);
-    metrics_ = std::make_unique<MetricsLog>(is_root() ? (out_dir / "metrics.jsonl").string() : "");
+    resume_if_asked();
+    metrics_ = std::make_unique<MetricsLog>(is_root() ? (out_dir / "metrics.jsonl").string() : "",
+                                            /*append=*/start_step_ > 0);
     log_ << "parallel: world " << W << " = dp " << grid_->dp_size() << " x ep " << grid_->ep_size() << " | "
          << experts.count << " of " << config_.model.num_experts << " experts per rank | batch "
          << config_.data.batch_size / W << " of " << config_.data.batch_size << " sequences per rank\n"
@@ -60,6 +65,25 @@ Trainer::Trainer(const RunConfig& config, std::ostream& log, parallel::Communica
          << "params: " << model_->layout().total_numel() << " on rank 0, "
          << model_->layout().active_matmul_params() << " active matmul per token | backend " << backend_->name()
          << " | threads " << model::cpu_threads() << "\n";
+}
+
+void Trainer::resume_if_asked() {
+    const std::string& resume = config_.checkpoint.resume;
+    if (resume.empty()) return;
+    std::string path = resume;
+    if (resume == "auto") {
+        path = checkpoints::latest_checkpoint(config_.checkpoint_dir());
+        if (path.empty()) {
+            log_ << "resume: no checkpoint in " << config_.checkpoint_dir() << ", starting fresh\n";
+            return;
+        }
+    }
+    start_step_ = static_cast<int>(load_training_checkpoint(path, *model_, *optimizer_));
+    BMOE_REQUIRE(start_step_ <= config_.train.steps, "checkpoint '", path, "' is at step ", start_step_,
+                 ", beyond train.steps=", config_.train.steps, ": raise --train.steps to continue training");
+    parent_checkpoint_ = path;
+    datasets_.train_loader->seek(static_cast<uint64_t>(start_step_) * config_.train.grad_accum);
+    log_ << "resume: " << path << " at step " << start_step_ << "\n";
 }
 
 data::Batch Trainer::local_rows(const data::Batch& global) const {
@@ -152,6 +176,52 @@ double Trainer::evaluate() {
     return count > 0 ? sum / static_cast<double>(count) : 0.0;
 }
 
+namespace {
+
+// SIGTERM / SIGUSR1 (Slurm's notice before a preemption or the time limit) ask the run to save
+// a checkpoint at the end of the current step and stop; the handler only sets a flag.
+volatile std::sig_atomic_t g_stop_signal = 0;
+extern "C" void request_stop(int signal_number) { g_stop_signal = signal_number; }
+
+struct StopSignalGuard {
+    struct sigaction old_term{}, old_usr1{};
+    StopSignalGuard() {
+        g_stop_signal = 0;
+        struct sigaction sa{};
+        sa.sa_handler = request_stop;
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGTERM, &sa, &old_term);
+        sigaction(SIGUSR1, &sa, &old_usr1);
+    }
+    ~StopSignalGuard() {
+        sigaction(SIGTERM, &old_term, nullptr);
+        sigaction(SIGUSR1, &old_usr1, nullptr);
+    }
+};
+
+}  // namespace
+
+bool Trainer::stop_requested() {
+    // Any rank's signal stops every rank at the same step.
+    double flag = g_stop_signal != 0 ? 1.0 : 0.0;
+    if (grid_->world_size() > 1) grid_->world().all_reduce_max(&flag, 1);
+    return flag > 0.0;
+}
+
+void Trainer::save_checkpoint(int step) {
+    const std::string dir = config_.checkpoint_dir();
+    if (is_root()) std::filesystem::create_directories(dir);
+    const std::string path = checkpoints::checkpoint_path(dir, step);
+    const auto start = Clock::now();
+    save_training_checkpoint(path, step, config_, parent_checkpoint_, *model_, *optimizer_, *grid_);
+    if (is_root()) {
+        checkpoints::update_latest(dir, path);
+        checkpoints::prune_checkpoints(dir, config_.checkpoint.keep);
+        log_ << "checkpoint: " << path << " ("
+             << format_duration(std::chrono::duration<double>(Clock::now() - start).count()) << ")" << std::endl;
+    }
+}
+
 TrainResult Trainer::run() {
     TrainResult result;
     const TrainConfig& t = config_.train;
@@ -164,10 +234,11 @@ TrainResult Trainer::run() {
         log_ << "eval step " << step << " | val loss " << e.val_loss << " | unigram baseline " << e.unigram_loss
              << std::endl;
     };
+    StopSignalGuard signals;
     const auto start = Clock::now();
     auto window_start = start;
     int window_steps = 0;
-    for (int step = 0; step < t.steps; ++step) {
+    for (int step = start_step_; step < t.steps; ++step) {
         const auto step_start = Clock::now();
         StepMetrics m = train_step(step);
         ++window_steps;
@@ -178,18 +249,32 @@ TrainResult Trainer::run() {
         m.tokens_per_s = window_s > 0 ? tokens_per_step * window_steps / window_s : 0.0;
         result.losses.push_back(m.loss);
         metrics_->write(m);
-        if (m.step % t.log_every == 0 || m.step == t.steps || m.step == 1) {
+        if (m.step % t.log_every == 0 || m.step == t.steps || m.step == start_step_ + 1) {
             log_ << format_progress(m) << std::endl;
             window_start = now;
             window_steps = 0;
         }
+        const bool stop = stop_requested();
+        const bool periodic = config_.checkpoint.every > 0 && m.step % config_.checkpoint.every == 0;
+        if (stop || periodic || m.step == t.steps) save_checkpoint(m.step);
+        if (stop) {
+            log_ << "stop signal received: checkpoint saved at step " << m.step
+                 << "; resume with --checkpoint.resume=auto" << std::endl;
+            result.stopped_early = true;
+            return result;
+        }
         if (t.eval_every > 0 && m.step % t.eval_every == 0 && m.step != t.steps) run_eval(m.step);
     }
     const double total_s = std::chrono::duration<double>(Clock::now() - start).count();
-    result.tokens_per_s = total_s > 0 ? tokens_per_step * t.steps / total_s : 0.0;
+    result.tokens_per_s = total_s > 0 ? tokens_per_step * (t.steps - start_step_) / total_s : 0.0;
     run_eval(t.steps);
     log_ << "trained " << t.steps << " steps in " << format_duration(total_s) << " ("
          << static_cast<long>(result.tokens_per_s) << " tok/s); metrics: " << metrics_->path() << std::endl;
+    final_report();
+    return result;
+}
+
+void Trainer::final_report() {
     std::vector<DomainEval> local_domains = datasets_.domain_evals;
     for (DomainEval& d : local_domains) {
         std::vector<data::Batch> rows;
@@ -199,13 +284,12 @@ TrainResult Trainer::run() {
     }
     const auto reports = evaluate_domains(*model_, local_domains,
                                           model::LossWeights{config_.loss.aux_coef, config_.loss.zloss_coef});
-    if (is_root()) {
-        const std::string report_path = (std::filesystem::path(t.out_dir) / "report.json").string();
-        write_report_json(report_path, t.steps, reports);
-        log_ << "\nevaluation report (" << report_path << ")\n" << format_report(reports) << std::endl;
-        if (t.plot) plot_loss_curve();
-    }
-    return result;
+    if (!is_root()) return;
+    const TrainConfig& t = config_.train;
+    const std::string report_path = (std::filesystem::path(t.out_dir) / "report.json").string();
+    write_report_json(report_path, t.steps, reports);
+    log_ << "\nevaluation report (" << report_path << ")\n" << format_report(reports) << std::endl;
+    if (t.plot) plot_loss_curve();
 }
 
 void Trainer::plot_loss_curve() {

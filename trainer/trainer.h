@@ -1,5 +1,8 @@
 // trainer.h -- Trainer: the training loop of one bmoe run.
 //
+// Checkpoints (trainer/checkpointing.h) are saved every checkpoint.every steps, at the end, and
+// when SIGTERM/SIGUSR1 arrives (then the run stops after that step); checkpoint.resume=auto
+// continues from the latest one with bitwise the same losses as an uninterrupted run.
 // step(): for each of grad_accum micro-batches { forward (CE + aux + z) ; backward (scaled by
 // 1/grad_accum) } -> global grad norm -> finite check -> clip -> AdamW at the scheduled lr ->
 // metrics. Validation every train.eval_every steps and at the end, against the unigram baseline.
@@ -28,6 +31,7 @@ struct TrainResult {
     std::vector<double> losses;     // total loss per step
     std::vector<EvalMetrics> evals;  // every validation
     double tokens_per_s = 0.0;       // training throughput over the whole run
+    bool stopped_early = false;      // SIGTERM/SIGUSR1: checkpoint saved, run incomplete
 };
 
 class Trainer {
@@ -48,6 +52,10 @@ class Trainer {
   private:
     StepMetrics train_step(int step);
     void plot_loss_curve();
+    void final_report();
+    void resume_if_asked();
+    bool stop_requested();
+    void save_checkpoint(int step);
 
     bool is_root() const { return grid_->world_rank() == 0; }
     // This rank's rows of a global batch (rows split evenly; B must divide by the world size).
@@ -63,6 +71,8 @@ class Trainer {
     std::unique_ptr<AdamW> optimizer_;
     Datasets datasets_;
     std::unique_ptr<MetricsLog> metrics_;
+    int start_step_ = 0;             // > 0 when resumed from a checkpoint
+    std::string parent_checkpoint_;  // the checkpoint this run resumed from
 };
 
 }  // namespace bmoe::trainer
