@@ -44,7 +44,7 @@ H5File open_for_read(const std::string& path) {
     BMOE_REQUIRE(fs::is_regular_file(path, ec), "checkpoint ", path, " does not exist (or is not a regular file)");
     htri_t is_h5 = H5Fis_hdf5(path.c_str());
     BMOE_REQUIRE(is_h5 > 0, "checkpoint ", path, " is not an HDF5 file (corrupt or truncated header)");
-    hid_t id = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+    hid_t id = H5Fopen(path.c_str(), H5F_ACC_RDONLY, h5_file_access());
     BMOE_REQUIRE(id >= 0, "checkpoint ", path, " cannot be opened: HDF5 file is truncated or damaged");
     return H5File(id);
 }
@@ -114,7 +114,8 @@ void throw_if_root_failed(const std::string& root_error, parallel::Communicator&
     throw Error(msg);
 }
 
-// Chunk shape of about 1 Mi elements (4 MiB), shrinking the leading dimensions first.
+// Chunk shape of at most about 1 Mi elements (4 MiB), shrinking the leading dimensions first and
+// splitting them evenly (HDF5 allocates whole chunks, so a ragged last chunk would waste space).
 std::vector<hsize_t> chunk_dims(const std::vector<int64_t>& shape) {
     constexpr uint64_t kTarget = 1u << 20;
     std::vector<hsize_t> chunk(shape.begin(), shape.end());
@@ -123,7 +124,9 @@ std::vector<hsize_t> chunk_dims(const std::vector<int64_t>& shape) {
         for (hsize_t c : chunk) total *= c;
         if (total <= kTarget) break;
         uint64_t others = total / chunk[i];
-        chunk[i] = std::max<uint64_t>(1, kTarget / others);
+        uint64_t target = std::max<uint64_t>(1, kTarget / others);
+        uint64_t pieces = (shape[i] + target - 1) / target;  // even split: no mostly-empty last chunk
+        chunk[i] = (shape[i] + pieces - 1) / pieces;
     }
     return chunk;
 }
@@ -225,7 +228,7 @@ void write_checkpoint(const std::string& path,
             fs::path parent_dir = fs::path(path).parent_path();
             if (!parent_dir.empty()) fs::create_directories(parent_dir, ec);
             fs::remove(tmp, ec);
-            hid_t id = H5Fcreate(tmp.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+            hid_t id = H5Fcreate(tmp.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, h5_file_access());
             BMOE_REQUIRE(id >= 0, "write_checkpoint: cannot create ", tmp, " (directory missing or not writable?)");
             file = H5File(id);
             write_root_attrs(file, info);

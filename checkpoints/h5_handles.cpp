@@ -22,6 +22,12 @@ std::string h5_error_message() {
     return msg.empty() ? "failed" : msg;
 }
 
+H5Plist h5_file_access() {
+    H5Plist fapl(H5_CHECK(H5Pcreate(H5P_FILE_ACCESS)));
+    H5_CHECK(H5Pset_file_locking(fapl, true, true));
+    return fapl;
+}
+
 namespace {
 
 H5Type vlen_utf8_type() {

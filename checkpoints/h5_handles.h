@@ -73,6 +73,10 @@ using H5Type = H5Handle<H5Tclose>;
 using H5Plist = H5Handle<H5Pclose>;
 using H5Object = H5Handle<H5Oclose>;
 
+// File-access properties for every checkpoint open/create: HDF5's file locking stays on but is
+// ignored where the file system does not support it (NFS/Lustre: "unable to lock file, errno = 38").
+H5Plist h5_file_access();
+
 // Attributes on any object (file root, group, dataset).
 void h5_write_attr(hid_t loc, const std::string& name, const std::string& value);
 void h5_write_attr(hid_t loc, const std::string& name, int64_t value);

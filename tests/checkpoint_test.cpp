@@ -170,6 +170,19 @@ TEST_F(CheckpointTest, ReadSlicesAtAnyOffset) {
                 HasSubstr("outside"));
 }
 
+TEST_F(CheckpointTest, ChunkingWastesNoSpace) {
+    // 1.25 Mi elements: one 1 Mi-element chunk plus a mostly empty one would make the file 8 MiB.
+    Tensors src;
+    GroupMap groups{{"model", {src.add("model", "big", {1310720}, 0.0f), src.add("model", "wide", {3, 700001}, 1.0f)}}};
+    write_checkpoint(path("big.h5"), make_info(1), groups, comm_);
+    const double data_bytes = (1310720.0 + 3 * 700001.0) * sizeof(float);
+    EXPECT_LT(static_cast<double>(fs::file_size(path("big.h5"))), 1.05 * data_bytes);
+    Tensors dst;
+    GroupMap back = zeroed_like(groups, dst);
+    read_checkpoint_tensors(path("big.h5"), back);
+    expect_same(groups, back);
+}
+
 TEST_F(CheckpointTest, ReplicaThatDoesNotContributeLeavesAGap) {
     Tensors src;
     GroupMap groups{{"model", {src.add("model", "w", {4}, 0.0f)}}};

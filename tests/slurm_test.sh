@@ -108,6 +108,31 @@ slurm)
     fail "job $job did not complete with 0:0"
   fi
   check_run_output "$tmp/job.out"
+
+  # Preemption: the notice (scancel --signal=USR1 --batch, as Slurm's --signal=B:USR1 sends it)
+  # makes every rank checkpoint and exit 0; the same submission again resumes and finishes.
+  echo "== preemption: SIGUSR1 to the batch shell, then resubmit"
+  long=("${tiny[@]}" --train.steps=1500 --train.log_every=10 --train.out_dir="$tmp/preempt")
+  submit() {
+    (cd "$tmp" && sbatch --parsable --job-name=bmoe-preempt --nodes=1 --ntasks-per-node=2 --cpus-per-task=1 \
+       --time=00:05:00 --output="$1" --export=ALL,BMOE_BIN="$bin" "$root/launch/bmoe.sbatch" "${long[@]}")
+  }
+  job="$(submit "$tmp/preempt1.out")" || fail "sbatch refused the preemption job"
+  job="${job%%;*}"
+  cleanup_steps+=("scancel '$job' 2>/dev/null")
+  for _ in $(seq 1 600); do grep -qs '^step ' "$tmp/preempt1.out" && break; sleep 0.1; done
+  grep -qs '^step ' "$tmp/preempt1.out" || fail "the preemption job never started training"
+  scancel --signal=USR1 --batch "$job" || fail "scancel --signal=USR1 failed"
+  bash "$slurm" wait "$job" 180 || { cat "$tmp/preempt1.out"; fail "signalled job $job did not end 0:0"; }
+  grep -q 'stop signal received: checkpoint saved at step' "$tmp/preempt1.out" \
+    || { cat "$tmp/preempt1.out"; fail "no checkpoint after SIGUSR1"; }
+  grep -q '^trained 1500 steps' "$tmp/preempt1.out" && fail "the job finished before the signal"
+  job="$(submit "$tmp/preempt2.out")" || fail "sbatch refused the resubmission"
+  job="${job%%;*}"
+  bash "$slurm" wait "$job" 240 || { cat "$tmp/preempt2.out"; fail "resubmitted job $job did not end 0:0"; }
+  grep -q '^resume: .*at step' "$tmp/preempt2.out" || { cat "$tmp/preempt2.out"; fail "resubmission did not resume"; }
+  grep -q '^trained 1500 steps' "$tmp/preempt2.out" || fail "the resumed job did not finish"
+  echo "$(grep -o 'checkpoint saved at step [0-9]*' "$tmp/preempt1.out"), then $(grep -o '^resume: .*' "$tmp/preempt2.out")"
   echo "PASS"
   ;;
 *) fail "unknown mode '$mode' (slurm, run_local or run_local_error)" ;;
