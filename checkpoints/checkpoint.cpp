@@ -234,6 +234,9 @@ void write_checkpoint(const std::string& path,
             write_root_attrs(file, info);
         } catch (const std::exception& e) {
             root_error = e.what();
+            file.reset();
+            std::error_code ec;
+            fs::remove(tmp, ec);
         }
     }
     throw_if_root_failed(root_error, world);

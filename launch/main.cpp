@@ -19,6 +19,7 @@
 #include "parallel/check.h"
 #include "parallel/mpi_comm.h"
 #include "parallel/mpi_env.h"
+#include "trainer/hf_import.h"
 #include "trainer/run_config.h"
 #include "trainer/trainer.h"
 
@@ -82,6 +83,16 @@ int main(int argc, char** argv) {
     CLI::App* ckpt = app.add_subcommand("ckpt", "checkpoint tools");
     CLI::App* inspect = ckpt->add_subcommand("inspect", "print a checkpoint's tree, shapes, config and step");
     inspect->add_option("file", inspect_path, "checkpoint file (.h5)")->required();
+    trainer::RunConfig import_config;
+    trainer::RunConfigCli import_cli;
+    std::vector<std::string> import_files;
+    std::string import_out;
+    CLI::App* import = ckpt->add_subcommand(
+        "import", "convert a Hugging Face MoE checkpoint (safetensors) into a bmoe checkpoint to train from");
+    import->add_option("files", import_files, "the model's *.safetensors shards")->required();
+    import->add_option("--out", import_out, "checkpoint to write (.h5)")->required();
+    import->add_option("--config", "TOML with the [model] section matching the checkpoint");
+    trainer::add_run_options(*import, import_config, import_cli);
     ckpt->require_subcommand(1);
 
     std::string cmd;
@@ -117,6 +128,14 @@ int main(int argc, char** argv) {
         if (data_cmd->parsed()) {
             cmd = "data";
             return data::run_data_command(data_options);
+        }
+        if (import->parsed()) {
+            cmd = "ckpt import";
+            trainer::finish_cli_parse(import_config, import_cli);
+            trainer::write_imported_checkpoint(import_files, import_config, import_out);
+            std::cout << "wrote " << import_out << " (step 0): train from it with --checkpoint.resume=" << import_out
+                      << std::endl;
+            return 0;
         }
         if (inspect->parsed()) {
             cmd = "ckpt inspect";

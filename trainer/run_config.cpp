@@ -162,10 +162,10 @@ std::vector<std::string> expand_config_file(int argc, const char* const* argv) {
     } catch (const std::exception& e) {
         throw Error(concat("config file '", path, "' is not valid TOML: ", e.what()));
     }
-    // Insert after the subcommand name so flags given on the command line come later and win.
+    // Insert after the subcommand words ("train", "ckpt import ...") so that flags given on the
+    // command line come later and win.
     size_t insert_at = 1;
-    while (insert_at < args.size() && args[insert_at].rfind("-", 0) == 0) ++insert_at;
-    insert_at = std::min(insert_at + 1, args.size());
+    while (insert_at < args.size() && args[insert_at].rfind("-", 0) != 0) ++insert_at;
     std::vector<std::string> from_file;
     for (const CLI::ConfigItem& item : items) {
         if (item.name == "++" || item.name == "--") continue;  // section open/close markers
