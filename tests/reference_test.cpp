@@ -82,6 +82,9 @@ std::vector<Variant> variants() {
     deep.num_kv_heads = 1;
     deep.rope_theta = 500.0f;
     v.push_back({"three_layers_top3_mqa", deep});
+    ModelConfig capped = tiny_config();
+    capped.capacity_factor = 0.75f;  // some copies dropped: same tokens dropped on both sides
+    v.push_back({"capacity_dropping", capped});
     return v;
 }
 
@@ -96,7 +99,8 @@ std::string config_json(const ModelConfig& c) {
        << ", \"dense_hidden\": " << c.dense_hidden << ", \"tie_embeddings\": " << c.tie_embeddings << ", \"norm\": \""
        << to_string(c.norm) << "\", \"position\": \"" << to_string(c.position) << "\", \"activation\": \""
        << to_string(c.activation) << "\", \"norm_eps\": " << c.norm_eps << ", \"rope_theta\": " << c.rope_theta
-       << ", \"router_renormalize\": " << c.router_renormalize << ", \"init_std\": " << c.init_std << "}";
+       << ", \"router_renormalize\": " << c.router_renormalize << ", \"capacity_factor\": " << c.capacity_factor
+       << ", \"init_std\": " << c.init_std << "}";
     return os.str();
 }
 

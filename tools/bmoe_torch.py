@@ -54,6 +54,7 @@ DEFAULT_CONFIG: Dict[str, Any] = {
     "norm_eps": 1e-5,
     "rope_theta": 10000.0,
     "router_renormalize": True,
+    "capacity_factor": 0.0,
     "init_std": 0.02,
 }
 
@@ -202,6 +203,7 @@ class SparseMoe(nn.Module):
         super().__init__()
         self.E, self.K = config["num_experts"], config["top_k"]
         self.renormalize = bool(config["router_renormalize"])
+        self.capacity_factor = float(config["capacity_factor"])
         self.gate = nn.Linear(config["d_model"], self.E, bias=False)
         self.experts = Experts(config)
 
@@ -218,8 +220,12 @@ class SparseMoe(nn.Module):
 
         y = torch.zeros_like(x)
         flat_idx = topk_idx.reshape(-1)  # copy c = n*K + k
+        # Capacity: each expert keeps its first C copies in (token, slot) order; 0 = dropless.
+        capacity = math.ceil(self.capacity_factor * N * self.K / self.E) if self.capacity_factor > 0 else None
         for e in range(self.E):
             copies = (flat_idx == e).nonzero(as_tuple=True)[0]
+            if capacity is not None:
+                copies = copies[:capacity]
             if copies.numel() == 0:
                 continue
             tokens = copies // self.K
