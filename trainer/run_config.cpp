@@ -81,7 +81,10 @@ void add_run_options(CLI::App& app, RunConfig& c, RunConfigCli& cli) {
     opt("data.batch_size", c.data.batch_size, "sequences per micro-batch (global: split over the ranks)");
     opt("data.seq_len", c.data.seq_len, "tokens per sequence");
     opt("data.train_tokens", c.data.train_tokens, "tokens to generate for the built-in corpora");
-    opt("parallel.ep", c.parallel.ep, "expert-parallel size (experts split over this many ranks; 0 = all ranks)");
+    app.add_option("--parallel.ep,--ep", c.parallel.ep,
+                   "expert-parallel size (experts split over this many ranks; 0 = all ranks)")
+        ->capture_default_str()
+        ->group("Options");
     opt("checkpoint.dir", c.checkpoint.dir, "checkpoint directory (empty = <train.out_dir>/checkpoints)");
     opt("checkpoint.every", c.checkpoint.every, "save every N steps (0 = only at the end)");
     opt("checkpoint.keep", c.checkpoint.keep, "newest checkpoints to keep");
