@@ -47,7 +47,11 @@ RunConfig base_config() {
     c.train.eval_batches = 2;
     c.train.plot = false;
     c.train.grad_accum = 2;
-    c.train.out_dir = (std::filesystem::temp_directory_path() / "bmoe_ep_equivalence").string();
+    // One directory per world size: ctest runs the np1/np2/np4 variants concurrently.
+    int world_size = 1;
+    MPI_Comm_size(MPI_COMM_WORLD, &world_size);
+    c.train.out_dir =
+        (std::filesystem::temp_directory_path() / ("bmoe_ep_equivalence_np" + std::to_string(world_size))).string();
     return c;
 }
 

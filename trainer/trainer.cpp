@@ -208,7 +208,7 @@ bool Trainer::stop_requested() {
     return flag > 0.0;
 }
 
-void Trainer::save_checkpoint(int step) {
+double Trainer::save_checkpoint(int step) {
     const std::string dir = config_.checkpoint_dir();
     if (is_root()) std::filesystem::create_directories(dir);
     const std::string path = checkpoints::checkpoint_path(dir, step);
@@ -217,9 +217,11 @@ void Trainer::save_checkpoint(int step) {
     if (is_root()) {
         checkpoints::update_latest(dir, path);
         checkpoints::prune_checkpoints(dir, config_.checkpoint.keep);
-        log_ << "checkpoint: " << path << " ("
-             << format_duration(std::chrono::duration<double>(Clock::now() - start).count()) << ")" << std::endl;
     }
+    const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    checkpoint_seconds_ += seconds;
+    log_ << "checkpoint: " << path << " (" << format_duration(seconds) << ")" << std::endl;
+    return seconds;
 }
 
 TrainResult Trainer::run() {
@@ -256,7 +258,10 @@ TrainResult Trainer::run() {
         }
         const bool stop = stop_requested();
         const bool periodic = config_.checkpoint.every > 0 && m.step % config_.checkpoint.every == 0;
-        if (stop || periodic || m.step == t.steps) save_checkpoint(m.step);
+        if (stop || periodic || m.step == t.steps) {
+            const double seconds = save_checkpoint(m.step);
+            window_start += std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+        }
         if (stop) {
             log_ << "stop signal received: checkpoint saved at step " << m.step
                  << "; resume with --checkpoint.resume=auto" << std::endl;
@@ -265,7 +270,8 @@ TrainResult Trainer::run() {
         }
         if (t.eval_every > 0 && m.step % t.eval_every == 0 && m.step != t.steps) run_eval(m.step);
     }
-    const double total_s = std::chrono::duration<double>(Clock::now() - start).count();
+    // Throughput counts training only (not checkpoint writes).
+    const double total_s = std::chrono::duration<double>(Clock::now() - start).count() - checkpoint_seconds_;
     result.tokens_per_s = total_s > 0 ? tokens_per_step * (t.steps - start_step_) / total_s : 0.0;
     run_eval(t.steps);
     log_ << "trained " << t.steps << " steps in " << format_duration(total_s) << " ("

@@ -55,7 +55,7 @@ class Trainer {
     void final_report();
     void resume_if_asked();
     bool stop_requested();
-    void save_checkpoint(int step);
+    double save_checkpoint(int step);  // returns the seconds it took
 
     bool is_root() const { return grid_->world_rank() == 0; }
     // This rank's rows of a global batch (rows split evenly; B must divide by the world size).
@@ -73,6 +73,7 @@ class Trainer {
     std::unique_ptr<MetricsLog> metrics_;
     int start_step_ = 0;             // > 0 when resumed from a checkpoint
     std::string parent_checkpoint_;  // the checkpoint this run resumed from
+    double checkpoint_seconds_ = 0.0;  // time spent saving, excluded from throughput
 };
 
 }  // namespace bmoe::trainer

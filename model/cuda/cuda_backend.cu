@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <vector>
 
 #include "model/cuda/cuda_backend.h"
 #include "model/cuda/cuda_check.h"
@@ -246,14 +247,62 @@ void CudaBackend::matmul_backward(float* din_NI,
 
 // Grouped GEMMs: one cublasSgemm per non-empty group, all on the backend stream. The next step is a
 // single cublasGemmGroupedBatchedEx call (CUDA >= 12.5) over the non-empty groups.
+void CudaBackend::grouped_gemm(const std::vector<GemmProblem>& problems, float alpha, int lda, bool transA,
+                               int ldb, bool transB, float beta, int ldc) {
+    // Column-major view, as in gemm(): C^T = op(B)^T op(A)^T, so cuBLAS sees (N, M, K) and B first.
+    std::vector<int> m, n, k, ld_a, ld_b, ld_c, ones;
+    std::vector<cublasOperation_t> op_a, op_b;
+    std::vector<float> alphas, betas;
+    std::vector<const void*> ptrs;  // [A0 ... A(P-1), B0 ..., C0 ...] once filled
+    std::vector<const float*> a_ptrs, b_ptrs;
+    std::vector<float*> c_ptrs;
+    for (const GemmProblem& p : problems) {
+        if (p.M <= 0 || p.N <= 0 || p.K <= 0) continue;  // empty expert: nothing to add
+        m.push_back(p.N);
+        n.push_back(p.M);
+        k.push_back(p.K);
+        op_a.push_back(transB ? CUBLAS_OP_T : CUBLAS_OP_N);
+        op_b.push_back(transA ? CUBLAS_OP_T : CUBLAS_OP_N);
+        ld_a.push_back(ldb);
+        ld_b.push_back(lda);
+        ld_c.push_back(ldc);
+        alphas.push_back(alpha);
+        betas.push_back(beta);
+        ones.push_back(1);
+        a_ptrs.push_back(p.B);
+        b_ptrs.push_back(p.A);
+        c_ptrs.push_back(p.C);
+    }
+    const int count = static_cast<int>(m.size());
+    if (count == 0) return;
+    ptrs.insert(ptrs.end(), a_ptrs.begin(), a_ptrs.end());
+    ptrs.insert(ptrs.end(), b_ptrs.begin(), b_ptrs.end());
+    ptrs.insert(ptrs.end(), c_ptrs.begin(), c_ptrs.end());
+    auto* dev = static_cast<void**>(scratch(gemm_ptrs_ws_, ptrs.size() * sizeof(void*)));
+    CUDA_CHECK(cudaMemcpyAsync(dev, ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice, stream_));
+    const cublasStatus_t rc = cublasSgemmGroupedBatched(
+        blas_, op_a.data(), op_b.data(), m.data(), n.data(), k.data(), alphas.data(),
+        reinterpret_cast<const float* const*>(dev), ld_a.data(), reinterpret_cast<const float* const*>(dev + count),
+        ld_b.data(), betas.data(), reinterpret_cast<float* const*>(dev + 2 * count), ld_c.data(), count, ones.data());
+    // Pageable host arrays: cudaMemcpyAsync staged them before returning, so they may go out of scope.
+    if (rc == CUBLAS_STATUS_NOT_SUPPORTED) {  // older cuBLAS: one GEMM per problem
+        for (const GemmProblem& p : problems)
+            gemm(p.M, p.N, p.K, alpha, p.A, lda, transA, p.B, ldb, transB, beta, p.C, ldc);
+        return;
+    }
+    CUBLAS_CHECK(rc);
+}
+
+// All local experts in one grouped GEMM call (rows of expert g: [offsets[g], offsets[g+1])).
 void CudaBackend::grouped_matmul_forward(
     float* out_RO, const float* in_RI, const float* w_GOI, const int* offsets_host, int G, int I, int O) {
+    std::vector<GemmProblem> problems;
     for (int g = 0; g < G; ++g) {
         const int r0 = offsets_host[g], rows = offsets_host[g + 1] - r0;
-        if (rows <= 0) continue;
-        gemm(rows, O, I, 1.0f, in_RI + static_cast<size_t>(r0) * I, I, false, w_GOI + static_cast<size_t>(g) * O * I, I,
-             true, 0.0f, out_RO + static_cast<size_t>(r0) * O, O);
+        problems.push_back({rows, O, I, in_RI + static_cast<size_t>(r0) * I, w_GOI + static_cast<size_t>(g) * O * I,
+                            out_RO + static_cast<size_t>(r0) * O});
     }
+    grouped_gemm(problems, 1.0f, I, false, I, true, 0.0f, O);
 }
 
 void CudaBackend::grouped_matmul_backward(float* din_RI,
@@ -265,15 +314,16 @@ void CudaBackend::grouped_matmul_backward(float* din_RI,
                                           int G,
                                           int I,
                                           int O) {
+    std::vector<GemmProblem> din, dw;
     for (int g = 0; g < G; ++g) {
         const int r0 = offsets_host[g], rows = offsets_host[g + 1] - r0;
-        if (rows <= 0) continue;
         const float* dout = dout_RO + static_cast<size_t>(r0) * O;
-        const float* in = in_RI + static_cast<size_t>(r0) * I;
         const size_t w_off = static_cast<size_t>(g) * O * I;
-        gemm(rows, I, O, 1.0f, dout, O, false, w_GOI + w_off, I, false, 0.0f, din_RI + static_cast<size_t>(r0) * I, I);
-        gemm(O, I, rows, 1.0f, dout, O, true, in, I, false, 1.0f, dw_GOI + w_off, I);
+        din.push_back({rows, I, O, dout, w_GOI + w_off, din_RI + static_cast<size_t>(r0) * I});
+        dw.push_back({O, I, rows, dout, in_RI + static_cast<size_t>(r0) * I, dw_GOI + w_off});
     }
+    grouped_gemm(din, 1.0f, O, false, I, false, 0.0f, I);  // din_g = dout_g w_g   (=)
+    grouped_gemm(dw, 1.0f, O, true, I, false, 1.0f, I);    // dw_g += dout_g^T in_g
 }
 
 // ---- optimizer --------------------------------------------------------------------------------

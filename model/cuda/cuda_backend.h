@@ -9,6 +9,7 @@
 #pragma once
 
 #include <memory>
+#include <vector>
 
 #include "model/backend.h"
 
@@ -208,8 +209,21 @@ class CudaBackend final : public Backend {
               float* C,
               int ldc);
 
+    // One row-major GEMM per problem, C_i = alpha op(A_i) op(B_i) + beta C_i with per-problem
+    // M/N/K and shared leading dimensions, in ONE cublasSgemmGroupedBatched call (each problem is
+    // its own group because sizes differ per expert). Problems with M, N or K = 0 are skipped.
+    struct GemmProblem {
+        int M, N, K;
+        const float* A;
+        const float* B;
+        float* C;
+    };
+    void grouped_gemm(const std::vector<GemmProblem>& problems, float alpha, int lda, bool transA, int ldb,
+                      bool transB, float beta, int ldc);
+
     CUstream_st* stream_ = nullptr;
     cublasContext* blas_ = nullptr;
+    Scratch gemm_ptrs_ws_;  // device arrays of A/B/C pointers for grouped GEMMs
     Scratch reduce_ws_;  // sum_squares partials
     Scratch embed_ws_;   // embedding_backward CSR of token positions
     Scratch attn_ws_;    // attention_backward dS [B, H, T, T]
