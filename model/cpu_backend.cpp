@@ -453,20 +453,21 @@ void CpuBackend::attention_forward(float* out_BTHd,
                                    int Hd) {
     const AttnDims a = attn_dims(B, T, H, KV, Hd);
     const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(Hd)));
-    for (int b = 0; b < B; ++b)
-        for (int h = 0; h < H; ++h)
-            causal_scores(att_BHTT + a.att_off(b, h), a.q(q_BTHd, b, h), a.kv(k_BTKVHd, b, h), T, Hd, scale);
-#pragma omp parallel for schedule(static) if (par(B, H * T, T))
-    for (idx_t row = 0; row < static_cast<idx_t>(B) * H * T; ++row) {
-        const int i = static_cast<int>(row % T);
-        float* p = att_BHTT + row * T;
-        softmax_row(p, p, i + 1);
-        std::fill(p + i + 1, p + T, 0.0f);
+    // One task per (b, h): scores, softmax and P V of a slice. Inside an OpenMP region the
+    // OpenMP build of OpenBLAS runs single-threaded, so the small GEMMs do not fight for cores.
+#pragma omp parallel for collapse(2) schedule(static) if (B * H > 1)
+    for (int b = 0; b < B; ++b) {
+        for (int h = 0; h < H; ++h) {
+            float* att = att_BHTT + a.att_off(b, h);
+            causal_scores(att, a.q(q_BTHd, b, h), a.kv(k_BTKVHd, b, h), T, Hd, scale);
+            for (int i = 0; i < T; ++i) {
+                float* p = att + static_cast<size_t>(i) * T;
+                softmax_row(p, p, i + 1);
+                std::fill(p + i + 1, p + T, 0.0f);
+            }
+            causal_apply(out_BTHd + a.q_off(b, h), H * Hd, att, a.kv(v_BTKVHd, b, h), T, Hd, 1.0f, 0.0f);
+        }
     }
-    for (int b = 0; b < B; ++b)
-        for (int h = 0; h < H; ++h)
-            causal_apply(out_BTHd + a.q_off(b, h), H * Hd, att_BHTT + a.att_off(b, h), a.kv(v_BTKVHd, b, h), T, Hd,
-                         1.0f, 0.0f);
 }
 
 // dP = dout v^T;  dS = P (dP - rowsum(P dP));  dq = s dS k;  dk += s dS^T q;  dv += P^T dout
@@ -486,29 +487,31 @@ void CpuBackend::attention_backward(float* dq_BTHd,
     const AttnDims a = attn_dims(B, T, H, KV, Hd);
     const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(Hd)));
     auto dS = std::make_unique_for_overwrite<float[]>(static_cast<size_t>(B) * H * T * T);
-    for (int b = 0; b < B; ++b)
-        for (int h = 0; h < H; ++h)
-            causal_scores(dS.get() + a.att_off(b, h), a.q(dout_BTHd, b, h), a.kv(v_BTKVHd, b, h), T, Hd, 1.0f);
-#pragma omp parallel for schedule(static) if (par(B, H * T, T))
-    for (idx_t row = 0; row < static_cast<idx_t>(B) * H * T; ++row) {
-        const int i = static_cast<int>(row % T);
-        const float* p = att_BHTT + row * T;
-        float* ds = dS.get() + row * T;
-        double dot = 0.0;
-        for (int j = 0; j <= i; ++j) dot += static_cast<double>(p[j]) * ds[j];
-        for (int j = 0; j <= i; ++j) ds[j] = p[j] * (ds[j] - static_cast<float>(dot));
-        std::fill(ds + i + 1, ds + T, 0.0f);
-    }
     const size_t kv_n = static_cast<size_t>(B) * T * KV * Hd;
     std::memset(dk_BTKVHd, 0, kv_n * sizeof(float));
     std::memset(dv_BTKVHd, 0, kv_n * sizeof(float));
+    // One task per (b, kv head): its query heads run in a fixed order, so dk/dv sum them
+    // deterministically and no two tasks write the same rows.
+    const int group = H / KV;
+#pragma omp parallel for collapse(2) schedule(static) if (B * KV > 1)
     for (int b = 0; b < B; ++b) {
-        for (int h = 0; h < H; ++h) {  // fixed h order: kv heads sum their query heads deterministically
-            const float* ds = dS.get() + a.att_off(b, h);
-            const float* p = att_BHTT + a.att_off(b, h);
-            causal_apply(dq_BTHd + a.q_off(b, h), H * Hd, ds, a.kv(k_BTKVHd, b, h), T, Hd, scale, 0.0f);
-            causal_apply_t(dk_BTKVHd + a.kv_off(b, h), KV * Hd, ds, a.q(q_BTHd, b, h), T, Hd, scale);
-            causal_apply_t(dv_BTKVHd + a.kv_off(b, h), KV * Hd, p, a.q(dout_BTHd, b, h), T, Hd, 1.0f);
+        for (int g = 0; g < KV; ++g) {
+            for (int h = g * group; h < (g + 1) * group; ++h) {
+                float* ds = dS.get() + a.att_off(b, h);
+                const float* p = att_BHTT + a.att_off(b, h);
+                causal_scores(ds, a.q(dout_BTHd, b, h), a.kv(v_BTKVHd, b, h), T, Hd, 1.0f);
+                for (int i = 0; i < T; ++i) {  // dS = P * (dP - rowsum(P * dP))
+                    const float* pi = p + static_cast<size_t>(i) * T;
+                    float* dsi = ds + static_cast<size_t>(i) * T;
+                    double dot = 0.0;
+                    for (int j = 0; j <= i; ++j) dot += static_cast<double>(pi[j]) * dsi[j];
+                    for (int j = 0; j <= i; ++j) dsi[j] = pi[j] * (dsi[j] - static_cast<float>(dot));
+                    std::fill(dsi + i + 1, dsi + T, 0.0f);
+                }
+                causal_apply(dq_BTHd + a.q_off(b, h), H * Hd, ds, a.kv(k_BTKVHd, b, h), T, Hd, scale, 0.0f);
+                causal_apply_t(dk_BTKVHd + a.kv_off(b, h), KV * Hd, ds, a.q(q_BTHd, b, h), T, Hd, scale);
+                causal_apply_t(dv_BTKVHd + a.kv_off(b, h), KV * Hd, p, a.q(dout_BTHd, b, h), T, Hd, 1.0f);
+            }
         }
     }
 }
