@@ -62,7 +62,8 @@ int main(int argc, char** argv) {
     const double flops = 2.0 * R * D * F;
     const double t_grouped =
         time_it(*be, 20, [&] { be->grouped_matmul_forward(y.data(), x.data(), w.data(), offsets.data(), E, D, F); });
-    const double t_dense = time_it(*be, 20, [&] { be->matmul_forward(y.data(), x.data(), wd.data(), nullptr, R, D, F); });
+    const double t_dense =
+        time_it(*be, 20, [&] { be->matmul_forward(y.data(), x.data(), wd.data(), nullptr, R, D, F); });
     std::printf("grouped expert GEMM  %d experts, %d rows, D %d -> F %d: %.3f ms, %.1f TFLOP/s\n", E, R, D, F,
                 1e3 * t_grouped, flops / t_grouped / 1e12);
     std::printf("dense GEMM, same FLOPs (%d x %d x %d): %.3f ms, %.1f TFLOP/s (grouped/dense %.2f)\n", R, D, F,
@@ -79,15 +80,15 @@ int main(int argc, char** argv) {
         gates(be.get(), static_cast<size_t>(N) * K);
     const double t_gather =
         time_it(*be, 50, [&] { be->moe_gather_forward(x_RD.data(), x_ND.data(), d_row_src.data(), R, K, D); });
-    const double t_combine = time_it(*be, 50, [&] {
-        be->moe_combine_forward(x_ND.data(), x_RD.data(), d_slot_row.data(), gates.data(), N, K, D);
-    });
+    const double t_combine = time_it(
+        *be, 50, [&] { be->moe_combine_forward(x_ND.data(), x_RD.data(), d_slot_row.data(), gates.data(), N, K, D); });
     // Bytes moved: gather reads and writes R rows; combine reads R rows and writes N.
     const double gather_gbs = 2.0 * R * D * sizeof(float) / t_gather / 1e9;
     const double combine_gbs = (static_cast<double>(R) + N) * D * sizeof(float) / t_combine / 1e9;
     std::printf("permute (gather)    %.3f ms, %.0f GB/s\n", 1e3 * t_gather, gather_gbs);
     std::printf("unpermute (combine) %.3f ms, %.0f GB/s\n", 1e3 * t_combine, combine_gbs);
-    std::printf("JSON {\"grouped_tflops\": %.2f, \"dense_tflops\": %.2f, \"gather_gbs\": %.0f, \"combine_gbs\": %.0f}\n",
-                flops / t_grouped / 1e12, flops / t_dense / 1e12, gather_gbs, combine_gbs);
+    std::printf(
+        "JSON {\"grouped_tflops\": %.2f, \"dense_tflops\": %.2f, \"gather_gbs\": %.0f, \"combine_gbs\": %.0f}\n",
+        flops / t_grouped / 1e12, flops / t_dense / 1e12, gather_gbs, combine_gbs);
     return 0;
 }

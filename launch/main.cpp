@@ -8,9 +8,9 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
-#include <thread>
 #include <iostream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "checkpoints/checkpoint.h"
@@ -46,7 +46,8 @@ int train_distributed(bmoe::trainer::RunConfig config) {
         parallel::MpiComm world(MPI_COMM_WORLD);
         const parallel::LaunchInfo launch = parallel::launch_info();
         if (config.train.threads == 0 && std::getenv("OMP_NUM_THREADS") == nullptr && launch.local_size > 1)
-            config.train.threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / launch.local_size);
+            config.train.threads =
+                std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / launch.local_size);
         trainer::Trainer trainer(config, std::cout, &world);
         trainer.run();
     } catch (const std::exception& e) {

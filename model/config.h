@@ -36,7 +36,7 @@ struct ModelConfig {
     // this rank's tokens); copies beyond it are dropped (in token order) and the token passes
     // through the residual. 0 = dropless (default): every copy is computed.
     float capacity_factor = 0.0f;
-    float init_std = 0.02f;          // N(0, init_std) for weights; output projections scaled by 1/sqrt(2L)
+    float init_std = 0.02f;  // N(0, init_std) for weights; output projections scaled by 1/sqrt(2L)
 
     int head_dim() const { return d_model / num_heads; }
     bool is_moe_layer(int layer) const { return moe_every > 0 && layer % moe_every == moe_every - 1; }

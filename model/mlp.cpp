@@ -19,21 +19,20 @@ void GroupedMlp::forward(float* y_RD, const float* x_RD, const MlpWeights& w, co
     backend_->grouped_matmul_forward(y_RD, act_RF_.data(), w.down, offsets_.data(), G, F_, D_);
 }
 
-void GroupedMlp::backward(float* dx_RD, const MlpGrads& dw, const float* dy_RD, const float* x_RD,
-                          const MlpWeights& w) {
+void GroupedMlp::backward(
+    float* dx_RD, const MlpGrads& dw, const float* dy_RD, const float* x_RD, const MlpWeights& w) {
     const int G = static_cast<int>(offsets_.size()) - 1, R = offsets_.back();
     const size_t RF = static_cast<size_t>(R) * F_;
     dact_RF_.ensure(backend_, RF);
     dh_up_RF_.ensure(backend_, RF);
-    backend_->grouped_matmul_backward(dact_RF_.data(), dw.down, dy_RD, act_RF_.data(), w.down, offsets_.data(), G,
-                                      F_, D_);
+    backend_->grouped_matmul_backward(dact_RF_.data(), dw.down, dy_RD, act_RF_.data(), w.down, offsets_.data(), G, F_,
+                                      D_);
     if (activation_ == Activation::kSwiGlu) {
         dh_gate_RF_.ensure(backend_, RF);
         dx_tmp_RD_.ensure(backend_, static_cast<size_t>(R) * D_);
         backend_->swiglu_backward(dh_gate_RF_.data(), dh_up_RF_.data(), dact_RF_.data(), h_gate_RF_.data(),
                                   h_up_RF_.data(), RF);
-        backend_->grouped_matmul_backward(dx_RD, dw.gate, dh_gate_RF_.data(), x_RD, w.gate, offsets_.data(), G, D_,
-                                          F_);
+        backend_->grouped_matmul_backward(dx_RD, dw.gate, dh_gate_RF_.data(), x_RD, w.gate, offsets_.data(), G, D_, F_);
         backend_->grouped_matmul_backward(dx_tmp_RD_.data(), dw.up, dh_up_RF_.data(), x_RD, w.up, offsets_.data(), G,
                                           D_, F_);
         backend_->accumulate(dx_RD, dx_tmp_RD_.data(), static_cast<size_t>(R) * D_);

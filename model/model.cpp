@@ -8,16 +8,16 @@ namespace bmoe::model {
 
 // Saved activations of one transformer layer for a micro-batch of N = B*T tokens.
 struct Model::LayerActs {
-    Buffer<float> resid_in;                        // [N, D] residual stream entering the layer
+    Buffer<float> resid_in;                           // [N, D] residual stream entering the layer
     Buffer<float> norm1_out, norm1_mean, norm1_rstd;  // [N, D], [N], [N]
-    Buffer<float> q, k, v;                         // [N, H*Hd], [N, KV*Hd] x2 (q, k after RoPE)
-    Buffer<float> att;                             // [B, H, T, T]
-    Buffer<float> attn_out;                        // [N, H*Hd]
-    Buffer<float> resid_mid;                       // [N, D] after the attention residual add
+    Buffer<float> q, k, v;                            // [N, H*Hd], [N, KV*Hd] x2 (q, k after RoPE)
+    Buffer<float> att;                                // [B, H, T, T]
+    Buffer<float> attn_out;                           // [N, H*Hd]
+    Buffer<float> resid_mid;                          // [N, D] after the attention residual add
     Buffer<float> norm2_out, norm2_mean, norm2_rstd;
-    Buffer<float> ffn_out;                         // [N, D]
-    std::unique_ptr<GroupedMlp> dense_ffn;         // dense layers only
-    int moe_index = -1;                            // index into moe_blocks_, or -1
+    Buffer<float> ffn_out;                  // [N, D]
+    std::unique_ptr<GroupedMlp> dense_ffn;  // dense layers only
+    int moe_index = -1;                     // index into moe_blocks_, or -1
 };
 
 Model::Model(const ModelConfig& config, Backend* backend, const ParallelContext& parallel)
@@ -115,15 +115,31 @@ void Model::ensure_activations(int B, int T) {
 // norm dispatch: the config picks RMSNorm (mean unused) or LayerNorm
 
 namespace {
-void norm_forward(Backend* be, const ModelConfig& c, float* out, float* mean, float* rstd, const float* in,
-                  const float* w, const float* b, int N) {
+void norm_forward(Backend* be,
+                  const ModelConfig& c,
+                  float* out,
+                  float* mean,
+                  float* rstd,
+                  const float* in,
+                  const float* w,
+                  const float* b,
+                  int N) {
     if (c.norm == NormType::kRmsNorm)
         be->rmsnorm_forward(out, rstd, in, w, N, c.d_model, c.norm_eps);
     else
         be->layernorm_forward(out, mean, rstd, in, w, b, N, c.d_model, c.norm_eps);
 }
-void norm_backward(Backend* be, const ModelConfig& c, float* din, float* dw, float* db, const float* dout,
-                   const float* in, const float* w, const float* mean, const float* rstd, int N) {
+void norm_backward(Backend* be,
+                   const ModelConfig& c,
+                   float* din,
+                   float* dw,
+                   float* db,
+                   const float* dout,
+                   const float* in,
+                   const float* w,
+                   const float* mean,
+                   const float* rstd,
+                   int N) {
     if (c.norm == NormType::kRmsNorm)
         be->rmsnorm_backward(din, dw, dout, in, w, rstd, N, c.d_model);
     else
@@ -244,8 +260,8 @@ void Model::backward(float loss_scale) {
         const LayerTensors& dw = g.layers[l];
         // feed-forward sub-block: d ffn_out = dresidual
         if (a.moe_index >= 0) {
-            moe_blocks_[a.moe_index].backward(dtmp_ND_.data(), dw, dresidual_.data(), a.norm2_out.data(), w,
-                                              aux_weight, z_weight);
+            moe_blocks_[a.moe_index].backward(dtmp_ND_.data(), dw, dresidual_.data(), a.norm2_out.data(), w, aux_weight,
+                                              z_weight);
         } else {
             a.dense_ffn->backward(dtmp_ND_.data(), MlpGrads{dw.ffn_gate, dw.ffn_up, dw.ffn_down}, dresidual_.data(),
                                   a.norm2_out.data(), MlpWeights{w.ffn_gate, w.ffn_up, w.ffn_down});

@@ -22,8 +22,8 @@
 namespace bmoe::model {
 
 struct LossWeights {
-    float aux_coef = 0.01f;    // Switch/GShard load-balancing loss weight
-    float zloss_coef = 0.001f; // ST-MoE router z-loss weight
+    float aux_coef = 0.01f;     // Switch/GShard load-balancing loss weight
+    float zloss_coef = 0.001f;  // ST-MoE router z-loss weight
 };
 
 // What one forward pass measured (host values).
@@ -88,13 +88,13 @@ class Model {
     int64_t num_valid_targets_ = 0;  // over the global batch (all ranks)
     Buffer<int32_t> tokens_, targets_;
     std::vector<std::unique_ptr<LayerActs>> layer_acts_;
-    std::vector<MoeBlock> moe_blocks_;      // one per MoE layer
-    Buffer<float> resid_final_;                                 // [N, D] output of the last layer
+    std::vector<MoeBlock> moe_blocks_;                        // one per MoE layer
+    Buffer<float> resid_final_;                               // [N, D] output of the last layer
     Buffer<float> final_norm_out_, final_mean_, final_rstd_;  // [N, D], [N], [N]
     Buffer<float> logits_, probs_, losses_;                   // [N, V], [N, V], [N]
     // backward scratch
     Buffer<float> dresidual_, dtmp_ND_, dlogits_;  // [N, D], [N, max(D, H*Hd)], [N, V]
-    Buffer<float> dq_, dk_, dv_, dattn_;            // [N, H*Hd], [N, KV*Hd] x2, [N, H*Hd]
+    Buffer<float> dq_, dk_, dv_, dattn_;           // [N, H*Hd], [N, KV*Hd] x2, [N, H*Hd]
 };
 
 }  // namespace bmoe::model

@@ -149,8 +149,13 @@ MoeLayerStats MoeBlock::forward(float* out_ND, const float* x_ND, const LayerTen
     return stats;
 }
 
-void MoeBlock::backward(float* dx_ND, const LayerTensors& dw, const float* dout_ND, const float* x_ND,
-                        const LayerTensors& w, float aux_weight, float z_weight) {
+void MoeBlock::backward(float* dx_ND,
+                        const LayerTensors& dw,
+                        const float* dout_ND,
+                        const float* x_ND,
+                        const LayerTensors& w,
+                        float aux_weight,
+                        float z_weight) {
     const int N = N_, D = config_.d_model, E = config_.num_experts, K = config_.top_k, R = plan_.num_rows();
     dy_RD_.ensure(backend_, static_cast<size_t>(R) * D);
     dx_RD_.ensure(backend_, static_cast<size_t>(R) * D);

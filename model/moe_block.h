@@ -23,8 +23,8 @@
 #include "model/mlp.h"
 #include "model/parallel_context.h"
 #include "model/params.h"
-#include "parallel/expert_dispatcher.h"
 #include "model/routing_plan.h"
+#include "parallel/expert_dispatcher.h"
 
 namespace bmoe::model {
 
@@ -51,8 +51,13 @@ class MoeBlock {
     // out_ND (=) from x_ND with this layer's weights (router_w, ffn_* of `w`).
     MoeLayerStats forward(float* out_ND, const float* x_ND, const LayerTensors& w, int N);
     // dx_ND (=); parameter grads (+=). aux_weight / z_weight: d(total loss)/d(aux), d/d(z).
-    void backward(float* dx_ND, const LayerTensors& dw, const float* dout_ND, const float* x_ND,
-                  const LayerTensors& w, float aux_weight, float z_weight);
+    void backward(float* dx_ND,
+                  const LayerTensors& dw,
+                  const float* dout_ND,
+                  const float* x_ND,
+                  const LayerTensors& w,
+                  float aux_weight,
+                  float z_weight);
 
     // Traffic since the last call (seconds cover forward and backward all-to-alls).
     ExchangeStats take_exchange_stats();
@@ -74,7 +79,7 @@ class MoeBlock {
     GroupedMlp experts_;
     std::unique_ptr<parallel::ExpertDispatcher> dispatcher_;  // EP > 1 only
     parallel::DispatchHandle handle_;
-    std::vector<float> host_rows_, host_local_;  // staging for the exchange (host memory)
+    std::vector<float> host_rows_, host_local_;              // staging for the exchange (host memory)
     Buffer<float> x_local_, y_local_, dy_local_, dx_local_;  // rows of this rank's experts
     int N_ = 0;
     double num_tokens_global_ = 0.0;

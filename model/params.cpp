@@ -8,7 +8,9 @@
 namespace bmoe::model {
 
 ParameterLayout::ParameterLayout(const ModelConfig& c, int first_expert, int num_local_experts)
-    : config_(c), first_expert_(first_expert), num_local_experts_(num_local_experts < 0 ? c.num_experts : num_local_experts) {
+    : config_(c),
+      first_expert_(first_expert),
+      num_local_experts_(num_local_experts < 0 ? c.num_experts : num_local_experts) {
     BMOE_ASSERT(first_expert_ >= 0 && first_expert_ + num_local_experts_ <= c.num_experts, "bad expert slice");
     const int64_t V = c.vocab_size, D = c.d_model, E = c.num_experts, F = c.expert_hidden, Fd = c.dense_hidden;
     const int64_t q_dim = int64_t{c.num_heads} * c.head_dim(), kv_dim = int64_t{c.num_kv_heads} * c.head_dim();
@@ -120,10 +122,18 @@ std::vector<float> ParameterLayout::init_host(uint64_t seed) const {
         CounterRng rng(seed, /*stream=*/0x1000 + i);
         for (size_t j = 0; j < p.numel; ++j) {
             switch (p.init) {
-                case ParamInit::kNormal: dst[j] = config_.init_std * rng.normal(p.global_offset + j); break;
-                case ParamInit::kNormalScaled: dst[j] = scaled_std * rng.normal(p.global_offset + j); break;
-                case ParamInit::kOnes: dst[j] = 1.0f; break;
-                case ParamInit::kZeros: dst[j] = 0.0f; break;
+                case ParamInit::kNormal:
+                    dst[j] = config_.init_std * rng.normal(p.global_offset + j);
+                    break;
+                case ParamInit::kNormalScaled:
+                    dst[j] = scaled_std * rng.normal(p.global_offset + j);
+                    break;
+                case ParamInit::kOnes:
+                    dst[j] = 1.0f;
+                    break;
+                case ParamInit::kZeros:
+                    dst[j] = 0.0f;
+                    break;
             }
         }
     }

@@ -47,7 +47,7 @@ struct ParamInfo {
     std::vector<int64_t> shape;         // local shape (experts: [num_local_experts, ...])
     std::vector<int64_t> global_shape;  // shape across all ranks (experts: [E, ...])
     size_t global_offset = 0;           // index of this rank's first element in the global tensor
-    size_t offset = 0;  // in floats, into the flat block
+    size_t offset = 0;                  // in floats, into the flat block
     size_t numel = 0;
     bool weight_decay = true;  // false for norms and biases (1-D tensors)
     ParamGroup group = ParamGroup::kDense;

@@ -17,8 +17,8 @@ RoutingPlan plan_routing(const int32_t* topk_idx_NK, int N, int K, int E, int ca
     }
     plan.expert_offsets.assign(E + 1, 0);
     for (int e = 0; e < E; ++e) {
-        const int64_t kept = capacity < 0 ? plan.tokens_per_expert[e]
-                                          : std::min<int64_t>(plan.tokens_per_expert[e], capacity);
+        const int64_t kept =
+            capacity < 0 ? plan.tokens_per_expert[e] : std::min<int64_t>(plan.tokens_per_expert[e], capacity);
         plan.num_dropped += plan.tokens_per_expert[e] - kept;
         plan.expert_offsets[e + 1] = plan.expert_offsets[e] + static_cast<int>(kept);
     }

@@ -14,9 +14,9 @@
 namespace bmoe::model {
 
 struct RoutingPlan {
-    std::vector<int> expert_offsets;  // [E+1]
-    std::vector<int32_t> row_src;     // [R]
-    std::vector<int32_t> slot_row;    // [N*K]
+    std::vector<int> expert_offsets;         // [E+1]
+    std::vector<int32_t> row_src;            // [R]
+    std::vector<int32_t> slot_row;           // [N*K]
     std::vector<int64_t> tokens_per_expert;  // [E] copies routed to e BEFORE dropping
     int64_t num_dropped = 0;
     int num_rows() const { return expert_offsets.back(); }

@@ -15,7 +15,9 @@ ExpertDispatcher::ExpertDispatcher(Communicator& ep, int num_experts)
                  ") must be divisible by the expert-parallel size (", ep.size(), "): change --parallel.ep");
 }
 
-DispatchHandle ExpertDispatcher::dispatch(const float* x_RD, const std::vector<int>& expert_offsets, int D,
+DispatchHandle ExpertDispatcher::dispatch(const float* x_RD,
+                                          const std::vector<int>& expert_offsets,
+                                          int D,
                                           std::vector<float>& local_x) {
     const int P = ep_.size(), El = num_local_experts_;
     BMOE_ASSERT(static_cast<int>(expert_offsets.size()) == num_experts_ + 1, "expert_offsets size");

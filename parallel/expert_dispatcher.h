@@ -21,11 +21,11 @@ namespace bmoe::parallel {
 
 struct DispatchHandle {
     int num_local_experts = 0;
-    std::vector<int64_t> send_rows;            // [ep] rows I send to each peer
-    std::vector<int64_t> recv_rows;            // [ep] rows I receive from each peer
-    std::vector<int64_t> recv_expert_rows;     // [ep * E_local] rows from peer s for local expert le
-    std::vector<int32_t> received_to_sorted;   // [R_local] received row -> expert-sorted row
-    std::vector<int> local_expert_offsets;     // [E_local + 1] over the expert-sorted rows
+    std::vector<int64_t> send_rows;           // [ep] rows I send to each peer
+    std::vector<int64_t> recv_rows;           // [ep] rows I receive from each peer
+    std::vector<int64_t> recv_expert_rows;    // [ep * E_local] rows from peer s for local expert le
+    std::vector<int32_t> received_to_sorted;  // [R_local] received row -> expert-sorted row
+    std::vector<int> local_expert_offsets;    // [E_local + 1] over the expert-sorted rows
     int64_t num_local_rows() const { return local_expert_offsets.empty() ? 0 : local_expert_offsets.back(); }
 };
 
@@ -35,7 +35,9 @@ class ExpertDispatcher {
 
     // Plans the exchange for rows grouped by global expert and moves them:
     // x_RD (R = expert_offsets[E] rows of D floats) -> local_x (num_local_rows x D, expert-sorted).
-    DispatchHandle dispatch(const float* x_RD, const std::vector<int>& expert_offsets, int D,
+    DispatchHandle dispatch(const float* x_RD,
+                            const std::vector<int>& expert_offsets,
+                            int D,
                             std::vector<float>& local_x);
     // Same movement as dispatch() for another tensor of rows (e.g. dy in backward).
     void forward(const DispatchHandle& h, const float* rows_RD, int D, std::vector<float>& local_rows);

@@ -110,8 +110,8 @@ TEST(CliTest, EmptyTextFileIsOneLineError) {
 
 TEST(CliTest, TruncatedTokenFileIsOneLineError) {
     const fs::path dir = fs::temp_directory_path() / ("bmoe_cli_data_" + std::to_string(::getpid()));
-    RunResult made = run_bmoe("data --source synthetic --train-tokens 20000 --val-tokens 5000 --ood-tokens 5000 --out " +
-                              dir.string());
+    RunResult made = run_bmoe(
+        "data --source synthetic --train-tokens 20000 --val-tokens 5000 --ood-tokens 5000 --out " + dir.string());
     ASSERT_EQ(made.rc, 0) << made.err;
     const fs::path train = dir / "train.bin";
     fs::resize_file(train, fs::file_size(train) - 100);

@@ -109,8 +109,8 @@ void expect_same_training(const RunConfig& config, int ep, const std::string& na
             max_diff = std::max(max_diff, std::abs(a - b));
             max_ref = std::max(max_ref, std::abs(b));
         }
-        EXPECT_LE(max_diff, 2e-3 * (max_ref + 1e-3)) << name << " ep " << ep << " rank " << world.rank() << " "
-                                                     << p.name;
+        EXPECT_LE(max_diff, 2e-3 * (max_ref + 1e-3))
+            << name << " ep " << ep << " rank " << world.rank() << " " << p.name;
     }
 }
 
@@ -152,8 +152,8 @@ TEST(EpEquivalence, GradientsThroughTheExchangeMatchSingleProcess) {
                 num += (a - b) * (a - b);
                 den += b * b;
             }
-            EXPECT_LE(std::sqrt(num), 1e-5 * std::sqrt(den) + 1e-9) << "ep " << ep << " rank " << world.rank() << " "
-                                                                    << p.name;
+            EXPECT_LE(std::sqrt(num), 1e-5 * std::sqrt(den) + 1e-9)
+                << "ep " << ep << " rank " << world.rank() << " " << p.name;
         }
     }
 }

@@ -63,7 +63,8 @@ TEST_P(ImportTest, ImportedModelReproducesPyTorchLogits) {
     model::Model m(c.model, &cpu);
     AdamW optimizer(c.optim, m);
     EXPECT_EQ(load_training_checkpoint(ckpt.string(), m, optimizer), 0);
-    const checkpoints::SafetensorsFile expected = checkpoints::read_safetensors((dir / "expected.safetensors").string());
+    const checkpoints::SafetensorsFile expected =
+        checkpoints::read_safetensors((dir / "expected.safetensors").string());
     const std::vector<int64_t> tokens64 = checkpoints::tensor_to_int64(expected.at("tokens"));
     const std::vector<int32_t> tokens(tokens64.begin(), tokens64.end());
     const std::vector<float> want = checkpoints::tensor_to_float(expected.at("logits"));

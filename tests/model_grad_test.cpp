@@ -66,8 +66,8 @@ std::vector<Variant> variants() {
 
 class ModelGradTest : public ::testing::TestWithParam<Variant> {};
 
-double loss_of(Model& m, const std::vector<int32_t>& tok, const std::vector<int32_t>& tgt, int B, int T,
-               const LossWeights& w) {
+double loss_of(
+    Model& m, const std::vector<int32_t>& tok, const std::vector<int32_t>& tgt, int B, int T, const LossWeights& w) {
     return m.forward(tok.data(), tgt.data(), B, T, w).total_loss;
 }
 
@@ -81,7 +81,7 @@ TEST_P(ModelGradTest, DirectionalDerivativesMatchFiniteDifferences) {
     std::vector<int32_t> tokens(B * T), targets(B * T);
     for (auto& t : tokens) t = static_cast<int32_t>(gen() % cfg.vocab_size);
     for (auto& t : targets) t = static_cast<int32_t>(gen() % cfg.vocab_size);
-    targets[3] = -1;  // an ignored position
+    targets[3] = -1;                        // an ignored position
     const LossWeights weights{0.5f, 0.1f};  // large so the aux/z gradients are visible
 
     model.zero_grad();
@@ -137,8 +137,9 @@ TEST_P(ModelGradTest, GradientAccumulationAddsUp) {
     for (size_t i = 0; i < once.size(); ++i) ASSERT_NEAR(once[i], twice[i], 1e-6f + 1e-5f * std::abs(once[i])) << i;
 }
 
-INSTANTIATE_TEST_SUITE_P(Variants, ModelGradTest, ::testing::ValuesIn(variants()),
-                         [](const auto& info) { return info.param.name; });
+INSTANTIATE_TEST_SUITE_P(Variants, ModelGradTest, ::testing::ValuesIn(variants()), [](const auto& info) {
+    return info.param.name;
+});
 
 TEST(ModelConfigTest, ValidateRejectsBadValues) {
     ModelConfig c = tiny_config();

@@ -44,14 +44,20 @@ TEST(Reshard, ExpertParallelSizeChangesAcrossResumes) {
     if (world.size() != 4) GTEST_SKIP() << "needs 4 ranks";
     std::ostringstream log;
     if (world.rank() == 0)
-        for (const char* name : {"ref", "ep4", "ep2", "ep1", "ep4b"}) fs::remove_all(phase_config(name, 1).train.out_dir);
+        for (const char* name : {"ref", "ep4", "ep2", "ep1", "ep4b"})
+            fs::remove_all(phase_config(name, 1).train.out_dir);
     world.barrier();
 
     std::vector<double> ref(16);
     if (world.rank() == 0) ref = Trainer(phase_config("ref", 1), log).run().losses;
     world.broadcast(ref.data(), ref.size() * sizeof(double), 0);
 
-    struct Phase { const char* name; int ep; const char* from; int from_step; };
+    struct Phase {
+        const char* name;
+        int ep;
+        const char* from;
+        int from_step;
+    };
     const Phase phases[] = {{"ep4", 4, nullptr, 0}, {"ep2", 2, "ep4", 4}, {"ep1", 1, "ep2", 8}, {"ep4b", 4, "ep1", 12}};
     for (const Phase& p : phases) {
         RunConfig c = phase_config(p.name, p.ep);

@@ -1,13 +1,13 @@
 // routing_plan_test.cpp -- the host-side permutation of token copies to experts, and capacity.
 // Spec (model/routing_plan.h): copies are grouped by expert in (token, slot) order; with a
 // capacity C, each expert keeps its FIRST C copies in that order and the rest are dropped.
+#include "model/routing_plan.h"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <random>
 #include <vector>
-
-#include "model/routing_plan.h"
 
 namespace bmoe::model {
 namespace {
@@ -26,7 +26,8 @@ TEST(RoutingPlan, GroupsCopiesByExpertInTokenOrder) {
 TEST(RoutingPlan, CapacityDropsExactlyTheLaterCopies) {
     std::mt19937 gen(5);
     for (int trial = 0; trial < 50; ++trial) {
-        const int N = 1 + static_cast<int>(gen() % 40), K = 1 + static_cast<int>(gen() % 3), E = K + static_cast<int>(gen() % 5);
+        const int N = 1 + static_cast<int>(gen() % 40), K = 1 + static_cast<int>(gen() % 3),
+                  E = K + static_cast<int>(gen() % 5);
         const int capacity = static_cast<int>(gen() % 6);
         std::vector<int32_t> idx(static_cast<size_t>(N) * K);
         for (int n = 0; n < N; ++n) {  // distinct experts per token, like top-k

@@ -16,7 +16,8 @@ struct HostState {
 
 // One view per parameter tensor of `block`; replicated tensors are stored from world rank 0,
 // expert slices from the first data-parallel replica of each EP rank.
-std::vector<checkpoints::TensorView> views_of(const model::ParameterLayout& layout, std::vector<float>& block,
+std::vector<checkpoints::TensorView> views_of(const model::ParameterLayout& layout,
+                                              std::vector<float>& block,
                                               const parallel::ProcessGrid* grid) {
     std::vector<checkpoints::TensorView> views;
     for (const model::ParamInfo& p : layout.params()) {
@@ -43,8 +44,12 @@ std::map<std::string, std::vector<checkpoints::TensorView>> groups_of(const mode
 
 }  // namespace
 
-void save_training_checkpoint(const std::string& path, int64_t step, const RunConfig& config,
-                              const std::string& parent, model::Model& model, AdamW& optimizer,
+void save_training_checkpoint(const std::string& path,
+                              int64_t step,
+                              const RunConfig& config,
+                              const std::string& parent,
+                              model::Model& model,
+                              AdamW& optimizer,
                               const parallel::ProcessGrid& grid) {
     model::Backend* be = model.backend();
     const size_t n = model.layout().total_numel();

@@ -17,8 +17,12 @@
 namespace bmoe::trainer {
 
 // Collective over the grid's world; rank 0 writes `path` atomically.
-void save_training_checkpoint(const std::string& path, int64_t step, const RunConfig& config,
-                              const std::string& parent, model::Model& model, AdamW& optimizer,
+void save_training_checkpoint(const std::string& path,
+                              int64_t step,
+                              const RunConfig& config,
+                              const std::string& parent,
+                              model::Model& model,
+                              AdamW& optimizer,
                               const parallel::ProcessGrid& grid);
 // Reads this rank's slices (any EP/DP layout) into the model and optimizer; returns the step.
 int64_t load_training_checkpoint(const std::string& path, model::Model& model, AdamW& optimizer);

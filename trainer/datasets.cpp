@@ -26,8 +26,8 @@ data::CorpusSplits load_splits(const DataConfig& config, uint64_t seed) {
         return data::build_corpus(opts);
     }
     BMOE_REQUIRE(fs::is_directory(ds), "data.dataset '", ds,
-                 "' is neither 'synthetic', 'text', a text file nor a directory: write one with `bmoe data --out ",
-                 ds, "`");
+                 "' is neither 'synthetic', 'text', a text file nor a directory: write one with `bmoe data --out ", ds,
+                 "`");
     const fs::path train = fs::path(ds) / "train.bin", val = fs::path(ds) / "val.bin";
     BMOE_REQUIRE(fs::exists(train), "data.dataset directory '", ds, "' has no train.bin: write it with `bmoe data`");
     BMOE_REQUIRE(fs::exists(val), "data.dataset directory '", ds, "' has no val.bin: write it with `bmoe data`");
@@ -40,8 +40,8 @@ data::CorpusSplits load_splits(const DataConfig& config, uint64_t seed) {
 }
 
 // Per-domain windows: up to `max_windows` of each domain's documents, concatenated.
-std::vector<DomainEval> domain_evaluations(const data::TokenData& train, const data::TokenData& split, int B, int T,
-                                           size_t max_windows) {
+std::vector<DomainEval> domain_evaluations(
+    const data::TokenData& train, const data::TokenData& split, int B, int T, size_t max_windows) {
     std::vector<DomainEval> out;
     const std::vector<uint64_t> docs = split.documents_per_domain();
     for (int d = 0; d < split.num_domains(); ++d) {
@@ -60,8 +60,13 @@ std::vector<DomainEval> domain_evaluations(const data::TokenData& train, const d
 
 }  // namespace
 
-Datasets load_datasets(const DataConfig& config, int vocab_size, uint64_t seed, int eval_batches, int rank,
-                       int num_ranks, std::ostream& log) {
+Datasets load_datasets(const DataConfig& config,
+                       int vocab_size,
+                       uint64_t seed,
+                       int eval_batches,
+                       int rank,
+                       int num_ranks,
+                       std::ostream& log) {
     data::CorpusSplits splits = load_splits(config, seed);
     for (const data::TokenData* d : {&splits.train, &splits.validation})
         BMOE_REQUIRE(d->vocab_size <= vocab_size, d->describe(), " has vocab size ", d->vocab_size,
@@ -69,18 +74,18 @@ Datasets load_datasets(const DataConfig& config, int vocab_size, uint64_t seed, 
     Datasets ds;
     ds.domain_names = splits.train.domain_names();
     const size_t windows_per_domain = static_cast<size_t>(std::max(1, eval_batches / 2)) * config.batch_size;
-    ds.domain_evals = domain_evaluations(splits.train, splits.validation, config.batch_size, config.seq_len,
-                                         windows_per_domain);
+    ds.domain_evals =
+        domain_evaluations(splits.train, splits.validation, config.batch_size, config.seq_len, windows_per_domain);
     if (splits.ood.num_tokens() > 0) {
-        std::vector<DomainEval> ood = domain_evaluations(splits.train, splits.ood, config.batch_size, config.seq_len,
-                                                         windows_per_domain);
+        std::vector<DomainEval> ood =
+            domain_evaluations(splits.train, splits.ood, config.batch_size, config.seq_len, windows_per_domain);
         for (DomainEval& e : ood) ds.domain_evals.push_back(std::move(e));
     }
     ds.unigram_loss = data::unigram_cross_entropy(splits.train, splits.validation);
     ds.train = std::make_shared<const data::TokenData>(std::move(splits.train));
     ds.val = std::make_shared<const data::TokenData>(std::move(splits.validation));
-    ds.train_loader = std::make_unique<data::DataLoader>(*ds.train, config.batch_size / num_ranks, config.seq_len,
-                                                         seed, rank, num_ranks);
+    ds.train_loader = std::make_unique<data::DataLoader>(*ds.train, config.batch_size / num_ranks, config.seq_len, seed,
+                                                         rank, num_ranks);
     data::EvalLoader val(*ds.val, config.batch_size, config.seq_len,
                          static_cast<size_t>(eval_batches) * config.batch_size);
     ds.val_batches = val.all_batches();

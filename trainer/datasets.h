@@ -25,15 +25,20 @@ struct DomainEval {
 struct Datasets {
     std::shared_ptr<const data::TokenData> train, val;
     std::unique_ptr<data::DataLoader> train_loader;  // this rank's shard
-    std::vector<data::Batch> val_batches;  // fixed validation windows (same every evaluation)
-    double unigram_loss = 0.0;             // nats/token of a unigram model of train, on val
+    std::vector<data::Batch> val_batches;            // fixed validation windows (same every evaluation)
+    double unigram_loss = 0.0;                       // nats/token of a unigram model of train, on val
     std::vector<std::string> domain_names;
     std::vector<DomainEval> domain_evals;  // every domain present in validation or ood
 };
 
 // The train loader draws this rank's rows (batch_size / num_ranks) of each global batch; the
 // evaluation batches are global (the trainer takes its rows from them).
-Datasets load_datasets(const DataConfig& config, int vocab_size, uint64_t seed, int eval_batches, int rank,
-                       int num_ranks, std::ostream& log);
+Datasets load_datasets(const DataConfig& config,
+                       int vocab_size,
+                       uint64_t seed,
+                       int eval_batches,
+                       int rank,
+                       int num_ranks,
+                       std::ostream& log);
 
 }  // namespace bmoe::trainer

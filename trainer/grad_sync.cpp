@@ -8,8 +8,8 @@ namespace bmoe::trainer {
 namespace {
 
 // Sums [offset, offset + count) of the gradient block over `comm`.
-void reduce_range(model::Model& model, parallel::Communicator& comm, size_t offset, size_t count,
-                  std::vector<float>& staging) {
+void reduce_range(
+    model::Model& model, parallel::Communicator& comm, size_t offset, size_t count, std::vector<float>& staging) {
     if (comm.size() == 1 || count == 0) return;
     float* grads = model.grads() + offset;
     model::Backend* be = model.backend();
@@ -22,7 +22,6 @@ void reduce_range(model::Model& model, parallel::Communicator& comm, size_t offs
     comm.all_reduce_sum(staging.data(), count);
     be->upload(grads, staging.data(), count * sizeof(float));
 }
-
 
 // Calls fn(is_expert, offset, count) for each run of adjacent tensors of the same kind (padding
 // between tensors included: it is zero in the gradient block).

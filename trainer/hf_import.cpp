@@ -5,10 +5,10 @@
 
 #include "checkpoints/safetensors.h"
 #include "model/cpu_backend.h"
-#include "parallel/local_comm.h"
-#include "trainer/checkpointing.h"
 #include "model/params.h"
 #include "parallel/check.h"
+#include "parallel/local_comm.h"
+#include "trainer/checkpointing.h"
 
 namespace bmoe::trainer {
 
@@ -22,7 +22,8 @@ struct Target {
 
 Target map_name(const std::string& hf) {
     static const std::regex mixtral(R"(model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight)");
-    static const std::regex mlp_expert(R"(model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight)");
+    static const std::regex mlp_expert(
+        R"(model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight)");
     static const std::regex mlp_router(R"(model\.layers\.(\d+)\.mlp\.gate\.weight)");
     std::smatch m;
     if (std::regex_match(hf, m, mixtral))
@@ -45,7 +46,7 @@ std::string shape_string(const std::vector<int64_t>& s) {
 }  // namespace
 
 std::map<std::string, std::vector<float>> import_hf_safetensors(const std::vector<std::string>& files,
-                                                               const model::ModelConfig& config) {
+                                                                const model::ModelConfig& config) {
     BMOE_REQUIRE(!files.empty(), "no safetensors file given: pass the model's *.safetensors shards");
     const model::ParameterLayout layout(config);
     std::map<std::string, std::vector<float>> out;
@@ -90,7 +91,8 @@ std::map<std::string, std::vector<float>> import_hf_safetensors(const std::vecto
     return out;
 }
 
-void write_imported_checkpoint(const std::vector<std::string>& files, const RunConfig& config,
+void write_imported_checkpoint(const std::vector<std::string>& files,
+                               const RunConfig& config,
                                const std::string& out_path) {
     config.validate();
     const auto tensors = import_hf_safetensors(files, config.model);

@@ -27,11 +27,12 @@ namespace bmoe::trainer {
 
 // Global tensors by bmoe parameter name, for `config` (all experts). `files`: one or more shards.
 std::map<std::string, std::vector<float>> import_hf_safetensors(const std::vector<std::string>& files,
-                                                               const model::ModelConfig& config);
+                                                                const model::ModelConfig& config);
 
 // `bmoe ckpt import`: the imported weights as a step-0 training checkpoint (zero optimizer
 // moments) that `bmoe train --checkpoint.resume=FILE` starts from. Single process.
-void write_imported_checkpoint(const std::vector<std::string>& files, const RunConfig& config,
+void write_imported_checkpoint(const std::vector<std::string>& files,
+                               const RunConfig& config,
                                const std::string& out_path);
 
 }  // namespace bmoe::trainer

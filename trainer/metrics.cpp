@@ -15,13 +15,22 @@ MetricsLog::MetricsLog(const std::string& path, bool append) : path_(path) {
 
 void MetricsLog::write(const StepMetrics& m) {
     if (!out_.is_open()) return;
-    nlohmann::json j = {{"step", m.step},         {"loss", m.loss}, {"ce", m.ce},
-                        {"aux", m.aux},           {"z", m.z},       {"lr", m.lr},
-                        {"grad_norm", m.grad_norm}, {"tokens_per_s", m.tokens_per_s},
-                        {"elapsed_s", m.elapsed_s}, {"expert_load", m.expert_load},
-                        {"dropped", m.num_dropped}, {"copies", m.num_copies},
-                        {"step_s", m.step_s},       {"exchange_s", m.exchange_s},
-                        {"exchange_bytes", m.exchange_bytes}, {"exchange_min_bytes", m.exchange_min_bytes}};
+    nlohmann::json j = {{"step", m.step},
+                        {"loss", m.loss},
+                        {"ce", m.ce},
+                        {"aux", m.aux},
+                        {"z", m.z},
+                        {"lr", m.lr},
+                        {"grad_norm", m.grad_norm},
+                        {"tokens_per_s", m.tokens_per_s},
+                        {"elapsed_s", m.elapsed_s},
+                        {"expert_load", m.expert_load},
+                        {"dropped", m.num_dropped},
+                        {"copies", m.num_copies},
+                        {"step_s", m.step_s},
+                        {"exchange_s", m.exchange_s},
+                        {"exchange_bytes", m.exchange_bytes},
+                        {"exchange_min_bytes", m.exchange_min_bytes}};
     out_ << j.dump() << '\n';
     out_.flush();
 }

@@ -20,10 +20,10 @@ struct StepMetrics {
     double tokens_per_s = 0.0;
     double elapsed_s = 0.0;
     std::vector<std::vector<int64_t>> expert_load;  // [moe layer][expert] routed copies this step
-    int64_t num_dropped = 0;   // copies dropped by expert capacity (all ranks, all MoE layers)
-    int64_t num_copies = 0;    // routed copies (all ranks, all MoE layers)
-    double step_s = 0.0;       // wall time of the step
-    double exchange_s = 0.0;   // of which in expert-parallel all-to-alls (max over ranks)
+    int64_t num_dropped = 0;                        // copies dropped by expert capacity (all ranks, all MoE layers)
+    int64_t num_copies = 0;                         // routed copies (all ranks, all MoE layers)
+    double step_s = 0.0;                            // wall time of the step
+    double exchange_s = 0.0;                        // of which in expert-parallel all-to-alls (max over ranks)
     // Bytes all ranks sent to other ranks for the token exchange this step (x, y, dy, dx), and the
     // minimum with one row per (token, destination rank).
     double exchange_bytes = 0.0, exchange_min_bytes = 0.0;
@@ -31,8 +31,8 @@ struct StepMetrics {
 
 struct EvalMetrics {
     int step = 0;
-    double val_loss = 0.0;        // mean CE over the validation windows
-    double unigram_loss = 0.0;    // baseline: unigram model of the training data
+    double val_loss = 0.0;      // mean CE over the validation windows
+    double unigram_loss = 0.0;  // baseline: unigram model of the training data
 };
 
 class MetricsLog {

@@ -10,7 +10,8 @@
 
 namespace bmoe::trainer {
 
-std::vector<DomainReport> evaluate_domains(model::Model& model, const std::vector<DomainEval>& domains,
+std::vector<DomainReport> evaluate_domains(model::Model& model,
+                                           const std::vector<DomainEval>& domains,
                                            const model::LossWeights& weights) {
     std::vector<DomainReport> out;
     for (const DomainEval& d : domains) {

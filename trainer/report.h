@@ -19,7 +19,8 @@ struct DomainReport {
     std::vector<std::vector<double>> expert_share;  // [MoE layer][expert]: share of routed copies
 };
 
-std::vector<DomainReport> evaluate_domains(model::Model& model, const std::vector<DomainEval>& domains,
+std::vector<DomainReport> evaluate_domains(model::Model& model,
+                                           const std::vector<DomainEval>& domains,
                                            const model::LossWeights& weights);
 // A fixed-width table, one row per domain, with the top experts of the first MoE layer.
 std::string format_report(const std::vector<DomainReport>& reports);

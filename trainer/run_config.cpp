@@ -23,8 +23,8 @@ void RunConfig::validate() const {
     BMOE_REQUIRE(loss.zloss_coef >= 0.0f, "loss.zloss_coef must be >= 0 (got ", loss.zloss_coef, ")");
     BMOE_REQUIRE(data.batch_size >= 1, "data.batch_size must be >= 1 (got ", data.batch_size, ")");
     BMOE_REQUIRE(data.seq_len >= 1, "data.seq_len must be >= 1 (got ", data.seq_len, ")");
-    BMOE_REQUIRE(model.position != model::PositionType::kLearned || data.seq_len <= model.max_seq_len,
-                 "data.seq_len (", data.seq_len, ") exceeds model.max_seq_len (", model.max_seq_len,
+    BMOE_REQUIRE(model.position != model::PositionType::kLearned || data.seq_len <= model.max_seq_len, "data.seq_len (",
+                 data.seq_len, ") exceeds model.max_seq_len (", model.max_seq_len,
                  ") with learned positions: raise model.max_seq_len or shorten data.seq_len");
     BMOE_REQUIRE(data.train_tokens >= 1000, "data.train_tokens must be >= 1000 (got ", data.train_tokens, ")");
     BMOE_REQUIRE(parallel.ep >= 0, "parallel.ep must be >= 0 (0 = all ranks; got ", parallel.ep, ")");
@@ -65,7 +65,8 @@ void add_run_options(CLI::App& app, RunConfig& c, RunConfigCli& cli) {
     opt("model.norm_eps", m.norm_eps, "epsilon of the norms");
     opt("model.rope_theta", m.rope_theta, "RoPE base");
     opt("model.router_renormalize", m.router_renormalize, "renormalise the top-k gate weights to sum to 1");
-    opt("model.capacity_factor", m.capacity_factor, "expert capacity factor; copies beyond it are dropped (0 = dropless)");
+    opt("model.capacity_factor", m.capacity_factor,
+        "expert capacity factor; copies beyond it are dropped (0 = dropless)");
     opt("model.init_std", m.init_std, "std of the normal weight init");
     opt("optim.lr", c.optim.lr, "peak learning rate");
     opt("optim.min_lr_ratio", c.optim.min_lr_ratio, "final lr = lr * min_lr_ratio (cosine)");

@@ -18,27 +18,27 @@ class App;
 namespace bmoe::trainer {
 
 struct OptimConfig {
-    float lr = 3e-3f;             // peak learning rate
-    float min_lr_ratio = 0.1f;    // cosine decays to lr * min_lr_ratio
-    int warmup_steps = 20;        // linear warm-up from 0
+    float lr = 3e-3f;           // peak learning rate
+    float min_lr_ratio = 0.1f;  // cosine decays to lr * min_lr_ratio
+    int warmup_steps = 20;      // linear warm-up from 0
     float beta1 = 0.9f;
     float beta2 = 0.95f;
     float eps = 1e-8f;
-    float weight_decay = 0.1f;    // decoupled (AdamW); never applied to norms/biases
-    float grad_clip = 1.0f;       // global L2 grad-norm clip; <= 0 disables
+    float weight_decay = 0.1f;  // decoupled (AdamW); never applied to norms/biases
+    float grad_clip = 1.0f;     // global L2 grad-norm clip; <= 0 disables
 };
 
 struct LossConfig {
-    float aux_coef = 0.01f;    // Switch/GShard load-balancing loss weight
-    float zloss_coef = 0.001f; // router z-loss weight
+    float aux_coef = 0.01f;     // Switch/GShard load-balancing loss weight
+    float zloss_coef = 0.001f;  // router z-loss weight
 };
 
 struct DataConfig {
     // "synthetic" (built-in multi-domain corpus), "text" (Debian fortunes + C headers), or a
     // directory holding train.bin / val.bin (and optionally ood.bin) written by `bmoe data`.
     std::string dataset = "synthetic";
-    int batch_size = 8;   // sequences per micro-batch, GLOBAL: split evenly over the ranks
-    int seq_len = 128;    // tokens per sequence
+    int batch_size = 8;                 // sequences per micro-batch, GLOBAL: split evenly over the ranks
+    int seq_len = 128;                  // tokens per sequence
     uint64_t train_tokens = 2'000'000;  // size of generated corpora (synthetic/text)
 };
 
@@ -49,19 +49,19 @@ struct ParallelConfig {
 };
 
 struct CheckpointConfig {
-    std::string dir;          // "" = <train.out_dir>/checkpoints
-    int every = 0;            // save every N steps (0 = only at the end)
-    int keep = 3;             // newest checkpoints kept
-    std::string resume;       // "" (start fresh) | "auto" (latest in dir, if any) | a checkpoint file
+    std::string dir;     // "" = <train.out_dir>/checkpoints
+    int every = 0;       // save every N steps (0 = only at the end)
+    int keep = 3;        // newest checkpoints kept
+    std::string resume;  // "" (start fresh) | "auto" (latest in dir, if any) | a checkpoint file
 };
 
 struct TrainConfig {
-    int steps = 300;         // optimizer steps
-    int grad_accum = 1;      // micro-batches per step
-    uint64_t seed = 1234;    // weights, data order, everything random
-    int log_every = 10;      // progress line every N steps
-    int eval_every = 100;    // validation every N steps (and at the end); 0 = only at the end
-    int eval_batches = 8;    // validation micro-batches per evaluation
+    int steps = 300;                       // optimizer steps
+    int grad_accum = 1;                    // micro-batches per step
+    uint64_t seed = 1234;                  // weights, data order, everything random
+    int log_every = 10;                    // progress line every N steps
+    int eval_every = 100;                  // validation every N steps (and at the end); 0 = only at the end
+    int eval_batches = 8;                  // validation micro-batches per evaluation
     std::string out_dir = "runs/default";  // metrics.jsonl, loss curve, config.toml
     std::string backend = "cpu";           // cpu | cuda
     int threads = 0;                       // CPU threads; 0 = all cores
@@ -78,7 +78,7 @@ struct RunConfig {
     TrainConfig train;
 
     void validate() const;
-    std::string to_toml() const;  // resolved config, loadable again with --config
+    std::string to_toml() const;         // resolved config, loadable again with --config
     std::string checkpoint_dir() const;  // checkpoint.dir or <train.out_dir>/checkpoints
 };
 

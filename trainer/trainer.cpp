@@ -1,18 +1,18 @@
 #include "trainer/trainer.h"
 
 #include <chrono>
+#include <cmath>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
-#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <ostream>
 
+#include "checkpoints/checkpoint.h"
 #include "model/cpu_threads.h"
 #include "parallel/check.h"
 #include "parallel/mpi_env.h"
-#include "checkpoints/checkpoint.h"
 #include "trainer/checkpointing.h"
 #include "trainer/grad_sync.h"
 #include "trainer/lr_schedule.h"
@@ -62,9 +62,8 @@ Trainer::Trainer(const RunConfig& config, std::ostream& log, parallel::Communica
          << experts.count << " of " << config_.model.num_experts << " experts per rank | batch "
          << config_.data.batch_size / W << " of " << config_.data.batch_size << " sequences per rank\n"
          << config_.model.describe() << "\n"
-         << "params: " << model_->layout().total_numel() << " on rank 0, "
-         << model_->layout().active_matmul_params() << " active matmul per token | backend " << backend_->name()
-         << " | threads " << model::cpu_threads() << "\n";
+         << "params: " << model_->layout().total_numel() << " on rank 0, " << model_->layout().active_matmul_params()
+         << " active matmul per token | backend " << backend_->name() << " | threads " << model::cpu_threads() << "\n";
 }
 
 void Trainer::resume_if_asked() {
@@ -123,8 +122,8 @@ StepMetrics Trainer::train_step(int step) {
     model_->zero_grad();
     for (int micro = 0; micro < accum; ++micro) {
         const data::Batch batch = datasets_.train_loader->next_batch();  // this rank's rows
-        const model::ForwardStats s = model_->forward(batch.tokens.data(), batch.targets.data(), batch.B,
-                                                      d.seq_len, weights);
+        const model::ForwardStats s =
+            model_->forward(batch.tokens.data(), batch.targets.data(), batch.B, d.seq_len, weights);
         model_->backward(1.0f / static_cast<float>(accum));
         m.loss += s.total_loss / accum;
         m.ce += s.ce_loss / accum;
@@ -143,7 +142,8 @@ StepMetrics Trainer::train_step(int step) {
     m.exchange_s = x.seconds;
     // 4 transfers of D floats per row: x and y in forward, dy and dx in backward.
     const double row_bytes = 4.0 * config_.model.d_model * sizeof(float);
-    double traffic[2] = {static_cast<double>(x.rows_sent) * row_bytes, static_cast<double>(x.min_rows_sent) * row_bytes};
+    double traffic[2] = {static_cast<double>(x.rows_sent) * row_bytes,
+                         static_cast<double>(x.min_rows_sent) * row_bytes};
     if (grid_->world_size() > 1) {
         grid_->world().all_reduce_max(&m.exchange_s, 1);
         grid_->world().all_reduce_sum(traffic, 2);
@@ -184,10 +184,11 @@ volatile std::sig_atomic_t g_stop_signal = 0;
 extern "C" void request_stop(int signal_number) { g_stop_signal = signal_number; }
 
 struct StopSignalGuard {
-    struct sigaction old_term{}, old_usr1{};
+    struct sigaction old_term {
+    }, old_usr1{};
     StopSignalGuard() {
         g_stop_signal = 0;
-        struct sigaction sa{};
+        struct sigaction sa {};
         sa.sa_handler = request_stop;
         sigemptyset(&sa.sa_mask);
         sigaction(SIGTERM, &sa, &old_term);
@@ -227,8 +228,7 @@ double Trainer::save_checkpoint(int step) {
 TrainResult Trainer::run() {
     TrainResult result;
     const TrainConfig& t = config_.train;
-    const double tokens_per_step =
-        static_cast<double>(config_.data.batch_size) * config_.data.seq_len * t.grad_accum;
+    const double tokens_per_step = static_cast<double>(config_.data.batch_size) * config_.data.seq_len * t.grad_accum;
     auto run_eval = [&](int step) {
         EvalMetrics e{step, evaluate(), datasets_.unigram_loss};
         metrics_->write(e);
@@ -288,8 +288,8 @@ void Trainer::final_report() {
             if (b.B % grid_->world_size() == 0) rows.push_back(local_rows(b));
         d.batches = std::move(rows);
     }
-    const auto reports = evaluate_domains(*model_, local_domains,
-                                          model::LossWeights{config_.loss.aux_coef, config_.loss.zloss_coef});
+    const auto reports =
+        evaluate_domains(*model_, local_domains, model::LossWeights{config_.loss.aux_coef, config_.loss.zloss_coef});
     if (!is_root()) return;
     const TrainConfig& t = config_.train;
     const std::string report_path = (std::filesystem::path(t.out_dir) / "report.json").string();
@@ -300,8 +300,8 @@ void Trainer::final_report() {
 
 void Trainer::plot_loss_curve() {
     // Drawn by matplotlib (tools/plot_loss.py); a missing Python is a warning, not a failure.
-    const std::string cmd = std::string("/usr/bin/python3 '") + BMOE_TOOLS_DIR + "/plot_loss.py' '" +
-                            metrics_->path() + "' >/dev/null 2>&1";
+    const std::string cmd = std::string("/usr/bin/python3 '") + BMOE_TOOLS_DIR + "/plot_loss.py' '" + metrics_->path() +
+                            "' >/dev/null 2>&1";
     if (std::system(cmd.c_str()) == 0)
         log_ << "loss curve: " << (std::filesystem::path(config_.train.out_dir) / "loss_curve.png").string()
              << std::endl;

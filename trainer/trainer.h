@@ -28,7 +28,7 @@
 namespace bmoe::trainer {
 
 struct TrainResult {
-    std::vector<double> losses;     // total loss per step
+    std::vector<double> losses;      // total loss per step
     std::vector<EvalMetrics> evals;  // every validation
     double tokens_per_s = 0.0;       // training throughput over the whole run
     bool stopped_early = false;      // SIGTERM/SIGUSR1: checkpoint saved, run incomplete
@@ -71,8 +71,8 @@ class Trainer {
     std::unique_ptr<AdamW> optimizer_;
     Datasets datasets_;
     std::unique_ptr<MetricsLog> metrics_;
-    int start_step_ = 0;             // > 0 when resumed from a checkpoint
-    std::string parent_checkpoint_;  // the checkpoint this run resumed from
+    int start_step_ = 0;               // > 0 when resumed from a checkpoint
+    std::string parent_checkpoint_;    // the checkpoint this run resumed from
     double checkpoint_seconds_ = 0.0;  // time spent saving, excluded from throughput
 };
 

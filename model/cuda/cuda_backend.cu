@@ -247,8 +247,14 @@ void CudaBackend::matmul_backward(float* din_NI,
 
 // Grouped GEMMs: one cublasSgemm per non-empty group, all on the backend stream. The next step is a
 // single cublasGemmGroupedBatchedEx call (CUDA >= 12.5) over the non-empty groups.
-void CudaBackend::grouped_gemm(const std::vector<GemmProblem>& problems, float alpha, int lda, bool transA,
-                               int ldb, bool transB, float beta, int ldc) {
+void CudaBackend::grouped_gemm(const std::vector<GemmProblem>& problems,
+                               float alpha,
+                               int lda,
+                               bool transA,
+                               int ldb,
+                               bool transB,
+                               float beta,
+                               int ldc) {
     // Column-major view, as in gemm(): C^T = op(B)^T op(A)^T, so cuBLAS sees (N, M, K) and B first.
     std::vector<int> m, n, k, ld_a, ld_b, ld_c, ones;
     std::vector<cublasOperation_t> op_a, op_b;

@@ -218,15 +218,21 @@ class CudaBackend final : public Backend {
         const float* B;
         float* C;
     };
-    void grouped_gemm(const std::vector<GemmProblem>& problems, float alpha, int lda, bool transA, int ldb,
-                      bool transB, float beta, int ldc);
+    void grouped_gemm(const std::vector<GemmProblem>& problems,
+                      float alpha,
+                      int lda,
+                      bool transA,
+                      int ldb,
+                      bool transB,
+                      float beta,
+                      int ldc);
 
     CUstream_st* stream_ = nullptr;
     cublasContext* blas_ = nullptr;
     Scratch gemm_ptrs_ws_;  // device arrays of A/B/C pointers for grouped GEMMs
-    Scratch reduce_ws_;  // sum_squares partials
-    Scratch embed_ws_;   // embedding_backward CSR of token positions
-    Scratch attn_ws_;    // attention_backward dS [B, H, T, T]
+    Scratch reduce_ws_;     // sum_squares partials
+    Scratch embed_ws_;      // embedding_backward CSR of token positions
+    Scratch attn_ws_;       // attention_backward dS [B, H, T, T]
 };
 
 }  // namespace bmoe::model
