@@ -21,31 +21,18 @@
 #include "model/buffer.h"
 #include "model/cpu_backend.h"
 #include "parallel/check.h"
+#include "tests/test_util.h"
 
 namespace bmoe::model {
 namespace {
 
-using Vec = std::vector<float>;
-using IVec = std::vector<int32_t>;
+using bmoe::testing::IVec;
+using bmoe::testing::randint;
+using bmoe::testing::randn;
+using bmoe::testing::Vec;
 
 constexpr double kTol = 1e-4;
 constexpr int kCpu = 0, kGpu = 1;
-
-Vec randn(size_t n, uint32_t seed, float scale = 1.0f) {
-    std::mt19937 rng(seed);
-    std::normal_distribution<float> dist(0.0f, scale);
-    Vec v(n);
-    for (float& x : v) x = dist(rng);
-    return v;
-}
-
-IVec randint(size_t n, int lo, int hi, uint32_t seed) {  // uniform in [lo, hi)
-    std::mt19937 rng(seed);
-    std::uniform_int_distribution<int> dist(lo, hi - 1);
-    IVec v(n);
-    for (int32_t& x : v) x = dist(rng);
-    return v;
-}
 
 // One tensor mirrored on both backends: side[kCpu], side[kGpu].
 template <typename T>

@@ -15,20 +15,14 @@
 #include "model/cpu_backend.h"
 #include "model/cpu_threads.h"
 #include "parallel/check.h"
+#include "tests/test_util.h"
 
 namespace bmoe::model {
 namespace {
 
-using Vec = std::vector<float>;
-using IVec = std::vector<int32_t>;
-
-Vec randn(size_t n, uint32_t seed, float scale = 1.0f) {
-    std::mt19937 rng(seed);
-    std::normal_distribution<float> dist(0.0f, scale);
-    Vec v(n);
-    for (float& x : v) x = dist(rng);
-    return v;
-}
+using bmoe::testing::IVec;
+using bmoe::testing::randn;
+using bmoe::testing::Vec;
 
 double dot(const Vec& a, const Vec& b) {
     double s = 0.0;
