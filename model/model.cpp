@@ -33,7 +33,7 @@ Model::Model(const ModelConfig& config, Backend* backend, const ParallelContext&
         auto acts = std::make_unique<LayerActs>();
         if (config_.is_moe_layer(l)) {
             acts->moe_index = static_cast<int>(moe_blocks_.size());
-            moe_blocks_.emplace_back(config_, backend_, parallel_);
+            moe_blocks_.emplace_back(config_, backend_, parallel_, l);
         } else {
             acts->dense_ffn =
                 std::make_unique<GroupedMlp>(backend_, config_.activation, config_.d_model, config_.dense_hidden);
@@ -53,6 +53,23 @@ ExchangeStats Model::take_exchange_stats() {
         total.min_rows_sent += s.min_rows_sent;
     }
     return total;
+}
+
+void Model::end_step(int step) {
+    for (int l = 0; l < config_.num_layers; ++l)
+        if (layer_acts_[l]->moe_index >= 0) moe_blocks_[layer_acts_[l]->moe_index].router().end_step(step, param_views_.layers[l]);
+}
+
+std::vector<RouterStateTensor> Model::router_state() {
+    std::vector<RouterStateTensor> all;
+    for (int l = 0; l < config_.num_layers; ++l) {
+        if (layer_acts_[l]->moe_index < 0) continue;
+        for (RouterStateTensor t : moe_blocks_[layer_acts_[l]->moe_index].router().state()) {
+            t.name = "model.layers." + std::to_string(l) + ".block_sparse_moe.router_state." + t.name;
+            all.push_back(std::move(t));
+        }
+    }
+    return all;
 }
 
 void Model::init_weights(uint64_t seed) { params_.upload(layout_.init_host(seed)); }
@@ -191,7 +208,8 @@ ForwardStats Model::forward(const int32_t* tokens, const int32_t* targets, int B
         norm_forward(be, c, a.norm2_out.data(), a.norm2_mean.data(), a.norm2_rstd.data(), a.resid_mid.data(),
                      w.ffn_norm_w, w.ffn_norm_b, N);
         if (a.moe_index >= 0) {
-            stats.moe_layers.push_back(moe_blocks_[a.moe_index].forward(a.ffn_out.data(), a.norm2_out.data(), w, N));
+            stats.moe_layers.push_back(
+                moe_blocks_[a.moe_index].forward(a.ffn_out.data(), a.norm2_out.data(), w, N, routing_));
         } else {
             a.dense_ffn->forward(a.ffn_out.data(), a.norm2_out.data(), MlpWeights{w.ffn_gate, w.ffn_up, w.ffn_down},
                                  {0, N});
@@ -208,6 +226,7 @@ ForwardStats Model::forward(const int32_t* tokens, const int32_t* targets, int B
     for (const MoeLayerStats& s : stats.moe_layers) {
         stats.aux_loss += s.aux_loss / static_cast<double>(stats.moe_layers.size());
         stats.z_loss += s.z_loss / static_cast<double>(stats.moe_layers.size());
+        stats.router_reg += s.reg;
     }
     num_valid_targets_ = 0;
     if (targets != nullptr) {
@@ -226,7 +245,8 @@ ForwardStats Model::forward(const int32_t* tokens, const int32_t* targets, int B
         stats.ce_loss = num_valid_targets_ > 0 ? totals[0] / totals[1] : 0.0;
     }
     stats.num_valid_targets = num_valid_targets_;
-    stats.total_loss = stats.ce_loss + weights.aux_coef * stats.aux_loss + weights.zloss_coef * stats.z_loss;
+    stats.total_loss = stats.ce_loss + weights.aux_coef * stats.aux_loss + weights.zloss_coef * stats.z_loss +
+                       weights.router_reg_coef * stats.router_reg;
     return stats;
 }
 
@@ -244,6 +264,7 @@ void Model::backward(float loss_scale) {
     const int num_moe = c.num_moe_layers();
     const float aux_weight = num_moe > 0 ? loss_weights_.aux_coef * loss_scale / num_moe : 0.0f;
     const float z_weight = num_moe > 0 ? loss_weights_.zloss_coef * loss_scale / num_moe : 0.0f;
+    const float reg_weight = loss_weights_.router_reg_coef * loss_scale;
 
     // LM head and final norm. CE is a mean over valid targets.
     const float dloss = num_valid_targets_ > 0 ? loss_scale / static_cast<float>(num_valid_targets_) : 0.0f;
@@ -261,7 +282,7 @@ void Model::backward(float loss_scale) {
         // feed-forward sub-block: d ffn_out = dresidual
         if (a.moe_index >= 0) {
             moe_blocks_[a.moe_index].backward(dtmp_ND_.data(), dw, dresidual_.data(), a.norm2_out.data(), w, aux_weight,
-                                              z_weight);
+                                              z_weight, reg_weight);
         } else {
             a.dense_ffn->backward(dtmp_ND_.data(), MlpGrads{dw.ffn_gate, dw.ffn_up, dw.ffn_down}, dresidual_.data(),
                                   a.norm2_out.data(), MlpWeights{w.ffn_gate, w.ffn_up, w.ffn_down});

@@ -3,7 +3,8 @@
 // Owns the flat parameter and gradient blocks (model/params.h) and the activations of one
 // micro-batch. forward() computes logits (and the loss when targets are given); backward()
 // accumulates parameter gradients of
-//     loss = CE + aux_coef * mean_l(aux_l) + zloss_coef * mean_l(z_l)      (l over MoE layers)
+//     loss = CE + aux_coef * mean_l(aux_l) + zloss_coef * mean_l(z_l) + router_reg_coef * sum_l(reg_l)
+// (l over MoE layers; reg_l is the router family's regulariser: KL or -log T, 0 for topk)
 // scaled by loss_scale (1/grad_accum_steps), so micro-batches add up to the mean.
 // Layer l: x += attn(norm1(x)); x += ffn(norm2(x)), ffn = MoE block or dense FFN.
 #pragma once
@@ -22,8 +23,9 @@
 namespace bmoe::model {
 
 struct LossWeights {
-    float aux_coef = 0.01f;     // Switch/GShard load-balancing loss weight
-    float zloss_coef = 0.001f;  // ST-MoE router z-loss weight
+    float aux_coef = 0.01f;        // Switch/GShard load-balancing loss weight
+    float zloss_coef = 0.001f;     // ST-MoE router z-loss weight
+    float router_reg_coef = 0.0f;  // beta: weight of the router regulariser (KL / -log T), after warm-up
 };
 
 // What one forward pass measured (host values).
@@ -32,6 +34,7 @@ struct ForwardStats {
     double ce_loss = 0.0;   // mean cross-entropy over valid targets
     double aux_loss = 0.0;  // mean over MoE layers of the load-balancing loss (unweighted)
     double z_loss = 0.0;    // mean over MoE layers of the router z-loss (unweighted)
+    double router_reg = 0.0;  // sum over MoE layers of the router regulariser (unweighted)
     double total_loss = 0.0;
     int64_t num_valid_targets = 0;
     std::vector<MoeLayerStats> moe_layers;  // one per MoE layer
@@ -59,10 +62,23 @@ class Model {
     std::vector<float> grads_to_host() const { return grads_.download(); }
     void zero_grad() { grads_.zero(); }
 
+    // How the routers draw their noise and route (seed, step, global token ids, train/eval, mode);
+    // applies to the following forwards. Default: training, sample mode, seed 0, step 0.
+    void set_routing(const RoutingContext& ctx) { routing_ = ctx; }
+    const RoutingContext& routing() const { return routing_; }
+
     // tokens/targets: host arrays [B*T]; targets may be null (no loss) and < 0 means "ignore".
     ForwardStats forward(const int32_t* tokens, const int32_t* targets, int B, int T, const LossWeights& weights);
     // Requires a forward with targets; accumulates d(loss * loss_scale)/dparams into grads().
     void backward(float loss_scale);
+
+    // After each optimizer step (step = steps done): router state updates (selection bias, SWAG).
+    void end_step(int step);
+    // Router state that is not a parameter, named "model.layers.{l}.block_sparse_moe.router_state.*".
+    std::vector<RouterStateTensor> router_state();
+    int num_moe_blocks() const { return static_cast<int>(moe_blocks_.size()); }
+    const MoeBlock& moe_block(int i) const { return moe_blocks_[i]; }
+    MoeBlock& moe_block(int i) { return moe_blocks_[i]; }
 
     // This rank's expert-parallel traffic since the last call, summed over MoE layers.
     ExchangeStats take_exchange_stats();
@@ -85,6 +101,7 @@ class Model {
     // ---- activations of the last forward (sized for B*T) ----
     int B_ = 0, T_ = 0;
     LossWeights loss_weights_;
+    RoutingContext routing_;
     int64_t num_valid_targets_ = 0;  // over the global batch (all ranks)
     Buffer<int32_t> tokens_, targets_;
     std::vector<std::unique_ptr<LayerActs>> layer_acts_;

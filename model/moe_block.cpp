@@ -5,10 +5,11 @@
 
 namespace bmoe::model {
 
-MoeBlock::MoeBlock(const ModelConfig& config, Backend* backend, const ParallelContext& parallel)
+MoeBlock::MoeBlock(const ModelConfig& config, Backend* backend, const ParallelContext& parallel, int layer)
     : config_(config),
       backend_(backend),
       parallel_(parallel),
+      router_(config, backend, layer),
       experts_(backend, config.activation, config.d_model, config.expert_hidden) {
     if (parallel_.expert_parallel())
         dispatcher_ = std::make_unique<parallel::ExpertDispatcher>(*parallel_.ep, config.num_experts);
@@ -49,7 +50,7 @@ void MoeBlock::count_exchange_rows() {
     const int P = parallel_.ep->size(), me = parallel_.ep->rank(), K = config_.top_k;
     const int experts_per_rank = config_.num_experts / P;
     for (int p = 0; p < P; ++p) exchange_.rows_sent += p == me ? 0 : handle_.send_rows[p];
-    const std::vector<int32_t>& idx_host = topk_idx_host_;
+    const std::vector<int32_t>& idx_host = router_.outputs().topk_idx;
     std::vector<int> seen(P, -1);  // last token that sent to rank p
     for (int n = 0; n < N_; ++n)
         for (int k = 0; k < K; ++k) {
@@ -83,24 +84,17 @@ void MoeBlock::run_experts_backward(const LayerTensors& dw, const LayerTensors& 
     if (R > 0) backend_->upload(dx_RD_.data(), host_rows_.data(), R * D * sizeof(float));
 }
 
-MoeLayerStats MoeBlock::forward(float* out_ND, const float* x_ND, const LayerTensors& w, int N) {
+MoeLayerStats MoeBlock::forward(
+    float* out_ND, const float* x_ND, const LayerTensors& w, int N, const RoutingContext& ctx) {
     const int D = config_.d_model, E = config_.num_experts, K = config_.top_k;
     N_ = N;
-    logits_NE_.ensure(backend_, static_cast<size_t>(N) * E);
-    probs_NE_.ensure(backend_, static_cast<size_t>(N) * E);
-    lse_N_.ensure(backend_, N);
-    topk_idx_NK_.ensure(backend_, static_cast<size_t>(N) * K);
-    topk_weight_NK_.ensure(backend_, static_cast<size_t>(N) * K);
 
-    // 1. route
-    backend_->matmul_forward(logits_NE_.data(), x_ND, w.router_w, nullptr, N, D, E);
-    backend_->router_topk_forward(probs_NE_.data(), lse_N_.data(), topk_idx_NK_.data(), topk_weight_NK_.data(),
-                                  logits_NE_.data(), N, E, K, config_.router_renormalize);
+    // 1. route (all routing noise is drawn here, before any exchange)
+    router_.forward(x_ND, w, N, ctx);
+    const RouterOutputs& routed = router_.outputs();
 
-    // 2. plan the permutation on the host (N*K ints down, R + N*K ints up)
-    std::vector<int32_t>& idx_host = topk_idx_host_;
-    idx_host.resize(static_cast<size_t>(N) * K);
-    backend_->download(idx_host.data(), topk_idx_NK_.data(), idx_host.size() * sizeof(int32_t));
+    // 2. plan the permutation on the host (R + N*K ints up)
+    const std::vector<int32_t>& idx_host = routed.topk_idx;
     const int capacity = config_.capacity_factor > 0.0f
                              ? static_cast<int>(std::ceil(config_.capacity_factor * N * K / static_cast<double>(E)))
                              : -1;
@@ -116,20 +110,23 @@ MoeLayerStats MoeBlock::forward(float* out_ND, const float* x_ND, const LayerTen
     y_RD_.ensure(backend_, static_cast<size_t>(R) * D);
     backend_->moe_gather_forward(x_RD_.data(), x_ND, row_src_R_.data(), R, K, D);
     run_experts_forward(w);
-    backend_->moe_combine_forward(out_ND, y_RD_.data(), slot_row_NK_.data(), topk_weight_NK_.data(), N, K, D);
+    backend_->moe_combine_forward(out_ND, y_RD_.data(), slot_row_NK_.data(), router_.topk_weight_NK(), N, K, D);
 
-    // 4. auxiliary losses from global-batch statistics (host: N*E + N floats down, 2E+2 reduced)
-    std::vector<float> probs_host(static_cast<size_t>(N) * E), lse_host(N);
-    backend_->download(probs_host.data(), probs_NE_.data(), probs_host.size() * sizeof(float));
-    backend_->download(lse_host.data(), lse_N_.data(), lse_host.size() * sizeof(float));
-    // totals = [copies per expert (E), prob sums per expert (E), sum of lse^2, tokens, dropped]
-    std::vector<double> totals(2 * E + 3, 0.0);
+    // 4. auxiliary losses and router statistics of the global batch (2E+6 values reduced)
+    // totals = [copies per expert (E), prob sums per expert (E), sum of lse^2, tokens, dropped, reg sum,
+    //           sigma sum, temperature sum]
+    std::vector<double> totals(2 * E + 6, 0.0);
     for (int e = 0; e < E; ++e) totals[e] = static_cast<double>(plan_.tokens_per_expert[e]);
     for (int n = 0; n < N; ++n)
-        for (int e = 0; e < E; ++e) totals[E + e] += probs_host[static_cast<size_t>(n) * E + e];
-    for (int n = 0; n < N; ++n) totals[2 * E] += static_cast<double>(lse_host[n]) * lse_host[n];
+        for (int e = 0; e < E; ++e) totals[E + e] += routed.probs[static_cast<size_t>(n) * E + e];
+    for (int n = 0; n < N; ++n) totals[2 * E] += static_cast<double>(router_.lse()[n]) * router_.lse()[n];
     totals[2 * E + 1] = N;
     totals[2 * E + 2] = static_cast<double>(plan_.num_dropped);
+    for (float r : routed.reg) totals[2 * E + 3] += r;
+    for (float v : routed.sigma) totals[2 * E + 4] += v / E;
+    for (int n = 0; n < N && !routed.chol.empty(); ++n)
+        for (int e = 0; e < E; ++e) totals[2 * E + 4] += routed.chol[static_cast<size_t>(n) * (E * (E + 1) / 2) + e * (e + 1) / 2 + e] / E;
+    for (float t : routed.temperature) totals[2 * E + 5] += t;
     if (parallel_.world != nullptr) parallel_.world->all_reduce_sum(totals.data(), totals.size());
     const double N_global = totals[2 * E + 1];
     num_tokens_global_ = N_global;
@@ -146,6 +143,10 @@ MoeLayerStats MoeBlock::forward(float* out_ND, const float* x_ND, const LayerTen
         aux_dprobs_host_[e] = static_cast<float>(E * f / N_global);
     }
     stats.z_loss = totals[2 * E] / N_global;
+    stats.reg = (totals[2 * E + 3] + router_.weight_kl()) / N_global;
+    stats.mean_sigma = totals[2 * E + 4] / N_global;
+    stats.mean_temperature = totals[2 * E + 5] / N_global;
+    if (ctx.training) router_.record_load(stats.tokens_per_expert);
     return stats;
 }
 
@@ -155,29 +156,26 @@ void MoeBlock::backward(float* dx_ND,
                         const float* x_ND,
                         const LayerTensors& w,
                         float aux_weight,
-                        float z_weight) {
+                        float z_weight,
+                        float reg_weight) {
     const int N = N_, D = config_.d_model, E = config_.num_experts, K = config_.top_k, R = plan_.num_rows();
     dy_RD_.ensure(backend_, static_cast<size_t>(R) * D);
     dx_RD_.ensure(backend_, static_cast<size_t>(R) * D);
     dtopk_weight_NK_.ensure(backend_, static_cast<size_t>(N) * K);
-    dlogits_NE_.ensure(backend_, static_cast<size_t>(N) * E);
-    aux_dprobs_E_.ensure(backend_, E);
 
     backend_->moe_combine_backward(dy_RD_.data(), dtopk_weight_NK_.data(), dout_ND, y_RD_.data(), row_src_R_.data(),
-                                   slot_row_NK_.data(), topk_weight_NK_.data(), N, R, K, D);
+                                   slot_row_NK_.data(), router_.topk_weight_NK(), N, R, K, D);
     run_experts_backward(dw, w);
     backend_->zero(dx_ND, static_cast<size_t>(N) * D * sizeof(float));
     backend_->moe_gather_backward(dx_ND, dx_RD_.data(), slot_row_NK_.data(), N, K, D);
 
     std::vector<float> aux_dprobs(E);
     for (int e = 0; e < E; ++e) aux_dprobs[e] = aux_weight * aux_dprobs_host_[e];
-    backend_->upload(aux_dprobs_E_.data(), aux_dprobs.data(), E * sizeof(float));
-    backend_->router_topk_backward(dlogits_NE_.data(), dtopk_weight_NK_.data(), probs_NE_.data(), lse_N_.data(),
-                                   topk_idx_NK_.data(), topk_weight_NK_.data(), aux_dprobs_E_.data(),
-                                   z_weight / static_cast<float>(num_tokens_global_), N, E, K,
-                                   config_.router_renormalize);
-    backend_->matmul_backward(dx_ND, dw.router_w, nullptr, dlogits_NE_.data(), x_ND, w.router_w, N, D, E,
-                              /*accumulate_din=*/true);
+    // Every rank holds the same weight-space KL: divide its gradient by the ranks that will sum it.
+    const int ranks = parallel_.world != nullptr ? parallel_.world->size() : 1;
+    const float per_token = static_cast<float>(1.0 / num_tokens_global_);
+    router_.backward(dx_ND, dw, dtopk_weight_NK_.data(), x_ND, w, aux_dprobs, z_weight * per_token,
+                     reg_weight * per_token, reg_weight * per_token / static_cast<float>(ranks));
 }
 
 }  // namespace bmoe::model

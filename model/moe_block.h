@@ -1,13 +1,14 @@
 // moe_block.h -- MoeBlock: router -> top-k -> gather by expert -> expert MLPs -> weighted combine.
 //
 // Forward (N tokens, E experts, top-K):
-//   logits_NE = x_ND W_r^T;  probs = softmax(logits);  (idx, gate)_NK = top-k(probs) [renormalised]
+//   (idx, gate)_NK, probs_NE = the Router (model/router.h: topk or a Bayesian router family)
 //   plan = group the N*K copies by expert (host; dropless unless capacity is set)
 //   x_RD = gather(x_ND, plan);  y_RD = MLP_e(x_RD) per expert group;  out_ND = sum_k gate * y_RD
 // Auxiliary losses (unweighted here; the model weights and averages them over MoE layers):
 //   aux = E * sum_e f_e * P_e,  f_e = count_e / (N*K) (fraction of copies), P_e = mean_n probs[n,e]
 //         (Switch/GShard; f is a constant, the gradient flows through P; uniform routing gives 1)
-//   z   = mean_n logsumexp(logits_n)^2   (ST-MoE router z-loss)
+//   z   = mean_n logsumexp(mu_n)^2   (ST-MoE router z-loss on the mean logits)
+//   reg = mean_n reg_n (+ weight-space KL / N): the router family's regulariser (KL or -log T)
 // Backward mirrors forward; the router gets gradients from the gates and from aux/z.
 // Distributed: f, P and z are statistics of the GLOBAL batch (all-reduced over the world), and
 // under expert parallelism the grouped rows travel to their experts' ranks and back
@@ -23,6 +24,7 @@
 #include "model/mlp.h"
 #include "model/parallel_context.h"
 #include "model/params.h"
+#include "model/router.h"
 #include "model/routing_plan.h"
 #include "parallel/expert_dispatcher.h"
 
@@ -42,30 +44,32 @@ struct MoeLayerStats {
     int64_t num_copies = 0;                  // routed copies N*K (all ranks)
     double aux_loss = 0.0;
     double z_loss = 0.0;
+    double reg = 0.0;               // router regulariser (KL or -log T), mean over tokens; 0 for topk
+    double mean_sigma = 0.0;        // mean logit std (logit_mf, weight_mfvi) or diag(L) (logit_fc)
+    double mean_temperature = 0.0;  // mean T (vtsr, temp_sampling)
 };
 
 class MoeBlock {
   public:
-    MoeBlock(const ModelConfig& config, Backend* backend, const ParallelContext& parallel);
+    MoeBlock(const ModelConfig& config, Backend* backend, const ParallelContext& parallel, int layer);
 
     // out_ND (=) from x_ND with this layer's weights (router_w, ffn_* of `w`).
-    MoeLayerStats forward(float* out_ND, const float* x_ND, const LayerTensors& w, int N);
-    // dx_ND (=); parameter grads (+=). aux_weight / z_weight: d(total loss)/d(aux), d/d(z).
+    MoeLayerStats forward(float* out_ND, const float* x_ND, const LayerTensors& w, int N, const RoutingContext& ctx);
+    // dx_ND (=); parameter grads (+=). aux_weight / z_weight / reg_weight: d(total loss)/d(aux), d/d(z), d/d(reg).
     void backward(float* dx_ND,
                   const LayerTensors& dw,
                   const float* dout_ND,
                   const float* x_ND,
                   const LayerTensors& w,
                   float aux_weight,
-                  float z_weight);
+                  float z_weight,
+                  float reg_weight);
 
     // Traffic since the last call (seconds cover forward and backward all-to-alls).
     ExchangeStats take_exchange_stats();
 
-    // Router outputs of the last forward (backend memory), for evaluation and tests.
-    const float* probs_NE() const { return probs_NE_.data(); }
-    const int32_t* topk_idx_NK() const { return topk_idx_NK_.data(); }
-    const float* topk_weight_NK() const { return topk_weight_NK_.data(); }
+    Router& router() { return router_; }
+    const Router& router() const { return router_; }
 
   private:
     // experts on this rank: x_RD (grouped by global expert) -> y_RD, exchanging rows when EP > 1
@@ -76,6 +80,7 @@ class MoeBlock {
     ModelConfig config_;
     Backend* backend_;
     ParallelContext parallel_;
+    Router router_;
     GroupedMlp experts_;
     std::unique_ptr<parallel::ExpertDispatcher> dispatcher_;  // EP > 1 only
     parallel::DispatchHandle handle_;
@@ -85,14 +90,12 @@ class MoeBlock {
     double num_tokens_global_ = 0.0;
     ExchangeStats exchange_;
     RoutingPlan plan_;
-    std::vector<int32_t> topk_idx_host_;  // [N*K] host copy of the last routing
     std::vector<float> aux_dprobs_host_;  // [E] d aux / d probs[n, e], same for every n
     // saved
-    Buffer<float> logits_NE_, probs_NE_, lse_N_, topk_weight_NK_;
-    Buffer<int32_t> topk_idx_NK_, row_src_R_, slot_row_NK_;
+    Buffer<int32_t> row_src_R_, slot_row_NK_;
     Buffer<float> x_RD_, y_RD_;
     // backward scratch
-    Buffer<float> dy_RD_, dx_RD_, dtopk_weight_NK_, dlogits_NE_, aux_dprobs_E_;
+    Buffer<float> dy_RD_, dx_RD_, dtopk_weight_NK_;
 };
 
 }  // namespace bmoe::model

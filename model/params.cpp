@@ -7,6 +7,11 @@
 
 namespace bmoe::model {
 
+namespace {
+// softplus(y) = x  <=>  y = log(exp(x) - 1), for initialising softplus-parameterised scales.
+float softplus_inverse(float x) { return x > 20.0f ? x : std::log(std::expm1(x)); }
+}  // namespace
+
 ParameterLayout::ParameterLayout(const ModelConfig& c, int first_expert, int num_local_experts)
     : config_(c),
       first_expert_(first_expert),
@@ -19,6 +24,45 @@ ParameterLayout::ParameterLayout(const ModelConfig& c, int first_expert, int num
     auto add_norm = [&](const std::string& prefix) {
         add(prefix + ".weight", {D}, ParamGroup::kDense, ParamInit::kOnes);
         if (layernorm) add(prefix + ".bias", {D}, ParamGroup::kDense, ParamInit::kZeros);
+    };
+
+    // Variational router tensors; "variance heads" get no weight decay and their own learning rate.
+    const RouterConfig& rc = c.router;
+    auto add_router_tensors = [&](const std::string& r) {
+        const int64_t H = rc.hidden;
+        auto add_head = [&](const std::string& name, std::vector<int64_t> shape, ParamInit init, float value) {
+            add(name, std::move(shape), ParamGroup::kRouter, init);
+            params_.back().init_value = value;
+            params_.back().variance_head = true;
+            params_.back().weight_decay = false;
+        };
+        switch (rc.type) {
+            case RouterType::kEnsemble:
+                add(r + ".ensemble.weight", {rc.ensemble_size - 1, E, D}, ParamGroup::kRouter, ParamInit::kNormal);
+                break;
+            case RouterType::kWeightMfvi:
+                add_head(r + ".weight_rho", {E, D}, ParamInit::kConstant, softplus_inverse(rc.weight_sigma_init));
+                break;
+            case RouterType::kLogitMf:
+            case RouterType::kLogitFc: {
+                const bool fc = rc.type == RouterType::kLogitFc;
+                const int64_t rows = fc ? RouterConfig::packed_size(c.num_experts) : E;
+                const std::string head = r + (fc ? ".chol_head" : ".scale_head");
+                add(r + ".trunk.weight", {H, D}, ParamGroup::kRouter, ParamInit::kNormal);
+                add(r + ".mean_head.weight", {E, H}, ParamGroup::kRouter, ParamInit::kZeros);
+                add_head(head + ".weight", {rows, H}, ParamInit::kZeros, 0.0f);
+                add_head(head + ".bias", {rows}, fc ? ParamInit::kCholeskyDiag : ParamInit::kConstant,
+                         softplus_inverse(rc.sigma_init - rc.sigma_min));
+                break;
+            }
+            case RouterType::kVtsr:
+                add_head(r + ".temperature.weight", {1, D}, ParamInit::kZeros, 0.0f);
+                add_head(r + ".temperature.bias", {1}, ParamInit::kConstant,
+                         std::log((1.0f - rc.temp_min) / (rc.temp_max - 1.0f)));  // T = 1 at init
+                break;
+            default:
+                break;  // topk, temp_sampling, mc_dropout, swag: gate.weight only
+        }
     };
 
     add("model.embed_tokens.weight", {V, D}, ParamGroup::kDense, ParamInit::kNormal);
@@ -35,6 +79,7 @@ ParameterLayout::ParameterLayout(const ModelConfig& c, int first_expert, int num
         if (c.is_moe_layer(l)) {
             const std::string m = p + ".block_sparse_moe";
             add(m + ".gate.weight", {E, D}, ParamGroup::kRouter, ParamInit::kNormal);
+            add_router_tensors(m + ".router");
             if (swiglu) add(m + ".experts.w1", {E, F, D}, ParamGroup::kExpert, ParamInit::kNormal);
             add(m + ".experts.w3", {E, F, D}, ParamGroup::kExpert, ParamInit::kNormal);
             add(m + ".experts.w2", {E, D, F}, ParamGroup::kExpert, ParamInit::kNormalScaled);
@@ -98,7 +143,16 @@ ModelTensors ParameterLayout::views(float* block) const {
         L.ffn_norm_w = at(p + ".post_attention_layernorm.weight");
         L.ffn_norm_b = at(p + ".post_attention_layernorm.bias");
         if (config_.is_moe_layer(l)) {
+            const std::string r = p + ".block_sparse_moe.router";
             L.router_w = at(p + ".block_sparse_moe.gate.weight");
+            L.router_ensemble_w = at(r + ".ensemble.weight");
+            L.router_rho = at(r + ".weight_rho");
+            L.router_trunk_w = at(r + ".trunk.weight");
+            L.router_mean_w = at(r + ".mean_head.weight");
+            L.router_scale_w = at(r + ".scale_head.weight") ? at(r + ".scale_head.weight") : at(r + ".chol_head.weight");
+            L.router_scale_b = at(r + ".scale_head.bias") ? at(r + ".scale_head.bias") : at(r + ".chol_head.bias");
+            L.router_temp_w = at(r + ".temperature.weight");
+            L.router_temp_b = at(r + ".temperature.bias");
             L.ffn_gate = at(p + ".block_sparse_moe.experts.w1");
             L.ffn_up = at(p + ".block_sparse_moe.experts.w3");
             L.ffn_down = at(p + ".block_sparse_moe.experts.w2");
@@ -134,8 +188,16 @@ std::vector<float> ParameterLayout::init_host(uint64_t seed) const {
                 case ParamInit::kZeros:
                     dst[j] = 0.0f;
                     break;
+                case ParamInit::kConstant:
+                    dst[j] = p.init_value;
+                    break;
+                case ParamInit::kCholeskyDiag:
+                    dst[j] = 0.0f;
+                    break;
             }
         }
+        if (p.init == ParamInit::kCholeskyDiag)  // packed row-major: row i starts at i(i+1)/2
+            for (int i = 0; i < config_.num_experts; ++i) dst[i * (i + 1) / 2 + i] = p.init_value;
     }
     return host;
 }

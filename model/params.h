@@ -8,6 +8,8 @@
 //   model.layers.{l}.self_attn.{q,k,v,o}_proj.weight  q [H*Hd, D], k/v [KV*Hd, D], o [D, H*Hd]
 //   model.layers.{l}.post_attention_layernorm.{weight,bias}
 //   MoE layer:   model.layers.{l}.block_sparse_moe.gate.weight     [E, D]     (router)
+//                model.layers.{l}.block_sparse_moe.router.*        variational router tensors (by router.type,
+//                                                                   see RouterTensors below and docs/routers.md)
 //                model.layers.{l}.block_sparse_moe.experts.w1      [E, F, D]  (gate proj; swiglu only)
 //                model.layers.{l}.block_sparse_moe.experts.w3      [E, F, D]  (up proj)
 //                model.layers.{l}.block_sparse_moe.experts.w2      [E, D, F]  (down proj)
@@ -40,6 +42,8 @@ enum class ParamInit {
     kNormalScaled,  // N(0, init_std / sqrt(2 * num_layers)): residual output projections (GPT-2)
     kOnes,          // norm weights
     kZeros,         // biases
+    kConstant,      // every element = init_value
+    kCholeskyDiag,  // packed lower-triangular [E(E+1)/2]: init_value on the diagonal, 0 elsewhere
 };
 
 struct ParamInfo {
@@ -52,6 +56,8 @@ struct ParamInfo {
     bool weight_decay = true;  // false for norms and biases (1-D tensors)
     ParamGroup group = ParamGroup::kDense;
     ParamInit init = ParamInit::kNormal;
+    float init_value = 0.0f;     // kConstant / kCholeskyDiag
+    bool variance_head = false;  // router variance/temperature head: trained at optim.router_variance_lr_scale * lr
 };
 
 // Typed views into a flat block (params or grads): nullptr where the config has no such tensor.
@@ -64,7 +70,17 @@ struct LayerTensors {
     float* wo = nullptr;           // [D, H*Hd]
     float* ffn_norm_w = nullptr;   // [D]
     float* ffn_norm_b = nullptr;   // [D]
-    float* router_w = nullptr;     // [E, D]            MoE layers
+    float* router_w = nullptr;     // [E, D]            MoE layers: deterministic router l_det = x W^T
+    // variational router tensors (nullptr unless the router type has them; r = router.hidden,
+    // P = E(E+1)/2, M = router.ensemble_size)
+    float* router_ensemble_w = nullptr;  // [M-1, E, D]  ensemble members 1..M-1 (member 0 is router_w)
+    float* router_rho = nullptr;         // [E, D]       weight_mfvi: sigma = softplus(rho)
+    float* router_trunk_w = nullptr;     // [r, D]       logit_mf/fc: z = gelu(x A^T)
+    float* router_mean_w = nullptr;      // [E, r]       logit_mf/fc: dmu = z B_mu^T (zero init)
+    float* router_scale_w = nullptr;     // [E, r] | [P, r]  logit_mf: sigma head | logit_fc: Cholesky head
+    float* router_scale_b = nullptr;     // [E] | [P]
+    float* router_temp_w = nullptr;      // [1, D]       vtsr temperature head
+    float* router_temp_b = nullptr;      // [1]
     float* ffn_gate = nullptr;     // [E, F, D] | [Fd, D]  (swiglu only)
     float* ffn_up = nullptr;       // [E, F, D] | [Fd, D]
     float* ffn_down = nullptr;     // [E, D, F] | [D, Fd]

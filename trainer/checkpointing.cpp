@@ -34,12 +34,32 @@ std::vector<checkpoints::TensorView> views_of(const model::ParameterLayout& layo
     return views;
 }
 
-std::map<std::string, std::vector<checkpoints::TensorView>> groups_of(const model::ParameterLayout& layout,
+// Router state (selection bias, SWAG moments): replicated host tensors, stored from world rank 0.
+std::vector<checkpoints::TensorView> router_state_views(model::Model& model, const parallel::ProcessGrid* grid) {
+    std::vector<checkpoints::TensorView> views;
+    for (const model::RouterStateTensor& t : model.router_state()) {
+        checkpoints::TensorView v;
+        v.name = t.name;
+        v.global_shape = t.shape;
+        v.numel = t.values->size();
+        v.data = t.values->data();
+        if (grid != nullptr) v.contribute = grid->world_rank() == 0;
+        views.push_back(std::move(v));
+    }
+    return views;
+}
+
+std::map<std::string, std::vector<checkpoints::TensorView>> groups_of(model::Model& model,
                                                                       HostState& host,
                                                                       const parallel::ProcessGrid* grid) {
-    return {{"model", views_of(layout, host.params, grid)},
-            {"optimizer/m", views_of(layout, host.m, grid)},
-            {"optimizer/v", views_of(layout, host.v, grid)}};
+    const model::ParameterLayout& layout = model.layout();
+    std::map<std::string, std::vector<checkpoints::TensorView>> groups = {
+        {"model", views_of(layout, host.params, grid)},
+        {"optimizer/m", views_of(layout, host.m, grid)},
+        {"optimizer/v", views_of(layout, host.v, grid)}};
+    std::vector<checkpoints::TensorView> state = router_state_views(model, grid);
+    if (!state.empty()) groups["router_state"] = std::move(state);
+    return groups;
 }
 
 }  // namespace
@@ -62,14 +82,14 @@ void save_training_checkpoint(const std::string& path,
     info.parent = parent;
     info.extra["world_size"] = std::to_string(grid.world_size());
     info.extra["ep_size"] = std::to_string(grid.ep_size());
-    checkpoints::write_checkpoint(path, info, groups_of(model.layout(), host, &grid), grid.world());
+    checkpoints::write_checkpoint(path, info, groups_of(model, host, &grid), grid.world());
 }
 
 int64_t load_training_checkpoint(const std::string& path, model::Model& model, AdamW& optimizer) {
     const checkpoints::CheckpointInfo info = checkpoints::read_checkpoint_info(path);
     const size_t n = model.layout().total_numel();
     HostState host{std::vector<float>(n), std::vector<float>(n), std::vector<float>(n)};
-    checkpoints::read_checkpoint_tensors(path, groups_of(model.layout(), host, nullptr));
+    checkpoints::read_checkpoint_tensors(path, groups_of(model, host, nullptr));
     model.params_from_host(host.params);
     model::Backend* be = model.backend();
     be->upload(optimizer.m(), host.m.data(), n * sizeof(float));

@@ -31,6 +31,12 @@ void MetricsLog::write(const StepMetrics& m) {
                         {"exchange_s", m.exchange_s},
                         {"exchange_bytes", m.exchange_bytes},
                         {"exchange_min_bytes", m.exchange_min_bytes}};
+    if (!m.router_sigma.empty() || !m.router_temperature.empty() || m.reg != 0.0) {
+        j["reg"] = m.reg;
+        j["beta"] = m.beta;
+        if (!m.router_sigma.empty()) j["router_sigma"] = m.router_sigma;
+        if (!m.router_temperature.empty()) j["router_temperature"] = m.router_temperature;
+    }
     out_ << j.dump() << '\n';
     out_.flush();
 }
@@ -62,6 +68,23 @@ std::string format_progress(const StepMetrics& m) {
                   m.step, m.total_steps, m.loss, m.ce, m.aux, m.z, m.lr, m.grad_norm, m.tokens_per_s,
                   format_duration(eta).c_str());
     std::string line = buf;
+    auto layer_mean = [](const std::vector<double>& v) {
+        double s = 0.0;
+        for (double x : v) s += x / static_cast<double>(v.size());
+        return s;
+    };
+    if (m.reg != 0.0 || !m.router_sigma.empty() || !m.router_temperature.empty()) {
+        std::snprintf(buf, sizeof buf, " | reg %.4g (beta %.1e)", m.reg, m.beta);
+        line += buf;
+    }
+    if (!m.router_sigma.empty()) {
+        std::snprintf(buf, sizeof buf, " sigma %.3f", layer_mean(m.router_sigma));
+        line += buf;
+    }
+    if (!m.router_temperature.empty()) {
+        std::snprintf(buf, sizeof buf, " T %.3f", layer_mean(m.router_temperature));
+        line += buf;
+    }
     // Per-expert load, summed over MoE layers, as % of routed copies; max/mean shows imbalance.
     if (!m.expert_load.empty()) {
         std::vector<int64_t> total(m.expert_load[0].size(), 0);

@@ -16,6 +16,10 @@ struct StepMetrics {
     int step = 0;  // 1-based, after the update
     int total_steps = 0;
     double loss = 0.0, ce = 0.0, aux = 0.0, z = 0.0;  // means over the step's micro-batches
+    double reg = 0.0;                                 // router regulariser (KL / -log T), summed over layers
+    double beta = 0.0;                                // its weight this step (after warm-up)
+    std::vector<double> router_sigma;                 // [moe layer] mean logit std (variational routers)
+    std::vector<double> router_temperature;           // [moe layer] mean T (vtsr, temp_sampling)
     double lr = 0.0, grad_norm = 0.0;
     double tokens_per_s = 0.0;
     double elapsed_s = 0.0;

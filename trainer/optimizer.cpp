@@ -24,8 +24,9 @@ void AdamW::step(float lr, float grad_scale) {
     model::Backend* be = model_.backend();
     for (const model::ParamInfo& p : model_.layout().params()) {
         const float wd = p.weight_decay ? config_.weight_decay : 0.0f;
+        const float tensor_lr = p.variance_head ? lr * config_.router_variance_lr_scale : lr;
         be->adamw_update(model_.params() + p.offset, model_.grads() + p.offset, m_.data() + p.offset,
-                         v_.data() + p.offset, p.numel, lr, config_.beta1, config_.beta2, config_.eps, wd, grad_scale,
+                         v_.data() + p.offset, p.numel, tensor_lr, config_.beta1, config_.beta2, config_.eps, wd, grad_scale,
                          step_);
     }
 }

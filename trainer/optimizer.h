@@ -3,6 +3,7 @@
 // Moments m, v live in backend memory in the same layout as the parameters. Weight decay is
 // decoupled (PyTorch AdamW) and skipped for tensors whose ParamInfo says so (norms, biases).
 // Clipping: g <- g * min(1, clip / ||g||_2) over ALL parameters (applied inside the update).
+// Router variance/temperature heads (ParamInfo::variance_head) use lr * optim.router_variance_lr_scale.
 #pragma once
 
 #include "model/buffer.h"

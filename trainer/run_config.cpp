@@ -21,6 +21,11 @@ void RunConfig::validate() const {
     BMOE_REQUIRE(optim.weight_decay >= 0.0f, "optim.weight_decay must be >= 0 (got ", optim.weight_decay, ")");
     BMOE_REQUIRE(loss.aux_coef >= 0.0f, "loss.aux_coef must be >= 0 (got ", loss.aux_coef, ")");
     BMOE_REQUIRE(loss.zloss_coef >= 0.0f, "loss.zloss_coef must be >= 0 (got ", loss.zloss_coef, ")");
+    BMOE_REQUIRE(loss.router_reg_coef >= 0.0f, "loss.router_reg_coef (beta) must be >= 0 (got ", loss.router_reg_coef,
+                 ")");
+    BMOE_REQUIRE(loss.router_reg_warmup >= 0, "loss.router_reg_warmup must be >= 0 (got ", loss.router_reg_warmup, ")");
+    BMOE_REQUIRE(optim.router_variance_lr_scale >= 0.0f, "optim.router_variance_lr_scale must be >= 0 (got ",
+                 optim.router_variance_lr_scale, ")");
     BMOE_REQUIRE(data.batch_size >= 1, "data.batch_size must be >= 1 (got ", data.batch_size, ")");
     BMOE_REQUIRE(data.seq_len >= 1, "data.seq_len must be >= 1 (got ", data.seq_len, ")");
     BMOE_REQUIRE(model.position != model::PositionType::kLearned || data.seq_len <= model.max_seq_len, "data.seq_len (",
@@ -68,6 +73,27 @@ void add_run_options(CLI::App& app, RunConfig& c, RunConfigCli& cli) {
     opt("model.capacity_factor", m.capacity_factor,
         "expert capacity factor; copies beyond it are dropped (0 = dropless)");
     opt("model.init_std", m.init_std, "std of the normal weight init");
+    model::RouterConfig& r = m.router;
+    opt("router.type", cli.router_type,
+        "topk | temp_sampling | mc_dropout | swag | ensemble | weight_mfvi | logit_mf | logit_fc | vtsr");
+    opt("router.train_samples", r.train_samples, "routing samples S per token in training");
+    opt("router.eval_samples", r.eval_samples, "routing samples S at evaluation (probabilities averaged)");
+    opt("router.temperature", r.temperature, "temp_sampling: fixed global temperature");
+    opt("router.dropout", r.dropout, "mc_dropout: drop probability of router inputs");
+    opt("router.ensemble_size", r.ensemble_size, "ensemble: number of routers M");
+    opt("router.swag_rank", r.swag_rank, "swag: deviation columns kept (low-rank covariance)");
+    opt("router.swag_every", r.swag_every, "swag: collect a snapshot every N steps");
+    opt("router.swag_start", r.swag_start, "swag: first step that collects");
+    opt("router.weight_sigma_init", r.weight_sigma_init, "weight_mfvi: initial posterior std of the weights");
+    opt("router.weight_prior_std", r.weight_prior_std, "weight_mfvi: prior std of the weights");
+    opt("router.hidden", r.hidden, "logit_mf/fc: width of the inference network");
+    opt("router.sigma_init", r.sigma_init, "logit_mf/fc: initial logit std");
+    opt("router.sigma_min", r.sigma_min, "logit_mf/fc: floor of sigma / diag(L)");
+    opt("router.prior_std", r.prior_std, "logit_mf/fc: prior std around the deterministic logits");
+    opt("router.temp_min", r.temp_min, "vtsr: lower bound of T (< 1)");
+    opt("router.temp_max", r.temp_max, "vtsr: upper bound of T (> 1)");
+    opt("router.selection_bias_rate", r.selection_bias_rate,
+        "aux-loss-free balancing: per-step move of the expert selection bias (0 = off)");
     opt("optim.lr", c.optim.lr, "peak learning rate");
     opt("optim.min_lr_ratio", c.optim.min_lr_ratio, "final lr = lr * min_lr_ratio (cosine)");
     opt("optim.warmup_steps", c.optim.warmup_steps, "linear warm-up steps");
@@ -76,8 +102,12 @@ void add_run_options(CLI::App& app, RunConfig& c, RunConfigCli& cli) {
     opt("optim.eps", c.optim.eps, "AdamW epsilon");
     opt("optim.weight_decay", c.optim.weight_decay, "decoupled weight decay (not on norms/biases)");
     opt("optim.grad_clip", c.optim.grad_clip, "global grad-norm clip (<= 0 disables)");
+    opt("optim.router_variance_lr_scale", c.optim.router_variance_lr_scale,
+        "lr multiplier of the router variance/temperature heads");
     opt("loss.aux_coef", c.loss.aux_coef, "load-balancing loss weight");
     opt("loss.zloss_coef", c.loss.zloss_coef, "router z-loss weight");
+    opt("loss.router_reg_coef", c.loss.router_reg_coef, "beta: weight of the router KL / -log T regulariser");
+    opt("loss.router_reg_warmup", c.loss.router_reg_warmup, "steps over which beta ramps up from 0");
     opt("data.dataset", c.data.dataset, "synthetic | text | DIR with train.bin/val.bin from `bmoe data`");
     opt("data.batch_size", c.data.batch_size, "sequences per micro-batch (global: split over the ranks)");
     opt("data.seq_len", c.data.seq_len, "tokens per sequence");
@@ -106,6 +136,7 @@ void finish_cli_parse(RunConfig& c, const RunConfigCli& cli) {
     c.model.norm = model::parse_norm_type(cli.norm);
     c.model.position = model::parse_position_type(cli.position);
     c.model.activation = model::parse_activation(cli.activation);
+    c.model.router.type = model::parse_router_type(cli.router_type);
 }
 
 std::string RunConfig::to_toml() const {
@@ -121,10 +152,21 @@ std::string RunConfig::to_toml() const {
        << "\"\nnorm_eps = " << m.norm_eps << "\nrope_theta = " << m.rope_theta
        << "\nrouter_renormalize = " << b(m.router_renormalize) << "\ncapacity_factor = " << m.capacity_factor
        << "\ninit_std = " << m.init_std;
+    const model::RouterConfig& r = m.router;
+    os << "\n\n[router]\ntype = \"" << model::to_string(r.type) << "\"\ntrain_samples = " << r.train_samples
+       << "\neval_samples = " << r.eval_samples << "\ntemperature = " << r.temperature << "\ndropout = " << r.dropout
+       << "\nensemble_size = " << r.ensemble_size << "\nswag_rank = " << r.swag_rank
+       << "\nswag_every = " << r.swag_every << "\nswag_start = " << r.swag_start
+       << "\nweight_sigma_init = " << r.weight_sigma_init << "\nweight_prior_std = " << r.weight_prior_std
+       << "\nhidden = " << r.hidden << "\nsigma_init = " << r.sigma_init << "\nsigma_min = " << r.sigma_min
+       << "\nprior_std = " << r.prior_std << "\ntemp_min = " << r.temp_min << "\ntemp_max = " << r.temp_max
+       << "\nselection_bias_rate = " << r.selection_bias_rate;
     os << "\n\n[optim]\nlr = " << optim.lr << "\nmin_lr_ratio = " << optim.min_lr_ratio
        << "\nwarmup_steps = " << optim.warmup_steps << "\nbeta1 = " << optim.beta1 << "\nbeta2 = " << optim.beta2
-       << "\neps = " << optim.eps << "\nweight_decay = " << optim.weight_decay << "\ngrad_clip = " << optim.grad_clip;
-    os << "\n\n[loss]\naux_coef = " << loss.aux_coef << "\nzloss_coef = " << loss.zloss_coef;
+       << "\neps = " << optim.eps << "\nweight_decay = " << optim.weight_decay << "\ngrad_clip = " << optim.grad_clip
+       << "\nrouter_variance_lr_scale = " << optim.router_variance_lr_scale;
+    os << "\n\n[loss]\naux_coef = " << loss.aux_coef << "\nzloss_coef = " << loss.zloss_coef
+       << "\nrouter_reg_coef = " << loss.router_reg_coef << "\nrouter_reg_warmup = " << loss.router_reg_warmup;
     os << "\n\n[data]\ndataset = \"" << data.dataset << "\"\nbatch_size = " << data.batch_size
        << "\nseq_len = " << data.seq_len << "\ntrain_tokens = " << data.train_tokens;
     os << "\n\n[parallel]\nep = " << parallel.ep;

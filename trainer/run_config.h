@@ -26,11 +26,23 @@ struct OptimConfig {
     float eps = 1e-8f;
     float weight_decay = 0.1f;  // decoupled (AdamW); never applied to norms/biases
     float grad_clip = 1.0f;     // global L2 grad-norm clip; <= 0 disables
+    // Learning-rate multiplier of the router's variance/temperature heads (sigma, L, T, weight rho):
+    // under Adam, beta alone is a coarse knob on how fast sigma moves (docs/routers.md).
+    float router_variance_lr_scale = 0.1f;
 };
 
 struct LossConfig {
     float aux_coef = 0.01f;     // Switch/GShard load-balancing loss weight
     float zloss_coef = 0.001f;  // router z-loss weight
+    // beta: weight of the router regulariser (KL of the variational routers, -log T of vtsr),
+    // summed over MoE layers, each a mean over tokens; ramped linearly from 0 over router_reg_warmup steps.
+    float router_reg_coef = 1e-3f;
+    int router_reg_warmup = 0;
+    // beta after `steps_done` optimizer steps.
+    float router_reg_at(int steps_done) const {
+        if (router_reg_warmup <= 0 || steps_done >= router_reg_warmup) return router_reg_coef;
+        return router_reg_coef * static_cast<float>(steps_done + 1) / static_cast<float>(router_reg_warmup);
+    }
 };
 
 struct DataConfig {
@@ -85,7 +97,7 @@ struct RunConfig {
 // Registers every RunConfig field as a --section.key option on `app` (defaults shown in --help).
 // String-valued enums (model.norm, ...) are written into `config` by finish_cli_parse().
 struct RunConfigCli {
-    std::string norm = "rmsnorm", position = "rope", activation = "swiglu";
+    std::string norm = "rmsnorm", position = "rope", activation = "swiglu", router_type = "topk";
 };
 void add_run_options(CLI::App& app, RunConfig& config, RunConfigCli& cli);
 void finish_cli_parse(RunConfig& config, const RunConfigCli& cli);

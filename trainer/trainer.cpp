@@ -1,5 +1,6 @@
 #include "trainer/trainer.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <csignal>
@@ -115,13 +116,22 @@ StepMetrics Trainer::train_step(int step) {
     maybe_inject_failure(grid_->world_rank(), step + 1);
     const DataConfig& d = config_.data;
     const int accum = config_.train.grad_accum;
-    const model::LossWeights weights{config_.loss.aux_coef, config_.loss.zloss_coef};
+    const model::LossWeights weights{config_.loss.aux_coef, config_.loss.zloss_coef,
+                                     config_.loss.router_reg_at(step)};
     StepMetrics m;
+    m.beta = weights.router_reg_coef;
     m.step = step + 1;
     m.total_steps = config_.train.steps;
     model_->zero_grad();
     for (int micro = 0; micro < accum; ++micro) {
         const data::Batch batch = datasets_.train_loader->next_batch();  // this rank's rows
+        // Routing noise is keyed by the token's id in the global batch of this micro-step.
+        model::RoutingContext routing;
+        routing.seed = config_.train.seed;
+        routing.step = step;
+        routing.first_token = (static_cast<int64_t>(step) * accum + micro) * d.batch_size * d.seq_len +
+                              static_cast<int64_t>(grid_->world_rank()) * batch.B * d.seq_len;
+        model_->set_routing(routing);
         const model::ForwardStats s =
             model_->forward(batch.tokens.data(), batch.targets.data(), batch.B, d.seq_len, weights);
         model_->backward(1.0f / static_cast<float>(accum));
@@ -129,6 +139,15 @@ StepMetrics Trainer::train_step(int step) {
         m.ce += s.ce_loss / accum;
         m.aux += s.aux_loss / accum;
         m.z += s.z_loss / accum;
+        m.reg += s.router_reg / accum;
+        if (config_.model.router.is_stochastic()) {
+            m.router_sigma.resize(s.moe_layers.size(), 0.0);
+            m.router_temperature.resize(s.moe_layers.size(), 0.0);
+            for (size_t l = 0; l < s.moe_layers.size(); ++l) {
+                m.router_sigma[l] += s.moe_layers[l].mean_sigma / accum;
+                m.router_temperature[l] += s.moe_layers[l].mean_temperature / accum;
+            }
+        }
         if (m.expert_load.empty()) m.expert_load.assign(s.moe_layers.size(), {});
         for (size_t l = 0; l < s.moe_layers.size(); ++l) {
             auto& load = m.expert_load[l];
@@ -158,11 +177,28 @@ StepMetrics Trainer::train_step(int step) {
     const OptimConfig& o = config_.optim;
     m.lr = lr_at_step(step, config_.train.steps, o.lr, o.warmup_steps, o.min_lr_ratio);
     optimizer_->step(static_cast<float>(m.lr), optimizer_->clip_scale(m.grad_norm));
+    model_->end_step(step + 1);  // selection bias, SWAG snapshots
+    // Families without sigma (or T) report none.
+    auto all_zero = [](const std::vector<double>& v) {
+        return std::all_of(v.begin(), v.end(), [](double x) { return x == 0.0; });
+    };
+    if (all_zero(m.router_sigma)) m.router_sigma.clear();
+    if (all_zero(m.router_temperature)) m.router_temperature.clear();
     return m;
+}
+
+model::RoutingContext Trainer::eval_routing() const {
+    // Validation routes deterministically (l = mu): comparable across steps and router families.
+    model::RoutingContext ctx;
+    ctx.seed = config_.train.seed;
+    ctx.training = false;
+    ctx.mode = model::RouterMode::kMean;
+    return ctx;
 }
 
 double Trainer::evaluate() {
     const model::LossWeights weights{config_.loss.aux_coef, config_.loss.zloss_coef};
+    model_->set_routing(eval_routing());
     double sum = 0.0;
     int64_t count = 0;
     for (const data::Batch& global : datasets_.val_batches) {
@@ -288,6 +324,7 @@ void Trainer::final_report() {
             if (b.B % grid_->world_size() == 0) rows.push_back(local_rows(b));
         d.batches = std::move(rows);
     }
+    model_->set_routing(eval_routing());
     const auto reports =
         evaluate_domains(*model_, local_domains, model::LossWeights{config_.loss.aux_coef, config_.loss.zloss_coef});
     if (!is_root()) return;

@@ -51,6 +51,7 @@ class Trainer {
 
   private:
     StepMetrics train_step(int step);
+    model::RoutingContext eval_routing() const;
     void plot_loss_curve();
     void final_report();
     void resume_if_asked();
