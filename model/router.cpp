@@ -64,7 +64,6 @@ float* Router::to_backend(Buffer<float>& dst, const std::vector<float>& src) {
 void Router::forward(const float* x_ND, const LayerTensors& w, int N, const RoutingContext& ctx) {
     const int E = config_.num_experts, K = config_.top_k;
     N_ = N;
-    ctx_ = ctx;
     training_ = ctx.training;
     mode_ = ctx.mode;
     int S = ctx.samples > 0 ? ctx.samples : (ctx.training ? rc_.train_samples : rc_.eval_samples);
@@ -117,6 +116,7 @@ void Router::forward_fast(int N) {
     out_.topk_idx.resize(static_cast<size_t>(N) * K);
     backend_->download(out_.topk_idx.data(), topk_idx_NK_.data(), out_.topk_idx.size() * sizeof(int32_t));
     out_.sample_probs = out_.probs;
+    out_.sample_logits = out_.mu;
     out_.sigma.clear();
     out_.chol.clear();
     out_.temperature.clear();
@@ -124,28 +124,29 @@ void Router::forward_fast(int N) {
     weight_kl_ = 0.0;
 }
 
-// Fills logits_ [S, N, E] (before the temperature), out_.mu and the family's own outputs.
+// Fills out_.sample_logits [S, N, E] (before the temperature), out_.mu and the family's own outputs.
 void Router::sample_logits(const float* x_ND, const LayerTensors& w, const RoutingContext& ctx) {
     const int N = N_, E = config_.num_experts, D = config_.d_model, S = S_;
     const size_t NE = static_cast<size_t>(N) * E, ND = static_cast<size_t>(N) * D;
     const bool sample = ctx.mode == RouterMode::kSample;
-    logits_.assign(static_cast<size_t>(S) * NE, 0.0f);
+    out_.sample_logits.assign(static_cast<size_t>(S) * NE, 0.0f);
     out_.mu = ldet_;
     out_.sigma.clear();
     out_.chol.clear();
     out_.temperature.clear();
     out_.reg.clear();
-    eps_.clear();
+    noise_ = RouterNoise{};
+    std::vector<float>& eps = noise_.eps;
     weight_kl_ = 0.0;
     auto fill_eps = [&]() {  // eps[s, n, e] ~ N(0, 1), keyed by the global token id
-        eps_.assign(static_cast<size_t>(S) * NE, 0.0f);
+        eps.assign(static_cast<size_t>(S) * NE, 0.0f);
         const CounterRng rng = noise_rng(ctx, layer_, kEpsNoise);
 #pragma omp parallel for schedule(static)
         for (idx_t n = 0; n < N; ++n)
             for (int s = 0; s < S; ++s)
                 for (int e = 0; e < E; ++e) {
                     const uint64_t token = static_cast<uint64_t>(ctx.first_token + n);
-                    eps_[(s * static_cast<size_t>(N) + n) * E + e] = rng.normal((token * S + s) * E + e);
+                    eps[(s * static_cast<size_t>(N) + n) * E + e] = rng.normal((token * S + s) * E + e);
                 }
     };
     auto run_matmul = [&](std::vector<float>& dst, const float* in, const float* weight, const float* bias, int rows,
@@ -157,37 +158,41 @@ void Router::sample_logits(const float* x_ND, const LayerTensors& w, const Routi
 
     switch (rc_.type) {
         case RouterType::kTopK:
-            std::copy(ldet_.begin(), ldet_.end(), logits_.begin());
+            std::copy(ldet_.begin(), ldet_.end(), out_.sample_logits.begin());
             break;
         case RouterType::kTempSampling:
-            std::copy(ldet_.begin(), ldet_.end(), logits_.begin());
+            std::copy(ldet_.begin(), ldet_.end(), out_.sample_logits.begin());
             out_.temperature.assign(N, rc_.temperature);
             break;
         case RouterType::kMcDropout: {
             if (!sample) {
-                std::copy(ldet_.begin(), ldet_.end(), logits_.begin());
+                std::copy(ldet_.begin(), ldet_.end(), out_.sample_logits.begin());
                 break;
             }
             download_to(backend_, x_host_, x_ND, ND);
             const CounterRng rng = noise_rng(ctx, layer_, kDropoutNoise);
             const float keep_scale = 1.0f / (1.0f - rc_.dropout);
             std::vector<float> xs(ND), ls;
+            noise_.dropout_mask.resize(static_cast<size_t>(S) * ND);
             for (int s = 0; s < S; ++s) {
+                float* mask = noise_.dropout_mask.data() + s * ND;
 #pragma omp parallel for schedule(static)
                 for (idx_t n = 0; n < N; ++n) {
                     const uint64_t base = (static_cast<uint64_t>(ctx.first_token + n) * S + s) * D;
-                    for (int d = 0; d < D; ++d)
-                        xs[n * D + d] = rng.uniform(base + d) < rc_.dropout ? 0.0f : x_host_[n * D + d] * keep_scale;
+                    for (int d = 0; d < D; ++d) {
+                        mask[n * D + d] = rng.uniform(base + d) < rc_.dropout ? 0.0f : keep_scale;
+                        xs[n * D + d] = x_host_[n * D + d] * mask[n * D + d];
+                    }
                 }
                 run_matmul(ls, to_backend(scratch_a_, xs), w.router_w, nullptr, N, D, E, scratch_b_);
-                std::copy(ls.begin(), ls.end(), logits_.begin() + static_cast<long>(s * NE));
+                std::copy(ls.begin(), ls.end(), out_.sample_logits.begin() + static_cast<long>(s * NE));
             }
             break;
         }
         case RouterType::kSwag: {
             const float count = swag_count_[0];
             if (training_ || (!sample && count == 0.0f)) {  // training, or no snapshot yet: the weights
-                std::copy(ldet_.begin(), ldet_.end(), logits_.begin());
+                std::copy(ldet_.begin(), ldet_.end(), out_.sample_logits.begin());
                 break;
             }
             BMOE_REQUIRE(!sample || count >= 2.0f, "router.type=swag layer ", layer_, " has ", count,
@@ -213,7 +218,7 @@ void Router::sample_logits(const float* x_ND, const LayerTensors& w, const Routi
                         for (size_t j = 0; j < P; ++j) ws[j] += z * dev[j];
                     }
                 run_matmul(ls, x_ND, to_backend(scratch_w_, ws), nullptr, N, D, E, scratch_b_);
-                std::copy(ls.begin(), ls.end(), logits_.begin() + static_cast<long>(s * NE));
+                std::copy(ls.begin(), ls.end(), out_.sample_logits.begin() + static_cast<long>(s * NE));
             }
             break;
         }
@@ -225,17 +230,18 @@ void Router::sample_logits(const float* x_ND, const LayerTensors& w, const Routi
             };
             if (S == 1) {  // training: each token is routed by one member, drawn per token
                 const CounterRng rng = noise_rng(ctx, layer_, kMemberNoise);
-                member_.resize(N);
+                std::vector<int32_t>& member = noise_.member;
+                member.resize(N);
                 for (idx_t n = 0; n < N; ++n) {
-                    member_[n] = static_cast<int32_t>(rng.bits(static_cast<uint64_t>(ctx.first_token + n)) % M);
-                    for (int e = 0; e < E; ++e) logits_[n * E + e] = out_.mu[n * E + e] = member_logit(member_[n], n, e);
+                    member[n] = static_cast<int32_t>(rng.bits(static_cast<uint64_t>(ctx.first_token + n)) % M);
+                    for (int e = 0; e < E; ++e) out_.sample_logits[n * E + e] = out_.mu[n * E + e] = member_logit(member[n], n, e);
                 }
             } else {  // inference: every member is one sample; mu = the members' mean logits
                 for (idx_t n = 0; n < N; ++n)
                     for (int e = 0; e < E; ++e) {
                         double mean = 0.0;
                         for (int m = 0; m < M; ++m) {
-                            logits_[(m * static_cast<size_t>(N) + n) * E + e] = member_logit(m, n, e);
+                            out_.sample_logits[(m * static_cast<size_t>(N) + n) * E + e] = member_logit(m, n, e);
                             mean += member_logit(m, n, e);
                         }
                         out_.mu[n * E + e] = static_cast<float>(mean / M);
@@ -268,7 +274,7 @@ void Router::sample_logits(const float* x_ND, const LayerTensors& w, const Routi
             if (sample) fill_eps();
             for (int s = 0; s < S; ++s)
                 for (size_t i = 0; i < NE; ++i)
-                    logits_[s * NE + i] = ldet_[i] + (sample ? out_.sigma[i] * eps_[s * NE + i] : 0.0f);
+                    out_.sample_logits[s * NE + i] = ldet_[i] + (sample ? out_.sigma[i] * eps[s * NE + i] : 0.0f);
             break;
         }
         case RouterType::kLogitMf:
@@ -304,8 +310,8 @@ void Router::sample_logits(const float* x_ND, const LayerTensors& w, const Routi
                             kl += static_cast<double>(L[q]) * L[q] / (2 * sp * sp) - (i == j ? std::log(L[q]) : 0.0);
                         }
                     for (int s = 0; s < S; ++s) {
-                        float* l = logits_.data() + s * NE + n * E;
-                        const float* ep = sample ? eps_.data() + s * NE + n * E : nullptr;
+                        float* l = out_.sample_logits.data() + s * NE + n * E;
+                        const float* ep = sample ? eps.data() + s * NE + n * E : nullptr;
                         for (int i = 0; i < E; ++i) {
                             double v = mu[i];
                             if (ep)
@@ -320,8 +326,8 @@ void Router::sample_logits(const float* x_ND, const LayerTensors& w, const Routi
                         kl += static_cast<double>(sg[e]) * sg[e] / (2 * sp * sp) - std::log(sg[e]);
                     }
                     for (int s = 0; s < S; ++s) {
-                        float* l = logits_.data() + s * NE + n * E;
-                        for (int e = 0; e < E; ++e) l[e] = mu[e] + (sample ? sg[e] * eps_[s * NE + n * E + e] : 0.0f);
+                        float* l = out_.sample_logits.data() + s * NE + n * E;
+                        for (int e = 0; e < E; ++e) l[e] = mu[e] + (sample ? sg[e] * eps[s * NE + n * E + e] : 0.0f);
                     }
                 }
                 out_.reg[n] = static_cast<float>(kl);
@@ -331,7 +337,7 @@ void Router::sample_logits(const float* x_ND, const LayerTensors& w, const Routi
         case RouterType::kVtsr: {
             // T = temp_min + (temp_max - temp_min) * sigmoid(x w_T + b_T): bounded on both sides
             run_matmul(temp_raw_, x_ND, w.router_temp_w, w.router_temp_b, N, D, 1, scratch_b_);
-            std::copy(ldet_.begin(), ldet_.end(), logits_.begin());
+            std::copy(ldet_.begin(), ldet_.end(), out_.sample_logits.begin());
             out_.temperature.resize(N);
             out_.reg.resize(N);
             for (idx_t n = 0; n < N; ++n) {
@@ -351,6 +357,7 @@ void Router::select_and_gate(const RoutingContext& ctx) {
                         (rc_.type == RouterType::kTempSampling || rc_.type == RouterType::kVtsr);
     const bool renormalize = config_.router_renormalize;
     const CounterRng gumbel_rng = noise_rng(ctx, layer_, kGumbelNoise);
+    if (gumbel) noise_.gumbel.resize(NE);
     out_.sample_probs.resize(static_cast<size_t>(S) * NE);
     out_.probs.resize(NE);
     log_pbar_.resize(NE);
@@ -362,7 +369,7 @@ void Router::select_and_gate(const RoutingContext& ctx) {
         const float T = out_.temperature.empty() ? 1.0f : out_.temperature[n];
         std::vector<float> logp(static_cast<size_t>(S) * E), score(E);
         for (int s = 0; s < S; ++s) {
-            const float* l = logits_.data() + s * NE + n * E;
+            const float* l = out_.sample_logits.data() + s * NE + n * E;
             float* lp = logp.data() + s * E;
             for (int e = 0; e < E; ++e) lp[e] = l[e] / T;
             const double lse = logsumexp(lp, E);
@@ -381,7 +388,10 @@ void Router::select_and_gate(const RoutingContext& ctx) {
         const uint64_t token = static_cast<uint64_t>(ctx.first_token + n);
         for (int e = 0; e < E; ++e) {
             score[e] = lpbar[e];
-            if (gumbel) score[e] -= std::log(-std::log(gumbel_rng.uniform(token * E + e)));
+            if (gumbel) {
+                noise_.gumbel[n * E + e] = -std::log(-std::log(gumbel_rng.uniform(token * E + e)));
+                score[e] += noise_.gumbel[n * E + e];
+            }
             if (!selection_bias_.empty()) score[e] += selection_bias_[e];
         }
         int32_t* idx = out_.topk_idx.data() + n * K;
@@ -458,7 +468,7 @@ void Router::backward(float* dx_ND,
         std::vector<double> a(E);
         for (int s = 0; s < S; ++s) {
             const float* p = out_.sample_probs.data() + s * NE + n * E;
-            const float* l = logits_.data() + s * NE + n * E;
+            const float* l = out_.sample_logits.data() + s * NE + n * E;
             // a_e = p^s_e * d loss / d p^s_e: aux through pbar (1/S each), gates through log pbar
             for (int e = 0; e < E; ++e) a[e] = static_cast<double>(p[e]) * aux_dprobs_E[e] / S;
             for (int k = 0; k < K; ++k) {
@@ -500,18 +510,10 @@ void Router::backward(float* dx_ND,
                 add_samples(dldet);
                 break;
             }
-            const CounterRng rng = noise_rng(ctx_, layer_, kDropoutNoise);
-            const float keep_scale = 1.0f / (1.0f - rc_.dropout);
             std::vector<float> xs(ND), dxs, dx_total(ND, 0.0f), dls(NE);
             for (int s = 0; s < S; ++s) {
-                std::vector<float> mask(ND);
-                for (idx_t n = 0; n < N; ++n) {
-                    const uint64_t base = (static_cast<uint64_t>(ctx_.first_token + n) * S + s) * D;
-                    for (int d = 0; d < D; ++d) {
-                        mask[n * D + d] = rng.uniform(base + d) < rc_.dropout ? 0.0f : keep_scale;
-                        xs[n * D + d] = x_host_[n * D + d] * mask[n * D + d];
-                    }
-                }
+                const float* mask = noise_.dropout_mask.data() + s * ND;
+                for (size_t i = 0; i < ND; ++i) xs[i] = x_host_[i] * mask[i];
                 std::copy(dl.begin() + static_cast<long>(s * NE), dl.begin() + static_cast<long>((s + 1) * NE),
                           dls.begin());
                 const float* xs_dev = to_backend(scratch_a_, xs);
@@ -529,7 +531,7 @@ void Router::backward(float* dx_ND,
             const int M = rc_.ensemble_size;
             std::vector<float> dmembers(static_cast<size_t>(N) * (M - 1) * E, 0.0f);
             for (idx_t n = 0; n < N; ++n) {
-                const int m = member_[n];
+                const int m = noise_.member[n];
                 for (int e = 0; e < E; ++e) {
                     const float d = dl[n * E + e] + dmu_z[n * E + e];
                     if (m == 0) dldet[n * E + e] = d;
@@ -548,9 +550,10 @@ void Router::backward(float* dx_ND,
             const size_t P = static_cast<size_t>(E) * D;
             // d var_e = sum_s dl^s_e eps^s_e / (2 sd_e);  var = (x*x) (sigma^2)^T
             std::vector<float> dvar(NE, 0.0f);
-            if (!eps_.empty())
+            const std::vector<float>& eps = noise_.eps;
+            if (!eps.empty())
                 for (int s = 0; s < S; ++s)
-                    for (size_t i = 0; i < NE; ++i) dvar[i] += dl[s * NE + i] * eps_[s * NE + i] / (2.0f * out_.sigma[i]);
+                    for (size_t i = 0; i < NE; ++i) dvar[i] += dl[s * NE + i] * eps[s * NE + i] / (2.0f * out_.sigma[i]);
             std::vector<float> x2(ND), rho, wmu, sigma2(P);
             for (size_t i = 0; i < ND; ++i) x2[i] = x_host_[i] * x_host_[i];
             download_to(backend_, rho, w.router_rho, P);
@@ -588,6 +591,7 @@ void Router::backward(float* dx_ND,
             const int R = rc_.hidden, P = fc ? RouterConfig::packed_size(E) : E;
             const double sp2 = static_cast<double>(rc_.prior_std) * rc_.prior_std;
             std::vector<float> ddmu(NE), draw(static_cast<size_t>(N) * P);
+            const std::vector<float>& eps = noise_.eps;
 #pragma omp parallel for schedule(static)
             for (idx_t n = 0; n < N; ++n) {
                 for (int e = 0; e < E; ++e)
@@ -600,17 +604,17 @@ void Router::backward(float* dx_ND,
                         for (int j = 0; j <= i; ++j) {
                             const int q = i * (i + 1) / 2 + j;
                             double dL = reg_coef * (L[q] / sp2 - (i == j ? 1.0 / L[q] : 0.0));
-                            if (!eps_.empty())
+                            if (!eps.empty())
                                 for (int s = 0; s < S; ++s)
-                                    dL += static_cast<double>(dl[s * NE + n * E + i]) * eps_[s * NE + n * E + j];
+                                    dL += static_cast<double>(dl[s * NE + n * E + i]) * eps[s * NE + n * E + j];
                             dr[q] = static_cast<float>(i == j ? dL * sigmoid(raw[q]) : dL);
                         }
                 } else {
                     const float* sg = out_.sigma.data() + n * E;
                     for (int e = 0; e < E; ++e) {
                         double ds = reg_coef * (sg[e] / sp2 - 1.0 / sg[e]);
-                        if (!eps_.empty())
-                            for (int s = 0; s < S; ++s) ds += static_cast<double>(dl[s * NE + n * E + e]) * eps_[s * NE + n * E + e];
+                        if (!eps.empty())
+                            for (int s = 0; s < S; ++s) ds += static_cast<double>(dl[s * NE + n * E + e]) * eps[s * NE + n * E + e];
                         dr[e] = static_cast<float>(ds * sigmoid(raw[e]));
                     }
                 }

@@ -51,11 +51,21 @@ struct RouterOutputs {
     std::vector<float> sigma;          // [N, E] logit std (logit_mf, weight_mfvi); empty otherwise
     std::vector<float> chol;           // [N, P] packed lower-triangular L (logit_fc); empty otherwise
     std::vector<float> temperature;    // [N] T per token (temp_sampling, vtsr); empty otherwise
+    std::vector<float> sample_logits;  // [S, N, E] l^s (before the temperature)
     std::vector<float> sample_probs;   // [S, N, E] softmax(l^s / T)
     std::vector<float> probs;          // [N, E] pbar: average over samples
     std::vector<int32_t> topk_idx;     // [N, K] selected experts
     std::vector<float> topk_weight;    // [N, K] gates
     std::vector<float> reg;            // [N] per-token regulariser (KL or -log T); empty when none
+};
+
+// The noise the last forward drew (host), exported so an independent implementation
+// (tools/bmoe_torch.py) can reproduce it exactly; empty where the family draws none.
+struct RouterNoise {
+    std::vector<float> eps;           // [S, N, E] standard normal (logit_mf/fc, weight_mfvi)
+    std::vector<float> dropout_mask;  // [S, N, D] 0 or 1/(1-p) (mc_dropout)
+    std::vector<float> gumbel;        // [N, E] Gumbel(0, 1) added to l / T for Sample-K (temp_sampling, vtsr)
+    std::vector<int32_t> member;      // [N] ensemble member routing each token (ensemble, training)
 };
 
 // A named host tensor of router state that is not a parameter (checkpointed, not optimised).
@@ -88,6 +98,7 @@ class Router {
     const int32_t* topk_idx_NK() const { return topk_idx_NK_.data(); }
     const float* topk_weight_NK() const { return topk_weight_NK_.data(); }
     const RouterOutputs& outputs() const { return out_; }
+    const RouterNoise& noise() const { return noise_; }
     // lse(mu_n) per token of the last forward (host), for the z-loss.
     const std::vector<float>& lse() const { return lse_; }
     // Weight-space KL of this layer (weight_mfvi; 0 otherwise), computed by the last forward.
@@ -117,7 +128,7 @@ class Router {
     int layer_;
     int N_ = 0, S_ = 1;
     bool training_ = true;
-    RoutingContext ctx_;  // of the last forward (backward redraws dropout masks from it)
+
     RouterMode mode_ = RouterMode::kSample;
     int ensemble_members_ = 1;  // members whose logits were computed (ensemble)
     RouterOutputs out_;
@@ -127,13 +138,11 @@ class Router {
     // saved for backward (host)
     std::vector<float> x_host_;        // [N, D] (mc_dropout, weight_mfvi)
     std::vector<float> ldet_;          // [N, E] x W_r^T
-    std::vector<float> logits_;        // [S, N, E] l^s before the temperature
-    std::vector<float> eps_;           // [S, N, E] standard normal noise (logit_mf/fc, weight_mfvi)
+    RouterNoise noise_;
     std::vector<float> dmu_, raw_;     // [N, E], [N, E | P] inference-network heads
     std::vector<float> var_;           // [N, E] weight_mfvi logit variance
     std::vector<float> temp_raw_;      // [N] vtsr pre-sigmoid temperature
     std::vector<float> all_members_;   // [N, (M-1) E] ensemble members 1..M-1
-    std::vector<int32_t> member_;      // [N] ensemble member of each token (training)
     std::vector<float> log_pbar_;      // [N, E]
     // state
     std::vector<int64_t> load_;                           // [E] accumulated over the step's micro-batches

@@ -65,6 +65,22 @@ std::vector<Case> cases() {
     mixed.model.activation = model::Activation::kGelu;
     mixed.model.norm = model::NormType::kLayerNorm;
     v.push_back({"dense_and_moe_gelu_top1", mixed});
+    // Bayesian routers: noise keyed by global token id, global KL normalisers, the weight-space KL
+    // held by every rank, and the selection bias moved by global loads.
+    RunConfig fc = base_config();
+    fc.model.router.type = model::RouterType::kLogitFc;
+    fc.model.router.train_samples = 2;
+    fc.loss.router_reg_coef = 0.05f;
+    v.push_back({"logit_fc_two_samples", fc});
+    RunConfig mfvi = base_config();
+    mfvi.model.router.type = model::RouterType::kWeightMfvi;
+    mfvi.model.router.selection_bias_rate = 0.01f;
+    mfvi.loss.router_reg_coef = 0.05f;
+    v.push_back({"weight_mfvi_selection_bias", mfvi});
+    RunConfig vtsr = base_config();
+    vtsr.model.router.type = model::RouterType::kVtsr;
+    vtsr.loss.router_reg_coef = 0.05f;
+    v.push_back({"vtsr", vtsr});
     return v;
 }
 
