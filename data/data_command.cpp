@@ -7,6 +7,7 @@
 #include <iostream>
 #include <sstream>
 
+#include "data/mcqa.h"
 #include "data/synthetic_corpus.h"
 #include "data/text_corpus.h"
 #include "data/token_file.h"
@@ -20,7 +21,8 @@ namespace fs = std::filesystem;
 void add_data_options(CLI::App& sub, DataCommandOptions& opts) {
     sub.add_option("--source", opts.source,
                    "corpus: 'synthetic' (built-in 5 domains + 3 OoD), 'text' (Debian fortunes + C headers, OoD "
-                   "German/Spanish/Russian fortunes) or the path of a UTF-8 text file")
+                   "German/Spanish/Russian fortunes), 'mcqa' (only MCQA training questions with answers, for "
+                   "fine-tuning) or the path of a UTF-8 text file")
         ->capture_default_str();
     sub.add_option("-o,--out", opts.out_dir, "directory to write train.bin, val.bin and ood.bin into")
         ->capture_default_str();
@@ -38,6 +40,14 @@ void add_data_options(CLI::App& sub, DataCommandOptions& opts) {
         ->capture_default_str();
     sub.add_option("--include-dir", opts.include_dir, "C headers for --source text (package libc6-dev)")
         ->capture_default_str();
+    sub.add_option("--mcqa-fraction", opts.mcqa_fraction,
+                   "--source synthetic: share of train/validation documents that are multiple-choice questions with "
+                   "their answer letter (teaches a base model the MCQA format), in [0, 1)")
+        ->capture_default_str();
+    sub.add_option("--questions", opts.questions, "--source mcqa: training questions in train.bin")
+        ->capture_default_str();
+    sub.add_option("--val-questions", opts.val_questions, "--source mcqa: other questions in val.bin")
+        ->capture_default_str();
 }
 
 CorpusSplits build_corpus(const DataCommandOptions& opts) {
@@ -47,7 +57,19 @@ CorpusSplits build_corpus(const DataCommandOptions& opts) {
         o.train_tokens = opts.train_tokens;
         o.val_tokens = opts.val_tokens;
         o.ood_tokens = opts.ood_tokens;
+        o.mcqa_fraction = opts.mcqa_fraction;
         return build_synthetic_corpus(o);
+    }
+    if (opts.source == "mcqa") {
+        BMOE_REQUIRE(opts.questions > 0, "--questions (", opts.questions,
+                     ") must be at least 1: the number of MCQA training questions in train.bin (e.g. 300)");
+        BMOE_REQUIRE(opts.val_questions > 0, "--val-questions (", opts.val_questions,
+                     ") must be at least 1: the number of MCQA questions in val.bin (e.g. 100)");
+        CorpusSplits s;
+        s.train = mcqa_training_split("train", opts.questions, opts.seed);
+        s.validation = mcqa_training_split("validation", opts.val_questions, opts.seed);
+        s.ood = empty_split_like(s.train, "ood");  // OoD questions are for evaluation only
+        return s;
     }
     TextCorpusOptions o;
     o.seed = opts.seed;
@@ -57,7 +79,8 @@ CorpusSplits build_corpus(const DataCommandOptions& opts) {
     o.fortunes_dir = opts.fortunes_dir;
     o.include_dir = opts.include_dir;
     if (opts.source == "text") return build_text_corpus(o);
-    BMOE_REQUIRE(!opts.source.empty(), "--source is empty; pass 'synthetic', 'text' or the path of a UTF-8 text file");
+    BMOE_REQUIRE(!opts.source.empty(),
+                 "--source is empty; pass 'synthetic', 'text', 'mcqa' or the path of a UTF-8 text file");
     return build_file_corpus(opts.source, o);
 }
 
@@ -100,8 +123,10 @@ int run_data_command(const DataCommandOptions& opts, std::ostream& out) {
         write(splits.ood, "ood.bin");
     } else {
         fs::remove(dir / "ood.bin", ec);  // never leave a stale ood.bin from an earlier corpus
-        out << "ood: none (" << (opts.ood_tokens == 0 ? "--ood-tokens is 0" : "this source has no held-out domains")
-            << "); ood.bin not written\n";
+        const char* why = opts.source == "mcqa"  ? "MCQA training questions are in-distribution only"
+                          : opts.ood_tokens == 0 ? "--ood-tokens is 0"
+                                                 : "this source has no held-out domains";
+        out << "ood: none (" << why << "); ood.bin not written\n";
     }
     out << "unigram baseline: " << std::fixed << std::setprecision(4)
         << unigram_cross_entropy(splits.train, splits.validation) << " nats/token (train unigram on validation)"

@@ -1,7 +1,7 @@
 // data_command.h -- `bmoe data`: build a corpus and write train.bin / val.bin / ood.bin.
 //
-// build_corpus() is the one place that turns a source name ("synthetic", "text" or a text file)
-// into CorpusSplits, so `bmoe data` and in-memory training runs see identical data for a seed.
+// build_corpus() is the one place that turns a source name ("synthetic", "text", "mcqa" or a text
+// file) into CorpusSplits, so `bmoe data` and in-memory training runs see identical data for a seed.
 #pragma once
 
 #include <cstdint>
@@ -17,7 +17,7 @@ class App;
 namespace bmoe::data {
 
 struct DataCommandOptions {
-    std::string source = "synthetic";  // "synthetic" | "text" | path of a UTF-8 text file
+    std::string source = "synthetic";  // "synthetic" | "text" | "mcqa" | path of a UTF-8 text file
     std::string out_dir = "out/data";
     uint64_t seed = 1234;
     uint64_t train_tokens = 2'000'000;  // text sources: 0 = all available
@@ -25,6 +25,9 @@ struct DataCommandOptions {
     uint64_t ood_tokens = 100'000;
     std::string fortunes_dir = "/usr/share/games/fortunes";  // source "text" only
     std::string include_dir = "/usr/include";                // source "text" only
+    double mcqa_fraction = 0.2;  // source "synthetic": share of train/validation documents that are MCQA questions
+    int questions = 300;         // source "mcqa": training questions in train.bin
+    int val_questions = 100;     // source "mcqa": other questions in val.bin
 };
 
 // Registers every option above on the `data` subcommand (descriptions and defaults in --help).

@@ -5,6 +5,7 @@
 #include <array>
 #include <string_view>
 
+#include "data/mcqa.h"
 #include "data/tokenizer.h"
 #include "parallel/check.h"
 
@@ -16,6 +17,12 @@ using Words = std::vector<std::string_view>;
 enum DomainId { kArithmetic, kEnglish, kCode, kJson, kDna, kRoman, kMorse, kConlang, kNumDomains };
 
 constexpr int kMinDocBytes = 100, kMaxDocBytes = 400;
+
+void require_mcqa_fraction(double fraction) {
+    BMOE_REQUIRE(fraction >= 0.0 && fraction < 1.0, "synthetic corpus: mcqa_fraction (", fraction,
+                 ") must be in [0, 1): the share of train/validation documents that are MCQA questions "
+                 "(--mcqa-fraction, default 0.2; 0 = none)");
+}
 
 int doc_target(Rng& rng) { return static_cast<int>(rng.uniform_int(kMinDocBytes, kMaxDocBytes)); }
 
@@ -33,15 +40,17 @@ int64_t random_number(Rng& rng, int max_digits) {
 }
 
 // ---- arithmetic: "37+85=122\n", correct answers --------------------------------------------
+std::string arithmetic_line(Rng& rng) {
+    const int op = static_cast<int>(rng.uniform(3));
+    const int64_t a = random_number(rng, op == 2 ? 2 : 3), b = random_number(rng, op == 2 ? 2 : 3);
+    const int64_t c = op == 0 ? a + b : op == 1 ? a - b : a * b;
+    return std::to_string(a) + "+-*"[op] + std::to_string(b) + "=" + std::to_string(c) + "\n";
+}
+
 std::string arithmetic_document(Rng& rng) {
     std::string doc;
     const int target = doc_target(rng);
-    while (static_cast<int>(doc.size()) < target) {
-        const int op = static_cast<int>(rng.uniform(3));
-        const int64_t a = random_number(rng, op == 2 ? 2 : 3), b = random_number(rng, op == 2 ? 2 : 3);
-        const int64_t c = op == 0 ? a + b : op == 1 ? a - b : a * b;
-        doc += std::to_string(a) + "+-*"[op] + std::to_string(b) + "=" + std::to_string(c) + "\n";
-    }
+    while (static_cast<int>(doc.size()) < target) doc += arithmetic_line(rng);
     return doc;
 }
 
@@ -234,67 +243,74 @@ std::string roman(int64_t n) {
     return s;
 }
 
+std::string roman_line(Rng& rng) {
+    int64_t a = rng.uniform_int(1, 500), b = rng.uniform_int(1, 500);
+    const bool minus = rng.coin(0.5) && a != b;
+    if (minus && a < b) std::swap(a, b);
+    return roman(a) + (minus ? "-" : "+") + roman(b) + "=" + roman(minus ? a - b : a + b) + "\n";
+}
+
 std::string roman_document(Rng& rng) {
     std::string doc;
     const int target = doc_target(rng);
-    while (static_cast<int>(doc.size()) < target) {
-        int64_t a = rng.uniform_int(1, 500), b = rng.uniform_int(1, 500);
-        const bool minus = rng.coin(0.5) && a != b;
-        if (minus && a < b) std::swap(a, b);
-        doc += roman(a) + (minus ? "-" : "+") + roman(b) + "=" + roman(minus ? a - b : a + b) + "\n";
-    }
+    while (static_cast<int>(doc.size()) < target) doc += roman_line(rng);
     return doc;
 }
 
 // ---- morse (OoD): english sentences in morse code ---------------------------------------------
-std::string morse_document(Rng& rng) {
+// Letters as dot/dash codes separated by ' ', words by " / "; everything but letters and spaces dropped.
+std::string morse(std::string_view text) {
     static const char* kCodes[26] = {".-",   "-...", "-.-.", "-..",  ".",   "..-.", "--.",  "....", "..",
                                      ".---", "-.-",  ".-..", "--",   "-.",  "---",  ".--.", "--.-", ".-.",
                                      "...",  "-",    "..-",  "...-", ".--", "-..-", "-.--", "--.."};
+    std::string line;
+    bool word_gap = false;
+    for (char c : text) {
+        if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
+        if (c >= 'a' && c <= 'z') {
+            if (!line.empty()) line += word_gap ? " / " : " ";
+            line += kCodes[c - 'a'];
+            word_gap = false;
+        } else if (c == ' ') {
+            word_gap = true;
+        }
+    }
+    return line;
+}
+
+std::string morse_document(Rng& rng) {
     std::string doc;
     const int target = doc_target(rng);
-    while (static_cast<int>(doc.size()) < target) {
-        const std::string sentence = english_sentence(rng);
-        std::string line;
-        bool word_gap = false;
-        for (char c : sentence) {
-            if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
-            if (c >= 'a' && c <= 'z') {
-                if (!line.empty()) line += word_gap ? " / " : " ";
-                line += kCodes[c - 'a'];
-                word_gap = false;
-            } else if (c == ' ') {
-                word_gap = true;
-            }
-        }
-        doc += line + "\n";
-    }
+    while (static_cast<int>(doc.size()) < target) doc += morse(english_sentence(rng)) + "\n";
     return doc;
 }
 
 // ---- conlang (OoD): a made-up language of consonant-vowel syllables ----------------------------
-std::string conlang_document(Rng& rng) {
+// A sentence of 3-8 words ending in ". " or "? ".
+std::string conlang_sentence(Rng& rng) {
     static const char* kConsonants = "kmtnslph";
     static const char* kVowels = "aaiiuoe";  // a and i twice as frequent as o and e
+    const int num_words = static_cast<int>(rng.uniform_int(3, 8));
+    std::string sentence;
+    for (int w = 0; w < num_words; ++w) {
+        std::string word;
+        const int syllables = static_cast<int>(rng.uniform_int(1, 3));
+        for (int s = 0; s < syllables; ++s) {
+            word += kConsonants[rng.uniform(8)];
+            word += kVowels[rng.uniform(7)];
+            if (rng.coin(0.15)) word += 'n';
+        }
+        if (w == 0) word[0] = static_cast<char>(word[0] - 'a' + 'A');
+        sentence += (w ? " " : "") + word;
+    }
+    sentence += rng.coin(0.8) ? ". " : "? ";
+    return sentence;
+}
+
+std::string conlang_document(Rng& rng) {
     std::string doc;
     const int target = doc_target(rng);
-    while (static_cast<int>(doc.size()) < target) {
-        const int num_words = static_cast<int>(rng.uniform_int(3, 8));
-        std::string sentence;
-        for (int w = 0; w < num_words; ++w) {
-            std::string word;
-            const int syllables = static_cast<int>(rng.uniform_int(1, 3));
-            for (int s = 0; s < syllables; ++s) {
-                word += kConsonants[rng.uniform(8)];
-                word += kVowels[rng.uniform(7)];
-                if (rng.coin(0.15)) word += 'n';
-            }
-            if (w == 0) word[0] = static_cast<char>(word[0] - 'a' + 'A');
-            sentence += (w ? " " : "") + word;
-        }
-        sentence += rng.coin(0.8) ? ". " : "? ";
-        doc += sentence;
-    }
+    while (static_cast<int>(doc.size()) < target) doc += conlang_sentence(rng);
     doc.back() = '\n';
     return doc;
 }
@@ -324,6 +340,49 @@ std::vector<int> synthetic_domain_ids(bool ood) {
     return ids;
 }
 
+std::string generate_synthetic_unit(int domain, Rng& rng) {
+    switch (domain) {
+        case kArithmetic:
+            return arithmetic_line(rng);
+        case kEnglish:
+            return english_sentence(rng);
+        case kCode:
+            return code_snippet(rng);
+        case kJson:
+            return json_record(rng);
+        case kDna:
+            return dna_document(rng);
+        case kRoman:
+            return roman_line(rng);
+        case kMorse:
+            return morse(english_sentence(rng)) + "\n";
+        case kConlang:
+            return conlang_sentence(rng);
+        default:
+            break;
+    }
+    throw Error(concat("unknown synthetic domain id ", domain, "; valid ids are 0..", kNumDomains - 1));
+}
+
+std::string roman_numeral(int64_t n) {
+    BMOE_ASSERT(n >= 1 && n <= 3999);
+    return roman(n);
+}
+
+std::string morse_encode(std::string_view text) { return morse(text); }
+
+WordClass english_word_class(std::string_view word) {
+    std::string lower(word);
+    for (char& c : lower)
+        if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
+    auto in = [&](const Words& list) { return std::find(list.begin(), list.end(), lower) != list.end(); };
+    if (in(kNouns)) return WordClass::kNoun;
+    if (in(kVerbsBase) || in(kVerbsPast) || in(kIntransitive)) return WordClass::kVerb;
+    if (in(kAdjectives)) return WordClass::kAdjective;
+    if (in(kAdverbs)) return WordClass::kAdverb;
+    return WordClass::kOther;
+}
+
 std::string generate_synthetic_document(int domain, Rng& rng) {
     switch (domain) {
         case kArithmetic:
@@ -348,10 +407,15 @@ std::string generate_synthetic_document(int domain, Rng& rng) {
     throw Error(concat("unknown synthetic domain id ", domain, "; valid ids are 0..", kNumDomains - 1));
 }
 
-TokenData generate_synthetic_split(
-    const std::string& split, const std::vector<int>& domain_ids, uint64_t num_tokens, uint64_t seed, uint64_t stream) {
+TokenData generate_synthetic_split(const std::string& split,
+                                   const std::vector<int>& domain_ids,
+                                   uint64_t num_tokens,
+                                   uint64_t seed,
+                                   uint64_t stream,
+                                   double mcqa_fraction) {
     BMOE_REQUIRE(!domain_ids.empty() || num_tokens == 0, "synthetic split '", split,
                  "' needs at least one domain; pass domain ids from synthetic_domains()");
+    require_mcqa_fraction(mcqa_fraction);
     TokenData data;
     data.split = split;
     data.source = "synthetic";
@@ -361,11 +425,20 @@ TokenData generate_synthetic_split(
     data.domains = synthetic_domains();
     data.tokens.reserve(num_tokens + kMaxDocBytes * 2);
     Rng rng(seed, stream);
+    // Questions and the choice "question or not" come from their own stream, so the plain documents
+    // are the same sequence whatever the fraction (a question is inserted between them).
+    Rng mcqa_rng(seed, kMcqaMixStream + stream);
     const ByteTokenizer tokenizer;
     std::vector<int32_t> doc_tokens;
     while (data.num_tokens() < num_tokens) {
-        const int domain = domain_ids[rng.uniform(domain_ids.size())];
         doc_tokens.clear();
+        if (mcqa_fraction > 0 && mcqa_rng.coin(mcqa_fraction)) {
+            const McqaQuestion q = draw_mcqa_training_question(mcqa_rng);
+            tokenizer.encode_append(mcqa_document(q), doc_tokens);
+            data.add_document(doc_tokens, q.domain);
+            continue;
+        }
+        const int domain = domain_ids[rng.uniform(domain_ids.size())];
         tokenizer.encode_append(generate_synthetic_document(domain, rng), doc_tokens);
         data.add_document(doc_tokens, domain);
     }
@@ -379,10 +452,13 @@ CorpusSplits build_synthetic_corpus(const SyntheticCorpusOptions& options) {
     BMOE_REQUIRE(options.val_tokens > 0,
                  "synthetic corpus: val_tokens is 0; ask for at least a few thousand "
                  "tokens (--val-tokens, default 100000)");
+    require_mcqa_fraction(options.mcqa_fraction);
     const std::vector<int> id = synthetic_domain_ids(false), ood = synthetic_domain_ids(true);
     CorpusSplits s;
-    s.train = generate_synthetic_split("train", id, options.train_tokens, options.seed, kTrainStream);
-    s.validation = generate_synthetic_split("validation", id, options.val_tokens, options.seed, kValidationStream);
+    s.train =
+        generate_synthetic_split("train", id, options.train_tokens, options.seed, kTrainStream, options.mcqa_fraction);
+    s.validation = generate_synthetic_split("validation", id, options.val_tokens, options.seed, kValidationStream,
+                                            options.mcqa_fraction);
     s.ood = generate_synthetic_split("ood", ood, options.ood_tokens, options.seed, kOodStream);
     return s;
 }

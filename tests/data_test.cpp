@@ -3,10 +3,12 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <set>
 #include <sstream>
 #include <string>
@@ -14,6 +16,7 @@
 
 #include "data/data_command.h"
 #include "data/data_loader.h"
+#include "data/mcqa.h"
 #include "data/rng.h"
 #include "data/synthetic_corpus.h"
 #include "data/text_corpus.h"
@@ -599,6 +602,405 @@ TEST(DataCommandTest, WritesSplitsThatReadBack) {
 
     o.source = (dir / "absent.txt").string();
     expect_error([&] { build_corpus(o); }, {"absent.txt", "synthetic"});
+}
+
+// ---- multiple-choice questions (data/mcqa.h) ---------------------------------------------------
+
+std::string doc_text(const TokenData& data, size_t doc) {
+    return std::string(data.tokens.begin() + static_cast<std::ptrdiff_t>(data.doc_offsets[doc]),
+                       data.tokens.begin() + static_cast<std::ptrdiff_t>(data.doc_offsets[doc + 1]));
+}
+
+// Every question: the fixed surface format, its options listed in order, a valid answer and domain.
+void expect_well_formed(const McqaSet& set) {
+    for (const McqaQuestion& q : set.questions) {
+        ASSERT_GE(q.answer, 0);
+        ASSERT_LT(q.answer, 4);
+        ASSERT_GE(q.domain, 0);
+        ASSERT_LT(q.domain, static_cast<int>(set.domains.size()));
+        EXPECT_EQ(set.domains[q.domain].is_ood, set.ood) << q.prompt;
+        EXPECT_FALSE(q.type.empty());
+        const std::string end = "Answer: ";
+        ASSERT_GE(q.prompt.size(), end.size());
+        EXPECT_EQ(q.prompt.substr(q.prompt.size() - end.size()), end) << q.prompt;
+        EXPECT_LE(q.prompt.size(), 256u) << q.prompt;
+        std::string listing;
+        for (int i = 0; i < 4; ++i) listing += std::string(1, mcqa_letter(i)) + ") " + q.options[i] + "\n";
+        EXPECT_NE(q.prompt.find("\nQuestion: "), std::string::npos) << q.prompt;
+        EXPECT_EQ(q.prompt.substr(q.prompt.size() - end.size() - listing.size(), listing.size()), listing) << q.prompt;
+        EXPECT_EQ(std::set<std::string>(q.options.begin(), q.options.end()).size(), 4u) << q.prompt;
+    }
+}
+
+std::vector<double> letter_shares(const McqaSet& set) {
+    std::vector<double> share(4, 0.0);
+    for (const McqaQuestion& q : set.questions) share[q.answer] += 1.0 / static_cast<double>(set.questions.size());
+    return share;
+}
+
+TEST(McqaTest, SyntheticSetsAreWellFormedAndDeterministic) {
+    for (bool ood : {false, true}) {
+        const McqaSet a = generate_synthetic_mcqa(ood, 1000, 21), b = generate_synthetic_mcqa(ood, 1000, 21);
+        const McqaSet c = generate_synthetic_mcqa(ood, 1000, 22);
+        EXPECT_EQ(a.name, ood ? "synthetic-ood" : "synthetic-id");
+        EXPECT_EQ(a.ood, ood);
+        ASSERT_EQ(a.questions.size(), 1000u);
+        ASSERT_EQ(a.domains.size(), synthetic_domains().size());
+        expect_well_formed(a);
+        int same_as_other_seed = 0;
+        for (size_t i = 0; i < a.questions.size(); ++i) {
+            EXPECT_EQ(a.questions[i].prompt, b.questions[i].prompt);
+            EXPECT_EQ(a.questions[i].answer, b.questions[i].answer);
+            EXPECT_EQ(a.questions[i].domain, b.questions[i].domain);
+            EXPECT_EQ(a.questions[i].type, b.questions[i].type);
+            same_as_other_seed += a.questions[i].prompt == c.questions[i].prompt;
+        }
+        EXPECT_LT(same_as_other_seed, 20);
+        // Several question types, each with one fixed option list (a small model cannot copy the
+        // letter of shuffled options).
+        std::map<std::string, std::array<std::string, 4>> options;
+        for (const McqaQuestion& q : a.questions) {
+            auto [it, inserted] = options.emplace(q.type, q.options);
+            EXPECT_EQ(it->second, q.options) << q.type;
+        }
+        EXPECT_GE(options.size(), ood ? 4u : 8u);
+    }
+}
+
+TEST(McqaTest, AnswerLettersAreBalanced) {
+    for (bool ood : {false, true}) {
+        const McqaSet set = generate_synthetic_mcqa(ood, 1000, 5);
+        const std::vector<double> share = letter_shares(set);
+        for (int i = 0; i < 4; ++i) {
+            EXPECT_GE(share[i], 0.15) << set.name << " letter " << mcqa_letter(i);
+            EXPECT_LE(share[i], 0.35) << set.name << " letter " << mcqa_letter(i);
+        }
+        // And within each type, so no type's answer is guessable from its letter prior.
+        std::map<std::string, std::vector<int>> per_type;
+        for (const McqaQuestion& q : set.questions) {
+            per_type[q.type].resize(4);
+            ++per_type[q.type][q.answer];
+        }
+        for (const auto& [type, counts] : per_type)
+            for (int n : counts) EXPECT_GE(n, 10) << type;
+    }
+}
+
+TEST(McqaTest, InDistributionAndOodSetsUseDisjointDomains) {
+    const McqaSet id = generate_synthetic_mcqa(false, 1000, 3), ood = generate_synthetic_mcqa(true, 1000, 3);
+    std::set<int> id_domains, ood_domains;
+    for (const McqaQuestion& q : id.questions) id_domains.insert(q.domain);
+    for (const McqaQuestion& q : ood.questions) ood_domains.insert(q.domain);
+    const std::vector<int> want_id = synthetic_domain_ids(false), want_ood = synthetic_domain_ids(true);
+    EXPECT_EQ(id_domains, std::set<int>(want_id.begin(), want_id.end()));
+    EXPECT_EQ(ood_domains, std::set<int>(want_ood.begin(), want_ood.end()));
+    for (int d : id_domains) EXPECT_EQ(ood_domains.count(d), 0u) << synthetic_domains()[d].name;
+}
+
+int roman_value(const std::string& s) {
+    const std::map<char, int> v = {{'I', 1}, {'V', 5}, {'X', 10}, {'L', 50}, {'C', 100}, {'D', 500}, {'M', 1000}};
+    int total = 0;
+    for (size_t i = 0; i < s.size(); ++i) {
+        const int x = v.at(s[i]);
+        total += i + 1 < s.size() && x < v.at(s[i + 1]) ? -x : x;
+    }
+    return total;
+}
+
+// The text between the first `open` after `from` and the next `close`.
+std::string between(const std::string& s, const std::string& open, const std::string& close, size_t from = 0) {
+    const size_t b = s.find(open, from) + open.size();
+    return s.substr(b, s.find(close, b) - b);
+}
+
+// Recomputes each answer from the prompt alone: the questions are answerable, not guesses.
+TEST(McqaTest, AnswersFollowFromThePrompt) {
+    std::map<std::string, int> checked;
+    for (bool ood : {false, true}) {
+        const McqaSet set = generate_synthetic_mcqa(ood, 2000, 17);
+        for (const McqaQuestion& q : set.questions) {
+            const std::string& p = q.prompt;
+            const std::string snippet = p.substr(0, p.find("Question: "));
+            const std::string first_line = snippet.substr(0, snippet.find('\n'));
+            const std::string answer = q.options[q.answer];
+            if (q.type == "arith_operator" || q.type == "roman_operator") {
+                const std::string a_s = first_line.substr(0, first_line.find('#'));
+                const std::string b_s = between(first_line, "#", "=");
+                const std::string c_s = first_line.substr(first_line.find('=') + 1);
+                const long a = q.type == "arith_operator" ? std::stol(a_s) : roman_value(a_s);
+                const long b = q.type == "arith_operator" ? std::stol(b_s) : roman_value(b_s);
+                const long c = q.type == "arith_operator" ? std::stol(c_s) : roman_value(c_s);
+                std::vector<std::string> fits;
+                if (a + b == c) fits.push_back("+");
+                if (a - b == c) fits.push_back("-");
+                if (a * b == c) fits.push_back("*");
+                if (a % b == 0 && a / b == c) fits.push_back("/");
+                EXPECT_EQ(fits, std::vector<std::string>{answer}) << p;
+            } else if (q.type == "arith_last_digit") {
+                const long a = std::stol(first_line), b = std::stol(between(first_line, "+", "="));
+                EXPECT_EQ(std::to_string((a + b) % 10), answer) << p;
+            } else if (q.type == "text_kind") {
+                EXPECT_EQ(synthetic_domains()[q.domain].name, answer) << p;
+            } else if (q.type == "english_word_class" || q.type == "morse_word_class") {
+                std::string word = between(p, "word is \"", "\"");
+                if (q.type == "morse_word_class") {  // decode by matching the sentence's words
+                    EXPECT_NE(snippet.find(word), std::string::npos) << p;
+                    continue;
+                }
+                EXPECT_NE(snippet.find(word), std::string::npos) << p;
+                const WordClass c = english_word_class(word);
+                EXPECT_EQ(std::string(std::array{"noun", "verb", "adjective", "adverb", "other"}[static_cast<int>(c)]),
+                          answer)
+                    << p;
+            } else if (q.type == "code_range") {
+                const int n = std::stoi(between(snippet, " > ", ")"));
+                EXPECT_EQ(q.answer, (n - 1) / 16) << p;
+            } else if (q.type == "json_tag_count") {
+                const size_t tags = snippet.find("\"tags\": [");
+                const long n =
+                    tags == std::string::npos ? 0 : std::count(snippet.begin() + tags, snippet.end(), '"') / 2 - 1;
+                EXPECT_EQ(std::to_string(n), answer) << p;
+            } else if (q.type == "json_key_after_name") {
+                const size_t name_end = snippet.find("\", \"", snippet.find("\"name\": \"") + 9);
+                EXPECT_EQ(between(snippet, ", \"", "\"", name_end), answer) << p;
+            } else if (q.type == "dna_next_base" || q.type == "conlang_next_letter") {
+                const std::string gram = between(p, "follows \"", "\"");
+                const std::string text = q.type == "dna_next_base" ? between(snippet, "\n", "\n") : snippet;
+                const size_t at = text.find(gram);
+                ASSERT_NE(at, std::string::npos) << p;
+                EXPECT_EQ(text.find(gram, at + 1), std::string::npos) << "look-up must be unambiguous: " << p;
+                EXPECT_EQ(std::string(1, text[at + gram.size()]), answer) << p;
+            } else if (q.type == "dna_stop_codon") {
+                const std::string seq = between(snippet, "\n", "\n");
+                const std::string last = seq.substr(seq.size() - 3);
+                EXPECT_EQ(last == "TAA" || last == "TAG" || last == "TGA" ? last : "none", answer) << p;
+            } else if (q.type == "conlang_word_count") {
+                EXPECT_EQ(std::to_string(std::count(first_line.begin(), first_line.end(), ' ') + 1), answer) << p;
+            } else if (q.type == "roman_range") {
+                const int a = roman_value(first_line.substr(0, first_line.find_first_of("+-")));
+                EXPECT_EQ(q.answer, (a - 1) / 125) << p;
+            } else {
+                continue;
+            }
+            ++checked[q.type];
+        }
+    }
+    EXPECT_GE(checked.size(), 12u);
+    for (const auto& [type, n] : checked) EXPECT_GT(n, 50) << type;
+}
+
+TEST(McqaTest, FiveThousandQuestionsGenerateQuickly) {
+    for (bool ood : {false, true}) {
+        const auto start = std::chrono::steady_clock::now();
+        const McqaSet set = generate_synthetic_mcqa(ood, 5000, 1);
+        const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        EXPECT_EQ(set.questions.size(), 5000u);
+        EXPECT_LT(seconds, 1.0) << set.name << ": 5000 questions took " << seconds << " s";
+    }
+}
+
+TEST(McqaTest, TrainingQuestionsAreNeverEvaluationQuestions) {
+    const uint64_t seed = 9;
+    const TokenData train = mcqa_training_split("train", 3000, seed);
+    const TokenData val = mcqa_training_split("validation", 500, seed);
+    train.validate();
+    val.validate();
+    EXPECT_EQ(train.split, "train");
+    EXPECT_EQ(train.source, "mcqa");
+    EXPECT_EQ(train.num_documents(), 3000u);
+    EXPECT_EQ(val.num_documents(), 500u);
+    ASSERT_EQ(train.domains.size(), synthetic_domains().size());
+    std::set<std::string> eval_prompts;
+    for (const McqaQuestion& q : generate_synthetic_mcqa(false, 5000, seed).questions) eval_prompts.insert(q.prompt);
+    std::set<std::string> train_prompts;
+    for (size_t d = 0; d < train.num_documents(); ++d) {
+        const std::string doc = doc_text(train, d);
+        // prompt + answer letter + '\n', labelled with an in-distribution domain
+        ASSERT_GE(doc.size(), 11u);
+        EXPECT_EQ(doc.back(), '\n');
+        const char letter = doc[doc.size() - 2];
+        EXPECT_TRUE(letter >= 'A' && letter <= 'D') << doc;
+        const std::string prompt = doc.substr(0, doc.size() - 2);
+        EXPECT_EQ(prompt.substr(prompt.size() - 8), "Answer: ") << doc;
+        EXPECT_FALSE(train.domains[train.doc_domains[d]].is_ood);
+        EXPECT_EQ(eval_prompts.count(prompt), 0u) << "training question is an evaluation question:\n" << doc;
+        train_prompts.insert(prompt);
+    }
+    int shared = 0;
+    for (size_t d = 0; d < val.num_documents(); ++d) {
+        const std::string doc = doc_text(val, d);
+        shared += train_prompts.count(doc.substr(0, doc.size() - 2));
+    }
+    // Different streams; a few repeat by chance (a domain like the while-loop snippets has only
+    // 256 variants). Only evaluation vs training is disjoint by construction.
+    EXPECT_LT(shared, 25) << "train and validation questions come from different streams";
+    expect_same_data(train, mcqa_training_split("train", 3000, seed));
+    // The document is exactly what mcqa_document writes.
+    Rng rng(seed, kMcqaTrainStream);
+    EXPECT_EQ(doc_text(train, 0), mcqa_document(draw_mcqa_training_question(rng)));
+}
+
+TEST(McqaTest, SyntheticCorpusMixesInMcqaDocuments) {
+    SyntheticCorpusOptions o;
+    o.seed = 4;
+    o.train_tokens = 200'000;
+    o.val_tokens = 40'000;
+    o.ood_tokens = 20'000;
+    const CorpusSplits plain = build_synthetic_corpus(o);
+    o.mcqa_fraction = 0.2;
+    const CorpusSplits mixed = build_synthetic_corpus(o);
+    auto is_question = [](const std::string& doc) { return doc.find("\nAnswer: ") != std::string::npos; };
+    for (const auto& [m, p] :
+         {std::pair{&mixed.train, &plain.train}, std::pair{&mixed.validation, &plain.validation}}) {
+        m->validate();
+        EXPECT_GE(m->num_tokens(), p->num_tokens() - 1000);
+        size_t questions = 0, next_plain = 0;
+        for (size_t d = 0; d < m->num_documents(); ++d) {
+            const std::string doc = doc_text(*m, d);
+            EXPECT_FALSE(m->domains[m->doc_domains[d]].is_ood);
+            if (is_question(doc)) {
+                ++questions;
+                const char letter = doc[doc.size() - 2];
+                EXPECT_TRUE(letter >= 'A' && letter <= 'D') << doc;
+                continue;
+            }
+            // Plain documents are the fraction-0 corpus's, in order: questions only come between.
+            ASSERT_LT(next_plain, p->num_documents());
+            EXPECT_EQ(doc, doc_text(*p, next_plain));
+            EXPECT_EQ(m->doc_domains[d], p->doc_domains[next_plain]);
+            ++next_plain;
+        }
+        const double share = static_cast<double>(questions) / static_cast<double>(m->num_documents());
+        EXPECT_GT(share, 0.15) << m->split;
+        EXPECT_LT(share, 0.25) << m->split;
+    }
+    for (size_t d = 0; d < plain.train.num_documents(); ++d) EXPECT_FALSE(is_question(doc_text(plain.train, d)));
+    expect_same_data(mixed.ood, plain.ood);  // OoD text never carries questions
+    expect_same_data(mixed.train, build_synthetic_corpus(o).train);
+}
+
+TEST(McqaTest, BadArgumentsAreClearErrors) {
+    expect_error([] { generate_synthetic_mcqa(false, 0, 1); }, {"num_questions is 0"});
+    expect_error([] { generate_synthetic_mcqa(true, -5, 1); }, {"num_questions is -5"});
+    expect_error([] { generate_text_cloze(false, 0, 1); }, {"cloze", "num_questions is 0"});
+    TextCorpusOptions no_ood;
+    no_ood.ood_tokens = 0;
+    expect_error([&] { generate_text_cloze(true, 10, 1, no_ood); }, {"ood_tokens is 0"});
+    expect_error([] { mcqa_training_split("train", 0, 1); }, {"num_questions is 0"});
+    expect_error([] { mcqa_training_split("test", 10, 1); }, {"'test'", "'train' or 'validation'"});
+    SyntheticCorpusOptions o;
+    o.train_tokens = 10'000;
+    o.val_tokens = 5'000;
+    for (double bad : {-0.1, 1.0, 1.5, std::nan("")}) {
+        o.mcqa_fraction = bad;
+        expect_error([&] { build_synthetic_corpus(o); }, {"mcqa_fraction", "[0, 1)", "--mcqa-fraction"});
+    }
+    DataCommandOptions d;
+    d.source = "mcqa";
+    d.questions = 0;
+    expect_error([&] { build_corpus(d); }, {"--questions (0)"});
+    d.questions = 10;
+    d.val_questions = -1;
+    expect_error([&] { build_corpus(d); }, {"--val-questions (-1)"});
+    d.source = "synthetic";
+    d.mcqa_fraction = 2;
+    expect_error([&] { build_corpus(d); }, {"--mcqa-fraction"});
+}
+
+bool text_corpus_installed() {
+    for (const char* dir : {"/usr/share/games/fortunes/fortunes", "/usr/share/games/fortunes/de",
+                            "/usr/share/games/fortunes/es", "/usr/share/games/fortunes/ru", "/usr/include/stdio.h"})
+        if (!fs::exists(dir)) return false;
+    return true;
+}
+
+TEST(McqaTest, ClozeQuestionsFromRealText) {
+    if (!text_corpus_installed())
+        GTEST_SKIP() << "apt-get install fortunes fortunes-de fortunes-es fortunes-ru libc6-dev";
+    for (bool ood : {false, true}) {
+        const McqaSet set = generate_text_cloze(ood, 1000, 2);
+        EXPECT_EQ(set.name, ood ? "cloze-ood" : "cloze-id");
+        ASSERT_EQ(set.domains.size(), text_domains().size());
+        ASSERT_EQ(set.questions.size(), 1000u);
+        expect_well_formed(set);  // includes: 4 distinct options, the answer listed in the prompt
+        std::set<std::string> domains;
+        for (const McqaQuestion& q : set.questions) {
+            domains.insert(set.domains[q.domain].name);
+            EXPECT_EQ(q.type, "cloze");
+            const size_t blank = q.prompt.find("____");
+            ASSERT_NE(blank, std::string::npos) << q.prompt;
+            EXPECT_EQ(q.prompt.find("____", blank + 4), std::string::npos) << q.prompt;
+            std::set<std::string> lower;
+            for (std::string o : q.options) {
+                EXPECT_FALSE(o.empty());
+                for (char& c : o) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+                lower.insert(o);
+            }
+            EXPECT_EQ(lower.size(), 4u) << q.prompt;
+        }
+        const std::set<std::string> want =
+            ood ? std::set<std::string>{"german", "spanish", "russian"} : std::set<std::string>{"english", "c_headers"};
+        EXPECT_EQ(domains, want);
+        const std::vector<double> share = letter_shares(set);
+        for (double s : share) EXPECT_TRUE(s > 0.15 && s < 0.35) << s;
+        const McqaSet again = generate_text_cloze(ood, 1000, 2);
+        for (size_t i = 0; i < set.questions.size(); ++i) EXPECT_EQ(set.questions[i].prompt, again.questions[i].prompt);
+    }
+    // In-distribution passages come from the validation split, never from train.
+    TextCorpusOptions o;
+    const CorpusSplits text = build_text_corpus(o);
+    std::string train_text;
+    for (int32_t t : text.train.tokens) train_text += static_cast<char>(t);
+    int in_train = 0;
+    const McqaSet set = generate_text_cloze(false, 200, 3, o);
+    for (const McqaQuestion& q : set.questions) {
+        if (set.domains[q.domain].name != "c_headers") continue;  // prose was re-flowed, code lines were not
+        const std::string line = q.prompt.substr(0, q.prompt.find('\n'));
+        const std::string before = line.substr(0, line.find("____"));
+        const std::string word_and_after = q.options[q.answer] + line.substr(line.find("____") + 4);
+        in_train += train_text.find(before + word_and_after) != std::string::npos;
+    }
+    EXPECT_LT(in_train, 10) << "only lines repeated across headers may be in train";
+}
+
+TEST(McqaTest, ClozeWithoutFortunesNamesThePackage) {
+    TextCorpusOptions o;
+    o.fortunes_dir = (scratch_dir() / "nope").string();
+    expect_error([&] { generate_text_cloze(false, 10, 1, o); }, {"nope", "apt-get install fortunes"});
+}
+
+TEST(DataCommandTest, McqaSourceWritesQuestionsOnly) {
+    const fs::path dir = scratch_dir();
+    DataCommandOptions o;
+    o.source = "mcqa";
+    o.out_dir = (dir / "out").string();
+    o.seed = 5;
+    o.questions = 300;
+    o.val_questions = 60;
+    std::ostringstream log;
+    EXPECT_EQ(run_data_command(o, log), 0);
+    const TokenData train = read_token_file((dir / "out" / "train.bin").string());
+    const TokenData val = read_token_file((dir / "out" / "val.bin").string());
+    expect_same_data(train, mcqa_training_split("train", 300, 5));
+    expect_same_data(val, mcqa_training_split("validation", 60, 5));
+    EXPECT_FALSE(fs::exists(dir / "out" / "ood.bin"));
+    EXPECT_NE(log.str().find("train: " + std::to_string(train.num_tokens()) + " tokens, 300 documents"),
+              std::string::npos)
+        << log.str();
+    EXPECT_NE(log.str().find("ood.bin not written"), std::string::npos) << log.str();
+
+    // The synthetic source mixes questions in by default.
+    DataCommandOptions s;
+    s.out_dir = (dir / "synthetic").string();
+    s.train_tokens = 30'000;
+    s.val_tokens = 5'000;
+    s.ood_tokens = 5'000;
+    EXPECT_DOUBLE_EQ(s.mcqa_fraction, 0.2);
+    const CorpusSplits splits = build_corpus(s);
+    int questions = 0;
+    for (size_t d = 0; d < splits.train.num_documents(); ++d)
+        questions += doc_text(splits.train, d).find("\nAnswer: ") != std::string::npos;
+    EXPECT_GT(questions, 0);
 }
 
 }  // namespace
