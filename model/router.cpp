@@ -361,6 +361,7 @@ void Router::select_and_gate(const RoutingContext& ctx) {
     out_.sample_probs.resize(static_cast<size_t>(S) * NE);
     out_.probs.resize(NE);
     log_pbar_.resize(NE);
+    sample_logp_.resize(static_cast<size_t>(S) * NE);
     out_.topk_idx.resize(static_cast<size_t>(N) * K);
     out_.topk_weight.resize(static_cast<size_t>(N) * K);
     lse_.resize(N);
@@ -377,6 +378,7 @@ void Router::select_and_gate(const RoutingContext& ctx) {
             for (int e = 0; e < E; ++e) {
                 lp[e] = static_cast<float>(lp[e] - lse);
                 p[e] = std::exp(lp[e]);
+                sample_logp_[s * NE + n * E + e] = lp[e];
             }
         }
         float* lpbar = log_pbar_.data() + n * E;
@@ -473,7 +475,8 @@ void Router::backward(float* dx_ND,
             for (int e = 0; e < E; ++e) a[e] = static_cast<double>(p[e]) * aux_dprobs_E[e] / S;
             for (int k = 0; k < K; ++k) {
                 const int e = idx[k];
-                a[e] += dlsel[k] * std::exp(std::log(std::max(p[e], 1e-38f)) - lpbar[e]) / S;
+                // p^s / (S pbar): this sample's share of pbar, from log-probabilities (no underflow)
+                a[e] += dlsel[k] * std::exp(sample_logp_[s * NE + n * E + e] - lpbar[e]) / S;
             }
             double sa = 0.0;
             for (int e = 0; e < E; ++e) sa += a[e];
@@ -530,7 +533,16 @@ void Router::backward(float* dx_ND,
         case RouterType::kEnsemble: {
             const int M = rc_.ensemble_size;
             std::vector<float> dmembers(static_cast<size_t>(N) * (M - 1) * E, 0.0f);
-            for (idx_t n = 0; n < N; ++n) {
+            if (noise_.member.empty()) {  // every member was a sample; mu = the members' mean
+                for (idx_t n = 0; n < N; ++n)
+                    for (int e = 0; e < E; ++e) {
+                        dldet[n * E + e] = dl[n * E + e] + dmu_z[n * E + e] / M;
+                        for (int m = 1; m < M; ++m)
+                            dmembers[(n * (M - 1) + (m - 1)) * E + e] = dl[(m * static_cast<size_t>(N) + n) * E + e] +
+                                                                        dmu_z[n * E + e] / M;
+                    }
+            }
+            for (idx_t n = 0; n < N && !noise_.member.empty(); ++n) {
                 const int m = noise_.member[n];
                 for (int e = 0; e < E; ++e) {
                     const float d = dl[n * E + e] + dmu_z[n * E + e];

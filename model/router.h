@@ -144,6 +144,7 @@ class Router {
     std::vector<float> temp_raw_;      // [N] vtsr pre-sigmoid temperature
     std::vector<float> all_members_;   // [N, (M-1) E] ensemble members 1..M-1
     std::vector<float> log_pbar_;      // [N, E]
+    std::vector<float> sample_logp_;   // [S, N, E] log p^s (p^s itself underflows at small T)
     // state
     std::vector<int64_t> load_;                           // [E] accumulated over the step's micro-batches
     std::vector<float> selection_bias_;                   // [E]

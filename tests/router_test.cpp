@@ -443,6 +443,25 @@ TEST(RouterNoise, KeyedByGlobalTokenId) {
     for (int i = 0; i < 6 * E; ++i) EXPECT_EQ(whole.outputs().sample_logits[4 * E + i], tail.outputs().sample_logits[i]);
 }
 
+// At a small temperature a selected expert's probability underflows in fp32; the backward works
+// from log-probabilities, so the gradients stay finite (they were NaN when computed from p / pbar).
+TEST(RouterNumerics, ColdTemperatureGradientsAreFinite) {
+    ModelConfig cfg = tiny(RouterType::kTempSampling);
+    cfg.router.temperature = 0.02f;
+    RouterFixture f(cfg, 9, 12);
+    const LayerTensors w = f.weights();
+    for (int i = 0; i < cfg.num_experts * cfg.d_model; ++i) w.router_w[i] *= 20.0f;  // logit gaps >> 176 T
+    CpuBackend backend;
+    Router router(cfg, &backend, 0);
+    router.forward(f.x.data(), w, f.N, train_ctx());
+    std::vector<float> grads(f.layout.total_numel(), 0.0f), dx(f.x.size(), 0.0f);
+    std::vector<float> dgate(static_cast<size_t>(f.N) * cfg.top_k, 1.0f);
+    router.backward(dx.data(), f.layout.views(grads.data()).layers[0], dgate.data(), f.x.data(), w,
+                    std::vector<float>(cfg.num_experts, 0.1f), 0.01f, 0.0f, 0.0f);
+    for (float g : grads) ASSERT_TRUE(std::isfinite(g));
+    for (float g : dx) ASSERT_TRUE(std::isfinite(g));
+}
+
 // ---- configuration errors ------------------------------------------------------------------------
 
 void expect_config_error(const std::function<void(ModelConfig&)>& edit, const std::string& message) {

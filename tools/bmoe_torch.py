@@ -1,26 +1,43 @@
 """bmoe_torch.py -- an independent PyTorch implementation of the bmoe MoE transformer.
 
-The model is written from the model definition (README "The loss", model/params.h), not from the
-C++ code, so it can serve as an oracle: tests compare the C++ CPU/CUDA backends against it, the
+The model is written from the model definition (README "The loss", model/params.h,
+docs/routers.md), not from the C++ code, so it can serve as an oracle: tests compare the C++
+CPU/CUDA backends against it (autograd gives the gradients the C++ computes by hand), the
 benchmarks time it as the PyTorch-eager baseline, and checkpoint tools reuse its safetensors I/O.
 
     from bmoe_torch import BmoeModel, load_safetensors, save_safetensors
-    model = BmoeModel({"vocab_size": 256, "d_model": 256, ...})      # ModelConfig field names
-    out = model(tokens, targets, aux_coef=0.01, zloss_coef=0.001)      # tokens/targets [B, T]
+    model = BmoeModel({"vocab_size": 256, "d_model": 256, ...,        # ModelConfig field names
+                       "router": {"type": "logit_fc", "train_samples": 2}})  # RouterConfig fields
+    out = model(tokens, targets, aux_coef=0.01, zloss_coef=0.001,     # tokens/targets [B, T]
+                router_reg_coef=1e-3, noise={1: {"eps": eps}})          # noise: optional, per layer
     out.total.backward()
 
 state_dict() keys are exactly bmoe's parameter names (Hugging Face Mixtral layout), e.g.
-``model.layers.0.block_sparse_moe.experts.w1`` [E, F, D]. Definitions:
+``model.layers.0.block_sparse_moe.experts.w1`` [E, F, D], ``...block_sparse_moe.gate.weight``
+[E, D] and the router family's own tensors under ``...block_sparse_moe.router.``. Definitions:
 
 - layer: x += o_proj(attn(norm1(x))); x += ffn(norm2(x)); then final norm and lm_head
   (tied to embed_tokens when tie_embeddings).
 - attention: causal, grouped-query (query head h reads kv head h // (H / KV)), scale 1/sqrt(Hd),
   RoPE in the HF rotate_half convention on q and k, or learned positions added to the embedding.
-- MoE: probs = softmax(x W_r^T); top-k probs (descending, ties to the lower index) are the gates,
-  renormalised to sum 1 when router_renormalize; y = sum_k gate_k * expert_k(x).
-- loss = CE (mean over targets >= 0) + aux_coef * mean_l aux_l + zloss_coef * mean_l z_l with
-  aux_l = E * sum_e f_e P_e (f_e = share of routed copies, a constant; P_e = mean prob) and
-  z_l = mean_n logsumexp(router logits_n)^2.
+- MoE routing (docs/routers.md, TRAINING mode: S = router.train_samples where the family samples
+  logits, else 1): l_det = x W_r^T; the family gives logit samples l^s [S, N, E], a temperature T
+  (1, router.temperature, or vtsr's T(x) per token), the mean logits mu and its regulariser;
+  p^s = softmax(l^s / T), pbar = mean_s p^s; score = log pbar (+ Gumbel noise for temp_sampling
+  and vtsr: Sample-K) (+ the aux-free selection bias); the top-k of the score (ties to the lower
+  index; the selection itself has no gradient) are the experts, gates = pbar[idx] renormalised
+  to sum 1 when router_renormalize; y = sum_k gate_k * expert_k(x). Capacity: each expert keeps
+  its first C = ceil(capacity_factor * N * K / E) copies in (token, slot) order.
+  Families (Router subclasses below): topk / swag (l = l_det), temp_sampling, mc_dropout,
+  ensemble, weight_mfvi, logit_mf, logit_fc, vtsr. Their noise (eps [S, N, E], dropout_mask
+  [S, N, D], gumbel [N, E], member [N]) is read from the `noise` argument when given (to
+  reproduce a C++ forward exactly), else drawn from torch's RNG.
+  Inference-time routing (eval_samples, SWAG weight sampling, ensemble averaging, mean mode)
+  is not modelled here.
+- loss = CE (mean over targets >= 0) + aux_coef * mean_l aux_l + zloss_coef * mean_l z_l
+  + router_reg_coef * sum_l reg_l with aux_l = E * sum_e f_e P_e (f_e = share of routed copies
+  before capacity dropping, a constant; P_e = mean_n pbar[n, e]), z_l = mean_n logsumexp(mu_n)^2
+  and reg_l = (sum_n reg_n + weight-space KL) / N.
 """
 from __future__ import annotations
 
@@ -56,7 +73,32 @@ DEFAULT_CONFIG: Dict[str, Any] = {
     "router_renormalize": True,
     "capacity_factor": 0.0,
     "init_std": 0.02,
+    "router": {},  # RouterConfig fields (DEFAULT_ROUTER_CONFIG); {} = the topk router
 }
+
+# RouterConfig defaults (model/router_config.h).
+DEFAULT_ROUTER_CONFIG: Dict[str, Any] = {
+    "type": "topk",
+    "train_samples": 1,
+    "eval_samples": 8,
+    "temperature": 1.5,
+    "dropout": 0.1,
+    "ensemble_size": 4,
+    "swag_rank": 8,
+    "swag_every": 10,
+    "swag_start": 0,
+    "weight_sigma_init": 1e-3,
+    "weight_prior_std": 0.1,
+    "hidden": 64,
+    "sigma_init": 0.1,
+    "sigma_min": 1e-4,
+    "prior_std": 1.0,
+    "temp_min": 0.5,
+    "temp_max": 2.0,
+    "selection_bias_rate": 0.0,
+}
+ROUTER_TYPES = ("topk", "temp_sampling", "mc_dropout", "swag", "ensemble", "weight_mfvi", "logit_mf",
+                "logit_fc", "vtsr")
 
 
 def full_config(config: Mapping[str, Any]) -> Dict[str, Any]:
@@ -72,6 +114,13 @@ def full_config(config: Mapping[str, Any]) -> Dict[str, Any]:
             raise ValueError(f"model.{key} must be one of {allowed} (got {c[key]!r})")
     if c["d_model"] % c["num_heads"] or c["num_heads"] % c["num_kv_heads"]:
         raise ValueError("num_heads must divide d_model and num_kv_heads must divide num_heads")
+    router = dict(c["router"] or {})
+    unknown = set(router) - set(DEFAULT_ROUTER_CONFIG)
+    if unknown:
+        raise ValueError(f"unknown router config keys: {sorted(unknown)}")
+    c["router"] = {**DEFAULT_ROUTER_CONFIG, **router}
+    if c["router"]["type"] not in ROUTER_TYPES:
+        raise ValueError(f"router.type must be one of {ROUTER_TYPES} (got {c['router']['type']!r})")
     return c
 
 
@@ -196,8 +245,278 @@ class Experts(nn.Module):
         return hidden @ self.w2[e].t()
 
 
+# ---------------------------------------------------------------------------------------------
+# routers (docs/routers.md): every family produces logit samples l^s; route() does the rest
+
+
+def softplus(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + exp(x)), = x above 20 (as the C++)."""
+    return F.softplus(x, beta=1.0, threshold=20.0)
+
+
+def softplus_inverse(y: float) -> float:
+    return y if y > 20.0 else math.log(math.expm1(y))
+
+
+@dataclass
+class LogitSamples:
+    """What a router family hands to route() for N tokens, E experts, S samples."""
+    logits: torch.Tensor                  # [S, N, E] l^s, before the temperature
+    mu: torch.Tensor                      # [N, E] mean logits (the z-loss is on them)
+    temperature: Any = 1.0                # 1.0, or a [N, 1] tensor
+    reg_sum: Optional[torch.Tensor] = None  # sum_n reg_n (+ the weight-space KL); None: no regulariser
+    gumbel: Optional[torch.Tensor] = None   # [N, E] Gumbel noise added to the score (Sample-K)
+
+
+class _Weight(nn.Module):
+    """Holds one parameter named ``weight`` (for names like ``router.ensemble.weight``)."""
+
+    def __init__(self, *shape: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(*shape))
+
+
+def _noise(noise: Optional[Mapping[str, torch.Tensor]], key: str, shape: Tuple[int, ...],
+           draw, like: torch.Tensor) -> torch.Tensor:
+    """noise[key] (checked against `shape`), or a fresh draw() when the caller passed none."""
+    if noise is not None and key in noise:
+        value = torch.as_tensor(noise[key])
+        if tuple(value.shape) != tuple(shape):
+            raise ValueError(f"router noise {key!r} has shape {tuple(value.shape)}, expected {tuple(shape)}")
+        return value.to(device=like.device, dtype=like.dtype if value.is_floating_point() else value.dtype)
+    return draw()
+
+
+def _draw_gumbel(like: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise shaped like `like`."""
+    u = torch.rand(like.shape, dtype=like.dtype, device=like.device).clamp_min(1e-30)
+    return -torch.log(-torch.log(u))
+
+
+class Router(nn.Module):
+    """Base router: parameters live under ``block_sparse_moe.router.`` (gate.weight is the
+    SparseMoe's). sample() returns the family's LogitSamples for x [N, D] in TRAINING mode
+    (S = router.train_samples where the family samples logits; 1 otherwise)."""
+
+    def __init__(self, config: Mapping[str, Any]):
+        super().__init__()
+        self.rc = dict(config["router"])
+        self.E, self.D = config["num_experts"], config["d_model"]
+
+    def num_samples(self) -> int:
+        return 1
+
+    @torch.no_grad()
+    def init_parameters(self, std: float, generator: Optional[torch.Generator] = None) -> None:
+        """bmoe's initial values for the family's own tensors (model/params.cpp)."""
+
+    def sample(self, x: torch.Tensor, ldet: torch.Tensor, gate_weight: torch.Tensor,
+               noise: Optional[Mapping[str, torch.Tensor]]) -> LogitSamples:
+        raise NotImplementedError
+
+
+class TopKRouter(Router):
+    """topk and swag (SWAG trains the weights as topk; it samples only at inference): l = l_det."""
+
+    def sample(self, x, ldet, gate_weight, noise):
+        return LogitSamples(ldet[None], ldet)
+
+
+class TempSamplingRouter(Router):
+    """l = l_det, fixed T = router.temperature, Sample-K: Gumbel noise on the score."""
+
+    def sample(self, x, ldet, gate_weight, noise):
+        N, E = ldet.shape
+        gumbel = _noise(noise, "gumbel", (N, E), lambda: _draw_gumbel(ldet), ldet)
+        return LogitSamples(ldet[None], ldet, float(self.rc["temperature"]), gumbel=gumbel)
+
+
+class McDropoutRouter(Router):
+    """l^s = (m^s * x) W_r^T, m^s_d in {0, 1/(1-p)}; mu = l_det (no dropout)."""
+
+    def num_samples(self) -> int:
+        return int(self.rc["train_samples"])
+
+    def sample(self, x, ldet, gate_weight, noise):
+        S, (N, D), p = self.num_samples(), x.shape, float(self.rc["dropout"])
+
+        def draw():
+            keep = torch.rand(S, N, D, dtype=x.dtype, device=x.device) >= p
+            return keep.to(x.dtype) / (1.0 - p)
+        mask = _noise(noise, "dropout_mask", (S, N, D), draw, x)
+        return LogitSamples((mask * x[None]) @ gate_weight.t(), ldet)
+
+
+class EnsembleRouter(Router):
+    """M routers (member 0 = gate.weight, 1..M-1 = router.ensemble.weight [M-1, E, D]); in training
+    token n is routed by member m(n) alone: l = mu = member m(n)'s logits."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.M = int(self.rc["ensemble_size"])
+        self.ensemble = _Weight(self.M - 1, self.E, self.D)
+
+    @torch.no_grad()
+    def init_parameters(self, std, generator=None):
+        self.ensemble.weight.normal_(0.0, std, generator=generator)
+
+    def sample(self, x, ldet, gate_weight, noise):
+        N = x.shape[0]
+        member = _noise(noise, "member", (N,), lambda: torch.randint(self.M, (N,), device=x.device), x).long()
+        members = torch.cat([ldet[None], torch.einsum("nd,med->mne", x, self.ensemble.weight)])  # [M, N, E]
+        chosen = members[member, torch.arange(N, device=x.device)]  # [N, E]
+        return LogitSamples(chosen[None], chosen)
+
+
+class WeightMfviRouter(Router):
+    """Mean-field Gaussian weights N(gate.weight, softplus(router.weight_rho)^2), local
+    reparameterisation: l^s = x mu_W^T + sqrt((x*x) (sigma_W^2)^T + 1e-12) * eps^s; mu = l_det.
+    reg = KL(q(W) || N(0, weight_prior_std^2)) over all E*D weights (divided by N in route)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.weight_rho = nn.Parameter(torch.empty(self.E, self.D))
+
+    def num_samples(self) -> int:
+        return int(self.rc["train_samples"])
+
+    @torch.no_grad()
+    def init_parameters(self, std, generator=None):
+        self.weight_rho.fill_(softplus_inverse(float(self.rc["weight_sigma_init"])))
+
+    def sample(self, x, ldet, gate_weight, noise):
+        S, (N, E) = self.num_samples(), ldet.shape
+        sigma_w = softplus(self.weight_rho)
+        sd = torch.sqrt((x * x) @ (sigma_w * sigma_w).t() + 1e-12)  # [N, E]
+        eps = _noise(noise, "eps", (S, N, E), lambda: torch.randn(S, N, E, dtype=x.dtype, device=x.device), x)
+        sp = float(self.rc["weight_prior_std"])
+        kl = (math.log(sp) - torch.log(sigma_w) + (sigma_w ** 2 + gate_weight ** 2) / (2 * sp * sp) - 0.5).sum()
+        return LogitSamples(ldet[None] + sd[None] * eps, ldet, reg_sum=kl)
+
+
+class LogitGaussianRouter(Router):
+    """logit_mf / logit_fc (VGLR): z = gelu_tanh(x A^T), dmu = z B_mu^T, raw = z B^T + b;
+    MF: sigma = softplus(raw) + sigma_min, l^s = mu + sigma * eps^s;
+    FC: L lower-triangular from raw packed row-major ((i, j) at i(i+1)/2 + j), diagonal
+        softplus(raw_ii) + sigma_min, l^s = mu + L eps^s;
+    mu = l_det + dmu; reg_n = KL(N(dmu, L L^T) || N(0, prior_std^2 I))
+         = sum_e [log prior_std - log L_ee + (sum_j L_ej^2 + dmu_e^2) / (2 prior_std^2) - 1/2]."""
+
+    def __init__(self, config, full_covariance: bool):
+        super().__init__(config)
+        self.fc = full_covariance
+        R, E = int(self.rc["hidden"]), self.E
+        self.P = E * (E + 1) // 2 if self.fc else E
+        self.trunk = nn.Linear(self.D, R, bias=False)
+        self.mean_head = nn.Linear(R, E, bias=False)
+        self.head_name = "chol_head" if self.fc else "scale_head"
+        setattr(self, self.head_name, nn.Linear(R, self.P))
+
+    def num_samples(self) -> int:
+        return int(self.rc["train_samples"])
+
+    def head(self) -> nn.Linear:
+        return getattr(self, self.head_name)
+
+    @torch.no_grad()
+    def init_parameters(self, std, generator=None):
+        self.trunk.weight.normal_(0.0, std, generator=generator)
+        self.mean_head.weight.zero_()
+        self.head().weight.zero_()
+        b = softplus_inverse(float(self.rc["sigma_init"]) - float(self.rc["sigma_min"]))
+        if self.fc:
+            rows, cols = torch.tril_indices(self.E, self.E)
+            self.head().bias.copy_(torch.where(rows == cols, b, 0.0))
+        else:
+            self.head().bias.fill_(b)
+
+    def sample(self, x, ldet, gate_weight, noise):
+        S, (N, E) = self.num_samples(), ldet.shape
+        sigma_min, sp = float(self.rc["sigma_min"]), float(self.rc["prior_std"])
+        z = gelu_tanh(self.trunk(x))
+        dmu = self.mean_head(z)
+        raw = self.head()(z)  # [N, P]
+        mu = ldet + dmu
+        eps = _noise(noise, "eps", (S, N, E), lambda: torch.randn(S, N, E, dtype=x.dtype, device=x.device), x)
+        if self.fc:
+            rows, cols = torch.tril_indices(E, E, device=x.device)  # row-major packing order
+            entries = torch.where(rows == cols, softplus(raw) + sigma_min, raw)
+            L = raw.new_zeros(N, E, E).index_put((torch.arange(N, device=x.device)[:, None], rows, cols), entries)
+            logits = mu[None] + torch.einsum("nij,snj->sni", L, eps)
+            diag = torch.diagonal(L, dim1=-2, dim2=-1)
+            row_sq = (L * L).sum(-1)
+        else:
+            sigma = softplus(raw) + sigma_min
+            logits = mu[None] + sigma[None] * eps
+            diag, row_sq = sigma, sigma * sigma
+        kl = math.log(sp) - torch.log(diag) + (row_sq + dmu * dmu) / (2 * sp * sp) - 0.5  # [N, E]
+        return LogitSamples(logits, mu, reg_sum=kl.sum())
+
+
+class VtsrRouter(Router):
+    """l = l_det, per-token T = temp_min + (temp_max - temp_min) * sigmoid(x w_T + b_T)
+    (router.temperature.{weight [1, D], bias [1]}), Sample-K; reg_n = -log T."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.temperature = nn.Linear(self.D, 1)
+
+    @torch.no_grad()
+    def init_parameters(self, std, generator=None):
+        lo, hi = float(self.rc["temp_min"]), float(self.rc["temp_max"])
+        self.temperature.weight.zero_()
+        self.temperature.bias.fill_(math.log((1.0 - lo) / (hi - 1.0)))  # T = 1
+
+    def sample(self, x, ldet, gate_weight, noise):
+        N, E = ldet.shape
+        lo, hi = float(self.rc["temp_min"]), float(self.rc["temp_max"])
+        T = lo + (hi - lo) * torch.sigmoid(self.temperature(x))  # [N, 1]
+        gumbel = _noise(noise, "gumbel", (N, E), lambda: _draw_gumbel(ldet), ldet)
+        return LogitSamples(ldet[None], ldet, T, reg_sum=(-torch.log(T)).sum(), gumbel=gumbel)
+
+
+def make_router(config: Mapping[str, Any]) -> Router:
+    kind = config["router"]["type"]
+    if kind in ("topk", "swag"):
+        return TopKRouter(config)
+    if kind == "temp_sampling":
+        return TempSamplingRouter(config)
+    if kind == "mc_dropout":
+        return McDropoutRouter(config)
+    if kind == "ensemble":
+        return EnsembleRouter(config)
+    if kind == "weight_mfvi":
+        return WeightMfviRouter(config)
+    if kind in ("logit_mf", "logit_fc"):
+        return LogitGaussianRouter(config, full_covariance=kind == "logit_fc")
+    if kind == "vtsr":
+        return VtsrRouter(config)
+    raise ValueError(f"unknown router type {kind!r}")
+
+
+def route(samples: LogitSamples, K: int, renormalize: bool,
+          selection_bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The shared skeleton: p^s = softmax(l^s / T), pbar = mean_s p^s, score = log pbar (+ Gumbel)
+    (+ selection bias), idx = top-K(score) with ties to the lower index (not differentiated),
+    gates = pbar[idx] (renormalised over the K: a softmax of the selected log pbar).
+    Returns (topk_idx [N, K], gates [N, K], pbar [N, E])."""
+    logp = torch.log_softmax(samples.logits / samples.temperature, dim=-1)  # [S, N, E]
+    S = logp.shape[0]
+    log_pbar = logp[0] if S == 1 else torch.logsumexp(logp, dim=0) - math.log(S)
+    score = log_pbar.detach()  # S = 1: l/T - logsumexp, the same ranking as l/T
+    if samples.gumbel is not None:
+        score = score + samples.gumbel
+    if selection_bias is not None:
+        score = score + selection_bias
+    topk_idx = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :K]
+    selected = log_pbar.gather(1, topk_idx)
+    gates = selected.softmax(dim=-1) if renormalize else selected.exp()
+    return topk_idx, gates, log_pbar.exp()
+
+
 class SparseMoe(nn.Module):
-    """Softmax top-k router + experts. forward returns (y [N, D], aux, z, expert_counts [E])."""
+    """Router (gate.weight + the family's router.* tensors) + experts.
+    forward returns (y [N, D], aux, z, reg, expert_counts [E])."""
 
     def __init__(self, config: Mapping[str, Any]):
         super().__init__()
@@ -205,18 +524,16 @@ class SparseMoe(nn.Module):
         self.renormalize = bool(config["router_renormalize"])
         self.capacity_factor = float(config["capacity_factor"])
         self.gate = nn.Linear(config["d_model"], self.E, bias=False)
+        self.router = make_router(config)
         self.experts = Experts(config)
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, noise: Optional[Mapping[str, torch.Tensor]] = None,
+                selection_bias: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         N = x.shape[0]
-        logits = self.gate(x)  # [N, E]
-        probs = logits.softmax(dim=-1)
-        # Descending, stable: among equal probs the lower expert index comes first.
-        order = torch.sort(probs.detach(), dim=-1, descending=True, stable=True).indices
-        topk_idx = order[:, : self.K]  # [N, K]
-        gates = probs.gather(1, topk_idx)  # [N, K]
-        if self.renormalize:
-            gates = gates / gates.sum(dim=-1, keepdim=True)
+        ldet = self.gate(x)  # [N, E]
+        samples = self.router.sample(x, ldet, self.gate.weight, noise)
+        topk_idx, gates, pbar = route(samples, self.K, self.renormalize, selection_bias)
 
         y = torch.zeros_like(x)
         flat_idx = topk_idx.reshape(-1)  # copy c = n*K + k
@@ -234,10 +551,11 @@ class SparseMoe(nn.Module):
 
         counts = torch.bincount(flat_idx, minlength=self.E).to(x.dtype)  # constant: no gradient
         f = counts / (N * self.K)
-        P = probs.mean(dim=0)
+        P = pbar.mean(dim=0)
         aux = self.E * (f * P).sum()
-        z = torch.logsumexp(logits, dim=-1).pow(2).mean()
-        return y, aux, z, counts
+        z = torch.logsumexp(samples.mu, dim=-1).pow(2).mean()
+        reg = samples.reg_sum / N if samples.reg_sum is not None else x.new_zeros(())
+        return y, aux, z, reg, counts
 
 
 class DecoderLayer(nn.Module):
@@ -252,14 +570,16 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = DenseMlp(config)
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[Tuple[torch.Tensor, torch.Tensor]]]:
+    def forward(self, x: torch.Tensor, noise: Optional[Mapping[str, torch.Tensor]] = None,
+                selection_bias: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
         x = x + self.self_attn(self.input_layernorm(x))
         h = self.post_attention_layernorm(x)
         if not self.is_moe:
             return x + self.mlp(h), None
         B, T, D = h.shape
-        y, aux, z, _ = self.block_sparse_moe(h.reshape(B * T, D))
-        return x + y.view(B, T, D), (aux, z)
+        y, aux, z, reg, _ = self.block_sparse_moe(h.reshape(B * T, D), noise, selection_bias)
+        return x + y.view(B, T, D), (aux, z, reg)
 
 
 class Backbone(nn.Module):
@@ -280,7 +600,8 @@ class ModelOutput:
     ce: torch.Tensor      # scalar: mean CE over targets >= 0 (0 when none)
     aux: torch.Tensor     # scalar: mean over MoE layers of the load-balancing loss (0 without MoE)
     z: torch.Tensor       # scalar: mean over MoE layers of the router z-loss
-    total: torch.Tensor   # ce + aux_coef * aux + zloss_coef * z
+    total: torch.Tensor   # ce + aux_coef * aux + zloss_coef * z + router_reg_coef * reg
+    reg: torch.Tensor     # scalar: sum over MoE layers of the router regulariser (0 for topk)
 
 
 class BmoeModel(nn.Module):
@@ -307,13 +628,21 @@ class BmoeModel(nn.Module):
                 p.normal_(0.0, scaled, generator=generator)
             else:
                 p.normal_(0.0, std, generator=generator)
+        for layer in self.model.layers:  # the router families' own initial values
+            if layer.is_moe:
+                layer.block_sparse_moe.router.init_parameters(std, generator)
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.config["tie_embeddings"] else self.lm_head.weight
 
     def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                aux_coef: float = 0.01, zloss_coef: float = 0.001) -> ModelOutput:
-        """tokens, targets: integer [B, T]; targets < 0 are ignored (None: losses from aux/z only)."""
+                aux_coef: float = 0.01, zloss_coef: float = 0.001, router_reg_coef: float = 0.0,
+                noise: Optional[Mapping[int, Mapping[str, torch.Tensor]]] = None,
+                selection_bias: Optional[Mapping[int, torch.Tensor]] = None) -> ModelOutput:
+        """tokens, targets: integer [B, T]; targets < 0 are ignored (None: losses from aux/z only).
+        noise: {layer index: {"eps" | "dropout_mask" | "gumbel" | "member": tensor}}, the routing
+        noise of each MoE layer over its N = B*T tokens (missing: drawn from torch's RNG).
+        selection_bias: {layer index: [E]} aux-free selection bias added to the scores (default 0)."""
         tokens = tokens.long()
         B, T = tokens.shape
         x = self.model.embed_tokens(tokens)
@@ -321,24 +650,29 @@ class BmoeModel(nn.Module):
             if T > self.config["max_seq_len"]:
                 raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config['max_seq_len']}")
             x = x + self.model.embed_positions.weight[:T][None]
-        aux_parts, z_parts = [], []
-        for layer in self.model.layers:
-            x, router_losses = layer(x)
+        aux_parts, z_parts, reg_parts = [], [], []
+        for l, layer in enumerate(self.model.layers):
+            layer_noise = noise.get(l) if noise is not None else None
+            bias = selection_bias.get(l) if selection_bias is not None else None
+            x, router_losses = layer(x, layer_noise, bias)
             if router_losses is not None:
                 aux_parts.append(router_losses[0])
                 z_parts.append(router_losses[1])
+                reg_parts.append(router_losses[2])
         logits = self.model.norm(x) @ self.lm_head_weight().t()  # [B, T, V]
 
         zero = logits.new_zeros(())
         aux = torch.stack(aux_parts).mean() if aux_parts else zero
         z = torch.stack(z_parts).mean() if z_parts else zero
+        reg = torch.stack(reg_parts).sum() if reg_parts else zero
         ce = zero
         if targets is not None:
             targets = targets.long().reshape(-1)
             valid = targets >= 0
             nll = F.cross_entropy(logits.reshape(B * T, -1), targets.clamp(min=0), reduction="none")
             ce = (nll * valid).sum() / valid.sum().clamp(min=1)
-        return ModelOutput(logits, ce, aux, z, ce + aux_coef * aux + zloss_coef * z)
+        total = ce + aux_coef * aux + zloss_coef * z + router_reg_coef * reg
+        return ModelOutput(logits=logits, ce=ce, aux=aux, z=z, total=total, reg=reg)
 
 
 # ---------------------------------------------------------------------------------------------
