@@ -399,4 +399,14 @@ void read_checkpoint_tensors(const std::string& path, const GroupMap& groups) {
     }
 }
 
+std::vector<bool> checkpoint_has_tensors(const std::string& path,
+                                         const std::string& group,
+                                         const std::vector<std::string>& names) {
+    H5File file = detail::open_for_read(path);
+    std::vector<bool> present;
+    const bool has_group = h5_path_exists(file, "/" + group);
+    for (const std::string& name : names) present.push_back(has_group && h5_path_exists(file, dataset_path(group, name)));
+    return present;
+}
+
 }  // namespace bmoe::checkpoints

@@ -61,6 +61,12 @@ CheckpointInfo read_checkpoint_info(const std::string& path);
 // shape mismatch (both shapes), checksum mismatch ("corrupt").
 void read_checkpoint_tensors(const std::string& path, const std::map<std::string, std::vector<TensorView>>& groups);
 
+// Which of `names` exist as datasets of `group` (for loading a parent checkpoint into a model that
+// has more tensors, e.g. a variational router on top of a deterministic one).
+std::vector<bool> checkpoint_has_tensors(const std::string& path,
+                                         const std::string& group,
+                                         const std::vector<std::string>& names);
+
 // Directory management: files "<dir>/step_00001234.h5" and a text file "<dir>/latest" holding the file
 // name, updated atomically (tmp + rename) only after a successful write; prune keeps the newest `keep`
 // checkpoints (never the one `latest` names). latest_checkpoint returns "" when the dir or the pointer

@@ -1,4 +1,4 @@
-// main.cpp -- the `bmoe` command: subcommands train, data, ckpt inspect.
+// main.cpp -- the `bmoe` command: subcommands train, finetune-router, data, ckpt inspect, ckpt import.
 //
 // Every failure ends as ONE line on stderr, "bmoe <cmd>: error: <what and how to fix>", and a
 // non-zero exit status: bad flags and config values (CLI11 / RunConfig::validate), bad data
@@ -74,6 +74,18 @@ int main(int argc, char** argv) {
     train->add_option("--config", "TOML file with [model] [optim] [loss] [data] [train] sections; flags override it");
     trainer::add_run_options(*train, config, config_cli);
 
+    // ---- bmoe finetune-router ----
+    trainer::RunConfig finetune_config;
+    trainer::RunConfigCli finetune_cli;
+    std::string finetune_init;
+    CLI::App* finetune = app.add_subcommand(
+        "finetune-router",
+        "train a (variational) router on top of a trained model: the model comes from --init, everything but the "
+        "router is frozen");
+    finetune->add_option("--init", finetune_init, "parent checkpoint (.h5) with the trained model")->required();
+    finetune->add_option("--config", "TOML with [router] [loss] [optim] [data] [train] sections; flags override it");
+    trainer::add_run_options(*finetune, finetune_config, finetune_cli);
+
     // ---- bmoe data ----
     data::DataCommandOptions data_options;
     CLI::App* data_cmd = app.add_subcommand("data", "build token files (train/val/ood .bin) from a corpus");
@@ -119,6 +131,17 @@ int main(int argc, char** argv) {
                 std::cout << config.to_toml();
                 return 0;
             }
+            if (!parallel::launched_under_mpi()) {
+                trainer::Trainer trainer(config, std::cout);
+                trainer.run();
+                return 0;
+            }
+            return train_distributed(config);
+        }
+        if (finetune->parsed()) {
+            cmd = "finetune-router";
+            trainer::finish_cli_parse(finetune_config, finetune_cli);
+            trainer::RunConfig config = trainer::finetune_router_config(finetune_config, finetune_init);
             if (!parallel::launched_under_mpi()) {
                 trainer::Trainer trainer(config, std::cout);
                 trainer.run();

@@ -57,6 +57,8 @@ class Model {
     const ModelTensors& grad_views() const { return grad_views_; }
 
     void init_weights(uint64_t seed);
+    // See ParameterLayout::set_trainable (before the optimizer is built).
+    int set_trainable(const std::vector<std::string>& patterns) { return layout_.set_trainable(patterns); }
     std::vector<float> params_to_host() const { return params_.download(); }
     void params_from_host(const std::vector<float>& host);
     std::vector<float> grads_to_host() const { return grads_.download(); }

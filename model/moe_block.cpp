@@ -3,6 +3,9 @@
 #include <cmath>
 #include <memory>
 
+#include "model/rng.h"
+#include "parallel/check.h"
+
 namespace bmoe::model {
 
 MoeBlock::MoeBlock(const ModelConfig& config, Backend* backend, const ParallelContext& parallel, int layer)
@@ -10,6 +13,7 @@ MoeBlock::MoeBlock(const ModelConfig& config, Backend* backend, const ParallelCo
       backend_(backend),
       parallel_(parallel),
       router_(config, backend, layer),
+      layer_(layer),
       experts_(backend, config.activation, config.d_model, config.expert_hidden) {
     if (parallel_.expert_parallel())
         dispatcher_ = std::make_unique<parallel::ExpertDispatcher>(*parallel_.ep, config.num_experts);
@@ -84,10 +88,31 @@ void MoeBlock::run_experts_backward(const LayerTensors& dw, const LayerTensors& 
     if (R > 0) backend_->upload(dx_RD_.data(), host_rows_.data(), R * D * sizeof(float));
 }
 
+// x + input_noise * RMS(x_n) * eps, eps ~ N(0, 1) keyed by (seed, layer, global token id, feature).
+const float* MoeBlock::add_input_noise(const float* x_ND, int N, const RoutingContext& ctx) {
+    BMOE_REQUIRE(!ctx.training, "RoutingContext.input_noise is for evaluation only (set training = false)");
+    const int D = config_.d_model;
+    std::vector<float> x(static_cast<size_t>(N) * D);
+    backend_->download(x.data(), x_ND, x.size() * sizeof(float));
+    const CounterRng rng(ctx.seed ^ 0x5eed0f1a9e11ULL, mix64(static_cast<uint64_t>(layer_)));
+    for (int n = 0; n < N; ++n) {
+        float* row = x.data() + static_cast<size_t>(n) * D;
+        double ms = 0.0;
+        for (int d = 0; d < D; ++d) ms += static_cast<double>(row[d]) * row[d] / D;
+        const float scale = ctx.input_noise * static_cast<float>(std::sqrt(ms));
+        const uint64_t base = static_cast<uint64_t>(ctx.first_token + n) * D;
+        for (int d = 0; d < D; ++d) row[d] += scale * rng.normal(base + d);
+    }
+    x_noisy_.ensure(backend_, x.size());
+    backend_->upload(x_noisy_.data(), x.data(), x.size() * sizeof(float));
+    return x_noisy_.data();
+}
+
 MoeLayerStats MoeBlock::forward(
     float* out_ND, const float* x_ND, const LayerTensors& w, int N, const RoutingContext& ctx) {
     const int D = config_.d_model, E = config_.num_experts, K = config_.top_k;
     N_ = N;
+    if (ctx.input_noise > 0.0f) x_ND = add_input_noise(x_ND, N, ctx);
 
     // 1. route (all routing noise is drawn here, before any exchange)
     router_.forward(x_ND, w, N, ctx);

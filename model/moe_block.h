@@ -76,11 +76,13 @@ class MoeBlock {
     void run_experts_forward(const LayerTensors& w);
     void run_experts_backward(const LayerTensors& dw, const LayerTensors& w);
     void count_exchange_rows();  // adds this dispatch's rows to exchange_
+    const float* add_input_noise(const float* x_ND, int N, const RoutingContext& ctx);
 
     ModelConfig config_;
     Backend* backend_;
     ParallelContext parallel_;
     Router router_;
+    int layer_;
     GroupedMlp experts_;
     std::unique_ptr<parallel::ExpertDispatcher> dispatcher_;  // EP > 1 only
     parallel::DispatchHandle handle_;
@@ -94,6 +96,7 @@ class MoeBlock {
     // saved
     Buffer<int32_t> row_src_R_, slot_row_NK_;
     Buffer<float> x_RD_, y_RD_;
+    Buffer<float> x_noisy_;  // [N, D] input with RoutingContext::input_noise (evaluation)
     // backward scratch
     Buffer<float> dy_RD_, dx_RD_, dtopk_weight_NK_;
 };

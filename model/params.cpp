@@ -1,6 +1,7 @@
 #include "model/params.h"
 
 #include <cmath>
+#include <regex>
 
 #include "model/rng.h"
 #include "parallel/check.h"
@@ -200,6 +201,28 @@ std::vector<float> ParameterLayout::init_host(uint64_t seed) const {
             for (int i = 0; i < config_.num_experts; ++i) dst[i * (i + 1) / 2 + i] = p.init_value;
     }
     return host;
+}
+
+int ParameterLayout::set_trainable(const std::vector<std::string>& patterns) {
+    std::vector<std::regex> regexes;
+    for (const std::string& p : patterns) {
+        try {
+            regexes.emplace_back(p);
+        } catch (const std::regex_error& e) {
+            throw Error(concat("trainable pattern '", p, "' is not a valid regex (", e.what(), ")"));
+        }
+    }
+    int count = 0;
+    for (ParamInfo& p : params_) {
+        p.trainable = regexes.empty();
+        for (const std::regex& r : regexes) p.trainable = p.trainable || std::regex_search(p.name, r);
+        count += p.trainable ? 1 : 0;
+    }
+    std::string joined;
+    for (const std::string& p : patterns) joined += (joined.empty() ? "" : ",") + p;
+    BMOE_REQUIRE(count > 0, "train.trainable='", joined, "' matches no parameter: patterns are regexes searched in ",
+                 "names like model.layers.0.block_sparse_moe.gate.weight (bmoe ckpt inspect lists them)");
+    return count;
 }
 
 size_t ParameterLayout::active_matmul_params() const {

@@ -58,6 +58,7 @@ struct ParamInfo {
     ParamInit init = ParamInit::kNormal;
     float init_value = 0.0f;     // kConstant / kCholeskyDiag
     bool variance_head = false;  // router variance/temperature head: trained at optim.router_variance_lr_scale * lr
+    bool trainable = true;       // false: frozen (no optimizer state, gradient not synced or applied)
 };
 
 // Typed views into a flat block (params or grads): nullptr where the config has no such tensor.
@@ -110,6 +111,10 @@ class ParameterLayout {
     std::vector<float> init_host(uint64_t seed) const;
     // Number of parameters a token touches (top-k experts instead of all): for FLOP counts.
     size_t active_matmul_params() const;
+    // Freezes every tensor whose name matches none of the ECMAScript regexes (searched anywhere in
+    // the name); an empty list makes everything trainable. Returns the number of trainable tensors;
+    // throws bmoe::Error for an invalid regex or a list that matches nothing.
+    int set_trainable(const std::vector<std::string>& patterns);
     int first_expert() const { return first_expert_; }
     int num_local_experts() const { return num_local_experts_; }
 

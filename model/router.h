@@ -42,6 +42,10 @@ struct RoutingContext {
     bool training = true;     // S = router.train_samples (else router.eval_samples)
     RouterMode mode = RouterMode::kSample;
     int samples = 0;  // > 0 overrides S
+    // Evaluation only (routing stability): Gaussian noise of std input_noise * RMS(x_n) added to
+    // the hidden state entering every MoE block, keyed like the routing noise, so a clean and a
+    // perturbed pass share every other random number.
+    float input_noise = 0.0f;
 };
 
 // Host copies of the last forward, per token: the inference API of evaluation.

@@ -27,4 +27,10 @@ void save_training_checkpoint(const std::string& path,
 // Reads this rank's slices (any EP/DP layout) into the model and optimizer; returns the step.
 int64_t load_training_checkpoint(const std::string& path, model::Model& model, AdamW& optimizer);
 
+// Initialises the model from another run's checkpoint (its "model" group), matching tensors by
+// name: tensors the checkpoint lacks (a variational router's heads on top of a topk model) keep
+// their initialisation, which starts at the deterministic router (docs/routers.md). Returns the
+// number of tensors loaded; a tensor of another shape is an error naming both shapes.
+int init_from_checkpoint(const std::string& path, model::Model& model);
+
 }  // namespace bmoe::trainer

@@ -23,18 +23,21 @@ void reduce_range(
     be->upload(grads, staging.data(), count * sizeof(float));
 }
 
-// Calls fn(is_expert, offset, count) for each run of adjacent tensors of the same kind (padding
-// between tensors included: it is zero in the gradient block).
+// Calls fn(is_expert, offset, count) for each run of adjacent trainable tensors of the same kind
+// (padding between tensors included: it is zero in the gradient block). Frozen tensors are skipped:
+// their gradients are neither summed nor counted in the norm.
 template <typename Fn>
 void for_each_run(const model::ParameterLayout& layout, Fn fn) {
     const auto& params = layout.params();
     size_t i = 0;
     while (i < params.size()) {
-        const bool expert = params[i].group == model::ParamGroup::kExpert;
+        const bool expert = params[i].group == model::ParamGroup::kExpert, trainable = params[i].trainable;
         size_t j = i + 1;
-        while (j < params.size() && (params[j].group == model::ParamGroup::kExpert) == expert) ++j;
+        while (j < params.size() && (params[j].group == model::ParamGroup::kExpert) == expert &&
+               params[j].trainable == trainable)
+            ++j;
         const size_t end = j < params.size() ? params[j].offset : layout.total_numel();
-        fn(expert, params[i].offset, end - params[i].offset);
+        if (trainable) fn(expert, params[i].offset, end - params[i].offset);
         i = j;
     }
 }

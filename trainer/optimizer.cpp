@@ -4,11 +4,14 @@
 
 namespace bmoe::trainer {
 
-AdamW::AdamW(const OptimConfig& config, model::Model& model)
-    : config_(config),
-      model_(model),
-      m_(model.backend(), model.layout().total_numel()),
-      v_(model.backend(), model.layout().total_numel()) {}
+AdamW::AdamW(const OptimConfig& config, model::Model& model) : config_(config), model_(model) {
+    for (const model::ParamInfo& p : model.layout().params()) {
+        moment_offset_.push_back(p.trainable ? moments_numel_ : kFrozen);
+        if (p.trainable) moments_numel_ += (p.numel + 15) / 16 * 16;  // aligned like the parameters
+    }
+    m_ = model::Buffer<float>(model.backend(), moments_numel_);
+    v_ = model::Buffer<float>(model.backend(), moments_numel_);
+}
 
 double AdamW::grad_norm() const {
     return std::sqrt(model_.backend()->sum_squares(model_.grads(), model_.layout().total_numel()));
@@ -22,11 +25,15 @@ float AdamW::clip_scale(double norm) const {
 void AdamW::step(float lr, float grad_scale) {
     ++step_;
     model::Backend* be = model_.backend();
-    for (const model::ParamInfo& p : model_.layout().params()) {
+    const auto& params = model_.layout().params();
+    for (size_t i = 0; i < params.size(); ++i) {
+        const model::ParamInfo& p = params[i];
+        if (!p.trainable) continue;
+        const size_t mo = moment_offset_[i];
         const float wd = p.weight_decay ? config_.weight_decay : 0.0f;
         const float tensor_lr = p.variance_head ? lr * config_.router_variance_lr_scale : lr;
-        be->adamw_update(model_.params() + p.offset, model_.grads() + p.offset, m_.data() + p.offset,
-                         v_.data() + p.offset, p.numel, tensor_lr, config_.beta1, config_.beta2, config_.eps, wd, grad_scale,
+        be->adamw_update(model_.params() + p.offset, model_.grads() + p.offset, m_.data() + mo,
+                         v_.data() + mo, p.numel, tensor_lr, config_.beta1, config_.beta2, config_.eps, wd, grad_scale,
                          step_);
     }
 }

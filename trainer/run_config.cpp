@@ -1,10 +1,12 @@
 #include "trainer/run_config.h"
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 
+#include "checkpoints/checkpoint.h"
 #include "parallel/check.h"
 
 namespace bmoe::trainer {
@@ -130,6 +132,9 @@ void add_run_options(CLI::App& app, RunConfig& c, RunConfigCli& cli) {
     opt("train.backend", c.train.backend, "cpu | cuda");
     opt("train.threads", c.train.threads, "CPU threads (0 = all cores)");
     opt("train.plot", c.train.plot, "write loss_curve.png at the end (python3-matplotlib)");
+    opt("train.init", c.train.init, "initialise from this checkpoint's tensors (matched by name) instead of random");
+    opt("train.trainable", c.train.trainable,
+        "comma-separated regexes: train only matching parameters (empty = all)");
 }
 
 void finish_cli_parse(RunConfig& c, const RunConfigCli& cli) {
@@ -175,12 +180,74 @@ std::string RunConfig::to_toml() const {
     os << "\n\n[train]\nsteps = " << train.steps << "\ngrad_accum = " << train.grad_accum << "\nseed = " << train.seed
        << "\nlog_every = " << train.log_every << "\neval_every = " << train.eval_every
        << "\neval_batches = " << train.eval_batches << "\nout_dir = \"" << train.out_dir << "\"\nbackend = \""
-       << train.backend << "\"\nthreads = " << train.threads << "\nplot = " << b(train.plot) << "\n";
+       << train.backend << "\"\nthreads = " << train.threads << "\nplot = " << b(train.plot) << "\ninit = \""
+       << train.init << "\"\ntrainable = \"" << train.trainable << "\"\n";
     return os.str();
 }
 
 std::string RunConfig::checkpoint_dir() const {
     return checkpoint.dir.empty() ? (std::filesystem::path(train.out_dir) / "checkpoints").string() : checkpoint.dir;
+}
+
+namespace {
+// TOML items as "--section.key=value" flags.
+std::vector<std::string> config_items_to_flags(const std::vector<CLI::ConfigItem>& items) {
+    std::vector<std::string> flags;
+    for (const CLI::ConfigItem& item : items) {
+        if (item.name == "++" || item.name == "--") continue;  // section open/close markers
+        std::string value;
+        for (size_t j = 0; j < item.inputs.size(); ++j) value += (j ? "," : "") + item.inputs[j];
+        // `key = ""`: CLI11 would read "--key=" as a flag missing its value (and eat the next
+        // argument); every string option whose empty value means something defaults to it.
+        if (value.empty()) continue;
+        flags.push_back("--" + item.fullname() + "=" + value);
+    }
+    return flags;
+}
+}  // namespace
+
+RunConfig parse_config_toml(const std::string& toml, const std::string& origin) {
+    std::vector<CLI::ConfigItem> items;
+    try {
+        std::istringstream in(toml);
+        items = CLI::ConfigTOML().from_config(in);
+    } catch (const std::exception& e) {
+        throw Error(concat("config of ", origin, " is not valid TOML: ", e.what()));
+    }
+    RunConfig config;
+    RunConfigCli cli;
+    CLI::App app;
+    app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+    add_run_options(app, config, cli);
+    std::vector<std::string> args = config_items_to_flags(items);
+    std::reverse(args.begin(), args.end());  // CLI11 parses a vector from the back
+    try {
+        app.parse(args);
+    } catch (const CLI::ParseError& e) {
+        throw Error(concat("config of ", origin, " does not match this bmoe version: ", e.what()));
+    }
+    finish_cli_parse(config, cli);
+    return config;
+}
+
+RunConfig finetune_router_config(const RunConfig& requested, const std::string& parent) {
+    const RunConfig parent_config =
+        parse_config_toml(checkpoints::read_checkpoint_info(parent).config_toml, "checkpoint " + parent);
+    RunConfig c = requested;
+    c.model = parent_config.model;
+    c.model.router = requested.model.router;
+    c.train.init = parent;
+    if (c.train.trainable.empty()) c.train.trainable = kRouterParamsPattern;
+    c.validate();
+    return c;
+}
+
+std::vector<std::string> split_patterns(const std::string& patterns) {
+    std::vector<std::string> out;
+    std::stringstream ss(patterns);
+    for (std::string p; std::getline(ss, p, ',');)
+        if (!p.empty()) out.push_back(p);
+    return out;
 }
 
 std::vector<std::string> expand_config_file(int argc, const char* const* argv) {
@@ -208,20 +275,11 @@ std::vector<std::string> expand_config_file(int argc, const char* const* argv) {
     } catch (const std::exception& e) {
         throw Error(concat("config file '", path, "' is not valid TOML: ", e.what()));
     }
+    std::vector<std::string> from_file = config_items_to_flags(items);
     // Insert after the subcommand words ("train", "ckpt import ...") so that flags given on the
     // command line come later and win.
     size_t insert_at = 1;
     while (insert_at < args.size() && args[insert_at].rfind("-", 0) != 0) ++insert_at;
-    std::vector<std::string> from_file;
-    for (const CLI::ConfigItem& item : items) {
-        if (item.name == "++" || item.name == "--") continue;  // section open/close markers
-        std::string value;
-        for (size_t j = 0; j < item.inputs.size(); ++j) value += (j ? "," : "") + item.inputs[j];
-        // `key = ""`: CLI11 would read "--key=" as a flag missing its value (and eat the next
-        // argument); every string option whose empty value means something defaults to it.
-        if (value.empty()) continue;
-        from_file.push_back("--" + item.fullname() + "=" + value);
-    }
     args.insert(args.begin() + static_cast<long>(insert_at), from_file.begin(), from_file.end());
     return args;
 }

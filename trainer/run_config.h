@@ -78,6 +78,12 @@ struct TrainConfig {
     std::string backend = "cpu";           // cpu | cuda
     int threads = 0;                       // CPU threads; 0 = all cores
     bool plot = true;                      // write loss_curve.png (needs python3-matplotlib)
+    // Start from another run's checkpoint (tensors matched by name; missing ones keep their init)
+    // instead of random weights; recorded as the new checkpoints' parent. `bmoe finetune-router` sets it.
+    std::string init;
+    // Comma-separated regexes: only parameters whose names match are trained (no optimizer state
+    // for the others, which stay bitwise unchanged). Empty = train everything.
+    std::string trainable;
 };
 
 struct RunConfig {
@@ -101,6 +107,21 @@ struct RunConfigCli {
 };
 void add_run_options(CLI::App& app, RunConfig& config, RunConfigCli& cli);
 void finish_cli_parse(RunConfig& config, const RunConfigCli& cli);
+
+// A RunConfig from TOML text (a checkpoint's config_toml attribute, or a --config file's content):
+// every key goes through the same CLI options as the command line. `origin` names it in errors.
+RunConfig parse_config_toml(const std::string& toml, const std::string& origin);
+
+// The run config of `bmoe finetune-router --init parent`: the model architecture comes from the
+// parent checkpoint, the router section (and everything else) from `requested`; train.init = the
+// parent, and train.trainable defaults to the router parameters. Validated.
+RunConfig finetune_router_config(const RunConfig& requested, const std::string& parent);
+
+// The comma-separated train.trainable patterns as a list.
+std::vector<std::string> split_patterns(const std::string& patterns);
+
+// The train.trainable default of `bmoe finetune-router`: the router of every MoE layer.
+inline constexpr const char* kRouterParamsPattern = "block_sparse_moe\\.(gate|router)\\.";
 
 // Expands "--config FILE" (TOML) into dotted flags placed before the user's own flags, so the
 // command line overrides the file. Returns the new argv (argv[0] and the subcommand kept).

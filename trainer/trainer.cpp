@@ -55,8 +55,22 @@ Trainer::Trainer(const RunConfig& config, std::ostream& log, parallel::Communica
     ctx.num_local_experts = experts.count;
     model_ = std::make_unique<model::Model>(config_.model, backend_.get(), ctx);
     model_->init_weights(config_.train.seed);
+    const int trainable = model_->set_trainable(split_patterns(config_.train.trainable));
     optimizer_ = std::make_unique<AdamW>(config_.optim, *model_);
     resume_if_asked();
+    if (parent_checkpoint_.empty() && !config_.train.init.empty()) {
+        const int loaded = init_from_checkpoint(config_.train.init, *model_);
+        parent_checkpoint_ = config_.train.init;
+        log_ << "init: " << loaded << " of " << model_->layout().params().size() << " tensors from "
+             << config_.train.init << " (the others keep their initialisation)\n";
+    }
+    if (!config_.train.trainable.empty()) {
+        size_t trained = 0;
+        for (const model::ParamInfo& p : model_->layout().params()) trained += p.trainable ? p.numel : 0;
+        log_ << "trainable: " << trainable << " of " << model_->layout().params().size() << " tensors, " << trained
+             << " parameters ('" << config_.train.trainable << "'); the rest are frozen, optimizer state "
+             << optimizer_->moments_numel() << " floats per moment\n";
+    }
     metrics_ = std::make_unique<MetricsLog>(is_root() ? (out_dir / "metrics.jsonl").string() : "",
                                             /*append=*/start_step_ > 0);
     log_ << "parallel: world " << W << " = dp " << grid_->dp_size() << " x ep " << grid_->ep_size() << " | "

@@ -46,6 +46,7 @@ class Trainer {
     double evaluate();
 
     model::Model& model() { return *model_; }
+    const AdamW& optimizer() const { return *optimizer_; }
     const parallel::ProcessGrid& grid() const { return *grid_; }
     const Datasets& datasets() const { return datasets_; }
 
