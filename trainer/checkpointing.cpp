@@ -144,6 +144,15 @@ int init_from_checkpoint(const std::string& path, model::Model& model) {
             for (size_t j = 0; j < ED; ++j) w.router_ensemble_w[m * ED + j] += w.router_w[j];
     }
     model.params_from_host(params);
+    // Router state (SWAG moments, selection bias) when the checkpoint has it for this router.
+    std::vector<checkpoints::TensorView> state = router_state_views(model, nullptr);
+    std::vector<std::string> state_names;
+    for (const checkpoints::TensorView& v : state) state_names.push_back(v.name);
+    const std::vector<bool> state_present = checkpoints::checkpoint_has_tensors(path, "router_state", state_names);
+    std::vector<checkpoints::TensorView> found;
+    for (size_t i = 0; i < state.size(); ++i)
+        if (state_present[i]) found.push_back(state[i]);
+    if (!found.empty()) checkpoints::read_checkpoint_tensors(path, {{"router_state", found}});
     return static_cast<int>(views.size());
 }
 

@@ -30,7 +30,8 @@ int64_t load_training_checkpoint(const std::string& path, model::Model& model, A
 // Initialises the model from another run's checkpoint (its "model" group), matching tensors by
 // name: tensors the checkpoint lacks (a variational router's heads on top of a topk model) keep
 // their initialisation, which starts at the deterministic router (docs/routers.md). Returns the
-// number of tensors loaded; a tensor of another shape is an error naming both shapes.
+// number of tensors loaded; a tensor of another shape is an error naming both shapes. Router state
+// (SWAG moments, selection bias) is loaded too when the checkpoint holds it.
 int init_from_checkpoint(const std::string& path, model::Model& model);
 
 }  // namespace bmoe::trainer
