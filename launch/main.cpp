@@ -1,4 +1,4 @@
-// main.cpp -- the `bmoe` command: subcommands train, finetune-router, data, ckpt inspect, ckpt import.
+// main.cpp -- the `bmoe` command: subcommands train, finetune-router, eval, data, ckpt inspect, ckpt import.
 //
 // Every failure ends as ONE line on stderr, "bmoe <cmd>: error: <what and how to fix>", and a
 // non-zero exit status: bad flags and config values (CLI11 / RunConfig::validate), bad data
@@ -15,6 +15,7 @@
 
 #include "checkpoints/checkpoint.h"
 #include "data/data_command.h"
+#include "eval/evaluator.h"
 #include "model/backend.h"
 #include "parallel/check.h"
 #include "parallel/mpi_comm.h"
@@ -56,6 +57,22 @@ int train_distributed(bmoe::trainer::RunConfig config) {
     return 0;
 }
 
+// `bmoe eval` on every rank over MPI_COMM_WORLD (rank 0 prints and writes). Errors end the job.
+int eval_distributed(bmoe::eval::EvalOptions options) {
+    using namespace bmoe;
+    parallel::MpiEnvironment mpi;
+    try {
+        parallel::MpiComm world(MPI_COMM_WORLD);
+        const parallel::LaunchInfo launch = parallel::launch_info();
+        if (options.threads == 0 && std::getenv("OMP_NUM_THREADS") == nullptr && launch.local_size > 1)
+            options.threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / launch.local_size);
+        eval::run_evaluation(options, &world, std::cout);
+    } catch (const std::exception& e) {
+        parallel::abort_job(std::string("eval: ") + e.what(), 1);
+    }
+    return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -85,6 +102,51 @@ int main(int argc, char** argv) {
     finetune->add_option("--init", finetune_init, "parent checkpoint (.h5) with the trained model")->required();
     finetune->add_option("--config", "TOML with [router] [loss] [optim] [data] [train] sections; flags override it");
     trainer::add_run_options(*finetune, finetune_config, finetune_cli);
+
+    // ---- bmoe eval ----
+    eval::EvalOptions eval_options;
+    std::string eval_seed;
+    bool eval_no_plot = false, eval_no_lm = false;
+    CLI::App* eval_cmd = app.add_subcommand(
+        "eval",
+        "evaluate a checkpoint: LM loss per domain, MCQA accuracy/calibration, OoD detection, routing stability, "
+        "expert usage; writes <out>/eval.json, eval.md and figures");
+    eval_cmd->add_option("--ckpt", eval_options.checkpoint, "checkpoint (.h5), or a checkpoint directory (its latest)")
+        ->required();
+    eval_cmd->add_option("--data", eval_options.data,
+                         "extra token file (.bin) or `bmoe data` directory (val.bin, ood.bin) for the LM section; "
+                         "repeatable")
+        ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+    eval_cmd->add_option("--samples", eval_options.samples,
+                         "routing samples S averaged in the router (0 = the checkpoint's router.eval_samples)")
+        ->capture_default_str();
+    eval_cmd->add_option("--mode", eval_options.mode, "sample (S samples) or mean (deterministic l = mu)")
+        ->capture_default_str();
+    eval_cmd->add_option("--questions", eval_options.questions, "questions per MCQA set")->capture_default_str();
+    eval_cmd->add_option("--bins", eval_options.bins, "ECE bins (equal width)")->capture_default_str();
+    eval_cmd->add_option("--bootstrap", eval_options.bootstrap, "bootstrap resamples for the ECE SE and noise floor")
+        ->capture_default_str();
+    eval_cmd->add_option("--out", eval_options.out_dir, "output directory (default: <ckpt dir>/<ckpt name>_eval)");
+    eval_cmd->add_option("--backend", eval_options.backend, "cpu or cuda")->capture_default_str();
+    eval_cmd->add_option("--ep", eval_options.ep, "expert-parallel group size (0 = all ranks)")->capture_default_str();
+    eval_cmd->add_option("--threads", eval_options.threads, "CPU threads (0 = all cores)")->capture_default_str();
+    eval_cmd->add_option("--seed", eval_seed, "question sets and routing noise (default: the checkpoint's train.seed)");
+    eval_cmd->add_option("--noise-scales", eval_options.noise_scales,
+                         "routing-stability noise scales, x RMS of the hidden state (comma-separated, increasing)")
+        ->delimiter(',')
+        ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll)
+        ->capture_default_str();
+    eval_cmd->add_option("--stability-seqs", eval_options.stability_sequences,
+                         "validation sequences for the stability sweep (0 = skip it)")
+        ->capture_default_str();
+    eval_cmd->add_option("--batch", eval_options.batch_questions, "MCQA prompts per forward (global)")
+        ->capture_default_str();
+    eval_cmd->add_option("--cloze", eval_options.cloze,
+                         "real-text cloze sets: auto (skip with a warning when the text corpus is missing), "
+                         "required or off")
+        ->capture_default_str();
+    eval_cmd->add_flag("--no-plot", eval_no_plot, "do not draw the figures");
+    eval_cmd->add_flag("--no-lm", eval_no_lm, "skip the LM section on the checkpoint's corpus");
 
     // ---- bmoe data ----
     data::DataCommandOptions data_options;
@@ -148,6 +210,28 @@ int main(int argc, char** argv) {
                 return 0;
             }
             return train_distributed(config);
+        }
+        if (eval_cmd->parsed()) {
+            cmd = "eval";
+            if (!eval_seed.empty()) {
+                size_t used = 0;
+                try {
+                    eval_options.seed = std::stoull(eval_seed, &used);
+                } catch (const std::exception&) {
+                    used = 0;
+                }
+                BMOE_REQUIRE(used == eval_seed.size() && eval_seed[0] != '-', "--seed '", eval_seed,
+                             "' is not a non-negative integer");
+                eval_options.has_seed = true;
+            }
+            eval_options.plot = !eval_no_plot;
+            eval_options.lm = !eval_no_lm;
+            eval::validate_options(eval_options);
+            if (!parallel::launched_under_mpi()) {
+                eval::run_evaluation(eval_options, nullptr, std::cout);
+                return 0;
+            }
+            return eval_distributed(eval_options);
         }
         if (data_cmd->parsed()) {
             cmd = "data";

@@ -12,6 +12,7 @@
 
 #include "checkpoints/checkpoint.h"
 #include "parallel/check.h"
+#include "tests/trainer_test_util.h"
 #include "trainer/trainer.h"
 
 namespace bmoe::trainer {
@@ -20,24 +21,14 @@ namespace {
 namespace fs = std::filesystem;
 
 RunConfig small_run(const std::string& name) {
-    RunConfig c;
+    RunConfig c = small_training_run("finetune_test_" + name);
     c.model.d_model = 48;
-    c.model.num_layers = 2;
-    c.model.num_heads = 4;
-    c.model.num_kv_heads = 2;
-    c.model.num_experts = 4;
-    c.model.top_k = 2;
     c.model.expert_hidden = 64;
-    c.data.batch_size = 8;
-    c.data.seq_len = 64;
     c.data.train_tokens = 100'000;
     c.optim.warmup_steps = 5;
     c.train.steps = 30;
-    c.train.eval_every = 0;
     c.train.eval_batches = 2;
     c.train.log_every = 100;
-    c.train.plot = false;
-    c.train.out_dir = (fs::temp_directory_path() / ("bmoe_finetune_test_" + name)).string();
     fs::remove_all(c.train.out_dir);
     return c;
 }

@@ -6,33 +6,13 @@
 #include <filesystem>
 #include <sstream>
 
+#include "tests/trainer_test_util.h"
 #include "trainer/trainer.h"
 
 namespace bmoe::trainer {
 namespace {
 
-RunConfig small_run(const std::string& name) {
-    RunConfig c;
-    c.model.d_model = 64;
-    c.model.num_layers = 2;
-    c.model.num_heads = 4;
-    c.model.num_kv_heads = 2;
-    c.model.num_experts = 4;
-    c.model.top_k = 2;
-    c.model.expert_hidden = 128;
-    c.data.batch_size = 8;
-    c.data.seq_len = 64;
-    c.data.train_tokens = 200'000;
-    c.optim.lr = 3e-3f;
-    c.optim.warmup_steps = 10;
-    c.train.steps = 150;
-    c.train.eval_every = 0;
-    c.train.eval_batches = 4;
-    c.train.log_every = 50;
-    c.train.plot = false;
-    c.train.out_dir = (std::filesystem::temp_directory_path() / ("bmoe_train_test_" + name)).string();
-    return c;
-}
+RunConfig small_run(const std::string& name) { return small_training_run("train_test_" + name); }
 
 TEST(TrainTest, ValidationLossFallsWellBelowUnigramBaseline) {
     std::ostringstream log;
