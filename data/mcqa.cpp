@@ -557,6 +557,17 @@ McqaQuestion draw_cloze_question(const std::vector<ClozeDomain>& domains, int c_
 
 }  // namespace
 
+void keep_answer_targets_only(const int32_t* tokens, int32_t* targets, size_t n, int T) {
+    const std::string cue = kMcqaAnswerCue;
+    const int L = static_cast<int>(cue.size());
+    for (size_t i = 0; i < n; ++i) {
+        const int t = static_cast<int>(i % static_cast<size_t>(T));
+        bool match = t + 1 >= L;
+        for (int j = 0; j < L && match; ++j) match = tokens[i - L + 1 + j] == static_cast<unsigned char>(cue[j]);
+        if (!match) targets[i] = -1;
+    }
+}
+
 std::string mcqa_document(const McqaQuestion& q) { return q.prompt + mcqa_letter(q.answer) + "\n"; }
 
 McqaSet generate_synthetic_mcqa(bool ood, int num_questions, uint64_t seed) {

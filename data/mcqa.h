@@ -58,6 +58,14 @@ inline constexpr uint64_t kMcqaClozeStream = 302, kMcqaOodClozeStream = 303;    
 inline constexpr uint64_t kMcqaTrainStream = 310, kMcqaValidationStream = 311;  // mcqa_training_split
 inline constexpr uint64_t kMcqaMixStream = 320;  // + split stream: questions inside the synthetic corpus
 
+// The text every prompt ends with; the next token is the answer letter.
+inline constexpr const char* kMcqaAnswerCue = "Answer: ";
+
+// MCQA fine-tuning loss on the answer only (data.loss_on = "answers"): sets targets[i] = -1 (ignored)
+// for every position whose input tokens do not end with kMcqaAnswerCue within the same row of T
+// tokens. tokens/targets: [n] with n a multiple of T (byte tokenizer ids).
+void keep_answer_targets_only(const int32_t* tokens, int32_t* targets, size_t n, int T);
+
 // 'A' + answer.
 inline char mcqa_letter(int answer) { return static_cast<char>('A' + answer); }
 

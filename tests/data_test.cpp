@@ -1005,3 +1005,19 @@ TEST(DataCommandTest, McqaSourceWritesQuestionsOnly) {
 
 }  // namespace
 }  // namespace bmoe::data
+
+// data.loss_on = "answers": only the letter after "Answer: " stays a target, row by row.
+TEST(McqaTest, KeepAnswerTargetsOnly) {
+    const std::string text = "Q?\nAnswer: B\nAnswer: C";  // two rows of 12 tokens
+    std::vector<int32_t> tokens(text.begin(), text.end() - 1), targets(text.begin() + 1, text.end());
+    ASSERT_EQ(tokens.size(), 21u);
+    tokens.resize(24, ' ');
+    targets.resize(24, ' ');
+    bmoe::data::keep_answer_targets_only(tokens.data(), targets.data(), tokens.size(), 12);
+    for (size_t i = 0; i < targets.size(); ++i) {
+        // row 0 ends "...Answer: " at index 10 -> target 'B'; row 1 starts at 12 with "\nAnswer: C": cue ends at 20
+        if (i == 10) EXPECT_EQ(targets[i], 'B');
+        else if (i == 20) EXPECT_EQ(targets[i], 'C');
+        else EXPECT_EQ(targets[i], -1) << i;
+    }
+}

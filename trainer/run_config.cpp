@@ -33,6 +33,8 @@ void RunConfig::validate() const {
     BMOE_REQUIRE(model.position != model::PositionType::kLearned || data.seq_len <= model.max_seq_len, "data.seq_len (",
                  data.seq_len, ") exceeds model.max_seq_len (", model.max_seq_len,
                  ") with learned positions: raise model.max_seq_len or shorten data.seq_len");
+    BMOE_REQUIRE(data.loss_on == "all" || data.loss_on == "answers", "data.loss_on must be 'all' or 'answers' (got '",
+                 data.loss_on, "')");
     BMOE_REQUIRE(data.train_tokens >= 1000, "data.train_tokens must be >= 1000 (got ", data.train_tokens, ")");
     BMOE_REQUIRE(parallel.ep >= 0, "parallel.ep must be >= 0 (0 = all ranks; got ", parallel.ep, ")");
     BMOE_REQUIRE(checkpoint.every >= 0, "checkpoint.every must be >= 0 (0 = only at the end; got ", checkpoint.every,
@@ -114,6 +116,7 @@ void add_run_options(CLI::App& app, RunConfig& c, RunConfigCli& cli) {
     opt("data.batch_size", c.data.batch_size, "sequences per micro-batch (global: split over the ranks)");
     opt("data.seq_len", c.data.seq_len, "tokens per sequence");
     opt("data.train_tokens", c.data.train_tokens, "tokens to generate for the built-in corpora");
+    opt("data.loss_on", c.data.loss_on, "all | answers (only the letter after 'Answer: ': MCQA fine-tuning)");
     app.add_option("--parallel.ep,--ep", c.parallel.ep,
                    "expert-parallel size (experts split over this many ranks; 0 = all ranks)")
         ->capture_default_str()
@@ -173,7 +176,8 @@ std::string RunConfig::to_toml() const {
     os << "\n\n[loss]\naux_coef = " << loss.aux_coef << "\nzloss_coef = " << loss.zloss_coef
        << "\nrouter_reg_coef = " << loss.router_reg_coef << "\nrouter_reg_warmup = " << loss.router_reg_warmup;
     os << "\n\n[data]\ndataset = \"" << data.dataset << "\"\nbatch_size = " << data.batch_size
-       << "\nseq_len = " << data.seq_len << "\ntrain_tokens = " << data.train_tokens;
+       << "\nseq_len = " << data.seq_len << "\ntrain_tokens = " << data.train_tokens << "\nloss_on = \""
+       << data.loss_on << "\"";
     os << "\n\n[parallel]\nep = " << parallel.ep;
     os << "\n\n[checkpoint]\ndir = \"" << checkpoint.dir << "\"\nevery = " << checkpoint.every
        << "\nkeep = " << checkpoint.keep << "\nresume = \"" << checkpoint.resume << "\"";

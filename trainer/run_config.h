@@ -52,6 +52,9 @@ struct DataConfig {
     int batch_size = 8;                 // sequences per micro-batch, GLOBAL: split evenly over the ranks
     int seq_len = 128;                  // tokens per sequence
     uint64_t train_tokens = 2'000'000;  // size of generated corpora (synthetic/text)
+    // Which targets count in the loss: "all" next tokens, or only the answer letter of multiple-choice
+    // questions ("answers": the token after "Answer: ", MCQA fine-tuning as in the papers).
+    std::string loss_on = "all";
 };
 
 struct ParallelConfig {

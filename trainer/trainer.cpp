@@ -11,6 +11,7 @@
 #include <ostream>
 
 #include "checkpoints/checkpoint.h"
+#include "data/mcqa.h"
 #include "model/cpu_threads.h"
 #include "parallel/check.h"
 #include "parallel/mpi_env.h"
@@ -115,6 +116,11 @@ data::Batch Trainer::local_rows(const data::Batch& global) const {
 
 Trainer::~Trainer() = default;
 
+void Trainer::apply_loss_mask(data::Batch& batch) const {
+    if (config_.data.loss_on == "answers")
+        data::keep_answer_targets_only(batch.tokens.data(), batch.targets.data(), batch.targets.size(), batch.T);
+}
+
 namespace {
 // Testing hook for job teardown: BMOE_FAIL_AT=RANK:STEP makes that rank fail in that step.
 void maybe_inject_failure(int rank, int step) {
@@ -138,7 +144,8 @@ StepMetrics Trainer::train_step(int step) {
     m.total_steps = config_.train.steps;
     model_->zero_grad();
     for (int micro = 0; micro < accum; ++micro) {
-        const data::Batch batch = datasets_.train_loader->next_batch();  // this rank's rows
+        data::Batch batch = datasets_.train_loader->next_batch();  // this rank's rows
+        apply_loss_mask(batch);
         // Routing noise is keyed by the token's id in the global batch of this micro-step.
         model::RoutingContext routing;
         routing.seed = config_.train.seed;
@@ -217,7 +224,8 @@ double Trainer::evaluate() {
     int64_t count = 0;
     for (const data::Batch& global : datasets_.val_batches) {
         if (global.B % grid_->world_size() != 0) continue;  // a short last batch cannot be split evenly
-        const data::Batch batch = local_rows(global);
+        data::Batch batch = local_rows(global);
+        apply_loss_mask(batch);
         const model::ForwardStats s = model_->forward(batch.tokens.data(), batch.targets.data(), batch.B, batch.T,
                                                       weights);  // global CE over all ranks' rows
         sum += s.ce_loss * static_cast<double>(s.num_valid_targets);

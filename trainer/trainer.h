@@ -62,6 +62,7 @@ class Trainer {
     bool is_root() const { return grid_->world_rank() == 0; }
     // This rank's rows of a global batch (rows split evenly; B must divide by the world size).
     data::Batch local_rows(const data::Batch& global) const;
+    void apply_loss_mask(data::Batch& batch) const;  // data.loss_on
 
     RunConfig config_;
     std::ostream null_log_{nullptr};  // ranks != 0 print nothing
