@@ -54,16 +54,11 @@ EvalModel::EvalModel(const CheckpointSource& source,
                  config_.model.num_experts, " experts: use a divisor of ", config_.model.num_experts);
     grid_ = std::make_unique<parallel::ProcessGrid>(comm, ep_size);
     const int W = grid_->world_size();
-    const parallel::ExpertRange experts = grid_->expert_range(config_.model.num_experts);
     model::set_cpu_threads(threads);
     config_.train.backend = backend;
     backend_ = model::make_backend(backend, W > 1 ? parallel::launch_info().local_rank : 0);
-    model::ParallelContext ctx;
-    if (W > 1) ctx.world = &grid_->world();
-    ctx.ep = &grid_->ep();
-    ctx.first_expert = experts.first;
-    ctx.num_local_experts = experts.count;
-    model_ = std::make_unique<model::Model>(config_.model, backend_.get(), ctx);
+    model_ = std::make_unique<model::Model>(config_.model, backend_.get(),
+                                            model::make_parallel_context(*grid_, config_.model.num_experts));
     model_->init_weights(config_.train.seed);
     tensors_loaded_ = trainer::init_from_checkpoint(source.path, *model_);
 }

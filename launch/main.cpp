@@ -113,12 +113,14 @@ int main(int argc, char** argv) {
         "expert usage; writes <out>/eval.json, eval.md and figures");
     eval_cmd->add_option("--ckpt", eval_options.checkpoint, "checkpoint (.h5), or a checkpoint directory (its latest)")
         ->required();
-    eval_cmd->add_option("--data", eval_options.data,
-                         "extra token file (.bin) or `bmoe data` directory (val.bin, ood.bin) for the LM section; "
-                         "repeatable")
+    eval_cmd
+        ->add_option("--data", eval_options.data,
+                     "extra token file (.bin) or `bmoe data` directory (val.bin, ood.bin) for the LM section; "
+                     "repeatable")
         ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
-    eval_cmd->add_option("--samples", eval_options.samples,
-                         "routing samples S averaged in the router (0 = the checkpoint's router.eval_samples)")
+    eval_cmd
+        ->add_option("--samples", eval_options.samples,
+                     "routing samples S averaged in the router (0 = the checkpoint's router.eval_samples)")
         ->capture_default_str();
     eval_cmd->add_option("--mode", eval_options.mode, "sample (S samples) or mean (deterministic l = mu)")
         ->capture_default_str();
@@ -131,19 +133,22 @@ int main(int argc, char** argv) {
     eval_cmd->add_option("--ep", eval_options.ep, "expert-parallel group size (0 = all ranks)")->capture_default_str();
     eval_cmd->add_option("--threads", eval_options.threads, "CPU threads (0 = all cores)")->capture_default_str();
     eval_cmd->add_option("--seed", eval_seed, "question sets and routing noise (default: the checkpoint's train.seed)");
-    eval_cmd->add_option("--noise-scales", eval_options.noise_scales,
-                         "routing-stability noise scales, x RMS of the hidden state (comma-separated, increasing)")
+    eval_cmd
+        ->add_option("--noise-scales", eval_options.noise_scales,
+                     "routing-stability noise scales, x RMS of the hidden state (comma-separated, increasing)")
         ->delimiter(',')
         ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll)
         ->capture_default_str();
-    eval_cmd->add_option("--stability-seqs", eval_options.stability_sequences,
-                         "validation sequences for the stability sweep (0 = skip it)")
+    eval_cmd
+        ->add_option("--stability-seqs", eval_options.stability_sequences,
+                     "validation sequences for the stability sweep (0 = skip it)")
         ->capture_default_str();
     eval_cmd->add_option("--batch", eval_options.batch_questions, "MCQA prompts per forward (global)")
         ->capture_default_str();
-    eval_cmd->add_option("--cloze", eval_options.cloze,
-                         "real-text cloze sets: auto (skip with a warning when the text corpus is missing), "
-                         "required or off")
+    eval_cmd
+        ->add_option("--cloze", eval_options.cloze,
+                     "real-text cloze sets: auto (skip with a warning when the text corpus is missing), "
+                     "required or off")
         ->capture_default_str();
     eval_cmd->add_flag("--no-plot", eval_no_plot, "do not draw the figures");
     eval_cmd->add_flag("--no-lm", eval_no_lm, "skip the LM section on the checkpoint's corpus");

@@ -57,7 +57,8 @@ ExchangeStats Model::take_exchange_stats() {
 
 void Model::end_step(int step) {
     for (int l = 0; l < config_.num_layers; ++l)
-        if (layer_acts_[l]->moe_index >= 0) moe_blocks_[layer_acts_[l]->moe_index].router().end_step(step, param_views_.layers[l]);
+        if (layer_acts_[l]->moe_index >= 0)
+            moe_blocks_[layer_acts_[l]->moe_index].router().end_step(step, param_views_.layers[l]);
 }
 
 std::vector<RouterStateTensor> Model::router_state() {

@@ -31,9 +31,9 @@ struct LossWeights {
 // What one forward pass measured (host values).
 struct ForwardStats {
     // All values are over the GLOBAL batch (every rank's tokens) when the model is distributed.
-    double ce_loss = 0.0;   // mean cross-entropy over valid targets
-    double aux_loss = 0.0;  // mean over MoE layers of the load-balancing loss (unweighted)
-    double z_loss = 0.0;    // mean over MoE layers of the router z-loss (unweighted)
+    double ce_loss = 0.0;     // mean cross-entropy over valid targets
+    double aux_loss = 0.0;    // mean over MoE layers of the load-balancing loss (unweighted)
+    double z_loss = 0.0;      // mean over MoE layers of the router z-loss (unweighted)
     double router_reg = 0.0;  // sum over MoE layers of the router regulariser (unweighted)
     double total_loss = 0.0;
     int64_t num_valid_targets = 0;

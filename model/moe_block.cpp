@@ -150,7 +150,8 @@ MoeLayerStats MoeBlock::forward(
     for (float r : routed.reg) totals[2 * E + 3] += r;
     for (float v : routed.sigma) totals[2 * E + 4] += v / E;
     for (int n = 0; n < N && !routed.chol.empty(); ++n)
-        for (int e = 0; e < E; ++e) totals[2 * E + 4] += routed.chol[static_cast<size_t>(n) * (E * (E + 1) / 2) + e * (e + 1) / 2 + e] / E;
+        for (int e = 0; e < E; ++e)
+            totals[2 * E + 4] += routed.chol[static_cast<size_t>(n) * (E * (E + 1) / 2) + e * (e + 1) / 2 + e] / E;
     for (float t : routed.temperature) totals[2 * E + 5] += t;
     if (parallel_.world != nullptr) parallel_.world->all_reduce_sum(totals.data(), totals.size());
     const double N_global = totals[2 * E + 1];

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "parallel/communicator.h"
+#include "parallel/process_grid.h"
 
 namespace bmoe::model {
 
@@ -19,5 +20,16 @@ struct ParallelContext {
 
     bool expert_parallel() const { return ep != nullptr && ep->size() > 1; }
 };
+
+// The context of this rank in a dp x ep grid (world = nullptr when the grid is one process).
+inline ParallelContext make_parallel_context(parallel::ProcessGrid& grid, int num_experts) {
+    const parallel::ExpertRange experts = grid.expert_range(num_experts);
+    ParallelContext ctx;
+    if (grid.world_size() > 1) ctx.world = &grid.world();
+    ctx.ep = &grid.ep();
+    ctx.first_expert = experts.first;
+    ctx.num_local_experts = experts.count;
+    return ctx;
+}
 
 }  // namespace bmoe::model

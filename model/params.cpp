@@ -150,7 +150,8 @@ ModelTensors ParameterLayout::views(float* block) const {
             L.router_rho = at(r + ".weight_rho");
             L.router_trunk_w = at(r + ".trunk.weight");
             L.router_mean_w = at(r + ".mean_head.weight");
-            L.router_scale_w = at(r + ".scale_head.weight") ? at(r + ".scale_head.weight") : at(r + ".chol_head.weight");
+            L.router_scale_w =
+                at(r + ".scale_head.weight") ? at(r + ".scale_head.weight") : at(r + ".chol_head.weight");
             L.router_scale_b = at(r + ".scale_head.bias") ? at(r + ".scale_head.bias") : at(r + ".chol_head.bias");
             L.router_temp_w = at(r + ".temperature.weight");
             L.router_temp_b = at(r + ".temperature.bias");

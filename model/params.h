@@ -82,9 +82,9 @@ struct LayerTensors {
     float* router_scale_b = nullptr;     // [E] | [P]
     float* router_temp_w = nullptr;      // [1, D]       vtsr temperature head
     float* router_temp_b = nullptr;      // [1]
-    float* ffn_gate = nullptr;     // [E, F, D] | [Fd, D]  (swiglu only)
-    float* ffn_up = nullptr;       // [E, F, D] | [Fd, D]
-    float* ffn_down = nullptr;     // [E, D, F] | [D, Fd]
+    float* ffn_gate = nullptr;           // [E, F, D] | [Fd, D]  (swiglu only)
+    float* ffn_up = nullptr;             // [E, F, D] | [Fd, D]
+    float* ffn_down = nullptr;           // [E, D, F] | [D, Fd]
 };
 
 struct ModelTensors {

@@ -138,16 +138,21 @@ void Router::sample_logits(const float* x_ND, const LayerTensors& w, const Routi
     noise_ = RouterNoise{};
     std::vector<float>& eps = noise_.eps;
     weight_kl_ = 0.0;
-    auto fill_eps = [&]() {  // eps[s, n, e] ~ N(0, 1), keyed by the global token id
+    auto fill_eps = [&]() {  // eps[s, n, e] ~ N(0, 1), keyed by the global token id; pairs share a draw
         eps.assign(static_cast<size_t>(S) * NE, 0.0f);
         const CounterRng rng = noise_rng(ctx, layer_, kEpsNoise);
+        const int pairs = (E + 1) / 2;
 #pragma omp parallel for schedule(static)
         for (idx_t n = 0; n < N; ++n)
-            for (int s = 0; s < S; ++s)
-                for (int e = 0; e < E; ++e) {
-                    const uint64_t token = static_cast<uint64_t>(ctx.first_token + n);
-                    eps[(s * static_cast<size_t>(N) + n) * E + e] = rng.normal((token * S + s) * E + e);
+            for (int s = 0; s < S; ++s) {
+                const uint64_t token = static_cast<uint64_t>(ctx.first_token + n);
+                float* row = eps.data() + (s * static_cast<size_t>(N) + n) * E;
+                for (int p = 0; p < pairs; ++p) {
+                    float second = 0.0f;
+                    rng.normal_pair((token * S + s) * pairs + p, &row[2 * p], &second);
+                    if (2 * p + 1 < E) row[2 * p + 1] = second;
                 }
+            }
     };
     auto run_matmul = [&](std::vector<float>& dst, const float* in, const float* weight, const float* bias, int rows,
                           int I, int O, Buffer<float>& out_buf) {
@@ -234,7 +239,8 @@ void Router::sample_logits(const float* x_ND, const LayerTensors& w, const Routi
                 member.resize(N);
                 for (idx_t n = 0; n < N; ++n) {
                     member[n] = static_cast<int32_t>(rng.bits(static_cast<uint64_t>(ctx.first_token + n)) % M);
-                    for (int e = 0; e < E; ++e) out_.sample_logits[n * E + e] = out_.mu[n * E + e] = member_logit(member[n], n, e);
+                    for (int e = 0; e < E; ++e)
+                        out_.sample_logits[n * E + e] = out_.mu[n * E + e] = member_logit(member[n], n, e);
                 }
             } else {  // inference: every member is one sample; mu = the members' mean logits
                 for (idx_t n = 0; n < N; ++n)
@@ -261,7 +267,8 @@ void Router::sample_logits(const float* x_ND, const LayerTensors& w, const Routi
             for (size_t j = 0; j < P; ++j) {
                 const double sigma = softplus(rho[j]);
                 sigma2[j] = static_cast<float>(sigma * sigma);
-                kl += std::log(sp / sigma) + (sigma * sigma + static_cast<double>(wmu[j]) * wmu[j]) / (2 * sp * sp) - 0.5;
+                kl +=
+                    std::log(sp / sigma) + (sigma * sigma + static_cast<double>(wmu[j]) * wmu[j]) / (2 * sp * sp) - 0.5;
             }
             weight_kl_ = kl;
             download_to(backend_, x_host_, x_ND, ND);
@@ -291,8 +298,10 @@ void Router::sample_logits(const float* x_ND, const LayerTensors& w, const Routi
             if (sample) fill_eps();
             const double sp = rc_.prior_std;
             out_.reg.assign(N, 0.0f);
-            if (fc) out_.chol.assign(static_cast<size_t>(N) * P, 0.0f);
-            else out_.sigma.assign(NE, 0.0f);
+            if (fc)
+                out_.chol.assign(static_cast<size_t>(N) * P, 0.0f);
+            else
+                out_.sigma.assign(NE, 0.0f);
 #pragma omp parallel for schedule(static)
             for (idx_t n = 0; n < N; ++n) {
                 const float* mu = out_.mu.data() + n * E;
@@ -300,7 +309,8 @@ void Router::sample_logits(const float* x_ND, const LayerTensors& w, const Routi
                 const float* raw = raw_.data() + n * P;
                 // KL(N(dmu, Sigma) || N(0, sp^2 I)) = sum_e [log sp - log L_ee + (Sigma_ee + dmu_e^2)/(2 sp^2) - 1/2]
                 double kl = 0.0;
-                for (int e = 0; e < E; ++e) kl += (static_cast<double>(dm[e]) * dm[e]) / (2 * sp * sp) + std::log(sp) - 0.5;
+                for (int e = 0; e < E; ++e)
+                    kl += (static_cast<double>(dm[e]) * dm[e]) / (2 * sp * sp) + std::log(sp) - 0.5;
                 if (fc) {
                     float* L = out_.chol.data() + n * P;
                     for (int i = 0; i < E; ++i)
@@ -353,8 +363,8 @@ void Router::sample_logits(const float* x_ND, const LayerTensors& w, const Routi
 void Router::select_and_gate(const RoutingContext& ctx) {
     const int N = N_, E = config_.num_experts, K = config_.top_k, S = S_;
     const size_t NE = static_cast<size_t>(N) * E;
-    const bool gumbel = ctx.mode == RouterMode::kSample &&
-                        (rc_.type == RouterType::kTempSampling || rc_.type == RouterType::kVtsr);
+    const bool gumbel =
+        ctx.mode == RouterMode::kSample && (rc_.type == RouterType::kTempSampling || rc_.type == RouterType::kVtsr);
     const bool renormalize = config_.router_renormalize;
     const CounterRng gumbel_rng = noise_rng(ctx, layer_, kGumbelNoise);
     if (gumbel) noise_.gumbel.resize(NE);
@@ -490,7 +500,8 @@ void Router::backward(float* dx_ND,
         if (!dtemp.empty()) dtemp[n] = static_cast<float>(dT);
         // z-loss on mu: d (c lse^2) / d mu_e = 2 c lse softmax(mu)_e
         const float* mu = out_.mu.data() + n * E;
-        for (int e = 0; e < E; ++e) dmu_z[n * E + e] = static_cast<float>(2.0 * z_coef * lse_[n] * std::exp(mu[e] - lse_[n]));
+        for (int e = 0; e < E; ++e)
+            dmu_z[n * E + e] = static_cast<float>(2.0 * z_coef * lse_[n] * std::exp(mu[e] - lse_[n]));
     }
 
     // ---- 2. the family's own chain to its parameters and to x ----
@@ -538,15 +549,16 @@ void Router::backward(float* dx_ND,
                     for (int e = 0; e < E; ++e) {
                         dldet[n * E + e] = dl[n * E + e] + dmu_z[n * E + e] / M;
                         for (int m = 1; m < M; ++m)
-                            dmembers[(n * (M - 1) + (m - 1)) * E + e] = dl[(m * static_cast<size_t>(N) + n) * E + e] +
-                                                                        dmu_z[n * E + e] / M;
+                            dmembers[(n * (M - 1) + (m - 1)) * E + e] =
+                                dl[(m * static_cast<size_t>(N) + n) * E + e] + dmu_z[n * E + e] / M;
                     }
             }
             for (idx_t n = 0; n < N && !noise_.member.empty(); ++n) {
                 const int m = noise_.member[n];
                 for (int e = 0; e < E; ++e) {
                     const float d = dl[n * E + e] + dmu_z[n * E + e];
-                    if (m == 0) dldet[n * E + e] = d;
+                    if (m == 0)
+                        dldet[n * E + e] = d;
                     else {
                         dldet[n * E + e] = 0.0f;
                         dmembers[(n * (M - 1) + (m - 1)) * E + e] = d;
@@ -565,7 +577,8 @@ void Router::backward(float* dx_ND,
             const std::vector<float>& eps = noise_.eps;
             if (!eps.empty())
                 for (int s = 0; s < S; ++s)
-                    for (size_t i = 0; i < NE; ++i) dvar[i] += dl[s * NE + i] * eps[s * NE + i] / (2.0f * out_.sigma[i]);
+                    for (size_t i = 0; i < NE; ++i)
+                        dvar[i] += dl[s * NE + i] * eps[s * NE + i] / (2.0f * out_.sigma[i]);
             std::vector<float> x2(ND), rho, wmu, sigma2(P);
             for (size_t i = 0; i < ND; ++i) x2[i] = x_host_[i] * x_host_[i];
             download_to(backend_, rho, w.router_rho, P);
@@ -577,8 +590,8 @@ void Router::backward(float* dx_ND,
             const float* x2_dev = to_backend(scratch_a_, x2);
             Buffer<float> sigma2_dev(backend_, P);
             backend_->upload(sigma2_dev.data(), sigma2.data(), P * sizeof(float));
-            backend_->matmul_backward(dtrunk_.data(), dsigma2.data(), nullptr, dvar_dev, x2_dev, sigma2_dev.data(), N, D,
-                                      E, false);
+            backend_->matmul_backward(dtrunk_.data(), dsigma2.data(), nullptr, dvar_dev, x2_dev, sigma2_dev.data(), N,
+                                      D, E, false);
             std::vector<float> dx2, ds2;
             download_to(backend_, dx2, dtrunk_.data(), ND);
             download_to(backend_, ds2, dsigma2.data(), P);
@@ -626,7 +639,8 @@ void Router::backward(float* dx_ND,
                     for (int e = 0; e < E; ++e) {
                         double ds = reg_coef * (sg[e] / sp2 - 1.0 / sg[e]);
                         if (!eps.empty())
-                            for (int s = 0; s < S; ++s) ds += static_cast<double>(dl[s * NE + n * E + e]) * eps[s * NE + n * E + e];
+                            for (int s = 0; s < S; ++s)
+                                ds += static_cast<double>(dl[s * NE + n * E + e]) * eps[s * NE + n * E + e];
                         dr[e] = static_cast<float>(ds * sigmoid(raw[e]));
                     }
                 }
@@ -634,12 +648,12 @@ void Router::backward(float* dx_ND,
             dtrunk_.ensure(backend_, static_cast<size_t>(N) * R);
             backend_->matmul_backward(dtrunk_.data(), dw.router_mean_w, nullptr, to_backend(scratch_b_, ddmu),
                                       trunk_out_.data(), w.router_mean_w, N, R, E, false);
-            backend_->matmul_backward(dtrunk_.data(), dw.router_scale_w, dw.router_scale_b, to_backend(scratch_c_, draw),
-                                      trunk_out_.data(), w.router_scale_w, N, R, P, true);
+            backend_->matmul_backward(dtrunk_.data(), dw.router_scale_w, dw.router_scale_b,
+                                      to_backend(scratch_c_, draw), trunk_out_.data(), w.router_scale_w, N, R, P, true);
             scratch_a_.ensure(backend_, static_cast<size_t>(N) * R);
             backend_->gelu_backward(scratch_a_.data(), dtrunk_.data(), trunk_pre_.data(), static_cast<size_t>(N) * R);
-            backend_->matmul_backward(dx_ND, dw.router_trunk_w, nullptr, scratch_a_.data(), x_ND, w.router_trunk_w, N, D,
-                                      R, true);
+            backend_->matmul_backward(dx_ND, dw.router_trunk_w, nullptr, scratch_a_.data(), x_ND, w.router_trunk_w, N,
+                                      D, R, true);
             break;
         }
         case RouterType::kVtsr: {
@@ -686,7 +700,8 @@ void Router::end_step(int step, const LayerTensors& w) {
         const double n = swag_count_[0];
         for (size_t j = 0; j < P; ++j) {
             swag_mean_[j] = static_cast<float>((n * swag_mean_[j] + theta[j]) / (n + 1));
-            swag_sq_mean_[j] = static_cast<float>((n * swag_sq_mean_[j] + static_cast<double>(theta[j]) * theta[j]) / (n + 1));
+            swag_sq_mean_[j] =
+                static_cast<float>((n * swag_sq_mean_[j] + static_cast<double>(theta[j]) * theta[j]) / (n + 1));
         }
         float* dev = swag_dev_.data() + static_cast<size_t>(static_cast<int64_t>(n) % rc_.swag_rank) * P;
         for (size_t j = 0; j < P; ++j) dev[j] = theta[j] - swag_mean_[j];

@@ -140,20 +140,20 @@ class Router {
     double weight_kl_ = 0.0;
 
     // saved for backward (host)
-    std::vector<float> x_host_;        // [N, D] (mc_dropout, weight_mfvi)
-    std::vector<float> ldet_;          // [N, E] x W_r^T
+    std::vector<float> x_host_;  // [N, D] (mc_dropout, weight_mfvi)
+    std::vector<float> ldet_;    // [N, E] x W_r^T
     RouterNoise noise_;
-    std::vector<float> dmu_, raw_;     // [N, E], [N, E | P] inference-network heads
-    std::vector<float> var_;           // [N, E] weight_mfvi logit variance
-    std::vector<float> temp_raw_;      // [N] vtsr pre-sigmoid temperature
-    std::vector<float> all_members_;   // [N, (M-1) E] ensemble members 1..M-1
-    std::vector<float> log_pbar_;      // [N, E]
-    std::vector<float> sample_logp_;   // [S, N, E] log p^s (p^s itself underflows at small T)
+    std::vector<float> dmu_, raw_;    // [N, E], [N, E | P] inference-network heads
+    std::vector<float> var_;          // [N, E] weight_mfvi logit variance
+    std::vector<float> temp_raw_;     // [N] vtsr pre-sigmoid temperature
+    std::vector<float> all_members_;  // [N, (M-1) E] ensemble members 1..M-1
+    std::vector<float> log_pbar_;     // [N, E]
+    std::vector<float> sample_logp_;  // [S, N, E] log p^s (p^s itself underflows at small T)
     // state
-    std::vector<int64_t> load_;                           // [E] accumulated over the step's micro-batches
-    std::vector<float> selection_bias_;                   // [E]
+    std::vector<int64_t> load_;                               // [E] accumulated over the step's micro-batches
+    std::vector<float> selection_bias_;                       // [E]
     std::vector<float> swag_mean_, swag_sq_mean_, swag_dev_;  // [E*D], [E*D], [swag_rank, E*D]
-    std::vector<float> swag_count_{0.0f};                 // [1] snapshots collected
+    std::vector<float> swag_count_{0.0f};                     // [1] snapshots collected
 
     // backend scratch
     Buffer<float> ldet_NE_, probs_NE_, lse_N_, topk_weight_NK_, scratch_a_, scratch_b_, scratch_c_, scratch_w_;

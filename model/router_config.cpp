@@ -10,10 +10,14 @@ struct TypeName {
     const char* name;
 };
 constexpr TypeName kTypeNames[] = {
-    {RouterType::kTopK, "topk"},          {RouterType::kTempSampling, "temp_sampling"},
-    {RouterType::kMcDropout, "mc_dropout"}, {RouterType::kSwag, "swag"},
-    {RouterType::kEnsemble, "ensemble"},  {RouterType::kWeightMfvi, "weight_mfvi"},
-    {RouterType::kLogitMf, "logit_mf"},   {RouterType::kLogitFc, "logit_fc"},
+    {RouterType::kTopK, "topk"},
+    {RouterType::kTempSampling, "temp_sampling"},
+    {RouterType::kMcDropout, "mc_dropout"},
+    {RouterType::kSwag, "swag"},
+    {RouterType::kEnsemble, "ensemble"},
+    {RouterType::kWeightMfvi, "weight_mfvi"},
+    {RouterType::kLogitMf, "logit_mf"},
+    {RouterType::kLogitFc, "logit_fc"},
     {RouterType::kVtsr, "vtsr"},
 };
 }  // namespace
@@ -44,8 +48,8 @@ void RouterConfig::validate() const {
     BMOE_REQUIRE(swag_every >= 1, "router.swag_every must be >= 1 (got ", swag_every, ")");
     BMOE_REQUIRE(swag_start >= 0, "router.swag_start must be >= 0 (got ", swag_start, ")");
     BMOE_REQUIRE(weight_sigma_init > 0.0f, "router.weight_sigma_init must be > 0 (got ", weight_sigma_init, ")");
-    BMOE_REQUIRE(weight_prior_std > 0.0f, "router.weight_prior_std (prior sigma) must be > 0 (got ",
-                 weight_prior_std, ")");
+    BMOE_REQUIRE(weight_prior_std > 0.0f, "router.weight_prior_std (prior sigma) must be > 0 (got ", weight_prior_std,
+                 ")");
     BMOE_REQUIRE(hidden >= 1, "router.hidden must be >= 1 (got ", hidden, ")");
     BMOE_REQUIRE(sigma_min >= 0.0f, "router.sigma_min must be >= 0 (got ", sigma_min, ")");
     BMOE_REQUIRE(sigma_init > sigma_min, "router.sigma_init (", sigma_init, ") must be > router.sigma_min (", sigma_min,

@@ -47,10 +47,10 @@ struct RouterConfig {
     float weight_sigma_init = 1e-3f;  // initial posterior std of each router weight
     float weight_prior_std = 0.1f;    // prior N(0, weight_prior_std^2) on each router weight
     // logit_mf / logit_fc
-    int hidden = 64;             // width r of the amortised inference network's trunk
-    float sigma_init = 0.1f;     // initial logit std (MF) / Cholesky diagonal (FC)
-    float sigma_min = 1e-4f;     // floor of sigma and of diag(L): keeps log sigma finite
-    float prior_std = 1.0f;      // prior N(l_det, prior_std^2 I) on the logits
+    int hidden = 32;          // width r of the inference network trunk (cost ~ 2 D r per token)
+    float sigma_init = 0.1f;  // initial logit std (MF) / Cholesky diagonal (FC)
+    float sigma_min = 1e-4f;  // floor of sigma and of diag(L): keeps log sigma finite
+    float prior_std = 1.0f;   // prior N(l_det, prior_std^2 I) on the logits
     // vtsr
     float temp_min = 0.5f;  // T = temp_min + (temp_max - temp_min) * sigmoid(u w + b), T = 1 at init
     float temp_max = 2.0f;

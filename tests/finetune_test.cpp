@@ -105,7 +105,6 @@ TEST(FinetuneRouter, FreezesEverythingButTheRouterAndTheElboFalls) {
     EXPECT_EQ(router_changed, 2) << "gate.weight of both MoE layers trains";
     EXPECT_EQ(trainer.optimizer().moments_numel(), router_numel) << "optimizer state = router parameters only";
 
-
     // the checkpoint: parent recorded, optimizer groups hold router tensors only
     const std::string ckpt = checkpoints::checkpoint_path(config.checkpoint_dir(), config.train.steps);
     EXPECT_EQ(checkpoints::read_checkpoint_info(ckpt).parent, parent);
@@ -138,11 +137,19 @@ TEST(FinetuneRouter, BadInputIsAClearError) {
     EXPECT_THAT([&] { finetune_router_config(requested, "/nonexistent/parent.h5"); },
                 ::testing::ThrowsMessage<Error>(::testing::HasSubstr("/nonexistent/parent.h5")));
     requested.train.trainable = "(unclosed";
-    EXPECT_THAT([&] { std::ostringstream log; Trainer t(requested, log); },
-                ::testing::ThrowsMessage<Error>(::testing::HasSubstr("is not a valid regex")));
+    EXPECT_THAT(
+        [&] {
+            std::ostringstream log;
+            Trainer t(requested, log);
+        },
+        ::testing::ThrowsMessage<Error>(::testing::HasSubstr("is not a valid regex")));
     requested.train.trainable = "no_such_tensor";
-    EXPECT_THAT([&] { std::ostringstream log; Trainer t(requested, log); },
-                ::testing::ThrowsMessage<Error>(::testing::HasSubstr("matches no parameter")));
+    EXPECT_THAT(
+        [&] {
+            std::ostringstream log;
+            Trainer t(requested, log);
+        },
+        ::testing::ThrowsMessage<Error>(::testing::HasSubstr("matches no parameter")));
 }
 
 }  // namespace

@@ -139,7 +139,8 @@ TEST_P(ModelGradTest, DirectionalDerivativesMatchFiniteDifferences) {
     for (const ParamInfo& p : model.layout().params()) {
         std::vector<float> u(p.numel);
         double analytic = 0.0, numeric = 0.0;
-        const float eps = cfg.router.is_stochastic() ? 1e-3f : 5e-4f;  // larger: the KL adds fp32 noise
+        // weight_mfvi: larger, its weight KL is a large constant term (fp32 noise in the difference)
+        const float eps = cfg.router.type == RouterType::kWeightMfvi ? 1e-3f : 5e-4f;
         // A direction whose +-eps probes change some token's experts crosses a jump of the loss
         // (stochastic routers sit closer to ties): draw another one.
         bool same_selection = false;
@@ -160,7 +161,8 @@ TEST_P(ModelGradTest, DirectionalDerivativesMatchFiniteDifferences) {
         }
         ASSERT_TRUE(same_selection) << GetParam().name << " " << p.name << ": every direction changed the routing";
         // The floor absorbs fp32 round-off of the loss difference (~1e-4 absolute at this eps).
-        const double scale = std::max({std::abs(analytic), std::abs(numeric), 3e-2});
+        // Stochastic routers: sampled logits add curvature, so their tiny derivatives get a larger floor.
+        const double scale = std::max({std::abs(analytic), std::abs(numeric), cfg.router.is_stochastic() ? 0.1 : 3e-2});
         EXPECT_LT(std::abs(analytic - numeric) / scale, 5e-3)
             << GetParam().name << " " << p.name << ": analytic " << analytic << " numeric " << numeric;
         ++checked;

@@ -80,7 +80,7 @@ RoutingContext train_ctx(int samples = 0) {
 //   L = sum c_nk gate_nk + sum_e a_e sum_n pbar_ne + z sum_n lse_n^2 + r sum_n reg_n + wr KL_weights
 struct Coefs {
     std::vector<float> c, a;
-    float z = 0.3f, r = 0.2f, wr = 0.005f;  // wr small: the weight KL is a large constant (fp32 noise in FD)
+    float z = 0.3f, r = 0.05f, wr = 0.005f;  // wr small: the weight KL is a large constant (fp32 noise in FD)
 };
 double router_loss(const Router& router, const Coefs& k) {
     const RouterOutputs& o = router.outputs();

@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <sstream>
 
+#include "checkpoints/checkpoint.h"
 #include "tests/trainer_test_util.h"
 #include "trainer/trainer.h"
 
@@ -37,6 +38,19 @@ TEST(TrainTest, SameSeedGivesBitwiseIdenticalLosses) {
     std::ostringstream log3;
     const TrainResult d = Trainer(c, log3).run();
     EXPECT_NE(a.losses.front(), d.losses.front()) << "another seed must give another run";
+}
+
+// checkpoint.every_minutes saves when that much wall time passed since the last save (here: always).
+TEST(TrainTest, TimedCheckpoints) {
+    RunConfig c = small_run("timed_ckpt");
+    std::filesystem::remove_all(c.train.out_dir);
+    c.train.steps = 4;
+    c.checkpoint.every_minutes = 1e-9f;
+    c.checkpoint.keep = 10;
+    std::ostringstream log;
+    Trainer(c, log).run();
+    for (int step = 1; step <= 4; ++step)
+        EXPECT_TRUE(std::filesystem::exists(checkpoints::checkpoint_path(c.checkpoint_dir(), step))) << log.str();
 }
 
 }  // namespace

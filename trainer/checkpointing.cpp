@@ -136,8 +136,8 @@ int init_from_checkpoint(const std::string& path, model::Model& model) {
     const model::ModelConfig& c = model.config();
     for (int l = 0; l < c.num_layers; ++l) {
         const model::LayerTensors& w = t.layers[l];
-        if (w.router_ensemble_w == nullptr || present[static_cast<size_t>(layout.find(
-                                                  concat("model.layers.", l, ".block_sparse_moe.router.ensemble.weight")))])
+        if (w.router_ensemble_w == nullptr || present[static_cast<size_t>(layout.find(concat(
+                                                  "model.layers.", l, ".block_sparse_moe.router.ensemble.weight")))])
             continue;
         const size_t ED = static_cast<size_t>(c.num_experts) * c.d_model;
         for (int m = 0; m < c.router.ensemble_size - 1; ++m)

@@ -31,6 +31,11 @@ void MetricsLog::write(const StepMetrics& m) {
                         {"exchange_s", m.exchange_s},
                         {"exchange_bytes", m.exchange_bytes},
                         {"exchange_min_bytes", m.exchange_min_bytes}};
+    if (!m.aux_layers.empty()) {
+        j["aux_layers"] = m.aux_layers;
+        j["z_layers"] = m.z_layers;
+        j["reg_layers"] = m.reg_layers;
+    }
     if (!m.router_sigma.empty() || !m.router_temperature.empty() || m.reg != 0.0) {
         j["reg"] = m.reg;
         j["beta"] = m.beta;

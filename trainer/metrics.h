@@ -20,6 +20,8 @@ struct StepMetrics {
     double beta = 0.0;                                // its weight this step (after warm-up)
     std::vector<double> router_sigma;                 // [moe layer] mean logit std (variational routers)
     std::vector<double> router_temperature;           // [moe layer] mean T (vtsr, temp_sampling)
+    // [moe layer] each loss term per layer (train.log_layers; empty otherwise)
+    std::vector<double> aux_layers, z_layers, reg_layers;
     double lr = 0.0, grad_norm = 0.0;
     double tokens_per_s = 0.0;
     double elapsed_s = 0.0;

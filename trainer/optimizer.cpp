@@ -32,9 +32,8 @@ void AdamW::step(float lr, float grad_scale) {
         const size_t mo = moment_offset_[i];
         const float wd = p.weight_decay ? config_.weight_decay : 0.0f;
         const float tensor_lr = p.variance_head ? lr * config_.router_variance_lr_scale : lr;
-        be->adamw_update(model_.params() + p.offset, model_.grads() + p.offset, m_.data() + mo,
-                         v_.data() + mo, p.numel, tensor_lr, config_.beta1, config_.beta2, config_.eps, wd, grad_scale,
-                         step_);
+        be->adamw_update(model_.params() + p.offset, model_.grads() + p.offset, m_.data() + mo, v_.data() + mo, p.numel,
+                         tensor_lr, config_.beta1, config_.beta2, config_.eps, wd, grad_scale, step_);
     }
 }
 

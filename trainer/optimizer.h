@@ -32,7 +32,7 @@ class AdamW {
     static constexpr size_t kFrozen = static_cast<size_t>(-1);
     size_t moment_offset(size_t param_index) const { return moment_offset_[param_index]; }
     size_t moments_numel() const { return moments_numel_; }  // floats in each of m and v
-    void set_num_steps(int steps) { step_ = steps; }  // resume: bias corrections continue from here
+    void set_num_steps(int steps) { step_ = steps; }         // resume: bias corrections continue from here
 
   private:
     OptimConfig config_;

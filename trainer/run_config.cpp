@@ -39,6 +39,8 @@ void RunConfig::validate() const {
     BMOE_REQUIRE(parallel.ep >= 0, "parallel.ep must be >= 0 (0 = all ranks; got ", parallel.ep, ")");
     BMOE_REQUIRE(checkpoint.every >= 0, "checkpoint.every must be >= 0 (0 = only at the end; got ", checkpoint.every,
                  ")");
+    BMOE_REQUIRE(checkpoint.every_minutes >= 0.0f, "checkpoint.every_minutes must be >= 0 (0 = off; got ",
+                 checkpoint.every_minutes, ")");
     BMOE_REQUIRE(checkpoint.keep >= 1, "checkpoint.keep must be >= 1 (got ", checkpoint.keep, ")");
     BMOE_REQUIRE(train.steps >= 1, "train.steps must be >= 1 (got ", train.steps, ")");
     BMOE_REQUIRE(train.grad_accum >= 1, "train.grad_accum must be >= 1 (got ", train.grad_accum, ")");
@@ -123,6 +125,8 @@ void add_run_options(CLI::App& app, RunConfig& c, RunConfigCli& cli) {
         ->group("Options");
     opt("checkpoint.dir", c.checkpoint.dir, "checkpoint directory (empty = <train.out_dir>/checkpoints)");
     opt("checkpoint.every", c.checkpoint.every, "save every N steps (0 = only at the end)");
+    opt("checkpoint.every_minutes", c.checkpoint.every_minutes,
+        "also save when this many minutes passed since the last save (0 = off)");
     opt("checkpoint.keep", c.checkpoint.keep, "newest checkpoints to keep");
     opt("checkpoint.resume", c.checkpoint.resume, "'' = start fresh, 'auto' = latest in checkpoint.dir, or a file");
     opt("train.steps", c.train.steps, "optimizer steps");
@@ -135,9 +139,9 @@ void add_run_options(CLI::App& app, RunConfig& c, RunConfigCli& cli) {
     opt("train.backend", c.train.backend, "cpu | cuda");
     opt("train.threads", c.train.threads, "CPU threads (0 = all cores)");
     opt("train.plot", c.train.plot, "write loss_curve.png at the end (python3-matplotlib)");
+    opt("train.log_layers", c.train.log_layers, "log aux, z and the router regulariser per MoE layer");
     opt("train.init", c.train.init, "initialise from this checkpoint's tensors (matched by name) instead of random");
-    opt("train.trainable", c.train.trainable,
-        "comma-separated regexes: train only matching parameters (empty = all)");
+    opt("train.trainable", c.train.trainable, "comma-separated regexes: train only matching parameters (empty = all)");
 }
 
 void finish_cli_parse(RunConfig& c, const RunConfigCli& cli) {
@@ -176,15 +180,16 @@ std::string RunConfig::to_toml() const {
     os << "\n\n[loss]\naux_coef = " << loss.aux_coef << "\nzloss_coef = " << loss.zloss_coef
        << "\nrouter_reg_coef = " << loss.router_reg_coef << "\nrouter_reg_warmup = " << loss.router_reg_warmup;
     os << "\n\n[data]\ndataset = \"" << data.dataset << "\"\nbatch_size = " << data.batch_size
-       << "\nseq_len = " << data.seq_len << "\ntrain_tokens = " << data.train_tokens << "\nloss_on = \""
-       << data.loss_on << "\"";
+       << "\nseq_len = " << data.seq_len << "\ntrain_tokens = " << data.train_tokens << "\nloss_on = \"" << data.loss_on
+       << "\"";
     os << "\n\n[parallel]\nep = " << parallel.ep;
     os << "\n\n[checkpoint]\ndir = \"" << checkpoint.dir << "\"\nevery = " << checkpoint.every
+       << "\nevery_minutes = " << checkpoint.every_minutes
        << "\nkeep = " << checkpoint.keep << "\nresume = \"" << checkpoint.resume << "\"";
     os << "\n\n[train]\nsteps = " << train.steps << "\ngrad_accum = " << train.grad_accum << "\nseed = " << train.seed
        << "\nlog_every = " << train.log_every << "\neval_every = " << train.eval_every
        << "\neval_batches = " << train.eval_batches << "\nout_dir = \"" << train.out_dir << "\"\nbackend = \""
-       << train.backend << "\"\nthreads = " << train.threads << "\nplot = " << b(train.plot) << "\ninit = \""
+       << train.backend << "\"\nthreads = " << train.threads << "\nplot = " << b(train.plot) << "\nlog_layers = " << b(train.log_layers) << "\ninit = \""
        << train.init << "\"\ntrainable = \"" << train.trainable << "\"\n";
     return os.str();
 }

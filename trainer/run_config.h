@@ -66,6 +66,7 @@ struct ParallelConfig {
 struct CheckpointConfig {
     std::string dir;     // "" = <train.out_dir>/checkpoints
     int every = 0;       // save every N steps (0 = only at the end)
+    float every_minutes = 0.0f;  // also save when this many minutes passed since the last save (0 = off)
     int keep = 3;        // newest checkpoints kept
     std::string resume;  // "" (start fresh) | "auto" (latest in dir, if any) | a checkpoint file
 };
@@ -81,6 +82,7 @@ struct TrainConfig {
     std::string backend = "cpu";           // cpu | cuda
     int threads = 0;                       // CPU threads; 0 = all cores
     bool plot = true;                      // write loss_curve.png (needs python3-matplotlib)
+    bool log_layers = false;               // metrics.jsonl: aux, z and router regulariser per MoE layer
     // Start from another run's checkpoint (tensors matched by name; missing ones keep their init)
     // instead of random weights; recorded as the new checkpoints' parent. `bmoe finetune-router` sets it.
     std::string init;

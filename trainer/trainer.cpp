@@ -49,12 +49,8 @@ Trainer::Trainer(const RunConfig& config, std::ostream& log, parallel::Communica
     datasets_ = load_datasets(config_.data, config_.model.vocab_size, config_.train.seed, config_.train.eval_batches,
                               grid_->world_rank(), W, log_);
     backend_ = model::make_backend(config_.train.backend, W > 1 ? parallel::launch_info().local_rank : 0);
-    model::ParallelContext ctx;
-    if (W > 1) ctx.world = &grid_->world();
-    ctx.ep = &grid_->ep();
-    ctx.first_expert = experts.first;
-    ctx.num_local_experts = experts.count;
-    model_ = std::make_unique<model::Model>(config_.model, backend_.get(), ctx);
+    model_ = std::make_unique<model::Model>(config_.model, backend_.get(),
+                                            model::make_parallel_context(*grid_, config_.model.num_experts));
     model_->init_weights(config_.train.seed);
     const int trainable = model_->set_trainable(split_patterns(config_.train.trainable));
     optimizer_ = std::make_unique<AdamW>(config_.optim, *model_);
@@ -136,8 +132,7 @@ StepMetrics Trainer::train_step(int step) {
     maybe_inject_failure(grid_->world_rank(), step + 1);
     const DataConfig& d = config_.data;
     const int accum = config_.train.grad_accum;
-    const model::LossWeights weights{config_.loss.aux_coef, config_.loss.zloss_coef,
-                                     config_.loss.router_reg_at(step)};
+    const model::LossWeights weights{config_.loss.aux_coef, config_.loss.zloss_coef, config_.loss.router_reg_at(step)};
     StepMetrics m;
     m.beta = weights.router_reg_coef;
     m.step = step + 1;
@@ -161,6 +156,16 @@ StepMetrics Trainer::train_step(int step) {
         m.aux += s.aux_loss / accum;
         m.z += s.z_loss / accum;
         m.reg += s.router_reg / accum;
+        if (config_.train.log_layers) {
+            m.aux_layers.resize(s.moe_layers.size(), 0.0);
+            m.z_layers.resize(s.moe_layers.size(), 0.0);
+            m.reg_layers.resize(s.moe_layers.size(), 0.0);
+            for (size_t l = 0; l < s.moe_layers.size(); ++l) {
+                m.aux_layers[l] += s.moe_layers[l].aux_loss / accum;
+                m.z_layers[l] += s.moe_layers[l].z_loss / accum;
+                m.reg_layers[l] += s.moe_layers[l].reg / accum;
+            }
+        }
         if (config_.model.router.is_stochastic()) {
             m.router_sigma.resize(s.moe_layers.size(), 0.0);
             m.router_temperature.resize(s.moe_layers.size(), 0.0);
@@ -267,6 +272,15 @@ bool Trainer::stop_requested() {
     return flag > 0.0;
 }
 
+bool Trainer::save_due_by_time(Clock::time_point last_save) {
+    // Rank 0's clock decides, so every rank saves at the same step.
+    if (config_.checkpoint.every_minutes <= 0.0f) return false;
+    const double minutes = std::chrono::duration<double>(Clock::now() - last_save).count() / 60.0;
+    double due = minutes >= config_.checkpoint.every_minutes ? 1.0 : 0.0;
+    if (grid_->world_size() > 1) grid_->world().broadcast(&due, sizeof(due), 0);
+    return due > 0.0;
+}
+
 double Trainer::save_checkpoint(int step) {
     const std::string dir = config_.checkpoint_dir();
     if (is_root()) std::filesystem::create_directories(dir);
@@ -297,6 +311,7 @@ TrainResult Trainer::run() {
     StopSignalGuard signals;
     const auto start = Clock::now();
     auto window_start = start;
+    auto last_save = start;
     int window_steps = 0;
     for (int step = start_step_; step < t.steps; ++step) {
         const auto step_start = Clock::now();
@@ -315,9 +330,11 @@ TrainResult Trainer::run() {
             window_steps = 0;
         }
         const bool stop = stop_requested();
-        const bool periodic = config_.checkpoint.every > 0 && m.step % config_.checkpoint.every == 0;
+        const bool periodic = (config_.checkpoint.every > 0 && m.step % config_.checkpoint.every == 0) ||
+                              save_due_by_time(last_save);
         if (stop || periodic || m.step == t.steps) {
             const double seconds = save_checkpoint(m.step);
+            last_save = Clock::now();
             window_start += std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
         }
         if (stop) {

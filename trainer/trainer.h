@@ -12,6 +12,7 @@
 // gradients are summed across ranks (grad_sync.h); only rank 0 prints and writes files.
 #pragma once
 
+#include <chrono>
 #include <iosfwd>
 #include <memory>
 #include <vector>
@@ -57,6 +58,7 @@ class Trainer {
     void final_report();
     void resume_if_asked();
     bool stop_requested();
+    bool save_due_by_time(std::chrono::steady_clock::time_point last_save);  // checkpoint.every_minutes
     double save_checkpoint(int step);  // returns the seconds it took
 
     bool is_root() const { return grid_->world_rank() == 0; }
