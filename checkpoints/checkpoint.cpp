@@ -405,7 +405,8 @@ std::vector<bool> checkpoint_has_tensors(const std::string& path,
     H5File file = detail::open_for_read(path);
     std::vector<bool> present;
     const bool has_group = h5_path_exists(file, "/" + group);
-    for (const std::string& name : names) present.push_back(has_group && h5_path_exists(file, dataset_path(group, name)));
+    for (const std::string& name : names)
+        present.push_back(has_group && h5_path_exists(file, dataset_path(group, name)));
     return present;
 }
 
