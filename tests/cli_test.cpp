@@ -74,6 +74,18 @@ TEST(CliTest, BadConfigValuesAreOneLineErrors) {
     expect_one_line_error(run_bmoe("train --model.norm=batchnorm"), "model.norm");
     expect_one_line_error(run_bmoe("train --model.num_experts=many"), "--model.num_experts");
     expect_one_line_error(run_bmoe("train --train.backend=tpu"), "train.backend");
+    expect_one_line_error(run_bmoe("train --router.type=bayesian"), "router.type 'bayesian' is unknown");
+    expect_one_line_error(run_bmoe("train --router.type=logit_mf --router.eval_samples=0"), "router.eval_samples");
+    expect_one_line_error(run_bmoe("train --loss.router_reg_coef=-1"), "loss.router_reg_coef");
+    expect_one_line_error(run_bmoe("train --router.temp_min=2 --router.temp_max=0.5"), "router.temp_max");
+    expect_one_line_error(run_bmoe("train --router.prior_std=0"), "router.prior_std");
+    expect_one_line_error(run_bmoe("train --data.loss_on=questions"), "data.loss_on");
+}
+
+TEST(CliTest, FinetuneRouterErrors) {
+    expect_one_line_error(run_bmoe("finetune-router --router.type=logit_mf"), "--init");
+    expect_one_line_error(run_bmoe("finetune-router --init /nonexistent/parent.h5"), "/nonexistent/parent.h5");
+    expect_one_line_error(run_bmoe("train --train.trainable='(unclosed' --train.steps=1 --data.train_tokens=20000"), "not a valid regex");
 }
 
 TEST(CliTest, ConfigFileIsReadAndFlagsOverrideIt) {
