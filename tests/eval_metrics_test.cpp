@@ -21,11 +21,15 @@
 #include <string>
 #include <vector>
 
+#include "tests/process_util.h"
 #include "eval/metrics.h"
 #include "parallel/check.h"
 
 namespace bmoe::eval {
 namespace {
+
+using bmoe::testing::run_command;
+using bmoe::testing::TempDir;
 
 namespace fs = std::filesystem;
 using ::testing::HasSubstr;
@@ -286,32 +290,10 @@ TEST(EvalEntropy, NatsWithZeroLogZero) {
 // ----------------------------------------------------------------------------
 // Cross-check against tests/eval_metrics_reference.py (numpy, different formulas)
 
-struct TempDir {
-    fs::path path;
-    TempDir() {
-        std::string pattern = (fs::temp_directory_path() / "bmoe_eval_XXXXXX").string();
-        char* made = mkdtemp(pattern.data());
-        if (made == nullptr) throw std::runtime_error("mkdtemp failed");
-        path = made;
-    }
-    ~TempDir() {
-        std::error_code ec;
-        fs::remove_all(path, ec);
-    }
-};
 
-// Runs a shell command, returning its exit status and combined output.
-int run_command(const std::string& command, const fs::path& log_path, std::string* output) {
-    const int status = std::system((command + " > '" + log_path.string() + "' 2>&1").c_str());
-    std::ifstream log(log_path);
-    std::stringstream ss;
-    ss << log.rdbuf();
-    *output = ss.str();
-    return status;
-}
 
 TEST(EvalCrossCheck, MatchesNumpyReference) {
-    TempDir dir;
+    TempDir dir("bmoe_eval");
     std::string probe;
     if (run_command(std::string("'") + BMOE_PYTHON + "' -c 'import numpy'", dir.path / "probe.txt", &probe) != 0) {
         // Keep the last line, e.g. "ModuleNotFoundError: No module named 'numpy'".

@@ -29,6 +29,7 @@
 #include <string>
 #include <vector>
 
+#include "tests/process_util.h"
 #include "checkpoints/safetensors.h"
 #include "model/cpu_backend.h"
 #include "model/model.h"
@@ -36,6 +37,9 @@
 
 namespace bmoe::model {
 namespace {
+
+using bmoe::testing::run_command;
+using bmoe::testing::TempDir;
 
 namespace fs = std::filesystem;
 using checkpoints::SafetensorsFile;
@@ -201,15 +205,6 @@ void perturb_router_tensors(const ParameterLayout& layout, std::vector<float>& p
     }
 }
 
-// Runs a shell command, returning its exit status and combined output.
-int run_command(const std::string& command, const std::string& log_path, std::string* output) {
-    const int status = std::system((command + " > '" + log_path + "' 2>&1").c_str());
-    std::ifstream log(log_path);
-    std::stringstream ss;
-    ss << log.rdbuf();
-    *output = ss.str();
-    return status;
-}
 
 std::string torch_unavailable_reason() {
     std::string out;
@@ -225,19 +220,6 @@ std::string torch_unavailable_reason() {
            "): run `bash tools/install-deps.sh --tests` (installs python3-torch)";
 }
 
-struct TempDir {
-    fs::path path;
-    TempDir() {
-        std::string pattern = (fs::temp_directory_path() / "bmoe_reference_XXXXXX").string();
-        char* made = mkdtemp(pattern.data());
-        if (made == nullptr) throw std::runtime_error("mkdtemp failed");
-        path = made;
-    }
-    ~TempDir() {
-        std::error_code ec;
-        fs::remove_all(path, ec);
-    }
-};
 
 double rel_error(const std::vector<double>& a, const std::vector<double>& b) {
     double diff = 0.0, norm = 0.0;
@@ -307,7 +289,7 @@ TEST_P(ReferenceTest, MatchesTorchFloat64) {
     const std::vector<float> grads = model.grads_to_host();
 
     // ---- the reference (torch, float64) ----
-    TempDir dir;
+    TempDir dir("bmoe_reference");
     const std::string in_path = (dir.path / "in.safetensors").string();
     const std::string out_path = (dir.path / "out.safetensors").string();
     SafetensorsFile input;
