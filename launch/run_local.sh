@@ -10,6 +10,7 @@
 #   * --allow-run-as-root when run as root (Open MPI refuses root otherwise);
 #   * OMPI_MCA_btl_vader_single_copy_mechanism=none (containers often forbid the CMA copy path);
 #   * OMPI_MCA_plm=isolated when there is no ssh/rsh (mpirun needs one even for local runs);
+#   * OMP_WAIT_POLICY=PASSIVE when ranks x threads exceed the cores (no busy-waiting);
 #   * OMP_NUM_THREADS = max(1, cores / N) unless already set, so ranks x threads ~ cores; with more
 #     than one thread per rank the ranks are not pinned to single cores (--bind-to none).
 # Environment: BMOE_BIN (default <repo>/build/launch/bmoe), MPIRUN (default mpirun),
@@ -50,6 +51,11 @@ if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
   OMP_NUM_THREADS=$(( cores / np > 1 ? cores / np : 1 ))
 fi
 export OMP_NUM_THREADS
+# More ranks x threads than cores: OpenMP threads that busy-wait at barriers steal the cores the
+# other ranks need (measured 18x slower on 2 cores), so they sleep instead.
+if (( np * OMP_NUM_THREADS > cores )); then
+  export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+fi
 
 flags=(-np "$np")
 if "$mpirun" --version 2>/dev/null | grep -q "Open MPI"; then
