@@ -16,7 +16,7 @@ MoeBlock::MoeBlock(const ModelConfig& config, Backend* backend, const ParallelCo
       layer_(layer),
       experts_(backend, config.activation, config.d_model, config.expert_hidden) {
     if (parallel_.expert_parallel())
-        dispatcher_ = std::make_unique<parallel::ExpertDispatcher>(*parallel_.ep, config.num_experts);
+        expert_exchange_ = std::make_unique<ExpertExchange>(*parallel_.ep, config.num_experts, backend);
 }
 
 // Rows leave for their experts' ranks after routing and come back before combine; on one rank
@@ -24,28 +24,20 @@ MoeBlock::MoeBlock(const ModelConfig& config, Backend* backend, const ParallelCo
 void MoeBlock::run_experts_forward(const LayerTensors& w) {
     const int D = config_.d_model;
     const MlpWeights mw{w.ffn_gate, w.ffn_up, w.ffn_down};
-    if (!dispatcher_) {
+    if (!expert_exchange_) {
         experts_.forward(y_RD_.data(), x_RD_.data(), mw, plan_.expert_offsets);
         return;
     }
-    const size_t R = static_cast<size_t>(plan_.num_rows());
-    host_rows_.resize(R * D);
-    if (R > 0) backend_->download(host_rows_.data(), x_RD_.data(), R * D * sizeof(float));
-    handle_ = dispatcher_->dispatch(host_rows_.data(), plan_.expert_offsets, D, host_local_);
+    const parallel::DispatchHandle& h = expert_exchange_->dispatch(x_RD_.data(), plan_.expert_offsets, D, x_local_);
     count_exchange_rows();
-    const size_t L = static_cast<size_t>(handle_.num_local_rows());
-    x_local_.ensure(backend_, L * D);
-    y_local_.ensure(backend_, L * D);
-    if (L > 0) backend_->upload(x_local_.data(), host_local_.data(), L * D * sizeof(float));
-    experts_.forward(y_local_.data(), x_local_.data(), mw, handle_.local_expert_offsets);
-    if (L > 0) backend_->download(host_local_.data(), y_local_.data(), L * D * sizeof(float));
-    dispatcher_->combine(handle_, host_local_.data(), D, host_rows_.data());
-    if (R > 0) backend_->upload(y_RD_.data(), host_rows_.data(), R * D * sizeof(float));
+    y_local_.ensure(backend_, static_cast<size_t>(h.num_local_rows()) * D);
+    experts_.forward(y_local_.data(), x_local_.data(), mw, h.local_expert_offsets);
+    expert_exchange_->combine(y_local_.data(), D, y_RD_.data());
 }
 
 ExchangeStats MoeBlock::take_exchange_stats() {
     ExchangeStats s = exchange_;
-    if (dispatcher_) s.seconds = dispatcher_->take_seconds();
+    if (expert_exchange_) s.seconds = expert_exchange_->take_seconds();
     exchange_ = {};
     return s;
 }
@@ -53,7 +45,8 @@ ExchangeStats MoeBlock::take_exchange_stats() {
 void MoeBlock::count_exchange_rows() {
     const int P = parallel_.ep->size(), me = parallel_.ep->rank(), K = config_.top_k;
     const int experts_per_rank = config_.num_experts / P;
-    for (int p = 0; p < P; ++p) exchange_.rows_sent += p == me ? 0 : handle_.send_rows[p];
+    const parallel::DispatchHandle& h = expert_exchange_->handle();
+    for (int p = 0; p < P; ++p) exchange_.rows_sent += p == me ? 0 : h.send_rows[p];
     const std::vector<int32_t>& idx_host = router_.outputs().topk_idx;
     std::vector<int> seen(P, -1);  // last token that sent to rank p
     for (int n = 0; n < N_; ++n)
@@ -71,21 +64,14 @@ void MoeBlock::run_experts_backward(const LayerTensors& dw, const LayerTensors& 
     const int D = config_.d_model;
     const MlpWeights mw{w.ffn_gate, w.ffn_up, w.ffn_down};
     const MlpGrads mg{dw.ffn_gate, dw.ffn_up, dw.ffn_down};
-    if (!dispatcher_) {
+    if (!expert_exchange_) {
         experts_.backward(dx_RD_.data(), mg, dy_RD_.data(), x_RD_.data(), mw);
         return;
     }
-    const size_t R = static_cast<size_t>(plan_.num_rows()), L = static_cast<size_t>(handle_.num_local_rows());
-    host_rows_.resize(R * D);
-    if (R > 0) backend_->download(host_rows_.data(), dy_RD_.data(), R * D * sizeof(float));
-    dispatcher_->forward(handle_, host_rows_.data(), D, host_local_);
-    dy_local_.ensure(backend_, L * D);
-    dx_local_.ensure(backend_, L * D);
-    if (L > 0) backend_->upload(dy_local_.data(), host_local_.data(), L * D * sizeof(float));
+    expert_exchange_->forward(dy_RD_.data(), D, dy_local_);
+    dx_local_.ensure(backend_, static_cast<size_t>(expert_exchange_->handle().num_local_rows()) * D);
     experts_.backward(dx_local_.data(), mg, dy_local_.data(), x_local_.data(), mw);
-    if (L > 0) backend_->download(host_local_.data(), dx_local_.data(), L * D * sizeof(float));
-    dispatcher_->combine(handle_, host_local_.data(), D, host_rows_.data());
-    if (R > 0) backend_->upload(dx_RD_.data(), host_rows_.data(), R * D * sizeof(float));
+    expert_exchange_->combine(dx_local_.data(), D, dx_RD_.data());
 }
 
 // x + input_noise * RMS(x_n) * eps, eps ~ N(0, 1) keyed by (seed, layer, global token id, feature).

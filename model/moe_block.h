@@ -12,7 +12,7 @@
 // Backward mirrors forward; the router gets gradients from the gates and from aux/z.
 // Distributed: f, P and z are statistics of the GLOBAL batch (all-reduced over the world), and
 // under expert parallelism the grouped rows travel to their experts' ranks and back
-// (parallel/expert_dispatcher.h) between gather and combine; routing is decided before the exchange.
+// (model/expert_exchange.h) between gather and combine; routing is decided before the exchange.
 #pragma once
 
 #include <memory>
@@ -26,7 +26,7 @@
 #include "model/params.h"
 #include "model/router.h"
 #include "model/routing_plan.h"
-#include "parallel/expert_dispatcher.h"
+#include "model/expert_exchange.h"
 
 namespace bmoe::model {
 
@@ -84,9 +84,7 @@ class MoeBlock {
     Router router_;
     int layer_;
     GroupedMlp experts_;
-    std::unique_ptr<parallel::ExpertDispatcher> dispatcher_;  // EP > 1 only
-    parallel::DispatchHandle handle_;
-    std::vector<float> host_rows_, host_local_;              // staging for the exchange (host memory)
+    std::unique_ptr<ExpertExchange> expert_exchange_;        // EP > 1 only
     Buffer<float> x_local_, y_local_, dy_local_, dx_local_;  // rows of this rank's experts
     int N_ = 0;
     double num_tokens_global_ = 0.0;

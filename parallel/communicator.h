@@ -30,6 +30,8 @@ class Communicator {
     virtual int rank() const = 0;  // 0 .. size()-1
     virtual int size() const = 0;
     virtual std::string name() const = 0;  // backend name: "local", "mpi", "nccl"
+    // True when buffers are device memory (NcclComm); false for host memory (LocalComm, MpiComm).
+    virtual bool device_memory() const { return false; }
 
     // In-place element-wise reductions over all ranks: buf[i] = op over ranks of buf[i].
     // NOTES: every rank receives bitwise the same result, and the result is reproducible run to run
@@ -40,6 +42,19 @@ class Communicator {
     virtual void all_reduce_sum(double* buf, size_t count) = 0;
     virtual void all_reduce_sum(int64_t* buf, size_t count) = 0;
     virtual void all_reduce_max(double* buf, size_t count) = 0;
+
+    // Asynchronous sum, to overlap gradient reduction with the rest of backward: queues
+    // buf[i] = sum over ranks of buf[i] and returns at once. buf must not be read or written until
+    // wait_reductions() returns; every rank starts the same reductions in the same order.
+    // Default: synchronous (the sum is done on return). MpiComm: MPI_Iallreduce. NcclComm: on the
+    // communicator's stream, ordered after the compute stream's work queued so far.
+    virtual void start_all_reduce_sum(float* buf, size_t count) { all_reduce_sum(buf, count); }
+    // Lets started reductions advance (MPI moves non-blocking collectives only inside MPI calls,
+    // so backward calls this between layers). Cheap; never waits.
+    virtual void progress() {}
+    // Completes every started reduction: afterwards the buffers hold the sums (NcclComm: for work
+    // queued later on the compute stream).
+    virtual void wait_reductions() {}
 
     // Copies num_bytes from `root`'s buf into every other rank's buf.
     virtual void broadcast(void* buf, size_t num_bytes, int root) = 0;
@@ -63,9 +78,10 @@ class Communicator {
                               int32_t* recv,
                               const int64_t* recv_counts) = 0;
 
-    // All-to-all of one count per peer: returns recv_counts with recv_counts[p] = send_counts[this
-    // rank] as passed on rank p. send_counts must hold size() entries. The count exchange that
-    // precedes a payload all_to_all_v.
+    // All-to-all of m counts per peer (m = send_counts.size() / size(), the same on every rank):
+    // returns recv_counts [P * m] with recv_counts[p*m + i] = send_counts[this rank*m + i] as passed
+    // on rank p. The count exchange that precedes a payload all_to_all_v (m = 1), or the per
+    // (peer, local expert) row counts of the expert dispatcher (m = local experts).
     virtual std::vector<int64_t> exchange_counts(const std::vector<int64_t>& send_counts) = 0;
 
     virtual void barrier() = 0;

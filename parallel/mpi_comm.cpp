@@ -147,10 +147,11 @@ void MpiComm::all_gather(const void* send, size_t bytes_per_rank, void* recv) {
 // all-to-all
 
 std::vector<int64_t> MpiComm::exchange_counts(const std::vector<int64_t>& send_counts) {
-    BMOE_ASSERT(static_cast<int>(send_counts.size()) == size_, "exchange_counts needs one count per rank (", size_,
-                "), got ", send_counts.size());
-    std::vector<int64_t> recv_counts(size_);
-    MPI_CHECK(MPI_Alltoall(send_counts.data(), 1, MPI_INT64_T, recv_counts.data(), 1, MPI_INT64_T, comm_));
+    BMOE_ASSERT(!send_counts.empty() && send_counts.size() % size_ == 0,
+                "exchange_counts needs a multiple of the group size (", size_, ") of counts, got ", send_counts.size());
+    const int m = static_cast<int>(send_counts.size() / size_);
+    std::vector<int64_t> recv_counts(send_counts.size());
+    MPI_CHECK(MPI_Alltoall(send_counts.data(), m, MPI_INT64_T, recv_counts.data(), m, MPI_INT64_T, comm_));
     return recv_counts;
 }
 

@@ -106,6 +106,17 @@ TEST_F(CommTest, ExchangeCountsTransposes) {
     for (int p = 0; p < P; ++p) EXPECT_EQ(recv[p], 100 * p + me + (int64_t{1} << 40)) << "from rank " << p;
 }
 
+TEST_F(CommTest, ExchangeCountsSeveralPerPeer) {
+    const int P = world_.size(), me = world_.rank(), m = 3;
+    std::vector<int64_t> send(static_cast<size_t>(P) * m);
+    for (int p = 0; p < P; ++p)
+        for (int i = 0; i < m; ++i) send[p * m + i] = 1000 * me + 10 * p + i;
+    std::vector<int64_t> recv = world_.exchange_counts(send);
+    ASSERT_EQ(recv.size(), send.size());
+    for (int p = 0; p < P; ++p)
+        for (int i = 0; i < m; ++i) EXPECT_EQ(recv[p * m + i], 1000 * p + 10 * me + i) << "from rank " << p;
+}
+
 TEST_F(CommTest, AllToAllVProvenanceFloat) {
     for (uint64_t seed = 0; seed < 24; ++seed) {
         check_all_to_all_v<float>(world_, seed, /*width=*/3, /*max_rows=*/20, encode_f);

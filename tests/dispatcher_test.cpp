@@ -1,13 +1,17 @@
-// dispatcher_test.cpp -- ExpertDispatcher under mpiexec: rows reach the rank that owns their
-// expert, grouped by local expert, and combine() brings every row back to its slot exactly.
+// dispatcher_test.cpp -- ExpertDispatcher and ExpertExchange under mpiexec: rows reach the rank
+// that owns their expert, grouped by local expert, and come back to their slots exactly.
 // Rows carry their provenance (source rank, row index, column), so each receiver checks where
 // every value came from; routings are random per seed, with empty experts and silent ranks.
 #include <gtest/gtest.h>
 #include <mpi.h>
 
+#include <algorithm>
 #include <random>
 #include <vector>
 
+#include "model/backend.h"
+#include "model/buffer.h"
+#include "model/expert_exchange.h"
 #include "parallel/check.h"
 #include "parallel/expert_dispatcher.h"
 #include "parallel/mpi_comm.h"
@@ -26,51 +30,108 @@ std::vector<int> rows_per_expert(int rank, int E, int seed) {
     return counts;
 }
 
-TEST(ExpertDispatcher, RoundTripIsExactAndRowsReachTheirExperts) {
+// Expected rows of this rank's experts, sorted by (local expert, source rank), and their offsets.
+void expected_local_rows(int me, int P, int E, int D, int seed, std::vector<float>& rows, std::vector<int>& offsets) {
+    const int El = E / P;
+    rows.clear();
+    offsets.assign(El + 1, 0);
+    for (int le = 0; le < El; ++le) {
+        const int e = me * El + le;
+        for (int s = 0; s < P; ++s) {
+            const std::vector<int> sc = rows_per_expert(s, E, seed);
+            int first = 0;
+            for (int k = 0; k < e; ++k) first += sc[k];
+            for (int i = 0; i < sc[e]; ++i)
+                for (int c = 0; c < D; ++c) rows.push_back(provenance(s, first + i, c));
+            offsets[le + 1] += sc[e];
+        }
+        offsets[le + 1] += offsets[le];
+    }
+}
+
+struct Routing {
+    std::vector<int> offsets;  // [E+1]
+    std::vector<float> x;      // [R, D] provenance rows
+};
+
+Routing make_routing(int me, int E, int D, int seed) {
+    const std::vector<int> counts = rows_per_expert(me, E, seed);
+    Routing r;
+    r.offsets.assign(E + 1, 0);
+    for (int e = 0; e < E; ++e) r.offsets[e + 1] = r.offsets[e] + counts[e];
+    const int R = r.offsets[E];
+    r.x.resize(static_cast<size_t>(R) * D);
+    for (int row = 0; row < R; ++row)
+        for (int c = 0; c < D; ++c) r.x[static_cast<size_t>(row) * D + c] = provenance(me, row, c);
+    return r;
+}
+
+TEST(ExpertDispatcher, RowsReachTheirExpertsAndComeBackExactly) {
     MpiComm world(MPI_COMM_WORLD);
     const int P = world.size(), me = world.rank(), D = 3;
     for (int E : {P, 2 * P, 4 * P}) {
-        const int El = E / P;
         ExpertDispatcher dispatcher(world, E);
         for (int seed = 0; seed < 12; ++seed) {
-            const std::vector<int> counts = rows_per_expert(me, E, seed);
-            std::vector<int> offsets(E + 1, 0);
-            for (int e = 0; e < E; ++e) offsets[e + 1] = offsets[e] + counts[e];
-            const int R = offsets[E];
-            std::vector<float> x(static_cast<size_t>(R) * D);
-            for (int r = 0; r < R; ++r)
-                for (int c = 0; c < D; ++c) x[static_cast<size_t>(r) * D + c] = provenance(me, r, c);
-
-            std::vector<float> local;
-            const DispatchHandle h = dispatcher.dispatch(x.data(), offsets, D, local);
-            // Expected local rows: for each of my experts, every source rank's rows in order.
-            std::vector<float> expected;
-            std::vector<int> expected_offsets(El + 1, 0);
-            for (int le = 0; le < El; ++le) {
-                const int e = me * El + le;
-                for (int s = 0; s < P; ++s) {
-                    const std::vector<int> sc = rows_per_expert(s, E, seed);
-                    int first = 0;
-                    for (int k = 0; k < e; ++k) first += sc[k];
-                    for (int i = 0; i < sc[e]; ++i)
-                        for (int c = 0; c < D; ++c) expected.push_back(provenance(s, first + i, c));
-                    expected_offsets[le + 1] += sc[e];
-                }
-                expected_offsets[le + 1] += expected_offsets[le];
+            const Routing routing = make_routing(me, E, D, seed);
+            const DispatchHandle h = dispatcher.plan(routing.offsets);
+            ASSERT_EQ(h.num_sent_rows(), routing.offsets[E]);
+            std::vector<float> received(static_cast<size_t>(h.num_local_rows()) * D);
+            dispatcher.send_to_experts(h, routing.x.data(), D, received.data());
+            // the handle's permutation regroups received rows by local expert
+            std::vector<float> local(received.size());
+            for (size_t r = 0; r < h.received_to_sorted.size(); ++r) {
+                ASSERT_EQ(h.sorted_to_received[h.received_to_sorted[r]], static_cast<int32_t>(r));
+                std::copy_n(received.data() + r * D, D, local.data() + static_cast<size_t>(h.received_to_sorted[r]) * D);
             }
+            std::vector<float> expected;
+            std::vector<int> expected_offsets;
+            expected_local_rows(me, P, E, D, seed, expected, expected_offsets);
             ASSERT_EQ(h.local_expert_offsets, expected_offsets) << "E " << E << " seed " << seed;
             ASSERT_EQ(local, expected) << "E " << E << " seed " << seed;
 
-            // Experts "compute" y = 2x + 1; combine must return it to the original slots.
-            for (float& v : local) v = 2.0f * v + 1.0f;
-            std::vector<float> y(x.size(), -1.0f);
-            dispatcher.combine(h, local.data(), D, y.data());
-            for (size_t i = 0; i < x.size(); ++i) ASSERT_EQ(y[i], 2.0f * x[i] + 1.0f) << i;
+            for (float& v : received) v = 2.0f * v + 1.0f;  // experts "compute" y = 2x + 1
+            std::vector<float> y(routing.x.size(), -1.0f);
+            dispatcher.return_to_senders(h, received.data(), D, y.data());
+            for (size_t i = 0; i < y.size(); ++i) ASSERT_EQ(y[i], 2.0f * routing.x[i] + 1.0f) << i;
+        }
+    }
+}
 
-            // forward() moves a second tensor exactly like dispatch() moved x.
-            std::vector<float> again;
-            dispatcher.forward(h, x.data(), D, again);
-            ASSERT_EQ(again, expected);
+// ExpertExchange on the CPU backend, rows passed straight to MPI and staged through host copies
+// (the path of CUDA + MPI runs): the same rows arrive, sorted by local expert, and come back.
+TEST(ExpertExchange, DirectAndStagedPathsMoveRowsExactly) {
+    MpiComm world(MPI_COMM_WORLD);
+    const int P = world.size(), me = world.rank(), D = 5;
+    auto backend = model::make_backend("cpu");
+    for (bool staged : {false, true}) {
+        const int E = 2 * P;
+        model::ExpertExchange exchange(world, E, backend.get(), staged);
+        ASSERT_EQ(exchange.staged(), staged);
+        for (int seed = 0; seed < 8; ++seed) {
+            const Routing routing = make_routing(me, E, D, seed);
+            const size_t R = routing.x.size() / D;
+            model::Buffer<float> x(backend.get(), R * D), y(backend.get(), R * D), local, again;
+            x.upload(routing.x);
+            const DispatchHandle& h = exchange.dispatch(x.data(), routing.offsets, D, local);
+            const size_t L = static_cast<size_t>(h.num_local_rows());
+            std::vector<float> expected;
+            std::vector<int> expected_offsets;
+            expected_local_rows(me, P, E, D, seed, expected, expected_offsets);
+            ASSERT_EQ(h.local_expert_offsets, expected_offsets);
+            std::vector<float> got = local.download();
+            got.resize(L * D);
+            ASSERT_EQ(got, expected) << "staged " << staged << " seed " << seed;
+
+            exchange.forward(x.data(), D, again);  // a second tensor moves like the first
+            got = again.download();
+            got.resize(L * D);
+            ASSERT_EQ(got, expected);
+
+            for (float& v : got) v = 2.0f * v + 1.0f;
+            if (L > 0) backend->upload(local.data(), got.data(), L * D * sizeof(float));
+            exchange.combine(local.data(), D, y.data());
+            const std::vector<float> back = y.download();
+            for (size_t i = 0; i < routing.x.size(); ++i) ASSERT_EQ(back[i], 2.0f * routing.x[i] + 1.0f) << i;
         }
     }
 }

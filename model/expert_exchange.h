@@ -1,0 +1,54 @@
+// expert_exchange.h -- ExpertExchange: the expert-parallel row exchange on backend memory.
+//
+// Wraps parallel::ExpertDispatcher (which moves rows in the communicator's memory) for one
+// backend: rows go straight from backend buffers into the all-to-all when the communicator reads
+// that memory (CPU backend + MPI, CUDA backend + NCCL), and are staged through host memory
+// otherwise (CUDA backend + MPI: several ranks sharing one GPU, or no NCCL). The regrouping from
+// received order (source rank, local expert) to expert-sorted order is a row gather on the
+// backend (moe_gather_forward with K = 1), so rows never visit the host on the direct path.
+//
+//   dispatch(x_RD) -> local_LD   (sorted by local expert: the grouped GEMM input)
+//   forward(dy_RD) -> local_LD   (same movement for another tensor, e.g. dy in backward)
+//   combine(local_LD) -> y_RD    (back to the slots the rows came from)
+#pragma once
+
+#include <vector>
+
+#include "model/backend.h"
+#include "model/buffer.h"
+#include "parallel/expert_dispatcher.h"
+
+namespace bmoe::model {
+
+class ExpertExchange {
+  public:
+    // Throws a one-line bmoe::Error when the communicator's memory is device memory but the
+    // backend's is host memory (NCCL needs the CUDA backend), or E is not divisible by the EP size.
+    // force_staging: stage through host memory even when the communicator reads the backend's
+    // memory (tests run the staged path of GPU + MPI runs on the CPU backend this way).
+    ExpertExchange(parallel::Communicator& ep, int num_experts, Backend* backend, bool force_staging = false);
+
+    // Plans the exchange for x_RD (rows grouped by global expert, expert_offsets [E+1]) and moves
+    // it: local_LD (num_local_rows x D) grows as needed and is sorted by local expert.
+    const parallel::DispatchHandle& dispatch(const float* x_RD,
+                                             const std::vector<int>& expert_offsets,
+                                             int D,
+                                             Buffer<float>& local_LD);
+    void forward(const float* rows_RD, int D, Buffer<float>& local_LD);
+    void combine(const float* local_LD, int D, float* y_RD);
+
+    const parallel::DispatchHandle& handle() const { return handle_; }
+    bool staged() const { return staged_; }  // rows pass through host memory
+    double take_seconds() { return dispatcher_.take_seconds(); }
+
+  private:
+    parallel::ExpertDispatcher dispatcher_;
+    Backend* backend_;
+    bool staged_;
+    parallel::DispatchHandle handle_;
+    Buffer<int32_t> received_to_sorted_, sorted_to_received_;  // the handle's permutations
+    Buffer<float> received_;                                   // [L, D] rows in received order
+    std::vector<float> host_send_, host_recv_;                 // staging (staged_ only)
+};
+
+}  // namespace bmoe::model
