@@ -42,8 +42,8 @@ void ExpertExchange::forward(const float* rows_RD, int D, Buffer<float>& local_L
     }
     // local[sorted] = received[sorted_to_received[sorted]]
     if (L > 0)
-        backend_->moe_gather_forward(local_LD.data(), received_.data(), sorted_to_received_.data(),
-                                     static_cast<int>(L), 1, D);
+        backend_->moe_gather_forward(local_LD.data(), received_.data(), sorted_to_received_.data(), static_cast<int>(L),
+                                     1, D);
 }
 
 void ExpertExchange::combine(const float* local_LD, int D, float* y_RD) {
@@ -51,8 +51,7 @@ void ExpertExchange::combine(const float* local_LD, int D, float* y_RD) {
     received_.ensure(backend_, L * D);
     // received[r] = local[received_to_sorted[r]]
     if (L > 0)
-        backend_->moe_gather_forward(received_.data(), local_LD, received_to_sorted_.data(), static_cast<int>(L), 1,
-                                     D);
+        backend_->moe_gather_forward(received_.data(), local_LD, received_to_sorted_.data(), static_cast<int>(L), 1, D);
     if (staged_) {
         host_send_.resize(L * D);
         host_recv_.resize(R * D);

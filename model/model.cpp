@@ -275,6 +275,7 @@ void Model::backward(float loss_scale) {
     dresidual_.zero();
     norm_backward(be, c, dresidual_.data(), g.final_norm_w, g.final_norm_b, dtmp_ND_.data(), resid_final_.data(),
                   p.final_norm_w, final_mean_.data(), final_rstd_.data(), N);
+    if (gradients_ready_) gradients_ready_(c.num_layers);
 
     for (int l = c.num_layers - 1; l >= 0; --l) {
         LayerActs& a = *layer_acts_[l];
@@ -304,11 +305,13 @@ void Model::backward(float loss_scale) {
         be->matmul_backward(dtmp_ND_.data(), dw.wv, nullptr, dv_.data(), a.norm1_out.data(), w.wv, N, D, KV * Hd, true);
         norm_backward(be, c, dresidual_.data(), dw.attn_norm_w, dw.attn_norm_b, dtmp_ND_.data(), a.resid_in.data(),
                       w.attn_norm_w, a.norm1_mean.data(), a.norm1_rstd.data(), N);
+        if (gradients_ready_) gradients_ready_(l);
     }
 
     // embeddings
     if (c.position == PositionType::kLearned) be->position_backward(g.pos_emb, dresidual_.data(), B, T, D);
     be->embedding_backward(g.tok_emb, dresidual_.data(), tokens_.data(), N, D);
+    if (gradients_ready_) gradients_ready_(-1);
 }
 
 }  // namespace bmoe::model

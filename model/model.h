@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -73,6 +74,12 @@ class Model {
     ForwardStats forward(const int32_t* tokens, const int32_t* targets, int B, int T, const LossWeights& weights);
     // Requires a forward with targets; accumulates d(loss * loss_scale)/dparams into grads().
     void backward(float loss_scale);
+    // Called by backward() each time the gradients of one backward stage are final (queued on the
+    // backend): stage num_layers (final norm, LM head), then l = num_layers-1 .. 0, then -1
+    // (embeddings). See ParamInfo::backward_stage. The trainer starts gradient all-reduces from it
+    // on the last micro-batch. An empty function removes the hook.
+    using GradientsReadyHook = std::function<void(int stage)>;
+    void set_gradients_ready_hook(GradientsReadyHook hook) { gradients_ready_ = std::move(hook); }
 
     // After each optimizer step (step = steps done): router state updates (selection bias, SWAG).
     void end_step(int step);
@@ -104,6 +111,7 @@ class Model {
     int B_ = 0, T_ = 0;
     LossWeights loss_weights_;
     RoutingContext routing_;
+    GradientsReadyHook gradients_ready_;
     int64_t num_valid_targets_ = 0;  // over the global batch (all ranks)
     Buffer<int32_t> tokens_, targets_;
     std::vector<std::unique_ptr<LayerActs>> layer_acts_;

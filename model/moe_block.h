@@ -21,12 +21,12 @@
 #include "model/backend.h"
 #include "model/buffer.h"
 #include "model/config.h"
+#include "model/expert_exchange.h"
 #include "model/mlp.h"
 #include "model/parallel_context.h"
 #include "model/params.h"
 #include "model/router.h"
 #include "model/routing_plan.h"
-#include "model/expert_exchange.h"
 
 namespace bmoe::model {
 

@@ -17,6 +17,9 @@ struct ParallelContext {
     parallel::Communicator* ep = nullptr;
     int first_expert = 0;        // this rank's experts: [first_expert, first_expert + num_local_experts)
     int num_local_experts = -1;  // -1 = all
+    // The communicator that moves token rows within the EP group (same ranks as ep): an NCCL one
+    // on GPUs, else ep itself. nullptr = ep.
+    parallel::Communicator* ep_rows = nullptr;
 
     bool expert_parallel() const { return ep != nullptr && ep->size() > 1; }
 };
@@ -27,6 +30,7 @@ inline ParallelContext make_parallel_context(parallel::ProcessGrid& grid, int nu
     ParallelContext ctx;
     if (grid.world_size() > 1) ctx.world = &grid.world();
     ctx.ep = &grid.ep();
+    ctx.ep_rows = &grid.data_ep();
     ctx.first_expert = experts.first;
     ctx.num_local_experts = experts.count;
     return ctx;

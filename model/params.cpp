@@ -70,6 +70,7 @@ ParameterLayout::ParameterLayout(const ModelConfig& c, int first_expert, int num
     if (c.position == PositionType::kLearned)
         add("model.embed_positions.weight", {c.max_seq_len, D}, ParamGroup::kDense, ParamInit::kNormal);
     for (int l = 0; l < c.num_layers; ++l) {
+        stage_ = l;
         const std::string p = "model.layers." + std::to_string(l);
         add_norm(p + ".input_layernorm");
         add(p + ".self_attn.q_proj.weight", {q_dim, D}, ParamGroup::kDense, ParamInit::kNormal);
@@ -90,6 +91,7 @@ ParameterLayout::ParameterLayout(const ModelConfig& c, int first_expert, int num
             add(p + ".mlp.down_proj.weight", {D, Fd}, ParamGroup::kDense, ParamInit::kNormalScaled);
         }
     }
+    stage_ = c.num_layers;
     add_norm("model.norm");
     if (!c.tie_embeddings) add("lm_head.weight", {V, D}, ParamGroup::kDense, ParamInit::kNormal);
 }
@@ -110,6 +112,7 @@ void ParameterLayout::add(const std::string& name, std::vector<int64_t> shape, P
     info.weight_decay = info.shape.size() >= 2;  // no decay on norms and biases
     info.group = group;
     info.init = init;
+    info.backward_stage = stage_;
     // Keep every tensor 16-float aligned so vectorised kernels can assume it.
     total_numel_ += (info.numel + 15) / 16 * 16;
     params_.push_back(std::move(info));

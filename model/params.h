@@ -59,6 +59,10 @@ struct ParamInfo {
     float init_value = 0.0f;     // kConstant / kCholeskyDiag
     bool variance_head = false;  // router variance/temperature head: trained at optim.router_variance_lr_scale * lr
     bool trainable = true;       // false: frozen (no optimizer state, gradient not synced or applied)
+    // When backward finishes this tensor's gradient (Model::set_gradients_ready_hook): num_layers
+    // for the final norm and LM head, l for layer l's tensors, -1 for the embeddings (a tied LM
+    // head shares the token embedding, so it is final only there).
+    int backward_stage = -1;
 };
 
 // Typed views into a flat block (params or grads): nullptr where the config has no such tensor.
@@ -122,6 +126,7 @@ class ParameterLayout {
     void add(const std::string& name, std::vector<int64_t> shape, ParamGroup group, ParamInit init);
     ModelConfig config_;
     int first_expert_ = 0, num_local_experts_ = 0;
+    int stage_ = -1;  // backward_stage of the tensors add() appends
     std::vector<ParamInfo> params_;
     size_t total_numel_ = 0;
 };

@@ -9,7 +9,9 @@ namespace bmoe::parallel {
 
 using Clock = std::chrono::steady_clock;
 
-int64_t DispatchHandle::num_sent_rows() const { return std::accumulate(send_rows.begin(), send_rows.end(), int64_t{0}); }
+int64_t DispatchHandle::num_sent_rows() const {
+    return std::accumulate(send_rows.begin(), send_rows.end(), int64_t{0});
+}
 
 ExpertDispatcher::ExpertDispatcher(Communicator& ep, int num_experts)
     : ep_(ep), num_experts_(num_experts), num_local_experts_(num_experts / ep.size()) {

@@ -87,10 +87,13 @@ MpiComm::MpiComm(MPI_Comm comm, bool owned, int64_t max_count) : comm_(comm), ow
 }
 
 MpiComm::~MpiComm() {
-    if (!owned_) return;
     int finalized = 0;
     MPI_Finalized(&finalized);
-    if (!finalized) MPI_Comm_free(&comm_);  // errors ignored: destructors must not throw
+    if (finalized) return;
+    // Errors ignored: destructors must not throw. Reductions still pending (an exception between
+    // start and wait) cannot be freed or safely waited for (peers may be gone): the communicator
+    // is left to MPI_Abort / MPI_Finalize.
+    if (owned_ && pending_.empty()) MPI_Comm_free(&comm_);
 }
 
 void MpiComm::set_max_count(int64_t max_count) {
@@ -124,6 +127,29 @@ void MpiComm::all_reduce_sum(int64_t* buf, size_t count) {
     all_reduce(buf, count, sizeof(int64_t), MPI_INT64_T, MPI_SUM);
 }
 void MpiComm::all_reduce_max(double* buf, size_t count) { all_reduce(buf, count, sizeof(double), MPI_DOUBLE, MPI_MAX); }
+
+void MpiComm::start_all_reduce_sum(float* buf, size_t count) {
+    for (size_t offset = 0; offset < count; offset += static_cast<size_t>(max_count_)) {
+        const size_t chunk = std::min(count - offset, static_cast<size_t>(max_count_));
+        MPI_Request request = MPI_REQUEST_NULL;
+        MPI_CHECK(
+            MPI_Iallreduce(MPI_IN_PLACE, buf + offset, static_cast<int>(chunk), MPI_FLOAT, MPI_SUM, comm_, &request));
+        pending_.push_back(request);
+    }
+}
+
+void MpiComm::progress() {
+    if (pending_.empty()) return;
+    int done = 0;
+    MPI_CHECK(MPI_Testall(static_cast<int>(pending_.size()), pending_.data(), &done, MPI_STATUSES_IGNORE));
+    if (done) pending_.clear();
+}
+
+void MpiComm::wait_reductions() {
+    if (pending_.empty()) return;
+    MPI_CHECK(MPI_Waitall(static_cast<int>(pending_.size()), pending_.data(), MPI_STATUSES_IGNORE));
+    pending_.clear();
+}
 
 // ----------------------------------------------------------------------------
 // broadcast / all_gather: byte counts are equal on every rank, so the datatype choice is too

@@ -15,6 +15,7 @@
 
 #include <climits>
 #include <cstdint>
+#include <vector>
 
 #include "parallel/communicator.h"
 
@@ -35,6 +36,9 @@ class MpiComm final : public Communicator {
     void all_reduce_sum(double* buf, size_t count) override;
     void all_reduce_sum(int64_t* buf, size_t count) override;
     void all_reduce_max(double* buf, size_t count) override;
+    void start_all_reduce_sum(float* buf, size_t count) override;  // MPI_Iallreduce
+    void progress() override;                                      // MPI_Testall
+    void wait_reductions() override;                               // MPI_Waitall
 
     void broadcast(void* buf, size_t num_bytes, int root) override;
     void all_gather(const void* send, size_t bytes_per_rank, void* recv) override;
@@ -68,6 +72,7 @@ class MpiComm final : public Communicator {
     int rank_ = 0;
     int size_ = 0;
     int64_t max_count_ = INT_MAX;
+    std::vector<MPI_Request> pending_;  // started reductions (start_all_reduce_sum)
 };
 
 // Unit (in elements) for one side of an MPI_Alltoallv whose per-peer counts are counts[0..n):

@@ -75,6 +75,15 @@ ProcessGrid::ProcessGrid(Communicator& world, int ep_size)
                 dp_->rank(), " of ", dp_->size(), ", expected ", coords_.dp_rank, " of ", coords_.dp_size);
 }
 
+void ProcessGrid::attach_device_world(std::unique_ptr<Communicator> device_world) {
+    BMOE_ASSERT(
+        device_world && device_world->size() == coords_.world_size && device_world->rank() == coords_.world_rank,
+        "device world must span the host world with the same ranks");
+    device_ep_ = device_world->split(/*color=*/coords_.dp_rank, /*key=*/coords_.world_rank);
+    device_dp_ = device_world->split(/*color=*/coords_.ep_rank, /*key=*/coords_.world_rank);
+    device_world_ = std::move(device_world);
+}
+
 ExpertRange ProcessGrid::expert_range(int num_experts) const {
     return parallel::expert_range(num_experts, coords_.ep_size, coords_.ep_rank);
 }

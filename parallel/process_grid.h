@@ -55,9 +55,19 @@ class ProcessGrid {
     // ep_size does not divide world.size().
     ProcessGrid(Communicator& world, int ep_size);
 
+    // Host-memory communicators: statistics, checkpoints, control (and the data path without NCCL).
     Communicator& world() const { return world_; }
     Communicator& ep() const { return *ep_; }
     Communicator& dp() const { return *dp_; }
+
+    // Collective: adds device-memory communicators over the same ranks (an NCCL world from
+    // make_nccl_world; split here like the host ones), used for bulk tensor data only.
+    void attach_device_world(std::unique_ptr<Communicator> device_world);
+    // Communicators for bulk tensor data (token rows, gradients): the device ones once attached,
+    // else the host ones. Callers stage through host memory when these do not read their buffers.
+    Communicator& data_world() const { return device_world_ ? *device_world_ : world_; }
+    Communicator& data_ep() const { return device_ep_ ? *device_ep_ : *ep_; }
+    Communicator& data_dp() const { return device_dp_ ? *device_dp_ : *dp_; }
 
     const GridCoords& coords() const { return coords_; }
     int world_rank() const { return coords_.world_rank; }
@@ -75,6 +85,7 @@ class ProcessGrid {
     GridCoords coords_;
     std::unique_ptr<Communicator> ep_;
     std::unique_ptr<Communicator> dp_;
+    std::unique_ptr<Communicator> device_world_, device_ep_, device_dp_;  // attach_device_world
 };
 
 }  // namespace bmoe::parallel

@@ -80,6 +80,8 @@ TEST(CliTest, BadConfigValuesAreOneLineErrors) {
     expect_one_line_error(run_bmoe("train --router.temp_min=2 --router.temp_max=0.5"), "router.temp_max");
     expect_one_line_error(run_bmoe("train --router.prior_std=0"), "router.prior_std");
     expect_one_line_error(run_bmoe("train --data.loss_on=questions"), "data.loss_on");
+    expect_one_line_error(run_bmoe("train --parallel.comm=gloo"), "parallel.comm must be 'auto', 'mpi' or 'nccl'");
+    expect_one_line_error(run_bmoe("train --parallel.comm=nccl"), "needs --train.backend=cuda");
 }
 
 TEST(CliTest, FinetuneRouterErrors) {

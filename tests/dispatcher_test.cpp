@@ -81,7 +81,8 @@ TEST(ExpertDispatcher, RowsReachTheirExpertsAndComeBackExactly) {
             std::vector<float> local(received.size());
             for (size_t r = 0; r < h.received_to_sorted.size(); ++r) {
                 ASSERT_EQ(h.sorted_to_received[h.received_to_sorted[r]], static_cast<int32_t>(r));
-                std::copy_n(received.data() + r * D, D, local.data() + static_cast<size_t>(h.received_to_sorted[r]) * D);
+                std::copy_n(received.data() + r * D, D,
+                            local.data() + static_cast<size_t>(h.received_to_sorted[r]) * D);
             }
             std::vector<float> expected;
             std::vector<int> expected_offsets;

@@ -5,6 +5,7 @@
 // parameter (each rank checks its own slice: dense tensors whole, its experts' rows) must agree
 // within fp32 reduction-order tolerance after several AdamW steps (Adam turns tiny gradient
 // differences into updates of up to lr, so parameters get a looser bound than losses).
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <mpi.h>
 
@@ -16,6 +17,7 @@
 #ifdef BMOE_HAVE_CUDA
 #include "model/cuda/cuda_backend.h"
 #endif
+#include "parallel/check.h"
 #include "parallel/mpi_comm.h"
 #include "trainer/grad_sync.h"
 #include "trainer/trainer.h"
@@ -147,30 +149,61 @@ TEST(EpEquivalence, GradientsThroughTheExchangeMatchSingleProcess) {
     single.forward(tokens.data(), targets.data(), B, T, weights);
     single.backward(1.0f);
     const std::vector<float> ref = single.grads_to_host();
-    for (int ep = 1; ep <= W; ep *= 2) {
-        if (W % ep != 0) continue;
-        parallel::ProcessGrid grid(world, ep);
-        const parallel::ExpertRange experts = grid.expert_range(cfg.num_experts);
-        model::ParallelContext ctx{W > 1 ? &world : nullptr, &grid.ep(), experts.first, experts.count};
-        model::Model dist(cfg, &cpu, ctx);
-        dist.init_weights(3);
-        dist.zero_grad();
-        const size_t begin = static_cast<size_t>(world.rank()) * (B / W) * T;
-        dist.forward(tokens.data() + begin, targets.data() + begin, B / W, T, weights);
-        dist.backward(1.0f);
-        all_reduce_gradients(dist, grid);
-        const std::vector<float> got = dist.grads_to_host();
-        for (const model::ParamInfo& p : dist.layout().params()) {
-            const model::ParamInfo& r = single.layout().params()[single.layout().find(p.name)];
-            double num = 0.0, den = 0.0;
-            for (size_t j = 0; j < p.numel; ++j) {
-                const double a = got[p.offset + j], b = ref[r.offset + p.global_offset + j];
-                num += (a - b) * (a - b);
-                den += b * b;
+    for (int ep = 1; ep <= W; ep *= 2)
+        for (bool overlap : {false, true}) {
+            if (W % ep != 0) continue;
+            parallel::ProcessGrid grid(world, ep);
+            const parallel::ExpertRange experts = grid.expert_range(cfg.num_experts);
+            model::ParallelContext ctx{W > 1 ? &world : nullptr, &grid.ep(), experts.first, experts.count};
+            model::Model dist(cfg, &cpu, ctx);
+            dist.init_weights(3);
+            dist.zero_grad();
+            const size_t begin = static_cast<size_t>(world.rank()) * (B / W) * T;
+            dist.forward(tokens.data() + begin, targets.data() + begin, B / W, T, weights);
+            GradientSync sync(dist, grid, overlap);  // overlap: reductions start inside backward
+            EXPECT_EQ(sync.overlapping(), overlap && W > 1);
+            sync.before_last_backward();
+            dist.backward(1.0f);
+            sync.finish();
+            const std::vector<float> got = dist.grads_to_host();
+            for (const model::ParamInfo& p : dist.layout().params()) {
+                const model::ParamInfo& r = single.layout().params()[single.layout().find(p.name)];
+                double num = 0.0, den = 0.0;
+                for (size_t j = 0; j < p.numel; ++j) {
+                    const double a = got[p.offset + j], b = ref[r.offset + p.global_offset + j];
+                    num += (a - b) * (a - b);
+                    den += b * b;
+                }
+                EXPECT_LE(std::sqrt(num), 1e-5 * std::sqrt(den) + 1e-9)
+                    << "ep " << ep << " overlap " << overlap << " rank " << world.rank() << " " << p.name;
             }
-            EXPECT_LE(std::sqrt(num), 1e-5 * std::sqrt(den) + 1e-9)
-                << "ep " << ep << " rank " << world.rank() << " " << p.name;
         }
+}
+
+// Overlapping the gradient all-reduce with backward changes when the sums run, not what they are:
+// with two ranks every sum is a + b, so training is bitwise the same.
+TEST(EpEquivalence, OverlappedGradientReduceTrainsBitwiseLikeBlocking) {
+    parallel::MpiComm world(MPI_COMM_WORLD);
+    if (world.size() != 2) GTEST_SKIP() << "bitwise comparison needs exactly 2 ranks";
+    for (int ep : {1, 2}) {
+        std::vector<std::vector<float>> params;
+        std::vector<std::vector<double>> losses;
+        for (bool overlap : {false, true}) {
+            RunConfig c = base_config();
+            c.model.tie_embeddings = true;  // the LM head's gradient is final only after the embeddings
+            c.parallel.ep = ep;
+            c.parallel.overlap_grad_reduce = overlap;
+            c.train.out_dir += overlap ? "_overlap" : "_blocking";
+            std::ostringstream log;
+            Trainer trainer(c, log, &world);
+            losses.push_back(trainer.run().losses);
+            params.push_back(trainer.model().params_to_host());
+            if (world.rank() == 0)  // only rank 0 logs
+                EXPECT_NE(log.str().find(overlap ? "overlapped grad all-reduce" : "comm mpi |"), std::string::npos)
+                    << log.str();
+        }
+        EXPECT_EQ(losses[0], losses[1]) << "ep " << ep;
+        EXPECT_TRUE(params[0] == params[1]) << "ep " << ep;
     }
 }
 
@@ -189,6 +222,32 @@ TEST(EpEquivalence, CudaRanksSharingOneGpuMatchSingleProcess) {
     RunConfig c = base_config();
     c.train.backend = "cuda";
     expect_same_training(c, world.size(), "cuda");
+}
+#endif
+
+#ifdef BMOE_HAVE_NCCL
+// One GPU per rank: token rows and gradients move over NCCL (device memory, overlapped gradient
+// all-reduce on the comm stream) and training still equals one process.
+TEST(EpEquivalence, NcclRanksMatchSingleProcess) {
+    parallel::MpiComm world(MPI_COMM_WORLD);
+    if (model::cuda_device_count() < world.size()) GTEST_SKIP() << "needs one CUDA device per rank";
+    RunConfig c = base_config();
+    c.train.backend = "cuda";
+    c.parallel.comm = "nccl";
+    expect_same_training(c, world.size(), "nccl");
+}
+
+// Ranks sharing a GPU: --parallel.comm=nccl is the same one-line error on every rank.
+TEST(EpEquivalence, NcclOnASharedGpuIsAClearError) {
+    parallel::MpiComm world(MPI_COMM_WORLD);
+    const int devices = model::cuda_device_count();
+    if (devices == 0 || devices >= world.size()) GTEST_SKIP() << "needs more ranks than CUDA devices";
+    RunConfig c = base_config();
+    c.train.backend = "cuda";
+    c.parallel.comm = "nccl";
+    std::ostringstream log;
+    EXPECT_THAT([&] { Trainer t(c, log, &world); },
+                ::testing::ThrowsMessage<bmoe::Error>(::testing::HasSubstr("needs one GPU per rank")));
 }
 #endif
 

@@ -33,10 +33,11 @@ RunConfig small_run(const std::string& name) {
     return c;
 }
 
-// The trained base model (topk), once per test binary.
+// The trained base model (topk), once per test process. One directory per test: ctest runs the
+// tests of this binary as concurrent processes.
 const std::string& base_checkpoint() {
     static const std::string path = [] {
-        RunConfig c = small_run("base");
+        RunConfig c = small_run(std::string("base_") + ::testing::UnitTest::GetInstance()->current_test_info()->name());
         std::ostringstream log;
         Trainer(c, log).run();
         return checkpoints::checkpoint_path(c.checkpoint_dir(), c.train.steps);

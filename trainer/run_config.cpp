@@ -37,6 +37,10 @@ void RunConfig::validate() const {
                  data.loss_on, "')");
     BMOE_REQUIRE(data.train_tokens >= 1000, "data.train_tokens must be >= 1000 (got ", data.train_tokens, ")");
     BMOE_REQUIRE(parallel.ep >= 0, "parallel.ep must be >= 0 (0 = all ranks; got ", parallel.ep, ")");
+    BMOE_REQUIRE(parallel.comm == "auto" || parallel.comm == "mpi" || parallel.comm == "nccl",
+                 "parallel.comm must be 'auto', 'mpi' or 'nccl' (got '", parallel.comm, "')");
+    BMOE_REQUIRE(parallel.comm != "nccl" || train.backend == "cuda",
+                 "parallel.comm=nccl moves GPU memory and needs --train.backend=cuda (or use --parallel.comm=mpi)");
     BMOE_REQUIRE(checkpoint.every >= 0, "checkpoint.every must be >= 0 (0 = only at the end; got ", checkpoint.every,
                  ")");
     BMOE_REQUIRE(checkpoint.every_minutes >= 0.0f, "checkpoint.every_minutes must be >= 0 (0 = off; got ",
@@ -123,6 +127,10 @@ void add_run_options(CLI::App& app, RunConfig& c, RunConfigCli& cli) {
                    "expert-parallel size (experts split over this many ranks; 0 = all ranks)")
         ->capture_default_str()
         ->group("Options");
+    opt("parallel.comm", c.parallel.comm,
+        "auto | mpi | nccl: communicator for token rows and gradients (auto: nccl on GPUs when possible)");
+    opt("parallel.overlap_grad_reduce", c.parallel.overlap_grad_reduce,
+        "start each layer's gradient all-reduce as soon as its backward is done");
     opt("checkpoint.dir", c.checkpoint.dir, "checkpoint directory (empty = <train.out_dir>/checkpoints)");
     opt("checkpoint.every", c.checkpoint.every, "save every N steps (0 = only at the end)");
     opt("checkpoint.every_minutes", c.checkpoint.every_minutes,
@@ -182,15 +190,17 @@ std::string RunConfig::to_toml() const {
     os << "\n\n[data]\ndataset = \"" << data.dataset << "\"\nbatch_size = " << data.batch_size
        << "\nseq_len = " << data.seq_len << "\ntrain_tokens = " << data.train_tokens << "\nloss_on = \"" << data.loss_on
        << "\"";
-    os << "\n\n[parallel]\nep = " << parallel.ep;
+    os << "\n\n[parallel]\nep = " << parallel.ep << "\ncomm = \"" << parallel.comm
+       << "\"\noverlap_grad_reduce = " << b(parallel.overlap_grad_reduce);
     os << "\n\n[checkpoint]\ndir = \"" << checkpoint.dir << "\"\nevery = " << checkpoint.every
-       << "\nevery_minutes = " << checkpoint.every_minutes
-       << "\nkeep = " << checkpoint.keep << "\nresume = \"" << checkpoint.resume << "\"";
+       << "\nevery_minutes = " << checkpoint.every_minutes << "\nkeep = " << checkpoint.keep << "\nresume = \""
+       << checkpoint.resume << "\"";
     os << "\n\n[train]\nsteps = " << train.steps << "\ngrad_accum = " << train.grad_accum << "\nseed = " << train.seed
        << "\nlog_every = " << train.log_every << "\neval_every = " << train.eval_every
        << "\neval_batches = " << train.eval_batches << "\nout_dir = \"" << train.out_dir << "\"\nbackend = \""
-       << train.backend << "\"\nthreads = " << train.threads << "\nplot = " << b(train.plot) << "\nlog_layers = " << b(train.log_layers) << "\ninit = \""
-       << train.init << "\"\ntrainable = \"" << train.trainable << "\"\n";
+       << train.backend << "\"\nthreads = " << train.threads << "\nplot = " << b(train.plot)
+       << "\nlog_layers = " << b(train.log_layers) << "\ninit = \"" << train.init << "\"\ntrainable = \""
+       << train.trainable << "\"\n";
     return os.str();
 }
 

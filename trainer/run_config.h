@@ -61,14 +61,20 @@ struct ParallelConfig {
     // Expert-parallel group size: experts are split over `ep` consecutive ranks; the world is
     // dp x ep. 0 = the whole world (pure expert parallelism).
     int ep = 0;
+    // Communicator for token rows and gradients: mpi (host memory; GPU data staged through the
+    // host), nccl (GPU memory; one GPU per rank), auto (nccl when the backend is cuda, bmoe was
+    // built with NCCL and every rank has its own GPU, else mpi).
+    std::string comm = "auto";
+    // Start each layer's gradient all-reduce as soon as backward finishes it (last micro-batch).
+    bool overlap_grad_reduce = true;
 };
 
 struct CheckpointConfig {
-    std::string dir;     // "" = <train.out_dir>/checkpoints
-    int every = 0;       // save every N steps (0 = only at the end)
+    std::string dir;             // "" = <train.out_dir>/checkpoints
+    int every = 0;               // save every N steps (0 = only at the end)
     float every_minutes = 0.0f;  // also save when this many minutes passed since the last save (0 = off)
-    int keep = 3;        // newest checkpoints kept
-    std::string resume;  // "" (start fresh) | "auto" (latest in dir, if any) | a checkpoint file
+    int keep = 3;                // newest checkpoints kept
+    std::string resume;          // "" (start fresh) | "auto" (latest in dir, if any) | a checkpoint file
 };
 
 struct TrainConfig {

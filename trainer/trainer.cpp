@@ -16,6 +16,7 @@
 #include "parallel/check.h"
 #include "parallel/mpi_env.h"
 #include "trainer/checkpointing.h"
+#include "trainer/data_comm.h"
 #include "trainer/grad_sync.h"
 #include "trainer/lr_schedule.h"
 #include "trainer/report.h"
@@ -49,11 +50,13 @@ Trainer::Trainer(const RunConfig& config, std::ostream& log, parallel::Communica
     datasets_ = load_datasets(config_.data, config_.model.vocab_size, config_.train.seed, config_.train.eval_batches,
                               grid_->world_rank(), W, log_);
     backend_ = model::make_backend(config_.train.backend, W > 1 ? parallel::launch_info().local_rank : 0);
+    const std::string data_comm = setup_data_comm(config_.parallel, *backend_, *grid_);
     model_ = std::make_unique<model::Model>(config_.model, backend_.get(),
                                             model::make_parallel_context(*grid_, config_.model.num_experts));
     model_->init_weights(config_.train.seed);
     const int trainable = model_->set_trainable(split_patterns(config_.train.trainable));
     optimizer_ = std::make_unique<AdamW>(config_.optim, *model_);
+    grad_sync_ = std::make_unique<GradientSync>(*model_, *grid_, config_.parallel.overlap_grad_reduce);
     resume_if_asked();
     if (parent_checkpoint_.empty() && !config_.train.init.empty()) {
         const int loaded = init_from_checkpoint(config_.train.init, *model_);
@@ -70,9 +73,10 @@ Trainer::Trainer(const RunConfig& config, std::ostream& log, parallel::Communica
     }
     metrics_ = std::make_unique<MetricsLog>(is_root() ? (out_dir / "metrics.jsonl").string() : "",
                                             /*append=*/start_step_ > 0);
-    log_ << "parallel: world " << W << " = dp " << grid_->dp_size() << " x ep " << grid_->ep_size() << " | "
-         << experts.count << " of " << config_.model.num_experts << " experts per rank | batch "
-         << config_.data.batch_size / W << " of " << config_.data.batch_size << " sequences per rank\n"
+    log_ << "parallel: world " << W << " = dp " << grid_->dp_size() << " x ep " << grid_->ep_size() << " | comm "
+         << data_comm << (grad_sync_->overlapping() ? " (overlapped grad all-reduce)" : "") << " | " << experts.count
+         << " of " << config_.model.num_experts << " experts per rank | batch " << config_.data.batch_size / W << " of "
+         << config_.data.batch_size << " sequences per rank\n"
          << config_.model.describe() << "\n"
          << "params: " << model_->layout().total_numel() << " on rank 0, " << model_->layout().active_matmul_params()
          << " active matmul per token | backend " << backend_->name() << " | threads " << model::cpu_threads() << "\n";
@@ -150,6 +154,7 @@ StepMetrics Trainer::train_step(int step) {
         model_->set_routing(routing);
         const model::ForwardStats s =
             model_->forward(batch.tokens.data(), batch.targets.data(), batch.B, d.seq_len, weights);
+        if (micro == accum - 1) grad_sync_->before_last_backward();
         model_->backward(1.0f / static_cast<float>(accum));
         m.loss += s.total_loss / accum;
         m.ce += s.ce_loss / accum;
@@ -195,7 +200,7 @@ StepMetrics Trainer::train_step(int step) {
     }
     m.exchange_bytes = traffic[0];
     m.exchange_min_bytes = traffic[1];
-    all_reduce_gradients(*model_, *grid_);
+    grad_sync_->finish();
     m.grad_norm = global_grad_norm(*model_, *grid_);
     BMOE_REQUIRE(std::isfinite(m.grad_norm) && std::isfinite(m.loss), "step ", m.step,
                  ": loss or gradient is NaN/Inf (loss ", m.loss, ", grad norm ", m.grad_norm,
@@ -330,8 +335,8 @@ TrainResult Trainer::run() {
             window_steps = 0;
         }
         const bool stop = stop_requested();
-        const bool periodic = (config_.checkpoint.every > 0 && m.step % config_.checkpoint.every == 0) ||
-                              save_due_by_time(last_save);
+        const bool periodic =
+            (config_.checkpoint.every > 0 && m.step % config_.checkpoint.every == 0) || save_due_by_time(last_save);
         if (stop || periodic || m.step == t.steps) {
             const double seconds = save_checkpoint(m.step);
             last_save = Clock::now();

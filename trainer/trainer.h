@@ -22,6 +22,7 @@
 #include "parallel/local_comm.h"
 #include "parallel/process_grid.h"
 #include "trainer/datasets.h"
+#include "trainer/grad_sync.h"
 #include "trainer/metrics.h"
 #include "trainer/optimizer.h"
 #include "trainer/run_config.h"
@@ -59,7 +60,7 @@ class Trainer {
     void resume_if_asked();
     bool stop_requested();
     bool save_due_by_time(std::chrono::steady_clock::time_point last_save);  // checkpoint.every_minutes
-    double save_checkpoint(int step);  // returns the seconds it took
+    double save_checkpoint(int step);                                        // returns the seconds it took
 
     bool is_root() const { return grid_->world_rank() == 0; }
     // This rank's rows of a global batch (rows split evenly; B must divide by the world size).
@@ -74,6 +75,7 @@ class Trainer {
     std::unique_ptr<model::Backend> backend_;
     std::unique_ptr<model::Model> model_;
     std::unique_ptr<AdamW> optimizer_;
+    std::unique_ptr<GradientSync> grad_sync_;
     Datasets datasets_;
     std::unique_ptr<MetricsLog> metrics_;
     int start_step_ = 0;               // > 0 when resumed from a checkpoint

@@ -12,7 +12,7 @@
 #include <cmath>
 
 #include "model/cuda/cuda_backend.h"
-#include "model/cuda/cuda_check.h"
+#include "parallel/cuda_check.h"
 #include "model/cuda/cuda_common.cuh"
 
 namespace bmoe::model {

@@ -8,19 +8,21 @@
 #include <vector>
 
 #include "model/cuda/cuda_backend.h"
-#include "model/cuda/cuda_check.h"
+#include "parallel/cuda_check.h"
 #include "model/cuda/cuda_common.cuh"
 
 namespace bmoe::model {
 
 using namespace cuda;
 
-bool cuda_device_available() {
+int cuda_device_count() {
     int count = 0;
     const cudaError_t rc = cudaGetDeviceCount(&count);
     if (rc != cudaSuccess) cudaGetLastError();  // clear the (non-sticky) error for later callers
-    return rc == cudaSuccess && count > 0;
+    return rc == cudaSuccess ? count : 0;
 }
+
+bool cuda_device_available() { return cuda_device_count() > 0; }
 
 std::unique_ptr<Backend> make_cuda_backend(int local_rank) {
     int count = 0;

@@ -18,6 +18,8 @@ struct cublasContext;  // cublasHandle_t is cublasContext*
 
 namespace bmoe::model {
 
+// Devices the CUDA runtime sees (0 without a driver or GPU; never throws).
+int cuda_device_count();
 // True when the CUDA runtime sees at least one device (never throws).
 bool cuda_device_available();
 // Throws bmoe::Error with a hint when no device is visible.
@@ -31,6 +33,7 @@ class CudaBackend final : public Backend {
     CudaBackend& operator=(const CudaBackend&) = delete;
 
     std::string name() const override { return "cuda"; }
+    CUstream_st* stream() const { return stream_; }  // the compute stream, e.g. for make_nccl_world
     void* alloc(size_t bytes) override;
     void free(void* ptr) override;
     void upload(void* dst, const void* src_host, size_t bytes) override;

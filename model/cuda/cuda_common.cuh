@@ -9,7 +9,7 @@
 #include <algorithm>
 #include <cstddef>
 
-#include "model/cuda/cuda_check.h"
+#include "parallel/cuda_check.h"
 
 namespace bmoe::model::cuda {
 
