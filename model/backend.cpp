@@ -16,6 +16,14 @@ bool cuda_backend_compiled() {
 #endif
 }
 
+MatmulPrecision parse_matmul_precision(const std::string& name) {
+    if (name == "fp32") return MatmulPrecision::kFp32;
+    if (name == "bf16") return MatmulPrecision::kBf16;
+    throw Error(concat("matmul precision '", name, "' is unknown: use fp32 or bf16"));
+}
+
+std::string to_string(MatmulPrecision p) { return p == MatmulPrecision::kBf16 ? "bf16" : "fp32"; }
+
 std::unique_ptr<Backend> make_backend(const std::string& name, int local_rank) {
     if (name == "cpu") return std::make_unique<CpuBackend>();
     if (name == "cuda") {

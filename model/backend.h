@@ -2,7 +2,8 @@
 //
 // The model (model/model.cpp) is a straight list of calls to these ops; a backend owns memory
 // and kernels. Every float*/int32_t* argument is *backend memory* (host RAM for the CPU backend,
-// device memory for CUDA) unless its comment says "host". All math is fp32.
+// device memory for CUDA) unless its comment says "host". All math is fp32 (GEMMs optionally with
+// bf16 inputs: set_matmul_precision).
 //
 // Conventions (llm.c style):
 //   - forward:  outputs (incl. saved-for-backward), then inputs, then weights, then sizes.
@@ -20,6 +21,8 @@
 #include <memory>
 #include <string>
 
+#include "model/precision.h"
+
 namespace bmoe::model {
 
 class Backend {
@@ -28,6 +31,11 @@ class Backend {
     virtual std::string name() const = 0;
     // True when buffers are host memory (pointers can go straight to MPI or std::memcpy).
     virtual bool is_host() const { return false; }
+
+    // Precision of the matmul_* / grouped_matmul_* ops that follow (model/precision.h); fp32 by
+    // default. Other ops are always fp32.
+    void set_matmul_precision(MatmulPrecision p) { matmul_precision_ = p; }
+    MatmulPrecision matmul_precision() const { return matmul_precision_; }
 
     // ---- memory -------------------------------------------------------------------------
     virtual void* alloc(size_t bytes) = 0;  // zero-filled; throws bmoe::Error when out of memory
@@ -248,6 +256,25 @@ class Backend {
                               float weight_decay,
                               float grad_scale,
                               int step) = 0;
+
+  protected:
+    MatmulPrecision matmul_precision_ = MatmulPrecision::kFp32;
+};
+
+// Sets a backend's matmul precision for one scope (e.g. fp32 router GEMMs inside a bf16 model).
+class ScopedMatmulPrecision {
+  public:
+    ScopedMatmulPrecision(Backend* backend, MatmulPrecision p)
+        : backend_(backend), saved_(backend->matmul_precision()) {
+        backend_->set_matmul_precision(p);
+    }
+    ~ScopedMatmulPrecision() { backend_->set_matmul_precision(saved_); }
+    ScopedMatmulPrecision(const ScopedMatmulPrecision&) = delete;
+    ScopedMatmulPrecision& operator=(const ScopedMatmulPrecision&) = delete;
+
+  private:
+    Backend* backend_;
+    MatmulPrecision saved_;
 };
 
 // Factory: "cpu" always works; "cuda" when built with CUDA and a device is present

@@ -37,14 +37,14 @@ void ModelConfig::validate() const {
 }
 
 std::string ModelConfig::describe() const {
-    return concat("model: vocab ", vocab_size, ", seq ", max_seq_len, ", d_model ", d_model, ", layers ", num_layers,
-                  " (", num_moe_layers(), " MoE every ", moe_every, "), heads ", num_heads, "/", num_kv_heads,
-                  " kv (head_dim ", head_dim(), ")\n", "       experts ", num_experts, " top-", top_k, " (hidden ",
-                  expert_hidden, ", router ", to_string(router.type), ", renormalize ", router_renormalize ? "on" : "off", ", ",
-                  capacity_factor > 0.0f ? concat("capacity factor ", capacity_factor) : std::string("dropless"), ")",
-                  num_moe_layers() < num_layers ? concat(", dense hidden ", dense_hidden) : std::string(), ", ",
-                  to_string(norm), ", ", to_string(position), ", ", to_string(activation), ", ",
-                  tie_embeddings ? "tied" : "untied", " LM head");
+    return concat(
+        "model: vocab ", vocab_size, ", seq ", max_seq_len, ", d_model ", d_model, ", layers ", num_layers, " (",
+        num_moe_layers(), " MoE every ", moe_every, "), heads ", num_heads, "/", num_kv_heads, " kv (head_dim ",
+        head_dim(), ")\n", "       experts ", num_experts, " top-", top_k, " (hidden ", expert_hidden, ", router ",
+        to_string(router.type), ", renormalize ", router_renormalize ? "on" : "off", ", ",
+        capacity_factor > 0.0f ? concat("capacity factor ", capacity_factor) : std::string("dropless"), ")",
+        num_moe_layers() < num_layers ? concat(", dense hidden ", dense_hidden) : std::string(), ", ", to_string(norm),
+        ", ", to_string(position), ", ", to_string(activation), ", ", tie_embeddings ? "tied" : "untied", " LM head");
 }
 
 const char* to_string(NormType v) { return v == NormType::kRmsNorm ? "rmsnorm" : "layernorm"; }

@@ -38,7 +38,7 @@ struct ModelConfig {
     // this rank's tokens); copies beyond it are dropped (in token order) and the token passes
     // through the residual. 0 = dropless (default): every copy is computed.
     float capacity_factor = 0.0f;
-    RouterConfig router;  // router family of every MoE layer ([router] section)
+    RouterConfig router;     // router family of every MoE layer ([router] section)
     float init_std = 0.02f;  // N(0, init_std) for weights; output projections scaled by 1/sqrt(2L)
 
     int head_dim() const { return d_model / num_heads; }

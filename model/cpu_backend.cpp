@@ -226,8 +226,20 @@ double CpuBackend::sum_squares(const float* x, size_t n) {
 
 // ---- dense GEMMs ------------------------------------------------------------------------------
 
+const float* CpuBackend::matmul_input(const float* x, size_t n, int slot) {
+    if (matmul_precision_ != MatmulPrecision::kBf16 || n == 0) return x;
+    std::vector<float>& buf = bf16_scratch_[slot];
+    if (buf.size() < n) buf.resize(n);
+    float* out = buf.data();
+#pragma omp parallel for schedule(static) if (par(n))
+    for (idx_t i = 0; i < static_cast<idx_t>(n); ++i) out[i] = round_to_bf16(x[i]);
+    return out;
+}
+
 void CpuBackend::matmul_forward(
     float* out_NO, const float* in_NI, const float* w_OI, const float* bias_O, int N, int I, int O) {
+    in_NI = matmul_input(in_NI, static_cast<size_t>(N) * I, 0);
+    w_OI = matmul_input(w_OI, static_cast<size_t>(O) * I, 1);
     if (bias_O) {
         for (int n = 0; n < N; ++n) std::memcpy(out_NO + static_cast<size_t>(n) * O, bias_O, O * sizeof(float));
     }
@@ -244,8 +256,12 @@ void CpuBackend::matmul_backward(float* din_NI,
                                  int I,
                                  int O,
                                  bool accumulate_din) {
-    if (din_NI) gemm(N, I, O, 1.0f, {dout_NO, O}, {w_OI, I}, accumulate_din ? 1.0f : 0.0f, din_NI, I);
-    gemm(O, I, N, 1.0f, {dout_NO, O, true}, {in_NI, I}, 1.0f, dw_OI, I);
+    // the bias gradient sums the unrounded dout (it is not a GEMM)
+    const float* dout = matmul_input(dout_NO, static_cast<size_t>(N) * O, 0);
+    if (din_NI)
+        gemm(N, I, O, 1.0f, {dout, O}, {matmul_input(w_OI, static_cast<size_t>(O) * I, 1), I},
+             accumulate_din ? 1.0f : 0.0f, din_NI, I);
+    gemm(O, I, N, 1.0f, {dout, O, true}, {matmul_input(in_NI, static_cast<size_t>(N) * I, 2), I}, 1.0f, dw_OI, I);
     if (dbias_O) {
         column_reduce(dbias_O, N, O, [&](int n, int d0, int d1, double* acc) {
             const float* row = dout_NO + static_cast<size_t>(n) * O;
@@ -256,6 +272,8 @@ void CpuBackend::matmul_backward(float* din_NI,
 
 void CpuBackend::grouped_matmul_forward(
     float* out_RO, const float* in_RI, const float* w_GOI, const int* offsets_host, int G, int I, int O) {
+    in_RI = matmul_input(in_RI, static_cast<size_t>(offsets_host[G]) * I, 0);
+    w_GOI = matmul_input(w_GOI, static_cast<size_t>(G) * O * I, 1);
     for (int g = 0; g < G; ++g) {
         const int r0 = offsets_host[g], rows = offsets_host[g + 1] - r0;
         if (rows <= 0) continue;
@@ -273,6 +291,10 @@ void CpuBackend::grouped_matmul_backward(float* din_RI,
                                          int G,
                                          int I,
                                          int O) {
+    const size_t R = static_cast<size_t>(offsets_host[G]);
+    dout_RO = matmul_input(dout_RO, R * O, 0);
+    in_RI = matmul_input(in_RI, R * I, 1);
+    w_GOI = matmul_input(w_GOI, static_cast<size_t>(G) * O * I, 2);
     for (int g = 0; g < G; ++g) {
         const int r0 = offsets_host[g], rows = offsets_host[g + 1] - r0;
         if (rows <= 0) continue;

@@ -1,9 +1,12 @@
 // cpu_backend.h -- CpuBackend: the reference implementation of model/backend.h.
-// Plain loops + OpenBLAS sgemm, OpenMP over independent rows/heads where it pays. fp32.
+// Plain loops + OpenBLAS sgemm, OpenMP over independent rows/heads where it pays. fp32 (bf16
+// matmul precision is emulated exactly: inputs rounded to bf16, fp32 sgemm).
 // It is the oracle the CUDA backend is tested against, and fast enough to train small models.
 // Threading: one level of parallelism per region (BLAS threads for GEMMs, OpenMP for the rest);
 // results never depend on the thread count (every reduction has a fixed order).
 #pragma once
+
+#include <vector>
 
 #include "model/backend.h"
 
@@ -168,6 +171,11 @@ class CpuBackend final : public Backend {
                       float weight_decay,
                       float grad_scale,
                       int step) override;
+
+  private:
+    // With bf16 matmul precision: x[0..n) rounded to bf16 in scratch slot `slot` (0..2); else x.
+    const float* matmul_input(const float* x, size_t n, int slot);
+    std::vector<float> bf16_scratch_[3];
 };
 
 }  // namespace bmoe::model

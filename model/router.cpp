@@ -66,6 +66,7 @@ float* Router::to_backend(Buffer<float>& dst, const std::vector<float>& src) {
 // forward
 
 void Router::forward(const float* x_ND, const LayerTensors& w, int N, const RoutingContext& ctx) {
+    const ScopedMatmulPrecision fp32(backend_, MatmulPrecision::kFp32);  // router math is never bf16
     const int E = config_.num_experts, K = config_.top_k;
     N_ = N;
     training_ = ctx.training;
@@ -448,6 +449,7 @@ void Router::backward(float* dx_ND,
                       float reg_coef,
                       float weight_reg_coef) {
     BMOE_ASSERT(N_ > 0, "router backward() before forward()");
+    const ScopedMatmulPrecision fp32(backend_, MatmulPrecision::kFp32);
     const int N = N_, E = config_.num_experts, K = config_.top_k, D = config_.d_model, S = S_;
     const size_t NE = static_cast<size_t>(N) * E, ND = static_cast<size_t>(N) * D;
     if (fast_path()) {

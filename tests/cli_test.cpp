@@ -87,7 +87,8 @@ TEST(CliTest, BadConfigValuesAreOneLineErrors) {
 TEST(CliTest, FinetuneRouterErrors) {
     expect_one_line_error(run_bmoe("finetune-router --router.type=logit_mf"), "--init");
     expect_one_line_error(run_bmoe("finetune-router --init /nonexistent/parent.h5"), "/nonexistent/parent.h5");
-    expect_one_line_error(run_bmoe("train --train.trainable='(unclosed' --train.steps=1 --data.train_tokens=20000"), "not a valid regex");
+    expect_one_line_error(run_bmoe("train --train.trainable='(unclosed' --train.steps=1 --data.train_tokens=20000"),
+                          "not a valid regex");
 }
 
 TEST(CliTest, ConfigFileIsReadAndFlagsOverrideIt) {

@@ -243,6 +243,30 @@ TEST(CudaBackend, GroupedMatmulWithEmptyGroup) {
     expect_close(dw, "grouped dw (+=, empty group untouched)");
 }
 
+// bf16 matmul precision: cuBLAS on bf16 tensor cores (CUBLAS_COMPUTE_32F_FAST_16BF) against the CPU
+// emulation (inputs rounded to nearest-even bf16, fp32 sgemm). cuBLAS may convert inputs with
+// another rounding and accumulates in another order: agreement to 1e-2 of the largest |value|
+// (bf16 keeps 8 bits), while fp32 parity above is 1e-4.
+TEST(CudaBackend, Bf16MatmulsMatchCpuEmulation) {
+    if (!bmoe::model::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+    Dual d;
+    constexpr int I = 256, O = 96;
+    const Plan plan = make_plan(N, K, E, /*empty=*/1, /*drop_every=*/5, 13);
+    const int R = plan.R;
+    auto in = d.make(randn(N * I, 1)), w = d.make(randn(O * I, 2, 0.1f)), dout = d.make(randn(N * O, 3));
+    auto out = d.garbage(N * O), din = d.garbage(N * I), dw = d.make(randn(O * I, 4));
+    auto gin = d.make(randn(R * I, 5)), gw = d.make(randn(E * O * I, 6, 0.1f)), gdout = d.make(randn(R * O, 7));
+    auto gout = d.garbage(R * O), gdin = d.garbage(R * I), gdw = d.make(randn(E * O * I, 8));
+    d.run([&](Backend& be, int s) {
+        const ScopedMatmulPrecision bf16(&be, MatmulPrecision::kBf16);
+        be.matmul_forward(out[s], in[s], w[s], nullptr, N, I, O);
+        be.matmul_backward(din[s], dw[s], nullptr, dout[s], in[s], w[s], N, I, O, false);
+        be.grouped_matmul_forward(gout[s], gin[s], gw[s], plan.offsets.data(), E, I, O);
+        be.grouped_matmul_backward(gdin[s], gdw[s], gdout[s], gin[s], gw[s], plan.offsets.data(), E, I, O);
+    });
+    for (auto* p : {&out, &din, &dw, &gout, &gdin, &gdw}) expect_close(*p, "bf16 GEMM", 1e-2);
+}
+
 // ---- embeddings ---------------------------------------------------------------------------------
 
 void check_embedding(int n_tok, int vocab, int dim, uint32_t seed) {

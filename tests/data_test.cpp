@@ -1016,8 +1016,11 @@ TEST(McqaTest, KeepAnswerTargetsOnly) {
     bmoe::data::keep_answer_targets_only(tokens.data(), targets.data(), tokens.size(), 12);
     for (size_t i = 0; i < targets.size(); ++i) {
         // row 0 ends "...Answer: " at index 10 -> target 'B'; row 1 starts at 12 with "\nAnswer: C": cue ends at 20
-        if (i == 10) EXPECT_EQ(targets[i], 'B');
-        else if (i == 20) EXPECT_EQ(targets[i], 'C');
-        else EXPECT_EQ(targets[i], -1) << i;
+        if (i == 10)
+            EXPECT_EQ(targets[i], 'B');
+        else if (i == 20)
+            EXPECT_EQ(targets[i], 'C');
+        else
+            EXPECT_EQ(targets[i], -1) << i;
     }
 }

@@ -21,9 +21,9 @@
 #include <string>
 #include <vector>
 
-#include "tests/process_util.h"
 #include "eval/metrics.h"
 #include "parallel/check.h"
+#include "tests/process_util.h"
 
 namespace bmoe::eval {
 namespace {
@@ -289,8 +289,6 @@ TEST(EvalEntropy, NatsWithZeroLogZero) {
 
 // ----------------------------------------------------------------------------
 // Cross-check against tests/eval_metrics_reference.py (numpy, different formulas)
-
-
 
 TEST(EvalCrossCheck, MatchesNumpyReference) {
     TempDir dir("bmoe_eval");

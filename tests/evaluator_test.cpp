@@ -9,6 +9,8 @@
 //     directory) is a one-line error naming it;
 //   - a logit_mf router fine-tuned on top of it: the mean_sigma2 score, and router_mi with S >= 2 only;
 //   - MPI: the JSON numbers with W ranks (ep W, batches padded with dummy rows) equal one process's.
+#include "eval/evaluator.h"
+
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -23,7 +25,6 @@
 #include <string>
 
 #include "checkpoints/checkpoint.h"
-#include "eval/evaluator.h"
 #include "parallel/check.h"
 #include "trainer/trainer.h"
 
@@ -97,8 +98,7 @@ class EvaluatorTest : public ::testing::Test {
   protected:
     void SetUp() override {
         const ::testing::TestInfo* info = ::testing::UnitTest::GetInstance()->current_test_info();
-        dir_ = fs::temp_directory_path() /
-               concat("bmoe_evaluator_test_", info->name(), "_", ::getpid());
+        dir_ = fs::temp_directory_path() / concat("bmoe_evaluator_test_", info->name(), "_", ::getpid());
         fs::remove_all(dir_);
         fs::create_directories(dir_);
     }
@@ -136,12 +136,14 @@ void expect_in(double v, double lo, double hi, const std::string& what) {
 void expect_values_in_range(const json& j) {
     for (const json& d : j["lm"]["domains"]) {
         expect_in(d["loss"].get<double>(), 0.0, 20.0, "lm loss");
-        EXPECT_NEAR(d["perplexity"].get<double>(), std::exp(d["loss"].get<double>()), 1e-9 * d["perplexity"].get<double>());
+        EXPECT_NEAR(d["perplexity"].get<double>(), std::exp(d["loss"].get<double>()),
+                    1e-9 * d["perplexity"].get<double>());
         EXPECT_GT(d["tokens"].get<int64_t>(), 0);
     }
     for (const json& s : j["mcqa"]["sets"]) {
         const std::string name = s["name"];
-        for (const char* key : {"accuracy", "ece", "ece_se", "ece_floor", "mce"}) expect_in(s[key], 0.0, 1.0, name + " " + key);
+        for (const char* key : {"accuracy", "ece", "ece_se", "ece_floor", "mce"})
+            expect_in(s[key], 0.0, 1.0, name + " " + key);
         expect_in(s["brier"], 0.0, 2.0, name + " brier");
         expect_in(s["nll"], 0.0, 30.0, name + " nll");
         EXPECT_EQ(s["above_chance"].get<bool>(), s["accuracy"].get<double>() > s["chance_threshold"].get<double>());
@@ -187,7 +189,9 @@ std::vector<std::string> score_names(const json& j) {
     return names;
 }
 
-bool has(const std::vector<std::string>& v, const std::string& x) { return std::find(v.begin(), v.end(), x) != v.end(); }
+bool has(const std::vector<std::string>& v, const std::string& x) {
+    return std::find(v.begin(), v.end(), x) != v.end();
+}
 
 bool matplotlib_available() { return std::system("/usr/bin/python3 -c 'import matplotlib' >/dev/null 2>&1") == 0; }
 
@@ -366,7 +370,8 @@ void expect_same_numbers(const json& ref, const json& got, const std::string& pa
         }
     } else if (ref.is_array()) {
         ASSERT_EQ(ref.size(), got.size()) << path;
-        for (size_t i = 0; i < ref.size(); ++i) expect_same_numbers(ref[i], got[i], concat(path, "[", i, "]"), max_diff);
+        for (size_t i = 0; i < ref.size(); ++i)
+            expect_same_numbers(ref[i], got[i], concat(path, "[", i, "]"), max_diff);
     } else if (ref.is_number()) {
         const double a = ref.get<double>(), b = got.get<double>();
         max_diff = std::max(max_diff, std::abs(a - b) / std::max(1.0, std::abs(a)));
@@ -398,8 +403,8 @@ TEST(EvaluatorMpi, RanksGiveTheSingleProcessNumbers) {
     world.barrier();
 
     EvalOptions o = small_eval(ckpt, dir / "eval_dist");
-    o.questions = 61;         // odd
-    o.batch_questions = 5;    // odd: dummy prompts pad every batch under 2 ranks
+    o.questions = 61;       // odd
+    o.batch_questions = 5;  // odd: dummy prompts pad every batch under 2 ranks
     o.stability_sequences = 3;
     o.samples = 4;
     o.ep = W;

@@ -62,9 +62,9 @@ std::vector<Variant> variants() {
     capped.capacity_factor = 0.75f;  // drops copies: dropped tokens pass through the residual
     v.push_back({"capacity_dropping", capped});
     // every router family inside the whole model (router_test checks each router on its own)
-    for (const RouterType type : {RouterType::kTempSampling, RouterType::kMcDropout, RouterType::kEnsemble,
-                                  RouterType::kWeightMfvi, RouterType::kLogitMf, RouterType::kLogitFc,
-                                  RouterType::kVtsr}) {
+    for (const RouterType type :
+         {RouterType::kTempSampling, RouterType::kMcDropout, RouterType::kEnsemble, RouterType::kWeightMfvi,
+          RouterType::kLogitMf, RouterType::kLogitFc, RouterType::kVtsr}) {
         ModelConfig c = tiny_config();
         c.router.type = type;
         c.router.hidden = 5;
@@ -92,7 +92,7 @@ TEST_P(ModelGradTest, DirectionalDerivativesMatchFiniteDifferences) {
     std::vector<int32_t> tokens(B * T), targets(B * T);
     for (auto& t : tokens) t = static_cast<int32_t>(gen() % cfg.vocab_size);
     for (auto& t : targets) t = static_cast<int32_t>(gen() % cfg.vocab_size);
-    targets[3] = -1;                        // an ignored position
+    targets[3] = -1;                              // an ignored position
     const LossWeights weights{0.5f, 0.1f, 0.2f};  // large so the aux/z/regulariser gradients are visible
     // Fixed routing noise; stochastic routers put some tokens close to a tie between experts, and a
     // finite difference across a tie measures a jump, so pick a noise seed whose routing survives

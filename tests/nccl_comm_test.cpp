@@ -49,9 +49,10 @@ TEST(NcclSharedDeviceTest, OneGpuPerRankPasses) {
 TEST(NcclSharedDeviceTest, SharedGpuIsOneLineNamingRanksHostAndFix) {
     const std::string e =
         find_shared_device({{"node1", "0000:1B:00.0", 0}, {"node1", "0000:43:00.0", 1}, {"node1", "0000:1B:00.0", 0}});
-    EXPECT_EQ(e,
-              "--parallel.comm=nccl needs one GPU per rank: ranks 0 and 2 share GPU 0 (PCI 0000:1B:00.0) on host node1; "
-              "launch one rank per GPU or use --parallel.comm=mpi");
+    EXPECT_EQ(
+        e,
+        "--parallel.comm=nccl needs one GPU per rank: ranks 0 and 2 share GPU 0 (PCI 0000:1B:00.0) on host node1; "
+        "launch one rank per GPU or use --parallel.comm=mpi");
 }
 
 // CUDA_VISIBLE_DEVICES can give two ranks different ordinals for one GPU: the bus id decides.

@@ -189,6 +189,91 @@ TEST(CpuOps, GroupedMatmulMatchesPerGroupIncludingEmptyGroups) {
     EXPECT_EQ(din2, din);  // din is overwritten, not accumulated
 }
 
+// ---- bf16 matmul precision ----------------------------------------------------------------------
+
+TEST(Bf16, RoundToNearestEvenSpecialValues) {
+    EXPECT_EQ(round_to_bf16(1.0f), 1.0f);
+    EXPECT_EQ(round_to_bf16(-2.5f), -2.5f);                                // exactly representable
+    EXPECT_EQ(round_to_bf16(1.0f + 1.0f / 256.0f), 1.0f);                  // tie -> even (1.0)
+    EXPECT_EQ(round_to_bf16(1.0f + 3.0f / 256.0f), 1.0f + 4.0f / 256.0f);  // tie -> even (odd below)
+    EXPECT_EQ(round_to_bf16(1.0f + 1.5f / 256.0f), 1.0f + 2.0f / 256.0f);  // nearest
+    EXPECT_EQ(round_to_bf16(1.0f + 0.75f / 256.0f), 1.0f);                 // nearest
+    EXPECT_EQ(round_to_bf16(std::numeric_limits<float>::max()), std::numeric_limits<float>::infinity());
+    EXPECT_EQ(round_to_bf16(-std::numeric_limits<float>::infinity()), -std::numeric_limits<float>::infinity());
+    EXPECT_TRUE(std::isnan(round_to_bf16(std::numeric_limits<float>::quiet_NaN())));
+    EXPECT_EQ(round_to_bf16(0.0f), 0.0f);
+    EXPECT_EQ(parse_matmul_precision("bf16"), MatmulPrecision::kBf16);
+    EXPECT_THROW(parse_matmul_precision("fp8"), Error);
+}
+
+Vec rounded(const Vec& x) {
+    Vec y(x.size());
+    for (size_t i = 0; i < x.size(); ++i) y[i] = round_to_bf16(x[i]);
+    return y;
+}
+
+// bf16 precision = GEMMs of bf16-rounded inputs accumulated in (at least) fp32: the result equals a
+// double-precision product of the rounded inputs, and differs from the fp32 product by bf16's
+// relative precision (2^-8), so the rounding demonstrably happened.
+TEST(Bf16, MatmulsRoundInputsAndAccumulateInFp32) {
+    CpuBackend be;
+    const int N = 9, I = 40, O = 7;
+    Vec in = randn(N * I, 1), w = randn(O * I, 2), bias = randn(O, 3), dout = randn(N * O, 4);
+    Vec out32(N * O), out16(N * O);
+    be.matmul_forward(out32.data(), in.data(), w.data(), bias.data(), N, I, O);
+    {
+        const ScopedMatmulPrecision bf16(&be, MatmulPrecision::kBf16);
+        be.matmul_forward(out16.data(), in.data(), w.data(), bias.data(), N, I, O);
+    }
+    EXPECT_EQ(be.matmul_precision(), MatmulPrecision::kFp32) << "scope restores the precision";
+    const Vec in_r = rounded(in), w_r = rounded(w), dout_r = rounded(dout);
+    expect_near_vec(out16, naive_matmul(in_r, w_r.data(), bias.data(), N, I, O), 1e-5, "bf16 forward");
+    double diff = 0.0;
+    for (int i = 0; i < N * O; ++i) diff = std::max(diff, static_cast<double>(std::abs(out16[i] - out32[i])));
+    EXPECT_GT(diff, 1e-3) << "bf16 forward must differ from fp32";
+    EXPECT_LT(diff, 0.1);
+
+    // backward: din = dout_r w_r, dw += dout_r^T in_r, dbias += sum of the unrounded dout
+    Vec din(N * I), dw(O * I), db(O);
+    be.set_matmul_precision(MatmulPrecision::kBf16);
+    be.matmul_backward(din.data(), dw.data(), db.data(), dout.data(), in.data(), w.data(), N, I, O, false);
+    be.set_matmul_precision(MatmulPrecision::kFp32);
+    std::vector<double> want_din(N * I, 0.0), want_dw(O * I, 0.0), want_db(O, 0.0);
+    for (int n = 0; n < N; ++n)
+        for (int o = 0; o < O; ++o) {
+            want_db[o] += dout[n * O + o];
+            for (int i = 0; i < I; ++i) {
+                want_din[n * I + i] += static_cast<double>(dout_r[n * O + o]) * w_r[o * I + i];
+                want_dw[o * I + i] += static_cast<double>(dout_r[n * O + o]) * in_r[n * I + i];
+            }
+        }
+    expect_near_vec(din, want_din, 1e-5, "bf16 din");
+    expect_near_vec(dw, want_dw, 1e-5, "bf16 dw");
+    expect_near_vec(db, want_db, 1e-5, "bias grad from unrounded dout");
+
+    // grouped: the same per group
+    const int G = 3, offsets[G + 1] = {0, 4, 4, 9};
+    Vec wg = randn(G * O * I, 5), outg(N * O);
+    be.set_matmul_precision(MatmulPrecision::kBf16);
+    be.grouped_matmul_forward(outg.data(), in.data(), wg.data(), offsets, G, I, O);
+    Vec ding(N * I), dwg(G * O * I);
+    be.grouped_matmul_backward(ding.data(), dwg.data(), dout.data(), in.data(), wg.data(), offsets, G, I, O);
+    be.set_matmul_precision(MatmulPrecision::kFp32);
+    const Vec wg_r = rounded(wg);
+    for (int g = 0; g < G; ++g) {
+        const int r0 = offsets[g], rows = offsets[g + 1] - r0;
+        const Vec in_g(in_r.begin() + r0 * I, in_r.begin() + (r0 + rows) * I);
+        const Vec out_g(outg.begin() + r0 * O, outg.begin() + (r0 + rows) * O);
+        expect_near_vec(out_g, naive_matmul(in_g, &wg_r[g * O * I], nullptr, rows, I, O), 1e-5, "bf16 grouped");
+        for (int o = 0; o < O; ++o)
+            for (int i = 0; i < I; ++i) {
+                double s = 0.0;
+                for (int r = r0; r < r0 + rows; ++r) s += static_cast<double>(dout_r[r * O + o]) * in_r[r * I + i];
+                EXPECT_NEAR(dwg[(g * O + o) * I + i], s, 1e-4) << "bf16 grouped dw";
+            }
+    }
+}
+
 // ---- embeddings -------------------------------------------------------------------------------
 
 TEST(CpuOps, EmbeddingAndPosition) {

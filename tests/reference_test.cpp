@@ -29,11 +29,11 @@
 #include <string>
 #include <vector>
 
-#include "tests/process_util.h"
 #include "checkpoints/safetensors.h"
 #include "model/cpu_backend.h"
 #include "model/model.h"
 #include "model/rng.h"
+#include "tests/process_util.h"
 
 namespace bmoe::model {
 namespace {
@@ -102,10 +102,10 @@ std::vector<Variant> variants() {
     auto router = [&](const std::string& name, RouterType type, auto&& tweak) {
         ModelConfig c = tiny_config();
         c.router.type = type;
-        c.router.hidden = 8;                // logit_mf / logit_fc trunk width
-        c.router.ensemble_size = 3;         // ensemble M
-        c.router.dropout = 0.25f;           // mc_dropout: ~8 of 32 features dropped
-        c.router.weight_sigma_init = 0.05f; // weight_mfvi: logit noise comparable to the logits
+        c.router.hidden = 8;                 // logit_mf / logit_fc trunk width
+        c.router.ensemble_size = 3;          // ensemble M
+        c.router.dropout = 0.25f;            // mc_dropout: ~8 of 32 features dropped
+        c.router.weight_sigma_init = 0.05f;  // weight_mfvi: logit noise comparable to the logits
         tweak(c);
         v.push_back({"router_" + name, c, true, false});
     };
@@ -170,8 +170,8 @@ std::string config_json(const ModelConfig& c) {
        << ", \"swag_start\": " << r.swag_start << ", \"weight_sigma_init\": " << r.weight_sigma_init
        << ", \"weight_prior_std\": " << r.weight_prior_std << ", \"hidden\": " << r.hidden
        << ", \"sigma_init\": " << r.sigma_init << ", \"sigma_min\": " << r.sigma_min
-       << ", \"prior_std\": " << r.prior_std << ", \"temp_min\": " << r.temp_min
-       << ", \"temp_max\": " << r.temp_max << ", \"selection_bias_rate\": " << r.selection_bias_rate << "}}";
+       << ", \"prior_std\": " << r.prior_std << ", \"temp_min\": " << r.temp_min << ", \"temp_max\": " << r.temp_max
+       << ", \"selection_bias_rate\": " << r.selection_bias_rate << "}}";
     return os.str();
 }
 
@@ -205,7 +205,6 @@ void perturb_router_tensors(const ParameterLayout& layout, std::vector<float>& p
     }
 }
 
-
 std::string torch_unavailable_reason() {
     std::string out;
     const std::string log = (fs::temp_directory_path() / ("bmoe_torch_probe_" + std::to_string(getpid()))).string();
@@ -219,7 +218,6 @@ std::string torch_unavailable_reason() {
     return std::string("torch/numpy not importable by ") + BMOE_PYTHON + " (" + out +
            "): run `bash tools/install-deps.sh --tests` (installs python3-torch)";
 }
-
 
 double rel_error(const std::vector<double>& a, const std::vector<double>& b) {
     double diff = 0.0, norm = 0.0;
@@ -298,7 +296,8 @@ TEST_P(ReferenceTest, MatchesTorchFloat64) {
         input.tensors[p.name] = checkpoints::make_tensor_f32(values, p.shape);
     }
     for (RouterStateTensor& t : model.router_state())
-        if (ends_with(t.name, ".selection_bias")) input.tensors[t.name] = checkpoints::make_tensor_f32(*t.values, t.shape);
+        if (ends_with(t.name, ".selection_bias"))
+            input.tensors[t.name] = checkpoints::make_tensor_f32(*t.values, t.shape);
     // The noise every MoE layer drew, as "noise.{layer}.{field}"; only the fields the family uses.
     const int64_t E = config.num_experts, D = config.d_model;
     const RouterType type = config.router.type;
@@ -311,7 +310,8 @@ TEST_P(ReferenceTest, MatchesTorchFloat64) {
         if (!noise.eps.empty()) input.tensors[prefix + "eps"] = checkpoints::make_tensor_f32(noise.eps, {S, N, E});
         if (!noise.dropout_mask.empty())
             input.tensors[prefix + "dropout_mask"] = checkpoints::make_tensor_f32(noise.dropout_mask, {S, N, D});
-        if (!noise.gumbel.empty()) input.tensors[prefix + "gumbel"] = checkpoints::make_tensor_f32(noise.gumbel, {N, E});
+        if (!noise.gumbel.empty())
+            input.tensors[prefix + "gumbel"] = checkpoints::make_tensor_f32(noise.gumbel, {N, E});
         if (!noise.member.empty()) input.tensors[prefix + "member"] = checkpoints::make_tensor_i32(noise.member, {N});
         // Guard against a variant silently testing nothing: the family's noise must be there.
         const bool eps = eps_family(type);

@@ -5,6 +5,8 @@
 // diagonal L equal to logit_mf, sigma -> 0 reproducing topk, SWAG moments and their samples,
 // thread-count independence, and the configuration errors. (The whole model with every router
 // is in model_grad_test; the independent PyTorch reference in reference_test.)
+#include "model/router.h"
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -16,7 +18,6 @@
 #include "model/cpu_backend.h"
 #include "model/cpu_threads.h"
 #include "model/model.h"
-#include "model/router.h"
 #include "parallel/check.h"
 #include "trainer/run_config.h"
 
@@ -55,7 +56,8 @@ struct RouterFixture {
         std::mt19937 gen(static_cast<unsigned>(seed));
         std::normal_distribution<float> normal(0.0f, 1.0f);
         for (const ParamInfo& p : layout.params()) {
-            const bool router = p.name.find(".router.") != std::string::npos || p.name.find(".gate.") != std::string::npos;
+            const bool router =
+                p.name.find(".router.") != std::string::npos || p.name.find(".gate.") != std::string::npos;
             if (!router) continue;
             const bool bias_like = p.shape.size() == 1 || p.name.find("weight_rho") != std::string::npos;
             for (size_t i = 0; i < p.numel; ++i)
@@ -93,9 +95,9 @@ double router_loss(const Router& router, const Coefs& k) {
     return L + k.wr * router.weight_kl();
 }
 
-const RouterType kAllTypes[] = {RouterType::kTopK,     RouterType::kTempSampling, RouterType::kMcDropout,
-                                RouterType::kSwag,     RouterType::kEnsemble,     RouterType::kWeightMfvi,
-                                RouterType::kLogitMf,  RouterType::kLogitFc,      RouterType::kVtsr};
+const RouterType kAllTypes[] = {RouterType::kTopK,    RouterType::kTempSampling, RouterType::kMcDropout,
+                                RouterType::kSwag,    RouterType::kEnsemble,     RouterType::kWeightMfvi,
+                                RouterType::kLogitMf, RouterType::kLogitFc,      RouterType::kVtsr};
 
 class RouterGradTest : public ::testing::TestWithParam<std::tuple<RouterType, int>> {};
 
@@ -165,19 +167,25 @@ TEST_P(RouterGradTest, BackwardMatchesFiniteDifferences) {
     }
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    AllTypes,
-    RouterGradTest,
-    ::testing::Values(std::make_tuple(RouterType::kTopK, 0), std::make_tuple(RouterType::kTempSampling, 0),
-                      std::make_tuple(RouterType::kMcDropout, 0), std::make_tuple(RouterType::kMcDropout, 3),
-                      std::make_tuple(RouterType::kSwag, 0), std::make_tuple(RouterType::kEnsemble, 0),
-                      std::make_tuple(RouterType::kWeightMfvi, 0), std::make_tuple(RouterType::kWeightMfvi, 2),
-                      std::make_tuple(RouterType::kLogitMf, 0), std::make_tuple(RouterType::kLogitMf, 3),
-                      std::make_tuple(RouterType::kLogitFc, 0), std::make_tuple(RouterType::kLogitFc, 3),
-                      std::make_tuple(RouterType::kVtsr, 0)),
-    [](const auto& info) {
-        return std::string(to_string(std::get<0>(info.param))) + "_S" + std::to_string(std::get<1>(info.param));
-    });
+INSTANTIATE_TEST_SUITE_P(AllTypes,
+                         RouterGradTest,
+                         ::testing::Values(std::make_tuple(RouterType::kTopK, 0),
+                                           std::make_tuple(RouterType::kTempSampling, 0),
+                                           std::make_tuple(RouterType::kMcDropout, 0),
+                                           std::make_tuple(RouterType::kMcDropout, 3),
+                                           std::make_tuple(RouterType::kSwag, 0),
+                                           std::make_tuple(RouterType::kEnsemble, 0),
+                                           std::make_tuple(RouterType::kWeightMfvi, 0),
+                                           std::make_tuple(RouterType::kWeightMfvi, 2),
+                                           std::make_tuple(RouterType::kLogitMf, 0),
+                                           std::make_tuple(RouterType::kLogitMf, 3),
+                                           std::make_tuple(RouterType::kLogitFc, 0),
+                                           std::make_tuple(RouterType::kLogitFc, 3),
+                                           std::make_tuple(RouterType::kVtsr, 0)),
+                         [](const auto& info) {
+                             return std::string(to_string(std::get<0>(info.param))) + "_S" +
+                                    std::to_string(std::get<1>(info.param));
+                         });
 
 // ---- KL ---------------------------------------------------------------------------------------
 
@@ -202,7 +210,7 @@ TEST(RouterKl, MatchesClosedFormAndMonteCarlo) {
                 dmu[i] = o.mu[n * E + i] - ldet;
                 for (int j = 0; j <= i; ++j)
                     L[i * E + j] = type == RouterType::kLogitFc ? o.chol[n * (E * (E + 1) / 2) + i * (i + 1) / 2 + j]
-                                                               : (i == j ? o.sigma[n * E + i] : 0.0);
+                                                                : (i == j ? o.sigma[n * E + i] : 0.0);
             }
             double trace = 0.0, logdet = 0.0, m2 = 0.0;
             for (int i = 0; i < E; ++i) {
@@ -429,6 +437,33 @@ TEST(RouterNoise, SameResultsForAnyThreadCount) {
     }
 }
 
+// bf16 mixed precision leaves the router in fp32: every family's outputs and gradients are bitwise
+// those of an fp32 backend, and the backend's precision is restored afterwards.
+TEST(RouterPrecision, RouterStaysFp32UnderBf16Matmuls) {
+    for (const RouterType type : kAllTypes) {
+        const ModelConfig cfg = tiny(type);
+        RouterFixture f(cfg, 21, 4);
+        std::vector<RouterOutputs> outs;
+        std::vector<std::vector<float>> dxs;
+        for (const MatmulPrecision p : {MatmulPrecision::kFp32, MatmulPrecision::kBf16}) {
+            CpuBackend backend;
+            backend.set_matmul_precision(p);
+            Router router(cfg, &backend, 0);
+            router.forward(f.x.data(), f.weights(), f.N, train_ctx(2));
+            outs.push_back(router.outputs());
+            std::vector<float> grads(f.layout.total_numel()), dx(f.x.size());
+            const std::vector<float> dgate(static_cast<size_t>(f.N) * cfg.top_k, 0.25f);
+            router.backward(dx.data(), f.layout.views(grads.data()).layers[0], dgate.data(), f.x.data(), f.weights(),
+                            std::vector<float>(cfg.num_experts, 0.1f), 0.01f, 0.05f, 0.001f);
+            dxs.push_back(dx);
+            EXPECT_EQ(backend.matmul_precision(), p) << to_string(type);
+        }
+        EXPECT_EQ(outs[0].sample_logits, outs[1].sample_logits) << to_string(type);
+        EXPECT_EQ(outs[0].topk_weight, outs[1].topk_weight) << to_string(type);
+        EXPECT_EQ(dxs[0], dxs[1]) << to_string(type);
+    }
+}
+
 // A token's noise depends on its global id, not on where it sits in the local batch.
 TEST(RouterNoise, KeyedByGlobalTokenId) {
     const ModelConfig cfg = tiny(RouterType::kLogitMf);
@@ -440,7 +475,8 @@ TEST(RouterNoise, KeyedByGlobalTokenId) {
     ctx.first_token += 4;  // the last 6 tokens as a rank holding rows 4..9 would see them
     tail.forward(f.x.data() + 4 * cfg.d_model, f.weights(), 6, ctx);
     const int E = cfg.num_experts;
-    for (int i = 0; i < 6 * E; ++i) EXPECT_EQ(whole.outputs().sample_logits[4 * E + i], tail.outputs().sample_logits[i]);
+    for (int i = 0; i < 6 * E; ++i)
+        EXPECT_EQ(whole.outputs().sample_logits[4 * E + i], tail.outputs().sample_logits[i]);
 }
 
 // At a small temperature a selected expert's probability underflows in fp32; the backward works
@@ -473,7 +509,8 @@ void expect_config_error(const std::function<void(ModelConfig&)>& edit, const st
 TEST(RouterConfigErrors, NameTheFieldAndTheFix) {
     expect_config_error([](ModelConfig& c) { c.router.train_samples = 0; }, "router.train_samples must be >= 1");
     expect_config_error([](ModelConfig& c) { c.router.eval_samples = 0; }, "router.eval_samples must be >= 1");
-    expect_config_error([](ModelConfig& c) { c.router.prior_std = 0.0f; }, "router.prior_std (prior sigma) must be > 0");
+    expect_config_error([](ModelConfig& c) { c.router.prior_std = 0.0f; },
+                        "router.prior_std (prior sigma) must be > 0");
     expect_config_error([](ModelConfig& c) { c.router.weight_prior_std = -1.0f; }, "router.weight_prior_std");
     expect_config_error(
         [](ModelConfig& c) {
@@ -482,11 +519,13 @@ TEST(RouterConfigErrors, NameTheFieldAndTheFix) {
         },
         "router.temp_min < 1 < router.temp_max");
     expect_config_error([](ModelConfig& c) { c.router.sigma_init = 0.0f; }, "router.sigma_init");
-    EXPECT_THAT([] { parse_router_type("bayesian"); },
-                ::testing::ThrowsMessage<Error>(::testing::HasSubstr("router.type 'bayesian' is unknown; valid types: topk")));
+    EXPECT_THAT(
+        [] { parse_router_type("bayesian"); },
+        ::testing::ThrowsMessage<Error>(::testing::HasSubstr("router.type 'bayesian' is unknown; valid types: topk")));
     trainer::RunConfig run;
     run.loss.router_reg_coef = -0.1f;
-    EXPECT_THAT([&] { run.validate(); }, ::testing::ThrowsMessage<Error>(::testing::HasSubstr("loss.router_reg_coef (beta)")));
+    EXPECT_THAT([&] { run.validate(); },
+                ::testing::ThrowsMessage<Error>(::testing::HasSubstr("loss.router_reg_coef (beta)")));
 }
 
 }  // namespace

@@ -79,7 +79,8 @@ TEST(RouterTraining, RouterStateResumesBitwise) {
     ASSERT_EQ(b.losses.size(), 5u) << log2.str();
     for (int i = 0; i < 5; ++i) EXPECT_EQ(b.losses[i], a.losses[5 + i]) << "step " << 6 + i;
     size_t i = 0;
-    for (const model::RouterStateTensor& t : resumed.model().router_state()) EXPECT_EQ(*t.values, state_full[i++]) << t.name;
+    for (const model::RouterStateTensor& t : resumed.model().router_state())
+        EXPECT_EQ(*t.values, state_full[i++]) << t.name;
 }
 
 }  // namespace

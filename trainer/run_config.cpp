@@ -54,7 +54,15 @@ void RunConfig::validate() const {
     BMOE_REQUIRE(train.threads >= 0, "train.threads must be >= 0 (got ", train.threads, ")");
     BMOE_REQUIRE(train.backend == "cpu" || train.backend == "cuda", "train.backend must be 'cpu' or 'cuda' (got '",
                  train.backend, "')");
+    BMOE_REQUIRE(train.precision == "auto" || train.precision == "fp32" || train.precision == "bf16",
+                 "train.precision must be 'auto', 'fp32' or 'bf16' (got '", train.precision, "')");
     BMOE_REQUIRE(!train.out_dir.empty(), "train.out_dir must not be empty");
+}
+
+model::MatmulPrecision matmul_precision(const TrainConfig& train) {
+    if (train.precision == "auto")
+        return train.backend == "cuda" ? model::MatmulPrecision::kBf16 : model::MatmulPrecision::kFp32;
+    return model::parse_matmul_precision(train.precision);
 }
 
 void add_run_options(CLI::App& app, RunConfig& c, RunConfigCli& cli) {
@@ -145,6 +153,8 @@ void add_run_options(CLI::App& app, RunConfig& c, RunConfigCli& cli) {
     opt("train.eval_batches", c.train.eval_batches, "validation micro-batches per evaluation");
     opt("train.out_dir", c.train.out_dir, "output directory (metrics.jsonl, loss_curve.png, config.toml)");
     opt("train.backend", c.train.backend, "cpu | cuda");
+    opt("train.precision", c.train.precision,
+        "auto | fp32 | bf16: GEMM inputs in bf16 with fp32 accumulation and master weights (auto: bf16 on cuda)");
     opt("train.threads", c.train.threads, "CPU threads (0 = all cores)");
     opt("train.plot", c.train.plot, "write loss_curve.png at the end (python3-matplotlib)");
     opt("train.log_layers", c.train.log_layers, "log aux, z and the router regulariser per MoE layer");
@@ -198,9 +208,9 @@ std::string RunConfig::to_toml() const {
     os << "\n\n[train]\nsteps = " << train.steps << "\ngrad_accum = " << train.grad_accum << "\nseed = " << train.seed
        << "\nlog_every = " << train.log_every << "\neval_every = " << train.eval_every
        << "\neval_batches = " << train.eval_batches << "\nout_dir = \"" << train.out_dir << "\"\nbackend = \""
-       << train.backend << "\"\nthreads = " << train.threads << "\nplot = " << b(train.plot)
-       << "\nlog_layers = " << b(train.log_layers) << "\ninit = \"" << train.init << "\"\ntrainable = \""
-       << train.trainable << "\"\n";
+       << train.backend << "\"\nprecision = \"" << train.precision << "\"\nthreads = " << train.threads
+       << "\nplot = " << b(train.plot) << "\nlog_layers = " << b(train.log_layers) << "\ninit = \"" << train.init
+       << "\"\ntrainable = \"" << train.trainable << "\"\n";
     return os.str();
 }
 

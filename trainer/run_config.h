@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "model/config.h"
+#include "model/precision.h"
 
 namespace CLI {
 class App;
@@ -86,9 +87,13 @@ struct TrainConfig {
     int eval_batches = 8;                  // validation micro-batches per evaluation
     std::string out_dir = "runs/default";  // metrics.jsonl, loss curve, config.toml
     std::string backend = "cpu";           // cpu | cuda
-    int threads = 0;                       // CPU threads; 0 = all cores
-    bool plot = true;                      // write loss_curve.png (needs python3-matplotlib)
-    bool log_layers = false;               // metrics.jsonl: aux, z and router regulariser per MoE layer
+    // GEMM precision (model/precision.h): fp32, or bf16 inputs with fp32 accumulation (master
+    // weights, activations, router and KL stay fp32). auto = bf16 on cuda, fp32 on cpu (where bf16
+    // is an exact emulation, for tests: slower, not faster).
+    std::string precision = "auto";
+    int threads = 0;          // CPU threads; 0 = all cores
+    bool plot = true;         // write loss_curve.png (needs python3-matplotlib)
+    bool log_layers = false;  // metrics.jsonl: aux, z and router regulariser per MoE layer
     // Start from another run's checkpoint (tensors matched by name; missing ones keep their init)
     // instead of random weights; recorded as the new checkpoints' parent. `bmoe finetune-router` sets it.
     std::string init;
@@ -96,6 +101,9 @@ struct TrainConfig {
     // for the others, which stay bitwise unchanged). Empty = train everything.
     std::string trainable;
 };
+
+// train.precision resolved for train.backend.
+model::MatmulPrecision matmul_precision(const TrainConfig& train);
 
 struct RunConfig {
     model::ModelConfig model;

@@ -50,6 +50,7 @@ Trainer::Trainer(const RunConfig& config, std::ostream& log, parallel::Communica
     datasets_ = load_datasets(config_.data, config_.model.vocab_size, config_.train.seed, config_.train.eval_batches,
                               grid_->world_rank(), W, log_);
     backend_ = model::make_backend(config_.train.backend, W > 1 ? parallel::launch_info().local_rank : 0);
+    backend_->set_matmul_precision(matmul_precision(config_.train));
     const std::string data_comm = setup_data_comm(config_.parallel, *backend_, *grid_);
     model_ = std::make_unique<model::Model>(config_.model, backend_.get(),
                                             model::make_parallel_context(*grid_, config_.model.num_experts));
@@ -79,7 +80,9 @@ Trainer::Trainer(const RunConfig& config, std::ostream& log, parallel::Communica
          << config_.data.batch_size << " sequences per rank\n"
          << config_.model.describe() << "\n"
          << "params: " << model_->layout().total_numel() << " on rank 0, " << model_->layout().active_matmul_params()
-         << " active matmul per token | backend " << backend_->name() << " | threads " << model::cpu_threads() << "\n";
+         << " active matmul per token | backend " << backend_->name() << " ("
+         << model::to_string(backend_->matmul_precision()) << " GEMMs)"
+         << " | threads " << model::cpu_threads() << "\n";
 }
 
 void Trainer::resume_if_asked() {

@@ -218,8 +218,13 @@ void CudaBackend::gemm(int M,
         }
         return;
     }
-    CUBLAS_CHECK(cublasSgemm(blas_, transB ? CUBLAS_OP_T : CUBLAS_OP_N, transA ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K,
-                             &alpha, B, ldb, A, lda, &beta, C, ldc));
+    const cublasOperation_t op_b = transB ? CUBLAS_OP_T : CUBLAS_OP_N, op_a = transA ? CUBLAS_OP_T : CUBLAS_OP_N;
+    if (matmul_precision_ == MatmulPrecision::kBf16) {  // bf16 tensor cores, fp32 accumulate and output
+        CUBLAS_CHECK(cublasGemmEx(blas_, op_b, op_a, N, M, K, &alpha, B, CUDA_R_32F, ldb, A, CUDA_R_32F, lda, &beta, C,
+                                  CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F_FAST_16BF, CUBLAS_GEMM_DEFAULT));
+        return;
+    }
+    CUBLAS_CHECK(cublasSgemm(blas_, op_b, op_a, N, M, K, &alpha, B, ldb, A, lda, &beta, C, ldc));
 }
 
 void CudaBackend::matmul_forward(
@@ -247,8 +252,9 @@ void CudaBackend::matmul_backward(float* din_NI,
     if (dbias_O) column_reduce(stream_, dbias_O, N, O, RowValue{dout_NO, O});
 }
 
-// Grouped GEMMs: one cublasSgemm per non-empty group, all on the backend stream. The next step is a
-// single cublasGemmGroupedBatchedEx call (CUDA >= 12.5) over the non-empty groups.
+// Grouped GEMMs: one cublasSgemmGroupedBatched call over the non-empty groups (CUDA >= 12.5), or
+// cublasGemmGroupedBatchedEx with the bf16 compute type; where this cuBLAS does not support the
+// call, one GEMM per group on the backend stream.
 void CudaBackend::grouped_gemm(const std::vector<GemmProblem>& problems,
                                float alpha,
                                int lda,
@@ -288,12 +294,22 @@ void CudaBackend::grouped_gemm(const std::vector<GemmProblem>& problems,
     ptrs.insert(ptrs.end(), c_ptrs.begin(), c_ptrs.end());
     auto* dev = static_cast<void**>(scratch(gemm_ptrs_ws_, ptrs.size() * sizeof(void*)));
     CUDA_CHECK(cudaMemcpyAsync(dev, ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice, stream_));
-    const cublasStatus_t rc = cublasSgemmGroupedBatched(
-        blas_, op_a.data(), op_b.data(), m.data(), n.data(), k.data(), alphas.data(),
-        reinterpret_cast<const float* const*>(dev), ld_a.data(), reinterpret_cast<const float* const*>(dev + count),
-        ld_b.data(), betas.data(), reinterpret_cast<float* const*>(dev + 2 * count), ld_c.data(), count, ones.data());
+    const bool bf16 = matmul_precision_ == MatmulPrecision::kBf16;
+    cublasStatus_t rc = CUBLAS_STATUS_NOT_SUPPORTED;
+    if (!bf16) {
+        rc = cublasSgemmGroupedBatched(blas_, op_a.data(), op_b.data(), m.data(), n.data(), k.data(), alphas.data(),
+                                       reinterpret_cast<const float* const*>(dev), ld_a.data(),
+                                       reinterpret_cast<const float* const*>(dev + count), ld_b.data(), betas.data(),
+                                       reinterpret_cast<float* const*>(dev + 2 * count), ld_c.data(), count, ones.data());
+    } else if (!grouped_bf16_unsupported_) {
+        rc = cublasGemmGroupedBatchedEx(blas_, op_a.data(), op_b.data(), m.data(), n.data(), k.data(), alphas.data(),
+                                        dev, CUDA_R_32F, ld_a.data(), dev + count, CUDA_R_32F, ld_b.data(),
+                                        betas.data(), dev + 2 * count, CUDA_R_32F, ld_c.data(), count, ones.data(),
+                                        CUBLAS_COMPUTE_32F_FAST_16BF);
+        grouped_bf16_unsupported_ = rc == CUBLAS_STATUS_NOT_SUPPORTED;  // do not ask again
+    }
     // Pageable host arrays: cudaMemcpyAsync staged them before returning, so they may go out of scope.
-    if (rc == CUBLAS_STATUS_NOT_SUPPORTED) {  // older cuBLAS: one GEMM per problem
+    if (rc == CUBLAS_STATUS_NOT_SUPPORTED) {  // this cuBLAS has no such grouped call: one GEMM per problem
         for (const GemmProblem& p : problems)
             gemm(p.M, p.N, p.K, alpha, p.A, lda, transA, p.B, ldb, transB, beta, p.C, ldc);
         return;

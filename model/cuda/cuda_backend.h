@@ -1,4 +1,5 @@
-// cuda_backend.h -- CudaBackend: model/backend.h on one NVIDIA GPU (fp32, cuBLAS + simple kernels).
+// cuda_backend.h -- CudaBackend: model/backend.h on one NVIDIA GPU (fp32, cuBLAS + simple kernels;
+// bf16 matmul precision runs the GEMMs on bf16 tensor cores with fp32 accumulation).
 //
 // Plain-C++ header (no CUDA includes): the stream and cuBLAS handle are held through their opaque
 // struct types, so g++-compiled code (model/backend.cpp, tests) can include it.
@@ -232,10 +233,11 @@ class CudaBackend final : public Backend {
 
     CUstream_st* stream_ = nullptr;
     cublasContext* blas_ = nullptr;
-    Scratch gemm_ptrs_ws_;  // device arrays of A/B/C pointers for grouped GEMMs
-    Scratch reduce_ws_;     // sum_squares partials
-    Scratch embed_ws_;      // embedding_backward CSR of token positions
-    Scratch attn_ws_;       // attention_backward dS [B, H, T, T]
+    Scratch gemm_ptrs_ws_;                   // device arrays of A/B/C pointers for grouped GEMMs
+    Scratch reduce_ws_;                      // sum_squares partials
+    Scratch embed_ws_;                       // embedding_backward CSR of token positions
+    Scratch attn_ws_;                        // attention_backward dS [B, H, T, T]
+    bool grouped_bf16_unsupported_ = false;  // cublasGemmGroupedBatchedEx refused FAST_16BF once
 };
 
 }  // namespace bmoe::model

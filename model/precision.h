@@ -1,0 +1,37 @@
+// precision.h -- matmul precision: fp32, or bf16 inputs with fp32 accumulation and output.
+//
+// Mixed precision in bmoe (Megatron/torch.autocast style, for the GEMMs that dominate the FLOPs):
+// weights, gradients, optimizer moments and every activation stay fp32 (the master copy); with
+// kBf16 the dense and expert GEMMs (matmul_* and grouped_matmul_* ops) round their two inputs to
+// bf16 and accumulate in fp32 -- bf16 tensor cores on GPUs (cuBLAS CUBLAS_COMPUTE_32F_FAST_16BF),
+// an exact emulation on the CPU (inputs rounded to nearest-even, then sgemm). Router GEMMs and
+// all router/KL math stay fp32 (Router holds a ScopedMatmulPrecision): the uncertainty terms are
+// precision-sensitive. Attention scores, norms, softmax and losses are always fp32.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <string>
+
+namespace bmoe::model {
+
+enum class MatmulPrecision { kFp32, kBf16 };
+
+// "fp32" | "bf16"; throws a one-line bmoe::Error naming the valid values otherwise.
+MatmulPrecision parse_matmul_precision(const std::string& name);
+std::string to_string(MatmulPrecision p);
+
+// x rounded to the nearest bf16 (ties to even), returned as a float. NaN stays NaN; values beyond
+// the bf16 range round to +-Inf like a hardware conversion.
+inline float round_to_bf16(float x) {
+    uint32_t bits;
+    std::memcpy(&bits, &x, sizeof(bits));
+    if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu) != 0) return x;  // NaN
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    bits &= 0xffff0000u;
+    float y;
+    std::memcpy(&y, &bits, sizeof(y));
+    return y;
+}
+
+}  // namespace bmoe::model
