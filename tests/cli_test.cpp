@@ -82,6 +82,8 @@ TEST(CliTest, BadConfigValuesAreOneLineErrors) {
     expect_one_line_error(run_bmoe("train --data.loss_on=questions"), "data.loss_on");
     expect_one_line_error(run_bmoe("train --parallel.comm=gloo"), "parallel.comm must be 'auto', 'mpi' or 'nccl'");
     expect_one_line_error(run_bmoe("train --parallel.comm=nccl"), "needs --train.backend=cuda");
+    expect_one_line_error(run_bmoe("train --parallel.overlap_grad_reduce=maybe"), "parallel.overlap_grad_reduce");
+    expect_one_line_error(run_bmoe("train --train.precision=fp16"), "train.precision must be 'auto', 'fp32' or 'bf16'");
 }
 
 TEST(CliTest, FinetuneRouterErrors) {

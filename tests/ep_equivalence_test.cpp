@@ -192,7 +192,7 @@ TEST(EpEquivalence, OverlappedGradientReduceTrainsBitwiseLikeBlocking) {
             RunConfig c = base_config();
             c.model.tie_embeddings = true;  // the LM head's gradient is final only after the embeddings
             c.parallel.ep = ep;
-            c.parallel.overlap_grad_reduce = overlap;
+            c.parallel.overlap_grad_reduce = overlap ? "true" : "false";
             c.train.out_dir += overlap ? "_overlap" : "_blocking";
             std::ostringstream log;
             Trainer trainer(c, log, &world);

@@ -29,6 +29,7 @@ void MetricsLog::write(const StepMetrics& m) {
                         {"copies", m.num_copies},
                         {"step_s", m.step_s},
                         {"exchange_s", m.exchange_s},
+                        {"grad_sync_s", m.grad_sync_s},
                         {"exchange_bytes", m.exchange_bytes},
                         {"exchange_min_bytes", m.exchange_min_bytes}};
     if (!m.aux_layers.empty()) {

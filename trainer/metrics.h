@@ -30,6 +30,9 @@ struct StepMetrics {
     int64_t num_copies = 0;                         // routed copies (all ranks, all MoE layers)
     double step_s = 0.0;                            // wall time of the step
     double exchange_s = 0.0;                        // of which in expert-parallel all-to-alls (max over ranks)
+    // of which waiting for gradient all-reduces after backward (this rank; with overlap only the
+    // part backward did not hide; on GPUs the wait moves to the next device sync)
+    double grad_sync_s = 0.0;
     // Bytes all ranks sent to other ranks for the token exchange this step (x, y, dy, dx), and the
     // minimum with one row per (token, destination rank).
     double exchange_bytes = 0.0, exchange_min_bytes = 0.0;

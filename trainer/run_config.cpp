@@ -39,6 +39,10 @@ void RunConfig::validate() const {
     BMOE_REQUIRE(parallel.ep >= 0, "parallel.ep must be >= 0 (0 = all ranks; got ", parallel.ep, ")");
     BMOE_REQUIRE(parallel.comm == "auto" || parallel.comm == "mpi" || parallel.comm == "nccl",
                  "parallel.comm must be 'auto', 'mpi' or 'nccl' (got '", parallel.comm, "')");
+    BMOE_REQUIRE(parallel.overlap_grad_reduce == "auto" || parallel.overlap_grad_reduce == "true" ||
+                     parallel.overlap_grad_reduce == "false",
+                 "parallel.overlap_grad_reduce must be 'auto', 'true' or 'false' (got '", parallel.overlap_grad_reduce,
+                 "')");
     BMOE_REQUIRE(parallel.comm != "nccl" || train.backend == "cuda",
                  "parallel.comm=nccl moves GPU memory and needs --train.backend=cuda (or use --parallel.comm=mpi)");
     BMOE_REQUIRE(checkpoint.every >= 0, "checkpoint.every must be >= 0 (0 = only at the end; got ", checkpoint.every,
@@ -138,7 +142,7 @@ void add_run_options(CLI::App& app, RunConfig& c, RunConfigCli& cli) {
     opt("parallel.comm", c.parallel.comm,
         "auto | mpi | nccl: communicator for token rows and gradients (auto: nccl on GPUs when possible)");
     opt("parallel.overlap_grad_reduce", c.parallel.overlap_grad_reduce,
-        "start each layer's gradient all-reduce as soon as its backward is done");
+        "true | false | auto (with NCCL): start each layer's gradient all-reduce as soon as its backward is done");
     opt("checkpoint.dir", c.checkpoint.dir, "checkpoint directory (empty = <train.out_dir>/checkpoints)");
     opt("checkpoint.every", c.checkpoint.every, "save every N steps (0 = only at the end)");
     opt("checkpoint.every_minutes", c.checkpoint.every_minutes,
@@ -201,7 +205,7 @@ std::string RunConfig::to_toml() const {
        << "\nseq_len = " << data.seq_len << "\ntrain_tokens = " << data.train_tokens << "\nloss_on = \"" << data.loss_on
        << "\"";
     os << "\n\n[parallel]\nep = " << parallel.ep << "\ncomm = \"" << parallel.comm
-       << "\"\noverlap_grad_reduce = " << b(parallel.overlap_grad_reduce);
+       << "\"\noverlap_grad_reduce = \"" << parallel.overlap_grad_reduce << "\"";
     os << "\n\n[checkpoint]\ndir = \"" << checkpoint.dir << "\"\nevery = " << checkpoint.every
        << "\nevery_minutes = " << checkpoint.every_minutes << "\nkeep = " << checkpoint.keep << "\nresume = \""
        << checkpoint.resume << "\"";

@@ -66,8 +66,11 @@ struct ParallelConfig {
     // host), nccl (GPU memory; one GPU per rank), auto (nccl when the backend is cuda, bmoe was
     // built with NCCL and every rank has its own GPU, else mpi).
     std::string comm = "auto";
-    // Start each layer's gradient all-reduce as soon as backward finishes it (last micro-batch).
-    bool overlap_grad_reduce = true;
+    // Start each layer's gradient all-reduce as soon as backward finishes it (last micro-batch):
+    // true | false | auto (= with NCCL only: NCCL progresses on its own stream, while Open MPI's
+    // non-blocking all-reduce advances only inside MPI calls -- measured slower on CPUs,
+    // bench/bench_overlap.sh).
+    std::string overlap_grad_reduce = "auto";
 };
 
 struct CheckpointConfig {

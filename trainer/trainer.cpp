@@ -57,7 +57,9 @@ Trainer::Trainer(const RunConfig& config, std::ostream& log, parallel::Communica
     model_->init_weights(config_.train.seed);
     const int trainable = model_->set_trainable(split_patterns(config_.train.trainable));
     optimizer_ = std::make_unique<AdamW>(config_.optim, *model_);
-    grad_sync_ = std::make_unique<GradientSync>(*model_, *grid_, config_.parallel.overlap_grad_reduce);
+    const std::string& overlap = config_.parallel.overlap_grad_reduce;
+    grad_sync_ = std::make_unique<GradientSync>(
+        *model_, *grid_, overlap == "true" || (overlap == "auto" && grid_->data_world().device_memory()));
     resume_if_asked();
     if (parent_checkpoint_.empty() && !config_.train.init.empty()) {
         const int loaded = init_from_checkpoint(config_.train.init, *model_);
@@ -203,7 +205,9 @@ StepMetrics Trainer::train_step(int step) {
     }
     m.exchange_bytes = traffic[0];
     m.exchange_min_bytes = traffic[1];
+    const auto sync_start = Clock::now();
     grad_sync_->finish();
+    m.grad_sync_s = std::chrono::duration<double>(Clock::now() - sync_start).count();
     m.grad_norm = global_grad_norm(*model_, *grid_);
     BMOE_REQUIRE(std::isfinite(m.grad_norm) && std::isfinite(m.loss), "step ", m.step,
                  ": loss or gradient is NaN/Inf (loss ", m.loss, ", grad norm ", m.grad_norm,
