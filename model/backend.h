@@ -10,6 +10,9 @@
 //   - backward: d-inputs, d-weights, then dout, saved activations, weights, sizes.
 //   - Parameter gradients ACCUMULATE (+=). Activation gradients OVERWRITE (=) unless the
 //     comment says "+=" (norm backward accumulates into the residual stream's gradient).
+//   - A null parameter-gradient pointer (dw, dbias, dtable, ...) marks a frozen weight: that
+//     gradient is skipped, its GEMM or reduction not computed (router fine-tuning skips the
+//     weight-gradient GEMMs of every frozen layer this way).
 //   - Linear weights are [out, in] row-major (PyTorch nn.Linear layout): y = x W^T + b.
 // Shape legend: N = tokens (B*T), B = batch, T = sequence, D = d_model, V = vocab, H = query heads,
 // KV = key/value heads, Hd = head_dim, E = experts, K = top-k, R = routed rows (N*K, grouped by

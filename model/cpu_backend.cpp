@@ -56,6 +56,7 @@ void gemm(int M, int N, int K, float alpha, Op A, Op B, float beta, float* C, in
 // f is called as f(n, d0, d1, acc) and must add row n's contribution for columns [d0, d1) to acc.
 template <typename RowFn>
 void column_reduce(float* out_D, int N, int D, RowFn f) {
+    if (out_D == nullptr) return;  // a frozen weight's gradient
     const idx_t chunks = (D + kColChunk - 1) / kColChunk;
 #pragma omp parallel for schedule(static) if (par(N, D))
     for (idx_t c = 0; c < chunks; ++c) {
@@ -261,7 +262,8 @@ void CpuBackend::matmul_backward(float* din_NI,
     if (din_NI)
         gemm(N, I, O, 1.0f, {dout, O}, {matmul_input(w_OI, static_cast<size_t>(O) * I, 1), I},
              accumulate_din ? 1.0f : 0.0f, din_NI, I);
-    gemm(O, I, N, 1.0f, {dout, O, true}, {matmul_input(in_NI, static_cast<size_t>(N) * I, 2), I}, 1.0f, dw_OI, I);
+    if (dw_OI)
+        gemm(O, I, N, 1.0f, {dout, O, true}, {matmul_input(in_NI, static_cast<size_t>(N) * I, 2), I}, 1.0f, dw_OI, I);
     if (dbias_O) {
         column_reduce(dbias_O, N, O, [&](int n, int d0, int d1, double* acc) {
             const float* row = dout_NO + static_cast<size_t>(n) * O;
@@ -293,7 +295,7 @@ void CpuBackend::grouped_matmul_backward(float* din_RI,
                                          int O) {
     const size_t R = static_cast<size_t>(offsets_host[G]);
     dout_RO = matmul_input(dout_RO, R * O, 0);
-    in_RI = matmul_input(in_RI, R * I, 1);
+    if (dw_GOI) in_RI = matmul_input(in_RI, R * I, 1);
     w_GOI = matmul_input(w_GOI, static_cast<size_t>(G) * O * I, 2);
     for (int g = 0; g < G; ++g) {
         const int r0 = offsets_host[g], rows = offsets_host[g + 1] - r0;
@@ -302,7 +304,7 @@ void CpuBackend::grouped_matmul_backward(float* din_RI,
         const float* in = in_RI + static_cast<size_t>(r0) * I;
         const size_t w_off = static_cast<size_t>(g) * O * I;
         gemm(rows, I, O, 1.0f, {dout, O}, {w_GOI + w_off, I}, 0.0f, din_RI + static_cast<size_t>(r0) * I, I);
-        gemm(O, I, rows, 1.0f, {dout, O, true}, {in, I}, 1.0f, dw_GOI + w_off, I);
+        if (dw_GOI) gemm(O, I, rows, 1.0f, {dout, O, true}, {in, I}, 1.0f, dw_GOI + w_off, I);
     }
 }
 
@@ -316,6 +318,7 @@ void CpuBackend::embedding_forward(float* out_ND, const int32_t* tokens_N, const
 }
 
 void CpuBackend::embedding_backward(float* dtable_VD, const float* dout_ND, const int32_t* tokens_N, int N, int D) {
+    if (dtable_VD == nullptr) return;
     // Parallel over column chunks; every table entry receives its rows in token order n.
     const idx_t chunks = (D + kColChunk - 1) / kColChunk;
 #pragma omp parallel for schedule(static) if (par(N, D))
@@ -339,6 +342,7 @@ void CpuBackend::position_forward(float* x_BTD, const float* wpe_SD, int B, int 
 }
 
 void CpuBackend::position_backward(float* dwpe_SD, const float* dx_BTD, int B, int T, int D) {
+    if (dwpe_SD == nullptr) return;
 #pragma omp parallel for schedule(static) if (par(B, T, D))
     for (idx_t t = 0; t < T; ++t) {
         float* dst = dwpe_SD + t * D;

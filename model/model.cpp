@@ -1,5 +1,6 @@
 #include "model/model.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "parallel/check.h"
@@ -28,7 +29,7 @@ Model::Model(const ModelConfig& config, Backend* backend, const ParallelContext&
     params_ = Buffer<float>(backend_, layout_.total_numel());
     grads_ = Buffer<float>(backend_, layout_.total_numel());
     param_views_ = layout_.views(params_.data());
-    grad_views_ = layout_.views(grads_.data());
+    grad_views_ = layout_.views(grads_.data(), /*trainable_only=*/true);
     for (int l = 0; l < config_.num_layers; ++l) {
         auto acts = std::make_unique<LayerActs>();
         if (config_.is_moe_layer(l)) {
@@ -74,6 +75,15 @@ std::vector<RouterStateTensor> Model::router_state() {
 }
 
 void Model::init_weights(uint64_t seed) { params_.upload(layout_.init_host(seed)); }
+
+int Model::set_trainable(const std::vector<std::string>& patterns) {
+    const int trainable = layout_.set_trainable(patterns);
+    grad_views_ = layout_.views(grads_.data(), /*trainable_only=*/true);
+    lowest_trainable_stage_ = config_.num_layers + 1;
+    for (const ParamInfo& p : layout_.params())
+        if (p.trainable) lowest_trainable_stage_ = std::min(lowest_trainable_stage_, p.backward_stage);
+    return trainable;
+}
 
 void Model::params_from_host(const std::vector<float>& host) {
     BMOE_REQUIRE(host.size() == layout_.total_numel(), "parameter block has ", host.size(), " floats, model expects ",
@@ -277,7 +287,8 @@ void Model::backward(float loss_scale) {
                   p.final_norm_w, final_mean_.data(), final_rstd_.data(), N);
     if (gradients_ready_) gradients_ready_(c.num_layers);
 
-    for (int l = c.num_layers - 1; l >= 0; --l) {
+    // Below the lowest layer with a trainable tensor no gradient is needed: stop there.
+    for (int l = c.num_layers - 1; l >= std::max(0, lowest_trainable_stage_); --l) {
         LayerActs& a = *layer_acts_[l];
         const LayerTensors& w = p.layers[l];
         const LayerTensors& dw = g.layers[l];
@@ -308,6 +319,7 @@ void Model::backward(float loss_scale) {
         if (gradients_ready_) gradients_ready_(l);
     }
 
+    if (lowest_trainable_stage_ >= 0) return;  // embeddings frozen
     // embeddings
     if (c.position == PositionType::kLearned) be->position_backward(g.pos_emb, dresidual_.data(), B, T, D);
     be->embedding_backward(g.tok_emb, dresidual_.data(), tokens_.data(), N, D);

@@ -58,8 +58,10 @@ class Model {
     const ModelTensors& grad_views() const { return grad_views_; }
 
     void init_weights(uint64_t seed);
-    // See ParameterLayout::set_trainable (before the optimizer is built).
-    int set_trainable(const std::vector<std::string>& patterns) { return layout_.set_trainable(patterns); }
+    // See ParameterLayout::set_trainable (before the optimizer is built). Backward then skips the
+    // frozen tensors' gradients (grad_views() holds nullptr for them) and stops below the lowest
+    // layer with a trainable tensor.
+    int set_trainable(const std::vector<std::string>& patterns);
     std::vector<float> params_to_host() const { return params_.download(); }
     void params_from_host(const std::vector<float>& host);
     std::vector<float> grads_to_host() const { return grads_.download(); }
@@ -105,7 +107,8 @@ class Model {
     ParallelContext parallel_;
     ParameterLayout layout_;
     Buffer<float> params_, grads_;
-    ModelTensors param_views_, grad_views_;
+    ModelTensors param_views_, grad_views_;  // grad_views_: nullptr for frozen tensors
+    int lowest_trainable_stage_ = -1;        // min ParamInfo::backward_stage of trainable tensors
 
     // ---- activations of the last forward (sized for B*T) ----
     int B_ = 0, T_ = 0;

@@ -124,10 +124,10 @@ int ParameterLayout::find(const std::string& name) const {
     return -1;
 }
 
-ModelTensors ParameterLayout::views(float* block) const {
+ModelTensors ParameterLayout::views(float* block, bool trainable_only) const {
     auto at = [&](const std::string& name) -> float* {
         int i = find(name);
-        return i < 0 ? nullptr : block + params_[i].offset;
+        return i < 0 || (trainable_only && !params_[i].trainable) ? nullptr : block + params_[i].offset;
     };
     ModelTensors t;
     t.tok_emb = at("model.embed_tokens.weight");

@@ -109,8 +109,9 @@ class ParameterLayout {
     size_t total_numel() const { return total_numel_; }
     // Index of the parameter with this name, or -1.
     int find(const std::string& name) const;
-    // Views of a flat block laid out by this layout.
-    ModelTensors views(float* block) const;
+    // Views of a flat block laid out by this layout. trainable_only: frozen tensors get nullptr (the
+    // gradient views: backward skips their gradients, see backend.h).
+    ModelTensors views(float* block, bool trainable_only = false) const;
     // Deterministic initialisation of a host copy of the block (same seed -> same bits).
     std::vector<float> init_host(uint64_t seed) const;
     // Number of parameters a token touches (top-k experts instead of all): for FLOP counts.

@@ -517,7 +517,7 @@ void Router::backward(float* dx_ND,
             for (size_t i = 0; i < NE; ++i) dst[i] += dl[s * NE + i];
     };
     auto accumulate_host = [&](float* dst, const std::vector<float>& src) {  // backend dst += host src
-        backend_->accumulate(dst, to_backend(scratch_w_, src), src.size());
+        if (dst != nullptr) backend_->accumulate(dst, to_backend(scratch_w_, src), src.size());  // null: frozen
     };
     switch (rc_.type) {
         case RouterType::kTopK:

@@ -193,6 +193,48 @@ TEST_P(ModelGradTest, GradientAccumulationAddsUp) {
     for (size_t i = 0; i < once.size(); ++i) ASSERT_NEAR(once[i], twice[i], 1e-6f + 1e-5f * std::abs(once[i])) << i;
 }
 
+// Freezing skips gradients, it does not change them: with some tensors frozen (router only; the
+// upper layer only, where backward stops early; embeddings only, tied to the LM head), every
+// trainable tensor's gradient is bitwise the full backward's, and frozen gradients stay zero.
+TEST_P(ModelGradTest, FrozenTensorsSkipGradientsWithoutChangingTheOthers) {
+    ModelConfig cfg = GetParam().config;
+    CpuBackend backend;
+    const int B = 1, T = 5;
+    std::vector<int32_t> tokens = {1, 2, 3, 4, 5}, targets = {2, 3, 4, 5, 6};
+    const LossWeights w{0.01f, 0.001f, 0.05f};
+    auto grads = [&](const std::vector<std::string>& trainable, std::vector<bool>* is_trainable) {
+        Model model(cfg, &backend);
+        model.init_weights(3);
+        if (!trainable.empty()) model.set_trainable(trainable);
+        model.zero_grad();
+        model.forward(tokens.data(), targets.data(), B, T, w);
+        model.backward(1.0f);
+        if (is_trainable) {
+            is_trainable->assign(model.layout().total_numel(), false);
+            for (const ParamInfo& p : model.layout().params())
+                for (size_t i = 0; i < p.numel; ++i) (*is_trainable)[p.offset + i] = p.trainable;
+        }
+        return model.grads_to_host();
+    };
+    const std::vector<float> full = grads({}, nullptr);
+    for (const std::vector<std::string>& patterns :
+         {std::vector<std::string>{"block_sparse_moe\\.(gate|router)\\."}, {"layers\\.1\\."}, {"embed_tokens"}}) {
+        if (patterns[0] == "block_sparse_moe\\.(gate|router)\\." && cfg.num_moe_layers() == 0) continue;
+        std::vector<bool> trainable;
+        const std::vector<float> partial = grads(patterns, &trainable);
+        size_t checked = 0;
+        for (size_t i = 0; i < full.size(); ++i) {
+            if (trainable[i]) {
+                ASSERT_EQ(partial[i], full[i]) << patterns[0] << " element " << i;
+                checked += full[i] != 0.0f;
+            } else {
+                ASSERT_EQ(partial[i], 0.0f) << patterns[0] << " frozen element " << i;
+            }
+        }
+        EXPECT_GT(checked, 0u) << patterns[0];
+    }
+}
+
 INSTANTIATE_TEST_SUITE_P(Variants, ModelGradTest, ::testing::ValuesIn(variants()), [](const auto& info) {
     return info.param.name;
 });

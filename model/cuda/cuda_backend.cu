@@ -248,7 +248,7 @@ void CudaBackend::matmul_backward(float* din_NI,
                                   int O,
                                   bool accumulate_din) {
     if (din_NI) gemm(N, I, O, 1.0f, dout_NO, O, false, w_OI, I, false, accumulate_din ? 1.0f : 0.0f, din_NI, I);
-    gemm(O, I, N, 1.0f, dout_NO, O, true, in_NI, I, false, 1.0f, dw_OI, I);
+    if (dw_OI) gemm(O, I, N, 1.0f, dout_NO, O, true, in_NI, I, false, 1.0f, dw_OI, I);
     if (dbias_O) column_reduce(stream_, dbias_O, N, O, RowValue{dout_NO, O});
 }
 
@@ -344,10 +344,10 @@ void CudaBackend::grouped_matmul_backward(float* din_RI,
         const float* dout = dout_RO + static_cast<size_t>(r0) * O;
         const size_t w_off = static_cast<size_t>(g) * O * I;
         din.push_back({rows, I, O, dout, w_GOI + w_off, din_RI + static_cast<size_t>(r0) * I});
-        dw.push_back({O, I, rows, dout, in_RI + static_cast<size_t>(r0) * I, dw_GOI + w_off});
+        if (dw_GOI) dw.push_back({O, I, rows, dout, in_RI + static_cast<size_t>(r0) * I, dw_GOI + w_off});
     }
     grouped_gemm(din, 1.0f, O, false, I, false, 0.0f, I);  // din_g = dout_g w_g   (=)
-    grouped_gemm(dw, 1.0f, O, true, I, false, 1.0f, I);    // dw_g += dout_g^T in_g
+    if (dw_GOI) grouped_gemm(dw, 1.0f, O, true, I, false, 1.0f, I);  // dw_g += dout_g^T in_g
 }
 
 // ---- optimizer --------------------------------------------------------------------------------

@@ -91,7 +91,7 @@ __global__ void column_reduce_kernel(float* out_D, int N, int D, F f) {
 
 template <typename F>
 void column_reduce(cudaStream_t stream, float* out_D, int N, int D, F f) {
-    if (N <= 0 || D <= 0) return;
+    if (out_D == nullptr || N <= 0 || D <= 0) return;  // null: a frozen weight's gradient
     column_reduce_kernel<<<div_up(D, 32), dim3(32, kColRows), 0, stream>>>(out_D, N, D, f);
     CUDA_CHECK_LAST();
 }

@@ -376,7 +376,7 @@ void CudaBackend::embedding_forward(float* out_ND, const int32_t* tokens_N, cons
 // host once, a stable counting sort builds a CSR of positions per used vocab id, and one block
 // column per used id sums its rows in token order. Costs one sync + O(N) host work per call.
 void CudaBackend::embedding_backward(float* dtable_VD, const float* dout_ND, const int32_t* tokens_N, int N, int D) {
-    if (N <= 0 || D <= 0) return;
+    if (dtable_VD == nullptr || N <= 0 || D <= 0) return;
     std::vector<int32_t> tokens(N);
     download(tokens.data(), tokens_N, tokens.size() * sizeof(int32_t));
     int used = 0;
@@ -399,7 +399,7 @@ void CudaBackend::position_forward(float* x_BTD, const float* wpe_SD, int B, int
 
 void CudaBackend::position_backward(float* dwpe_SD, const float* dx_BTD, int B, int T, int D) {
     const size_t TD = static_cast<size_t>(T) * D;
-    if (TD == 0) return;
+    if (dwpe_SD == nullptr || TD == 0) return;
     position_backward_kernel<<<grid_for(TD), kThreads, 0, stream_>>>(dwpe_SD, dx_BTD, B, TD);
     CUDA_CHECK_LAST();
 }
