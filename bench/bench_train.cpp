@@ -1,14 +1,24 @@
-// bench_train.cpp -- bmoe CPU training throughput against the machine's sgemm peak, in one process.
+// bench_train.cpp -- bmoe training throughput against the machine's peak, in one process.
 //
 //   bench_train [--steps N] [--warmup N] [--threads N] [--gemm N]
+//               [--backend cpu|cuda] [--precision fp32|bf16] [--model default|gpt2-moe|large]
+//               [--batch B] [--peak-tflops X]
 //
-// (a) Peak: the best of a few cblas_sgemm runs of an N x N x N product (default 2048): the FLOP/s
-//     a well-tuned GEMM reaches on this machine, the practical ceiling for a CPU trainer.
-// (b) bmoe: the default comparison model (vocab 256, seq 256, batch 8, d 256, 4 layers, 4 heads,
-//     8 experts top-2, expert hidden 512, SwiGLU, RMSNorm, RoPE, untied) on the CPU backend:
-//     warm-up steps, then timed steps of forward + backward + AdamW (trainer/optimizer.h) on
-//     random tokens. Model FLOP/s = tokens/s * (6 * active_matmul_params + 12 * L * T * d)
-//     (PaLM-style: matmul FLOPs of the active parameters plus attention scores).
+// (a) Peak. CPU: the best of a few cblas_sgemm runs of an N x N x N product (default 2048): the
+//     FLOP/s a well-tuned GEMM reaches on this machine, the practical ceiling for a CPU trainer.
+//     CUDA: --peak-tflops, the card's dense peak for the precision (default 989 for bf16 and 67
+//     for fp32: H100/H200 SXM datasheet figures without sparsity), so "% peak" is MFU.
+// (b) bmoe: warm-up steps, then timed steps of forward + backward + AdamW (trainer/optimizer.h)
+//     on random tokens, for one of the model presets:
+//       default : the comparison model of bench/run_bench.sh (vocab 256, seq 256, batch 8, d 256,
+//                 4 layers, 4 heads, 8 experts top-2, expert hidden 512, SwiGLU, RMSNorm, RoPE)
+//       gpt2-moe: GPT-2-small-sized MoE (vocab 50304, seq 1024, batch 8, d 768, 12 layers, 12 heads,
+//                 8 experts top-2, expert hidden 3072, GELU, LayerNorm, learned positions, tied)
+//       large   : a card-filling MoE (vocab 50304, seq 2048, batch 4, d 1536, 8 layers, 12 heads,
+//                 8 experts top-2, expert hidden 6144, SwiGLU, RMSNorm, RoPE; ~2B parameters:
+//                 ~32 GB of fp32 weights, gradients and moments, plus activations)
+//     Model FLOP/s = tokens/s * (6 * active_matmul_params + 12 * L * T * d) (PaLM-style: matmul
+//     FLOPs of the active parameters plus attention scores).
 // Prints human-readable lines and one line "JSON {...}" for scripts (bench/run_bench.sh).
 #include <cblas.h>
 #include <sys/resource.h>
@@ -18,10 +28,15 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "model/backend.h"
 #include "model/cpu_backend.h"
+#ifdef BMOE_HAVE_CUDA
+#include "model/cuda/cuda_backend.h"
+#endif
 #include "model/cpu_threads.h"
 #include "model/model.h"
 #include "model/rng.h"
@@ -39,19 +54,25 @@ struct Options {
     int threads = 0;  // 0 = all cores
     int gemm = 2048;
     int gemm_reps = 4;
+    std::string backend = "cpu";
+    std::string precision = "fp32";
+    std::string model = "default";
+    int batch = 0;             // 0 = the preset's
+    double peak_tflops = 0.0;  // 0 = the default for the backend and precision
 };
 
 Options parse_options(int argc, char** argv) {
     Options o;
     for (int i = 1; i < argc; ++i) {
         const std::string arg = argv[i];
-        auto value = [&]() -> int {
+        auto text = [&]() -> std::string {
             if (i + 1 >= argc) {
                 std::fprintf(stderr, "bench_train: %s needs a value\n", arg.c_str());
                 std::exit(2);
             }
-            return std::atoi(argv[++i]);
+            return argv[++i];
         };
+        auto value = [&]() -> int { return std::atoi(text().c_str()); };
         if (arg == "--steps")
             o.steps = value();
         else if (arg == "--warmup")
@@ -60,8 +81,21 @@ Options parse_options(int argc, char** argv) {
             o.threads = value();
         else if (arg == "--gemm")
             o.gemm = value();
+        else if (arg == "--backend")
+            o.backend = text();
+        else if (arg == "--precision")
+            o.precision = text();
+        else if (arg == "--model")
+            o.model = text();
+        else if (arg == "--batch")
+            o.batch = value();
+        else if (arg == "--peak-tflops")
+            o.peak_tflops = std::atof(text().c_str());
         else {
-            std::fprintf(stderr, "usage: bench_train [--steps N] [--warmup N] [--threads N] [--gemm N]\n");
+            std::fprintf(stderr,
+                         "usage: bench_train [--steps N] [--warmup N] [--threads N] [--gemm N] [--backend cpu|cuda]\n"
+                         "                   [--precision fp32|bf16] [--model default|gpt2-moe|large] [--batch B]\n"
+                         "                   [--peak-tflops X]\n");
             std::exit(arg == "--help" || arg == "-h" ? 0 : 2);
         }
     }
@@ -93,6 +127,37 @@ double peak_rss_mib() {
     return static_cast<double>(usage.ru_maxrss) / 1024.0;  // Linux: kilobytes
 }
 
+// The model presets (see the header comment); B and T are the preset's batch and sequence length.
+bmoe::model::ModelConfig preset(const std::string& name, int& B, int& T) {
+    using namespace bmoe::model;
+    ModelConfig c;  // every field set explicitly so the presets cannot drift with the defaults
+    c.moe_every = 1;
+    c.num_experts = 8;
+    c.top_k = 2;
+    if (name == "default") {
+        c.vocab_size = 256, c.d_model = 256, c.num_layers = 4, c.num_heads = 4, c.expert_hidden = 512;
+        c.tie_embeddings = false, c.norm = NormType::kRmsNorm, c.position = PositionType::kRope;
+        c.activation = Activation::kSwiGlu;
+        B = 8, T = 256;
+    } else if (name == "gpt2-moe") {
+        c.vocab_size = 50304, c.d_model = 768, c.num_layers = 12, c.num_heads = 12, c.expert_hidden = 3072;
+        c.tie_embeddings = true, c.norm = NormType::kLayerNorm, c.position = PositionType::kLearned;
+        c.activation = Activation::kGelu;
+        B = 8, T = 1024;
+    } else if (name == "large") {
+        c.vocab_size = 50304, c.d_model = 1536, c.num_layers = 8, c.num_heads = 12, c.expert_hidden = 6144;
+        c.tie_embeddings = false, c.norm = NormType::kRmsNorm, c.position = PositionType::kRope;
+        c.activation = Activation::kSwiGlu;
+        B = 4, T = 2048;
+    } else {
+        std::fprintf(stderr, "bench_train: unknown --model '%s' (default, gpt2-moe, large)\n", name.c_str());
+        std::exit(2);
+    }
+    c.num_kv_heads = c.num_heads;
+    c.max_seq_len = T;
+    return c;
+}
+
 const char* env_or_unset(const char* name) {
     const char* v = std::getenv(name);
     return v != nullptr ? v : "(unset)";
@@ -109,30 +174,32 @@ int main(int argc, char** argv) {
     std::printf("bench_train: %d threads, OpenBLAS %s (core %s), OPENBLAS_CORETYPE=%s OPENBLAS_L2_SIZE=%s\n", threads,
                 openblas_get_config(), openblas_get_corename(), env_or_unset("OPENBLAS_CORETYPE"),
                 env_or_unset("OPENBLAS_L2_SIZE"));
+    const bool cuda = opt.backend == "cuda";
+    const model::MatmulPrecision precision = model::parse_matmul_precision(opt.precision);
 
-    // (a) sgemm peak
-    const double peak = sgemm_peak_flops(opt.gemm, opt.gemm_reps);
-    std::printf("sgemm %dx%dx%d: %.1f GFLOP/s (best of %d)\n", opt.gemm, opt.gemm, opt.gemm, peak / 1e9, opt.gemm_reps);
+    // (a) peak: measured sgemm on the CPU, the datasheet figure on the GPU
+    double peak = 0.0;
+    if (cuda) {
+        const double tflops =
+            opt.peak_tflops > 0 ? opt.peak_tflops : (precision == model::MatmulPrecision::kBf16 ? 989.0 : 67.0);
+        peak = tflops * 1e12;
+        std::printf("peak: %.0f TFLOP/s (%s dense, %s)\n", tflops, opt.precision.c_str(),
+                    opt.peak_tflops > 0 ? "--peak-tflops" : "H100/H200 SXM datasheet");
+    } else {
+        peak = sgemm_peak_flops(opt.gemm, opt.gemm_reps);
+        std::printf("sgemm %dx%dx%d: %.1f GFLOP/s (best of %d)\n", opt.gemm, opt.gemm, opt.gemm, peak / 1e9,
+                    opt.gemm_reps);
+    }
 
-    // (b) bmoe training steps on the comparison config
-    model::ModelConfig config;  // defaults are the comparison model; set explicitly so they cannot drift
-    config.vocab_size = 256;
-    config.max_seq_len = 256;
-    config.d_model = 256;
-    config.num_layers = 4;
-    config.num_heads = 4;
-    config.num_kv_heads = 4;
-    config.num_experts = 8;
-    config.top_k = 2;
-    config.expert_hidden = 512;
-    config.moe_every = 1;
-    config.tie_embeddings = false;
-    config.norm = model::NormType::kRmsNorm;
-    config.position = model::PositionType::kRope;
-    config.activation = model::Activation::kSwiGlu;
-    const int B = 8, T = 256, N = B * T;
+    // (b) bmoe training steps on the preset
+    int B = 0, T = 0;
+    const model::ModelConfig config = preset(opt.model, B, T);
+    if (opt.batch > 0) B = opt.batch;
+    const int N = B * T;
 
-    model::CpuBackend backend;
+    std::unique_ptr<model::Backend> backend_ptr = model::make_backend(opt.backend);
+    model::Backend& backend = *backend_ptr;
+    backend.set_matmul_precision(precision);
     model::Model net(config, &backend);
     net.init_weights(/*seed=*/0);
     trainer::OptimConfig optim;
@@ -167,18 +234,28 @@ int main(int argc, char** argv) {
     const double flops_per_token = 6.0 * active + 12.0 * config.num_layers * T * config.d_model;
     const double model_flops = tokens_per_s * flops_per_token;
     const double rss = peak_rss_mib();
-    std::printf("bmoe cpu: %d steps of %dx%d tokens in %.2f s (%.3f s/step, loss %.4f)\n", opt.steps, B, T, elapsed,
-                elapsed / opt.steps, last_loss);
+    double device_mib = 0.0;
+#ifdef BMOE_HAVE_CUDA
+    if (cuda) device_mib = static_cast<double>(model::cuda_memory_in_use()) / (1024.0 * 1024.0);
+#endif
+    const char* be = opt.backend.c_str();
     std::printf(
-        "bmoe cpu: %.0f tokens/s, %.1f GFLOP/s model (%.1f%% of sgemm peak), %.2fM active matmul params, "
-        "peak RSS %.0f MiB\n",
-        tokens_per_s, model_flops / 1e9, 100.0 * model_flops / peak, active / 1e6, rss);
+        "bmoe %s (%s, model %s, %.1fM params, %.1fM active matmul): %d steps of %dx%d tokens in %.2f s "
+        "(%.3f s/step, loss %.4f)\n",
+        be, opt.precision.c_str(), opt.model.c_str(), net.layout().total_numel() / 1e6, active / 1e6, opt.steps, B, T,
+        elapsed, elapsed / opt.steps, last_loss);
+    std::printf("bmoe %s: %.0f tokens/s, %.1f GFLOP/s model (%.1f%% of %s), peak RSS %.0f MiB", be, tokens_per_s,
+                model_flops / 1e9, 100.0 * model_flops / peak, cuda ? "peak: MFU" : "sgemm peak", rss);
+    if (cuda) std::printf(", device memory in use %.0f MiB", device_mib);
+    std::printf("\n");
     std::printf(
-        "JSON {\"impl\": \"bmoe\", \"threads\": %d, \"sgemm_flops\": %.6g, \"tokens_per_s\": %.6g, \"model_flops\": "
-        "%.6g, \"fraction_of_peak\": %.6g, \"flops_per_token\": %.6g, \"active_matmul_params\": %.0f, \"steps\": %d, "
-        "\"seconds\": %.6g, \"peak_rss_mib\": %.1f, \"openblas_coretype\": \"%s\", \"openblas_l2_size\": \"%s\", "
+        "JSON {\"impl\": \"bmoe\", \"backend\": \"%s\", \"precision\": \"%s\", \"model\": \"%s\", \"threads\": %d, "
+        "\"sgemm_flops\": %.6g, \"tokens_per_s\": %.6g, \"model_flops\": %.6g, \"fraction_of_peak\": %.6g, "
+        "\"flops_per_token\": %.6g, \"active_matmul_params\": %.0f, \"steps\": %d, \"seconds\": %.6g, "
+        "\"peak_rss_mib\": %.1f, \"device_mib\": %.1f, \"openblas_coretype\": \"%s\", \"openblas_l2_size\": \"%s\", "
         "\"openblas_core\": \"%s\"}\n",
-        threads, peak, tokens_per_s, model_flops, model_flops / peak, flops_per_token, active, opt.steps, elapsed, rss,
-        env_or_unset("OPENBLAS_CORETYPE"), env_or_unset("OPENBLAS_L2_SIZE"), openblas_get_corename());
+        be, opt.precision.c_str(), opt.model.c_str(), threads, peak, tokens_per_s, model_flops, model_flops / peak,
+        flops_per_token, active, opt.steps, elapsed, rss, device_mib, env_or_unset("OPENBLAS_CORETYPE"),
+        env_or_unset("OPENBLAS_L2_SIZE"), openblas_get_corename());
     return 0;
 }

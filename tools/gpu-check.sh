@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # gpu-check.sh -- the GPU machine's checks in one run: build with CUDA, run the gpu-labelled tests
-# (CUDA vs CPU parity of every op, a CUDA training run vs the CPU one), the whole CPU/MPI suite,
-# compute-sanitizer on training steps, and CUDA vs CPU training throughput.
+# (CUDA vs CPU parity of every op in fp32 and bf16, CUDA training runs vs the CPU one, the NCCL
+# communicator on device buffers), the whole CPU/MPI suite (incl. several ranks sharing the GPU),
+# compute-sanitizer on training steps (bf16, several router families), CUDA vs CPU throughput and
+# MFU of a GPT-2-small-sized MoE (bench/bench_train.cpp presets).
 #   bash tools/gpu-check.sh            # writes logs to $OUT (or /tmp/bmoe-gpu-check)
 # On a machine without Debian's packages, carry the bundle from device-bundle.sh as .device/.
 set -uo pipefail
@@ -24,18 +26,30 @@ ctest --test-dir build-gpu -LE gpu -j 8 --output-on-failure ${BMOE_GPU_CHECK_OTH
 grep -E "tests passed|\(Failed\)|Timeout" "$out/cpu_tests.log" | tail -15
 small="--model.d_model=64 --model.num_layers=2 --model.num_experts=4 --model.expert_hidden=96 --data.batch_size=4 \
   --data.seq_len=32 --data.train_tokens=20000 --train.eval_batches=1 --train.plot=false"
-echo "== compute-sanitizer (memcheck, 2 training steps on cuda)"
-compute-sanitizer --tool memcheck --error-exitcode 9 ./build-gpu/launch/bmoe train --train.backend=cuda \
-  --train.steps=2 $small --train.out_dir="$out/sanitize" >"$out/sanitizer.log" 2>&1
-echo "sanitizer exit $? ; $(grep -E 'ERROR SUMMARY' "$out/sanitizer.log")"
+echo "== compute-sanitizer (memcheck, 2 training steps on cuda: bf16 topk, fp32 logit_fc)"
+for router in "topk bf16" "logit_fc fp32"; do
+  set -- $router
+  compute-sanitizer --tool memcheck --error-exitcode 9 ./build-gpu/launch/bmoe train --train.backend=cuda \
+    --train.precision=$2 --router.type=$1 --train.steps=2 $small --train.out_dir="$out/sanitize_$1" \
+    >"$out/sanitizer_$1.log" 2>&1
+  echo "sanitizer $1 $2: exit $? ; $(grep -E 'ERROR SUMMARY' "$out/sanitizer_$1.log")"
+done
 bench="--model.d_model=256 --model.num_layers=4 --model.num_heads=4 --model.num_kv_heads=4 --model.num_experts=8 \
   --model.top_k=2 --model.expert_hidden=512 --data.batch_size=8 --data.seq_len=256 --train.eval_batches=1 \
   --train.plot=false --train.log_every=10"
 echo "== grouped expert GEMM vs dense GEMM, permute/unpermute bandwidth (bench/bench_cuda.cpp)"
 ./build-gpu/bench/bench_cuda | tee "$out/bench_cuda.log"
-echo "== throughput: bench config (vocab 256, seq 256, batch 8, d 256, 4 layers, 8 experts top-2, F 512), fp32"
-for be in cuda cpu; do
-  steps=40; [[ $be == cpu ]] && steps=10
-  ./build-gpu/launch/bmoe train --train.backend=$be --train.steps=$steps $bench --train.out_dir="$out/bench_$be" \
-    2>&1 | grep -E "^trained" | sed "s/^/$be: /"
+echo "== throughput: bench config (vocab 256, seq 256, batch 8, d 256, 4 layers, 8 experts top-2, F 512)"
+for run in "cuda fp32" "cuda bf16" "cpu fp32"; do
+  set -- $run
+  steps=40; [[ $1 == cpu ]] && steps=10
+  ./build-gpu/launch/bmoe train --train.backend=$1 --train.precision=$2 --train.steps=$steps $bench \
+    --train.out_dir="$out/bench_$1_$2" 2>&1 | grep -E "^trained" | sed "s/^/$1 $2: /"
+done
+echo "== MFU: GPT-2-small-sized MoE and a card-filling one (bench/bench_train.cpp presets)"
+for run in "gpt2-moe bf16" "gpt2-moe fp32" "large bf16"; do
+  set -- $run
+  timeout 240 ./build-gpu/bench/bench_train --backend cuda --model $1 --precision $2 --steps 10 --warmup 3 \
+    >"$out/bench_train_$1_$2.log" 2>&1
+  echo "$1 $2 (exit $?): $(grep -E '^bmoe cuda: ' "$out/bench_train_$1_$2.log" | tail -1)"
 done

@@ -24,6 +24,12 @@ int cuda_device_count() {
 
 bool cuda_device_available() { return cuda_device_count() > 0; }
 
+size_t cuda_memory_in_use() {
+    size_t free_bytes = 0, total_bytes = 0;
+    CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+    return total_bytes - free_bytes;
+}
+
 std::unique_ptr<Backend> make_cuda_backend(int local_rank) {
     int count = 0;
     const cudaError_t rc = cudaGetDeviceCount(&count);

@@ -23,6 +23,8 @@ namespace bmoe::model {
 int cuda_device_count();
 // True when the CUDA runtime sees at least one device (never throws).
 bool cuda_device_available();
+// Bytes in use on the current device (total - free: every process and context on it).
+size_t cuda_memory_in_use();
 // Throws bmoe::Error with a hint when no device is visible.
 std::unique_ptr<Backend> make_cuda_backend(int local_rank = 0);  // device = local_rank % device count
 
