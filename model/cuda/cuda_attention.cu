@@ -1,19 +1,24 @@
 // cuda_attention.cu -- CudaBackend: rotary embeddings and causal grouped-query attention.
 //
-// Straightforward kernels, O(B H T^2 Hd) work like the math, no atomics:
-//   forward          one block per query row (b, h, i): scores -> att row, softmax, P v.
-//   backward, pass 1 one block per query row: dP = dout v^T, dS = P (dP - rowsum(P dP)) into a
-//                    [B, H, T, T] scratch, dq = scale dS k.
-//   backward, pass 2 one block per key row (b, kv head, j): dk/dv sum over the query heads of the
-//                    group and the query positions i >= j in a fixed order (deterministic GQA sums).
-// A flash-style tiled kernel is the obvious next step once correctness is settled.
+// Attention = cuBLAS GEMMs batched over the (batch, head) slices (grouped_gemm: one call per GEMM
+// kind, fp32) plus fused row kernels, the math of the CPU backend:
+//   forward   S = scale Q K^T (full T x T per slice, into att), causal softmax in place (zeros
+//             above the diagonal), out = P V
+//   backward  dP = dout V^T (into a [B, H, T, T] scratch), dS = P (dP - rowsum(P dP)) in place
+//             (zeros above the diagonal), dq = scale dS K, dk = scale sum_h dS_h^T Q_h and
+//             dv = sum_h P_h^T dout_h over the query heads h of each kv head, accumulated head by
+//             head in a fixed order (deterministic GQA sums, no atomics)
+// The T x T scores are materialised (att is saved for backward anyway); the upper triangle's
+// GEMM work is wasted. A flash-style tiled kernel that never stores att is the next step.
+// Attention GEMMs stay fp32 whatever the matmul precision (scores are precision-sensitive).
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <vector>
 
 #include "model/cuda/cuda_backend.h"
-#include "parallel/cuda_check.h"
 #include "model/cuda/cuda_common.cuh"
+#include "parallel/cuda_check.h"
 
 namespace bmoe::model {
 
@@ -43,106 +48,45 @@ __global__ void rope_kernel(float* x, size_t pairs, int T, int nh, int Hd, float
 
 // ---- attention --------------------------------------------------------------------------------
 
+// Element offsets of the (b, h) slices: q/out rows are strided by H*Hd, k/v rows by KV*Hd
+// (GQA: query head h reads kv head h / (H/KV)); att/dS slices are T x T.
 struct AttnShape {
-    int T, H, KV, Hd;
+    int B, T, H, KV, Hd;
     float scale;
-    // Element offsets of row t of query head h / of the kv head that h reads.
-    __device__ size_t q(int b, int t, int h) const { return ((static_cast<size_t>(b) * T + t) * H + h) * Hd; }
-    __device__ size_t kv(int b, int t, int h) const {
-        return ((static_cast<size_t>(b) * T + t) * KV + h / (H / KV)) * Hd;
+    size_t q(int b, int h) const { return static_cast<size_t>(b) * T * H * Hd + static_cast<size_t>(h) * Hd; }
+    size_t kv(int b, int h) const {
+        return static_cast<size_t>(b) * T * KV * Hd + static_cast<size_t>(h / (H / KV)) * Hd;
     }
+    size_t att(int b, int h) const { return (static_cast<size_t>(b) * H + h) * T * T; }
 };
 
-// dst[j] = alpha * dot(a_shared, base[j-th row]) for j <= i, one warp per j.
-__device__ void row_dots(float* dst, const float* a, const float* base, size_t row_stride, int i, int Hd, float alpha) {
-    const int lane = threadIdx.x & 31;
-    for (int j = threadIdx.x / 32; j <= i; j += blockDim.x / 32) {
-        const float* r = base + j * row_stride;
-        float acc = 0.0f;
-        for (int d = lane; d < Hd; d += 32) acc += a[d] * r[d];
-        acc = warp_sum(acc);
-        if (lane == 0) dst[j] = alpha * acc;
-    }
-}
-
-// out[d] = alpha * sum_{j <= i} w[j] * base[j-th row][d], threads over d.
-__device__ void weighted_rows(
-    float* out, const float* w, const float* base, size_t row_stride, int i, int Hd, float alpha) {
-    for (int d = threadIdx.x; d < Hd; d += blockDim.x) {
-        float acc = 0.0f;
-        for (int j = 0; j <= i; ++j) acc += w[j] * base[j * row_stride + d];
-        out[d] = alpha * acc;
-    }
-}
-
-__global__ void attention_forward_kernel(
-    float* out, float* att, const float* q, const float* k, const float* v, AttnShape s) {
-    extern __shared__ float q_s[];  // [Hd]
-    const int i = blockIdx.x % s.T, h = (blockIdx.x / s.T) % s.H, b = blockIdx.x / (s.T * s.H);
-    float* p = att + static_cast<size_t>(blockIdx.x) * s.T;  // att row (b, h, i)
-    for (int d = threadIdx.x; d < s.Hd; d += blockDim.x) q_s[d] = q[s.q(b, i, h) + d];
-    __syncthreads();
-    const size_t kv_stride = static_cast<size_t>(s.KV) * s.Hd;
-    row_dots(p, q_s, k + s.kv(b, 0, h), kv_stride, i, s.Hd, s.scale);
-    __syncthreads();  // also makes the global p[] writes visible block-wide
+// One block per score row i of a slice: softmax over j <= i in place, zeros for j > i.
+__global__ void causal_softmax_kernel(float* att, int T) {
+    const int i = blockIdx.x % T;
+    float* p = att + static_cast<size_t>(blockIdx.x) * T;
     float mx = -INFINITY;
     for (int j = threadIdx.x; j <= i; j += blockDim.x) mx = fmaxf(mx, p[j]);
     mx = block_max(mx);
     double sum = 0.0;
     for (int j = threadIdx.x; j <= i; j += blockDim.x) sum += (p[j] = expf(p[j] - mx));
     const float inv = static_cast<float>(1.0 / block_sum(sum));
-    for (int j = threadIdx.x; j < s.T; j += blockDim.x) p[j] = j <= i ? p[j] * inv : 0.0f;
-    __syncthreads();
-    weighted_rows(out + s.q(b, i, h), p, v + s.kv(b, 0, h), kv_stride, i, s.Hd, 1.0f);
+    for (int j = threadIdx.x; j < T; j += blockDim.x) p[j] = j <= i ? p[j] * inv : 0.0f;
 }
 
-// Pass 1 (per query row): dS row into ds, dq row.
-__global__ void attention_backward_q_kernel(
-    float* dq, float* dS, const float* dout, const float* k, const float* v, const float* att, AttnShape s) {
-    extern __shared__ float do_s[];  // [Hd]
-    const int i = blockIdx.x % s.T, h = (blockIdx.x / s.T) % s.H, b = blockIdx.x / (s.T * s.H);
-    const float* p = att + static_cast<size_t>(blockIdx.x) * s.T;
-    float* ds = dS + static_cast<size_t>(blockIdx.x) * s.T;
-    for (int d = threadIdx.x; d < s.Hd; d += blockDim.x) do_s[d] = dout[s.q(b, i, h) + d];
-    __syncthreads();
-    const size_t kv_stride = static_cast<size_t>(s.KV) * s.Hd;
-    row_dots(ds, do_s, v + s.kv(b, 0, h), kv_stride, i, s.Hd, 1.0f);  // dP
-    __syncthreads();
+// One block per row: ds holds dP on entry, dS = P (dP - rowsum(P dP)) on exit (zeros for j > i).
+__global__ void causal_softmax_backward_kernel(float* ds, const float* att, int T) {
+    const int i = blockIdx.x % T;
+    const float* p = att + static_cast<size_t>(blockIdx.x) * T;
+    float* d = ds + static_cast<size_t>(blockIdx.x) * T;
     double dot = 0.0;
-    for (int j = threadIdx.x; j <= i; j += blockDim.x) dot += static_cast<double>(p[j]) * ds[j];
+    for (int j = threadIdx.x; j <= i; j += blockDim.x) dot += static_cast<double>(p[j]) * d[j];
     const float pdp = static_cast<float>(block_sum(dot));
-    for (int j = threadIdx.x; j <= i; j += blockDim.x) ds[j] = p[j] * (ds[j] - pdp);
-    __syncthreads();
-    weighted_rows(dq + s.q(b, i, h), ds, k + s.kv(b, 0, h), kv_stride, i, s.Hd, s.scale);
+    for (int j = threadIdx.x; j < T; j += blockDim.x) d[j] = j <= i ? p[j] * (d[j] - pdp) : 0.0f;
 }
 
-// Pass 2 (per key row j of kv head g): dk = scale sum_h sum_{i>=j} dS_h[i, j] q_h[i],
-// dv = sum_h sum_{i>=j} P_h[i, j] dout_h[i]; threads over d, fixed (h, i) order.
-__global__ void attention_backward_kv_kernel(
-    float* dk, float* dv, const float* dS, const float* att, const float* q, const float* dout, AttnShape s) {
-    const int j = blockIdx.x % s.T, g = (blockIdx.x / s.T) % s.KV, b = blockIdx.x / (s.T * s.KV);
-    const int group = s.H / s.KV;
-    const size_t q_stride = static_cast<size_t>(s.H) * s.Hd;
-    for (int d = threadIdx.x; d < s.Hd; d += blockDim.x) {
-        float dk_acc = 0.0f, dv_acc = 0.0f;
-        for (int h = g * group; h < (g + 1) * group; ++h) {
-            const size_t col = (static_cast<size_t>(b) * s.H + h) * s.T * s.T + j;  // (b, h, i = 0, j)
-            const size_t qi = s.q(b, 0, h) + d;
-            for (int i = j; i < s.T; ++i) {
-                const size_t at = col + static_cast<size_t>(i) * s.T;
-                dk_acc += dS[at] * q[qi + i * q_stride];
-                dv_acc += att[at] * dout[qi + i * q_stride];
-            }
-        }
-        const size_t o = s.kv(b, j, g * group) + d;
-        dk[o] = s.scale * dk_acc;
-        dv[o] = dv_acc;
-    }
-}
-
-AttnShape attn_shape(int T, int H, int KV, int Hd) {
+AttnShape attn_shape(int B, int T, int H, int KV, int Hd) {
     BMOE_REQUIRE(KV > 0 && H % KV == 0, "attention: num_heads (", H, ") must be a multiple of num_kv_heads (", KV, ")");
-    return {T, H, KV, Hd, static_cast<float>(1.0 / std::sqrt(static_cast<double>(Hd)))};
+    return {B, T, H, KV, Hd, static_cast<float>(1.0 / std::sqrt(static_cast<double>(Hd)))};
 }
 
 }  // namespace
@@ -173,12 +117,20 @@ void CudaBackend::attention_forward(float* out_BTHd,
                                     int H,
                                     int KV,
                                     int Hd) {
-    const AttnShape s = attn_shape(T, H, KV, Hd);
+    const AttnShape s = attn_shape(B, T, H, KV, Hd);
     const size_t rows = static_cast<size_t>(B) * H * T;
     if (rows == 0 || Hd <= 0) return;
-    attention_forward_kernel<<<static_cast<unsigned>(rows), kAttThreads, Hd * sizeof(float), stream_>>>(
-        out_BTHd, att_BHTT, q_BTHd, k_BTKVHd, v_BTKVHd, s);
+    const ScopedMatmulPrecision fp32(this, MatmulPrecision::kFp32);
+    std::vector<GemmProblem> scores, apply;
+    for (int b = 0; b < B; ++b)
+        for (int h = 0; h < H; ++h) {
+            scores.push_back({T, T, Hd, q_BTHd + s.q(b, h), k_BTKVHd + s.kv(b, h), att_BHTT + s.att(b, h)});
+            apply.push_back({T, Hd, T, att_BHTT + s.att(b, h), v_BTKVHd + s.kv(b, h), out_BTHd + s.q(b, h)});
+        }
+    grouped_gemm(scores, s.scale, H * Hd, false, KV * Hd, true, 0.0f, T);  // S = scale Q K^T
+    causal_softmax_kernel<<<static_cast<unsigned>(rows), kAttThreads, 0, stream_>>>(att_BHTT, T);
     CUDA_CHECK_LAST();
+    grouped_gemm(apply, 1.0f, T, false, KV * Hd, false, 0.0f, H * Hd);  // out = P V
 }
 
 void CudaBackend::attention_backward(float* dq_BTHd,
@@ -194,18 +146,35 @@ void CudaBackend::attention_backward(float* dq_BTHd,
                                      int H,
                                      int KV,
                                      int Hd) {
-    const AttnShape s = attn_shape(T, H, KV, Hd);
-    const size_t q_rows = static_cast<size_t>(B) * H * T, kv_rows = static_cast<size_t>(B) * KV * T;
-    if (q_rows == 0 || Hd <= 0) return;
-    // dS lives in a reused scratch of the att size (only the causal part is written and read).
-    auto* dS = static_cast<float*>(scratch(attn_ws_, q_rows * T * sizeof(float)));
-    attention_backward_q_kernel<<<static_cast<unsigned>(q_rows), kAttThreads, Hd * sizeof(float), stream_>>>(
-        dq_BTHd, dS, dout_BTHd, k_BTKVHd, v_BTKVHd, att_BHTT, s);
+    const AttnShape s = attn_shape(B, T, H, KV, Hd);
+    const size_t rows = static_cast<size_t>(B) * H * T;
+    if (rows == 0 || Hd <= 0) return;
+    const ScopedMatmulPrecision fp32(this, MatmulPrecision::kFp32);
+    auto* dS = static_cast<float*>(scratch(attn_ws_, rows * T * sizeof(float)));  // [B, H, T, T]
+    std::vector<GemmProblem> dp, dq;
+    for (int b = 0; b < B; ++b)
+        for (int h = 0; h < H; ++h) {
+            dp.push_back({T, T, Hd, dout_BTHd + s.q(b, h), v_BTKVHd + s.kv(b, h), dS + s.att(b, h)});
+            dq.push_back({T, Hd, T, dS + s.att(b, h), k_BTKVHd + s.kv(b, h), dq_BTHd + s.q(b, h)});
+        }
+    grouped_gemm(dp, 1.0f, H * Hd, false, KV * Hd, true, 0.0f, T);  // dP = dout V^T
+    causal_softmax_backward_kernel<<<static_cast<unsigned>(rows), kAttThreads, 0, stream_>>>(dS, att_BHTT, T);
     CUDA_CHECK_LAST();
-    const int kv_threads = std::min(kAttThreads, (Hd + 31) / 32 * 32);
-    attention_backward_kv_kernel<<<static_cast<unsigned>(kv_rows), kv_threads, 0, stream_>>>(
-        dk_BTKVHd, dv_BTKVHd, dS, att_BHTT, q_BTHd, dout_BTHd, s);
-    CUDA_CHECK_LAST();
+    grouped_gemm(dq, s.scale, T, false, KV * Hd, false, 0.0f, H * Hd);  // dq = scale dS K
+    // dk, dv of kv head g: the query heads of its group one after another (= for the first, += after)
+    const int group = H / KV;
+    for (int j = 0; j < group; ++j) {
+        std::vector<GemmProblem> dk, dv;
+        for (int b = 0; b < B; ++b)
+            for (int g = 0; g < KV; ++g) {
+                const int h = g * group + j;
+                dk.push_back({T, Hd, T, dS + s.att(b, h), q_BTHd + s.q(b, h), dk_BTKVHd + s.kv(b, h)});
+                dv.push_back({T, Hd, T, att_BHTT + s.att(b, h), dout_BTHd + s.q(b, h), dv_BTKVHd + s.kv(b, h)});
+            }
+        const float beta = j == 0 ? 0.0f : 1.0f;
+        grouped_gemm(dk, s.scale, T, true, H * Hd, false, beta, KV * Hd);  // dk (+)= scale dS_h^T q_h
+        grouped_gemm(dv, 1.0f, T, true, H * Hd, false, beta, KV * Hd);     // dv (+)= P_h^T dout_h
+    }
 }
 
 }  // namespace bmoe::model
