@@ -16,6 +16,7 @@
 #include <cmath>
 #include <vector>
 
+#include "model/cuda/attention_plan.h"
 #include "model/cuda/cuda_backend.h"
 #include "model/cuda/cuda_common.cuh"
 #include "parallel/cuda_check.h"
@@ -48,18 +49,6 @@ __global__ void rope_kernel(float* x, size_t pairs, int T, int nh, int Hd, float
 
 // ---- attention --------------------------------------------------------------------------------
 
-// Element offsets of the (b, h) slices: q/out rows are strided by H*Hd, k/v rows by KV*Hd
-// (GQA: query head h reads kv head h / (H/KV)); att/dS slices are T x T.
-struct AttnShape {
-    int B, T, H, KV, Hd;
-    float scale;
-    size_t q(int b, int h) const { return static_cast<size_t>(b) * T * H * Hd + static_cast<size_t>(h) * Hd; }
-    size_t kv(int b, int h) const {
-        return static_cast<size_t>(b) * T * KV * Hd + static_cast<size_t>(h / (H / KV)) * Hd;
-    }
-    size_t att(int b, int h) const { return (static_cast<size_t>(b) * H + h) * T * T; }
-};
-
 // One block per score row i of a slice: softmax over j <= i in place, zeros for j > i.
 __global__ void causal_softmax_kernel(float* att, int T) {
     const int i = blockIdx.x % T;
@@ -86,7 +75,7 @@ __global__ void causal_softmax_backward_kernel(float* ds, const float* att, int 
 
 AttnShape attn_shape(int B, int T, int H, int KV, int Hd) {
     BMOE_REQUIRE(KV > 0 && H % KV == 0, "attention: num_heads (", H, ") must be a multiple of num_kv_heads (", KV, ")");
-    return {B, T, H, KV, Hd, static_cast<float>(1.0 / std::sqrt(static_cast<double>(Hd)))};
+    return {B, T, H, KV, Hd};
 }
 
 }  // namespace
@@ -107,6 +96,14 @@ void CudaBackend::rope_backward(float* dx_BTHd, int B, int T, int nh, int Hd, fl
     CUDA_CHECK_LAST();
 }
 
+// Runs one batched GEMM of an attention plan through grouped_gemm (fp32: see the header).
+void CudaBackend::run_batched_gemm(const BatchedGemm& g) {
+    std::vector<GemmProblem> problems;
+    problems.reserve(g.slices.size());
+    for (const BatchedGemm::Operands& o : g.slices) problems.push_back({g.M, g.N, g.K, o.A, o.B, o.C});
+    grouped_gemm(problems, g.alpha, g.lda, g.transA, g.ldb, g.transB, g.beta, g.ldc);
+}
+
 void CudaBackend::attention_forward(float* out_BTHd,
                                     float* att_BHTT,
                                     const float* q_BTHd,
@@ -121,16 +118,11 @@ void CudaBackend::attention_forward(float* out_BTHd,
     const size_t rows = static_cast<size_t>(B) * H * T;
     if (rows == 0 || Hd <= 0) return;
     const ScopedMatmulPrecision fp32(this, MatmulPrecision::kFp32);
-    std::vector<GemmProblem> scores, apply;
-    for (int b = 0; b < B; ++b)
-        for (int h = 0; h < H; ++h) {
-            scores.push_back({T, T, Hd, q_BTHd + s.q(b, h), k_BTKVHd + s.kv(b, h), att_BHTT + s.att(b, h)});
-            apply.push_back({T, Hd, T, att_BHTT + s.att(b, h), v_BTKVHd + s.kv(b, h), out_BTHd + s.q(b, h)});
-        }
-    grouped_gemm(scores, s.scale, H * Hd, false, KV * Hd, true, 0.0f, T);  // S = scale Q K^T
+    const std::vector<BatchedGemm> plan = attention_forward_plan(s, out_BTHd, att_BHTT, q_BTHd, k_BTKVHd, v_BTKVHd);
+    run_batched_gemm(plan[0]);  // S = scale Q K^T
     causal_softmax_kernel<<<static_cast<unsigned>(rows), kAttThreads, 0, stream_>>>(att_BHTT, T);
     CUDA_CHECK_LAST();
-    grouped_gemm(apply, 1.0f, T, false, KV * Hd, false, 0.0f, H * Hd);  // out = P V
+    run_batched_gemm(plan[1]);  // out = P V
 }
 
 void CudaBackend::attention_backward(float* dq_BTHd,
@@ -151,30 +143,12 @@ void CudaBackend::attention_backward(float* dq_BTHd,
     if (rows == 0 || Hd <= 0) return;
     const ScopedMatmulPrecision fp32(this, MatmulPrecision::kFp32);
     auto* dS = static_cast<float*>(scratch(attn_ws_, rows * T * sizeof(float)));  // [B, H, T, T]
-    std::vector<GemmProblem> dp, dq;
-    for (int b = 0; b < B; ++b)
-        for (int h = 0; h < H; ++h) {
-            dp.push_back({T, T, Hd, dout_BTHd + s.q(b, h), v_BTKVHd + s.kv(b, h), dS + s.att(b, h)});
-            dq.push_back({T, Hd, T, dS + s.att(b, h), k_BTKVHd + s.kv(b, h), dq_BTHd + s.q(b, h)});
-        }
-    grouped_gemm(dp, 1.0f, H * Hd, false, KV * Hd, true, 0.0f, T);  // dP = dout V^T
+    const std::vector<BatchedGemm> plan = attention_backward_plan(s, dq_BTHd, dk_BTKVHd, dv_BTKVHd, dS, dout_BTHd,
+                                                                  q_BTHd, k_BTKVHd, v_BTKVHd, att_BHTT);
+    run_batched_gemm(plan[0]);  // dP = dout V^T
     causal_softmax_backward_kernel<<<static_cast<unsigned>(rows), kAttThreads, 0, stream_>>>(dS, att_BHTT, T);
     CUDA_CHECK_LAST();
-    grouped_gemm(dq, s.scale, T, false, KV * Hd, false, 0.0f, H * Hd);  // dq = scale dS K
-    // dk, dv of kv head g: the query heads of its group one after another (= for the first, += after)
-    const int group = H / KV;
-    for (int j = 0; j < group; ++j) {
-        std::vector<GemmProblem> dk, dv;
-        for (int b = 0; b < B; ++b)
-            for (int g = 0; g < KV; ++g) {
-                const int h = g * group + j;
-                dk.push_back({T, Hd, T, dS + s.att(b, h), q_BTHd + s.q(b, h), dk_BTKVHd + s.kv(b, h)});
-                dv.push_back({T, Hd, T, att_BHTT + s.att(b, h), dout_BTHd + s.q(b, h), dv_BTKVHd + s.kv(b, h)});
-            }
-        const float beta = j == 0 ? 0.0f : 1.0f;
-        grouped_gemm(dk, s.scale, T, true, H * Hd, false, beta, KV * Hd);  // dk (+)= scale dS_h^T q_h
-        grouped_gemm(dv, 1.0f, T, true, H * Hd, false, beta, KV * Hd);     // dv (+)= P_h^T dout_h
-    }
+    for (size_t i = 1; i < plan.size(); ++i) run_batched_gemm(plan[i]);  // dq, then dk/dv head by head
 }
 
 }  // namespace bmoe::model

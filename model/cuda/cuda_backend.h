@@ -19,6 +19,8 @@ struct cublasContext;  // cublasHandle_t is cublasContext*
 
 namespace bmoe::model {
 
+struct BatchedGemm;  // model/cuda/attention_plan.h
+
 // Devices the CUDA runtime sees (0 without a driver or GPU; never throws).
 int cuda_device_count();
 // True when the CUDA runtime sees at least one device (never throws).
@@ -232,6 +234,7 @@ class CudaBackend final : public Backend {
                       bool transB,
                       float beta,
                       int ldc);
+    void run_batched_gemm(const BatchedGemm& g);  // one product of an attention plan (attention_plan.h)
 
     CUstream_st* stream_ = nullptr;
     cublasContext* blas_ = nullptr;
