@@ -5,15 +5,9 @@
 # the cores: read the numbers as overhead, not speedup.
 #   bash bench/bench_ep.sh            # uses ./build (tools/build.sh builds it); STEPS=20
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/mpi_bench_env.sh"
 steps="${STEPS:-20}"
-bin=./build/launch/bmoe
-[[ -x $bin ]] || bash tools/build.sh >/dev/null
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1 \
-       OMPI_MCA_btl_vader_single_copy_mechanism=none
-args=(--model.d_model=256 --model.num_layers=4 --model.num_heads=4 --model.num_experts=8 --model.top_k=2
-      --model.expert_hidden=512 --data.batch_size=8 --data.seq_len=256 --data.train_tokens=400000
-      --train.steps="$steps" --train.log_every="$steps" --train.eval_batches=1 --train.plot=false)
+args=("${model_args[@]}" --train.steps="$steps" --train.log_every="$steps")
 printf "%-6s %10s %9s %16s %16s %7s\n" ranks "tokens/s" "a2a %" "bytes/step" "min bytes/step" "ratio"
 for np in 1 2 4; do
   out="$(mktemp -d)"

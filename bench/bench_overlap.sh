@@ -5,15 +5,9 @@
 # On a 2-core box the ranks share the cores: read the wait column, not the speedup.
 #   bash bench/bench_overlap.sh            # uses ./build (tools/build.sh builds it); STEPS=20
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/mpi_bench_env.sh"
 steps="${STEPS:-20}"
-bin=./build/launch/bmoe
-[[ -x $bin ]] || bash tools/build.sh >/dev/null
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1 \
-       OMPI_MCA_btl_vader_single_copy_mechanism=none
-args=(--model.d_model=256 --model.num_layers=4 --model.num_heads=4 --model.num_experts=8 --model.top_k=2
-      --model.expert_hidden=512 --data.batch_size=8 --data.seq_len=256 --data.train_tokens=400000
-      --train.steps="$steps" --train.log_every="$steps" --train.eval_batches=1 --train.plot=false --parallel.ep=1)
+args=("${model_args[@]}" --train.steps="$steps" --train.log_every="$steps" --parallel.ep=1)
 printf "%-6s %-8s %10s %14s %8s\n" ranks overlap "tokens/s" "grad wait ms" "wait %"
 for np in 2 4; do
   threads=$(( $(nproc) / np )); (( threads < 1 )) && threads=1
