@@ -45,7 +45,9 @@ GradientSync::GradientSync(model::Model& model, const parallel::ProcessGrid& gri
     });
 }
 
-GradientSync::~GradientSync() { model_.set_gradients_ready_hook({}); }
+GradientSync::~GradientSync() {
+    if (armed_) model_.set_gradients_ready_hook({});  // an exception between backward and finish()
+}
 
 parallel::Communicator& GradientSync::comm_for(const Run& run) const {
     return run.expert ? grid_.data_dp() : grid_.data_world();
