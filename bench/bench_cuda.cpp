@@ -1,7 +1,8 @@
 // bench_cuda.cpp -- CUDA backend micro-benchmarks (not a test): the grouped expert GEMM against
 // one dense GEMM of the same FLOPs, and MoE permute (gather) / unpermute (combine) bandwidth.
 //   ./build/bench/bench_cuda [--tokens 16384] [--d 768] [--f 3072] [--experts 8] [--topk 2]
-// Prints one human line per measurement and a JSON line at the end. fp32 (no TF32).
+// Prints one human line per measurement and a JSON line at the end. GEMMs in fp32 (no TF32) and in
+// bf16 matmul precision (bf16 tensor cores, fp32 accumulation: model/precision.h).
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -60,14 +61,22 @@ int main(int argc, char** argv) {
     for (float& v : host) v = nd(gen);
     x.upload(host);
     const double flops = 2.0 * R * D * F;
-    const double t_grouped =
-        time_it(*be, 20, [&] { be->grouped_matmul_forward(y.data(), x.data(), w.data(), offsets.data(), E, D, F); });
-    const double t_dense =
-        time_it(*be, 20, [&] { be->matmul_forward(y.data(), x.data(), wd.data(), nullptr, R, D, F); });
-    std::printf("grouped expert GEMM  %d experts, %d rows, D %d -> F %d: %.3f ms, %.1f TFLOP/s\n", E, R, D, F,
-                1e3 * t_grouped, flops / t_grouped / 1e12);
-    std::printf("dense GEMM, same FLOPs (%d x %d x %d): %.3f ms, %.1f TFLOP/s (grouped/dense %.2f)\n", R, D, F,
-                1e3 * t_dense, flops / t_dense / 1e12, t_dense / t_grouped);
+    double grouped_tflops[2] = {0, 0}, dense_tflops[2] = {0, 0};
+    for (const MatmulPrecision p : {MatmulPrecision::kFp32, MatmulPrecision::kBf16}) {
+        const ScopedMatmulPrecision scope(be.get(), p);
+        const int i = p == MatmulPrecision::kBf16 ? 1 : 0;
+        const double t_grouped = time_it(
+            *be, 20, [&] { be->grouped_matmul_forward(y.data(), x.data(), w.data(), offsets.data(), E, D, F); });
+        const double t_dense =
+            time_it(*be, 20, [&] { be->matmul_forward(y.data(), x.data(), wd.data(), nullptr, R, D, F); });
+        grouped_tflops[i] = flops / t_grouped / 1e12;
+        dense_tflops[i] = flops / t_dense / 1e12;
+        const std::string name = to_string(p);
+        std::printf("%s grouped expert GEMM  %d experts, %d rows, D %d -> F %d: %.3f ms, %.1f TFLOP/s\n", name.c_str(),
+                    E, R, D, F, 1e3 * t_grouped, grouped_tflops[i]);
+        std::printf("%s dense GEMM, same FLOPs (%d x %d x %d): %.3f ms, %.1f TFLOP/s (grouped/dense %.2f)\n",
+                    name.c_str(), R, D, F, 1e3 * t_dense, dense_tflops[i], t_dense / t_grouped);
+    }
 
     // permute = gather rows by expert; unpermute = weighted combine of K rows per token
     std::vector<int32_t> row_src(R), slot_row(static_cast<size_t>(N) * K);
@@ -88,7 +97,8 @@ int main(int argc, char** argv) {
     std::printf("permute (gather)    %.3f ms, %.0f GB/s\n", 1e3 * t_gather, gather_gbs);
     std::printf("unpermute (combine) %.3f ms, %.0f GB/s\n", 1e3 * t_combine, combine_gbs);
     std::printf(
-        "JSON {\"grouped_tflops\": %.2f, \"dense_tflops\": %.2f, \"gather_gbs\": %.0f, \"combine_gbs\": %.0f}\n",
-        flops / t_grouped / 1e12, flops / t_dense / 1e12, gather_gbs, combine_gbs);
+        "JSON {\"grouped_tflops\": %.2f, \"dense_tflops\": %.2f, \"grouped_tflops_bf16\": %.2f, "
+        "\"dense_tflops_bf16\": %.2f, \"gather_gbs\": %.0f, \"combine_gbs\": %.0f}\n",
+        grouped_tflops[0], dense_tflops[0], grouped_tflops[1], dense_tflops[1], gather_gbs, combine_gbs);
     return 0;
 }

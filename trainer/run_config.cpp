@@ -139,8 +139,10 @@ void add_run_options(CLI::App& app, RunConfig& c, RunConfigCli& cli) {
                    "expert-parallel size (experts split over this many ranks; 0 = all ranks)")
         ->capture_default_str()
         ->group("Options");
-    opt("parallel.comm", c.parallel.comm,
-        "auto | mpi | nccl: communicator for token rows and gradients (auto: nccl on GPUs when possible)");
+    app.add_option("--parallel.comm,--comm", c.parallel.comm,
+                   "auto | mpi | nccl: communicator for token rows and gradients (auto: nccl on GPUs when possible)")
+        ->capture_default_str()
+        ->group("Options");
     opt("parallel.overlap_grad_reduce", c.parallel.overlap_grad_reduce,
         "true | false | auto (with NCCL): start each layer's gradient all-reduce as soon as its backward is done");
     opt("checkpoint.dir", c.checkpoint.dir, "checkpoint directory (empty = <train.out_dir>/checkpoints)");
@@ -156,7 +158,7 @@ void add_run_options(CLI::App& app, RunConfig& c, RunConfigCli& cli) {
     opt("train.eval_every", c.train.eval_every, "validation every N steps (0 = only at the end)");
     opt("train.eval_batches", c.train.eval_batches, "validation micro-batches per evaluation");
     opt("train.out_dir", c.train.out_dir, "output directory (metrics.jsonl, loss_curve.png, config.toml)");
-    opt("train.backend", c.train.backend, "cpu | cuda");
+    app.add_option("--train.backend,--backend", c.train.backend, "cpu | cuda")->capture_default_str()->group("Options");
     opt("train.precision", c.train.precision,
         "auto | fp32 | bf16: GEMM inputs in bf16 with fp32 accumulation and master weights (auto: bf16 on cuda)");
     opt("train.threads", c.train.threads, "CPU threads (0 = all cores)");
@@ -204,8 +206,8 @@ std::string RunConfig::to_toml() const {
     os << "\n\n[data]\ndataset = \"" << data.dataset << "\"\nbatch_size = " << data.batch_size
        << "\nseq_len = " << data.seq_len << "\ntrain_tokens = " << data.train_tokens << "\nloss_on = \"" << data.loss_on
        << "\"";
-    os << "\n\n[parallel]\nep = " << parallel.ep << "\ncomm = \"" << parallel.comm
-       << "\"\noverlap_grad_reduce = \"" << parallel.overlap_grad_reduce << "\"";
+    os << "\n\n[parallel]\nep = " << parallel.ep << "\ncomm = \"" << parallel.comm << "\"\noverlap_grad_reduce = \""
+       << parallel.overlap_grad_reduce << "\"";
     os << "\n\n[checkpoint]\ndir = \"" << checkpoint.dir << "\"\nevery = " << checkpoint.every
        << "\nevery_minutes = " << checkpoint.every_minutes << "\nkeep = " << checkpoint.keep << "\nresume = \""
        << checkpoint.resume << "\"";
