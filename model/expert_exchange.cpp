@@ -10,7 +10,7 @@ ExpertExchange::ExpertExchange(parallel::Communicator& ep, int num_experts, Back
       staged_(force_staging || (!backend->is_host() && !ep.device_memory())) {
     BMOE_REQUIRE(!(backend->is_host() && ep.device_memory()), "the ", ep.name(),
                  " communicator moves device memory but the backend is ", backend->name(),
-                 ": use --train.backend=cuda or --train.comm=mpi");
+                 ": use --train.backend=cuda or --parallel.comm=mpi");
 }
 
 const parallel::DispatchHandle& ExpertExchange::dispatch(const float* x_RD,
