@@ -4,8 +4,9 @@
 
 namespace bmoe::model {
 
-ExpertExchange::ExpertExchange(parallel::Communicator& ep, int num_experts, Backend* backend, bool force_staging)
-    : dispatcher_(ep, num_experts),
+ExpertExchange::ExpertExchange(
+    parallel::Communicator& ep, int num_experts, Backend* backend, bool force_staging, parallel::Communicator* counts)
+    : dispatcher_(ep, num_experts, counts),
       backend_(backend),
       staged_(force_staging || (!backend->is_host() && !ep.device_memory())) {
     BMOE_REQUIRE(!(backend->is_host() && ep.device_memory()), "the ", ep.name(),

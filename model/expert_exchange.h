@@ -26,7 +26,12 @@ class ExpertExchange {
     // backend's is host memory (NCCL needs the CUDA backend), or E is not divisible by the EP size.
     // force_staging: stage through host memory even when the communicator reads the backend's
     // memory (tests run the staged path of GPU + MPI runs on the CPU backend this way).
-    ExpertExchange(parallel::Communicator& ep, int num_experts, Backend* backend, bool force_staging = false);
+    // counts: the host communicator of the same EP group for the row counts (nullptr = ep).
+    ExpertExchange(parallel::Communicator& ep,
+                   int num_experts,
+                   Backend* backend,
+                   bool force_staging = false,
+                   parallel::Communicator* counts = nullptr);
 
     // Plans the exchange for x_RD (rows grouped by global expert, expert_offsets [E+1]) and moves
     // it: local_LD (num_local_rows x D) grows as needed and is sorted by local expert.

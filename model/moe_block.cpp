@@ -17,7 +17,8 @@ MoeBlock::MoeBlock(const ModelConfig& config, Backend* backend, const ParallelCo
       experts_(backend, config.activation, config.d_model, config.expert_hidden) {
     if (parallel_.expert_parallel())
         expert_exchange_ = std::make_unique<ExpertExchange>(
-            parallel_.ep_rows != nullptr ? *parallel_.ep_rows : *parallel_.ep, config.num_experts, backend);
+            parallel_.ep_rows != nullptr ? *parallel_.ep_rows : *parallel_.ep, config.num_experts, backend,
+            /*force_staging=*/false, /*counts=*/parallel_.ep);  // counts stay on the host communicator
 }
 
 // Rows leave for their experts' ranks after routing and come back before combine; on one rank

@@ -13,10 +13,15 @@ int64_t DispatchHandle::num_sent_rows() const {
     return std::accumulate(send_rows.begin(), send_rows.end(), int64_t{0});
 }
 
-ExpertDispatcher::ExpertDispatcher(Communicator& ep, int num_experts)
-    : ep_(ep), num_experts_(num_experts), num_local_experts_(num_experts / ep.size()) {
-    BMOE_REQUIRE(num_experts % ep.size() == 0, "model.num_experts (", num_experts,
-                 ") must be divisible by the expert-parallel size (", ep.size(), "): change --parallel.ep");
+ExpertDispatcher::ExpertDispatcher(Communicator& rows, int num_experts, Communicator* counts)
+    : ep_(rows),
+      counts_(counts != nullptr ? *counts : rows),
+      num_experts_(num_experts),
+      num_local_experts_(num_experts / rows.size()) {
+    BMOE_ASSERT(counts_.size() == ep_.size() && counts_.rank() == ep_.rank(),
+                "the count communicator must span the EP group with the same ranks");
+    BMOE_REQUIRE(num_experts % rows.size() == 0, "model.num_experts (", num_experts,
+                 ") must be divisible by the expert-parallel size (", rows.size(), "): change --parallel.ep");
 }
 
 DispatchHandle ExpertDispatcher::plan(const std::vector<int>& expert_offsets) {
@@ -30,7 +35,7 @@ DispatchHandle ExpertDispatcher::plan(const std::vector<int>& expert_offsets) {
     std::vector<int64_t> expert_rows(num_experts_);
     for (int e = 0; e < num_experts_; ++e) expert_rows[e] = expert_offsets[e + 1] - expert_offsets[e];
     const auto t0 = Clock::now();
-    h.recv_expert_rows = ep_.exchange_counts(expert_rows);
+    h.recv_expert_rows = counts_.exchange_counts(expert_rows);
     seconds_ += std::chrono::duration<double>(Clock::now() - t0).count();
     h.recv_rows.assign(P, 0);
     for (int s = 0; s < P; ++s)

@@ -34,8 +34,11 @@ struct DispatchHandle {
 
 class ExpertDispatcher {
   public:
-    // Throws a one-line bmoe::Error when the EP size does not divide num_experts.
-    ExpertDispatcher(Communicator& ep, int num_experts);
+    // rows: moves the token rows (its memory); counts: exchanges the row counts, host vectors --
+    // the host communicator of the same EP group, so an NCCL row exchange needs no device round
+    // trip for its counts (nullptr = rows). Throws a one-line bmoe::Error when the EP size does not
+    // divide num_experts.
+    ExpertDispatcher(Communicator& rows, int num_experts, Communicator* counts = nullptr);
 
     // Collective: exchanges the per-expert row counts of rows grouped by global expert and plans
     // the movement (host work only).
@@ -52,6 +55,7 @@ class ExpertDispatcher {
 
   private:
     Communicator& ep_;
+    Communicator& counts_;
     int num_experts_, num_local_experts_;
     double seconds_ = 0.0;
 };
