@@ -2,7 +2,7 @@
 //
 //   bench_train [--steps N] [--warmup N] [--threads N] [--gemm N]
 //               [--backend cpu|cuda] [--precision fp32|bf16] [--model default|gpt2-moe|large]
-//               [--batch B] [--peak-tflops X]
+//               [--batch B] [--peak-tflops X] [--recompute none|attention]
 //
 // (a) Peak. CPU: the best of a few cblas_sgemm runs of an N x N x N product (default 2048): the
 //     FLOP/s a well-tuned GEMM reaches on this machine, the practical ceiling for a CPU trainer.
@@ -58,6 +58,7 @@ struct Options {
     std::string precision = "fp32";
     std::string model = "default";
     int batch = 0;             // 0 = the preset's
+    bool recompute = false;    // attention recompute (Model::set_attention_recompute)
     double peak_tflops = 0.0;  // 0 = the default for the backend and precision
 };
 
@@ -89,13 +90,15 @@ Options parse_options(int argc, char** argv) {
             o.model = text();
         else if (arg == "--batch")
             o.batch = value();
+        else if (arg == "--recompute")
+            o.recompute = text() == "attention";
         else if (arg == "--peak-tflops")
             o.peak_tflops = std::atof(text().c_str());
         else {
             std::fprintf(stderr,
                          "usage: bench_train [--steps N] [--warmup N] [--threads N] [--gemm N] [--backend cpu|cuda]\n"
                          "                   [--precision fp32|bf16] [--model default|gpt2-moe|large] [--batch B]\n"
-                         "                   [--peak-tflops X]\n");
+                         "                   [--peak-tflops X] [--recompute none|attention]\n");
             std::exit(arg == "--help" || arg == "-h" ? 0 : 2);
         }
     }
@@ -202,6 +205,7 @@ int main(int argc, char** argv) {
     backend.set_matmul_precision(precision);
     model::Model net(config, &backend);
     net.init_weights(/*seed=*/0);
+    net.set_attention_recompute(opt.recompute);
     trainer::OptimConfig optim;
     trainer::AdamW adamw(optim, net);
     const model::LossWeights loss_weights;

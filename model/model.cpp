@@ -12,7 +12,7 @@ struct Model::LayerActs {
     Buffer<float> resid_in;                           // [N, D] residual stream entering the layer
     Buffer<float> norm1_out, norm1_mean, norm1_rstd;  // [N, D], [N], [N]
     Buffer<float> q, k, v;                            // [N, H*Hd], [N, KV*Hd] x2 (q, k after RoPE)
-    Buffer<float> att;                                // [B, H, T, T]
+    Buffer<float> att;                                // [B, H, T, T] (empty with attention recompute)
     Buffer<float> attn_out;                           // [N, H*Hd]
     Buffer<float> resid_mid;                          // [N, D] after the attention residual add
     Buffer<float> norm2_out, norm2_mean, norm2_rstd;
@@ -97,6 +97,14 @@ std::vector<float> Model::logits_to_host() const {
     return host;
 }
 
+void Model::set_attention_recompute(bool on) {
+    if (on == recompute_attention_) return;
+    recompute_attention_ = on;
+    B_ = T_ = 0;  // reallocate the activations at the next forward
+}
+
+float* Model::scores(LayerActs& a) { return recompute_attention_ ? att_shared_.data() : a.att.data(); }
+
 void Model::ensure_activations(int B, int T) {
     if (B == B_ && T == T_) return;
     B_ = B;
@@ -107,6 +115,8 @@ void Model::ensure_activations(int B, int T) {
     Backend* be = backend_;
     tokens_ = Buffer<int32_t>(be, N);
     targets_ = Buffer<int32_t>(be, N);
+    const size_t att_numel = static_cast<size_t>(B) * config_.num_heads * T * T;
+    att_shared_ = recompute_attention_ ? Buffer<float>(be, att_numel) : Buffer<float>();
     for (auto& a : layer_acts_) {
         a->resid_in = Buffer<float>(be, N * D);
         a->norm1_out = Buffer<float>(be, N * D);
@@ -115,7 +125,7 @@ void Model::ensure_activations(int B, int T) {
         a->q = Buffer<float>(be, N * q_dim);
         a->k = Buffer<float>(be, N * kv_dim);
         a->v = Buffer<float>(be, N * kv_dim);
-        a->att = Buffer<float>(be, static_cast<size_t>(B) * config_.num_heads * T * T);
+        a->att = recompute_attention_ ? Buffer<float>() : Buffer<float>(be, att_numel);
         a->attn_out = Buffer<float>(be, N * q_dim);
         a->resid_mid = Buffer<float>(be, N * D);
         a->norm2_out = Buffer<float>(be, N * D);
@@ -212,7 +222,7 @@ ForwardStats Model::forward(const int32_t* tokens, const int32_t* targets, int B
             be->rope_forward(a.q.data(), B, T, H, Hd, c.rope_theta);
             be->rope_forward(a.k.data(), B, T, KV, Hd, c.rope_theta);
         }
-        be->attention_forward(a.attn_out.data(), a.att.data(), a.q.data(), a.k.data(), a.v.data(), B, T, H, KV, Hd);
+        be->attention_forward(a.attn_out.data(), scores(a), a.q.data(), a.k.data(), a.v.data(), B, T, H, KV, Hd);
         be->matmul_forward(a.ffn_out.data(), a.attn_out.data(), w.wo, nullptr, N, H * Hd, D);  // ffn_out as scratch
         be->add(a.resid_mid.data(), a.resid_in.data(), a.ffn_out.data(), static_cast<size_t>(N) * D);
         // feed-forward sub-block (MoE or dense)
@@ -305,8 +315,10 @@ void Model::backward(float loss_scale) {
         // attention sub-block: d o_proj out = dresidual
         be->matmul_backward(dattn_.data(), dw.wo, nullptr, dresidual_.data(), a.attn_out.data(), w.wo, N, H * Hd, D,
                             false);
+        if (recompute_attention_)  // this layer's scores again (dq_ is free scratch for the output until below)
+            be->attention_forward(dq_.data(), scores(a), a.q.data(), a.k.data(), a.v.data(), B, T, H, KV, Hd);
         be->attention_backward(dq_.data(), dk_.data(), dv_.data(), dattn_.data(), a.q.data(), a.k.data(), a.v.data(),
-                               a.att.data(), B, T, H, KV, Hd);
+                               scores(a), B, T, H, KV, Hd);
         if (c.position == PositionType::kRope) {
             be->rope_backward(dq_.data(), B, T, H, Hd, c.rope_theta);
             be->rope_backward(dk_.data(), B, T, KV, Hd, c.rope_theta);

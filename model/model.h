@@ -76,6 +76,12 @@ class Model {
     ForwardStats forward(const int32_t* tokens, const int32_t* targets, int B, int T, const LossWeights& weights);
     // Requires a forward with targets; accumulates d(loss * loss_scale)/dparams into grads().
     void backward(float loss_scale);
+    // Activation recomputation for attention (Megatron's selective recompute): instead of keeping
+    // every layer's softmax scores [B, H, T, T] from forward to backward, all layers share one
+    // buffer and backward recomputes a layer's scores from its saved q and k. Saves (L - 1) B H T^2
+    // floats for one extra Q K^T + softmax per layer in backward; gradients are bitwise the same.
+    void set_attention_recompute(bool on);
+    bool attention_recompute() const { return recompute_attention_; }
     // Called by backward() each time the gradients of one backward stage are final (queued on the
     // backend): stage num_layers (final norm, LM head), then l = num_layers-1 .. 0, then -1
     // (embeddings). See ParamInfo::backward_stage. The trainer starts gradient all-reduces from it
@@ -125,6 +131,9 @@ class Model {
     // backward scratch
     Buffer<float> dresidual_, dtmp_ND_, dlogits_;  // [N, D], [N, max(D, H*Hd)], [N, V]
     Buffer<float> dq_, dk_, dv_, dattn_;           // [N, H*Hd], [N, KV*Hd] x2, [N, H*Hd]
+    bool recompute_attention_ = false;
+    Buffer<float> att_shared_;  // [B, H, T, T] the scores of every layer with attention recompute
+    float* scores(LayerActs& a);
 };
 
 }  // namespace bmoe::model

@@ -193,6 +193,32 @@ TEST_P(ModelGradTest, GradientAccumulationAddsUp) {
     for (size_t i = 0; i < once.size(); ++i) ASSERT_NEAR(once[i], twice[i], 1e-6f + 1e-5f * std::abs(once[i])) << i;
 }
 
+// Attention recompute trades memory for time, nothing else: the loss and every gradient are bitwise
+// those of a run that keeps the scores, over two micro-batches of different shapes.
+TEST_P(ModelGradTest, AttentionRecomputeGivesBitwiseTheSameGradients) {
+    const ModelConfig cfg = GetParam().config;
+    CpuBackend backend;
+    std::vector<int32_t> tokens = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10}, targets = {2, 3, 4, 5, 6, 7, 8, 9, 10, 11};
+    const LossWeights w{0.01f, 0.001f, 0.05f};
+    std::vector<std::vector<float>> grads;
+    std::vector<double> losses;
+    for (bool recompute : {false, true}) {
+        Model model(cfg, &backend);
+        model.init_weights(3);
+        model.set_attention_recompute(recompute);
+        EXPECT_EQ(model.attention_recompute(), recompute);
+        model.zero_grad();
+        losses.push_back(model.forward(tokens.data(), targets.data(), 2, 5, w).total_loss);
+        model.backward(0.5f);
+        model.forward(tokens.data(), targets.data(), 1, 7, w);  // another shape reallocates the buffers
+        model.backward(0.5f);
+        grads.push_back(model.grads_to_host());
+    }
+    EXPECT_EQ(losses[0], losses[1]);
+    ASSERT_EQ(grads[0].size(), grads[1].size());
+    for (size_t i = 0; i < grads[0].size(); ++i) ASSERT_EQ(grads[0][i], grads[1][i]) << i;
+}
+
 // Freezing skips gradients, it does not change them: with some tensors frozen (router only; the
 // upper layer only, where backward stops early; embeddings only, tied to the LM head), every
 // trainable tensor's gradient is bitwise the full backward's, and frozen gradients stay zero.

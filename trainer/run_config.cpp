@@ -60,6 +60,8 @@ void RunConfig::validate() const {
                  train.backend, "')");
     BMOE_REQUIRE(train.precision == "auto" || train.precision == "fp32" || train.precision == "bf16",
                  "train.precision must be 'auto', 'fp32' or 'bf16' (got '", train.precision, "')");
+    BMOE_REQUIRE(train.recompute == "none" || train.recompute == "attention",
+                 "train.recompute must be 'none' or 'attention' (got '", train.recompute, "')");
     BMOE_REQUIRE(!train.out_dir.empty(), "train.out_dir must not be empty");
 }
 
@@ -159,6 +161,8 @@ void add_run_options(CLI::App& app, RunConfig& c, RunConfigCli& cli) {
     opt("train.eval_batches", c.train.eval_batches, "validation micro-batches per evaluation");
     opt("train.out_dir", c.train.out_dir, "output directory (metrics.jsonl, loss_curve.png, config.toml)");
     app.add_option("--train.backend,--backend", c.train.backend, "cpu | cuda")->capture_default_str()->group("Options");
+    opt("train.recompute", c.train.recompute,
+        "none | attention: recompute attention scores in backward instead of keeping every layer's");
     opt("train.precision", c.train.precision,
         "auto | fp32 | bf16: GEMM inputs in bf16 with fp32 accumulation and master weights (auto: bf16 on cuda)");
     opt("train.threads", c.train.threads, "CPU threads (0 = all cores)");
@@ -214,9 +218,9 @@ std::string RunConfig::to_toml() const {
     os << "\n\n[train]\nsteps = " << train.steps << "\ngrad_accum = " << train.grad_accum << "\nseed = " << train.seed
        << "\nlog_every = " << train.log_every << "\neval_every = " << train.eval_every
        << "\neval_batches = " << train.eval_batches << "\nout_dir = \"" << train.out_dir << "\"\nbackend = \""
-       << train.backend << "\"\nprecision = \"" << train.precision << "\"\nthreads = " << train.threads
-       << "\nplot = " << b(train.plot) << "\nlog_layers = " << b(train.log_layers) << "\ninit = \"" << train.init
-       << "\"\ntrainable = \"" << train.trainable << "\"\n";
+       << train.backend << "\"\nprecision = \"" << train.precision << "\"\nrecompute = \"" << train.recompute
+       << "\"\nthreads = " << train.threads << "\nplot = " << b(train.plot) << "\nlog_layers = " << b(train.log_layers)
+       << "\ninit = \"" << train.init << "\"\ntrainable = \"" << train.trainable << "\"\n";
     return os.str();
 }
 

@@ -94,6 +94,9 @@ struct TrainConfig {
     // weights, activations, router and KL stay fp32). auto = bf16 on cuda, fp32 on cpu (where bf16
     // is an exact emulation, for tests: slower, not faster).
     std::string precision = "auto";
+    // Activation recomputation: none | attention (keep one [B, H, T, T] score buffer for all layers
+    // and recompute each layer's scores in backward: Model::set_attention_recompute).
+    std::string recompute = "none";
     int threads = 0;          // CPU threads; 0 = all cores
     bool plot = true;         // write loss_curve.png (needs python3-matplotlib)
     bool log_layers = false;  // metrics.jsonl: aux, z and router regulariser per MoE layer

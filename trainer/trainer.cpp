@@ -55,6 +55,7 @@ Trainer::Trainer(const RunConfig& config, std::ostream& log, parallel::Communica
     model_ = std::make_unique<model::Model>(config_.model, backend_.get(),
                                             model::make_parallel_context(*grid_, config_.model.num_experts));
     model_->init_weights(config_.train.seed);
+    model_->set_attention_recompute(config_.train.recompute == "attention");
     const int trainable = model_->set_trainable(split_patterns(config_.train.trainable));
     optimizer_ = std::make_unique<AdamW>(config_.optim, *model_);
     const std::string& overlap = config_.parallel.overlap_grad_reduce;
