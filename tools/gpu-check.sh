@@ -47,9 +47,9 @@ for run in "cuda fp32" "cuda bf16" "cpu fp32"; do
     --train.out_dir="$out/bench_$1_$2" 2>&1 | grep -E "^trained" | sed "s/^/$1 $2: /"
 done
 echo "== MFU: GPT-2-small-sized MoE and a card-filling one (bench/bench_train.cpp presets)"
-for run in "gpt2-moe bf16" "gpt2-moe fp32" "large bf16"; do
+for run in "gpt2-moe bf16 none" "gpt2-moe fp32 none" "gpt2-moe bf16 attention" "large bf16 attention"; do
   set -- $run
-  timeout 240 ./build-gpu/bench/bench_train --backend cuda --model $1 --precision $2 --steps 10 --warmup 3 \
-    >"$out/bench_train_$1_$2.log" 2>&1
-  echo "$1 $2 (exit $?): $(grep -E '^bmoe cuda: ' "$out/bench_train_$1_$2.log" | tail -1)"
+  timeout 240 ./build-gpu/bench/bench_train --backend cuda --model $1 --precision $2 --recompute $3 --steps 10 \
+    --warmup 3 >"$out/bench_train_$1_$2_$3.log" 2>&1
+  echo "$1 $2 recompute=$3 (exit $?): $(grep -E '^bmoe cuda: ' "$out/bench_train_$1_$2_$3.log" | tail -1)"
 done
