@@ -1,4 +1,5 @@
-// main.cpp -- the `bmoe` command: subcommands train, finetune-router, eval, data, ckpt inspect, ckpt import.
+// main.cpp -- the `bmoe` command: subcommands train, finetune-router, eval, comm-bench, data, ckpt inspect,
+// ckpt import.
 //
 // Every failure ends as ONE line on stderr, "bmoe <cmd>: error: <what and how to fix>", and a
 // non-zero exit status: bad flags and config values (CLI11 / RunConfig::validate), bad data
@@ -20,6 +21,7 @@
 #include "parallel/check.h"
 #include "parallel/mpi_comm.h"
 #include "parallel/mpi_env.h"
+#include "trainer/comm_bench.h"
 #include "trainer/hf_import.h"
 #include "trainer/run_config.h"
 #include "trainer/trainer.h"
@@ -69,6 +71,19 @@ int eval_distributed(bmoe::eval::EvalOptions options) {
         eval::run_evaluation(options, &world, std::cout);
     } catch (const std::exception& e) {
         parallel::abort_job(std::string("eval: ") + e.what(), 1);
+    }
+    return 0;
+}
+
+// `bmoe comm-bench` on every rank over MPI_COMM_WORLD (rank 0 prints). Errors end the job.
+int comm_bench_distributed(const bmoe::trainer::CommBenchOptions& options) {
+    using namespace bmoe;
+    parallel::MpiEnvironment mpi;
+    try {
+        parallel::MpiComm world(MPI_COMM_WORLD);
+        trainer::run_comm_bench(options, world, std::cout);
+    } catch (const std::exception& e) {
+        parallel::abort_job(std::string("comm-bench: ") + e.what(), 1);
     }
     return 0;
 }
@@ -152,6 +167,20 @@ int main(int argc, char** argv) {
         ->capture_default_str();
     eval_cmd->add_flag("--no-plot", eval_no_plot, "do not draw the figures");
     eval_cmd->add_flag("--no-lm", eval_no_lm, "skip the LM section on the checkpoint's corpus");
+
+    // ---- bmoe comm-bench ----
+    trainer::CommBenchOptions bench_options;
+    CLI::App* bench_cmd = app.add_subcommand(
+        "comm-bench",
+        "communicator self-test: checks and times all-reduce and all-to-all on this launch's ranks (run it under "
+        "mpirun/srun like training)");
+    bench_cmd->add_option("--backend", bench_options.backend, "cpu or cuda (where the buffers live)")
+        ->capture_default_str();
+    bench_cmd->add_option("--comm", bench_options.comm, "auto | mpi | nccl, as --parallel.comm")->capture_default_str();
+    bench_cmd->add_option("--min-bytes", bench_options.min_bytes, "smallest message per rank")->capture_default_str();
+    bench_cmd->add_option("--max-bytes", bench_options.max_bytes, "largest message per rank")->capture_default_str();
+    bench_cmd->add_option("--iters", bench_options.iters, "timed calls per size")->capture_default_str();
+    bench_cmd->add_option("--warmup", bench_options.warmup, "untimed calls per size")->capture_default_str();
 
     // ---- bmoe data ----
     data::DataCommandOptions data_options;
@@ -237,6 +266,10 @@ int main(int argc, char** argv) {
                 return 0;
             }
             return eval_distributed(eval_options);
+        }
+        if (bench_cmd->parsed()) {
+            cmd = "comm-bench";
+            return comm_bench_distributed(bench_options);
         }
         if (data_cmd->parsed()) {
             cmd = "data";
