@@ -37,6 +37,10 @@ done
 bench="--model.d_model=256 --model.num_layers=4 --model.num_heads=4 --model.num_kv_heads=4 --model.num_experts=8 \
   --model.top_k=2 --model.expert_hidden=512 --data.batch_size=8 --data.seq_len=256 --train.eval_batches=1 \
   --train.plot=false --train.log_every=10"
+echo "== comm-bench: NCCL collectives on device buffers, checked (1 rank per GPU)"
+./build-gpu/launch/bmoe comm-bench --backend=cuda --comm=nccl --max-bytes 67108864 --iters 10 \
+  >"$out/comm_bench.log" 2>&1
+echo "comm-bench exit $?: $(grep -cE ' ok$' "$out/comm_bench.log") sizes checked; $(tail -1 "$out/comm_bench.log")"
 echo "== grouped expert GEMM vs dense GEMM, permute/unpermute bandwidth (bench/bench_cuda.cpp)"
 ./build-gpu/bench/bench_cuda | tee "$out/bench_cuda.log"
 echo "== throughput: bench config (vocab 256, seq 256, batch 8, d 256, 4 layers, 8 experts top-2, F 512)"
