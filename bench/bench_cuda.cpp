@@ -1,6 +1,6 @@
 // bench_cuda.cpp -- CUDA backend micro-benchmarks (not a test): the grouped expert GEMM against
 // one dense GEMM of the same FLOPs, and MoE permute (gather) / unpermute (combine) bandwidth.
-//   ./build/bench/bench_cuda [--tokens 16384] [--d 768] [--f 3072] [--experts 8] [--topk 2]
+//   ./build/bench/bench_cuda [--tokens 16384] [--d 768] [--f 3072] [--experts 8] [--topk 2] [--peak-gbs X]
 // Prints one human line per measurement and a JSON line at the end. GEMMs in fp32 (no TF32) and in
 // bf16 matmul precision (bf16 tensor cores, fp32 accumulation: model/precision.h).
 #include <chrono>
@@ -94,8 +94,18 @@ int main(int argc, char** argv) {
     // Bytes moved: gather reads and writes R rows; combine reads R rows and writes N.
     const double gather_gbs = 2.0 * R * D * sizeof(float) / t_gather / 1e9;
     const double combine_gbs = (static_cast<double>(R) + N) * D * sizeof(float) / t_combine / 1e9;
-    std::printf("permute (gather)    %.3f ms, %.0f GB/s\n", 1e3 * t_gather, gather_gbs);
-    std::printf("unpermute (combine) %.3f ms, %.0f GB/s\n", 1e3 * t_combine, combine_gbs);
+    // The card's memory bandwidth: --peak-gbs, else the datasheet figure for H100/H200 SXM.
+    const std::string device = cuda_device_name();
+    double peak_gbs = arg(argc, argv, "--peak-gbs", 0);
+    if (peak_gbs <= 0)
+        peak_gbs = device.find("H200") != std::string::npos   ? 4800
+                   : device.find("H100") != std::string::npos ? 3350
+                                                              : 0;
+    auto share = [&](double gbs) { return peak_gbs > 0 ? 100.0 * gbs / peak_gbs : 0.0; };
+    std::printf("permute (gather)    %.3f ms, %.0f GB/s (%.0f%% of %.0f GB/s, %s)\n", 1e3 * t_gather, gather_gbs,
+                share(gather_gbs), peak_gbs, device.c_str());
+    std::printf("unpermute (combine) %.3f ms, %.0f GB/s (%.0f%% of %.0f GB/s)\n", 1e3 * t_combine, combine_gbs,
+                share(combine_gbs), peak_gbs);
     std::printf(
         "JSON {\"grouped_tflops\": %.2f, \"dense_tflops\": %.2f, \"grouped_tflops_bf16\": %.2f, "
         "\"dense_tflops_bf16\": %.2f, \"gather_gbs\": %.0f, \"combine_gbs\": %.0f}\n",

@@ -24,6 +24,14 @@ int cuda_device_count() {
 
 bool cuda_device_available() { return cuda_device_count() > 0; }
 
+std::string cuda_device_name() {
+    int device = 0;
+    CUDA_CHECK(cudaGetDevice(&device));
+    cudaDeviceProp prop{};
+    CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+    return prop.name;
+}
+
 size_t cuda_memory_in_use() {
     size_t free_bytes = 0, total_bytes = 0;
     CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));

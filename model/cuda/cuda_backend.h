@@ -27,6 +27,8 @@ int cuda_device_count();
 bool cuda_device_available();
 // Bytes in use on the current device (total - free: every process and context on it).
 size_t cuda_memory_in_use();
+// The current device's name, e.g. "NVIDIA H100 80GB HBM3".
+std::string cuda_device_name();
 // Throws bmoe::Error with a hint when no device is visible.
 std::unique_ptr<Backend> make_cuda_backend(int local_rank = 0);  // device = local_rank % device count
 
