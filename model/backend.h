@@ -260,6 +260,11 @@ class Backend {
                               float grad_scale,
                               int step) = 0;
 
+    // ---- bf16 transport (expert-parallel rows that only feed bf16 GEMMs) --------------------
+    // out[i] = bf16_bits(in[i]) (nearest-even, model/precision.h); out[i] -> the float it encodes.
+    virtual void float_to_bf16(uint16_t* out, const float* in, size_t n) = 0;
+    virtual void bf16_to_float(float* out, const uint16_t* in, size_t n) = 0;
+
   protected:
     MatmulPrecision matmul_precision_ = MatmulPrecision::kFp32;
 };

@@ -776,4 +776,16 @@ void CpuBackend::adamw_update(float* param,
     }
 }
 
+// ---- bf16 transport ------------------------------------------------------------------------
+
+void CpuBackend::float_to_bf16(uint16_t* out, const float* in, size_t n) {
+#pragma omp parallel for schedule(static) if (par(n))
+    for (idx_t i = 0; i < static_cast<idx_t>(n); ++i) out[i] = bf16_bits(in[i]);
+}
+
+void CpuBackend::bf16_to_float(float* out, const uint16_t* in, size_t n) {
+#pragma omp parallel for schedule(static) if (par(n))
+    for (idx_t i = 0; i < static_cast<idx_t>(n); ++i) out[i] = model::bf16_to_float(in[i]);
+}
+
 }  // namespace bmoe::model

@@ -171,6 +171,8 @@ class CpuBackend final : public Backend {
                       float weight_decay,
                       float grad_scale,
                       int step) override;
+    void float_to_bf16(uint16_t* out, const float* in, size_t n) override;
+    void bf16_to_float(float* out, const uint16_t* in, size_t n) override;
 
   private:
     // With bf16 matmul precision: x[0..n) rounded to bf16 in scratch slot `slot` (0..2); else x.

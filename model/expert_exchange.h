@@ -12,6 +12,8 @@
 //   combine(local_LD) -> y_RD    (back to the slots the rows came from)
 #pragma once
 
+#include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "model/backend.h"
@@ -35,12 +37,18 @@ class ExpertExchange {
 
     // Plans the exchange for x_RD (rows grouped by global expert, expert_offsets [E+1]) and moves
     // it: local_LD (num_local_rows x D) grows as needed and is sorted by local expert.
+    // as_bf16: the rows only feed bf16 GEMMs (model/precision.h), which round them to bf16 anyway:
+    // they travel as bf16 (half the bytes) and arrive as exactly those rounded values (even D only;
+    // odd D travels as fp32).
     const parallel::DispatchHandle& dispatch(const float* x_RD,
                                              const std::vector<int>& expert_offsets,
                                              int D,
-                                             Buffer<float>& local_LD);
-    void forward(const float* rows_RD, int D, Buffer<float>& local_LD);
+                                             Buffer<float>& local_LD,
+                                             bool as_bf16 = false);
+    void forward(const float* rows_RD, int D, Buffer<float>& local_LD, bool as_bf16 = false);
     void combine(const float* local_LD, int D, float* y_RD);
+    // Bytes this rank sent to other ranks since the last call (payloads as they travelled).
+    int64_t take_bytes_sent() { return std::exchange(bytes_sent_, 0); }
 
     const parallel::DispatchHandle& handle() const { return handle_; }
     bool staged() const { return staged_; }  // rows pass through host memory
@@ -53,7 +61,12 @@ class ExpertExchange {
     parallel::DispatchHandle handle_;
     Buffer<int32_t> received_to_sorted_, sorted_to_received_;  // the handle's permutations
     Buffer<float> received_;                                   // [L, D] rows in received order
+    Buffer<uint16_t> send16_, recv16_;                         // bf16 rows (as_bf16)
     std::vector<float> host_send_, host_recv_;                 // staging (staged_ only)
+    std::vector<uint16_t> host_send16_, host_recv16_;
+    int64_t bytes_sent_ = 0;
+    // Rows sent to OTHER ranks (the bytes that cross a link) for a payload of row_bytes per row.
+    void count_bytes(const std::vector<int64_t>& rows_to_peer, size_t row_bytes);
 };
 
 }  // namespace bmoe::model

@@ -52,6 +52,8 @@ ExchangeStats Model::take_exchange_stats() {
         total.seconds += s.seconds;
         total.rows_sent += s.rows_sent;
         total.min_rows_sent += s.min_rows_sent;
+        total.bytes_sent += s.bytes_sent;
+        total.min_bytes += s.min_bytes;
     }
     return total;
 }

@@ -30,7 +30,8 @@ void MoeBlock::run_experts_forward(const LayerTensors& w) {
         experts_.forward(y_RD_.data(), x_RD_.data(), mw, plan_.expert_offsets);
         return;
     }
-    const parallel::DispatchHandle& h = expert_exchange_->dispatch(x_RD_.data(), plan_.expert_offsets, D, x_local_);
+    const parallel::DispatchHandle& h =
+        expert_exchange_->dispatch(x_RD_.data(), plan_.expert_offsets, D, x_local_, bf16_rows());
     count_exchange_rows();
     y_local_.ensure(backend_, static_cast<size_t>(h.num_local_rows()) * D);
     experts_.forward(y_local_.data(), x_local_.data(), mw, h.local_expert_offsets);
@@ -39,9 +40,16 @@ void MoeBlock::run_experts_forward(const LayerTensors& w) {
 
 ExchangeStats MoeBlock::take_exchange_stats() {
     ExchangeStats s = exchange_;
-    if (expert_exchange_) s.seconds = expert_exchange_->take_seconds();
+    if (expert_exchange_) {
+        s.seconds = expert_exchange_->take_seconds();
+        s.bytes_sent = static_cast<double>(expert_exchange_->take_bytes_sent());
+    }
     exchange_ = {};
     return s;
+}
+
+bool MoeBlock::bf16_rows() const {
+    return parallel_.exchange_bf16 && backend_->matmul_precision() == MatmulPrecision::kBf16;
 }
 
 void MoeBlock::count_exchange_rows() {
@@ -58,6 +66,9 @@ void MoeBlock::count_exchange_rows() {
             if (plan_.slot_row[i] < 0 || p == me || seen[p] == n) continue;
             seen[p] = n;
             ++exchange_.min_rows_sent;
+            // x, y, dy, dx of that row (x and dy as bf16 when bf16_rows() and D is even)
+            const bool half = bf16_rows() && config_.d_model % 2 == 0;
+            exchange_.min_bytes += static_cast<double>(config_.d_model) * (half ? 12 : 16);
         }
 }
 
@@ -70,7 +81,7 @@ void MoeBlock::run_experts_backward(const LayerTensors& dw, const LayerTensors& 
         experts_.backward(dx_RD_.data(), mg, dy_RD_.data(), x_RD_.data(), mw);
         return;
     }
-    expert_exchange_->forward(dy_RD_.data(), D, dy_local_);
+    expert_exchange_->forward(dy_RD_.data(), D, dy_local_, bf16_rows());
     dx_local_.ensure(backend_, static_cast<size_t>(expert_exchange_->handle().num_local_rows()) * D);
     experts_.backward(dx_local_.data(), mg, dy_local_.data(), x_local_.data(), mw);
     expert_exchange_->combine(dx_local_.data(), D, dx_RD_.data());

@@ -30,12 +30,14 @@
 
 namespace bmoe::model {
 
-// Expert-parallel traffic of this rank since the last take (rows of D floats each way).
+// Expert-parallel traffic of this rank since the last take.
 struct ExchangeStats {
     double seconds = 0.0;       // wall time inside all-to-alls (waiting for peers included)
     int64_t rows_sent = 0;      // token copies sent to OTHER ranks (dispatch direction, forward)
     int64_t min_rows_sent = 0;  // the same with one row per (token, destination rank): the minimum
                                 // a deduplicating dispatcher (DeepEP style) would send
+    double bytes_sent = 0.0;    // bytes sent to other ranks: x and y rows forward, dy and dx backward
+    double min_bytes = 0.0;     // the same for min_rows_sent rows
 };
 
 struct MoeLayerStats {
@@ -76,6 +78,7 @@ class MoeBlock {
     void run_experts_forward(const LayerTensors& w);
     void run_experts_backward(const LayerTensors& dw, const LayerTensors& w);
     void count_exchange_rows();  // adds this dispatch's rows to exchange_
+    bool bf16_rows() const;      // x and dy rows travel as bf16 (ParallelContext::exchange_bf16)
     const float* add_input_noise(const float* x_ND, int N, const RoutingContext& ctx);
 
     ModelConfig config_;

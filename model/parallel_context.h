@@ -20,6 +20,9 @@ struct ParallelContext {
     // The communicator that moves token rows within the EP group (same ranks as ep): an NCCL one
     // on GPUs, else ep itself. nullptr = ep.
     parallel::Communicator* ep_rows = nullptr;
+    // With bf16 GEMMs, move the expert-GEMM inputs (x forward, dy backward) as bf16: lossless (the
+    // GEMMs round them the same way) and half their bytes. y and dx always travel as fp32.
+    bool exchange_bf16 = true;
 
     bool expert_parallel() const { return ep != nullptr && ep->size() > 1; }
 };

@@ -21,17 +21,26 @@ enum class MatmulPrecision { kFp32, kBf16 };
 MatmulPrecision parse_matmul_precision(const std::string& name);
 std::string to_string(MatmulPrecision p);
 
-// x rounded to the nearest bf16 (ties to even), returned as a float. NaN stays NaN; values beyond
-// the bf16 range round to +-Inf like a hardware conversion.
-inline float round_to_bf16(float x) {
+// The bf16 bit pattern nearest to x (ties to even). NaN stays a (quiet) NaN; values beyond the
+// bf16 range round to +-Inf like a hardware conversion.
+inline uint16_t bf16_bits(float x) {
     uint32_t bits;
     std::memcpy(&bits, &x, sizeof(bits));
-    if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu) != 0) return x;  // NaN
+    if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu) != 0)
+        return static_cast<uint16_t>((bits >> 16) | 0x40u);  // NaN
     bits += 0x7fffu + ((bits >> 16) & 1u);
-    bits &= 0xffff0000u;
+    return static_cast<uint16_t>(bits >> 16);
+}
+
+// The float with bf16 bit pattern b (exact).
+inline float bf16_to_float(uint16_t b) {
+    const uint32_t bits = static_cast<uint32_t>(b) << 16;
     float y;
     std::memcpy(&y, &bits, sizeof(y));
     return y;
 }
+
+// x rounded to the nearest bf16 (ties to even), returned as a float.
+inline float round_to_bf16(float x) { return bf16_to_float(bf16_bits(x)); }
 
 }  // namespace bmoe::model

@@ -147,7 +147,7 @@ void Router::sample_logits(const float* x_ND, const LayerTensors& w, const Routi
         eps.assign(static_cast<size_t>(S) * NE, 0.0f);
         const CounterRng rng = noise_rng(ctx, layer_, kEpsNoise);
         const int pairs = (E + 1) / 2;
-#pragma omp parallel for schedule(static) if (parallel_worth(static_cast<size_t>(N) * S * E * 8))
+#pragma omp parallel for schedule(static) if (parallel_worth(static_cast <size_t>(N) * S * E * 8))
         for (idx_t n = 0; n < N; ++n)
             for (int s = 0; s < S; ++s) {
                 const uint64_t token = static_cast<uint64_t>(ctx.first_token + n);
@@ -307,7 +307,7 @@ void Router::sample_logits(const float* x_ND, const LayerTensors& w, const Routi
                 out_.chol.assign(static_cast<size_t>(N) * P, 0.0f);
             else
                 out_.sigma.assign(NE, 0.0f);
-#pragma omp parallel for schedule(static) if (parallel_worth(static_cast<size_t>(N) * S * (fc ? P : E)))
+#pragma omp parallel for schedule(static) if (parallel_worth(static_cast <size_t>(N) * S * (fc ? P : E)))
             for (idx_t n = 0; n < N; ++n) {
                 const float* mu = out_.mu.data() + n * E;
                 const float* dm = dmu_.data() + n * E;
@@ -380,7 +380,7 @@ void Router::select_and_gate(const RoutingContext& ctx) {
     out_.topk_idx.resize(static_cast<size_t>(N) * K);
     out_.topk_weight.resize(static_cast<size_t>(N) * K);
     lse_.resize(N);
-#pragma omp parallel for schedule(static) if (parallel_worth(static_cast<size_t>(S) * NE))
+#pragma omp parallel for schedule(static) if (parallel_worth(static_cast <size_t>(S) * NE))
     for (idx_t n = 0; n < N; ++n) {
         const float T = out_.temperature.empty() ? 1.0f : out_.temperature[n];
         std::vector<float> logp(static_cast<size_t>(S) * E), score(E);
@@ -470,7 +470,7 @@ void Router::backward(float* dx_ND,
     // ---- 1. gates -> d logits of every sample (dl_), d temperature, z-loss -> d mu ----
     std::vector<float> dl(static_cast<size_t>(S) * NE), dmu_z(NE), dtemp(out_.temperature.empty() ? 0 : N);
     const bool renormalize = config_.router_renormalize;
-#pragma omp parallel for schedule(static) if (parallel_worth(static_cast<size_t>(S) * NE))
+#pragma omp parallel for schedule(static) if (parallel_worth(static_cast <size_t>(S) * NE))
     for (idx_t n = 0; n < N; ++n) {
         const int32_t* idx = out_.topk_idx.data() + n * K;
         const float* g = out_.topk_weight.data() + n * K;
@@ -623,7 +623,7 @@ void Router::backward(float* dx_ND,
             const double sp2 = static_cast<double>(rc_.prior_std) * rc_.prior_std;
             std::vector<float> ddmu(NE), draw(static_cast<size_t>(N) * P);
             const std::vector<float>& eps = noise_.eps;
-#pragma omp parallel for schedule(static) if (parallel_worth(static_cast<size_t>(N) * S * P))
+#pragma omp parallel for schedule(static) if (parallel_worth(static_cast <size_t>(N) * S * P))
             for (idx_t n = 0; n < N; ++n) {
                 for (int e = 0; e < E; ++e)
                     ddmu[n * E + e] = dldet[n * E + e] + static_cast<float>(reg_coef * dmu_[n * E + e] / sp2);

@@ -62,7 +62,8 @@ DispatchHandle ExpertDispatcher::plan(const std::vector<int>& expert_offsets) {
     return h;
 }
 
-void ExpertDispatcher::send_to_experts(const DispatchHandle& h, const float* rows_RD, int D, float* received_LD) {
+template <typename T>
+void ExpertDispatcher::send_to_experts(const DispatchHandle& h, const T* rows_RD, int D, T* received_LD) {
     const int P = ep_.size();
     std::vector<int64_t> send(P), recv(P);
     for (int p = 0; p < P; ++p) send[p] = h.send_rows[p] * D, recv[p] = h.recv_rows[p] * D;
@@ -70,6 +71,9 @@ void ExpertDispatcher::send_to_experts(const DispatchHandle& h, const float* row
     ep_.all_to_all_v(rows_RD, send.data(), received_LD, recv.data());
     seconds_ += std::chrono::duration<double>(Clock::now() - t0).count();
 }
+
+template void ExpertDispatcher::send_to_experts(const DispatchHandle&, const float*, int, float*);
+template void ExpertDispatcher::send_to_experts(const DispatchHandle&, const int32_t*, int, int32_t*);
 
 void ExpertDispatcher::return_to_senders(const DispatchHandle& h, const float* received_LD, int D, float* rows_RD) {
     const int P = ep_.size();

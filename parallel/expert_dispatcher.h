@@ -45,7 +45,9 @@ class ExpertDispatcher {
     DispatchHandle plan(const std::vector<int>& expert_offsets);
     // rows_RD (R = h.num_sent_rows() rows of D floats, grouped by global expert) -> received_LD
     // (h.num_local_rows() rows in received order: by source rank, then local expert).
-    void send_to_experts(const DispatchHandle& h, const float* rows_RD, int D, float* received_LD);
+    // T = float, or int32_t for rows packed as D / 2 words of two bf16 values.
+    template <typename T>
+    void send_to_experts(const DispatchHandle& h, const T* rows_RD, int D, T* received_LD);
     // The inverse movement: received-order rows back to the ranks and slots they came from.
     void return_to_senders(const DispatchHandle& h, const float* received_LD, int D, float* rows_RD);
     // Wall seconds spent inside all-to-alls (waiting for peers included) since the last call.

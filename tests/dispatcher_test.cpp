@@ -137,6 +137,36 @@ TEST(ExpertExchange, DirectAndStagedPathsMoveRowsExactly) {
     }
 }
 
+// bf16 transport (rows that only feed bf16 GEMMs): the rows arrive as exactly their bf16 roundings,
+// directly and staged, and the bytes that crossed a link are half those of fp32 rows.
+TEST(ExpertExchange, Bf16RowsArriveAsTheirRoundingWithHalfTheBytes) {
+    MpiComm world(MPI_COMM_WORLD);
+    const int P = world.size(), me = world.rank(), D = 6;
+    auto backend = model::make_backend("cpu");
+    for (bool staged : {false, true}) {
+        const int E = 2 * P;
+        model::ExpertExchange exchange(world, E, backend.get(), staged);
+        for (int seed = 0; seed < 6; ++seed) {
+            const Routing routing = make_routing(me, E, D, seed);
+            std::vector<float> x = routing.x;  // values that bf16 cannot hold exactly
+            for (size_t i = 0; i < x.size(); ++i) x[i] = x[i] * 1.0009765625f + 0.123f;
+            model::Buffer<float> x_dev(backend.get(), x.size()), fp32_rows, bf16_rows;
+            x_dev.upload(x);
+            const DispatchHandle& h = exchange.dispatch(x_dev.data(), routing.offsets, D, fp32_rows);
+            const int64_t fp32_bytes = exchange.take_bytes_sent();
+            exchange.forward(x_dev.data(), D, bf16_rows, /*as_bf16=*/true);
+            const int64_t bf16_bytes = exchange.take_bytes_sent();
+            const size_t L = static_cast<size_t>(h.num_local_rows()) * D;
+            std::vector<float> exact = fp32_rows.download(), got = bf16_rows.download();
+            for (size_t i = 0; i < L; ++i) ASSERT_EQ(got[i], model::round_to_bf16(exact[i])) << "staged " << staged;
+            EXPECT_EQ(2 * bf16_bytes, fp32_bytes);
+            int64_t expected = 0;
+            for (int p = 0; p < P; ++p) expected += p == me ? 0 : h.send_rows[p] * D * 4;
+            EXPECT_EQ(fp32_bytes, expected) << "only rows leaving this rank count";
+        }
+    }
+}
+
 TEST(ExpertDispatcher, IndivisibleExpertCountIsAClearError) {
     MpiComm world(MPI_COMM_WORLD);
     if (world.size() == 1) GTEST_SKIP() << "needs >= 2 ranks";

@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <fstream>
 #include <sstream>
 
 #include "model/cpu_backend.h"
@@ -178,6 +179,41 @@ TEST(EpEquivalence, GradientsThroughTheExchangeMatchSingleProcess) {
                     << "ep " << ep << " overlap " << overlap << " rank " << world.rank() << " " << p.name;
             }
         }
+}
+
+// With bf16 GEMMs, sending x and dy rows as bf16 is lossless: the expert GEMMs round them the same
+// way, so training is bitwise the same as with fp32 rows, while the rows' bytes drop by a quarter.
+TEST(EpEquivalence, Bf16RowTransportTrainsBitwiseLikeFp32Rows) {
+    parallel::MpiComm world(MPI_COMM_WORLD);
+    if (world.size() == 1) GTEST_SKIP() << "needs expert parallelism";
+    std::vector<std::vector<float>> params;
+    std::vector<TrainResult> results;
+    std::vector<double> first_step_bytes;  // exchange_bytes of step 1 from metrics.jsonl (rank 0)
+    for (bool bf16_rows : {false, true}) {
+        RunConfig c = base_config();
+        c.train.precision = "bf16";
+        c.train.steps = 4;
+        c.parallel.exchange_bf16 = bf16_rows;
+        c.train.out_dir += bf16_rows ? "_bf16_rows" : "_fp32_rows";
+        std::ostringstream log;
+        Trainer trainer(c, log, &world);
+        results.push_back(trainer.run());
+        params.push_back(trainer.model().params_to_host());
+        if (world.rank() == 0) {
+            std::ifstream metrics(std::filesystem::path(c.train.out_dir) / "metrics.jsonl");
+            std::string line;
+            std::getline(metrics, line);
+            const size_t at = line.find("\"exchange_bytes\":");
+            ASSERT_NE(at, std::string::npos) << line;
+            first_step_bytes.push_back(std::stod(line.substr(at + 17)));
+        }
+    }
+    EXPECT_EQ(results[0].losses, results[1].losses);
+    EXPECT_TRUE(params[0] == params[1]);
+    if (world.rank() == 0) {  // x and dy at 2 bytes, y and dx at 4: 12 of 16 bytes per row
+        EXPECT_GT(first_step_bytes[0], 0.0);
+        EXPECT_DOUBLE_EQ(first_step_bytes[1], 0.75 * first_step_bytes[0]);
+    }
 }
 
 // Overlapping the gradient all-reduce with backward changes when the sums run, not what they are:

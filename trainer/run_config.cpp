@@ -145,6 +145,8 @@ void add_run_options(CLI::App& app, RunConfig& c, RunConfigCli& cli) {
                    "auto | mpi | nccl: communicator for token rows and gradients (auto: nccl on GPUs when possible)")
         ->capture_default_str()
         ->group("Options");
+    opt("parallel.exchange_bf16", c.parallel.exchange_bf16,
+        "with bf16 GEMMs, send expert-GEMM input rows (x, dy) as bf16: lossless, half their bytes");
     opt("parallel.overlap_grad_reduce", c.parallel.overlap_grad_reduce,
         "true | false | auto (with NCCL): start each layer's gradient all-reduce as soon as its backward is done");
     opt("checkpoint.dir", c.checkpoint.dir, "checkpoint directory (empty = <train.out_dir>/checkpoints)");
@@ -211,7 +213,7 @@ std::string RunConfig::to_toml() const {
        << "\nseq_len = " << data.seq_len << "\ntrain_tokens = " << data.train_tokens << "\nloss_on = \"" << data.loss_on
        << "\"";
     os << "\n\n[parallel]\nep = " << parallel.ep << "\ncomm = \"" << parallel.comm << "\"\noverlap_grad_reduce = \""
-       << parallel.overlap_grad_reduce << "\"";
+       << parallel.overlap_grad_reduce << "\"\nexchange_bf16 = " << b(parallel.exchange_bf16);
     os << "\n\n[checkpoint]\ndir = \"" << checkpoint.dir << "\"\nevery = " << checkpoint.every
        << "\nevery_minutes = " << checkpoint.every_minutes << "\nkeep = " << checkpoint.keep << "\nresume = \""
        << checkpoint.resume << "\"";

@@ -71,6 +71,9 @@ struct ParallelConfig {
     // non-blocking all-reduce advances only inside MPI calls -- measured slower on CPUs,
     // bench/bench_overlap.sh).
     std::string overlap_grad_reduce = "auto";
+    // With train.precision=bf16: token rows that only feed expert GEMMs (x, dy) travel as bf16 --
+    // lossless, since the GEMMs round them the same way; y and dx stay fp32 (model/parallel_context.h).
+    bool exchange_bf16 = true;
 };
 
 struct CheckpointConfig {

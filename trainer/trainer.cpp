@@ -52,8 +52,9 @@ Trainer::Trainer(const RunConfig& config, std::ostream& log, parallel::Communica
     backend_ = model::make_backend(config_.train.backend, W > 1 ? parallel::launch_info().local_rank : 0);
     backend_->set_matmul_precision(matmul_precision(config_.train));
     const std::string data_comm = setup_data_comm(config_.parallel, *backend_, *grid_);
-    model_ = std::make_unique<model::Model>(config_.model, backend_.get(),
-                                            model::make_parallel_context(*grid_, config_.model.num_experts));
+    model::ParallelContext parallel_context = model::make_parallel_context(*grid_, config_.model.num_experts);
+    parallel_context.exchange_bf16 = config_.parallel.exchange_bf16;
+    model_ = std::make_unique<model::Model>(config_.model, backend_.get(), parallel_context);
     model_->init_weights(config_.train.seed);
     model_->set_attention_recompute(config_.train.recompute == "attention");
     const int trainable = model_->set_trainable(split_patterns(config_.train.trainable));
@@ -196,10 +197,7 @@ StepMetrics Trainer::train_step(int step) {
     }
     const model::ExchangeStats x = model_->take_exchange_stats();
     m.exchange_s = x.seconds;
-    // 4 transfers of D floats per row: x and y in forward, dy and dx in backward.
-    const double row_bytes = 4.0 * config_.model.d_model * sizeof(float);
-    double traffic[2] = {static_cast<double>(x.rows_sent) * row_bytes,
-                         static_cast<double>(x.min_rows_sent) * row_bytes};
+    double traffic[2] = {x.bytes_sent, x.min_bytes};  // x and y forward, dy and dx backward
     if (grid_->world_size() > 1) {
         grid_->world().all_reduce_max(&m.exchange_s, 1);
         grid_->world().all_reduce_sum(traffic, 2);

@@ -406,4 +406,38 @@ void CudaBackend::adamw_update(float* param,
     CUDA_CHECK_LAST();
 }
 
+// ---- bf16 transport: the CPU's nearest-even conversion, bit for bit ---------------------------
+
+namespace {
+
+__global__ void float_to_bf16_kernel(uint16_t* out, const float* in, size_t n) {
+    BMOE_GRID_STRIDE(i, n) {
+        uint32_t bits = __float_as_uint(in[i]);
+        if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu) != 0) {
+            out[i] = static_cast<uint16_t>((bits >> 16) | 0x40u);  // NaN
+        } else {
+            bits += 0x7fffu + ((bits >> 16) & 1u);
+            out[i] = static_cast<uint16_t>(bits >> 16);
+        }
+    }
+}
+
+__global__ void bf16_to_float_kernel(float* out, const uint16_t* in, size_t n) {
+    BMOE_GRID_STRIDE(i, n) out[i] = __uint_as_float(static_cast<uint32_t>(in[i]) << 16);
+}
+
+}  // namespace
+
+void CudaBackend::float_to_bf16(uint16_t* out, const float* in, size_t n) {
+    if (n == 0) return;
+    float_to_bf16_kernel<<<grid_for(n), kThreads, 0, stream_>>>(out, in, n);
+    CUDA_CHECK_LAST();
+}
+
+void CudaBackend::bf16_to_float(float* out, const uint16_t* in, size_t n) {
+    if (n == 0) return;
+    bf16_to_float_kernel<<<grid_for(n), kThreads, 0, stream_>>>(out, in, n);
+    CUDA_CHECK_LAST();
+}
+
 }  // namespace bmoe::model

@@ -196,6 +196,8 @@ class CudaBackend final : public Backend {
                       float weight_decay,
                       float grad_scale,
                       int step) override;
+    void float_to_bf16(uint16_t* out, const float* in, size_t n) override;
+    void bf16_to_float(float* out, const uint16_t* in, size_t n) override;
 
   private:
     // Device scratch that grows on demand and is reused across calls (stream-ordered).
