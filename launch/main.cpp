@@ -19,6 +19,7 @@
 #include "eval/evaluator.h"
 #include "model/backend.h"
 #include "parallel/check.h"
+#include "parallel/local_comm.h"
 #include "parallel/mpi_comm.h"
 #include "parallel/mpi_env.h"
 #include "trainer/comm_bench.h"
@@ -41,51 +42,40 @@ std::string one_line(const std::string& text) {
     return out;
 }
 
-// One Trainer per rank over MPI_COMM_WORLD. Errors end the job from the rank that hit them.
-int train_distributed(bmoe::trainer::RunConfig config) {
+// Runs fn(world) on every rank over MPI_COMM_WORLD; an error on any rank ends the whole job from
+// that rank (one line naming the rank and host) instead of leaving the others in a collective.
+template <typename Fn>
+int run_on_world(const std::string& cmd, Fn fn) {
     using namespace bmoe;
     parallel::MpiEnvironment mpi;
     try {
         parallel::MpiComm world(MPI_COMM_WORLD);
-        const parallel::LaunchInfo launch = parallel::launch_info();
-        if (config.train.threads == 0 && std::getenv("OMP_NUM_THREADS") == nullptr && launch.local_size > 1)
-            config.train.threads =
-                std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / launch.local_size);
-        trainer::Trainer trainer(config, std::cout, &world);
-        trainer.run();
+        fn(world);
     } catch (const std::exception& e) {
-        parallel::abort_job(std::string("train: ") + e.what(), 1);
+        parallel::abort_job(cmd + ": " + e.what(), 1);
     }
     return 0;
 }
 
-// `bmoe eval` on every rank over MPI_COMM_WORLD (rank 0 prints and writes). Errors end the job.
-int eval_distributed(bmoe::eval::EvalOptions options) {
-    using namespace bmoe;
-    parallel::MpiEnvironment mpi;
-    try {
-        parallel::MpiComm world(MPI_COMM_WORLD);
-        const parallel::LaunchInfo launch = parallel::launch_info();
-        if (options.threads == 0 && std::getenv("OMP_NUM_THREADS") == nullptr && launch.local_size > 1)
-            options.threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / launch.local_size);
-        eval::run_evaluation(options, &world, std::cout);
-    } catch (const std::exception& e) {
-        parallel::abort_job(std::string("eval: ") + e.what(), 1);
-    }
-    return 0;
+// CPU threads per rank when not set (0) and OMP_NUM_THREADS is unset: the cores shared by the
+// ranks on this node.
+int threads_per_rank(int requested) {
+    const bmoe::parallel::LaunchInfo launch = bmoe::parallel::launch_info();
+    if (requested != 0 || std::getenv("OMP_NUM_THREADS") != nullptr || launch.local_size <= 1) return requested;
+    return std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / launch.local_size);
 }
 
-// `bmoe comm-bench` on every rank over MPI_COMM_WORLD (rank 0 prints). Errors end the job.
-int comm_bench_distributed(const bmoe::trainer::CommBenchOptions& options) {
+// One Trainer: in this process, or one per rank under mpirun/srun.
+int run_training(const std::string& cmd, bmoe::trainer::RunConfig config) {
     using namespace bmoe;
-    parallel::MpiEnvironment mpi;
-    try {
-        parallel::MpiComm world(MPI_COMM_WORLD);
-        trainer::run_comm_bench(options, world, std::cout);
-    } catch (const std::exception& e) {
-        parallel::abort_job(std::string("comm-bench: ") + e.what(), 1);
+    if (!parallel::launched_under_mpi()) {
+        trainer::Trainer(config, std::cout).run();
+        return 0;
     }
-    return 0;
+    return run_on_world(cmd, [&](parallel::Communicator& world) {
+        config.train.threads = threads_per_rank(config.train.threads);
+        trainer::Trainer(config, std::cout, &world).run();
+    });
 }
 
 }  // namespace
@@ -227,23 +217,13 @@ int main(int argc, char** argv) {
                 std::cout << config.to_toml();
                 return 0;
             }
-            if (!parallel::launched_under_mpi()) {
-                trainer::Trainer trainer(config, std::cout);
-                trainer.run();
-                return 0;
-            }
-            return train_distributed(config);
+            return run_training(cmd, config);
         }
         if (finetune->parsed()) {
             cmd = "finetune-router";
             trainer::finish_cli_parse(finetune_config, finetune_cli);
             trainer::RunConfig config = trainer::finetune_router_config(finetune_config, finetune_init);
-            if (!parallel::launched_under_mpi()) {
-                trainer::Trainer trainer(config, std::cout);
-                trainer.run();
-                return 0;
-            }
-            return train_distributed(config);
+            return run_training(cmd, config);
         }
         if (eval_cmd->parsed()) {
             cmd = "eval";
@@ -265,11 +245,20 @@ int main(int argc, char** argv) {
                 eval::run_evaluation(eval_options, nullptr, std::cout);
                 return 0;
             }
-            return eval_distributed(eval_options);
+            return run_on_world(cmd, [&](parallel::Communicator& world) {
+                eval_options.threads = threads_per_rank(eval_options.threads);
+                eval::run_evaluation(eval_options, &world, std::cout);
+            });
         }
         if (bench_cmd->parsed()) {
             cmd = "comm-bench";
-            return comm_bench_distributed(bench_options);
+            if (!parallel::launched_under_mpi()) {  // one process: no link crossed, but the setup is checked
+                parallel::LocalComm local;
+                trainer::run_comm_bench(bench_options, local, std::cout);
+                return 0;
+            }
+            return run_on_world(
+                cmd, [&](parallel::Communicator& world) { trainer::run_comm_bench(bench_options, world, std::cout); });
         }
         if (data_cmd->parsed()) {
             cmd = "data";

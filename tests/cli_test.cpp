@@ -87,6 +87,14 @@ TEST(CliTest, BadConfigValuesAreOneLineErrors) {
     expect_one_line_error(run_bmoe("train --train.recompute=all"), "train.recompute must be 'none' or 'attention'");
 }
 
+TEST(CliTest, CommBenchRunsAndRejectsBadSizes) {
+    const RunResult ok = run_bmoe("comm-bench --max-bytes 4096 --iters 2 --warmup 0");
+    EXPECT_EQ(ok.rc, 0) << ok.err;
+    EXPECT_NE(ok.out.find("all_to_all"), std::string::npos) << ok.out;
+    expect_one_line_error(run_bmoe("comm-bench --min-bytes 9 --max-bytes 4"), "--min-bytes <= --max-bytes");
+    expect_one_line_error(run_bmoe("comm-bench --backend=tpu"), "unknown backend 'tpu'");
+}
+
 TEST(CliTest, FinetuneRouterErrors) {
     expect_one_line_error(run_bmoe("finetune-router --router.type=logit_mf"), "--init");
     expect_one_line_error(run_bmoe("finetune-router --init /nonexistent/parent.h5"), "/nonexistent/parent.h5");

@@ -28,7 +28,7 @@ float block_value(int src, int dst, int P, size_t j) {
 void require_all_correct(parallel::Communicator& world, double first_bad_rank, const std::string& what) {
     double worst = first_bad_rank;  // -1 = fine
     world.all_reduce_max(&worst, 1);
-    BMOE_REQUIRE(worst < 0, "comm-bench: ", what, " returned wrong values on rank ", static_cast<int>(worst),
+    BMOE_REQUIRE(worst < 0, what, " returned wrong values on rank ", static_cast<int>(worst),
                  ": the interconnect or the MPI/NCCL setup corrupts data (try NCCL_DEBUG=INFO, or --comm=mpi)");
 }
 
@@ -38,10 +38,9 @@ std::vector<CommBenchRow> run_comm_bench(const CommBenchOptions& options,
                                          parallel::Communicator& world,
                                          std::ostream& log) {
     BMOE_REQUIRE(options.min_bytes >= 4 && options.min_bytes <= options.max_bytes,
-                 "comm-bench: need 4 <= --min-bytes <= --max-bytes (got ", options.min_bytes, " and ",
-                 options.max_bytes, ")");
-    BMOE_REQUIRE(options.iters >= 1 && options.warmup >= 0, "comm-bench: --iters must be >= 1 and --warmup >= 0");
-    BMOE_REQUIRE(world.size() <= 128, "comm-bench: at most 128 ranks (the check values must stay exact in float)");
+                 "need 4 <= --min-bytes <= --max-bytes (got ", options.min_bytes, " and ", options.max_bytes, ")");
+    BMOE_REQUIRE(options.iters >= 1 && options.warmup >= 0, "--iters must be >= 1 and --warmup >= 0");
+    BMOE_REQUIRE(world.size() <= 128, "at most 128 ranks (the check values must stay exact in float)");
     const int P = world.size(), me = world.rank();
     auto backend = model::make_backend(options.backend, P > 1 ? parallel::launch_info().local_rank : 0);
     parallel::ProcessGrid grid(world, P);
@@ -49,8 +48,8 @@ std::vector<CommBenchRow> run_comm_bench(const CommBenchOptions& options,
     parallel.comm = options.comm;
     const std::string chosen = setup_data_comm(parallel, *backend, grid);
     parallel::Communicator& comm = grid.data_world();
-    BMOE_REQUIRE(backend->is_host() != comm.device_memory(), "comm-bench: the ", comm.name(),
-                 " communicator cannot read ", backend->name(),
+    BMOE_REQUIRE(backend->is_host() != comm.device_memory(), "the ", comm.name(), " communicator cannot read ",
+                 backend->name(),
                  " buffers (CUDA + MPI stages through the host in training): use --comm=nccl with --backend=cuda");
     if (me == 0) {
         log << "comm-bench: ranks " << P << ", " << backend->name() << " buffers, comm " << chosen << ", "
