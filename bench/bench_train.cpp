@@ -168,7 +168,7 @@ const char* env_or_unset(const char* name) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int run(int argc, char** argv) {
     using namespace bmoe;
     const Options opt = parse_options(argc, argv);
     model::set_cpu_threads(opt.threads);
@@ -262,4 +262,13 @@ int main(int argc, char** argv) {
         flops_per_token, active, opt.steps, elapsed, rss, device_mib, env_or_unset("OPENBLAS_CORETYPE"),
         env_or_unset("OPENBLAS_L2_SIZE"), openblas_get_corename());
     return 0;
+}
+
+int main(int argc, char** argv) {
+    try {
+        return run(argc, argv);
+    } catch (const std::exception& e) {  // bmoe::Error messages name the problem and the fix
+        std::fprintf(stderr, "bench_train: error: %s\n", e.what());
+        return 1;
+    }
 }

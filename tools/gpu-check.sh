@@ -1,67 +1,130 @@
 #!/usr/bin/env bash
-# gpu-check.sh -- the GPU machine's checks in one run: build with CUDA, run the gpu-labelled tests
-# (CUDA vs CPU parity of every op in fp32 and bf16, CUDA training runs vs the CPU one, the NCCL
-# communicator on device buffers), the whole CPU/MPI suite (incl. several ranks sharing the GPU),
-# compute-sanitizer on training steps (bf16, several router families), CUDA vs CPU throughput and
-# MFU of a GPT-2-small-sized MoE (bench/bench_train.cpp presets).
-#   bash tools/gpu-check.sh [all|check|bench]   # logs to $OUT (or /tmp/bmoe-gpu-check)
-#     check: build, gpu tests, the CPU/MPI suite, compute-sanitizer, comm-bench (correctness)
-#     bench: build (kept from a previous call on a warm machine), then the benchmarks only
-#     all (default): both -- may exceed one 10-minute device call; split it into check + bench
-# On a machine without Debian's packages, carry the bundle from device-bundle.sh as .device/.
+# gpu-check.sh -- the GPU machine's checks and benchmarks in one run, most important first, each
+# stage skipped when the time budget would not cover it:
+#   build (CUDA, NCCL), the gpu-labelled tests (CUDA vs CPU parity of every op and router family in
+#   fp32 and bf16, CUDA training runs vs the CPU one, NCCL collectives on device buffers), the
+#   multi-rank tests with ranks sharing the GPU (MPI communicator, host-staged), bmoe vs PyTorch
+#   training throughput / MFU / peak memory on the GPT-2-small-sized MoE, grouped-GEMM and
+#   permute benchmarks, compute-sanitizer on a training step, the card-filling model, fp32,
+#   torch.compile, NCCL comm-bench.
+#   bash tools/gpu-check.sh [all|check|bench]
+#     check: build, tests, compute-sanitizer, comm-bench      bench: build, benchmarks only
+#   BMOE_GPU_CHECK_BUDGET: seconds the whole run may take (default 540)
+#   BMOE_GPU_CHECK_OTHER : ctest -R regex of the CPU/MPI tests to run too (default: the multi-rank
+#                          tests that put several ranks on one GPU)
+# Summary lines go to stdout; every log goes to $OUT/gpu-check-logs.tgz (refreshed after each stage,
+# so a run cut short still returns what it did). On a machine without Debian's packages, carry the
+# bundle from device-bundle.sh as .device/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 phase="${1:-all}"
 [[ $phase == all || $phase == check || $phase == bench ]] || { echo "usage: gpu-check.sh [all|check|bench]"; exit 2; }
 out="${OUT:-/tmp/bmoe-gpu-check}"
-mkdir -p "$out"
-if [[ -f .device/env.sh ]]; then source .device/env.sh >/dev/null; fi
+logs="$(mktemp -d)/gpu-check-logs"
+mkdir -p "$out" "$logs"
+started=$SECONDS
+export GTEST_COLOR=no  # plain "[  SKIPPED ]" lines for the counts below
+budget="${BMOE_GPU_CHECK_BUDGET:-540}"
+left() { echo $((budget - (SECONDS - started))); }
+pack() { tar -czf "$out/gpu-check-logs.tgz" -C "$(dirname "$logs")" gpu-check-logs 2>/dev/null; }
+# stage NAME NEEDED_SECONDS: false (and a line saying so) when less than NEEDED is left
+stage() {
+  pack
+  if (($(left) < $2)); then echo "== $1: skipped ($(left) s left, needs ~$2 s)"; return 1; fi
+  echo "== $1 ($(left) s left)"
+}
+# capped SECONDS LOG CMD...: runs CMD with a time cap, output to $logs/LOG; prints the exit status
+capped() {
+  local cap=$1 log=$2; shift 2
+  ((cap > $(left) - 5)) && cap=$(($(left) - 5))
+  timeout --kill-after=10 "$cap" "$@" >"$logs/$log" 2>&1
+  local rc=$?
+  ((rc == 124)) && echo "   (stopped after $cap s)"
+  return $rc
+}
+
+if [[ -f .device/env.sh ]]; then source .device/env.sh >"$logs/env.log" 2>&1; fi
+{ nvidia-smi; nvcc --version; g++ --version; cmake --version; uname -a; } >"$logs/machine.log" 2>&1
 nvidia-smi -L
 jobs=$(nproc)
-cmake -S . -B build-gpu -G Ninja -DBMOE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 >"$out/configure.log" 2>&1 \
-  || { tail -40 "$out/configure.log"; exit 1; }
-cmake --build build-gpu -j "$jobs" >"$out/build.log" 2>&1 || { grep -B2 -A8 error "$out/build.log" | head -80; exit 1; }
-if [[ $phase != bench ]]; then
-  echo "== gpu tests"
-  ctest --test-dir build-gpu -L gpu --output-on-failure >"$out/gpu_tests.log" 2>&1
-  grep -E "tests passed|Failed|FAILED|Skipped" "$out/gpu_tests.log" | tail -15
-  echo "== ${BMOE_GPU_CHECK_OTHER:-all other} tests"
-  # BMOE_GPU_CHECK_OTHER: a ctest -R regex to run only some of the CPU/MPI tests (default: all)
-  ctest --test-dir build-gpu -LE gpu -j 8 --output-on-failure ${BMOE_GPU_CHECK_OTHER:+-R "$BMOE_GPU_CHECK_OTHER"} \
-    >"$out/cpu_tests.log" 2>&1
-  grep -E "tests passed|\(Failed\)|Timeout" "$out/cpu_tests.log" | tail -15
-  small="--model.d_model=64 --model.num_layers=2 --model.num_experts=4 --model.expert_hidden=96 --data.batch_size=4 \
-    --data.seq_len=32 --data.train_tokens=20000 --train.eval_batches=1 --train.plot=false"
-  echo "== compute-sanitizer (memcheck, 2 training steps on cuda: bf16 topk, fp32 logit_fc)"
+
+# NCCL: the CUDA toolkit's copy, else the one in Python's nvidia-nccl wheel (PyTorch images)
+nccl_args=()
+if ! ls /usr/local/cuda/lib64/libnccl.so* /usr/local/cuda/lib/libnccl.so* >/dev/null 2>&1; then
+  nccl_dir="$(python3 -c 'import nvidia.nccl as m; print(list(m.__path__)[0])' 2>/dev/null || true)"
+  if [[ -n $nccl_dir && -f $nccl_dir/include/nccl.h ]]; then
+    nccl_lib="$(ls "$nccl_dir"/lib/libnccl.so* | head -1)"
+    nccl_args=(-DBMOE_NCCL_LIBRARY="$nccl_lib" -DBMOE_NCCL_INCLUDE_DIR="$nccl_dir/include")
+    export LD_LIBRARY_PATH="$nccl_dir/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  fi
+fi
+
+stage build 60 || exit 1
+cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DBMOE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+  "${nccl_args[@]}" >"$logs/configure.log" 2>&1 || { tail -40 "$logs/configure.log"; pack; exit 1; }
+grep -E "bmoe: (NCCL|CUDA)" "$logs/configure.log"
+cmake --build build-gpu -j "$jobs" >"$logs/build.log" 2>&1 \
+  || { grep -B2 -A12 -E "error|Error" "$logs/build.log" | head -80; pack; exit 1; }
+echo "built in $((SECONDS - started)) s"
+
+small="--model.d_model=64 --model.num_layers=2 --model.num_experts=4 --model.expert_hidden=96 --data.batch_size=4 \
+  --data.seq_len=32 --data.train_tokens=20000 --train.eval_batches=1 --train.plot=false"
+
+if [[ $phase != bench ]] && stage "gpu tests" 60; then
+  capped 240 gpu_tests.log ctest --test-dir build-gpu -L gpu -j 4 -V
+  grep -E "tests passed|\(Failed\)|\(Subprocess|Timeout|Not Run" "$logs/gpu_tests.log" | tail -25
+  echo "   gtest cases: $(grep -cE '\[ +OK +\]' "$logs/gpu_tests.log") ok, $(grep -cE '\[ +SKIPPED +\]' \
+    "$logs/gpu_tests.log") skipped, $(grep -cE '\[ +FAILED +\]' "$logs/gpu_tests.log") failed lines"
+fi
+if [[ $phase != bench ]] && stage "multi-rank tests, ranks sharing the GPU (MPI) + NCCL one rank" 40; then
+  capped 180 mpi_tests.log ctest --test-dir build-gpu -LE gpu -j 4 -V \
+    -R "${BMOE_GPU_CHECK_OTHER:-ep_equivalence|dispatcher|comm_bench|nccl}"
+  grep -E "tests passed|\(Failed\)|\(Subprocess|Timeout" "$logs/mpi_tests.log" | tail -15
+  grep -oE "\[ *(OK|SKIPPED|FAILED) *\] [A-Za-z]+\.[A-Za-z]*(Cuda|Nccl)[A-Za-z]*" "$logs/mpi_tests.log" | sort | uniq -c
+fi
+
+# result LOG PATTERN: the log's last line matching PATTERN, else its last line (the error)
+result() { grep -E "$2" "$logs/$1" | tail -1 | grep . || tail -1 "$logs/$1"; }
+# bmoe vs PyTorch (same model, same batch, bf16 autocast vs bmoe bf16) on the GPT-2-small-sized MoE
+bench_pair() {  # MODEL PRECISION [STEPS]
+  local m=$1 p=$2 steps=${3:-10}
+  capped 150 "bmoe_${m}_${p}.log" ./build-gpu/bench/bench_train --backend cuda --model "$m" --precision "$p" \
+    --steps "$steps" --warmup 3
+  echo "bmoe  $m $p (exit $?): $(result "bmoe_${m}_${p}.log" '^bmoe cuda: ')"
+  capped 150 "torch_${m}_${p}.log" env PYTHONUNBUFFERED=1 python3 bench/torch_bench.py --device cuda --model "$m" \
+    --precision "$p" --steps "$steps" --warmup 3
+  echo "torch $m $p (exit $?): $(result "torch_${m}_${p}.log" '^torch eager best')"
+}
+if [[ $phase != check ]] && stage "bmoe vs PyTorch eager: gpt2-moe bf16" 90; then bench_pair gpt2-moe bf16; fi
+if [[ $phase != check ]] && stage "grouped expert GEMM vs dense, permute bandwidth" 30; then
+  capped 60 bench_cuda.log ./build-gpu/bench/bench_cuda
+  grep -vE "^\s*$" "$logs/bench_cuda.log" | tail -20
+fi
+if [[ $phase != bench ]] && stage "compute-sanitizer memcheck: 1 training step (bf16 topk, fp32 logit_fc)" 60; then
   for router in "topk bf16" "logit_fc fp32"; do
     set -- $router
-    compute-sanitizer --tool memcheck --error-exitcode 9 ./build-gpu/launch/bmoe train --train.backend=cuda \
-      --train.precision=$2 --router.type=$1 --train.steps=2 $small --train.out_dir="$out/sanitize_$1" \
-      >"$out/sanitizer_$1.log" 2>&1
-    echo "sanitizer $1 $2: exit $? ; $(grep -E 'ERROR SUMMARY' "$out/sanitizer_$1.log")"
+    capped 90 "sanitizer_$1.log" compute-sanitizer --tool memcheck --error-exitcode 9 ./build-gpu/launch/bmoe train \
+      --train.backend=cuda --train.precision=$2 --router.type=$1 --train.steps=1 $small \
+      --train.out_dir="$logs/sanitize_$1"
+    echo "sanitizer $1 $2: exit $? ; $(result "sanitizer_$1.log" 'ERROR SUMMARY')"
   done
-  echo "== comm-bench: NCCL collectives on device buffers, checked (1 rank per GPU)"
-  ./build-gpu/launch/bmoe comm-bench --backend=cuda --comm=nccl --max-bytes 67108864 --iters 10 \
-    >"$out/comm_bench.log" 2>&1
-  echo "comm-bench exit $?: $(grep -cE ' ok$' "$out/comm_bench.log") sizes checked; $(tail -1 "$out/comm_bench.log")"
 fi
-[[ $phase == check ]] && exit 0
-bench="--model.d_model=256 --model.num_layers=4 --model.num_heads=4 --model.num_kv_heads=4 --model.num_experts=8 \
-  --model.top_k=2 --model.expert_hidden=512 --data.batch_size=8 --data.seq_len=256 --train.eval_batches=1 \
-  --train.plot=false --train.log_every=10"
-echo "== grouped expert GEMM vs dense GEMM, permute/unpermute bandwidth (bench/bench_cuda.cpp)"
-./build-gpu/bench/bench_cuda | tee "$out/bench_cuda.log"
-echo "== throughput: bench config (vocab 256, seq 256, batch 8, d 256, 4 layers, 8 experts top-2, F 512)"
-for run in "cuda fp32" "cuda bf16" "cpu fp32"; do
-  set -- $run
-  steps=40; [[ $1 == cpu ]] && steps=10
-  ./build-gpu/launch/bmoe train --train.backend=$1 --train.precision=$2 --train.steps=$steps $bench \
-    --train.out_dir="$out/bench_$1_$2" 2>&1 | grep -E "^trained" | sed "s/^/$1 $2: /"
-done
-echo "== MFU: GPT-2-small-sized MoE and a card-filling one (bench/bench_train.cpp presets)"
-for run in "gpt2-moe bf16 none" "gpt2-moe fp32 none" "gpt2-moe bf16 attention" "large bf16 attention"; do
-  set -- $run
-  timeout 240 ./build-gpu/bench/bench_train --backend cuda --model $1 --precision $2 --recompute $3 --steps 10 \
-    --warmup 3 >"$out/bench_train_$1_$2_$3.log" 2>&1
-  echo "$1 $2 recompute=$3 (exit $?): $(grep -E '^bmoe cuda: ' "$out/bench_train_$1_$2_$3.log" | tail -1)"
-done
+if [[ $phase != check ]] && stage "bmoe vs PyTorch eager: large bf16" 120; then bench_pair large bf16 6; fi
+if [[ $phase != check ]] && stage "bmoe vs PyTorch eager: gpt2-moe fp32" 90; then bench_pair gpt2-moe fp32 5; fi
+if [[ $phase != check ]] && stage "bmoe with attention recompute: gpt2-moe bf16" 40; then
+  capped 90 bmoe_recompute.log ./build-gpu/bench/bench_train --backend cuda --model gpt2-moe --precision bf16 \
+    --recompute attention --steps 10 --warmup 3
+  echo "bmoe gpt2-moe bf16 recompute=attention (exit $?): $(result bmoe_recompute.log '^bmoe cuda: ')"
+fi
+if [[ $phase != bench ]] && stage "comm-bench: NCCL collectives on device buffers, checked" 30; then
+  capped 60 comm_bench.log ./build-gpu/launch/bmoe comm-bench --backend=cuda --comm=nccl --max-bytes 67108864 \
+    --iters 10
+  echo "comm-bench exit $?: $(grep -cE ' ok$' "$logs/comm_bench.log") sizes checked; $(tail -1 "$logs/comm_bench.log")"
+fi
+if [[ $phase != check ]] && stage "torch.compile: gpt2-moe bf16" 150; then
+  capped 200 torch_compile.log env PYTHONUNBUFFERED=1 python3 bench/torch_bench.py --device cuda --model gpt2-moe \
+    --precision bf16 --steps 10 --warmup 3 --compile
+  echo "torch.compile gpt2-moe bf16 (exit $?): $(result torch_compile.log '^torch compile best')"
+fi
+pack
+echo "gpu-check: done in $((SECONDS - started)) s; logs in $out/gpu-check-logs.tgz"
