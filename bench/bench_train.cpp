@@ -2,7 +2,7 @@
 //
 //   bench_train [--steps N] [--warmup N] [--threads N] [--gemm N]
 //               [--backend cpu|cuda] [--precision fp32|bf16] [--model default|gpt2-moe|large]
-//               [--batch B] [--peak-tflops X] [--recompute none|attention]
+//               [--batch B] [--peak-tflops X] [--recompute none|attention] [--profile STEPS]
 //
 // (a) Peak. CPU: the best of a few cblas_sgemm runs of an N x N x N product (default 2048): the
 //     FLOP/s a well-tuned GEMM reaches on this machine, the practical ceiling for a CPU trainer.
@@ -19,6 +19,8 @@
 //                 ~32 GB of fp32 weights, gradients and moments, plus activations)
 //     Model FLOP/s = tokens/s * (6 * active_matmul_params + 12 * L * T * d) (PaLM-style: matmul
 //     FLOPs of the active parameters plus attention scores).
+// (c) --profile STEPS (cuda): that many more steps with the op profiler on (model/cuda/op_profiler.h),
+//     then a table of GPU time and GPU idle time per backend op (matmuls named by shape).
 // Prints human-readable lines and one line "JSON {...}" for scripts (bench/run_bench.sh).
 #include <cblas.h>
 #include <sys/resource.h>
@@ -60,6 +62,7 @@ struct Options {
     int batch = 0;             // 0 = the preset's
     bool recompute = false;    // attention recompute (Model::set_attention_recompute)
     double peak_tflops = 0.0;  // 0 = the default for the backend and precision
+    int profile = 0;           // CUDA: steps run after the timed ones with the op profiler on
 };
 
 Options parse_options(int argc, char** argv) {
@@ -94,11 +97,13 @@ Options parse_options(int argc, char** argv) {
             o.recompute = text() == "attention";
         else if (arg == "--peak-tflops")
             o.peak_tflops = std::atof(text().c_str());
+        else if (arg == "--profile")
+            o.profile = value();
         else {
             std::fprintf(stderr,
                          "usage: bench_train [--steps N] [--warmup N] [--threads N] [--gemm N] [--backend cpu|cuda]\n"
                          "                   [--precision fp32|bf16] [--model default|gpt2-moe|large] [--batch B]\n"
-                         "                   [--peak-tflops X] [--recompute none|attention]\n");
+                         "                   [--peak-tflops X] [--recompute none|attention] [--profile STEPS]\n");
             std::exit(arg == "--help" || arg == "-h" ? 0 : 2);
         }
     }
@@ -261,6 +266,18 @@ int run(int argc, char** argv) {
         be, opt.precision.c_str(), opt.model.c_str(), threads, peak, tokens_per_s, model_flops, model_flops / peak,
         flops_per_token, active, opt.steps, elapsed, rss, device_mib, env_or_unset("OPENBLAS_CORETYPE"),
         env_or_unset("OPENBLAS_L2_SIZE"), openblas_get_corename());
+#ifdef BMOE_HAVE_CUDA
+    if (cuda && opt.profile > 0) {
+        model::OpProfiler& profiler = dynamic_cast<model::CudaBackend&>(backend).profiler();
+        profiler.set_enabled(true);
+        const auto profile_start = Clock::now();
+        for (int s = 0; s < opt.profile; ++s) train_step(opt.warmup + opt.steps + s);
+        backend.synchronize();
+        std::printf("profiled steps: %.3f s/step wall (events add host time)\n", seconds_since(profile_start) / opt.profile);
+        std::printf("%s", profiler.report(opt.profile).c_str());
+        profiler.set_enabled(false);
+    }
+#endif
     return 0;
 }
 

@@ -7,8 +7,9 @@
 #   training throughput / MFU / peak memory on the GPT-2-small-sized MoE, grouped-GEMM and
 #   permute benchmarks, compute-sanitizer on a training step, the card-filling model, fp32,
 #   torch.compile, NCCL comm-bench.
-#   bash tools/gpu-check.sh [all|check|bench]
+#   bash tools/gpu-check.sh [all|check|bench|profile]
 #     check: build, tests, compute-sanitizer, comm-bench      bench: build, benchmarks only
+#     profile: build bench_train only, then its per-op GPU time tables (--profile) for the presets
 #   BMOE_GPU_CHECK_BUDGET: seconds the whole run may take (default 540)
 #   BMOE_GPU_CHECK_OTHER : ctest -R regex of the CPU/MPI tests to run too (default: the multi-rank
 #                          tests that put several ranks on one GPU)
@@ -18,7 +19,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 phase="${1:-all}"
-[[ $phase == all || $phase == check || $phase == bench ]] || { echo "usage: gpu-check.sh [all|check|bench]"; exit 2; }
+[[ $phase =~ ^(all|check|bench|profile)$ ]] || { echo "usage: gpu-check.sh [all|check|bench|profile]"; exit 2; }
 out="${OUT:-/tmp/bmoe-gpu-check}"
 logs="$(mktemp -d)/gpu-check-logs"
 mkdir -p "$out" "$logs"
@@ -63,9 +64,22 @@ stage build 60 || exit 1
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DBMOE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
   "${nccl_args[@]}" >"$logs/configure.log" 2>&1 || { tail -40 "$logs/configure.log"; pack; exit 1; }
 grep -E "bmoe: (NCCL|CUDA)" "$logs/configure.log"
-cmake --build build-gpu -j "$jobs" >"$logs/build.log" 2>&1 \
+targets=(); [[ $phase == profile ]] && targets=(--target bench_train)
+cmake --build build-gpu -j "$jobs" "${targets[@]}" >"$logs/build.log" 2>&1 \
   || { grep -B2 -A12 -E "error|Error" "$logs/build.log" | head -80; pack; exit 1; }
 echo "built in $((SECONDS - started)) s"
+
+if [[ $phase == profile ]]; then
+  for run in "gpt2-moe bf16" "large bf16" "gpt2-moe fp32"; do
+    set -- $run
+    stage "op profile: $1 $2" 40 || continue
+    capped 120 "profile_$1_$2.log" ./build-gpu/bench/bench_train --backend cuda --model "$1" --precision "$2" \
+      --steps 5 --warmup 2 --profile 3
+    echo "exit $?"; grep -A45 -E "^(bmoe cuda:|profiled steps)" "$logs/profile_$1_$2.log" | grep -v '^JSON' \
+      || tail -3 "$logs/profile_$1_$2.log"
+  done
+  pack; exit 0
+fi
 
 small="--model.d_model=64 --model.num_layers=2 --model.num_experts=4 --model.expert_hidden=96 --data.batch_size=4 \
   --data.seq_len=32 --data.train_tokens=20000 --train.eval_batches=1 --train.plot=false"

@@ -18,6 +18,7 @@
 
 #include "model/cuda/attention_plan.h"
 #include "model/cuda/cuda_backend.h"
+#include "model/cuda/op_profiler.h"
 #include "model/cuda/cuda_common.cuh"
 #include "parallel/cuda_check.h"
 
@@ -81,6 +82,7 @@ AttnShape attn_shape(int B, int T, int H, int KV, int Hd) {
 }  // namespace
 
 void CudaBackend::rope_forward(float* x_BTHd, int B, int T, int nh, int Hd, float theta) {
+    const ProfiledOp op(profiler_.get(), "rope_forward");
     BMOE_REQUIRE(Hd % 2 == 0, "rope: head_dim must be even, got ", Hd);
     const size_t pairs = static_cast<size_t>(B) * T * nh * (Hd / 2);
     if (pairs == 0) return;
@@ -89,6 +91,7 @@ void CudaBackend::rope_forward(float* x_BTHd, int B, int T, int nh, int Hd, floa
 }
 
 void CudaBackend::rope_backward(float* dx_BTHd, int B, int T, int nh, int Hd, float theta) {
+    const ProfiledOp op(profiler_.get(), "rope_backward");
     BMOE_REQUIRE(Hd % 2 == 0, "rope: head_dim must be even, got ", Hd);
     const size_t pairs = static_cast<size_t>(B) * T * nh * (Hd / 2);
     if (pairs == 0) return;
@@ -114,6 +117,7 @@ void CudaBackend::attention_forward(float* out_BTHd,
                                     int H,
                                     int KV,
                                     int Hd) {
+    const ProfiledOp op(profiler_.get(), "attention_forward");
     const AttnShape s = attn_shape(B, T, H, KV, Hd);
     const size_t rows = static_cast<size_t>(B) * H * T;
     if (rows == 0 || Hd <= 0) return;
@@ -138,6 +142,7 @@ void CudaBackend::attention_backward(float* dq_BTHd,
                                      int H,
                                      int KV,
                                      int Hd) {
+    const ProfiledOp op(profiler_.get(), "attention_backward");
     const AttnShape s = attn_shape(B, T, H, KV, Hd);
     const size_t rows = static_cast<size_t>(B) * H * T;
     if (rows == 0 || Hd <= 0) return;

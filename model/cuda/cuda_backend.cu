@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "model/cuda/cuda_backend.h"
+#include "model/cuda/op_profiler.h"
 #include "parallel/cuda_check.h"
 #include "model/cuda/cuda_common.cuh"
 
@@ -65,6 +66,7 @@ CudaBackend::CudaBackend() {
         // would break the 1e-4 parity with the CPU backend.
         CUBLAS_CHECK(cublasSetMathMode(blas_, CUBLAS_DEFAULT_MATH));
         CUBLAS_CHECK(cublasSetPointerMode(blas_, CUBLAS_POINTER_MODE_HOST));
+        profiler_ = std::make_unique<OpProfiler>(stream_);
     } catch (...) {
         if (blas_) cublasDestroy(blas_);
         cudaStreamDestroy(stream_);
@@ -75,6 +77,7 @@ CudaBackend::CudaBackend() {
 // Never throws: errors at teardown (e.g. after a sticky fault) cannot be acted upon.
 CudaBackend::~CudaBackend() {
     cudaStreamSynchronize(stream_);
+    profiler_.reset();
     for (Scratch* s : {&reduce_ws_, &embed_ws_, &attn_ws_}) cudaFree(s->ptr);
     cublasDestroy(blas_);
     cudaStreamDestroy(stream_);
@@ -115,21 +118,25 @@ void CudaBackend::free(void* ptr) {
 }
 
 void CudaBackend::upload(void* dst, const void* src_host, size_t bytes) {
+    const ProfiledOp op(profiler_.get(), "upload");
     // Pageable source: the call returns once the data is staged, so the host buffer may be reused.
     if (bytes) CUDA_CHECK(cudaMemcpyAsync(dst, src_host, bytes, cudaMemcpyHostToDevice, stream_));
 }
 
 void CudaBackend::download(void* dst_host, const void* src, size_t bytes) {
+    const ProfiledOp op(profiler_.get(), "download");
     if (bytes) CUDA_CHECK(cudaMemcpyAsync(dst_host, src, bytes, cudaMemcpyDeviceToHost, stream_));
     CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 
 // Unlike the CPU's memmove, overlapping ranges are not supported (the model never overlaps them).
 void CudaBackend::copy(void* dst, const void* src, size_t bytes) {
+    const ProfiledOp op(profiler_.get(), "copy");
     if (bytes) CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_));
 }
 
 void CudaBackend::zero(void* ptr, size_t bytes) {
+    const ProfiledOp op(profiler_.get(), "zero");
     if (bytes) CUDA_CHECK(cudaMemsetAsync(ptr, 0, bytes, stream_));
 }
 
@@ -166,24 +173,28 @@ __global__ void sum_partials_kernel(double* out, const double* partial, int coun
 }  // namespace
 
 void CudaBackend::add(float* out, const float* a, const float* b, size_t n) {
+    const ProfiledOp op(profiler_.get(), "add");
     if (n == 0) return;
     add_kernel<<<grid_for(n), kThreads, 0, stream_>>>(out, a, b, n);
     CUDA_CHECK_LAST();
 }
 
 void CudaBackend::accumulate(float* out, const float* a, size_t n) {
+    const ProfiledOp op(profiler_.get(), "accumulate");
     if (n == 0) return;
     accumulate_kernel<<<grid_for(n), kThreads, 0, stream_>>>(out, a, n);
     CUDA_CHECK_LAST();
 }
 
 void CudaBackend::scale(float* x, float s, size_t n) {
+    const ProfiledOp op(profiler_.get(), "scale");
     if (n == 0) return;
     scale_kernel<<<grid_for(n), kThreads, 0, stream_>>>(x, s, n);
     CUDA_CHECK_LAST();
 }
 
 double CudaBackend::sum_squares(const float* x, size_t n) {
+    const ProfiledOp op(profiler_.get(), "sum_squares");
     if (n == 0) return 0.0;
     auto* ws = static_cast<double*>(scratch(reduce_ws_, (kSumBlocks + 1) * sizeof(double)));
     const unsigned blocks = std::min<unsigned>(grid_for(n), kSumBlocks);
@@ -243,6 +254,7 @@ void CudaBackend::gemm(int M,
 
 void CudaBackend::matmul_forward(
     float* out_NO, const float* in_NI, const float* w_OI, const float* bias_O, int N, int I, int O) {
+    const ProfiledOp op(profiler_.get(), "matmul_fwd", N, I, O);
     if (bias_O && N > 0 && O > 0) {
         const size_t n = static_cast<size_t>(N) * O;
         broadcast_rows_kernel<<<grid_for(n), kThreads, 0, stream_>>>(out_NO, bias_O, n, O);
@@ -261,6 +273,7 @@ void CudaBackend::matmul_backward(float* din_NI,
                                   int I,
                                   int O,
                                   bool accumulate_din) {
+    const ProfiledOp op(profiler_.get(), "matmul_bwd", N, I, O);
     if (din_NI) gemm(N, I, O, 1.0f, dout_NO, O, false, w_OI, I, false, accumulate_din ? 1.0f : 0.0f, din_NI, I);
     if (dw_OI) gemm(O, I, N, 1.0f, dout_NO, O, true, in_NI, I, false, 1.0f, dw_OI, I);
     if (dbias_O) column_reduce(stream_, dbias_O, N, O, RowValue{dout_NO, O});
@@ -334,6 +347,7 @@ void CudaBackend::grouped_gemm(const std::vector<GemmProblem>& problems,
 // All local experts in one grouped GEMM call (rows of expert g: [offsets[g], offsets[g+1])).
 void CudaBackend::grouped_matmul_forward(
     float* out_RO, const float* in_RI, const float* w_GOI, const int* offsets_host, int G, int I, int O) {
+    const ProfiledOp op(profiler_.get(), "grouped_matmul_fwd", G, I, O);
     std::vector<GemmProblem> problems;
     for (int g = 0; g < G; ++g) {
         const int r0 = offsets_host[g], rows = offsets_host[g + 1] - r0;
@@ -352,6 +366,7 @@ void CudaBackend::grouped_matmul_backward(float* din_RI,
                                           int G,
                                           int I,
                                           int O) {
+    const ProfiledOp op(profiler_.get(), "grouped_matmul_bwd", G, I, O);
     std::vector<GemmProblem> din, dw;
     for (int g = 0; g < G; ++g) {
         const int r0 = offsets_host[g], rows = offsets_host[g + 1] - r0;
@@ -397,6 +412,7 @@ void CudaBackend::adamw_update(float* param,
                                float weight_decay,
                                float grad_scale,
                                int step) {
+    const ProfiledOp op(profiler_.get(), "adamw_update");
     if (n == 0) return;
     // Same scalar folding as the CPU (PyTorch order): bias corrections in double on the host.
     const float bc1 = static_cast<float>(1.0 - std::pow(static_cast<double>(beta1), step));
@@ -429,12 +445,14 @@ __global__ void bf16_to_float_kernel(float* out, const uint16_t* in, size_t n) {
 }  // namespace
 
 void CudaBackend::float_to_bf16(uint16_t* out, const float* in, size_t n) {
+    const ProfiledOp op(profiler_.get(), "float_to_bf16");
     if (n == 0) return;
     float_to_bf16_kernel<<<grid_for(n), kThreads, 0, stream_>>>(out, in, n);
     CUDA_CHECK_LAST();
 }
 
 void CudaBackend::bf16_to_float(float* out, const uint16_t* in, size_t n) {
+    const ProfiledOp op(profiler_.get(), "bf16_to_float");
     if (n == 0) return;
     bf16_to_float_kernel<<<grid_for(n), kThreads, 0, stream_>>>(out, in, n);
     CUDA_CHECK_LAST();

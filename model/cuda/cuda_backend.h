@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "model/backend.h"
+#include "model/cuda/op_profiler.h"
 
 struct CUstream_st;    // cudaStream_t is CUstream_st*
 struct cublasContext;  // cublasHandle_t is cublasContext*
@@ -41,6 +42,7 @@ class CudaBackend final : public Backend {
 
     std::string name() const override { return "cuda"; }
     CUstream_st* stream() const { return stream_; }  // the compute stream, e.g. for make_nccl_world
+    OpProfiler& profiler() { return *profiler_; }     // per-op GPU time (bench_train --profile)
     void* alloc(size_t bytes) override;
     void free(void* ptr) override;
     void upload(void* dst, const void* src_host, size_t bytes) override;
@@ -246,6 +248,7 @@ class CudaBackend final : public Backend {
     Scratch reduce_ws_;                      // sum_squares partials
     Scratch embed_ws_;                       // embedding_backward CSR of token positions
     Scratch attn_ws_;                        // attention_backward dS [B, H, T, T]
+    std::unique_ptr<OpProfiler> profiler_;    // disabled unless asked for
     bool grouped_bf16_unsupported_ = false;  // cublasGemmGroupedBatchedEx refused FAST_16BF once
 };
 

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "model/cuda/cuda_backend.h"
+#include "model/cuda/op_profiler.h"
 #include "parallel/cuda_check.h"
 #include "model/cuda/cuda_common.cuh"
 
@@ -366,6 +367,7 @@ __global__ void moe_combine_backward_gate_kernel(
 // ---- embeddings -------------------------------------------------------------------------------
 
 void CudaBackend::embedding_forward(float* out_ND, const int32_t* tokens_N, const float* table_VD, int N, int D) {
+    const ProfiledOp op(profiler_.get(), "embedding_forward");
     const size_t n = static_cast<size_t>(N) * D;
     if (n == 0) return;
     embedding_forward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(out_ND, tokens_N, table_VD, n, D);
@@ -376,6 +378,7 @@ void CudaBackend::embedding_forward(float* out_ND, const int32_t* tokens_N, cons
 // host once, a stable counting sort builds a CSR of positions per used vocab id, and one block
 // column per used id sums its rows in token order. Costs one sync + O(N) host work per call.
 void CudaBackend::embedding_backward(float* dtable_VD, const float* dout_ND, const int32_t* tokens_N, int N, int D) {
+    const ProfiledOp op(profiler_.get(), "embedding_backward");
     if (dtable_VD == nullptr || N <= 0 || D <= 0) return;
     std::vector<int32_t> tokens(N);
     download(tokens.data(), tokens_N, tokens.size() * sizeof(int32_t));
@@ -391,6 +394,7 @@ void CudaBackend::embedding_backward(float* dtable_VD, const float* dout_ND, con
 }
 
 void CudaBackend::position_forward(float* x_BTD, const float* wpe_SD, int B, int T, int D) {
+    const ProfiledOp op(profiler_.get(), "position_forward");
     const size_t TD = static_cast<size_t>(T) * D, n = TD * B;
     if (n == 0) return;
     position_forward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(x_BTD, wpe_SD, n, TD);
@@ -398,6 +402,7 @@ void CudaBackend::position_forward(float* x_BTD, const float* wpe_SD, int B, int
 }
 
 void CudaBackend::position_backward(float* dwpe_SD, const float* dx_BTD, int B, int T, int D) {
+    const ProfiledOp op(profiler_.get(), "position_backward");
     const size_t TD = static_cast<size_t>(T) * D;
     if (dwpe_SD == nullptr || TD == 0) return;
     position_backward_kernel<<<grid_for(TD), kThreads, 0, stream_>>>(dwpe_SD, dx_BTD, B, TD);
@@ -408,6 +413,7 @@ void CudaBackend::position_backward(float* dwpe_SD, const float* dx_BTD, int B, 
 
 void CudaBackend::rmsnorm_forward(
     float* out_ND, float* rstd_N, const float* in_ND, const float* w_D, int N, int D, float eps) {
+    const ProfiledOp op(profiler_.get(), "rmsnorm_forward");
     if (N <= 0) return;
     rmsnorm_forward_kernel<<<N, kThreads, 0, stream_>>>(out_ND, rstd_N, in_ND, w_D, D, eps);
     CUDA_CHECK_LAST();
@@ -421,6 +427,7 @@ void CudaBackend::rmsnorm_backward(float* din_ND,
                                    const float* rstd_N,
                                    int N,
                                    int D) {
+    const ProfiledOp op(profiler_.get(), "rmsnorm_backward");
     if (N <= 0) return;
     rmsnorm_backward_kernel<<<N, kThreads, 0, stream_>>>(din_ND, dout_ND, in_ND, w_D, rstd_N, D);
     CUDA_CHECK_LAST();
@@ -436,6 +443,7 @@ void CudaBackend::layernorm_forward(float* out_ND,
                                     int N,
                                     int D,
                                     float eps) {
+    const ProfiledOp op(profiler_.get(), "layernorm_forward");
     if (N <= 0) return;
     layernorm_forward_kernel<<<N, kThreads, 0, stream_>>>(out_ND, mean_N, rstd_N, in_ND, w_D, b_D, D, eps);
     CUDA_CHECK_LAST();
@@ -451,6 +459,7 @@ void CudaBackend::layernorm_backward(float* din_ND,
                                      const float* rstd_N,
                                      int N,
                                      int D) {
+    const ProfiledOp op(profiler_.get(), "layernorm_backward");
     if (N <= 0) return;
     layernorm_backward_kernel<<<N, kThreads, 0, stream_>>>(din_ND, dout_ND, in_ND, w_D, mean_N, rstd_N, D);
     CUDA_CHECK_LAST();
@@ -461,6 +470,7 @@ void CudaBackend::layernorm_backward(float* din_ND,
 // ---- activations ------------------------------------------------------------------------------
 
 void CudaBackend::swiglu_forward(float* out, const float* gate, const float* up, size_t n) {
+    const ProfiledOp op(profiler_.get(), "swiglu_forward");
     if (n == 0) return;
     swiglu_forward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(out, gate, up, n);
     CUDA_CHECK_LAST();
@@ -468,18 +478,21 @@ void CudaBackend::swiglu_forward(float* out, const float* gate, const float* up,
 
 void CudaBackend::swiglu_backward(
     float* dgate, float* dup, const float* dout, const float* gate, const float* up, size_t n) {
+    const ProfiledOp op(profiler_.get(), "swiglu_backward");
     if (n == 0) return;
     swiglu_backward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(dgate, dup, dout, gate, up, n);
     CUDA_CHECK_LAST();
 }
 
 void CudaBackend::gelu_forward(float* out, const float* in, size_t n) {
+    const ProfiledOp op(profiler_.get(), "gelu_forward");
     if (n == 0) return;
     gelu_forward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(out, in, n);
     CUDA_CHECK_LAST();
 }
 
 void CudaBackend::gelu_backward(float* din, const float* dout, const float* in, size_t n) {
+    const ProfiledOp op(profiler_.get(), "gelu_backward");
     if (n == 0) return;
     gelu_backward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(din, dout, in, n);
     CUDA_CHECK_LAST();
@@ -489,6 +502,7 @@ void CudaBackend::gelu_backward(float* din, const float* dout, const float* in, 
 
 void CudaBackend::cross_entropy_forward(
     float* loss_N, float* probs_NV, const float* logits_NV, const int32_t* targets_N, int N, int V) {
+    const ProfiledOp op(profiler_.get(), "cross_entropy_forward");
     if (N <= 0 || V <= 0) return;
     cross_entropy_forward_kernel<<<N, kThreads, 0, stream_>>>(loss_N, probs_NV, logits_NV, targets_N, V);
     CUDA_CHECK_LAST();
@@ -496,6 +510,7 @@ void CudaBackend::cross_entropy_forward(
 
 void CudaBackend::cross_entropy_backward(
     float* dlogits_NV, const float* probs_NV, const int32_t* targets_N, float dloss, int N, int V) {
+    const ProfiledOp op(profiler_.get(), "cross_entropy_backward");
     const size_t n = static_cast<size_t>(N) * V;
     if (n == 0) return;
     cross_entropy_backward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(dlogits_NV, probs_NV, targets_N, dloss, n, V);
@@ -513,6 +528,7 @@ void CudaBackend::router_topk_forward(float* probs_NE,
                                       int E,
                                       int K,
                                       bool renormalize) {
+    const ProfiledOp op(profiler_.get(), "router_topk_forward");
     if (N <= 0) return;
     BMOE_REQUIRE(E > 0 && K >= 0 && K <= E, "router: top-k (", K, ") must be in [0, num_experts = ", E, "]");
     constexpr int kRouterThreads = 128;
@@ -533,6 +549,7 @@ void CudaBackend::router_topk_backward(float* dlogits_NE,
                                        int E,
                                        int K,
                                        bool renormalize) {
+    const ProfiledOp op(profiler_.get(), "router_topk_backward");
     if (N <= 0) return;
     constexpr int kRouterThreads = 128;
     const RouterGrads a{dtopk_weight_NK, probs_NE, lse_N, topk_weight_NK, aux_dprobs_E, topk_idx_NK, zloss_coef};
@@ -542,6 +559,7 @@ void CudaBackend::router_topk_backward(float* dlogits_NE,
 }
 
 void CudaBackend::moe_gather_forward(float* x_RD, const float* x_ND, const int32_t* row_src_R, int R, int K, int D) {
+    const ProfiledOp op(profiler_.get(), "moe_gather_forward");
     const size_t n = static_cast<size_t>(R) * D;
     if (n == 0) return;
     moe_gather_forward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(x_RD, x_ND, row_src_R, n, K, D);
@@ -550,6 +568,7 @@ void CudaBackend::moe_gather_forward(float* x_RD, const float* x_ND, const int32
 
 void CudaBackend::moe_gather_backward(
     float* dx_ND, const float* dx_RD, const int32_t* slot_row_NK, int N, int K, int D) {
+    const ProfiledOp op(profiler_.get(), "moe_gather_backward");
     const size_t n = static_cast<size_t>(N) * D;
     if (n == 0) return;
     moe_gather_backward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(dx_ND, dx_RD, slot_row_NK, n, K, D);
@@ -558,6 +577,7 @@ void CudaBackend::moe_gather_backward(
 
 void CudaBackend::moe_combine_forward(
     float* y_ND, const float* y_RD, const int32_t* slot_row_NK, const float* topk_weight_NK, int N, int K, int D) {
+    const ProfiledOp op(profiler_.get(), "moe_combine_forward");
     const size_t n = static_cast<size_t>(N) * D;
     if (n == 0) return;
     moe_combine_forward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(y_ND, y_RD, slot_row_NK, topk_weight_NK, n, K, D);
@@ -575,6 +595,7 @@ void CudaBackend::moe_combine_backward(float* dy_RD,
                                        int R,
                                        int K,
                                        int D) {
+    const ProfiledOp op(profiler_.get(), "moe_combine_backward");
     const size_t rows = static_cast<size_t>(R) * D;
     if (rows > 0) {
         moe_combine_backward_rows_kernel<<<grid_for(rows), kThreads, 0, stream_>>>(dy_RD, dy_ND, row_src_R,
