@@ -157,6 +157,17 @@ struct AttnDims {
     Op kv(const float* base, int b, int h) const { return {base + kv_off(b, h), KV * Hd}; }
 };
 
+// The causal part (j <= i) of a T x T slice rounded to bf16 into buf (bf16 attention operands).
+const float* round_slice(std::vector<float>& buf, const float* S_TT, int T) {
+    for (int i = 0; i < T; ++i) {
+        const float* src = S_TT + static_cast<size_t>(i) * T;
+        float* dst = buf.data() + static_cast<size_t>(i) * T;
+        for (int j = 0; j <= i; ++j) dst[j] = round_to_bf16(src[j]);
+        std::fill(dst + i + 1, dst + T, 0.0f);
+    }
+    return buf.data();
+}
+
 AttnDims attn_dims(int B, int T, int H, int KV, int Hd) {
     BMOE_REQUIRE(KV > 0 && H % KV == 0, "attention: num_heads (", H, ") must be a multiple of num_kv_heads (", KV, ")");
     return {B, T, H, KV, Hd};
@@ -466,7 +477,10 @@ void CpuBackend::rope_backward(float* dx_BTHd, int B, int T, int nh, int Hd, flo
     rope_apply(dx_BTHd, B, T, nh, Hd, theta, -1.0f);
 }
 
-// Three phases (scores GEMMs, softmax over all rows, PV GEMMs) so BLAS and OpenMP never nest.
+// One task per (b, h): scores, softmax and P V of a slice. Inside an OpenMP region the OpenMP build
+// of OpenBLAS runs single-threaded, so the small GEMMs do not fight for cores. bf16 matmul
+// precision rounds every product's operands (q, k, P, v) as the CUDA backend's tensor cores do;
+// the softmax and the stored P stay fp32.
 void CpuBackend::attention_forward(float* out_BTHd,
                                    float* att_BHTT,
                                    const float* q_BTHd,
@@ -479,24 +493,33 @@ void CpuBackend::attention_forward(float* out_BTHd,
                                    int Hd) {
     const AttnDims a = attn_dims(B, T, H, KV, Hd);
     const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(Hd)));
-    // One task per (b, h): scores, softmax and P V of a slice. Inside an OpenMP region the
-    // OpenMP build of OpenBLAS runs single-threaded, so the small GEMMs do not fight for cores.
-#pragma omp parallel for collapse(2) schedule(static) if (B * H > 1)
-    for (int b = 0; b < B; ++b) {
-        for (int h = 0; h < H; ++h) {
-            float* att = att_BHTT + a.att_off(b, h);
-            causal_scores(att, a.q(q_BTHd, b, h), a.kv(k_BTKVHd, b, h), T, Hd, scale);
-            for (int i = 0; i < T; ++i) {
-                float* p = att + static_cast<size_t>(i) * T;
-                softmax_row(p, p, i + 1);
-                std::fill(p + i + 1, p + T, 0.0f);
+    const bool bf16 = matmul_precision_ == MatmulPrecision::kBf16;
+    const size_t q_n = static_cast<size_t>(B) * T * H * Hd, kv_n = static_cast<size_t>(B) * T * KV * Hd;
+    q_BTHd = matmul_input(q_BTHd, q_n, 0);
+    k_BTKVHd = matmul_input(k_BTKVHd, kv_n, 1);
+    v_BTKVHd = matmul_input(v_BTKVHd, kv_n, 2);
+#pragma omp parallel if (B * H > 1)
+    {
+        std::vector<float> p16(bf16 ? static_cast<size_t>(T) * T : 0);  // this thread's rounded P
+#pragma omp for collapse(2) schedule(static)
+        for (int b = 0; b < B; ++b) {
+            for (int h = 0; h < H; ++h) {
+                float* att = att_BHTT + a.att_off(b, h);
+                causal_scores(att, a.q(q_BTHd, b, h), a.kv(k_BTKVHd, b, h), T, Hd, scale);
+                for (int i = 0; i < T; ++i) {
+                    float* p = att + static_cast<size_t>(i) * T;
+                    softmax_row(p, p, i + 1);
+                    std::fill(p + i + 1, p + T, 0.0f);
+                }
+                const float* P = bf16 ? round_slice(p16, att, T) : att;
+                causal_apply(out_BTHd + a.q_off(b, h), H * Hd, P, a.kv(v_BTKVHd, b, h), T, Hd, 1.0f, 0.0f);
             }
-            causal_apply(out_BTHd + a.q_off(b, h), H * Hd, att, a.kv(v_BTKVHd, b, h), T, Hd, 1.0f, 0.0f);
         }
     }
 }
 
 // dP = dout v^T;  dS = P (dP - rowsum(P dP));  dq = s dS k;  dk += s dS^T q;  dv += P^T dout
+// (bf16 matmul precision: every product's operands rounded, as in attention_forward).
 void CpuBackend::attention_backward(float* dq_BTHd,
                                     float* dk_BTKVHd,
                                     float* dv_BTKVHd,
@@ -512,31 +535,42 @@ void CpuBackend::attention_backward(float* dq_BTHd,
                                     int Hd) {
     const AttnDims a = attn_dims(B, T, H, KV, Hd);
     const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(Hd)));
+    const bool bf16 = matmul_precision_ == MatmulPrecision::kBf16;
     auto dS = std::make_unique_for_overwrite<float[]>(static_cast<size_t>(B) * H * T * T);
-    const size_t kv_n = static_cast<size_t>(B) * T * KV * Hd;
+    const size_t q_n = static_cast<size_t>(B) * T * H * Hd, kv_n = static_cast<size_t>(B) * T * KV * Hd;
     std::memset(dk_BTKVHd, 0, kv_n * sizeof(float));
     std::memset(dv_BTKVHd, 0, kv_n * sizeof(float));
+    dout_BTHd = matmul_input(dout_BTHd, q_n, 0);
+    q_BTHd = matmul_input(q_BTHd, q_n, 1);
+    k_BTKVHd = matmul_input(k_BTKVHd, kv_n, 2);
+    v_BTKVHd = matmul_input(v_BTKVHd, kv_n, 3);
     // One task per (b, kv head): its query heads run in a fixed order, so dk/dv sum them
     // deterministically and no two tasks write the same rows.
     const int group = H / KV;
-#pragma omp parallel for collapse(2) schedule(static) if (B * KV > 1)
-    for (int b = 0; b < B; ++b) {
-        for (int g = 0; g < KV; ++g) {
-            for (int h = g * group; h < (g + 1) * group; ++h) {
-                float* ds = dS.get() + a.att_off(b, h);
-                const float* p = att_BHTT + a.att_off(b, h);
-                causal_scores(ds, a.q(dout_BTHd, b, h), a.kv(v_BTKVHd, b, h), T, Hd, 1.0f);
-                for (int i = 0; i < T; ++i) {  // dS = P * (dP - rowsum(P * dP))
-                    const float* pi = p + static_cast<size_t>(i) * T;
-                    float* dsi = ds + static_cast<size_t>(i) * T;
-                    double dot = 0.0;
-                    for (int j = 0; j <= i; ++j) dot += static_cast<double>(pi[j]) * dsi[j];
-                    for (int j = 0; j <= i; ++j) dsi[j] = pi[j] * (dsi[j] - static_cast<float>(dot));
-                    std::fill(dsi + i + 1, dsi + T, 0.0f);
+#pragma omp parallel if (B * KV > 1)
+    {
+        std::vector<float> p16(bf16 ? static_cast<size_t>(T) * T : 0), ds16(p16.size());
+#pragma omp for collapse(2) schedule(static)
+        for (int b = 0; b < B; ++b) {
+            for (int g = 0; g < KV; ++g) {
+                for (int h = g * group; h < (g + 1) * group; ++h) {
+                    float* ds = dS.get() + a.att_off(b, h);
+                    const float* p = att_BHTT + a.att_off(b, h);
+                    causal_scores(ds, a.q(dout_BTHd, b, h), a.kv(v_BTKVHd, b, h), T, Hd, 1.0f);
+                    for (int i = 0; i < T; ++i) {  // dS = P * (dP - rowsum(P * dP))
+                        const float* pi = p + static_cast<size_t>(i) * T;
+                        float* dsi = ds + static_cast<size_t>(i) * T;
+                        double dot = 0.0;
+                        for (int j = 0; j <= i; ++j) dot += static_cast<double>(pi[j]) * dsi[j];
+                        for (int j = 0; j <= i; ++j) dsi[j] = pi[j] * (dsi[j] - static_cast<float>(dot));
+                        std::fill(dsi + i + 1, dsi + T, 0.0f);
+                    }
+                    const float* dS_op = bf16 ? round_slice(ds16, ds, T) : ds;
+                    const float* P_op = bf16 ? round_slice(p16, p, T) : p;
+                    causal_apply(dq_BTHd + a.q_off(b, h), H * Hd, dS_op, a.kv(k_BTKVHd, b, h), T, Hd, scale, 0.0f);
+                    causal_apply_t(dk_BTKVHd + a.kv_off(b, h), KV * Hd, dS_op, a.q(q_BTHd, b, h), T, Hd, scale);
+                    causal_apply_t(dv_BTKVHd + a.kv_off(b, h), KV * Hd, P_op, a.q(dout_BTHd, b, h), T, Hd, 1.0f);
                 }
-                causal_apply(dq_BTHd + a.q_off(b, h), H * Hd, ds, a.kv(k_BTKVHd, b, h), T, Hd, scale, 0.0f);
-                causal_apply_t(dk_BTKVHd + a.kv_off(b, h), KV * Hd, ds, a.q(q_BTHd, b, h), T, Hd, scale);
-                causal_apply_t(dv_BTKVHd + a.kv_off(b, h), KV * Hd, p, a.q(dout_BTHd, b, h), T, Hd, 1.0f);
             }
         }
     }

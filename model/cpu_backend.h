@@ -175,9 +175,9 @@ class CpuBackend final : public Backend {
     void bf16_to_float(float* out, const uint16_t* in, size_t n) override;
 
   private:
-    // With bf16 matmul precision: x[0..n) rounded to bf16 in scratch slot `slot` (0..2); else x.
+    // With bf16 matmul precision: x[0..n) rounded to bf16 in scratch slot `slot` (0..3); else x.
     const float* matmul_input(const float* x, size_t n, int slot);
-    std::vector<float> bf16_scratch_[3];
+    std::vector<float> bf16_scratch_[4];
 };
 
 }  // namespace bmoe::model

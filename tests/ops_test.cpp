@@ -14,6 +14,7 @@
 
 #include "model/cpu_backend.h"
 #include "model/cpu_threads.h"
+#include "model/precision.h"
 #include "parallel/check.h"
 #include "tests/test_util.h"
 
@@ -407,7 +408,9 @@ struct AttnShape {
     size_t natt() const { return static_cast<size_t>(B) * H * T * T; }
 };
 
-std::vector<double> naive_attention(const AttnShape& s, const Vec& q, const Vec& k, const Vec& v) {
+// round_p: P's entries rounded to bf16 before P V (the bf16 emulation's rounding point).
+std::vector<double> naive_attention(const AttnShape& s, const Vec& q, const Vec& k, const Vec& v,
+                                    bool round_p = false) {
     std::vector<double> out(s.nq());
     for (int b = 0; b < s.B; ++b)
         for (int h = 0; h < s.H; ++h) {
@@ -426,7 +429,11 @@ std::vector<double> naive_attention(const AttnShape& s, const Vec& q, const Vec&
                 for (double& x : p) sum += (x = std::exp(x - mx));
                 for (int e = 0; e < s.Hd; ++e) {
                     double o = 0.0;
-                    for (int j = 0; j <= i; ++j) o += p[j] / sum * v[((b * s.T + j) * s.KV + kvh) * s.Hd + e];
+                    for (int j = 0; j <= i; ++j) {
+                        const double pj = round_p ? bmoe::model::round_to_bf16(static_cast<float>(p[j] / sum))
+                                                  : p[j] / sum;
+                        o += pj * v[((b * s.T + j) * s.KV + kvh) * s.Hd + e];
+                    }
                     out[((b * s.T + i) * s.H + h) * s.Hd + e] = o;
                 }
             }
@@ -467,6 +474,31 @@ TEST_P(AttentionForward, MatchesNaiveGqaAndCausal) {
                 const size_t i = (static_cast<size_t>(b) * s.T + t) * s.H * s.Hd + e;
                 ASSERT_EQ(out2[i], out[i]);
             }
+}
+
+// bf16 matmul precision rounds q, k, P and v (the CUDA backend's tensor-core operands): the
+// output matches a float64 reference with the same roundings, far nearer than the fp32 result.
+TEST_P(AttentionForward, Bf16RoundsTheGemmOperands) {
+    const AttnShape s = GetParam();
+    CpuBackend be;
+    Vec q = randn(s.nq(), 1), k = randn(s.nkv(), 2), v = randn(s.nkv(), 3), out(s.nq()), att(s.natt());
+    {
+        const bmoe::model::ScopedMatmulPrecision bf16(&be, bmoe::model::MatmulPrecision::kBf16);
+        be.attention_forward(out.data(), att.data(), q.data(), k.data(), v.data(), s.B, s.T, s.H, s.KV, s.Hd);
+    }
+    auto rounded = [](Vec x) {
+        for (float& e : x) e = bmoe::model::round_to_bf16(e);
+        return x;
+    };
+    const std::vector<double> ref16 = naive_attention(s, rounded(q), rounded(k), rounded(v), /*round_p=*/true);
+    const std::vector<double> ref32 = naive_attention(s, q, k, v);
+    double to16 = 0.0, to32 = 0.0;
+    for (size_t i = 0; i < out.size(); ++i) {
+        to16 += (out[i] - ref16[i]) * (out[i] - ref16[i]);
+        to32 += (out[i] - ref32[i]) * (out[i] - ref32[i]);
+    }
+    EXPECT_LT(std::sqrt(to16), 0.1 * std::sqrt(to32)) << "rms distance to the bf16 reference vs the fp32 one";
+    expect_near_vec(out, ref16, 1e-2, "bf16 attention out");
 }
 
 INSTANTIATE_TEST_SUITE_P(CpuOps,

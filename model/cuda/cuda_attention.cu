@@ -1,7 +1,7 @@
 // cuda_attention.cu -- CudaBackend: rotary embeddings and causal grouped-query attention.
 //
-// Attention = cuBLAS GEMMs batched over the (batch, head) slices (grouped_gemm: one call per GEMM
-// kind, fp32) plus fused row kernels, the math of the CPU backend:
+// Attention = cuBLAS GEMMs batched over the (batch, head) slices (grouped_gemm: one batched call per
+// GEMM kind) plus fused row kernels, the math of the CPU backend:
 //   forward   S = scale Q K^T (full T x T per slice, into att), causal softmax in place (zeros
 //             above the diagonal), out = P V
 //   backward  dP = dout V^T (into a [B, H, T, T] scratch), dS = P (dP - rowsum(P dP)) in place
@@ -10,7 +10,9 @@
 //             head in a fixed order (deterministic GQA sums, no atomics)
 // The T x T scores are materialised (att is saved for backward anyway); the upper triangle's
 // GEMM work is wasted. A flash-style tiled kernel that never stores att is the next step.
-// Attention GEMMs stay fp32 whatever the matmul precision (scores are precision-sensitive).
+// The GEMMs follow the matmul precision (bf16: bf16 operands, fp32 accumulation and output, as
+// flash-attention kernels do); the softmax, its backward and the stored P stay fp32. The CPU
+// backend rounds the same operands, so the two agree in both precisions.
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -99,7 +101,7 @@ void CudaBackend::rope_backward(float* dx_BTHd, int B, int T, int nh, int Hd, fl
     CUDA_CHECK_LAST();
 }
 
-// Runs one batched GEMM of an attention plan through grouped_gemm (fp32: see the header).
+// Runs one batched GEMM of an attention plan through grouped_gemm (all slices one shape: batched).
 void CudaBackend::run_batched_gemm(const BatchedGemm& g) {
     std::vector<GemmProblem> problems;
     problems.reserve(g.slices.size());
@@ -121,7 +123,6 @@ void CudaBackend::attention_forward(float* out_BTHd,
     const AttnShape s = attn_shape(B, T, H, KV, Hd);
     const size_t rows = static_cast<size_t>(B) * H * T;
     if (rows == 0 || Hd <= 0) return;
-    const ScopedMatmulPrecision fp32(this, MatmulPrecision::kFp32);
     const std::vector<BatchedGemm> plan = attention_forward_plan(s, out_BTHd, att_BHTT, q_BTHd, k_BTKVHd, v_BTKVHd);
     run_batched_gemm(plan[0]);  // S = scale Q K^T
     causal_softmax_kernel<<<static_cast<unsigned>(rows), kAttThreads, 0, stream_>>>(att_BHTT, T);
@@ -146,7 +147,6 @@ void CudaBackend::attention_backward(float* dq_BTHd,
     const AttnShape s = attn_shape(B, T, H, KV, Hd);
     const size_t rows = static_cast<size_t>(B) * H * T;
     if (rows == 0 || Hd <= 0) return;
-    const ScopedMatmulPrecision fp32(this, MatmulPrecision::kFp32);
     auto* dS = static_cast<float*>(scratch(attn_ws_, rows * T * sizeof(float)));  // [B, H, T, T]
     const std::vector<BatchedGemm> plan = attention_backward_plan(s, dq_BTHd, dk_BTKVHd, dv_BTKVHd, dS, dout_BTHd,
                                                                   q_BTHd, k_BTKVHd, v_BTKVHd, att_BHTT);

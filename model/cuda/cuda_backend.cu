@@ -78,7 +78,7 @@ CudaBackend::CudaBackend() {
 CudaBackend::~CudaBackend() {
     cudaStreamSynchronize(stream_);
     profiler_.reset();
-    for (Scratch* s : {&reduce_ws_, &embed_ws_, &attn_ws_}) cudaFree(s->ptr);
+    for (Scratch* s : {&gemm_ptrs_ws_, &reduce_ws_, &embed_ws_, &attn_ws_, &colred_ws_}) cudaFree(s->ptr);
     cublasDestroy(blas_);
     cudaStreamDestroy(stream_);
 }
@@ -92,6 +92,11 @@ void* CudaBackend::scratch(Scratch& s, size_t bytes) {
     s.ptr = alloc(bytes);
     s.bytes = bytes;
     return s.ptr;
+}
+
+double* CudaBackend::column_reduce_ws(int N, int D) {
+    const size_t n = static_cast<size_t>(column_reduce_splits(N, D)) * std::max(D, 1);
+    return static_cast<double*>(scratch(colred_ws_, n * sizeof(double)));
 }
 
 // ---- memory ---------------------------------------------------------------------------------
@@ -276,12 +281,13 @@ void CudaBackend::matmul_backward(float* din_NI,
     const ProfiledOp op(profiler_.get(), "matmul_bwd", N, I, O);
     if (din_NI) gemm(N, I, O, 1.0f, dout_NO, O, false, w_OI, I, false, accumulate_din ? 1.0f : 0.0f, din_NI, I);
     if (dw_OI) gemm(O, I, N, 1.0f, dout_NO, O, true, in_NI, I, false, 1.0f, dw_OI, I);
-    if (dbias_O) column_reduce(stream_, dbias_O, N, O, RowValue{dout_NO, O});
+    if (dbias_O) column_reduce(stream_, column_reduce_ws(N, O), dbias_O, N, O, RowValue{dout_NO, O});
 }
 
 // Grouped GEMMs: one cublasSgemmGroupedBatched call over the non-empty groups (CUDA >= 12.5), or
 // cublasGemmGroupedBatchedEx with the bf16 compute type; where this cuBLAS does not support the
-// call, one GEMM per group on the backend stream.
+// call, one GEMM per group on the backend stream. Problems all of one shape go to the batched
+// (not grouped) call, which cuBLAS can tune for that one shape (attention's (batch, head) slices).
 void CudaBackend::grouped_gemm(const std::vector<GemmProblem>& problems,
                                float alpha,
                                int lda,
@@ -322,6 +328,22 @@ void CudaBackend::grouped_gemm(const std::vector<GemmProblem>& problems,
     auto* dev = static_cast<void**>(scratch(gemm_ptrs_ws_, ptrs.size() * sizeof(void*)));
     CUDA_CHECK(cudaMemcpyAsync(dev, ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice, stream_));
     const bool bf16 = matmul_precision_ == MatmulPrecision::kBf16;
+    const bool uniform = std::all_of(m.begin(), m.end(), [&](int v) { return v == m[0]; }) &&
+                         std::all_of(n.begin(), n.end(), [&](int v) { return v == n[0]; }) &&
+                         std::all_of(k.begin(), k.end(), [&](int v) { return v == k[0]; });
+    if (uniform) {  // one shape (attention slices, equal expert loads): a plain batched GEMM is faster
+        if (bf16) {
+            CUBLAS_CHECK(cublasGemmBatchedEx(blas_, op_a[0], op_b[0], m[0], n[0], k[0], &alpha, dev, CUDA_R_32F,
+                                             ldb, dev + count, CUDA_R_32F, lda, &beta, dev + 2 * count, CUDA_R_32F,
+                                             ldc, count, CUBLAS_COMPUTE_32F_FAST_16BF, CUBLAS_GEMM_DEFAULT));
+        } else {
+            CUBLAS_CHECK(cublasSgemmBatched(blas_, op_a[0], op_b[0], m[0], n[0], k[0], &alpha,
+                                            reinterpret_cast<const float* const*>(dev), ldb,
+                                            reinterpret_cast<const float* const*>(dev + count), lda, &beta,
+                                            reinterpret_cast<float* const*>(dev + 2 * count), ldc, count));
+        }
+        return;
+    }
     cublasStatus_t rc = CUBLAS_STATUS_NOT_SUPPORTED;
     if (!bf16) {
         rc = cublasSgemmGroupedBatched(blas_, op_a.data(), op_b.data(), m.data(), n.data(), k.data(), alphas.data(),

@@ -208,6 +208,7 @@ class CudaBackend final : public Backend {
         size_t bytes = 0;
     };
     void* scratch(Scratch& s, size_t bytes);
+    double* column_reduce_ws(int N, int D);  // cuda::column_reduce's partial sums
     // Row-major C_MN = alpha op(A)_MK op(B)_KN + beta C_MN via cuBLAS (column-major underneath).
     void gemm(int M,
               int N,
@@ -248,6 +249,7 @@ class CudaBackend final : public Backend {
     Scratch reduce_ws_;                      // sum_squares partials
     Scratch embed_ws_;                       // embedding_backward CSR of token positions
     Scratch attn_ws_;                        // attention_backward dS [B, H, T, T]
+    Scratch colred_ws_;                      // column_reduce partial sums [splits, D] (double)
     std::unique_ptr<OpProfiler> profiler_;    // disabled unless asked for
     bool grouped_bf16_unsupported_ = false;  // cublasGemmGroupedBatchedEx refused FAST_16BF once
 };

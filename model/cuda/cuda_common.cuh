@@ -67,32 +67,54 @@ __device__ inline float block_max(float v) {
 }
 
 // ---- column reductions: out_D[d] += sum_n f(n, d) -------------------------------------------
-// Block (32, kColRows): x picks the column (coalesced rows), y strides the rows; partials are
-// summed over y in order, in double like the CPU's column_reduce. One block per 32 columns; a
-// split over rows (two-pass) would add parallelism for small D if this ever shows in profiles.
+// Two passes, so even a small D fills the GPU: pass 1 splits the rows into S chunks, block
+// (32, kColRows) per (32 columns, chunk): x picks the column (coalesced rows), y strides the chunk's
+// rows, partials summed over y in order into ws[s * D + d] (double, like the CPU's column_reduce);
+// pass 2 adds the S chunk sums of each column in chunk order. Fixed order: bitwise reproducible.
 constexpr int kColRows = 16;
 
+// Row chunks for an N x D reduction: about two blocks per SM, chunks of at least 64 rows.
+inline int column_reduce_splits(int N, int D) {
+    const int col_blocks = static_cast<int>(div_up(static_cast<size_t>(D), 32));
+    const int want = static_cast<int>(div_up(264, static_cast<size_t>(col_blocks)));
+    return std::clamp(want, 1, std::max(1, static_cast<int>(div_up(static_cast<size_t>(N), 64))));
+}
+
 template <typename F>
-__global__ void column_reduce_kernel(float* out_D, int N, int D, F f) {
+__global__ void column_reduce_partial_kernel(double* ws_SD, int N, int D, int chunk, F f) {
     __shared__ double part[kColRows][33];
     const int d = blockIdx.x * 32 + threadIdx.x;
+    const int n0 = blockIdx.y * chunk, n1 = min(N, n0 + chunk);
     double acc = 0.0;
     if (d < D) {
-        for (int n = threadIdx.y; n < N; n += kColRows) acc += f(n, d);
+        for (int n = n0 + threadIdx.y; n < n1; n += kColRows) acc += f(n, d);
     }
     part[threadIdx.y][threadIdx.x] = acc;
     __syncthreads();
     if (threadIdx.y == 0 && d < D) {
         double s = 0.0;
         for (int y = 0; y < kColRows; ++y) s += part[y][threadIdx.x];
+        ws_SD[static_cast<size_t>(blockIdx.y) * D + d] = s;
+    }
+}
+
+static __global__ void column_reduce_finish_kernel(float* out_D, const double* ws_SD, int S, int D) {
+    BMOE_GRID_STRIDE(d, static_cast<size_t>(D)) {
+        double s = 0.0;
+        for (int c = 0; c < S; ++c) s += ws_SD[static_cast<size_t>(c) * D + d];
         out_D[d] += static_cast<float>(s);
     }
 }
 
+// ws: column_reduce_splits(N, D) * D doubles of device scratch (stream-ordered reuse is safe).
 template <typename F>
-void column_reduce(cudaStream_t stream, float* out_D, int N, int D, F f) {
+void column_reduce(cudaStream_t stream, double* ws, float* out_D, int N, int D, F f) {
     if (out_D == nullptr || N <= 0 || D <= 0) return;  // null: a frozen weight's gradient
-    column_reduce_kernel<<<div_up(D, 32), dim3(32, kColRows), 0, stream>>>(out_D, N, D, f);
+    const int S = column_reduce_splits(N, D);
+    const int chunk = static_cast<int>(div_up(static_cast<size_t>(N), static_cast<size_t>(S)));
+    column_reduce_partial_kernel<<<dim3(div_up(D, 32), S), dim3(32, kColRows), 0, stream>>>(ws, N, D, chunk, f);
+    CUDA_CHECK_LAST();
+    column_reduce_finish_kernel<<<grid_for(static_cast<size_t>(D)), kThreads, 0, stream>>>(out_D, ws, S, D);
     CUDA_CHECK_LAST();
 }
 

@@ -431,7 +431,7 @@ void CudaBackend::rmsnorm_backward(float* din_ND,
     if (N <= 0) return;
     rmsnorm_backward_kernel<<<N, kThreads, 0, stream_>>>(din_ND, dout_ND, in_ND, w_D, rstd_N, D);
     CUDA_CHECK_LAST();
-    column_reduce(stream_, dw_D, N, D, RmsDw{dout_ND, in_ND, rstd_N, D});
+    column_reduce(stream_, column_reduce_ws(N, D), dw_D, N, D, RmsDw{dout_ND, in_ND, rstd_N, D});
 }
 
 void CudaBackend::layernorm_forward(float* out_ND,
@@ -463,8 +463,8 @@ void CudaBackend::layernorm_backward(float* din_ND,
     if (N <= 0) return;
     layernorm_backward_kernel<<<N, kThreads, 0, stream_>>>(din_ND, dout_ND, in_ND, w_D, mean_N, rstd_N, D);
     CUDA_CHECK_LAST();
-    column_reduce(stream_, dw_D, N, D, LnDw{dout_ND, in_ND, mean_N, rstd_N, D});
-    column_reduce(stream_, db_D, N, D, RowValue{dout_ND, D});
+    column_reduce(stream_, column_reduce_ws(N, D), dw_D, N, D, LnDw{dout_ND, in_ND, mean_N, rstd_N, D});
+    column_reduce(stream_, column_reduce_ws(N, D), db_D, N, D, RowValue{dout_ND, D});
 }
 
 // ---- activations ------------------------------------------------------------------------------
