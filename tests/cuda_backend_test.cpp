@@ -12,7 +12,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <tuple>
 #include <limits>
 #include <memory>
 #include <random>
@@ -399,14 +398,11 @@ TEST(CudaBackend, Attention) {
     check_attention(1, 33, 3, 3, 40);   // MHA, head_dim not a multiple of 32
 }
 
-// bf16 attention GEMMs: CUDA (cuBLAS FAST_16BF) against the CPU's emulation (the same operands
-// rounded), and nearer to it than to fp32, so the GPU really rounds where the emulation does.
-double rms_diff(const Vec& a, const Vec& b) {
-    double s = 0.0;
-    for (size_t i = 0; i < a.size(); ++i) s += (static_cast<double>(a[i]) - b[i]) * (a[i] - b[i]);
-    return std::sqrt(s / std::max<size_t>(a.size(), 1));
-}
-
+// bf16 attention GEMMs: CUDA (cuBLAS CUBLAS_COMPUTE_32F_FAST_16BF) against the CPU's emulation
+// (the same operands rounded to bf16), within bf16 error. FAST_16BF *permits* bf16 tensor cores,
+// it does not force them: on an H200 (2026-11-27) cuBLAS kept these small shapes in fp32 (CUDA
+// bf16 output 6e-8 rms from the CPU's fp32, 1.6e-3 from its bf16 emulation), while the large
+// training shapes ran ~3x faster. So this checks agreement within bf16 error, not the rounding.
 void check_attention_bf16(int b, int t, int h, int kv, int hd) {
     Dual d;
     const size_t nq = static_cast<size_t>(b) * t * h * hd, nkv = static_cast<size_t>(b) * t * kv * hd;
@@ -414,25 +410,13 @@ void check_attention_bf16(int b, int t, int h, int kv, int hd) {
     auto q = d.make(randn(nq, 1)), k = d.make(randn(nkv, 2)), v = d.make(randn(nkv, 3));
     auto dout = d.make(randn(nq, 4)), out = d.garbage(nq), att = d.garbage(natt);
     auto dq = d.garbage(nq), dk = d.garbage(nkv), dv = d.garbage(nkv);
-    auto out32 = d.garbage(nq), att32 = d.garbage(natt), dq32 = d.garbage(nq);
     d.run([&](Backend& be, int s) {
-        {
-            const ScopedMatmulPrecision bf16(&be, MatmulPrecision::kBf16);
-            be.attention_forward(out[s], att[s], q[s], k[s], v[s], b, t, h, kv, hd);
-            be.attention_backward(dq[s], dk[s], dv[s], dout[s], q[s], k[s], v[s], att[s], b, t, h, kv, hd);
-        }
-        be.attention_forward(out32[s], att32[s], q[s], k[s], v[s], b, t, h, kv, hd);
-        be.attention_backward(dq32[s], dk[s], dv[s], dout[s], q[s], k[s], v[s], att32[s], b, t, h, kv, hd);
+        const ScopedMatmulPrecision bf16(&be, MatmulPrecision::kBf16);
+        be.attention_forward(out[s], att[s], q[s], k[s], v[s], b, t, h, kv, hd);
+        be.attention_backward(dq[s], dk[s], dv[s], dout[s], q[s], k[s], v[s], att[s], b, t, h, kv, hd);
     });
     const std::string at = " (B=" + std::to_string(b) + " T=" + std::to_string(t) + " Hd=" + std::to_string(hd) + ")";
-    for (auto* p : {&out, &att, &dq}) expect_close(*p, "bf16 attention" + at, 1e-2);
-    for (auto [p16, p32, what] : {std::tuple{&out, &out32, "out"}, std::tuple{&dq, &dq32, "dq"}}) {
-        const Vec gpu16 = p16->side[kGpu].download();
-        const double to_emulation = rms_diff(gpu16, p16->side[kCpu].download());
-        const double to_fp32 = rms_diff(gpu16, p32->side[kCpu].download());
-        EXPECT_LT(to_emulation, 0.25 * to_fp32) << "bf16 attention " << what << at << ": rms to the CPU's bf16 "
-                                                 << to_emulation << ", to its fp32 " << to_fp32;
-    }
+    for (auto* p : {&out, &att, &dq, &dk, &dv}) expect_close(*p, "bf16 attention" + at, 1e-2);
 }
 
 TEST(CudaBackend, AttentionBf16MatchesCpuEmulation) {

@@ -102,7 +102,7 @@ result() { grep -E "$2" "$logs/$1" | tail -1 | grep . || tail -1 "$logs/$1"; }
 # bmoe vs PyTorch (same model, same batch, bf16 autocast vs bmoe bf16) on the GPT-2-small-sized MoE
 bench_pair() {  # MODEL PRECISION [STEPS]
   local m=$1 p=$2 steps=${3:-10}
-  capped 150 "bmoe_${m}_${p}.log" ./build-gpu/bench/bench_train --backend cuda --model "$m" --precision "$p" \
+  capped 240 "bmoe_${m}_${p}.log" ./build-gpu/bench/bench_train --backend cuda --model "$m" --precision "$p" \
     --steps "$steps" --warmup 3 --profile 2
   echo "bmoe  $m $p (exit $?): $(result "bmoe_${m}_${p}.log" '^bmoe cuda: ')"
   grep -A10 -E "^profile \(per step" "$logs/bmoe_${m}_${p}.log" | sed 's/^/   /' 
@@ -124,7 +124,7 @@ if [[ $phase != bench ]] && stage "compute-sanitizer memcheck: 1 training step (
     echo "sanitizer $1 $2: exit $? ; $(result "sanitizer_$1.log" 'ERROR SUMMARY')"
   done
 fi
-if [[ $phase != check ]] && stage "bmoe vs PyTorch eager: large bf16" 80; then bench_pair large bf16 6; fi
+if [[ $phase != check ]] && stage "bmoe vs PyTorch eager: large bf16" 150; then bench_pair large bf16 6; fi
 if [[ $phase != check ]] && stage "bmoe vs PyTorch eager: gpt2-moe fp32" 90; then bench_pair gpt2-moe fp32 5; fi
 if [[ $phase != check ]] && stage "bmoe with attention recompute: gpt2-moe bf16" 40; then
   capped 90 bmoe_recompute.log ./build-gpu/bench/bench_train --backend cuda --model gpt2-moe --precision bf16 \
