@@ -25,6 +25,7 @@
 #include <string>
 
 #include "model/precision.h"
+#include "model/rng.h"
 
 namespace bmoe::model {
 
@@ -56,6 +57,8 @@ class Backend {
     virtual void accumulate(float* out, const float* a, size_t n) = 0;
     // x *= s
     virtual void scale(float* x, float s, size_t n) = 0;
+    // out = a * b elementwise (out may alias a or b)
+    virtual void mul(float* out, const float* a, const float* b, size_t n) = 0;
     // sum of x[i]^2 over n elements, accumulated in double; NaN/Inf propagate (used for grad norm)
     virtual double sum_squares(const float* x, size_t n) = 0;
 
@@ -259,6 +262,17 @@ class Backend {
                               float weight_decay,
                               float grad_scale,
                               int step) = 0;
+
+    // ---- router noise: counter-based, so every backend draws the same bits --------------------
+    // mask[n, d] = dropout_mask_value(rng, counter0 + n * row_stride + d, drop, keep_scale) (model/rng.h)
+    virtual void dropout_mask(float* mask_ND,
+                              int N,
+                              int D,
+                              const CounterRng& rng,
+                              uint64_t counter0,
+                              uint64_t row_stride,
+                              float drop,
+                              float keep_scale) = 0;
 
     // ---- bf16 transport (expert-parallel rows that only feed bf16 GEMMs) --------------------
     // out[i] = bf16_bits(in[i]) (nearest-even, model/precision.h); out[i] -> the float it encodes.

@@ -219,6 +219,11 @@ void CpuBackend::scale(float* x, float s, size_t n) {
     for (idx_t i = 0; i < static_cast<idx_t>(n); ++i) x[i] *= s;
 }
 
+void CpuBackend::mul(float* out, const float* a, const float* b, size_t n) {
+#pragma omp parallel for schedule(static) if (par(n))
+    for (idx_t i = 0; i < static_cast<idx_t>(n); ++i) out[i] = a[i] * b[i];
+}
+
 double CpuBackend::sum_squares(const float* x, size_t n) {
     // Fixed chunks, partials summed in chunk order: independent of the thread count.
     constexpr size_t kChunk = 1 << 14;
@@ -811,6 +816,22 @@ void CpuBackend::adamw_update(float* param,
 }
 
 // ---- bf16 transport ------------------------------------------------------------------------
+
+void CpuBackend::dropout_mask(float* mask_ND,
+                              int N,
+                              int D,
+                              const CounterRng& rng,
+                              uint64_t counter0,
+                              uint64_t row_stride,
+                              float drop,
+                              float keep_scale) {
+#pragma omp parallel for schedule(static) if (par(static_cast<size_t>(N) * D))
+    for (idx_t n = 0; n < N; ++n) {
+        const uint64_t base = counter0 + static_cast<uint64_t>(n) * row_stride;
+        float* row = mask_ND + static_cast<size_t>(n) * D;
+        for (int d = 0; d < D; ++d) row[d] = dropout_mask_value(rng, base + d, drop, keep_scale);
+    }
+}
 
 void CpuBackend::float_to_bf16(uint16_t* out, const float* in, size_t n) {
 #pragma omp parallel for schedule(static) if (par(n))

@@ -26,6 +26,7 @@ class CpuBackend final : public Backend {
     void add(float* out, const float* a, const float* b, size_t n) override;
     void accumulate(float* out, const float* a, size_t n) override;
     void scale(float* x, float s, size_t n) override;
+    void mul(float* out, const float* a, const float* b, size_t n) override;
     double sum_squares(const float* x, size_t n) override;
     void matmul_forward(
         float* out_NO, const float* in_NI, const float* w_OI, const float* bias_O, int N, int I, int O) override;
@@ -171,6 +172,14 @@ class CpuBackend final : public Backend {
                       float weight_decay,
                       float grad_scale,
                       int step) override;
+    void dropout_mask(float* mask_ND,
+                      int N,
+                      int D,
+                      const CounterRng& rng,
+                      uint64_t counter0,
+                      uint64_t row_stride,
+                      float drop,
+                      float keep_scale) override;
     void float_to_bf16(uint16_t* out, const float* in, size_t n) override;
     void bf16_to_float(float* out, const uint16_t* in, size_t n) override;
 

@@ -179,22 +179,13 @@ void Router::sample_logits(const float* x_ND, const LayerTensors& w, const Routi
                 std::copy(ldet_.begin(), ldet_.end(), out_.sample_logits.begin());
                 break;
             }
-            download_to(backend_, x_host_, x_ND, ND);
-            const CounterRng rng = noise_rng(ctx, layer_, kDropoutNoise);
-            const float keep_scale = 1.0f / (1.0f - rc_.dropout);
-            std::vector<float> xs(ND), ls;
-            noise_.dropout_mask.resize(static_cast<size_t>(S) * ND);
+            // Masks are drawn on the backend (counter-based: the same bits anywhere) and redrawn in
+            // backward, so x never leaves the device and no [S, N, D] mask is kept.
+            dropout_ = DropoutDraw{noise_rng(ctx, layer_, kDropoutNoise), static_cast<uint64_t>(ctx.first_token)};
+            std::vector<float> ls;
             for (int s = 0; s < S; ++s) {
-                float* mask = noise_.dropout_mask.data() + s * ND;
-#pragma omp parallel for schedule(static) if (parallel_worth(ND))
-                for (idx_t n = 0; n < N; ++n) {
-                    const uint64_t base = (static_cast<uint64_t>(ctx.first_token + n) * S + s) * D;
-                    for (int d = 0; d < D; ++d) {
-                        mask[n * D + d] = rng.uniform(base + d) < rc_.dropout ? 0.0f : keep_scale;
-                        xs[n * D + d] = x_host_[n * D + d] * mask[n * D + d];
-                    }
-                }
-                run_matmul(ls, to_backend(scratch_a_, xs), w.router_w, nullptr, N, D, E, scratch_b_);
+                const float* xs = dropout_input(x_ND, s);
+                run_matmul(ls, xs, w.router_w, nullptr, N, D, E, scratch_b_);
                 std::copy(ls.begin(), ls.end(), out_.sample_logits.begin() + static_cast<long>(s * NE));
             }
             break;
@@ -276,11 +267,9 @@ void Router::sample_logits(const float* x_ND, const LayerTensors& w, const Routi
                     std::log(sp / sigma) + (sigma * sigma + static_cast<double>(wmu[j]) * wmu[j]) / (2 * sp * sp) - 0.5;
             }
             weight_kl_ = kl;
-            download_to(backend_, x_host_, x_ND, ND);
-            std::vector<float> x2(ND);
-            for (size_t i = 0; i < ND; ++i) x2[i] = x_host_[i] * x_host_[i];
-            const float* x2_dev = to_backend(scratch_a_, x2);
-            run_matmul(var_, x2_dev, to_backend(scratch_w_, sigma2), nullptr, N, D, E, scratch_b_);
+            x2_ND_.ensure(backend_, ND);
+            backend_->mul(x2_ND_.data(), x_ND, x_ND, ND);  // on the backend: x stays on the device
+            run_matmul(var_, x2_ND_.data(), to_backend(scratch_w_, sigma2), nullptr, N, D, E, scratch_b_);
             out_.sigma.resize(NE);
             for (size_t i = 0; i < NE; ++i) out_.sigma[i] = std::sqrt(var_[i] + 1e-12f);
             if (sample) fill_eps();
@@ -430,6 +419,35 @@ void Router::select_and_gate(const RoutingContext& ctx) {
     }
 }
 
+// x * mask^s on the backend (mask in dropout_mask_ND_, the product in dropout_x_ND_).
+const float* Router::dropout_input(const float* x_ND, int s) {
+    const int N = N_, D = config_.d_model, S = S_;
+    const size_t ND = static_cast<size_t>(N) * D;
+    dropout_mask_ND_.ensure(backend_, ND);
+    dropout_x_ND_.ensure(backend_, ND);
+    // element (token t, sample s, d) has counter (t S + s) D + d: rows of this batch step by S D
+    const uint64_t counter0 = (dropout_.first_token * S + static_cast<uint64_t>(s)) * D;
+    backend_->dropout_mask(dropout_mask_ND_.data(), N, D, dropout_.rng, counter0, static_cast<uint64_t>(S) * D,
+                           rc_.dropout, 1.0f / (1.0f - rc_.dropout));
+    backend_->mul(dropout_x_ND_.data(), x_ND, dropout_mask_ND_.data(), ND);
+    return dropout_x_ND_.data();
+}
+
+const RouterNoise& Router::noise() const {
+    // mc_dropout's masks live on the backend only while used; the host copy is drawn on request.
+    if (rc_.type == RouterType::kMcDropout && mode_ == RouterMode::kSample && noise_.dropout_mask.empty() && N_ > 0) {
+        const int N = N_, D = config_.d_model, S = S_;
+        noise_.dropout_mask.resize(static_cast<size_t>(S) * N * D);
+        for (int s = 0; s < S; ++s)
+            for (int n = 0; n < N; ++n)
+                for (int d = 0; d < D; ++d)
+                    noise_.dropout_mask[(static_cast<size_t>(s) * N + n) * D + d] = dropout_mask_value(
+                        dropout_.rng, ((dropout_.first_token + n) * S + s) * static_cast<uint64_t>(D) + d, rc_.dropout,
+                        1.0f / (1.0f - rc_.dropout));
+    }
+    return noise_;
+}
+
 void Router::upload_decision() {
     const size_t NK = static_cast<size_t>(N_) * config_.top_k;
     backend_->upload(topk_idx_NK_.data(), out_.topk_idx.data(), NK * sizeof(int32_t));
@@ -530,21 +548,17 @@ void Router::backward(float* dx_ND,
                 add_samples(dldet);
                 break;
             }
-            std::vector<float> xs(ND), dxs, dx_total(ND, 0.0f), dls(NE);
-            for (int s = 0; s < S; ++s) {
-                const float* mask = noise_.dropout_mask.data() + s * ND;
-                for (size_t i = 0; i < ND; ++i) xs[i] = x_host_[i] * mask[i];
+            std::vector<float> dls(NE);
+            dtrunk_.ensure(backend_, ND);
+            for (int s = 0; s < S; ++s) {  // dx += (dl^s W) * mask^s, the mask redrawn as in forward
+                const float* xs = dropout_input(x_ND, s);
                 std::copy(dl.begin() + static_cast<long>(s * NE), dl.begin() + static_cast<long>((s + 1) * NE),
                           dls.begin());
-                const float* xs_dev = to_backend(scratch_a_, xs);
-                const float* dls_dev = to_backend(scratch_b_, dls);
-                dtrunk_.ensure(backend_, ND);
-                backend_->matmul_backward(dtrunk_.data(), dw.router_w, nullptr, dls_dev, xs_dev, w.router_w, N, D, E,
-                                          false);
-                download_to(backend_, dxs, dtrunk_.data(), ND);
-                for (size_t i = 0; i < ND; ++i) dx_total[i] += dxs[i] * mask[i];
+                backend_->matmul_backward(dtrunk_.data(), dw.router_w, nullptr, to_backend(scratch_b_, dls), xs,
+                                          w.router_w, N, D, E, false);
+                backend_->mul(dtrunk_.data(), dtrunk_.data(), dropout_mask_ND_.data(), ND);
+                if (dx_ND != nullptr) backend_->accumulate(dx_ND, dtrunk_.data(), ND);
             }
-            accumulate_host(dx_ND, dx_total);
             break;
         }
         case RouterType::kEnsemble: {
@@ -585,24 +599,24 @@ void Router::backward(float* dx_ND,
                 for (int s = 0; s < S; ++s)
                     for (size_t i = 0; i < NE; ++i)
                         dvar[i] += dl[s * NE + i] * eps[s * NE + i] / (2.0f * out_.sigma[i]);
-            std::vector<float> x2(ND), rho, wmu, sigma2(P);
-            for (size_t i = 0; i < ND; ++i) x2[i] = x_host_[i] * x_host_[i];
+            std::vector<float> rho, wmu, sigma2(P);
             download_to(backend_, rho, w.router_rho, P);
             download_to(backend_, wmu, w.router_w, P);
             for (size_t j = 0; j < P; ++j) sigma2[j] = softplus(rho[j]) * softplus(rho[j]);
-            Buffer<float> dsigma2(backend_, P);
+            x2_ND_.ensure(backend_, ND);
+            backend_->mul(x2_ND_.data(), x_ND, x_ND, ND);
+            dsigma2_.ensure(backend_, P);
+            dsigma2_.zero();  // matmul_backward adds into dW
             dtrunk_.ensure(backend_, ND);
-            const float* dvar_dev = to_backend(scratch_b_, dvar);
-            const float* x2_dev = to_backend(scratch_a_, x2);
-            Buffer<float> sigma2_dev(backend_, P);
-            backend_->upload(sigma2_dev.data(), sigma2.data(), P * sizeof(float));
-            backend_->matmul_backward(dtrunk_.data(), dsigma2.data(), nullptr, dvar_dev, x2_dev, sigma2_dev.data(), N,
-                                      D, E, false);
-            std::vector<float> dx2, ds2;
-            download_to(backend_, dx2, dtrunk_.data(), ND);
-            download_to(backend_, ds2, dsigma2.data(), P);
-            std::vector<float> dx_var(ND), drho(P), dwmu(P);
-            for (size_t i = 0; i < ND; ++i) dx_var[i] = 2.0f * x_host_[i] * dx2[i];
+            // dtrunk = d loss / d (x*x), dsigma2 = d loss / d sigma^2
+            backend_->matmul_backward(dtrunk_.data(), dsigma2_.data(), nullptr, to_backend(scratch_b_, dvar),
+                                      x2_ND_.data(), to_backend(scratch_w_, sigma2), N, D, E, false);
+            std::vector<float> ds2;
+            download_to(backend_, ds2, dsigma2_.data(), P);
+            backend_->mul(dtrunk_.data(), dtrunk_.data(), x_ND, ND);  // d x = 2 x d(x*x)
+            backend_->scale(dtrunk_.data(), 2.0f, ND);
+            if (dx_ND != nullptr) backend_->accumulate(dx_ND, dtrunk_.data(), ND);
+            std::vector<float> drho(P), dwmu(P);
             const double sp2 = static_cast<double>(rc_.weight_prior_std) * rc_.weight_prior_std;
             for (size_t j = 0; j < P; ++j) {  // + the weight KL: d/dsigma = sigma/sp^2 - 1/sigma, d/dmu = mu/sp^2
                 const double sigma = softplus(rho[j]);
@@ -610,7 +624,6 @@ void Router::backward(float* dx_ND,
                 drho[j] = static_cast<float>(dsigma * sigmoid(rho[j]));
                 dwmu[j] = static_cast<float>(weight_reg_coef * wmu[j] / sp2);
             }
-            accumulate_host(dx_ND, dx_var);
             accumulate_host(dw.router_rho, drho);
             accumulate_host(dw.router_w, dwmu);
             break;

@@ -102,7 +102,7 @@ class Router {
     const int32_t* topk_idx_NK() const { return topk_idx_NK_.data(); }
     const float* topk_weight_NK() const { return topk_weight_NK_.data(); }
     const RouterOutputs& outputs() const { return out_; }
-    const RouterNoise& noise() const { return noise_; }
+    const RouterNoise& noise() const;
     // lse(mu_n) per token of the last forward (host), for the z-loss.
     const std::vector<float>& lse() const { return lse_; }
     // Weight-space KL of this layer (weight_mfvi; 0 otherwise), computed by the last forward.
@@ -123,6 +123,7 @@ class Router {
     void sample_logits(const float* x_ND, const LayerTensors& w, const RoutingContext& ctx);
     void select_and_gate(const RoutingContext& ctx);
     void upload_decision();
+    const float* dropout_input(const float* x_ND, int s);  // mc_dropout: x * mask^s (backend)
     // host [rows, cols] -> backend scratch
     float* to_backend(Buffer<float>& dst, const std::vector<float>& src);
 
@@ -140,9 +141,12 @@ class Router {
     double weight_kl_ = 0.0;
 
     // saved for backward (host)
-    std::vector<float> x_host_;  // [N, D] (mc_dropout, weight_mfvi)
-    std::vector<float> ldet_;    // [N, E] x W_r^T
-    RouterNoise noise_;
+    std::vector<float> ldet_;  // [N, E] x W_r^T
+    mutable RouterNoise noise_;  // noise() fills dropout_mask on request
+    struct DropoutDraw {         // mc_dropout: the last forward's mask stream (redrawn in backward)
+        CounterRng rng{0, 0};
+        uint64_t first_token = 0;
+    } dropout_;
     std::vector<float> dmu_, raw_;    // [N, E], [N, E | P] inference-network heads
     std::vector<float> var_;          // [N, E] weight_mfvi logit variance
     std::vector<float> temp_raw_;     // [N] vtsr pre-sigmoid temperature
@@ -158,6 +162,8 @@ class Router {
     // backend scratch
     Buffer<float> ldet_NE_, probs_NE_, lse_N_, topk_weight_NK_, scratch_a_, scratch_b_, scratch_c_, scratch_w_;
     Buffer<float> trunk_pre_, trunk_out_, dtrunk_;
+    Buffer<float> dropout_mask_ND_, dropout_x_ND_;  // mc_dropout: mask^s and x * mask^s [N, D]
+    Buffer<float> x2_ND_, dsigma2_;                 // weight_mfvi: x * x [N, D], d sigma^2 [E, D]
     Buffer<int32_t> topk_idx_NK_;
 };
 

@@ -127,16 +127,30 @@ TEST(CudaBackend, Elementwise) {
     Dual d;
     constexpr size_t n = 3000;
     auto a = d.make(randn(n, 1)), b = d.make(randn(n, 2)), out = d.garbage(n), acc = d.make(randn(n, 3));
+    auto prod = d.garbage(n);
     d.run([&](Backend& be, int s) {
         be.add(out[s], a[s], b[s], n);
         be.add(a[s], a[s], b[s], n);  // out aliases a
         be.accumulate(acc[s], b[s], n);
         be.scale(b[s], -0.37f, n);
+        be.mul(prod[s], acc[s], b[s], n);
     });
     expect_close(out, "add");
     expect_close(a, "add (aliased)");
     expect_close(acc, "accumulate");
     expect_close(b, "scale");
+    expect_close(prod, "mul");
+}
+
+// Router noise: the same counter-based bits on both backends (bitwise).
+TEST(CudaBackend, DropoutMaskIsBitwiseTheCpuOne) {
+    if (!bmoe::model::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+    Dual d;
+    constexpr int rows = 257, cols = 96;
+    const bmoe::model::CounterRng rng(3, 5);
+    auto mask = d.garbage(static_cast<size_t>(rows) * cols);
+    d.run([&](Backend& be, int s) { be.dropout_mask(mask[s], rows, cols, rng, 99, 4 * cols, 0.3f, 1.0f / 0.7f); });
+    EXPECT_EQ(mask.side[kCpu].download(), mask.side[kGpu].download());
 }
 
 TEST(CudaBackend, SumSquares) {

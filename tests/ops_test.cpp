@@ -105,6 +105,14 @@ TEST(CpuOps, ElementwiseAndSumSquares) {
     be.accumulate(out.data(), a.data(), n);
     be.scale(out.data(), 0.5f, n);
     for (size_t i = 0; i < n; i += 997) ASSERT_EQ(out[i], (a[i] + b[i] + a[i]) * 0.5f);
+    const Vec b0 = b;
+    Vec prod(n);
+    be.mul(prod.data(), a.data(), b.data(), n);
+    be.mul(b.data(), b.data(), b.data(), n);  // out aliases both inputs
+    for (size_t i = 0; i < n; i += 997) {
+        ASSERT_EQ(prod[i], a[i] * b0[i]);
+        ASSERT_EQ(b[i], b0[i] * b0[i]);
+    }
     double want = 0.0;
     for (float x : a) want += static_cast<double>(x) * x;
     EXPECT_NEAR(be.sum_squares(a.data(), n), want, 1e-12 * want);
@@ -113,6 +121,27 @@ TEST(CpuOps, ElementwiseAndSumSquares) {
     EXPECT_TRUE(std::isnan(be.sum_squares(a.data(), n)));
     a[n - 1] = std::numeric_limits<float>::infinity();
     EXPECT_TRUE(std::isinf(be.sum_squares(a.data(), n)));
+}
+
+// mc_dropout's mask: the counter-based formula of model/rng.h at counter0 + n * row_stride + d,
+// 0 with probability p (binomial 5-sigma band) and 1/(1-p) otherwise.
+TEST(CpuOps, DropoutMaskIsTheCounterRngFormula) {
+    CpuBackend be;
+    constexpr int N = 300, D = 64;
+    constexpr float p = 0.25f, keep = 1.0f / (1.0f - p);
+    const bmoe::model::CounterRng rng(7, 11);
+    const uint64_t counter0 = 12345, stride = 3 * D;
+    Vec mask(static_cast<size_t>(N) * D, -1.0f);
+    be.dropout_mask(mask.data(), N, D, rng, counter0, stride, p, keep);
+    int dropped = 0;
+    for (int n = 0; n < N; ++n)
+        for (int d = 0; d < D; ++d) {
+            const float m = mask[static_cast<size_t>(n) * D + d];
+            ASSERT_EQ(m, rng.uniform(counter0 + n * stride + d) < p ? 0.0f : keep) << n << " " << d;
+            dropped += m == 0.0f;
+        }
+    const double mean = p * N * D, sd = std::sqrt(mean * (1 - p));
+    EXPECT_NEAR(dropped, mean, 5 * sd);
 }
 
 // ---- GEMMs ------------------------------------------------------------------------------------

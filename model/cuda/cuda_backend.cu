@@ -159,6 +159,18 @@ __global__ void accumulate_kernel(float* out, const float* a, size_t n) { BMOE_G
 
 __global__ void scale_kernel(float* x, float s, size_t n) { BMOE_GRID_STRIDE(i, n) x[i] *= s; }
 
+__global__ void mul_kernel(float* out, const float* a, const float* b, size_t n) {
+    BMOE_GRID_STRIDE(i, n) out[i] = a[i] * b[i];
+}
+
+__global__ void dropout_mask_kernel(float* mask_ND, size_t n, int D, CounterRng rng, uint64_t counter0,
+                                    uint64_t row_stride, float drop, float keep_scale) {
+    BMOE_GRID_STRIDE(i, n) {
+        const uint64_t row = i / D, col = i % D;
+        mask_ND[i] = dropout_mask_value(rng, counter0 + row * row_stride + col, drop, keep_scale);
+    }
+}
+
 constexpr int kSumBlocks = 1024;  // fixed partial count: the summation order depends on n only
 
 __global__ void sum_squares_partial_kernel(double* partial, const float* x, size_t n) {
@@ -195,6 +207,29 @@ void CudaBackend::scale(float* x, float s, size_t n) {
     const ProfiledOp op(profiler_.get(), "scale");
     if (n == 0) return;
     scale_kernel<<<grid_for(n), kThreads, 0, stream_>>>(x, s, n);
+    CUDA_CHECK_LAST();
+}
+
+void CudaBackend::mul(float* out, const float* a, const float* b, size_t n) {
+    const ProfiledOp op(profiler_.get(), "mul");
+    if (n == 0) return;
+    mul_kernel<<<grid_for(n), kThreads, 0, stream_>>>(out, a, b, n);
+    CUDA_CHECK_LAST();
+}
+
+void CudaBackend::dropout_mask(float* mask_ND,
+                               int N,
+                               int D,
+                               const CounterRng& rng,
+                               uint64_t counter0,
+                               uint64_t row_stride,
+                               float drop,
+                               float keep_scale) {
+    const ProfiledOp op(profiler_.get(), "dropout_mask");
+    const size_t n = static_cast<size_t>(N) * D;
+    if (n == 0) return;
+    dropout_mask_kernel<<<grid_for(n), kThreads, 0, stream_>>>(mask_ND, n, D, rng, counter0, row_stride, drop,
+                                                               keep_scale);
     CUDA_CHECK_LAST();
 }
 
