@@ -185,6 +185,7 @@ class Backend {
     virtual void cross_entropy_forward(
         float* loss_N, float* probs_NV, const float* logits_NV, const int32_t* targets_N, int N, int V) = 0;
     // dlogits_NV = dloss * (probs - onehot(target)) for valid targets, 0 for ignored rows.
+    // dlogits_NV may alias probs_NV (Model computes it in place).
     virtual void cross_entropy_backward(
         float* dlogits_NV, const float* probs_NV, const int32_t* targets_N, float dloss, int N, int V) = 0;
 

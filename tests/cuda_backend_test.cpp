@@ -466,6 +466,9 @@ TEST(CudaBackend, CrossEntropy) {
         expect_close(loss, "ce loss" + at);
         expect_close(probs, "ce probs" + at);
         expect_close(dlogits, "ce dlogits" + at);
+        // In place, as Model runs it: d logits overwrites probs.
+        d.run([&](Backend& be, int s) { be.cross_entropy_backward(probs[s], probs[s], tg[s], 1.0f / N, N, vocab); });
+        EXPECT_EQ(probs.side[kGpu].download(), dlogits.side[kGpu].download()) << "in-place ce backward" << at;
     }
 }
 

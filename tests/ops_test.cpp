@@ -667,6 +667,9 @@ TEST(CpuOps, CrossEntropyIgnoredTargetsAndGrad) {
     be.cross_entropy_backward(dlogits.data(), probs.data(), targets.data(), dloss, N, V);
     for (int v = 0; v < V; ++v) EXPECT_EQ(dlogits[1 * V + v], 0.0f) << "ignored row";
     check_grad(logits, dlogits, loss, "cross-entropy dlogits");  // loss ~80 in fp32: the larger step beats rounding
+    loss();  // in place, as Model runs it: d logits overwrites probs
+    be.cross_entropy_backward(probs.data(), probs.data(), targets.data(), dloss, N, V);
+    EXPECT_EQ(probs, dlogits);
 }
 
 // ---- router -----------------------------------------------------------------------------------
