@@ -29,6 +29,16 @@
 
 namespace bmoe::model {
 
+// One draw of mc_dropout masks (Backend::dropout_mask): element (n, d) takes counter
+// counter0 + n * row_stride + d of rng; 0 with probability drop, else keep_scale.
+struct DropoutMaskDraw {
+    CounterRng rng;
+    uint64_t counter0;
+    uint64_t row_stride;
+    float drop;
+    float keep_scale;
+};
+
 class Backend {
   public:
     virtual ~Backend() = default;
@@ -266,14 +276,7 @@ class Backend {
 
     // ---- router noise: counter-based, so every backend draws the same bits --------------------
     // mask[n, d] = dropout_mask_value(rng, counter0 + n * row_stride + d, drop, keep_scale) (model/rng.h)
-    virtual void dropout_mask(float* mask_ND,
-                              int N,
-                              int D,
-                              const CounterRng& rng,
-                              uint64_t counter0,
-                              uint64_t row_stride,
-                              float drop,
-                              float keep_scale) = 0;
+    virtual void dropout_mask(float* mask_ND, int N, int D, const DropoutMaskDraw& draw) = 0;
 
     // ---- bf16 transport (expert-parallel rows that only feed bf16 GEMMs) --------------------
     // out[i] = bf16_bits(in[i]) (nearest-even, model/precision.h); out[i] -> the float it encodes.

@@ -817,19 +817,12 @@ void CpuBackend::adamw_update(float* param,
 
 // ---- bf16 transport ------------------------------------------------------------------------
 
-void CpuBackend::dropout_mask(float* mask_ND,
-                              int N,
-                              int D,
-                              const CounterRng& rng,
-                              uint64_t counter0,
-                              uint64_t row_stride,
-                              float drop,
-                              float keep_scale) {
+void CpuBackend::dropout_mask(float* mask_ND, int N, int D, const DropoutMaskDraw& draw) {
 #pragma omp parallel for schedule(static) if (par(static_cast<size_t>(N) * D))
     for (idx_t n = 0; n < N; ++n) {
-        const uint64_t base = counter0 + static_cast<uint64_t>(n) * row_stride;
+        const uint64_t base = draw.counter0 + static_cast<uint64_t>(n) * draw.row_stride;
         float* row = mask_ND + static_cast<size_t>(n) * D;
-        for (int d = 0; d < D; ++d) row[d] = dropout_mask_value(rng, base + d, drop, keep_scale);
+        for (int d = 0; d < D; ++d) row[d] = dropout_mask_value(draw.rng, base + d, draw.drop, draw.keep_scale);
     }
 }
 

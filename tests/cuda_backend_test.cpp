@@ -149,7 +149,7 @@ TEST(CudaBackend, DropoutMaskIsBitwiseTheCpuOne) {
     constexpr int rows = 257, cols = 96;
     const bmoe::model::CounterRng rng(3, 5);
     auto mask = d.garbage(static_cast<size_t>(rows) * cols);
-    d.run([&](Backend& be, int s) { be.dropout_mask(mask[s], rows, cols, rng, 99, 4 * cols, 0.3f, 1.0f / 0.7f); });
+    d.run([&](Backend& be, int s) { be.dropout_mask(mask[s], rows, cols, {rng, 99, 4 * cols, 0.3f, 1.0f / 0.7f}); });
     EXPECT_EQ(mask.side[kCpu].download(), mask.side[kGpu].download());
 }
 

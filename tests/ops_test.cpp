@@ -132,7 +132,7 @@ TEST(CpuOps, DropoutMaskIsTheCounterRngFormula) {
     const bmoe::model::CounterRng rng(7, 11);
     const uint64_t counter0 = 12345, stride = 3 * D;
     Vec mask(static_cast<size_t>(N) * D, -1.0f);
-    be.dropout_mask(mask.data(), N, D, rng, counter0, stride, p, keep);
+    be.dropout_mask(mask.data(), N, D, {rng, counter0, stride, p, keep});
     int dropped = 0;
     for (int n = 0; n < N; ++n)
         for (int d = 0; d < D; ++d) {

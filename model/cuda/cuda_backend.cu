@@ -163,11 +163,11 @@ __global__ void mul_kernel(float* out, const float* a, const float* b, size_t n)
     BMOE_GRID_STRIDE(i, n) out[i] = a[i] * b[i];
 }
 
-__global__ void dropout_mask_kernel(float* mask_ND, size_t n, int D, CounterRng rng, uint64_t counter0,
-                                    uint64_t row_stride, float drop, float keep_scale) {
+__global__ void dropout_mask_kernel(float* mask_ND, size_t n, int D, DropoutMaskDraw draw) {
     BMOE_GRID_STRIDE(i, n) {
         const uint64_t row = i / D, col = i % D;
-        mask_ND[i] = dropout_mask_value(rng, counter0 + row * row_stride + col, drop, keep_scale);
+        mask_ND[i] = dropout_mask_value(draw.rng, draw.counter0 + row * draw.row_stride + col, draw.drop,
+                                        draw.keep_scale);
     }
 }
 
@@ -217,19 +217,11 @@ void CudaBackend::mul(float* out, const float* a, const float* b, size_t n) {
     CUDA_CHECK_LAST();
 }
 
-void CudaBackend::dropout_mask(float* mask_ND,
-                               int N,
-                               int D,
-                               const CounterRng& rng,
-                               uint64_t counter0,
-                               uint64_t row_stride,
-                               float drop,
-                               float keep_scale) {
+void CudaBackend::dropout_mask(float* mask_ND, int N, int D, const DropoutMaskDraw& draw) {
     const ProfiledOp op(profiler_.get(), "dropout_mask");
     const size_t n = static_cast<size_t>(N) * D;
     if (n == 0) return;
-    dropout_mask_kernel<<<grid_for(n), kThreads, 0, stream_>>>(mask_ND, n, D, rng, counter0, row_stride, drop,
-                                                               keep_scale);
+    dropout_mask_kernel<<<grid_for(n), kThreads, 0, stream_>>>(mask_ND, n, D, draw);
     CUDA_CHECK_LAST();
 }
 
