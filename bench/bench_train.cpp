@@ -273,7 +273,8 @@ int run(int argc, char** argv) {
         const auto profile_start = Clock::now();
         for (int s = 0; s < opt.profile; ++s) train_step(opt.warmup + opt.steps + s);
         backend.synchronize();
-        std::printf("profiled steps: %.3f s/step wall (events add host time)\n", seconds_since(profile_start) / opt.profile);
+        std::printf("profiled steps: %.3f s/step wall (events add host time)\n",
+                    seconds_since(profile_start) / opt.profile);
         std::printf("%s", profiler.report(opt.profile).c_str());
         profiler.set_enabled(false);
     }

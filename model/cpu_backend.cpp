@@ -815,16 +815,18 @@ void CpuBackend::adamw_update(float* param,
     }
 }
 
-// ---- bf16 transport ------------------------------------------------------------------------
+// ---- router noise -------------------------------------------------------------------------
 
 void CpuBackend::dropout_mask(float* mask_ND, int N, int D, const DropoutMaskDraw& draw) {
-#pragma omp parallel for schedule(static) if (par(static_cast<size_t>(N) * D))
+#pragma omp parallel for schedule(static) if (par(static_cast <size_t>(N) * D))
     for (idx_t n = 0; n < N; ++n) {
         const uint64_t base = draw.counter0 + static_cast<uint64_t>(n) * draw.row_stride;
         float* row = mask_ND + static_cast<size_t>(n) * D;
         for (int d = 0; d < D; ++d) row[d] = dropout_mask_value(draw.rng, base + d, draw.drop, draw.keep_scale);
     }
 }
+
+// ---- bf16 transport ------------------------------------------------------------------------
 
 void CpuBackend::float_to_bf16(uint16_t* out, const float* in, size_t n) {
 #pragma omp parallel for schedule(static) if (par(n))

@@ -294,8 +294,8 @@ void Model::backward(float loss_scale) {
     // 1.6 GB at GPT-2's vocabulary and 8K tokens.
     float* dlogits = probs_.data();
     be->cross_entropy_backward(dlogits, probs_.data(), targets_.data(), dloss, N, V);
-    be->matmul_backward(dtmp_ND_.data(), g.lm_head, nullptr, dlogits, final_norm_out_.data(), p.lm_head, N, D,
-                        V, false);
+    be->matmul_backward(dtmp_ND_.data(), g.lm_head, nullptr, dlogits, final_norm_out_.data(), p.lm_head, N, D, V,
+                        false);
     dresidual_.zero();
     norm_backward(be, c, dresidual_.data(), g.final_norm_w, g.final_norm_b, dtmp_ND_.data(), resid_final_.data(),
                   p.final_norm_w, final_mean_.data(), final_rstd_.data(), N);

@@ -129,7 +129,7 @@ class Model {
     Buffer<float> final_norm_out_, final_mean_, final_rstd_;  // [N, D], [N], [N]
     Buffer<float> logits_, probs_, losses_;                   // [N, V], [N, V] (d logits in backward), [N]
     // backward scratch
-    Buffer<float> dresidual_, dtmp_ND_;  // [N, D], [N, max(D, H*Hd)]
+    Buffer<float> dresidual_, dtmp_ND_;            // [N, D], [N, max(D, H*Hd)]
     Buffer<float> dq_, dk_, dv_, dattn_;           // [N, H*Hd], [N, KV*Hd] x2, [N, H*Hd]
     bool recompute_attention_ = false;
     Buffer<float> att_shared_;  // [B, H, T, T] the scores of every layer with attention recompute

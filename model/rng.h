@@ -55,7 +55,10 @@ struct CounterRng {
 
 // mc_dropout's mask value for one element: 0 with probability `drop`, else keep_scale (1 / (1 - drop)).
 // One definition for the CPU backend, the CUDA kernel and the router's host export.
-BMOE_HOST_DEVICE inline float dropout_mask_value(const CounterRng& rng, uint64_t counter, float drop, float keep_scale) {
+BMOE_HOST_DEVICE inline float dropout_mask_value(const CounterRng& rng,
+                                                 uint64_t counter,
+                                                 float drop,
+                                                 float keep_scale) {
     return rng.uniform(counter) < drop ? 0.0f : keep_scale;
 }
 

@@ -427,8 +427,9 @@ const float* Router::dropout_input(const float* x_ND, int s) {
     dropout_x_ND_.ensure(backend_, ND);
     // element (token t, sample s, d) has counter (t S + s) D + d: rows of this batch step by S D
     const uint64_t counter0 = (dropout_.first_token * S + static_cast<uint64_t>(s)) * D;
-    backend_->dropout_mask(dropout_mask_ND_.data(), N, D,
-                           {dropout_.rng, counter0, static_cast<uint64_t>(S) * D, rc_.dropout, 1.0f / (1.0f - rc_.dropout)});
+    backend_->dropout_mask(
+        dropout_mask_ND_.data(), N, D,
+        {dropout_.rng, counter0, static_cast<uint64_t>(S) * D, rc_.dropout, 1.0f / (1.0f - rc_.dropout)});
     backend_->mul(dropout_x_ND_.data(), x_ND, dropout_mask_ND_.data(), ND);
     return dropout_x_ND_.data();
 }

@@ -141,7 +141,7 @@ class Router {
     double weight_kl_ = 0.0;
 
     // saved for backward (host)
-    std::vector<float> ldet_;  // [N, E] x W_r^T
+    std::vector<float> ldet_;    // [N, E] x W_r^T
     mutable RouterNoise noise_;  // noise() fills dropout_mask on request
     struct DropoutDraw {         // mc_dropout: the last forward's mask stream (redrawn in backward)
         CounterRng rng{0, 0};

@@ -438,8 +438,8 @@ struct AttnShape {
 };
 
 // round_p: P's entries rounded to bf16 before P V (the bf16 emulation's rounding point).
-std::vector<double> naive_attention(const AttnShape& s, const Vec& q, const Vec& k, const Vec& v,
-                                    bool round_p = false) {
+std::vector<double> naive_attention(
+    const AttnShape& s, const Vec& q, const Vec& k, const Vec& v, bool round_p = false) {
     std::vector<double> out(s.nq());
     for (int b = 0; b < s.B; ++b)
         for (int h = 0; h < s.H; ++h) {
@@ -459,8 +459,8 @@ std::vector<double> naive_attention(const AttnShape& s, const Vec& q, const Vec&
                 for (int e = 0; e < s.Hd; ++e) {
                     double o = 0.0;
                     for (int j = 0; j <= i; ++j) {
-                        const double pj = round_p ? bmoe::model::round_to_bf16(static_cast<float>(p[j] / sum))
-                                                  : p[j] / sum;
+                        const double pj =
+                            round_p ? bmoe::model::round_to_bf16(static_cast<float>(p[j] / sum)) : p[j] / sum;
                         o += pj * v[((b * s.T + j) * s.KV + kvh) * s.Hd + e];
                     }
                     out[((b * s.T + i) * s.H + h) * s.Hd + e] = o;

@@ -20,8 +20,8 @@
 
 #include "model/cuda/attention_plan.h"
 #include "model/cuda/cuda_backend.h"
-#include "model/cuda/op_profiler.h"
 #include "model/cuda/cuda_common.cuh"
+#include "model/cuda/op_profiler.h"
 #include "parallel/cuda_check.h"
 
 namespace bmoe::model {

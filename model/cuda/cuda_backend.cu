@@ -8,9 +8,9 @@
 #include <vector>
 
 #include "model/cuda/cuda_backend.h"
+#include "model/cuda/cuda_common.cuh"
 #include "model/cuda/op_profiler.h"
 #include "parallel/cuda_check.h"
-#include "model/cuda/cuda_common.cuh"
 
 namespace bmoe::model {
 
@@ -166,8 +166,8 @@ __global__ void mul_kernel(float* out, const float* a, const float* b, size_t n)
 __global__ void dropout_mask_kernel(float* mask_ND, size_t n, int D, DropoutMaskDraw draw) {
     BMOE_GRID_STRIDE(i, n) {
         const uint64_t row = i / D, col = i % D;
-        mask_ND[i] = dropout_mask_value(draw.rng, draw.counter0 + row * draw.row_stride + col, draw.drop,
-                                        draw.keep_scale);
+        mask_ND[i] =
+            dropout_mask_value(draw.rng, draw.counter0 + row * draw.row_stride + col, draw.drop, draw.keep_scale);
     }
 }
 
@@ -360,9 +360,9 @@ void CudaBackend::grouped_gemm(const std::vector<GemmProblem>& problems,
                          std::all_of(k.begin(), k.end(), [&](int v) { return v == k[0]; });
     if (uniform) {  // one shape (attention slices, equal expert loads): a plain batched GEMM is faster
         if (bf16) {
-            CUBLAS_CHECK(cublasGemmBatchedEx(blas_, op_a[0], op_b[0], m[0], n[0], k[0], &alpha, dev, CUDA_R_32F,
-                                             ldb, dev + count, CUDA_R_32F, lda, &beta, dev + 2 * count, CUDA_R_32F,
-                                             ldc, count, CUBLAS_COMPUTE_32F_FAST_16BF, CUBLAS_GEMM_DEFAULT));
+            CUBLAS_CHECK(cublasGemmBatchedEx(blas_, op_a[0], op_b[0], m[0], n[0], k[0], &alpha, dev, CUDA_R_32F, ldb,
+                                             dev + count, CUDA_R_32F, lda, &beta, dev + 2 * count, CUDA_R_32F, ldc,
+                                             count, CUBLAS_COMPUTE_32F_FAST_16BF, CUBLAS_GEMM_DEFAULT));
         } else {
             CUBLAS_CHECK(cublasSgemmBatched(blas_, op_a[0], op_b[0], m[0], n[0], k[0], &alpha,
                                             reinterpret_cast<const float* const*>(dev), ldb,

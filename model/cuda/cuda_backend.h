@@ -42,7 +42,7 @@ class CudaBackend final : public Backend {
 
     std::string name() const override { return "cuda"; }
     CUstream_st* stream() const { return stream_; }  // the compute stream, e.g. for make_nccl_world
-    OpProfiler& profiler() { return *profiler_; }     // per-op GPU time (bench_train --profile)
+    OpProfiler& profiler() { return *profiler_; }    // per-op GPU time (bench_train --profile)
     void* alloc(size_t bytes) override;
     void free(void* ptr) override;
     void upload(void* dst, const void* src_host, size_t bytes) override;
@@ -252,7 +252,7 @@ class CudaBackend final : public Backend {
     Scratch embed_ws_;                       // embedding_backward CSR of token positions
     Scratch attn_ws_;                        // attention_backward dS [B, H, T, T]
     Scratch colred_ws_;                      // column_reduce partial sums [splits, D] (double)
-    std::unique_ptr<OpProfiler> profiler_;    // disabled unless asked for
+    std::unique_ptr<OpProfiler> profiler_;   // disabled unless asked for
     bool grouped_bf16_unsupported_ = false;  // cublasGemmGroupedBatchedEx refused FAST_16BF once
 };
 

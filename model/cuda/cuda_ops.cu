@@ -6,9 +6,9 @@
 #include <vector>
 
 #include "model/cuda/cuda_backend.h"
+#include "model/cuda/cuda_common.cuh"
 #include "model/cuda/op_profiler.h"
 #include "parallel/cuda_check.h"
-#include "model/cuda/cuda_common.cuh"
 
 namespace bmoe::model {
 

@@ -1,12 +1,11 @@
 // op_profiler.cu -- OpProfiler (op_profiler.h): CUDA events around backend ops, summed per name.
-#include "model/cuda/op_profiler.h"
-
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <map>
 
+#include "model/cuda/op_profiler.h"
 #include "parallel/cuda_check.h"
 
 namespace bmoe::model {
@@ -60,8 +59,10 @@ std::string OpProfiler::report(int steps) {
     const double per = steps > 0 ? 1.0 / steps : 1.0;
     std::string out;
     char line[256];
-    std::snprintf(line, sizeof line, "profile (per step, %d steps): first op start -> last op end %.2f ms = GPU busy %.2f ms + "
-                  "GPU idle between ops %.2f ms\n", steps, wall * per, gpu_total * per, idle_total * per);
+    std::snprintf(line, sizeof line,
+                  "profile (per step, %d steps): first op start -> last op end %.2f ms = GPU busy %.2f ms + "
+                  "GPU idle between ops %.2f ms\n",
+                  steps, wall * per, gpu_total * per, idle_total * per);
     out += line;
     std::snprintf(line, sizeof line, "%-44s %7s %10s %10s %6s\n", "op", "calls", "GPU ms", "idle ms", "share");
     out += line;
