@@ -255,17 +255,20 @@ int run(int argc, char** argv) {
         elapsed, elapsed / opt.steps, last_loss);
     std::printf("bmoe %s: %.0f tokens/s, %.1f GFLOP/s model (%.1f%% of %s), peak RSS %.0f MiB", be, tokens_per_s,
                 model_flops / 1e9, 100.0 * model_flops / peak, cuda ? "peak: MFU" : "sgemm peak", rss);
+    std::printf(", peak allocated %.0f MiB", static_cast<double>(backend.peak_allocated_bytes()) / (1024.0 * 1024.0));
     if (cuda) std::printf(", device memory in use %.0f MiB", device_mib);
     std::printf("\n");
     std::printf(
         "JSON {\"impl\": \"bmoe\", \"backend\": \"%s\", \"precision\": \"%s\", \"model\": \"%s\", \"threads\": %d, "
         "\"sgemm_flops\": %.6g, \"tokens_per_s\": %.6g, \"model_flops\": %.6g, \"fraction_of_peak\": %.6g, "
         "\"flops_per_token\": %.6g, \"active_matmul_params\": %.0f, \"steps\": %d, \"seconds\": %.6g, "
-        "\"peak_rss_mib\": %.1f, \"device_mib\": %.1f, \"openblas_coretype\": \"%s\", \"openblas_l2_size\": \"%s\", "
+        "\"peak_rss_mib\": %.1f, \"peak_allocated_mib\": %.1f, \"device_mib\": %.1f, \"openblas_coretype\": \"%s\", "
+        "\"openblas_l2_size\": \"%s\", "
         "\"openblas_core\": \"%s\"}\n",
         be, opt.precision.c_str(), opt.model.c_str(), threads, peak, tokens_per_s, model_flops, model_flops / peak,
-        flops_per_token, active, opt.steps, elapsed, rss, device_mib, env_or_unset("OPENBLAS_CORETYPE"),
-        env_or_unset("OPENBLAS_L2_SIZE"), openblas_get_corename());
+        flops_per_token, active, opt.steps, elapsed, rss,
+        static_cast<double>(backend.peak_allocated_bytes()) / (1024.0 * 1024.0), device_mib,
+        env_or_unset("OPENBLAS_CORETYPE"), env_or_unset("OPENBLAS_L2_SIZE"), openblas_get_corename());
 #ifdef BMOE_HAVE_CUDA
     if (cuda && opt.profile > 0) {
         model::OpProfiler& profiler = dynamic_cast<model::CudaBackend&>(backend).profiler();

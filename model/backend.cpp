@@ -1,5 +1,7 @@
 #include "model/backend.h"
 
+#include <algorithm>
+
 #include "model/cpu_backend.h"
 #include "parallel/check.h"
 #ifdef BMOE_HAVE_CUDA
@@ -7,6 +9,19 @@
 #endif
 
 namespace bmoe::model {
+
+void Backend::note_alloc(const void* ptr, size_t bytes) {
+    live_bytes_[ptr] = bytes;
+    allocated_bytes_ += bytes;
+    peak_allocated_bytes_ = std::max(peak_allocated_bytes_, allocated_bytes_);
+}
+
+void Backend::note_free(const void* ptr) {
+    const auto it = live_bytes_.find(ptr);
+    if (it == live_bytes_.end()) return;
+    allocated_bytes_ -= it->second;
+    live_bytes_.erase(it);
+}
 
 bool cuda_backend_compiled() {
 #ifdef BMOE_HAVE_CUDA

@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <unordered_map>
 
 #include "model/precision.h"
 #include "model/rng.h"
@@ -50,6 +51,11 @@ class Backend {
     // default. Other ops are always fp32.
     void set_matmul_precision(MatmulPrecision p) { matmul_precision_ = p; }
     MatmulPrecision matmul_precision() const { return matmul_precision_; }
+
+    // Bytes of this backend's own buffers (alloc minus free) now, and the most at any time: what
+    // the model, optimizer and scratch hold; not the CUDA context, cuBLAS workspaces or host vectors.
+    size_t allocated_bytes() const { return allocated_bytes_; }
+    size_t peak_allocated_bytes() const { return peak_allocated_bytes_; }
 
     // ---- memory -------------------------------------------------------------------------
     virtual void* alloc(size_t bytes) = 0;  // zero-filled; throws bmoe::Error when out of memory
@@ -284,7 +290,15 @@ class Backend {
     virtual void bf16_to_float(float* out, const uint16_t* in, size_t n) = 0;
 
   protected:
+    // alloc()/free() implementations report here (free of an unknown pointer is ignored).
+    void note_alloc(const void* ptr, size_t bytes);
+    void note_free(const void* ptr);
+
     MatmulPrecision matmul_precision_ = MatmulPrecision::kFp32;
+
+  private:
+    std::unordered_map<const void*, size_t> live_bytes_;
+    size_t allocated_bytes_ = 0, peak_allocated_bytes_ = 0;
 };
 
 // Sets a backend's matmul precision for one scope (e.g. fp32 router GEMMs inside a bf16 model).

@@ -184,10 +184,14 @@ void* CpuBackend::alloc(size_t bytes) {
     BMOE_REQUIRE(p != nullptr, "CpuBackend::alloc: out of host memory allocating ", bytes,
                  " bytes: use a smaller batch/model or a machine with more RAM");
     std::memset(p, 0, rounded);
+    note_alloc(p, rounded);
     return p;
 }
 
-void CpuBackend::free(void* ptr) { std::free(ptr); }
+void CpuBackend::free(void* ptr) {
+    note_free(ptr);
+    std::free(ptr);
+}
 void CpuBackend::upload(void* dst, const void* src_host, size_t bytes) {
     if (bytes) std::memcpy(dst, src_host, bytes);
 }

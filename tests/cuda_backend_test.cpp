@@ -117,9 +117,12 @@ TEST(CudaBackend, MemoryRoundTrip) {
     gpu->download(host.data(), b, n * sizeof(float));
     EXPECT_EQ(host[9], 0.0f);
     EXPECT_EQ(host[10], x[10]);
+    EXPECT_EQ(gpu->allocated_bytes(), 2 * n * sizeof(float));
     gpu->free(a);
     gpu->free(b);
     gpu->free(gpu->alloc(0));  // zero-byte allocations are valid handles
+    EXPECT_EQ(gpu->allocated_bytes(), 0u);
+    EXPECT_EQ(gpu->peak_allocated_bytes(), 2 * n * sizeof(float));
 }
 
 TEST(CudaBackend, Elementwise) {

@@ -85,8 +85,18 @@ TEST(CpuOps, AllocIsZeroedAlignedAndReportsFailure) {
         auto* p = static_cast<unsigned char*>(be.alloc(bytes));
         EXPECT_EQ(reinterpret_cast<uintptr_t>(p) % 64, 0u);
         for (size_t i = 0; i < bytes; ++i) ASSERT_EQ(p[i], 0);
+        EXPECT_EQ(be.allocated_bytes(), (bytes + 63) / 64 * 64) << "accounted in 64-byte blocks";
         be.free(p);
+        EXPECT_EQ(be.allocated_bytes(), 0u);
     }
+    void* a = be.alloc(640);
+    void* b = be.alloc(6400);
+    be.free(a);
+    EXPECT_EQ(be.allocated_bytes(), 6400u);
+    EXPECT_EQ(be.peak_allocated_bytes(), 7040u);
+    be.free(b);
+    be.free(nullptr);  // unknown pointers change nothing
+    EXPECT_EQ(be.allocated_bytes(), 0u);
     const size_t huge = size_t{1} << 62;
     try {
         be.alloc(huge);

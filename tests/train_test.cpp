@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "checkpoints/checkpoint.h"
@@ -38,6 +40,26 @@ TEST(TrainTest, SameSeedGivesBitwiseIdenticalLosses) {
     std::ostringstream log3;
     const TrainResult d = Trainer(c, log3).run();
     EXPECT_NE(a.losses.front(), d.losses.front()) << "another seed must give another run";
+}
+
+// The progress line and metrics.jsonl report the backend's peak memory: at least the fp32
+// parameters, gradients and both AdamW moments (16 bytes per parameter), and not absurdly more.
+TEST(TrainTest, ReportsPeakBackendMemory) {
+    RunConfig c = small_run("memory");
+    c.train.steps = 2;
+    c.train.log_every = 1;
+    std::ostringstream log;
+    Trainer trainer(c, log);
+    trainer.run();
+    EXPECT_NE(log.str().find(" | mem "), std::string::npos) << log.str();
+    std::ifstream metrics(std::filesystem::path(c.train.out_dir) / "metrics.jsonl");
+    std::string first;
+    std::getline(metrics, first);
+    const nlohmann::json j = nlohmann::json::parse(first);
+    const double bytes = j.at("peak_memory_gib").get<double>() * (1u << 30);
+    const double state = 16.0 * static_cast<double>(trainer.model().layout().total_numel());
+    EXPECT_GE(bytes, state) << first;
+    EXPECT_LT(bytes, 50.0 * state) << first;
 }
 
 // bf16 GEMMs (emulated exactly on the CPU) train like fp32: the loss curve stays within 2% of the

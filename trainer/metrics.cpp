@@ -28,6 +28,7 @@ void MetricsLog::write(const StepMetrics& m) {
                         {"dropped", m.num_dropped},
                         {"copies", m.num_copies},
                         {"step_s", m.step_s},
+                        {"peak_memory_gib", m.peak_memory_gib},
                         {"exchange_s", m.exchange_s},
                         {"grad_sync_s", m.grad_sync_s},
                         {"exchange_bytes", m.exchange_bytes},
@@ -113,6 +114,13 @@ std::string format_progress(const StepMetrics& m) {
     }
     if (m.exchange_s > 0.0 && m.step_s > 0.0) {
         std::snprintf(buf, sizeof buf, " | a2a %.0f%%", 100.0 * m.exchange_s / m.step_s);
+        line += buf;
+    }
+    if (m.peak_memory_gib >= 1.0) {
+        std::snprintf(buf, sizeof buf, " | mem %.1f GiB", m.peak_memory_gib);
+        line += buf;
+    } else if (m.peak_memory_gib > 0.0) {
+        std::snprintf(buf, sizeof buf, " | mem %.0f MiB", m.peak_memory_gib * 1024.0);
         line += buf;
     }
     return line;

@@ -29,6 +29,7 @@ struct StepMetrics {
     int64_t num_dropped = 0;                        // copies dropped by expert capacity (all ranks, all MoE layers)
     int64_t num_copies = 0;                         // routed copies (all ranks, all MoE layers)
     double step_s = 0.0;                            // wall time of the step
+    double peak_memory_gib = 0.0;  // this rank's backend buffers at their most (Backend::peak_allocated_bytes)
     double exchange_s = 0.0;                        // of which in expert-parallel all-to-alls (max over ranks)
     // of which waiting for gradient all-reduces after backward (this rank; with overlap only the
     // part backward did not hide; on GPUs the wait moves to the next device sync)
@@ -57,7 +58,7 @@ class MetricsLog {
     std::ofstream out_;
 };
 
-// "step   10/300 | loss 3.2101 (ce 3.2001 aux 1.004 z 0.512) | lr 1.50e-03 | gnorm 0.83 | ..."
+// "step   10/300 | loss 3.2101 (ce 3.2001 aux 1.004 z 0.512) | lr 1.50e-03 | gnorm 0.83 | ... | mem 412 MiB"
 std::string format_progress(const StepMetrics& m);
 // "1h02m", "3m05s", "12s"
 std::string format_duration(double seconds);

@@ -330,6 +330,7 @@ TrainResult Trainer::run() {
         ++window_steps;
         const auto now = Clock::now();
         m.step_s = std::chrono::duration<double>(now - step_start).count();
+        m.peak_memory_gib = static_cast<double>(backend_->peak_allocated_bytes()) / (1u << 30);
         m.elapsed_s = std::chrono::duration<double>(now - start).count();
         const double window_s = std::chrono::duration<double>(now - window_start).count();
         m.tokens_per_s = window_s > 0 ? tokens_per_step * window_steps / window_s : 0.0;

@@ -86,6 +86,7 @@ CudaBackend::~CudaBackend() {
 void* CudaBackend::scratch(Scratch& s, size_t bytes) {
     if (bytes <= s.bytes) return s.ptr;
     CUDA_CHECK(cudaStreamSynchronize(stream_));  // queued work may still read the old block
+    note_free(s.ptr);
     CUDA_CHECK(cudaFree(s.ptr));
     s.ptr = nullptr;
     s.bytes = 0;
@@ -111,12 +112,14 @@ void* CudaBackend::alloc(size_t bytes) {
     }
     CUDA_CHECK(rc);
     CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, stream_));
+    note_alloc(p, bytes);
     return p;
 }
 
 // Called from destructors (Buffer), so it reports instead of throwing.
 void CudaBackend::free(void* ptr) {
     if (ptr == nullptr) return;
+    note_free(ptr);
     cudaError_t rc = cudaStreamSynchronize(stream_);  // cudaFree must not race queued kernels
     if (rc == cudaSuccess) rc = cudaFree(ptr);
     if (rc != cudaSuccess) std::fprintf(stderr, "bmoe: CudaBackend::free: %s\n", cudaGetErrorString(rc));
