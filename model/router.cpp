@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "model/cpu_backend.h"
 #include "model/rng.h"
 #include "parallel/check.h"
 
@@ -419,17 +420,21 @@ void Router::select_and_gate(const RoutingContext& ctx) {
     }
 }
 
+// mc_dropout's mask for sample s of the last forward: element (token t, sample s, d) has counter
+// (t S + s) D + d, so this batch's rows step by S D from token first_token.
+DropoutMaskDraw Router::dropout_draw(int s) const {
+    const uint64_t S = static_cast<uint64_t>(S_), D = static_cast<uint64_t>(config_.d_model);
+    return {dropout_.rng, (dropout_.first_token * S + static_cast<uint64_t>(s)) * D, S * D, rc_.dropout,
+            1.0f / (1.0f - rc_.dropout)};
+}
+
 // x * mask^s on the backend (mask in dropout_mask_ND_, the product in dropout_x_ND_).
 const float* Router::dropout_input(const float* x_ND, int s) {
-    const int N = N_, D = config_.d_model, S = S_;
+    const int N = N_, D = config_.d_model;
     const size_t ND = static_cast<size_t>(N) * D;
     dropout_mask_ND_.ensure(backend_, ND);
     dropout_x_ND_.ensure(backend_, ND);
-    // element (token t, sample s, d) has counter (t S + s) D + d: rows of this batch step by S D
-    const uint64_t counter0 = (dropout_.first_token * S + static_cast<uint64_t>(s)) * D;
-    backend_->dropout_mask(
-        dropout_mask_ND_.data(), N, D,
-        {dropout_.rng, counter0, static_cast<uint64_t>(S) * D, rc_.dropout, 1.0f / (1.0f - rc_.dropout)});
+    backend_->dropout_mask(dropout_mask_ND_.data(), N, D, dropout_draw(s));
     backend_->mul(dropout_x_ND_.data(), x_ND, dropout_mask_ND_.data(), ND);
     return dropout_x_ND_.data();
 }
@@ -437,14 +442,11 @@ const float* Router::dropout_input(const float* x_ND, int s) {
 const RouterNoise& Router::noise() const {
     // mc_dropout's masks live on the backend only while used; the host copy is drawn on request.
     if (rc_.type == RouterType::kMcDropout && mode_ == RouterMode::kSample && noise_.dropout_mask.empty() && N_ > 0) {
-        const int N = N_, D = config_.d_model, S = S_;
-        noise_.dropout_mask.resize(static_cast<size_t>(S) * N * D);
-        for (int s = 0; s < S; ++s)
-            for (int n = 0; n < N; ++n)
-                for (int d = 0; d < D; ++d)
-                    noise_.dropout_mask[(static_cast<size_t>(s) * N + n) * D + d] = dropout_mask_value(
-                        dropout_.rng, ((dropout_.first_token + n) * S + s) * static_cast<uint64_t>(D) + d, rc_.dropout,
-                        1.0f / (1.0f - rc_.dropout));
+        const int N = N_, D = config_.d_model;
+        noise_.dropout_mask.resize(static_cast<size_t>(S_) * N * D);
+        CpuBackend host;  // the CPU implementation of the same op
+        for (int s = 0; s < S_; ++s)
+            host.dropout_mask(noise_.dropout_mask.data() + static_cast<size_t>(s) * N * D, N, D, dropout_draw(s));
     }
     return noise_;
 }

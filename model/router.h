@@ -123,6 +123,7 @@ class Router {
     void sample_logits(const float* x_ND, const LayerTensors& w, const RoutingContext& ctx);
     void select_and_gate(const RoutingContext& ctx);
     void upload_decision();
+    DropoutMaskDraw dropout_draw(int s) const;             // mc_dropout: sample s's mask draw
     const float* dropout_input(const float* x_ND, int s);  // mc_dropout: x * mask^s (backend)
     // host [rows, cols] -> backend scratch
     float* to_backend(Buffer<float>& dst, const std::vector<float>& src);
