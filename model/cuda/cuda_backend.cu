@@ -374,18 +374,30 @@ void CudaBackend::grouped_gemm(const std::vector<GemmProblem>& problems,
         }
         return;
     }
+    // Whether cuBLAS supports a grouped call can depend on the compute type and the transposes:
+    // remembered per combination, and said once, since the per-GEMM fallback is slower.
+    const unsigned combo = 1u << ((bf16 ? 4u : 0u) | (transA ? 2u : 0u) | (transB ? 1u : 0u));
     cublasStatus_t rc = CUBLAS_STATUS_NOT_SUPPORTED;
-    if (!bf16) {
-        rc = cublasSgemmGroupedBatched(blas_, op_a.data(), op_b.data(), m.data(), n.data(), k.data(), alphas.data(),
-                                       reinterpret_cast<const float* const*>(dev), ld_a.data(),
-                                       reinterpret_cast<const float* const*>(dev + count), ld_b.data(), betas.data(),
-                                       reinterpret_cast<float* const*>(dev + 2 * count), ld_c.data(), count, ones.data());
-    } else if (!grouped_bf16_unsupported_) {
-        rc = cublasGemmGroupedBatchedEx(blas_, op_a.data(), op_b.data(), m.data(), n.data(), k.data(), alphas.data(),
-                                        dev, CUDA_R_32F, ld_a.data(), dev + count, CUDA_R_32F, ld_b.data(),
-                                        betas.data(), dev + 2 * count, CUDA_R_32F, ld_c.data(), count, ones.data(),
-                                        CUBLAS_COMPUTE_32F_FAST_16BF);
-        grouped_bf16_unsupported_ = rc == CUBLAS_STATUS_NOT_SUPPORTED;  // do not ask again
+    if ((grouped_unsupported_ & combo) == 0) {
+        if (bf16) {
+            rc = cublasGemmGroupedBatchedEx(blas_, op_a.data(), op_b.data(), m.data(), n.data(), k.data(),
+                                            alphas.data(), dev, CUDA_R_32F, ld_a.data(), dev + count, CUDA_R_32F,
+                                            ld_b.data(), betas.data(), dev + 2 * count, CUDA_R_32F, ld_c.data(), count,
+                                            ones.data(), CUBLAS_COMPUTE_32F_FAST_16BF);
+        } else {
+            rc = cublasSgemmGroupedBatched(blas_, op_a.data(), op_b.data(), m.data(), n.data(), k.data(), alphas.data(),
+                                           reinterpret_cast<const float* const*>(dev), ld_a.data(),
+                                           reinterpret_cast<const float* const*>(dev + count), ld_b.data(),
+                                           betas.data(), reinterpret_cast<float* const*>(dev + 2 * count), ld_c.data(),
+                                           count, ones.data());
+        }
+        if (rc == CUBLAS_STATUS_NOT_SUPPORTED) {
+            grouped_unsupported_ |= combo;
+            std::fprintf(stderr,
+                         "bmoe: this cuBLAS has no grouped %s GEMM with transA=%d transB=%d; running one GEMM per "
+                         "expert instead (slower)\n",
+                         bf16 ? "bf16" : "fp32", transA ? 1 : 0, transB ? 1 : 0);
+        }
     }
     // Pageable host arrays: cudaMemcpyAsync staged them before returning, so they may go out of scope.
     if (rc == CUBLAS_STATUS_NOT_SUPPORTED) {  // this cuBLAS has no such grouped call: one GEMM per problem

@@ -253,7 +253,7 @@ class CudaBackend final : public Backend {
     Scratch attn_ws_;                        // attention_backward dS [B, H, T, T]
     Scratch colred_ws_;                      // column_reduce partial sums [splits, D] (double)
     std::unique_ptr<OpProfiler> profiler_;   // disabled unless asked for
-    bool grouped_bf16_unsupported_ = false;  // cublasGemmGroupedBatchedEx refused FAST_16BF once
+    unsigned grouped_unsupported_ = 0;       // bit (bf16, transA, transB): cuBLAS refused that grouped call
 };
 
 }  // namespace bmoe::model
