@@ -2,7 +2,8 @@
 // one dense GEMM of the same FLOPs, and MoE permute (gather) / unpermute (combine) bandwidth.
 //   ./build/bench/bench_cuda [--tokens 16384] [--d 768] [--f 3072] [--experts 8] [--topk 2] [--peak-gbs X]
 // Prints one human line per measurement and a JSON line at the end. GEMMs in fp32 (no TF32) and in
-// bf16 matmul precision (bf16 tensor cores, fp32 accumulation: model/precision.h).
+// bf16 matmul precision (bf16 tensor cores, fp32 accumulation: model/precision.h; the times include
+// rounding the fp32 inputs to bf16), forward and backward.
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -52,6 +53,8 @@ int main(int argc, char** argv) {
     offsets[E] = R;
     Buffer<float> x(be.get(), static_cast<size_t>(R) * D), w(be.get(), static_cast<size_t>(E) * F * D),
         y(be.get(), static_cast<size_t>(R) * F), wd(be.get(), static_cast<size_t>(F) * D);
+    Buffer<float> dx(be.get(), static_cast<size_t>(R) * D), dw(be.get(), static_cast<size_t>(E) * F * D),
+        dwd(be.get(), static_cast<size_t>(F) * D);
     std::mt19937 gen(1);
     std::normal_distribution<float> nd(0.0f, 0.02f);
     std::vector<float> host(static_cast<size_t>(E) * F * D);
@@ -61,7 +64,8 @@ int main(int argc, char** argv) {
     for (float& v : host) v = nd(gen);
     x.upload(host);
     const double flops = 2.0 * R * D * F;
-    double grouped_tflops[2] = {0, 0}, dense_tflops[2] = {0, 0};
+    double grouped_tflops[2] = {0, 0}, dense_tflops[2] = {0, 0}, grouped_bwd_tflops[2] = {0, 0},
+           dense_bwd_tflops[2] = {0, 0};
     for (const MatmulPrecision p : {MatmulPrecision::kFp32, MatmulPrecision::kBf16}) {
         const ScopedMatmulPrecision scope(be.get(), p);
         const int i = p == MatmulPrecision::kBf16 ? 1 : 0;
@@ -76,6 +80,17 @@ int main(int argc, char** argv) {
                     E, R, D, F, 1e3 * t_grouped, grouped_tflops[i]);
         std::printf("%s dense GEMM, same FLOPs (%d x %d x %d): %.3f ms, %.1f TFLOP/s (grouped/dense %.2f)\n",
                     name.c_str(), R, D, F, 1e3 * t_dense, dense_tflops[i], t_dense / t_grouped);
+        // Backward: din = dout w and dw += dout^T in (the transposed product), twice the FLOPs.
+        const double t_grouped_bwd = time_it(*be, 20, [&] {
+            be->grouped_matmul_backward(dx.data(), dw.data(), y.data(), x.data(), w.data(), offsets.data(), E, D, F);
+        });
+        const double t_dense_bwd = time_it(*be, 20, [&] {
+            be->matmul_backward(dx.data(), dwd.data(), nullptr, y.data(), x.data(), wd.data(), R, D, F, false);
+        });
+        grouped_bwd_tflops[i] = 2 * flops / t_grouped_bwd / 1e12;
+        dense_bwd_tflops[i] = 2 * flops / t_dense_bwd / 1e12;
+        std::printf("%s grouped expert GEMM backward (din + dw): %.3f ms, %.1f TFLOP/s; dense %.3f ms, %.1f TFLOP/s\n",
+                    name.c_str(), 1e3 * t_grouped_bwd, grouped_bwd_tflops[i], 1e3 * t_dense_bwd, dense_bwd_tflops[i]);
     }
 
     // permute = gather rows by expert; unpermute = weighted combine of K rows per token
@@ -108,7 +123,10 @@ int main(int argc, char** argv) {
                 share(combine_gbs), peak_gbs);
     std::printf(
         "JSON {\"grouped_tflops\": %.2f, \"dense_tflops\": %.2f, \"grouped_tflops_bf16\": %.2f, "
-        "\"dense_tflops_bf16\": %.2f, \"gather_gbs\": %.0f, \"combine_gbs\": %.0f}\n",
-        grouped_tflops[0], dense_tflops[0], grouped_tflops[1], dense_tflops[1], gather_gbs, combine_gbs);
+        "\"dense_tflops_bf16\": %.2f, \"grouped_bwd_tflops\": %.2f, \"dense_bwd_tflops\": %.2f, "
+        "\"grouped_bwd_tflops_bf16\": %.2f, \"dense_bwd_tflops_bf16\": %.2f, \"gather_gbs\": %.0f, "
+        "\"combine_gbs\": %.0f}\n",
+        grouped_tflops[0], dense_tflops[0], grouped_tflops[1], dense_tflops[1], grouped_bwd_tflops[0],
+        dense_bwd_tflops[0], grouped_bwd_tflops[1], dense_bwd_tflops[1], gather_gbs, combine_gbs);
     return 0;
 }

@@ -3,10 +3,10 @@
 // Mixed precision in bmoe (Megatron/torch.autocast style, for the GEMMs that dominate the FLOPs):
 // weights, gradients, optimizer moments and every activation stay fp32 (the master copy); with
 // kBf16 the dense and expert GEMMs (matmul_* and grouped_matmul_* ops) round their two inputs to
-// bf16 and accumulate in fp32 -- bf16 tensor cores on GPUs (cuBLAS CUBLAS_COMPUTE_32F_FAST_16BF),
-// an exact emulation on the CPU (inputs rounded to nearest-even, then sgemm). Router GEMMs and
-// all router/KL math stay fp32 (Router holds a ScopedMatmulPrecision): the uncertainty terms are
-// precision-sensitive. Attention scores, norms, softmax and losses are always fp32.
+// bf16 and accumulate in fp32 -- bf16 tensor cores on GPUs (bf16 copies rounded to nearest-even,
+// then cuBLAS bf16 x bf16 -> fp32), an exact emulation on the CPU (the same rounding, then sgemm).
+// Router GEMMs and all router/KL math stay fp32 (Router holds a ScopedMatmulPrecision): the
+// uncertainty terms are precision-sensitive. Attention scores, norms, softmax and losses are always fp32.
 #pragma once
 
 #include <cstdint>

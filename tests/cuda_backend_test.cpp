@@ -16,6 +16,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "model/buffer.h"
@@ -79,6 +80,22 @@ void expect_close(Pair<float>& p, const std::string& what, double tol = kTol) {
     }
     EXPECT_LE(worst, tol * (scale + 1e-6)) << what << ": element " << wi << " cpu " << c[wi] << " cuda " << g[wi]
                                            << " (max |cpu| " << scale << ", n " << c.size() << ")";
+}
+
+// bf16 results reached through roundings of intermediates (attention's P and dS): a 1e-7 change
+// upstream can move an intermediate across a bf16 rounding boundary (one ulp, 2^-8), so a few
+// elements may differ by more. Inputs left unrounded would make nearly every element differ
+// (the rounding error is ~1e-3 of each value); at most max_share of them may differ by > tol.
+void expect_mostly_exact(Pair<float>& p, const std::string& what, double tol = kTol, double max_share = 0.1) {
+    const Vec c = p.side[kCpu].download(), g = p.side[kGpu].download();
+    ASSERT_EQ(c.size(), g.size()) << what;
+    double scale = 0.0;
+    for (float x : c) scale = std::max(scale, std::abs(static_cast<double>(x)));
+    size_t off = 0;
+    for (size_t i = 0; i < c.size(); ++i) off += !(std::abs(static_cast<double>(c[i]) - g[i]) <= tol * (scale + 1e-6));
+    EXPECT_LE(static_cast<double>(off), max_share * static_cast<double>(c.size()))
+        << what << ": " << off << " of " << c.size() << " elements differ by more than " << tol << " of max |cpu| "
+        << scale;
 }
 
 void expect_equal(Pair<int32_t>& p, const std::string& what) {
@@ -260,10 +277,10 @@ TEST(CudaBackend, GroupedMatmulWithEmptyGroup) {
     expect_close(dw, "grouped dw (+=, empty group untouched)");
 }
 
-// bf16 matmul precision: cuBLAS on bf16 tensor cores (CUBLAS_COMPUTE_32F_FAST_16BF) against the CPU
-// emulation (inputs rounded to nearest-even bf16, fp32 sgemm). cuBLAS may convert inputs with
-// another rounding and accumulates in another order: agreement to 1e-2 of the largest |value|
-// (bf16 keeps 8 bits), while fp32 parity above is 1e-4.
+// bf16 matmul precision: cuBLAS bf16 x bf16 -> fp32 on copies rounded to nearest-even, against the
+// CPU emulation (the same rounding, then an fp32 sgemm). The products of bf16 values are exact in
+// fp32, so only the summation order differs: the fp32 tolerance (1e-4), which unrounded inputs
+// (~1e-3 off) fail.
 TEST(CudaBackend, Bf16MatmulsMatchCpuEmulation) {
     if (!bmoe::model::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
     Dual d;
@@ -281,7 +298,7 @@ TEST(CudaBackend, Bf16MatmulsMatchCpuEmulation) {
         be.grouped_matmul_forward(gout[s], gin[s], gw[s], plan.offsets.data(), E, I, O);
         be.grouped_matmul_backward(gdin[s], gdw[s], gdout[s], gin[s], gw[s], plan.offsets.data(), E, I, O);
     });
-    for (auto* p : {&out, &din, &dw, &gout, &gdin, &gdw}) expect_close(*p, "bf16 GEMM", 1e-2);
+    for (auto* p : {&out, &din, &dw, &gout, &gdin, &gdw}) expect_close(*p, "bf16 GEMM");
 }
 
 // ---- embeddings ---------------------------------------------------------------------------------
@@ -398,11 +415,12 @@ void check_attention(int b, int t, int h, int kv, int hd, MatmulPrecision precis
     const std::string at = " (B=" + std::to_string(b) + " T=" + std::to_string(t) + " H=" + std::to_string(h) +
                            " KV=" + std::to_string(kv) + " Hd=" + std::to_string(hd) +
                            (precision == MatmulPrecision::kBf16 ? " bf16)" : ")");
-    expect_close(out, "attention out" + at, tol);
-    expect_close(att, "attention att (zeros above the diagonal)" + at, tol);
-    expect_close(dq, "attention dq" + at, tol);
-    expect_close(dk, "attention dk" + at, tol);
-    expect_close(dv, "attention dv" + at, tol);
+    for (auto [p, what] : {std::pair{&out, "attention out"}, {&att, "attention att (zeros above the diagonal)"},
+                           {&dq, "attention dq"}, {&dk, "attention dk"}, {&dv, "attention dv"}}) {
+        const std::string label = std::string(what) + at;
+        expect_close(*p, label, tol);
+        if (precision == MatmulPrecision::kBf16) expect_mostly_exact(*p, label);
+    }
     // Deterministic GQA sums: a second backward gives identical bits.
     const ScopedMatmulPrecision scoped(&d.be(kGpu), precision);
     auto dk2 = d.garbage(nkv, 5), dv2 = d.garbage(nkv, 6), dq2 = d.garbage(nq, 7);
@@ -419,11 +437,10 @@ TEST(CudaBackend, Attention) {
     check_attention(1, 33, 3, 3, 40);   // MHA, head_dim not a multiple of 32
 }
 
-// bf16 attention GEMMs: CUDA (cuBLAS CUBLAS_COMPUTE_32F_FAST_16BF) against the CPU's emulation
-// (the same operands rounded to bf16), within bf16 error. FAST_16BF *permits* bf16 tensor cores,
-// it does not force them: on an H200 (2026-11-27) cuBLAS kept these small shapes in fp32 (CUDA
-// bf16 output 6e-8 rms from the CPU's fp32, 1.6e-3 from its bf16 emulation), while the large
-// training shapes ran ~3x faster. So this checks agreement within bf16 error, not the rounding.
+// bf16 attention GEMMs: CUDA (bf16 copies of q, k, v, dout, P and dS) against the CPU's emulation
+// (the same operands rounded). Every element within bf16 error (1e-2), and nearly every one within
+// the fp32 tolerance (expect_mostly_exact): intermediates may round the other way. The earlier
+// CUBLAS_COMPUTE_32F_FAST_16BF path failed this: on an H200 it kept these small shapes in fp32.
 TEST(CudaBackend, AttentionBf16MatchesCpuEmulation) {
     if (!bmoe::model::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
     check_attention(B, T, H, KV, Hd, MatmulPrecision::kBf16);

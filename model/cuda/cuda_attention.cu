@@ -11,8 +11,10 @@
 // The T x T scores are materialised (att is saved for backward anyway); the upper triangle's
 // GEMM work is wasted. A flash-style tiled kernel that never stores att is the next step.
 // The GEMMs follow the matmul precision (bf16: bf16 operands, fp32 accumulation and output, as
-// flash-attention kernels do); the softmax, its backward and the stored P stay fp32. The CPU
-// backend rounds the same operands, so the two agree in both precisions.
+// flash-attention kernels do; cuda_gemm.cu): q, k, v, dout and the saved P are rounded once per op,
+// and the softmax kernels write P and dS rounded for the GEMMs that read them. The softmax, its
+// backward and the stored P stay fp32. The CPU backend rounds the same operands, so the two agree
+// in both precisions.
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -52,8 +54,9 @@ __global__ void rope_kernel(float* x, size_t pairs, int T, int nh, int Hd, float
 
 // ---- attention --------------------------------------------------------------------------------
 
-// One block per score row i of a slice: softmax over j <= i in place, zeros for j > i.
-__global__ void causal_softmax_kernel(float* att, int T) {
+// One block per score row i of a slice: softmax over j <= i in place, zeros for j > i; with p16
+// (bf16 matmul precision) also the row rounded to bf16, the P operand of out = P V.
+__global__ void causal_softmax_kernel(float* att, int T, uint16_t* p16) {
     const int i = blockIdx.x % T;
     float* p = att + static_cast<size_t>(blockIdx.x) * T;
     float mx = -INFINITY;
@@ -62,18 +65,32 @@ __global__ void causal_softmax_kernel(float* att, int T) {
     double sum = 0.0;
     for (int j = threadIdx.x; j <= i; j += blockDim.x) sum += (p[j] = expf(p[j] - mx));
     const float inv = static_cast<float>(1.0 / block_sum(sum));
-    for (int j = threadIdx.x; j < T; j += blockDim.x) p[j] = j <= i ? p[j] * inv : 0.0f;
+    uint16_t* r16 = p16 ? p16 + static_cast<size_t>(blockIdx.x) * T : nullptr;
+    for (int j = threadIdx.x; j < T; j += blockDim.x) {
+        const float v = j <= i ? p[j] * inv : 0.0f;
+        p[j] = v;
+        if (r16) r16[j] = bf16_bits_rne(v);
+    }
 }
 
 // One block per row: ds holds dP on entry, dS = P (dP - rowsum(P dP)) on exit (zeros for j > i).
-__global__ void causal_softmax_backward_kernel(float* ds, const float* att, int T) {
+// With ds16 (bf16 matmul precision) dS goes to ds16 rounded to bf16 instead: only GEMMs read it.
+__global__ void causal_softmax_backward_kernel(float* ds, const float* att, int T, uint16_t* ds16) {
     const int i = blockIdx.x % T;
     const float* p = att + static_cast<size_t>(blockIdx.x) * T;
     float* d = ds + static_cast<size_t>(blockIdx.x) * T;
     double dot = 0.0;
     for (int j = threadIdx.x; j <= i; j += blockDim.x) dot += static_cast<double>(p[j]) * d[j];
     const float pdp = static_cast<float>(block_sum(dot));
-    for (int j = threadIdx.x; j < T; j += blockDim.x) d[j] = j <= i ? p[j] * (d[j] - pdp) : 0.0f;
+    uint16_t* r16 = ds16 ? ds16 + static_cast<size_t>(blockIdx.x) * T : nullptr;
+    for (int j = threadIdx.x; j < T; j += blockDim.x) {
+        const float v = j <= i ? p[j] * (d[j] - pdp) : 0.0f;
+        if (r16) {
+            r16[j] = bf16_bits_rne(v);
+        } else {
+            d[j] = v;
+        }
+    }
 }
 
 AttnShape attn_shape(int B, int T, int H, int KV, int Hd) {
@@ -101,14 +118,6 @@ void CudaBackend::rope_backward(float* dx_BTHd, int B, int T, int nh, int Hd, fl
     CUDA_CHECK_LAST();
 }
 
-// Runs one batched GEMM of an attention plan through grouped_gemm (all slices one shape: batched).
-void CudaBackend::run_batched_gemm(const BatchedGemm& g) {
-    std::vector<GemmProblem> problems;
-    problems.reserve(g.slices.size());
-    for (const BatchedGemm::Operands& o : g.slices) problems.push_back({g.M, g.N, g.K, o.A, o.B, o.C});
-    grouped_gemm(problems, g.alpha, g.lda, g.transA, g.ldb, g.transB, g.beta, g.ldc);
-}
-
 void CudaBackend::attention_forward(float* out_BTHd,
                                     float* att_BHTT,
                                     const float* q_BTHd,
@@ -123,11 +132,15 @@ void CudaBackend::attention_forward(float* out_BTHd,
     const AttnShape s = attn_shape(B, T, H, KV, Hd);
     const size_t rows = static_cast<size_t>(B) * H * T;
     if (rows == 0 || Hd <= 0) return;
+    const size_t nq = rows * Hd, nkv = static_cast<size_t>(B) * T * KV * Hd, natt = rows * T;
     const std::vector<BatchedGemm> plan = attention_forward_plan(s, out_BTHd, att_BHTT, q_BTHd, k_BTKVHd, v_BTKVHd);
-    run_batched_gemm(plan[0]);  // S = scale Q K^T
-    causal_softmax_kernel<<<static_cast<unsigned>(rows), kAttThreads, 0, stream_>>>(att_BHTT, T);
+    GemmInputs in = gemm_inputs({{q_BTHd, nq}, {k_BTKVHd, nkv}, {v_BTKVHd, nkv}});  // slots 0-2
+    run_batched_gemm(plan[0], in);  // S = scale Q K^T
+    uint16_t* p16 = in.bf16() ? bf16_slot(3, natt) : nullptr;
+    causal_softmax_kernel<<<static_cast<unsigned>(rows), kAttThreads, 0, stream_>>>(att_BHTT, T, p16);
     CUDA_CHECK_LAST();
-    run_batched_gemm(plan[1]);  // out = P V
+    if (p16) in.copies.push_back({att_BHTT, natt, p16});
+    run_batched_gemm(plan[1], in);  // out = P V
 }
 
 void CudaBackend::attention_backward(float* dq_BTHd,
@@ -147,13 +160,18 @@ void CudaBackend::attention_backward(float* dq_BTHd,
     const AttnShape s = attn_shape(B, T, H, KV, Hd);
     const size_t rows = static_cast<size_t>(B) * H * T;
     if (rows == 0 || Hd <= 0) return;
-    auto* dS = static_cast<float*>(scratch(attn_ws_, rows * T * sizeof(float)));  // [B, H, T, T]
+    const size_t nq = rows * Hd, nkv = static_cast<size_t>(B) * T * KV * Hd, natt = rows * T;
+    auto* dS = static_cast<float*>(scratch(attn_ws_, natt * sizeof(float)));  // [B, H, T, T]
     const std::vector<BatchedGemm> plan = attention_backward_plan(s, dq_BTHd, dk_BTKVHd, dv_BTKVHd, dS, dout_BTHd,
                                                                   q_BTHd, k_BTKVHd, v_BTKVHd, att_BHTT);
-    run_batched_gemm(plan[0]);  // dP = dout V^T
-    causal_softmax_backward_kernel<<<static_cast<unsigned>(rows), kAttThreads, 0, stream_>>>(dS, att_BHTT, T);
+    GemmInputs in = gemm_inputs(
+        {{dout_BTHd, nq}, {q_BTHd, nq}, {k_BTKVHd, nkv}, {v_BTKVHd, nkv}, {att_BHTT, natt}});  // slots 0-4
+    run_batched_gemm(plan[0], in);  // dP = dout V^T
+    uint16_t* ds16 = in.bf16() ? bf16_slot(5, natt) : nullptr;
+    causal_softmax_backward_kernel<<<static_cast<unsigned>(rows), kAttThreads, 0, stream_>>>(dS, att_BHTT, T, ds16);
     CUDA_CHECK_LAST();
-    for (size_t i = 1; i < plan.size(); ++i) run_batched_gemm(plan[i]);  // dq, then dk/dv head by head
+    if (ds16) in.copies.push_back({dS, natt, ds16});
+    for (size_t i = 1; i < plan.size(); ++i) run_batched_gemm(plan[i], in);  // dq, then dk/dv head by head
 }
 
 }  // namespace bmoe::model

@@ -1,5 +1,5 @@
-// cuda_backend.cu -- CudaBackend lifecycle, memory, elementwise ops, cuBLAS GEMMs and AdamW.
-// The other op families live in cuda_ops.cu and cuda_attention.cu.
+// cuda_backend.cu -- CudaBackend lifecycle, memory, elementwise ops and AdamW.
+// The other op families live in cuda_gemm.cu, cuda_ops.cu and cuda_attention.cu.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -79,6 +79,7 @@ CudaBackend::~CudaBackend() {
     cudaStreamSynchronize(stream_);
     profiler_.reset();
     for (Scratch* s : {&gemm_ptrs_ws_, &reduce_ws_, &embed_ws_, &attn_ws_, &colred_ws_}) cudaFree(s->ptr);
+    for (Scratch& s : bf16_ws_) cudaFree(s.ptr);
     cublasDestroy(blas_);
     cudaStreamDestroy(stream_);
 }
@@ -242,207 +243,6 @@ double CudaBackend::sum_squares(const float* x, size_t n) {
     return total;
 }
 
-// ---- dense GEMMs ------------------------------------------------------------------------------
-
-namespace {
-
-__global__ void broadcast_rows_kernel(float* out_NO, const float* bias_O, size_t n, int O) {
-    BMOE_GRID_STRIDE(i, n) out_NO[i] = bias_O[i % O];
-}
-
-}  // namespace
-
-// Row-major X[r, c] (leading dim ld) is column-major X^T, so C = op(A) op(B) becomes
-// C^T = op(B)^T op(A)^T: swap the operands and the M/N sizes, keep the transpose flags.
-void CudaBackend::gemm(int M,
-                       int N,
-                       int K,
-                       float alpha,
-                       const float* A,
-                       int lda,
-                       bool transA,
-                       const float* B,
-                       int ldb,
-                       bool transB,
-                       float beta,
-                       float* C,
-                       int ldc) {
-    if (M <= 0 || N <= 0) return;
-    if (K <= 0) {  // op(A) op(B) is all zeros; cuBLAS rejects the zero leading dimensions
-        BMOE_ASSERT(ldc == N, "gemm with K = 0 expects a contiguous C");
-        const size_t n = static_cast<size_t>(M) * N;
-        if (beta == 0.0f) {
-            zero(C, n * sizeof(float));
-        } else {
-            scale(C, beta, n);
-        }
-        return;
-    }
-    const cublasOperation_t op_b = transB ? CUBLAS_OP_T : CUBLAS_OP_N, op_a = transA ? CUBLAS_OP_T : CUBLAS_OP_N;
-    if (matmul_precision_ == MatmulPrecision::kBf16) {  // bf16 tensor cores, fp32 accumulate and output
-        CUBLAS_CHECK(cublasGemmEx(blas_, op_b, op_a, N, M, K, &alpha, B, CUDA_R_32F, ldb, A, CUDA_R_32F, lda, &beta, C,
-                                  CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F_FAST_16BF, CUBLAS_GEMM_DEFAULT));
-        return;
-    }
-    CUBLAS_CHECK(cublasSgemm(blas_, op_b, op_a, N, M, K, &alpha, B, ldb, A, lda, &beta, C, ldc));
-}
-
-void CudaBackend::matmul_forward(
-    float* out_NO, const float* in_NI, const float* w_OI, const float* bias_O, int N, int I, int O) {
-    const ProfiledOp op(profiler_.get(), "matmul_fwd", N, I, O);
-    if (bias_O && N > 0 && O > 0) {
-        const size_t n = static_cast<size_t>(N) * O;
-        broadcast_rows_kernel<<<grid_for(n), kThreads, 0, stream_>>>(out_NO, bias_O, n, O);
-        CUDA_CHECK_LAST();
-    }
-    gemm(N, O, I, 1.0f, in_NI, I, false, w_OI, I, true, bias_O ? 1.0f : 0.0f, out_NO, O);
-}
-
-void CudaBackend::matmul_backward(float* din_NI,
-                                  float* dw_OI,
-                                  float* dbias_O,
-                                  const float* dout_NO,
-                                  const float* in_NI,
-                                  const float* w_OI,
-                                  int N,
-                                  int I,
-                                  int O,
-                                  bool accumulate_din) {
-    const ProfiledOp op(profiler_.get(), "matmul_bwd", N, I, O);
-    if (din_NI) gemm(N, I, O, 1.0f, dout_NO, O, false, w_OI, I, false, accumulate_din ? 1.0f : 0.0f, din_NI, I);
-    if (dw_OI) gemm(O, I, N, 1.0f, dout_NO, O, true, in_NI, I, false, 1.0f, dw_OI, I);
-    if (dbias_O) column_reduce(stream_, column_reduce_ws(N, O), dbias_O, N, O, RowValue{dout_NO, O});
-}
-
-// Grouped GEMMs: one cublasSgemmGroupedBatched call over the non-empty groups (CUDA >= 12.5), or
-// cublasGemmGroupedBatchedEx with the bf16 compute type; where this cuBLAS does not support the
-// call, one GEMM per group on the backend stream. Problems all of one shape go to the batched
-// (not grouped) call, which cuBLAS can tune for that one shape (attention's (batch, head) slices).
-void CudaBackend::grouped_gemm(const std::vector<GemmProblem>& problems,
-                               float alpha,
-                               int lda,
-                               bool transA,
-                               int ldb,
-                               bool transB,
-                               float beta,
-                               int ldc) {
-    // Column-major view, as in gemm(): C^T = op(B)^T op(A)^T, so cuBLAS sees (N, M, K) and B first.
-    std::vector<int> m, n, k, ld_a, ld_b, ld_c, ones;
-    std::vector<cublasOperation_t> op_a, op_b;
-    std::vector<float> alphas, betas;
-    std::vector<const void*> ptrs;  // [A0 ... A(P-1), B0 ..., C0 ...] once filled
-    std::vector<const float*> a_ptrs, b_ptrs;
-    std::vector<float*> c_ptrs;
-    for (const GemmProblem& p : problems) {
-        if (p.M <= 0 || p.N <= 0 || p.K <= 0) continue;  // empty expert: nothing to add
-        m.push_back(p.N);
-        n.push_back(p.M);
-        k.push_back(p.K);
-        op_a.push_back(transB ? CUBLAS_OP_T : CUBLAS_OP_N);
-        op_b.push_back(transA ? CUBLAS_OP_T : CUBLAS_OP_N);
-        ld_a.push_back(ldb);
-        ld_b.push_back(lda);
-        ld_c.push_back(ldc);
-        alphas.push_back(alpha);
-        betas.push_back(beta);
-        ones.push_back(1);
-        a_ptrs.push_back(p.B);
-        b_ptrs.push_back(p.A);
-        c_ptrs.push_back(p.C);
-    }
-    const int count = static_cast<int>(m.size());
-    if (count == 0) return;
-    ptrs.insert(ptrs.end(), a_ptrs.begin(), a_ptrs.end());
-    ptrs.insert(ptrs.end(), b_ptrs.begin(), b_ptrs.end());
-    ptrs.insert(ptrs.end(), c_ptrs.begin(), c_ptrs.end());
-    auto* dev = static_cast<void**>(scratch(gemm_ptrs_ws_, ptrs.size() * sizeof(void*)));
-    CUDA_CHECK(cudaMemcpyAsync(dev, ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice, stream_));
-    const bool bf16 = matmul_precision_ == MatmulPrecision::kBf16;
-    const bool uniform = std::all_of(m.begin(), m.end(), [&](int v) { return v == m[0]; }) &&
-                         std::all_of(n.begin(), n.end(), [&](int v) { return v == n[0]; }) &&
-                         std::all_of(k.begin(), k.end(), [&](int v) { return v == k[0]; });
-    if (uniform) {  // one shape (attention slices, equal expert loads): a plain batched GEMM is faster
-        if (bf16) {
-            CUBLAS_CHECK(cublasGemmBatchedEx(blas_, op_a[0], op_b[0], m[0], n[0], k[0], &alpha, dev, CUDA_R_32F, ldb,
-                                             dev + count, CUDA_R_32F, lda, &beta, dev + 2 * count, CUDA_R_32F, ldc,
-                                             count, CUBLAS_COMPUTE_32F_FAST_16BF, CUBLAS_GEMM_DEFAULT));
-        } else {
-            CUBLAS_CHECK(cublasSgemmBatched(blas_, op_a[0], op_b[0], m[0], n[0], k[0], &alpha,
-                                            reinterpret_cast<const float* const*>(dev), ldb,
-                                            reinterpret_cast<const float* const*>(dev + count), lda, &beta,
-                                            reinterpret_cast<float* const*>(dev + 2 * count), ldc, count));
-        }
-        return;
-    }
-    // Whether cuBLAS supports a grouped call can depend on the compute type and the transposes:
-    // remembered per combination, and said once, since the per-GEMM fallback is slower.
-    const unsigned combo = 1u << ((bf16 ? 4u : 0u) | (transA ? 2u : 0u) | (transB ? 1u : 0u));
-    cublasStatus_t rc = CUBLAS_STATUS_NOT_SUPPORTED;
-    if ((grouped_unsupported_ & combo) == 0) {
-        if (bf16) {
-            rc = cublasGemmGroupedBatchedEx(blas_, op_a.data(), op_b.data(), m.data(), n.data(), k.data(),
-                                            alphas.data(), dev, CUDA_R_32F, ld_a.data(), dev + count, CUDA_R_32F,
-                                            ld_b.data(), betas.data(), dev + 2 * count, CUDA_R_32F, ld_c.data(), count,
-                                            ones.data(), CUBLAS_COMPUTE_32F_FAST_16BF);
-        } else {
-            rc = cublasSgemmGroupedBatched(blas_, op_a.data(), op_b.data(), m.data(), n.data(), k.data(), alphas.data(),
-                                           reinterpret_cast<const float* const*>(dev), ld_a.data(),
-                                           reinterpret_cast<const float* const*>(dev + count), ld_b.data(),
-                                           betas.data(), reinterpret_cast<float* const*>(dev + 2 * count), ld_c.data(),
-                                           count, ones.data());
-        }
-        if (rc == CUBLAS_STATUS_NOT_SUPPORTED) {
-            grouped_unsupported_ |= combo;
-            std::fprintf(stderr,
-                         "bmoe: this cuBLAS has no grouped %s GEMM with transA=%d transB=%d; running one GEMM per "
-                         "expert instead (slower)\n",
-                         bf16 ? "bf16" : "fp32", transA ? 1 : 0, transB ? 1 : 0);
-        }
-    }
-    // Pageable host arrays: cudaMemcpyAsync staged them before returning, so they may go out of scope.
-    if (rc == CUBLAS_STATUS_NOT_SUPPORTED) {  // this cuBLAS has no such grouped call: one GEMM per problem
-        for (const GemmProblem& p : problems)
-            gemm(p.M, p.N, p.K, alpha, p.A, lda, transA, p.B, ldb, transB, beta, p.C, ldc);
-        return;
-    }
-    CUBLAS_CHECK(rc);
-}
-
-// All local experts in one grouped GEMM call (rows of expert g: [offsets[g], offsets[g+1])).
-void CudaBackend::grouped_matmul_forward(
-    float* out_RO, const float* in_RI, const float* w_GOI, const int* offsets_host, int G, int I, int O) {
-    const ProfiledOp op(profiler_.get(), "grouped_matmul_fwd", G, I, O);
-    std::vector<GemmProblem> problems;
-    for (int g = 0; g < G; ++g) {
-        const int r0 = offsets_host[g], rows = offsets_host[g + 1] - r0;
-        problems.push_back({rows, O, I, in_RI + static_cast<size_t>(r0) * I, w_GOI + static_cast<size_t>(g) * O * I,
-                            out_RO + static_cast<size_t>(r0) * O});
-    }
-    grouped_gemm(problems, 1.0f, I, false, I, true, 0.0f, O);
-}
-
-void CudaBackend::grouped_matmul_backward(float* din_RI,
-                                          float* dw_GOI,
-                                          const float* dout_RO,
-                                          const float* in_RI,
-                                          const float* w_GOI,
-                                          const int* offsets_host,
-                                          int G,
-                                          int I,
-                                          int O) {
-    const ProfiledOp op(profiler_.get(), "grouped_matmul_bwd", G, I, O);
-    std::vector<GemmProblem> din, dw;
-    for (int g = 0; g < G; ++g) {
-        const int r0 = offsets_host[g], rows = offsets_host[g + 1] - r0;
-        const float* dout = dout_RO + static_cast<size_t>(r0) * O;
-        const size_t w_off = static_cast<size_t>(g) * O * I;
-        din.push_back({rows, I, O, dout, w_GOI + w_off, din_RI + static_cast<size_t>(r0) * I});
-        if (dw_GOI) dw.push_back({O, I, rows, dout, in_RI + static_cast<size_t>(r0) * I, dw_GOI + w_off});
-    }
-    grouped_gemm(din, 1.0f, O, false, I, false, 0.0f, I);  // din_g = dout_g w_g   (=)
-    if (dw_GOI) grouped_gemm(dw, 1.0f, O, true, I, false, 1.0f, I);  // dw_g += dout_g^T in_g
-}
-
 // ---- optimizer --------------------------------------------------------------------------------
 
 namespace {
@@ -491,15 +291,7 @@ void CudaBackend::adamw_update(float* param,
 namespace {
 
 __global__ void float_to_bf16_kernel(uint16_t* out, const float* in, size_t n) {
-    BMOE_GRID_STRIDE(i, n) {
-        uint32_t bits = __float_as_uint(in[i]);
-        if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu) != 0) {
-            out[i] = static_cast<uint16_t>((bits >> 16) | 0x40u);  // NaN
-        } else {
-            bits += 0x7fffu + ((bits >> 16) & 1u);
-            out[i] = static_cast<uint16_t>(bits >> 16);
-        }
-    }
+    BMOE_GRID_STRIDE(i, n) out[i] = bf16_bits_rne(in[i]);
 }
 
 __global__ void bf16_to_float_kernel(float* out, const uint16_t* in, size_t n) {

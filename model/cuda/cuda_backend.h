@@ -5,10 +5,13 @@
 // struct types, so g++-compiled code (model/backend.cpp, tests) can include it.
 // Every op is enqueued on the backend's own stream; download(), sum_squares() and synchronize()
 // wait for it. Results match CpuBackend within fp32 rounding and are deterministic (no atomics).
-// Implementation: cuda_backend.cu (lifecycle, memory, elementwise, GEMMs, optimizer),
-// cuda_ops.cu (embeddings, norms, activations, loss, router, MoE), cuda_attention.cu (rope, attention).
+// Implementation: cuda_backend.cu (lifecycle, memory, elementwise, optimizer), cuda_gemm.cu
+// (cuBLAS GEMMs, bf16 input copies), cuda_ops.cu (embeddings, norms, activations, loss, router,
+// MoE), cuda_attention.cu (rope, attention).
 #pragma once
 
+#include <cstdint>
+#include <initializer_list>
 #include <memory>
 #include <vector>
 
@@ -211,28 +214,54 @@ class CudaBackend final : public Backend {
     };
     void* scratch(Scratch& s, size_t bytes);
     double* column_reduce_ws(int N, int D);  // cuda::column_reduce's partial sums
+    // The element type of a GEMM's A and B inputs (C is always fp32).
+    enum class GemmInput { kFp32, kBf16 };
+    // A GEMM's inputs as cuBLAS reads them. fp32: the tensors themselves. bf16 matmul precision:
+    // each fp32 tensor of the op rounded to bf16 once, into its own scratch slot; operator() maps
+    // a pointer into a converted tensor to the same element of its copy.
+    struct GemmTensor {
+        const float* x;  // null: not read by this op
+        size_t n;
+    };
+    struct GemmInputs {
+        struct Copy {
+            const float* base;
+            size_t n;
+            const uint16_t* bf16;
+        };
+        GemmInput type = GemmInput::kFp32;
+        std::vector<Copy> copies;
+        bool bf16() const { return type == GemmInput::kBf16; }
+        const void* operator()(const float* p) const;
+    };
+    GemmInputs gemm_inputs(std::initializer_list<GemmTensor> tensors);  // slots 0, 1, ... in order
+    static constexpr int kBf16Slots = 6;
+    uint16_t* bf16_slot(int slot, size_t n);                   // scratch for n bf16 values
+    const uint16_t* to_bf16(int slot, const float* x, size_t n);  // x rounded into bf16_slot(slot, n)
+
     // Row-major C_MN = alpha op(A)_MK op(B)_KN + beta C_MN via cuBLAS (column-major underneath).
     void gemm(int M,
               int N,
               int K,
               float alpha,
-              const float* A,
+              const void* A,
               int lda,
               bool transA,
-              const float* B,
+              const void* B,
               int ldb,
               bool transB,
               float beta,
               float* C,
-              int ldc);
+              int ldc,
+              GemmInput in);
 
     // One row-major GEMM per problem, C_i = alpha op(A_i) op(B_i) + beta C_i with per-problem
-    // M/N/K and shared leading dimensions, in ONE cublasSgemmGroupedBatched call (each problem is
-    // its own group because sizes differ per expert). Problems with M, N or K = 0 are skipped.
+    // M/N/K and shared leading dimensions, in ONE grouped (or, all of one shape, batched) cuBLAS
+    // call. Problems with M, N or K = 0 are skipped.
     struct GemmProblem {
         int M, N, K;
-        const float* A;
-        const float* B;
+        const void* A;  // GemmInput elements
+        const void* B;
         float* C;
     };
     void grouped_gemm(const std::vector<GemmProblem>& problems,
@@ -242,8 +271,10 @@ class CudaBackend final : public Backend {
                       int ldb,
                       bool transB,
                       float beta,
-                      int ldc);
-    void run_batched_gemm(const BatchedGemm& g);  // one product of an attention plan (attention_plan.h)
+                      int ldc,
+                      GemmInput in);
+    // One product of an attention plan (attention_plan.h), its operands mapped through `in`.
+    void run_batched_gemm(const BatchedGemm& g, const GemmInputs& in);
 
     CUstream_st* stream_ = nullptr;
     cublasContext* blas_ = nullptr;
@@ -252,8 +283,9 @@ class CudaBackend final : public Backend {
     Scratch embed_ws_;                       // embedding_backward CSR of token positions
     Scratch attn_ws_;                        // attention_backward dS [B, H, T, T]
     Scratch colred_ws_;                      // column_reduce partial sums [splits, D] (double)
+    Scratch bf16_ws_[kBf16Slots];            // bf16 copies of GEMM inputs (bf16 matmul precision)
     std::unique_ptr<OpProfiler> profiler_;   // disabled unless asked for
-    unsigned grouped_unsupported_ = 0;       // bit (bf16, transA, transB): cuBLAS refused that grouped call
+    unsigned gemm_unsupported_ = 0;          // bit (batched, bf16, transA, transB): cuBLAS refused that call
 };
 
 }  // namespace bmoe::model

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 
 #include "parallel/cuda_check.h"
 
@@ -64,6 +65,17 @@ __device__ inline float block_max(float v) {
     float m = part[0];
     for (unsigned w = 1; w < blockDim.x / 32; ++w) m = fmaxf(m, part[w]);
     return m;
+}
+
+// ---- bf16 --------------------------------------------------------------------------------
+
+// The bf16 bit pattern nearest to x, ties to even: model/precision.h's bf16_bits, bit for bit.
+__device__ inline uint16_t bf16_bits_rne(float x) {
+    uint32_t bits = __float_as_uint(x);
+    if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu) != 0)
+        return static_cast<uint16_t>((bits >> 16) | 0x40u);  // NaN stays a quiet NaN
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return static_cast<uint16_t>(bits >> 16);
 }
 
 // ---- column reductions: out_D[d] += sum_n f(n, d) -------------------------------------------

@@ -1,0 +1,306 @@
+// cuda_gemm.cu -- CudaBackend's cuBLAS GEMMs: dense, grouped over experts, batched over attention
+// slices, in fp32 or with bf16 inputs.
+//
+// bf16 matmul precision: every fp32 tensor an op's GEMMs read is rounded to bf16 once per op (ties
+// to even: the CPU emulation's rounding, bit for bit) into a reused scratch slot, and cuBLAS runs
+// bf16 x bf16 -> fp32 with fp32 accumulation (CUBLAS_COMPUTE_32F). Explicit copies, rather than
+// fp32 inputs under CUBLAS_COMPUTE_32F_FAST_16BF: that mode only *permits* bf16 (an H200 kept
+// small shapes in fp32), and its transposed backward GEMMs ran ~1.6x slower per FLOP than the
+// forward ones (2026-11-27 profile). Outputs and dW accumulation stay fp32.
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <vector>
+
+#include "model/cuda/attention_plan.h"
+#include "model/cuda/cuda_backend.h"
+#include "model/cuda/cuda_common.cuh"
+#include "model/cuda/op_profiler.h"
+#include "parallel/cuda_check.h"
+
+namespace bmoe::model {
+
+using namespace cuda;
+
+namespace {
+
+__global__ void broadcast_rows_kernel(float* out_NO, const float* bias_O, size_t n, int O) {
+    BMOE_GRID_STRIDE(i, n) out_NO[i] = bias_O[i % O];
+}
+
+// Four elements per thread (16-byte loads, 8-byte stores): the copies run at memory bandwidth.
+__global__ void to_bf16_vec4_kernel(uint2* out, const float4* in, size_t quads) {
+    BMOE_GRID_STRIDE(i, quads) {
+        const float4 v = in[i];
+        out[i] = make_uint2(bf16_bits_rne(v.x) | (static_cast<uint32_t>(bf16_bits_rne(v.y)) << 16),
+                            bf16_bits_rne(v.z) | (static_cast<uint32_t>(bf16_bits_rne(v.w)) << 16));
+    }
+}
+
+__global__ void to_bf16_kernel(uint16_t* out, const float* in, size_t n) {
+    BMOE_GRID_STRIDE(i, n) out[i] = bf16_bits_rne(in[i]);
+}
+
+}  // namespace
+
+// ---- operand copies ---------------------------------------------------------------------------
+
+const void* CudaBackend::GemmInputs::operator()(const float* p) const {
+    if (!bf16()) return p;
+    for (const Copy& c : copies)
+        if (p >= c.base && p < c.base + c.n) return c.bf16 + (p - c.base);
+    BMOE_ASSERT(false, "bf16 GEMM operand outside every converted tensor of the op");
+    return nullptr;
+}
+
+CudaBackend::GemmInputs CudaBackend::gemm_inputs(std::initializer_list<GemmTensor> tensors) {
+    GemmInputs inputs;
+    inputs.type = matmul_precision_ == MatmulPrecision::kBf16 ? GemmInput::kBf16 : GemmInput::kFp32;
+    if (!inputs.bf16()) return inputs;
+    int slot = 0;
+    for (const GemmTensor& t : tensors) {
+        if (t.x == nullptr || t.n == 0) continue;
+        inputs.copies.push_back({t.x, t.n, to_bf16(slot++, t.x, t.n)});
+    }
+    return inputs;
+}
+
+uint16_t* CudaBackend::bf16_slot(int slot, size_t n) {
+    BMOE_ASSERT(slot >= 0 && slot < kBf16Slots, "bf16 GEMM scratch slot ", slot, " out of range");
+    return static_cast<uint16_t*>(scratch(bf16_ws_[slot], std::max<size_t>(n, 1) * sizeof(uint16_t)));
+}
+
+const uint16_t* CudaBackend::to_bf16(int slot, const float* x, size_t n) {
+    uint16_t* out = bf16_slot(slot, n);
+    if (reinterpret_cast<uintptr_t>(x) % 16 == 0 && n % 4 == 0) {  // the scratch block is 256-byte aligned
+        to_bf16_vec4_kernel<<<grid_for(n / 4), kThreads, 0, stream_>>>(reinterpret_cast<uint2*>(out),
+                                                                       reinterpret_cast<const float4*>(x), n / 4);
+    } else {
+        to_bf16_kernel<<<grid_for(n), kThreads, 0, stream_>>>(out, x, n);
+    }
+    CUDA_CHECK_LAST();
+    return out;
+}
+
+// ---- dense GEMMs ------------------------------------------------------------------------------
+
+// Row-major X[r, c] (leading dim ld) is column-major X^T, so C = op(A) op(B) becomes
+// C^T = op(B)^T op(A)^T: swap the operands and the M/N sizes, keep the transpose flags.
+void CudaBackend::gemm(int M,
+                       int N,
+                       int K,
+                       float alpha,
+                       const void* A,
+                       int lda,
+                       bool transA,
+                       const void* B,
+                       int ldb,
+                       bool transB,
+                       float beta,
+                       float* C,
+                       int ldc,
+                       GemmInput in) {
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0) {  // op(A) op(B) is all zeros; cuBLAS rejects the zero leading dimensions
+        BMOE_ASSERT(ldc == N, "gemm with K = 0 expects a contiguous C");
+        const size_t n = static_cast<size_t>(M) * N;
+        if (beta == 0.0f) {
+            zero(C, n * sizeof(float));
+        } else {
+            scale(C, beta, n);
+        }
+        return;
+    }
+    const cublasOperation_t op_b = transB ? CUBLAS_OP_T : CUBLAS_OP_N, op_a = transA ? CUBLAS_OP_T : CUBLAS_OP_N;
+    if (in == GemmInput::kBf16) {  // bf16 tensor cores, fp32 accumulate and output
+        CUBLAS_CHECK(cublasGemmEx(blas_, op_b, op_a, N, M, K, &alpha, B, CUDA_R_16BF, ldb, A, CUDA_R_16BF, lda, &beta,
+                                  C, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        return;
+    }
+    CUBLAS_CHECK(cublasSgemm(blas_, op_b, op_a, N, M, K, &alpha, static_cast<const float*>(B), ldb,
+                             static_cast<const float*>(A), lda, &beta, C, ldc));
+}
+
+void CudaBackend::matmul_forward(
+    float* out_NO, const float* in_NI, const float* w_OI, const float* bias_O, int N, int I, int O) {
+    const ProfiledOp op(profiler_.get(), "matmul_fwd", N, I, O);
+    if (bias_O && N > 0 && O > 0) {
+        const size_t n = static_cast<size_t>(N) * O;
+        broadcast_rows_kernel<<<grid_for(n), kThreads, 0, stream_>>>(out_NO, bias_O, n, O);
+        CUDA_CHECK_LAST();
+    }
+    if (N <= 0 || O <= 0) return;
+    const GemmInputs in = gemm_inputs({{in_NI, static_cast<size_t>(N) * I}, {w_OI, static_cast<size_t>(O) * I}});
+    gemm(N, O, I, 1.0f, in(in_NI), I, false, in(w_OI), I, true, bias_O ? 1.0f : 0.0f, out_NO, O, in.type);
+}
+
+void CudaBackend::matmul_backward(float* din_NI,
+                                  float* dw_OI,
+                                  float* dbias_O,
+                                  const float* dout_NO,
+                                  const float* in_NI,
+                                  const float* w_OI,
+                                  int N,
+                                  int I,
+                                  int O,
+                                  bool accumulate_din) {
+    const ProfiledOp op(profiler_.get(), "matmul_bwd", N, I, O);
+    if (din_NI || dw_OI) {  // dout is converted once for both products
+        const GemmInputs in = gemm_inputs({{dout_NO, static_cast<size_t>(N) * O},
+                                           {din_NI ? w_OI : nullptr, static_cast<size_t>(O) * I},
+                                           {dw_OI ? in_NI : nullptr, static_cast<size_t>(N) * I}});
+        if (din_NI)
+            gemm(N, I, O, 1.0f, in(dout_NO), O, false, in(w_OI), I, false, accumulate_din ? 1.0f : 0.0f, din_NI, I,
+                 in.type);
+        if (dw_OI) gemm(O, I, N, 1.0f, in(dout_NO), O, true, in(in_NI), I, false, 1.0f, dw_OI, I, in.type);
+    }
+    if (dbias_O) column_reduce(stream_, column_reduce_ws(N, O), dbias_O, N, O, RowValue{dout_NO, O});
+}
+
+// ---- grouped and batched GEMMs ---------------------------------------------------------------
+
+// One cublasSgemmGroupedBatched / cublasGemmGroupedBatchedEx call over the non-empty problems
+// (CUDA >= 12.5); where this cuBLAS does not support the call, one GEMM per problem on the backend
+// stream. Problems all of one shape go to the batched (not grouped) call, which cuBLAS can tune for
+// that one shape (attention's (batch, head) slices, equal expert loads).
+void CudaBackend::grouped_gemm(const std::vector<GemmProblem>& problems,
+                               float alpha,
+                               int lda,
+                               bool transA,
+                               int ldb,
+                               bool transB,
+                               float beta,
+                               int ldc,
+                               GemmInput in) {
+    // Column-major view, as in gemm(): C^T = op(B)^T op(A)^T, so cuBLAS sees (N, M, K) and B first.
+    std::vector<int> m, n, k, ld_a, ld_b, ld_c, ones;
+    std::vector<cublasOperation_t> op_a, op_b;
+    std::vector<float> alphas, betas;
+    std::vector<const void*> ptrs;  // [A0 ... A(P-1), B0 ..., C0 ...] once filled
+    std::vector<const void*> a_ptrs, b_ptrs;
+    std::vector<float*> c_ptrs;
+    for (const GemmProblem& p : problems) {
+        if (p.M <= 0 || p.N <= 0 || p.K <= 0) continue;  // empty expert: nothing to add
+        m.push_back(p.N);
+        n.push_back(p.M);
+        k.push_back(p.K);
+        op_a.push_back(transB ? CUBLAS_OP_T : CUBLAS_OP_N);
+        op_b.push_back(transA ? CUBLAS_OP_T : CUBLAS_OP_N);
+        ld_a.push_back(ldb);
+        ld_b.push_back(lda);
+        ld_c.push_back(ldc);
+        alphas.push_back(alpha);
+        betas.push_back(beta);
+        ones.push_back(1);
+        a_ptrs.push_back(p.B);
+        b_ptrs.push_back(p.A);
+        c_ptrs.push_back(p.C);
+    }
+    const int count = static_cast<int>(m.size());
+    if (count == 0) return;
+    ptrs.insert(ptrs.end(), a_ptrs.begin(), a_ptrs.end());
+    ptrs.insert(ptrs.end(), b_ptrs.begin(), b_ptrs.end());
+    ptrs.insert(ptrs.end(), c_ptrs.begin(), c_ptrs.end());
+    auto* dev = static_cast<void**>(scratch(gemm_ptrs_ws_, ptrs.size() * sizeof(void*)));
+    // Pageable host arrays: cudaMemcpyAsync staged them before returning, so they may go out of scope.
+    CUDA_CHECK(cudaMemcpyAsync(dev, ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice, stream_));
+    const bool bf16 = in == GemmInput::kBf16;
+    const bool uniform = std::all_of(m.begin(), m.end(), [&](int v) { return v == m[0]; }) &&
+                         std::all_of(n.begin(), n.end(), [&](int v) { return v == n[0]; }) &&
+                         std::all_of(k.begin(), k.end(), [&](int v) { return v == k[0]; });
+    // Whether cuBLAS supports a call can depend on its kind, the input type and the transposes:
+    // remembered per combination, and said once, since the per-GEMM fallback is slower.
+    const unsigned combo = 1u << ((uniform ? 8u : 0u) | (bf16 ? 4u : 0u) | (transA ? 2u : 0u) | (transB ? 1u : 0u));
+    const cudaDataType_t type = bf16 ? CUDA_R_16BF : CUDA_R_32F;
+    cublasStatus_t rc = CUBLAS_STATUS_NOT_SUPPORTED;
+    if ((gemm_unsupported_ & combo) == 0) {
+        if (uniform && bf16) {
+            rc = cublasGemmBatchedEx(blas_, op_a[0], op_b[0], m[0], n[0], k[0], &alpha, dev, type, ldb, dev + count,
+                                     type, lda, &beta, dev + 2 * count, CUDA_R_32F, ldc, count, CUBLAS_COMPUTE_32F,
+                                     CUBLAS_GEMM_DEFAULT);
+        } else if (uniform) {
+            rc = cublasSgemmBatched(blas_, op_a[0], op_b[0], m[0], n[0], k[0], &alpha,
+                                    reinterpret_cast<const float* const*>(dev), ldb,
+                                    reinterpret_cast<const float* const*>(dev + count), lda, &beta,
+                                    reinterpret_cast<float* const*>(dev + 2 * count), ldc, count);
+        } else if (bf16) {
+            rc = cublasGemmGroupedBatchedEx(blas_, op_a.data(), op_b.data(), m.data(), n.data(), k.data(),
+                                            alphas.data(), dev, type, ld_a.data(), dev + count, type, ld_b.data(),
+                                            betas.data(), dev + 2 * count, CUDA_R_32F, ld_c.data(), count,
+                                            ones.data(), CUBLAS_COMPUTE_32F);
+        } else {
+            rc = cublasSgemmGroupedBatched(blas_, op_a.data(), op_b.data(), m.data(), n.data(), k.data(), alphas.data(),
+                                           reinterpret_cast<const float* const*>(dev), ld_a.data(),
+                                           reinterpret_cast<const float* const*>(dev + count), ld_b.data(),
+                                           betas.data(), reinterpret_cast<float* const*>(dev + 2 * count), ld_c.data(),
+                                           count, ones.data());
+        }
+        if (rc == CUBLAS_STATUS_NOT_SUPPORTED) {
+            gemm_unsupported_ |= combo;
+            std::fprintf(stderr,
+                         "bmoe: this cuBLAS has no %s %s GEMM with transA=%d transB=%d; running one GEMM per "
+                         "problem instead (slower)\n",
+                         uniform ? "batched" : "grouped", bf16 ? "bf16" : "fp32", transA ? 1 : 0, transB ? 1 : 0);
+        }
+    }
+    if (rc == CUBLAS_STATUS_NOT_SUPPORTED) {  // this cuBLAS has no such call: one GEMM per problem
+        for (const GemmProblem& p : problems)
+            gemm(p.M, p.N, p.K, alpha, p.A, lda, transA, p.B, ldb, transB, beta, p.C, ldc, in);
+        return;
+    }
+    CUBLAS_CHECK(rc);
+}
+
+// All local experts in one grouped GEMM call (rows of expert g: [offsets[g], offsets[g+1])).
+void CudaBackend::grouped_matmul_forward(
+    float* out_RO, const float* in_RI, const float* w_GOI, const int* offsets_host, int G, int I, int O) {
+    const ProfiledOp op(profiler_.get(), "grouped_matmul_fwd", G, I, O);
+    const size_t R = static_cast<size_t>(offsets_host[G]);
+    const GemmInputs in = gemm_inputs({{in_RI, R * I}, {w_GOI, static_cast<size_t>(G) * O * I}});
+    std::vector<GemmProblem> problems;
+    for (int g = 0; g < G; ++g) {
+        const int r0 = offsets_host[g], rows = offsets_host[g + 1] - r0;
+        if (rows == 0) continue;
+        problems.push_back({rows, O, I, in(in_RI + static_cast<size_t>(r0) * I), in(w_GOI + static_cast<size_t>(g) * O * I),
+                            out_RO + static_cast<size_t>(r0) * O});
+    }
+    grouped_gemm(problems, 1.0f, I, false, I, true, 0.0f, O, in.type);
+}
+
+void CudaBackend::grouped_matmul_backward(float* din_RI,
+                                          float* dw_GOI,
+                                          const float* dout_RO,
+                                          const float* in_RI,
+                                          const float* w_GOI,
+                                          const int* offsets_host,
+                                          int G,
+                                          int I,
+                                          int O) {
+    const ProfiledOp op(profiler_.get(), "grouped_matmul_bwd", G, I, O);
+    const size_t R = static_cast<size_t>(offsets_host[G]);
+    const GemmInputs in = gemm_inputs(
+        {{dout_RO, R * O}, {w_GOI, static_cast<size_t>(G) * O * I}, {dw_GOI ? in_RI : nullptr, R * I}});
+    std::vector<GemmProblem> din, dw;
+    for (int g = 0; g < G; ++g) {
+        const int r0 = offsets_host[g], rows = offsets_host[g + 1] - r0;
+        if (rows == 0) continue;  // din has no rows; dw_g += 0
+        const void* dout = in(dout_RO + static_cast<size_t>(r0) * O);
+        const size_t w_off = static_cast<size_t>(g) * O * I;
+        din.push_back({rows, I, O, dout, in(w_GOI + w_off), din_RI + static_cast<size_t>(r0) * I});
+        if (dw_GOI) dw.push_back({O, I, rows, dout, in(in_RI + static_cast<size_t>(r0) * I), dw_GOI + w_off});
+    }
+    grouped_gemm(din, 1.0f, O, false, I, false, 0.0f, I, in.type);  // din_g = dout_g w_g   (=)
+    if (dw_GOI) grouped_gemm(dw, 1.0f, O, true, I, false, 1.0f, I, in.type);  // dw_g += dout_g^T in_g
+}
+
+// One product of an attention plan: its (batch, head) slices all have one shape (a batched call).
+void CudaBackend::run_batched_gemm(const BatchedGemm& g, const GemmInputs& in) {
+    std::vector<GemmProblem> problems;
+    problems.reserve(g.slices.size());
+    for (const BatchedGemm::Operands& o : g.slices) problems.push_back({g.M, g.N, g.K, in(o.A), in(o.B), o.C});
+    grouped_gemm(problems, g.alpha, g.lda, g.transA, g.ldb, g.transB, g.beta, g.ldc, in.type);
+}
+
+}  // namespace bmoe::model
