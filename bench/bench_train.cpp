@@ -3,6 +3,7 @@
 //   bench_train [--steps N] [--warmup N] [--threads N] [--gemm N]
 //               [--backend cpu|cuda] [--precision fp32|bf16] [--model default|gpt2-moe|large]
 //               [--batch B] [--peak-tflops X] [--recompute none|attention] [--profile STEPS]
+//               [--router TYPE]
 //
 // (a) Peak. CPU: the best of a few cblas_sgemm runs of an N x N x N product (default 2048): the
 //     FLOP/s a well-tuned GEMM reaches on this machine, the practical ceiling for a CPU trainer.
@@ -19,6 +20,8 @@
 //                 ~32 GB of fp32 weights, gradients and moments, plus activations)
 //     Model FLOP/s = tokens/s * (6 * active_matmul_params + 12 * L * T * d) (PaLM-style: matmul
 //     FLOPs of the active parameters plus attention scores).
+//     --router TYPE: the preset with that router.type (default topk) at its defaults, e.g. logit_mf
+//     to see what a Bayesian router costs at this scale; the MFU still counts expert FLOPs only.
 // (c) --profile STEPS (cuda): that many more steps with the op profiler on (model/cuda/op_profiler.h),
 //     then a table of GPU time and GPU idle time per backend op (matmuls named by shape).
 // Prints human-readable lines and one line "JSON {...}" for scripts (bench/run_bench.sh).
@@ -61,6 +64,7 @@ struct Options {
     std::string model = "default";
     int batch = 0;             // 0 = the preset's
     bool recompute = false;    // attention recompute (Model::set_attention_recompute)
+    std::string router = "topk";  // router.type
     double peak_tflops = 0.0;  // 0 = the default for the backend and precision
     int profile = 0;           // CUDA: steps run after the timed ones with the op profiler on
 };
@@ -99,11 +103,14 @@ Options parse_options(int argc, char** argv) {
             o.peak_tflops = std::atof(text().c_str());
         else if (arg == "--profile")
             o.profile = value();
+        else if (arg == "--router")
+            o.router = text();
         else {
             std::fprintf(stderr,
                          "usage: bench_train [--steps N] [--warmup N] [--threads N] [--gemm N] [--backend cpu|cuda]\n"
                          "                   [--precision fp32|bf16] [--model default|gpt2-moe|large] [--batch B]\n"
-                         "                   [--peak-tflops X] [--recompute none|attention] [--profile STEPS]\n");
+                         "                   [--peak-tflops X] [--recompute none|attention] [--profile STEPS]\n"
+                         "                   [--router TYPE]\n");
             std::exit(arg == "--help" || arg == "-h" ? 0 : 2);
         }
     }
@@ -184,6 +191,7 @@ int run(int argc, char** argv) {
                 env_or_unset("OPENBLAS_L2_SIZE"));
     const bool cuda = opt.backend == "cuda";
     const model::MatmulPrecision precision = model::parse_matmul_precision(opt.precision);
+    const model::RouterType router_type = model::parse_router_type(opt.router);  // before the slow peak run
 
     // (a) peak: measured sgemm on the CPU, the datasheet figure on the GPU
     double peak = 0.0;
@@ -201,7 +209,8 @@ int run(int argc, char** argv) {
 
     // (b) bmoe training steps on the preset
     int B = 0, T = 0;
-    const model::ModelConfig config = preset(opt.model, B, T);
+    model::ModelConfig config = preset(opt.model, B, T);
+    config.router.type = router_type;
     if (opt.batch > 0) B = opt.batch;
     const int N = B * T;
 
@@ -249,9 +258,9 @@ int run(int argc, char** argv) {
 #endif
     const char* be = opt.backend.c_str();
     std::printf(
-        "bmoe %s (%s, model %s, %.1fM params, %.1fM active matmul): %d steps of %dx%d tokens in %.2f s "
+        "bmoe %s (%s, model %s, router %s, %.1fM params, %.1fM active matmul): %d steps of %dx%d tokens in %.2f s "
         "(%.3f s/step, loss %.4f)\n",
-        be, opt.precision.c_str(), opt.model.c_str(), net.layout().total_numel() / 1e6, active / 1e6, opt.steps, B, T,
+        be, opt.precision.c_str(), opt.model.c_str(), opt.router.c_str(), net.layout().total_numel() / 1e6, active / 1e6, opt.steps, B, T,
         elapsed, elapsed / opt.steps, last_loss);
     std::printf("bmoe %s: %.0f tokens/s, %.1f GFLOP/s model (%.1f%% of %s), peak RSS %.0f MiB", be, tokens_per_s,
                 model_flops / 1e9, 100.0 * model_flops / peak, cuda ? "peak: MFU" : "sgemm peak", rss);
@@ -259,13 +268,14 @@ int run(int argc, char** argv) {
     if (cuda) std::printf(", device memory in use %.0f MiB", device_mib);
     std::printf("\n");
     std::printf(
-        "JSON {\"impl\": \"bmoe\", \"backend\": \"%s\", \"precision\": \"%s\", \"model\": \"%s\", \"threads\": %d, "
+        "JSON {\"impl\": \"bmoe\", \"backend\": \"%s\", \"precision\": \"%s\", \"model\": \"%s\", \"router\": \"%s\", "
+        "\"threads\": %d, "
         "\"sgemm_flops\": %.6g, \"tokens_per_s\": %.6g, \"model_flops\": %.6g, \"fraction_of_peak\": %.6g, "
         "\"flops_per_token\": %.6g, \"active_matmul_params\": %.0f, \"steps\": %d, \"seconds\": %.6g, "
         "\"peak_rss_mib\": %.1f, \"peak_allocated_mib\": %.1f, \"device_mib\": %.1f, \"openblas_coretype\": \"%s\", "
         "\"openblas_l2_size\": \"%s\", "
         "\"openblas_core\": \"%s\"}\n",
-        be, opt.precision.c_str(), opt.model.c_str(), threads, peak, tokens_per_s, model_flops, model_flops / peak,
+        be, opt.precision.c_str(), opt.model.c_str(), opt.router.c_str(), threads, peak, tokens_per_s, model_flops, model_flops / peak,
         flops_per_token, active, opt.steps, elapsed, rss,
         static_cast<double>(backend.peak_allocated_bytes()) / (1024.0 * 1024.0), device_mib,
         env_or_unset("OPENBLAS_CORETYPE"), env_or_unset("OPENBLAS_L2_SIZE"), openblas_get_corename());

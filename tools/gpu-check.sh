@@ -5,8 +5,8 @@
 #   fp32 and bf16, CUDA training runs vs the CPU one, NCCL collectives on device buffers), the
 #   multi-rank tests with ranks sharing the GPU (MPI communicator, host-staged), bmoe vs PyTorch
 #   training throughput / MFU / peak memory on the GPT-2-small-sized MoE, grouped-GEMM and
-#   permute benchmarks, compute-sanitizer on a training step, the card-filling model, fp32,
-#   torch.compile, NCCL comm-bench.
+#   permute benchmarks, the router families' GPU cost, compute-sanitizer on a training step, the
+#   card-filling model, fp32, torch.compile, NCCL comm-bench.
 #   bash tools/gpu-check.sh [all|check|bench|profile]
 #     check: build, tests, compute-sanitizer, comm-bench      bench: build, benchmarks only
 #     profile: build bench_train only, then its per-op GPU time tables (--profile) for the presets
@@ -114,6 +114,15 @@ if [[ $phase != check ]] && stage "bmoe vs PyTorch eager: gpt2-moe bf16" 90; the
 if [[ $phase != check ]] && stage "grouped expert GEMM vs dense, permute bandwidth" 30; then
   capped 60 bench_cuda.log ./build-gpu/bench/bench_cuda
   grep -vE "^\s*$" "$logs/bench_cuda.log" | tail -20
+fi
+if [[ $phase != check ]] && stage "router families on the GPU: step time vs topk; gpt2-moe bf16 with logit_mf" 60; then
+  capped 90 bench_routers.log ./build-gpu/bench/bench_routers --backend cuda --steps 5 --warmup 1
+  grep -E "^(router|topk|temp_sampling|mc_dropout|swag|ensemble|weight_mfvi|logit_mf|logit_fc|vtsr) " \
+    "$logs/bench_routers.log" || tail -3 "$logs/bench_routers.log"
+  capped 120 bmoe_gpt2-moe_logit_mf.log ./build-gpu/bench/bench_train --backend cuda --model gpt2-moe \
+    --precision bf16 --router logit_mf --steps 10 --warmup 3 --profile 2
+  echo "bmoe gpt2-moe bf16 logit_mf (exit $?): $(result bmoe_gpt2-moe_logit_mf.log '^bmoe cuda: ')"
+  grep -A14 -E "^profile \(per step" "$logs/bmoe_gpt2-moe_logit_mf.log" | sed 's/^/   /'
 fi
 if [[ $phase != bench ]] && stage "compute-sanitizer memcheck: 1 training step (bf16 topk, fp32 logit_fc)" 60; then
   for router in "topk bf16" "logit_fc fp32"; do
