@@ -572,6 +572,9 @@ TEST(CudaBackend, AdamW) {
         auto g = d.make(randn(n, 10 + step));
         d.run([&](Backend& be, int s) {
             be.adamw_update(p[s], g[s], m[s], v[s], n, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.5f, step);
+            // A tensor starting off a 16-byte boundary (the element-wise path) and one of 3 elements.
+            be.adamw_update(p[s] + 1, g[s] + 1, m[s] + 1, v[s] + 1, n - 5, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.5f, step);
+            be.adamw_update(p[s] + 4, g[s] + 4, m[s] + 4, v[s] + 4, 3, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.5f, step);
         });
     }
     expect_close(p, "adamw param");

@@ -203,22 +203,39 @@ __global__ void gelu_backward_kernel(float* din, const float* dout, const float*
 // ---- loss kernels ---------------------------------------------------------------------------------
 
 // One block per row: probs = softmax(logits) (float exp, double sum), loss = lse - logit[target].
+// Two passes over the row instead of three: each thread keeps a running max and a sum rescaled
+// to it (online softmax), the block combines them, then probs are written in one sweep. Rows
+// with V % 4 == 0 (the padded vocabularies) move as float4.
 __global__ void cross_entropy_forward_kernel(
     float* loss_N, float* probs_NV, const float* logits_NV, const int32_t* targets_N, int V) {
     const size_t row = static_cast<size_t>(blockIdx.x) * V;
     const float* x = logits_NV + row;
     float* p = probs_NV + row;
-    float mx = -INFINITY;
-    for (int v = threadIdx.x; v < V; v += blockDim.x) mx = fmaxf(mx, x[v]);
-    mx = block_max(mx);
+    const bool vec = V % 4 == 0;
+    const int quads = vec ? V / 4 : 0;
+    float m = -INFINITY;
     double sum = 0.0;
-    for (int v = threadIdx.x; v < V; v += blockDim.x) {
-        p[v] = expf(x[v] - mx);
-        sum += p[v];
+    auto add = [&](float xv) {
+        if (xv > m) {
+            sum *= exp(static_cast<double>(m) - xv);
+            m = xv;
+        }
+        sum += expf(xv - m);
+    };
+    for (int q = threadIdx.x; q < quads; q += blockDim.x) {
+        const float4 v = reinterpret_cast<const float4*>(x)[q];
+        add(v.x), add(v.y), add(v.z), add(v.w);
     }
-    sum = block_sum(sum);
+    for (int v = 4 * quads + threadIdx.x; v < V; v += blockDim.x) add(x[v]);
+    const float mx = block_max(m);
+    sum = block_sum(m == -INFINITY ? 0.0 : sum * exp(static_cast<double>(m) - mx));
     const float inv = static_cast<float>(1.0 / sum);
-    for (int v = threadIdx.x; v < V; v += blockDim.x) p[v] *= inv;  // same thread wrote p[v]
+    for (int q = threadIdx.x; q < quads; q += blockDim.x) {
+        const float4 v = reinterpret_cast<const float4*>(x)[q];
+        reinterpret_cast<float4*>(p)[q] =
+            make_float4(expf(v.x - mx) * inv, expf(v.y - mx) * inv, expf(v.z - mx) * inv, expf(v.w - mx) * inv);
+    }
+    for (int v = 4 * quads + threadIdx.x; v < V; v += blockDim.x) p[v] = expf(x[v] - mx) * inv;
     if (threadIdx.x == 0) {
         const int32_t t = targets_N[blockIdx.x];
         const double lse = static_cast<double>(mx) + log(sum);
@@ -226,13 +243,25 @@ __global__ void cross_entropy_forward_kernel(
     }
 }
 
+// One block per row (no per-element division to find the row): d = dloss (p - onehot(target)),
+// zeros for an ignored target (t < 0). In place (d == p) is allowed.
 __global__ void cross_entropy_backward_kernel(
-    float* dlogits_NV, const float* probs_NV, const int32_t* targets_N, float dloss, size_t n, int V) {
-    BMOE_GRID_STRIDE(i, n) {
-        const int32_t t = targets_N[i / V];
-        const int v = static_cast<int>(i % V);
-        dlogits_NV[i] = t < 0 ? 0.0f : (v == t ? dloss * probs_NV[i] - dloss : dloss * probs_NV[i]);
+    float* dlogits_NV, const float* probs_NV, const int32_t* targets_N, float dloss, int V) {
+    const size_t row = static_cast<size_t>(blockIdx.x) * V;
+    const float* p = probs_NV + row;
+    float* d = dlogits_NV + row;
+    const int32_t t = targets_N[blockIdx.x];
+    const float p_target = t >= 0 ? p[t] : 0.0f;
+    __syncthreads();  // every thread has read p[t] before any thread overwrites it (in place)
+    auto grad = [&](float pv) { return t < 0 ? 0.0f : dloss * pv; };
+    const int quads = V % 4 == 0 ? V / 4 : 0;
+    for (int q = threadIdx.x; q < quads; q += blockDim.x) {
+        const float4 v = reinterpret_cast<const float4*>(p)[q];
+        reinterpret_cast<float4*>(d)[q] = make_float4(grad(v.x), grad(v.y), grad(v.z), grad(v.w));
     }
+    for (int v = 4 * quads + threadIdx.x; v < V; v += blockDim.x) d[v] = grad(p[v]);
+    __syncthreads();
+    if (threadIdx.x == 0 && t >= 0) d[t] = dloss * p_target - dloss;
 }
 
 // ---- router kernels: one thread per token (E and K are small) ------------------------------------
@@ -511,9 +540,8 @@ void CudaBackend::cross_entropy_forward(
 void CudaBackend::cross_entropy_backward(
     float* dlogits_NV, const float* probs_NV, const int32_t* targets_N, float dloss, int N, int V) {
     const ProfiledOp op(profiler_.get(), "cross_entropy_backward");
-    const size_t n = static_cast<size_t>(N) * V;
-    if (n == 0) return;
-    cross_entropy_backward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(dlogits_NV, probs_NV, targets_N, dloss, n, V);
+    if (N <= 0 || V <= 0) return;
+    cross_entropy_backward_kernel<<<N, kThreads, 0, stream_>>>(dlogits_NV, probs_NV, targets_N, dloss, V);
     CUDA_CHECK_LAST();
 }
 
