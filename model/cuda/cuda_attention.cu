@@ -134,9 +134,9 @@ void CudaBackend::attention_forward(float* out_BTHd,
     if (rows == 0 || Hd <= 0) return;
     const size_t nq = rows * Hd, nkv = static_cast<size_t>(B) * T * KV * Hd, natt = rows * T;
     const std::vector<BatchedGemm> plan = attention_forward_plan(s, out_BTHd, att_BHTT, q_BTHd, k_BTKVHd, v_BTKVHd);
-    GemmInputs in = gemm_inputs({{q_BTHd, nq}, {k_BTKVHd, nkv}, {v_BTKVHd, nkv}});  // slots 0-2
+    GemmInputs in = gemm_inputs({{q_BTHd, nq}, {k_BTKVHd, nkv}, {v_BTKVHd, nkv}});
     run_batched_gemm(plan[0], in);  // S = scale Q K^T
-    uint16_t* p16 = in.bf16() ? bf16_slot(3, natt) : nullptr;
+    uint16_t* p16 = in.bf16() ? bf16_slot(in.next_slot++, natt) : nullptr;
     causal_softmax_kernel<<<static_cast<unsigned>(rows), kAttThreads, 0, stream_>>>(att_BHTT, T, p16);
     CUDA_CHECK_LAST();
     if (p16) in.copies.push_back({att_BHTT, natt, p16});
@@ -165,9 +165,9 @@ void CudaBackend::attention_backward(float* dq_BTHd,
     const std::vector<BatchedGemm> plan = attention_backward_plan(s, dq_BTHd, dk_BTKVHd, dv_BTKVHd, dS, dout_BTHd,
                                                                   q_BTHd, k_BTKVHd, v_BTKVHd, att_BHTT);
     GemmInputs in = gemm_inputs(
-        {{dout_BTHd, nq}, {q_BTHd, nq}, {k_BTKVHd, nkv}, {v_BTKVHd, nkv}, {att_BHTT, natt}});  // slots 0-4
+        {{dout_BTHd, nq}, {q_BTHd, nq}, {k_BTKVHd, nkv}, {v_BTKVHd, nkv}, {att_BHTT, natt}});
     run_batched_gemm(plan[0], in);  // dP = dout V^T
-    uint16_t* ds16 = in.bf16() ? bf16_slot(5, natt) : nullptr;
+    uint16_t* ds16 = in.bf16() ? bf16_slot(in.next_slot++, natt) : nullptr;
     causal_softmax_backward_kernel<<<static_cast<unsigned>(rows), kAttThreads, 0, stream_>>>(dS, att_BHTT, T, ds16);
     CUDA_CHECK_LAST();
     if (ds16) in.copies.push_back({dS, natt, ds16});

@@ -231,10 +231,11 @@ class CudaBackend final : public Backend {
         };
         GemmInput type = GemmInput::kFp32;
         std::vector<Copy> copies;
+        int next_slot = 0;  // the first bf16 scratch slot the copies leave free
         bool bf16() const { return type == GemmInput::kBf16; }
         const void* operator()(const float* p) const;
     };
-    GemmInputs gemm_inputs(std::initializer_list<GemmTensor> tensors);  // slots 0, 1, ... in order
+    GemmInputs gemm_inputs(std::initializer_list<GemmTensor> tensors);  // into slots 0, 1, ... in order
     static constexpr int kBf16Slots = 6;
     uint16_t* bf16_slot(int slot, size_t n);                   // scratch for n bf16 values
     const uint16_t* to_bf16(int slot, const float* x, size_t n);  // x rounded into bf16_slot(slot, n)

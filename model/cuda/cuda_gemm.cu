@@ -49,8 +49,10 @@ __global__ void to_bf16_kernel(uint16_t* out, const float* in, size_t n) {
 
 const void* CudaBackend::GemmInputs::operator()(const float* p) const {
     if (!bf16()) return p;
-    for (const Copy& c : copies)
+    for (const Copy& c : copies) {
         if (p >= c.base && p < c.base + c.n) return c.bf16 + (p - c.base);
+        if (p == c.base && c.n == 0) return c.bf16;  // an empty operand (K = 0): never read
+    }
     BMOE_ASSERT(false, "bf16 GEMM operand outside every converted tensor of the op");
     return nullptr;
 }
@@ -59,10 +61,11 @@ CudaBackend::GemmInputs CudaBackend::gemm_inputs(std::initializer_list<GemmTenso
     GemmInputs inputs;
     inputs.type = matmul_precision_ == MatmulPrecision::kBf16 ? GemmInput::kBf16 : GemmInput::kFp32;
     if (!inputs.bf16()) return inputs;
-    int slot = 0;
     for (const GemmTensor& t : tensors) {
-        if (t.x == nullptr || t.n == 0) continue;
-        inputs.copies.push_back({t.x, t.n, to_bf16(slot++, t.x, t.n)});
+        if (t.x == nullptr) continue;
+        const uint16_t* copy =
+            t.n == 0 ? reinterpret_cast<const uint16_t*>(t.x) : to_bf16(inputs.next_slot++, t.x, t.n);
+        inputs.copies.push_back({t.x, t.n, copy});
     }
     return inputs;
 }
