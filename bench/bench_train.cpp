@@ -3,7 +3,7 @@
 //   bench_train [--steps N] [--warmup N] [--threads N] [--gemm N]
 //               [--backend cpu|cuda] [--precision fp32|bf16] [--model default|gpt2-moe|large]
 //               [--batch B] [--peak-tflops X] [--recompute none|attention] [--profile STEPS]
-//               [--router TYPE]
+//               [--router TYPE] [--attention gemm|flash]
 //
 // (a) Peak. CPU: the best of a few cblas_sgemm runs of an N x N x N product (default 2048): the
 //     FLOP/s a well-tuned GEMM reaches on this machine, the practical ceiling for a CPU trainer.
@@ -22,6 +22,7 @@
 //     FLOPs of the active parameters plus attention scores).
 //     --router TYPE: the preset with that router.type (default topk) at its defaults, e.g. logit_mf
 //     to see what a Bayesian router costs at this scale; the MFU still counts expert FLOPs only.
+//     --attention flash: the fused attention kernel (cuda, bf16; model/backend.h AttentionKernel).
 // (c) --profile STEPS (cuda): that many more steps with the op profiler on (model/cuda/op_profiler.h),
 //     then a table of GPU time and GPU idle time per backend op (matmuls named by shape).
 // Prints human-readable lines and one line "JSON {...}" for scripts (bench/run_bench.sh).
@@ -65,6 +66,7 @@ struct Options {
     int batch = 0;             // 0 = the preset's
     bool recompute = false;    // attention recompute (Model::set_attention_recompute)
     std::string router = "topk";  // router.type
+    std::string attention = "gemm";  // Backend::set_attention_kernel
     double peak_tflops = 0.0;  // 0 = the default for the backend and precision
     int profile = 0;           // CUDA: steps run after the timed ones with the op profiler on
 };
@@ -105,12 +107,14 @@ Options parse_options(int argc, char** argv) {
             o.profile = value();
         else if (arg == "--router")
             o.router = text();
+        else if (arg == "--attention")
+            o.attention = text();
         else {
             std::fprintf(stderr,
                          "usage: bench_train [--steps N] [--warmup N] [--threads N] [--gemm N] [--backend cpu|cuda]\n"
                          "                   [--precision fp32|bf16] [--model default|gpt2-moe|large] [--batch B]\n"
                          "                   [--peak-tflops X] [--recompute none|attention] [--profile STEPS]\n"
-                         "                   [--router TYPE]\n");
+                         "                   [--router TYPE] [--attention gemm|flash]\n");
             std::exit(arg == "--help" || arg == "-h" ? 0 : 2);
         }
     }
@@ -192,6 +196,7 @@ int run(int argc, char** argv) {
     const bool cuda = opt.backend == "cuda";
     const model::MatmulPrecision precision = model::parse_matmul_precision(opt.precision);
     const model::RouterType router_type = model::parse_router_type(opt.router);  // before the slow peak run
+    const model::AttentionKernel attention = model::parse_attention_kernel(opt.attention);
 
     // (a) peak: measured sgemm on the CPU, the datasheet figure on the GPU
     double peak = 0.0;
@@ -217,6 +222,7 @@ int run(int argc, char** argv) {
     std::unique_ptr<model::Backend> backend_ptr = model::make_backend(opt.backend);
     model::Backend& backend = *backend_ptr;
     backend.set_matmul_precision(precision);
+    backend.set_attention_kernel(attention);
     model::Model net(config, &backend);
     net.init_weights(/*seed=*/0);
     net.set_attention_recompute(opt.recompute);
@@ -258,10 +264,11 @@ int run(int argc, char** argv) {
 #endif
     const char* be = opt.backend.c_str();
     std::printf(
-        "bmoe %s (%s, model %s, router %s, %.1fM params, %.1fM active matmul): %d steps of %dx%d tokens in %.2f s "
+        "bmoe %s (%s, model %s, router %s, attention %s, %.1fM params, %.1fM active matmul): %d steps of %dx%d tokens "
+        "in %.2f s "
         "(%.3f s/step, loss %.4f)\n",
-        be, opt.precision.c_str(), opt.model.c_str(), opt.router.c_str(), net.layout().total_numel() / 1e6, active / 1e6, opt.steps, B, T,
-        elapsed, elapsed / opt.steps, last_loss);
+        be, opt.precision.c_str(), opt.model.c_str(), opt.router.c_str(), opt.attention.c_str(),
+        net.layout().total_numel() / 1e6, active / 1e6, opt.steps, B, T, elapsed, elapsed / opt.steps, last_loss);
     std::printf("bmoe %s: %.0f tokens/s, %.1f GFLOP/s model (%.1f%% of %s), peak RSS %.0f MiB", be, tokens_per_s,
                 model_flops / 1e9, 100.0 * model_flops / peak, cuda ? "peak: MFU" : "sgemm peak", rss);
     std::printf(", peak allocated %.0f MiB", static_cast<double>(backend.peak_allocated_bytes()) / (1024.0 * 1024.0));
@@ -269,14 +276,14 @@ int run(int argc, char** argv) {
     std::printf("\n");
     std::printf(
         "JSON {\"impl\": \"bmoe\", \"backend\": \"%s\", \"precision\": \"%s\", \"model\": \"%s\", \"router\": \"%s\", "
-        "\"threads\": %d, "
+        "\"attention\": \"%s\", \"threads\": %d, "
         "\"sgemm_flops\": %.6g, \"tokens_per_s\": %.6g, \"model_flops\": %.6g, \"fraction_of_peak\": %.6g, "
         "\"flops_per_token\": %.6g, \"active_matmul_params\": %.0f, \"steps\": %d, \"seconds\": %.6g, "
         "\"peak_rss_mib\": %.1f, \"peak_allocated_mib\": %.1f, \"device_mib\": %.1f, \"openblas_coretype\": \"%s\", "
         "\"openblas_l2_size\": \"%s\", "
         "\"openblas_core\": \"%s\"}\n",
-        be, opt.precision.c_str(), opt.model.c_str(), opt.router.c_str(), threads, peak, tokens_per_s, model_flops, model_flops / peak,
-        flops_per_token, active, opt.steps, elapsed, rss,
+        be, opt.precision.c_str(), opt.model.c_str(), opt.router.c_str(), opt.attention.c_str(), threads, peak,
+        tokens_per_s, model_flops, model_flops / peak, flops_per_token, active, opt.steps, elapsed, rss,
         static_cast<double>(backend.peak_allocated_bytes()) / (1024.0 * 1024.0), device_mib,
         env_or_unset("OPENBLAS_CORETYPE"), env_or_unset("OPENBLAS_L2_SIZE"), openblas_get_corename());
 #ifdef BMOE_HAVE_CUDA

@@ -39,6 +39,20 @@ MatmulPrecision parse_matmul_precision(const std::string& name) {
 
 std::string to_string(MatmulPrecision p) { return p == MatmulPrecision::kBf16 ? "bf16" : "fp32"; }
 
+AttentionKernel parse_attention_kernel(const std::string& name) {
+    if (name == "gemm") return AttentionKernel::kGemm;
+    if (name == "flash") return AttentionKernel::kFlash;
+    throw Error(concat("attention kernel '", name, "' is unknown: use gemm or flash"));
+}
+
+std::string to_string(AttentionKernel k) { return k == AttentionKernel::kFlash ? "flash" : "gemm"; }
+
+void Backend::set_attention_kernel(AttentionKernel k) {
+    BMOE_REQUIRE(k == AttentionKernel::kGemm, "the flash attention kernel runs on the cuda backend only (this is '",
+                 name(), "'): use --train.attention=gemm");
+    attention_kernel_ = k;
+}
+
 std::unique_ptr<Backend> make_backend(const std::string& name, int local_rank) {
     if (name == "cpu") return std::make_unique<CpuBackend>();
     if (name == "cuda") {

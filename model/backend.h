@@ -40,6 +40,14 @@ struct DropoutMaskDraw {
     float keep_scale;
 };
 
+// How attention_forward/backward compute (Backend::set_attention_kernel):
+//   kGemm : batched GEMMs with a fused causal softmax; saves the [B, H, T, T] probabilities.
+//   kFlash: one fused tiled kernel per pass (FlashAttention-2 style) on bf16 tensor cores; saves
+//           only the per-row log-sum-exp [B, H, T]. CUDA with bf16 matmul precision only.
+enum class AttentionKernel { kGemm, kFlash };
+AttentionKernel parse_attention_kernel(const std::string& name);  // "gemm" | "flash"; throws otherwise
+std::string to_string(AttentionKernel k);
+
 class Backend {
   public:
     virtual ~Backend() = default;
@@ -51,6 +59,16 @@ class Backend {
     // default. Other ops are always fp32.
     void set_matmul_precision(MatmulPrecision p) { matmul_precision_ = p; }
     MatmulPrecision matmul_precision() const { return matmul_precision_; }
+
+    // The attention kernel of the attention ops that follow. kFlash throws a one-line bmoe::Error
+    // where the backend has none (the CPU).
+    virtual void set_attention_kernel(AttentionKernel k);
+    AttentionKernel attention_kernel() const { return attention_kernel_; }
+    // Floats attention_forward saves for attention_backward (its att_BHTT argument): B*H*T*T
+    // probabilities, or B*H*T log-sum-exps where the flash kernel runs.
+    virtual size_t attention_saved_numel(int B, int T, int H, int /*Hd*/) const {
+        return static_cast<size_t>(B) * H * T * T;
+    }
 
     // Bytes of this backend's own buffers (alloc minus free) now, and the most at any time: what
     // the model, optimizer and scratch hold; not the CUDA context, cuBLAS workspaces or host vectors.
@@ -161,7 +179,9 @@ class Backend {
     // In place: rotates gradients back (the inverse rotation).
     virtual void rope_backward(float* dx_BTHd, int B, int T, int nh, int Hd, float theta) = 0;
     // Causal grouped-query attention. q [B,T,H,Hd], k/v [B,T,KV,Hd]; query head h reads kv head
-    // h / (H/KV). out [B,T,H,Hd]; att_BHTT saves softmax(q k^T / sqrt(Hd)) (zeros above diagonal).
+    // h / (H/KV). out [B,T,H,Hd]; att_BHTT (attention_saved_numel floats) saves what backward needs:
+    // softmax(q k^T / sqrt(Hd)) [B,H,T,T] with zeros above the diagonal (kGemm), or the rows'
+    // log-sum-exp of the scaled scores [B,H,T] (kFlash).
     virtual void attention_forward(float* out_BTHd,
                                    float* att_BHTT,
                                    const float* q_BTHd,
@@ -172,11 +192,12 @@ class Backend {
                                    int H,
                                    int KV,
                                    int Hd) = 0;
-    // dq, dk, dv overwritten.
+    // dq, dk, dv overwritten. out_BTHd: the forward's output (kFlash reads it; kGemm does not).
     virtual void attention_backward(float* dq_BTHd,
                                     float* dk_BTKVHd,
                                     float* dv_BTKVHd,
                                     const float* dout_BTHd,
+                                    const float* out_BTHd,
                                     const float* q_BTHd,
                                     const float* k_BTKVHd,
                                     const float* v_BTKVHd,
@@ -295,6 +316,7 @@ class Backend {
     void note_free(const void* ptr);
 
     MatmulPrecision matmul_precision_ = MatmulPrecision::kFp32;
+    AttentionKernel attention_kernel_ = AttentionKernel::kGemm;
 
   private:
     std::unordered_map<const void*, size_t> live_bytes_;

@@ -100,6 +100,7 @@ class CpuBackend final : public Backend {
                             float* dk_BTKVHd,
                             float* dv_BTKVHd,
                             const float* dout_BTHd,
+                            const float* out_BTHd,
                             const float* q_BTHd,
                             const float* k_BTKVHd,
                             const float* v_BTKVHd,

@@ -12,7 +12,7 @@ struct Model::LayerActs {
     Buffer<float> resid_in;                           // [N, D] residual stream entering the layer
     Buffer<float> norm1_out, norm1_mean, norm1_rstd;  // [N, D], [N], [N]
     Buffer<float> q, k, v;                            // [N, H*Hd], [N, KV*Hd] x2 (q, k after RoPE)
-    Buffer<float> att;                                // [B, H, T, T] (empty with attention recompute)
+    Buffer<float> att;  // what attention saves: [B, H, T, T] probs or [B, H, T] lse (empty with recompute)
     Buffer<float> attn_out;                           // [N, H*Hd]
     Buffer<float> resid_mid;                          // [N, D] after the attention residual add
     Buffer<float> norm2_out, norm2_mean, norm2_rstd;
@@ -108,16 +108,18 @@ void Model::set_attention_recompute(bool on) {
 float* Model::scores(LayerActs& a) { return recompute_attention_ ? att_shared_.data() : a.att.data(); }
 
 void Model::ensure_activations(int B, int T) {
-    if (B == B_ && T == T_) return;
+    // What attention saves depends on the backend's attention kernel (and precision): re-checked.
+    const size_t att_numel = backend_->attention_saved_numel(B, T, config_.num_heads, config_.head_dim());
+    if (B == B_ && T == T_ && att_numel == att_numel_) return;
     B_ = B;
     T_ = T;
+    att_numel_ = att_numel;
     const size_t N = static_cast<size_t>(B) * T, D = config_.d_model, V = config_.vocab_size;
     const size_t q_dim = static_cast<size_t>(config_.num_heads) * config_.head_dim();
     const size_t kv_dim = static_cast<size_t>(config_.num_kv_heads) * config_.head_dim();
     Backend* be = backend_;
     tokens_ = Buffer<int32_t>(be, N);
     targets_ = Buffer<int32_t>(be, N);
-    const size_t att_numel = static_cast<size_t>(B) * config_.num_heads * T * T;
     att_shared_ = recompute_attention_ ? Buffer<float>(be, att_numel) : Buffer<float>();
     for (auto& a : layer_acts_) {
         a->resid_in = Buffer<float>(be, N * D);
@@ -321,8 +323,8 @@ void Model::backward(float loss_scale) {
                             false);
         if (recompute_attention_)  // this layer's scores again (dq_ is free scratch for the output until below)
             be->attention_forward(dq_.data(), scores(a), a.q.data(), a.k.data(), a.v.data(), B, T, H, KV, Hd);
-        be->attention_backward(dq_.data(), dk_.data(), dv_.data(), dattn_.data(), a.q.data(), a.k.data(), a.v.data(),
-                               scores(a), B, T, H, KV, Hd);
+        be->attention_backward(dq_.data(), dk_.data(), dv_.data(), dattn_.data(), a.attn_out.data(), a.q.data(),
+                               a.k.data(), a.v.data(), scores(a), B, T, H, KV, Hd);
         if (c.position == PositionType::kRope) {
             be->rope_backward(dq_.data(), B, T, H, Hd, c.rope_theta);
             be->rope_backward(dk_.data(), B, T, KV, Hd, c.rope_theta);

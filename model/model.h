@@ -118,6 +118,7 @@ class Model {
 
     // ---- activations of the last forward (sized for B*T) ----
     int B_ = 0, T_ = 0;
+    size_t att_numel_ = 0;  // floats attention saves per layer (Backend::attention_saved_numel)
     LossWeights loss_weights_;
     RoutingContext routing_;
     GradientsReadyHook gradients_ready_;
@@ -132,7 +133,7 @@ class Model {
     Buffer<float> dresidual_, dtmp_ND_;            // [N, D], [N, max(D, H*Hd)]
     Buffer<float> dq_, dk_, dv_, dattn_;           // [N, H*Hd], [N, KV*Hd] x2, [N, H*Hd]
     bool recompute_attention_ = false;
-    Buffer<float> att_shared_;  // [B, H, T, T] the scores of every layer with attention recompute
+    Buffer<float> att_shared_;  // what attention saves, shared by every layer with attention recompute
     float* scores(LayerActs& a);
 };
 

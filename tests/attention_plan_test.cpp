@@ -83,8 +83,8 @@ TEST_P(AttentionPlan, LoopsOverThePlanEqualCpuAttention) {
     CpuBackend cpu;
     Vec out_ref(nq), att_ref(natt), dq_ref(nq), dk_ref(nkv), dv_ref(nkv);
     cpu.attention_forward(out_ref.data(), att_ref.data(), q.data(), k.data(), v.data(), B, T, H, KV, Hd);
-    cpu.attention_backward(dq_ref.data(), dk_ref.data(), dv_ref.data(), dout.data(), q.data(), k.data(), v.data(),
-                           att_ref.data(), B, T, H, KV, Hd);
+    cpu.attention_backward(dq_ref.data(), dk_ref.data(), dv_ref.data(), dout.data(), out_ref.data(), q.data(), k.data(),
+                           v.data(), att_ref.data(), B, T, H, KV, Hd);
 
     const AttnShape s{B, T, H, KV, Hd};
     Vec out(nq, 7.0f), att(natt, 7.0f), dq(nq, 7.0f), dk(nkv, 7.0f), dv(nkv, 7.0f), dS(natt, 7.0f);

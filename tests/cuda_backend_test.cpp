@@ -410,7 +410,7 @@ void check_attention(int b, int t, int h, int kv, int hd, MatmulPrecision precis
     d.run([&](Backend& be, int s) {
         const ScopedMatmulPrecision scoped(&be, precision);
         be.attention_forward(out[s], att[s], q[s], k[s], v[s], b, t, h, kv, hd);
-        be.attention_backward(dq[s], dk[s], dv[s], dout[s], q[s], k[s], v[s], att[s], b, t, h, kv, hd);
+        be.attention_backward(dq[s], dk[s], dv[s], dout[s], out[s], q[s], k[s], v[s], att[s], b, t, h, kv, hd);
     });
     const std::string at = " (B=" + std::to_string(b) + " T=" + std::to_string(t) + " H=" + std::to_string(h) +
                            " KV=" + std::to_string(kv) + " Hd=" + std::to_string(hd) +
@@ -424,8 +424,8 @@ void check_attention(int b, int t, int h, int kv, int hd, MatmulPrecision precis
     // Deterministic GQA sums: a second backward gives identical bits.
     const ScopedMatmulPrecision scoped(&d.be(kGpu), precision);
     auto dk2 = d.garbage(nkv, 5), dv2 = d.garbage(nkv, 6), dq2 = d.garbage(nq, 7);
-    d.be(kGpu).attention_backward(dq2[kGpu], dk2[kGpu], dv2[kGpu], dout[kGpu], q[kGpu], k[kGpu], v[kGpu], att[kGpu], b,
-                                  t, h, kv, hd);
+    d.be(kGpu).attention_backward(dq2[kGpu], dk2[kGpu], dv2[kGpu], dout[kGpu], out[kGpu], q[kGpu], k[kGpu], v[kGpu],
+                                  att[kGpu], b, t, h, kv, hd);
     EXPECT_EQ(dk2.side[kGpu].download(), dk.side[kGpu].download()) << at;
     EXPECT_EQ(dv2.side[kGpu].download(), dv.side[kGpu].download()) << at;
 }
@@ -445,6 +445,63 @@ TEST(CudaBackend, AttentionBf16MatchesCpuEmulation) {
     if (!bmoe::model::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
     check_attention(B, T, H, KV, Hd, MatmulPrecision::kBf16);
     check_attention(1, 70, 2, 1, 128, MatmulPrecision::kBf16);
+}
+
+// The fused flash kernel (AttentionKernel::kFlash, bf16 tensor cores) against the CPU's bf16
+// emulation of the gemm kernel. It saves [B, H, T] log-sum-exps instead of [B, H, T, T]
+// probabilities, feeds P V with unnormalised P and rounds dS per tile: agreement within bf16
+// error (2e-2 of the largest value), not bit for bit. A second backward gives identical bits.
+void check_flash_attention(int b, int t, int h, int kv, int hd) {
+    CpuBackend cpu;
+    const std::unique_ptr<Backend> gpu = make_cuda_backend();
+    gpu->set_attention_kernel(AttentionKernel::kFlash);
+    cpu.set_matmul_precision(MatmulPrecision::kBf16);
+    gpu->set_matmul_precision(MatmulPrecision::kBf16);
+    ASSERT_EQ(gpu->attention_saved_numel(b, t, h, hd), static_cast<size_t>(b) * h * t);
+    const size_t nq = static_cast<size_t>(b) * t * h * hd, nkv = static_cast<size_t>(b) * t * kv * hd;
+    const Vec q = randn(nq, 1), k = randn(nkv, 2), v = randn(nkv, 3), dout = randn(nq, 4);
+    std::vector<Vec> results[2];
+    for (Backend* be : {static_cast<Backend*>(&cpu), gpu.get()}) {
+        Buffer<float> dq_(be, nq), dk_(be, nkv), dv_(be, nkv), out(be, nq), dq(be, nq), dk(be, nkv), dv(be, nkv);
+        Buffer<float> saved(be, be->attention_saved_numel(b, t, h, hd));
+        dq_.upload(q);
+        dk_.upload(k);
+        dv_.upload(v);
+        Buffer<float> g(be, nq);
+        g.upload(dout);
+        be->attention_forward(out.data(), saved.data(), dq_.data(), dk_.data(), dv_.data(), b, t, h, kv, hd);
+        be->attention_backward(dq.data(), dk.data(), dv.data(), g.data(), out.data(), dq_.data(), dk_.data(),
+                               dv_.data(), saved.data(), b, t, h, kv, hd);
+        std::vector<Vec>& r = results[be == gpu.get() ? kGpu : kCpu];
+        for (Buffer<float>* x : {&out, &dq, &dk, &dv}) r.push_back(x->download());
+        if (be == gpu.get()) {  // determinism: the same backward again
+            be->attention_backward(dq.data(), dk.data(), dv.data(), g.data(), out.data(), dq_.data(), dk_.data(),
+                                   dv_.data(), saved.data(), b, t, h, kv, hd);
+            EXPECT_EQ(dq.download(), r[1]);
+            EXPECT_EQ(dk.download(), r[2]);
+            EXPECT_EQ(dv.download(), r[3]);
+        }
+    }
+    const char* names[] = {"flash out", "flash dq", "flash dk", "flash dv"};
+    for (int i = 0; i < 4; ++i) {
+        const Vec &c = results[kCpu][i], &g = results[kGpu][i];
+        double scale = 0.0, worst = 0.0;
+        for (float x : c) scale = std::max(scale, std::abs(static_cast<double>(x)));
+        for (size_t j = 0; j < c.size(); ++j) {
+            const double err = std::abs(static_cast<double>(c[j]) - g[j]);
+            if (!(err <= worst)) worst = err;  // NaN counts as the worst
+        }
+        EXPECT_LE(worst, 2e-2 * (scale + 1e-6)) << names[i] << " (B=" << b << " T=" << t << " H=" << h << " KV=" << kv
+                                                << " Hd=" << hd << "), max |cpu| " << scale;
+    }
+}
+
+TEST(CudaBackend, FlashAttentionMatchesCpuEmulation) {
+    if (!bmoe::model::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+    check_flash_attention(B, T, H, KV, Hd);   // GQA, one tile
+    check_flash_attention(1, 70, 2, 1, 128);  // MQA, head_dim 128, two tiles
+    check_flash_attention(1, 150, 3, 3, 40);  // MHA, head_dim padded to 48, three tiles
+    check_flash_attention(2, 130, 4, 1, 64);  // GQA group of 4, last tile of 2 rows
 }
 
 // ---- activations and loss -----------------------------------------------------------------------

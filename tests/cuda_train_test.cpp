@@ -32,7 +32,10 @@ RunConfig small_config() {
 }
 
 // The same run on both backends at one matmul precision; rel_tol per step grows with the step.
-void expect_backends_agree(const std::string& precision, double rel_tol, double val_tol) {
+void expect_backends_agree(const std::string& precision,
+                           double rel_tol,
+                           double val_tol,
+                           const std::string& attention = "gemm") {
     RunConfig c = small_config();
     c.train.precision = precision;
     const auto tmp = std::filesystem::temp_directory_path();
@@ -40,7 +43,8 @@ void expect_backends_agree(const std::string& precision, double rel_tol, double 
     std::ostringstream log_cpu, log_gpu;
     const TrainResult cpu = Trainer(c, log_cpu).run();
     c.train.backend = "cuda";
-    c.train.out_dir = (tmp / ("bmoe_cuda_train_gpu_" + precision)).string();
+    c.train.attention = attention;  // the CPU has only the gemm kernel: its exact bf16 emulation is the reference
+    c.train.out_dir = (tmp / ("bmoe_cuda_train_gpu_" + precision + "_" + attention)).string();
     const TrainResult gpu = Trainer(c, log_gpu).run();
     ASSERT_EQ(cpu.losses.size(), gpu.losses.size());
     for (size_t i = 0; i < cpu.losses.size(); ++i)
@@ -59,6 +63,14 @@ TEST(CudaTrainTest, LossesMatchCpuBackend) {
 TEST(CudaTrainTest, Bf16LossesMatchCpuEmulation) {
     if (!model::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
     expect_backends_agree("bf16", 1e-3, 2e-2);
+}
+
+// The fused flash attention kernel (bf16 only) against the CPU's bf16 emulation of the gemm
+// kernel: P enters P V unnormalised and dS is rounded per tile, so the bound is bf16's (2e-3 per
+// step), not the emulation's.
+TEST(CudaTrainTest, FlashAttentionLossesTrackCpuEmulation) {
+    if (!model::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+    expect_backends_agree("bf16", 2e-3, 3e-2, "flash");
 }
 
 }  // namespace

@@ -546,6 +546,24 @@ INSTANTIATE_TEST_SUITE_P(CpuOps,
                                            AttnShape{1, 150, 2, 2, 16},  // MHA, several causal row blocks
                                            AttnShape{2, 70, 4, 1, 8}));  // MQA, ragged last block
 
+// The CPU has only the gemm attention kernel: it saves the [B, H, T, T] probabilities, and asking
+// for the flash kernel is a one-line error naming the fix.
+TEST(CpuOps, AttentionKernelChoice) {
+    CpuBackend be;
+    EXPECT_EQ(be.attention_saved_numel(2, 5, 3, 8), size_t{2 * 3 * 5 * 5});
+    EXPECT_NO_THROW(be.set_attention_kernel(AttentionKernel::kGemm));
+    try {
+        be.set_attention_kernel(AttentionKernel::kFlash);
+        FAIL() << "the CPU backend accepted the flash attention kernel";
+    } catch (const Error& e) {
+        EXPECT_NE(std::string(e.what()).find("--train.attention=gemm"), std::string::npos) << e.what();
+    }
+    EXPECT_EQ(be.attention_kernel(), AttentionKernel::kGemm);
+    EXPECT_EQ(parse_attention_kernel("flash"), AttentionKernel::kFlash);
+    EXPECT_EQ(to_string(parse_attention_kernel("gemm")), "gemm");
+    EXPECT_THROW(parse_attention_kernel("sdpa"), Error);
+}
+
 TEST(CpuOps, AttentionGqaHeadMapping) {
     const AttnShape s{1, 4, 4, 2, 4};  // query heads {0,1} read kv head 0, {2,3} read kv head 1
     CpuBackend be;
@@ -578,8 +596,8 @@ TEST(CpuOps, AttentionBackwardGrad) {
     };
     loss();
     Vec dq(s.nq(), 5.0f), dk(s.nkv(), 5.0f), dv(s.nkv(), 5.0f);  // stale values must be overwritten
-    be.attention_backward(dq.data(), dk.data(), dv.data(), wout.data(), q.data(), k.data(), v.data(), att.data(), s.B,
-                          s.T, s.H, s.KV, s.Hd);
+    be.attention_backward(dq.data(), dk.data(), dv.data(), wout.data(), out.data(), q.data(), k.data(), v.data(),
+                          att.data(), s.B, s.T, s.H, s.KV, s.Hd);
     check_grad(q, dq, loss, "attention dq");
     check_grad(k, dk, loss, "attention dk");
     check_grad(v, dv, loss, "attention dv");
@@ -592,8 +610,8 @@ TEST(CpuOps, AttentionBackwardDirectionalLargeT) {
     Vec q = randn(s.nq(), 1), k = randn(s.nkv(), 2), v = randn(s.nkv(), 3), wout = randn(s.nq(), 4);
     Vec out(s.nq()), att(s.natt()), dq(s.nq()), dk(s.nkv()), dv(s.nkv());
     be.attention_forward(out.data(), att.data(), q.data(), k.data(), v.data(), s.B, s.T, s.H, s.KV, s.Hd);
-    be.attention_backward(dq.data(), dk.data(), dv.data(), wout.data(), q.data(), k.data(), v.data(), att.data(), s.B,
-                          s.T, s.H, s.KV, s.Hd);
+    be.attention_backward(dq.data(), dk.data(), dv.data(), wout.data(), out.data(), q.data(), k.data(), v.data(),
+                          att.data(), s.B, s.T, s.H, s.KV, s.Hd);
     const float eps = 1e-2f;
     uint32_t seed = 10;
     struct Input {
@@ -856,8 +874,8 @@ TEST(CpuOps, ResultsIndependentOfThreadCount) {
     auto [a1, a2] = with_1_and_2_threads([&] {
         Vec out(s.nq()), att(s.natt()), dq(s.nq()), dk(s.nkv()), dv(s.nkv());
         be.attention_forward(out.data(), att.data(), q.data(), k.data(), v.data(), s.B, s.T, s.H, s.KV, s.Hd);
-        be.attention_backward(dq.data(), dk.data(), dv.data(), da.data(), q.data(), k.data(), v.data(), att.data(), s.B,
-                              s.T, s.H, s.KV, s.Hd);
+        be.attention_backward(dq.data(), dk.data(), dv.data(), da.data(), out.data(), q.data(), k.data(), v.data(),
+                              att.data(), s.B, s.T, s.H, s.KV, s.Hd);
         for (const Vec* x : {&att, &dq, &dk, &dv}) out.insert(out.end(), x->begin(), x->end());
         return out;
     });

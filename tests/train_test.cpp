@@ -73,7 +73,8 @@ TEST(TrainTest, Bf16MatmulsTrackFp32Training) {
         c.train.precision = precision;
         std::ostringstream log;
         results.push_back(Trainer(c, log).run());
-        EXPECT_NE(log.str().find(std::string("(") + precision + " GEMMs)"), std::string::npos) << log.str();
+        EXPECT_NE(log.str().find(std::string("(") + precision + " GEMMs, gemm attention)"), std::string::npos)
+            << log.str();
     }
     const TrainResult &fp32 = results[0], &bf16 = results[1];
     ASSERT_EQ(fp32.losses.size(), bf16.losses.size());

@@ -5,7 +5,7 @@
 #   fp32 and bf16, CUDA training runs vs the CPU one, NCCL collectives on device buffers), the
 #   multi-rank tests with ranks sharing the GPU (MPI communicator, host-staged), bmoe vs PyTorch
 #   training throughput / MFU / peak memory on the GPT-2-small-sized MoE, grouped-GEMM and
-#   permute benchmarks, the router families' GPU cost, compute-sanitizer on a training step, the
+#   permute benchmarks, the flash attention kernel, the router families' GPU cost, compute-sanitizer on a training step, the
 #   card-filling model, fp32, torch.compile, NCCL comm-bench.
 #   bash tools/gpu-check.sh [all|check|bench|profile]
 #     check: build, tests, compute-sanitizer, comm-bench      bench: build, benchmarks only
@@ -114,6 +114,12 @@ if [[ $phase != check ]] && stage "bmoe vs PyTorch eager: gpt2-moe bf16" 90; the
 if [[ $phase != check ]] && stage "grouped expert GEMM vs dense, permute bandwidth" 30; then
   capped 60 bench_cuda.log ./build-gpu/bench/bench_cuda
   grep -vE "^\s*$" "$logs/bench_cuda.log" | tail -20
+fi
+if [[ $phase != check ]] && stage "flash attention kernel: gpt2-moe bf16 (same model as above)" 50; then
+  capped 120 bmoe_gpt2-moe_flash.log ./build-gpu/bench/bench_train --backend cuda --model gpt2-moe --precision bf16 \
+    --attention flash --steps 10 --warmup 3 --profile 2
+  echo "bmoe gpt2-moe bf16 flash (exit $?): $(result bmoe_gpt2-moe_flash.log '^bmoe cuda: ')"
+  grep -A10 -E "^profile \(per step" "$logs/bmoe_gpt2-moe_flash.log" | sed 's/^/   /'
 fi
 if [[ $phase != check ]] && stage "router families on the GPU: step time vs topk; gpt2-moe bf16 with logit_mf" 60; then
   capped 90 bench_routers.log ./build-gpu/bench/bench_routers --backend cuda --steps 5 --warmup 1

@@ -62,6 +62,20 @@ void RunConfig::validate() const {
                  "train.precision must be 'auto', 'fp32' or 'bf16' (got '", train.precision, "')");
     BMOE_REQUIRE(train.recompute == "none" || train.recompute == "attention",
                  "train.recompute must be 'none' or 'attention' (got '", train.recompute, "')");
+    BMOE_REQUIRE(train.attention == "gemm" || train.attention == "flash",
+                 "train.attention must be 'gemm' or 'flash' (got '", train.attention, "')");
+    if (train.attention == "flash") {
+        BMOE_REQUIRE(train.backend == "cuda",
+                     "train.attention=flash runs on GPUs: add --train.backend=cuda or use "
+                     "--train.attention=gemm");
+        BMOE_REQUIRE(matmul_precision(train) == model::MatmulPrecision::kBf16,
+                     "train.attention=flash runs bf16 tensor cores: use --train.precision=bf16 (or auto), or "
+                     "--train.attention=gemm for fp32");
+        BMOE_REQUIRE(model.head_dim() <= 128,
+                     "train.attention=flash supports head_dim <= 128 (model.d_model / "
+                     "model.num_heads = ",
+                     model.head_dim(), "): use --train.attention=gemm");
+    }
     BMOE_REQUIRE(!train.out_dir.empty(), "train.out_dir must not be empty");
 }
 
@@ -165,6 +179,8 @@ void add_run_options(CLI::App& app, RunConfig& c, RunConfigCli& cli) {
     app.add_option("--train.backend,--backend", c.train.backend, "cpu | cuda")->capture_default_str()->group("Options");
     opt("train.recompute", c.train.recompute,
         "none | attention: recompute attention scores in backward instead of keeping every layer's");
+    opt("train.attention", c.train.attention,
+        "gemm | flash: attention as batched GEMMs (saves [B,H,T,T]) or one fused bf16 kernel (cuda, bf16)");
     opt("train.precision", c.train.precision,
         "auto | fp32 | bf16: GEMM inputs in bf16 with fp32 accumulation and master weights (auto: bf16 on cuda)");
     opt("train.threads", c.train.threads, "CPU threads (0 = all cores)");
@@ -221,8 +237,9 @@ std::string RunConfig::to_toml() const {
        << "\nlog_every = " << train.log_every << "\neval_every = " << train.eval_every
        << "\neval_batches = " << train.eval_batches << "\nout_dir = \"" << train.out_dir << "\"\nbackend = \""
        << train.backend << "\"\nprecision = \"" << train.precision << "\"\nrecompute = \"" << train.recompute
-       << "\"\nthreads = " << train.threads << "\nplot = " << b(train.plot) << "\nlog_layers = " << b(train.log_layers)
-       << "\ninit = \"" << train.init << "\"\ntrainable = \"" << train.trainable << "\"\n";
+       << "\"\nattention = \"" << train.attention << "\"\nthreads = " << train.threads << "\nplot = " << b(train.plot)
+       << "\nlog_layers = " << b(train.log_layers) << "\ninit = \"" << train.init << "\"\ntrainable = \""
+       << train.trainable << "\"\n";
     return os.str();
 }
 

@@ -100,6 +100,10 @@ struct TrainConfig {
     // Activation recomputation: none | attention (keep one [B, H, T, T] score buffer for all layers
     // and recompute each layer's scores in backward: Model::set_attention_recompute).
     std::string recompute = "none";
+    // Attention kernel (model/backend.h AttentionKernel): gemm (batched GEMMs + fused softmax; saves
+    // [B, H, T, T] probabilities per layer) | flash (fused tiled kernel on bf16 tensor cores; saves
+    // [B, H, T]; cuda with bf16 precision, head_dim <= 128).
+    std::string attention = "gemm";
     int threads = 0;          // CPU threads; 0 = all cores
     bool plot = true;         // write loss_curve.png (needs python3-matplotlib)
     bool log_layers = false;  // metrics.jsonl: aux, z and router regulariser per MoE layer

@@ -51,6 +51,7 @@ Trainer::Trainer(const RunConfig& config, std::ostream& log, parallel::Communica
                               grid_->world_rank(), W, log_);
     backend_ = model::make_backend(config_.train.backend, W > 1 ? parallel::launch_info().local_rank : 0);
     backend_->set_matmul_precision(matmul_precision(config_.train));
+    backend_->set_attention_kernel(model::parse_attention_kernel(config_.train.attention));
     const std::string data_comm = setup_data_comm(config_.parallel, *backend_, *grid_);
     model::ParallelContext parallel_context = model::make_parallel_context(*grid_, config_.model.num_experts);
     parallel_context.exchange_bf16 = config_.parallel.exchange_bf16;
@@ -85,7 +86,7 @@ Trainer::Trainer(const RunConfig& config, std::ostream& log, parallel::Communica
          << config_.model.describe() << "\n"
          << "params: " << model_->layout().total_numel() << " on rank 0, " << model_->layout().active_matmul_params()
          << " active matmul per token | backend " << backend_->name() << " ("
-         << model::to_string(backend_->matmul_precision()) << " GEMMs)"
+         << model::to_string(backend_->matmul_precision()) << " GEMMs, " << config_.train.attention << " attention)"
          << " | threads " << model::cpu_threads() << "\n";
 }
 

@@ -128,6 +128,8 @@ void CudaBackend::attention_forward(float* out_BTHd,
                                     int H,
                                     int KV,
                                     int Hd) {
+    if (flash_attention_active(Hd))
+        return flash_attention_forward(out_BTHd, att_BHTT, q_BTHd, k_BTKVHd, v_BTKVHd, B, T, H, KV, Hd);
     const ProfiledOp op(profiler_.get(), "attention_forward");
     const AttnShape s = attn_shape(B, T, H, KV, Hd);
     const size_t rows = static_cast<size_t>(B) * H * T;
@@ -147,6 +149,7 @@ void CudaBackend::attention_backward(float* dq_BTHd,
                                      float* dk_BTKVHd,
                                      float* dv_BTKVHd,
                                      const float* dout_BTHd,
+                                     const float* out_BTHd,
                                      const float* q_BTHd,
                                      const float* k_BTKVHd,
                                      const float* v_BTKVHd,
@@ -156,6 +159,9 @@ void CudaBackend::attention_backward(float* dq_BTHd,
                                      int H,
                                      int KV,
                                      int Hd) {
+    if (flash_attention_active(Hd))
+        return flash_attention_backward(dq_BTHd, dk_BTKVHd, dv_BTKVHd, dout_BTHd, out_BTHd, q_BTHd, k_BTKVHd, v_BTKVHd,
+                                        att_BHTT, B, T, H, KV, Hd);
     const ProfiledOp op(profiler_.get(), "attention_backward");
     const AttnShape s = attn_shape(B, T, H, KV, Hd);
     const size_t rows = static_cast<size_t>(B) * H * T;

@@ -7,7 +7,7 @@
 // wait for it. Results match CpuBackend within fp32 rounding and are deterministic (no atomics).
 // Implementation: cuda_backend.cu (lifecycle, memory, elementwise, optimizer), cuda_gemm.cu
 // (cuBLAS GEMMs, bf16 input copies), cuda_ops.cu (embeddings, norms, activations, loss, router,
-// MoE), cuda_attention.cu (rope, attention).
+// MoE), cuda_attention.cu (rope, attention), flash_attention.cu (the fused attention kernel).
 #pragma once
 
 #include <cstdint>
@@ -44,6 +44,8 @@ class CudaBackend final : public Backend {
     CudaBackend& operator=(const CudaBackend&) = delete;
 
     std::string name() const override { return "cuda"; }
+    void set_attention_kernel(AttentionKernel k) override;  // kFlash: compute capability 8.0+
+    size_t attention_saved_numel(int B, int T, int H, int Hd) const override;
     CUstream_st* stream() const { return stream_; }  // the compute stream, e.g. for make_nccl_world
     OpProfiler& profiler() { return *profiler_; }    // per-op GPU time (bench_train --profile)
     void* alloc(size_t bytes) override;
@@ -130,6 +132,7 @@ class CudaBackend final : public Backend {
                             float* dk_BTKVHd,
                             float* dv_BTKVHd,
                             const float* dout_BTHd,
+                            const float* out_BTHd,
                             const float* q_BTHd,
                             const float* k_BTKVHd,
                             const float* v_BTKVHd,
@@ -276,6 +279,33 @@ class CudaBackend final : public Backend {
                       GemmInput in);
     // One product of an attention plan (attention_plan.h), its operands mapped through `in`.
     void run_batched_gemm(const BatchedGemm& g, const GemmInputs& in);
+    // AttentionKernel::kFlash (flash_attention.cu): used when chosen, with bf16 matmul precision
+    // and head_dim <= 128; the attention ops fall back to the gemm kernel otherwise.
+    bool flash_attention_active(int Hd) const;
+    void flash_attention_forward(float* out_BTHd,
+                                 float* lse_BHT,
+                                 const float* q_BTHd,
+                                 const float* k_BTKVHd,
+                                 const float* v_BTKVHd,
+                                 int B,
+                                 int T,
+                                 int H,
+                                 int KV,
+                                 int Hd);
+    void flash_attention_backward(float* dq_BTHd,
+                                  float* dk_BTKVHd,
+                                  float* dv_BTKVHd,
+                                  const float* dout_BTHd,
+                                  const float* out_BTHd,
+                                  const float* q_BTHd,
+                                  const float* k_BTKVHd,
+                                  const float* v_BTKVHd,
+                                  const float* lse_BHT,
+                                  int B,
+                                  int T,
+                                  int H,
+                                  int KV,
+                                  int Hd);
 
     CUstream_st* stream_ = nullptr;
     cublasContext* blas_ = nullptr;
