@@ -65,7 +65,7 @@ struct Options {
     std::string model = "default";
     int batch = 0;             // 0 = the preset's
     bool recompute = false;    // attention recompute (Model::set_attention_recompute)
-    std::string router = "topk";  // router.type
+    std::string router = "topk";     // router.type
     std::string attention = "gemm";  // Backend::set_attention_kernel
     double peak_tflops = 0.0;  // 0 = the default for the backend and precision
     int profile = 0;           // CUDA: steps run after the timed ones with the op profiler on

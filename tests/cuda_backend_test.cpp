@@ -415,8 +415,11 @@ void check_attention(int b, int t, int h, int kv, int hd, MatmulPrecision precis
     const std::string at = " (B=" + std::to_string(b) + " T=" + std::to_string(t) + " H=" + std::to_string(h) +
                            " KV=" + std::to_string(kv) + " Hd=" + std::to_string(hd) +
                            (precision == MatmulPrecision::kBf16 ? " bf16)" : ")");
-    for (auto [p, what] : {std::pair{&out, "attention out"}, {&att, "attention att (zeros above the diagonal)"},
-                           {&dq, "attention dq"}, {&dk, "attention dk"}, {&dv, "attention dv"}}) {
+    for (auto [p, what] : {std::pair{&out, "attention out"},
+                           {&att, "attention att (zeros above the diagonal)"},
+                           {&dq, "attention dq"},
+                           {&dk, "attention dk"},
+                           {&dv, "attention dv"}}) {
         const std::string label = std::string(what) + at;
         expect_close(*p, label, tol);
         if (precision == MatmulPrecision::kBf16) expect_mostly_exact(*p, label);

@@ -170,8 +170,7 @@ void CudaBackend::attention_backward(float* dq_BTHd,
     auto* dS = static_cast<float*>(scratch(attn_ws_, natt * sizeof(float)));  // [B, H, T, T]
     const std::vector<BatchedGemm> plan = attention_backward_plan(s, dq_BTHd, dk_BTKVHd, dv_BTKVHd, dS, dout_BTHd,
                                                                   q_BTHd, k_BTKVHd, v_BTKVHd, att_BHTT);
-    GemmInputs in = gemm_inputs(
-        {{dout_BTHd, nq}, {q_BTHd, nq}, {k_BTKVHd, nkv}, {v_BTKVHd, nkv}, {att_BHTT, natt}});
+    GemmInputs in = gemm_inputs({{dout_BTHd, nq}, {q_BTHd, nq}, {k_BTKVHd, nkv}, {v_BTKVHd, nkv}, {att_BHTT, natt}});
     run_batched_gemm(plan[0], in);  // dP = dout V^T
     uint16_t* ds16 = in.bf16() ? bf16_slot(in.next_slot++, natt) : nullptr;
     causal_softmax_backward_kernel<<<static_cast<unsigned>(rows), kAttThreads, 0, stream_>>>(dS, att_BHTT, T, ds16);

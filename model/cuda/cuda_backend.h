@@ -240,7 +240,7 @@ class CudaBackend final : public Backend {
     };
     GemmInputs gemm_inputs(std::initializer_list<GemmTensor> tensors);  // into slots 0, 1, ... in order
     static constexpr int kBf16Slots = 6;
-    uint16_t* bf16_slot(int slot, size_t n);                   // scratch for n bf16 values
+    uint16_t* bf16_slot(int slot, size_t n);                      // scratch for n bf16 values
     const uint16_t* to_bf16(int slot, const float* x, size_t n);  // x rounded into bf16_slot(slot, n)
 
     // Row-major C_MN = alpha op(A)_MK op(B)_KN + beta C_MN via cuBLAS (column-major underneath).

@@ -231,8 +231,8 @@ void CudaBackend::grouped_gemm(const std::vector<GemmProblem>& problems,
         } else if (bf16) {
             rc = cublasGemmGroupedBatchedEx(blas_, op_a.data(), op_b.data(), m.data(), n.data(), k.data(),
                                             alphas.data(), dev, type, ld_a.data(), dev + count, type, ld_b.data(),
-                                            betas.data(), dev + 2 * count, CUDA_R_32F, ld_c.data(), count,
-                                            ones.data(), CUBLAS_COMPUTE_32F);
+                                            betas.data(), dev + 2 * count, CUDA_R_32F, ld_c.data(), count, ones.data(),
+                                            CUBLAS_COMPUTE_32F);
         } else {
             rc = cublasSgemmGroupedBatched(blas_, op_a.data(), op_b.data(), m.data(), n.data(), k.data(), alphas.data(),
                                            reinterpret_cast<const float* const*>(dev), ld_a.data(),
@@ -266,8 +266,8 @@ void CudaBackend::grouped_matmul_forward(
     for (int g = 0; g < G; ++g) {
         const int r0 = offsets_host[g], rows = offsets_host[g + 1] - r0;
         if (rows == 0) continue;
-        problems.push_back({rows, O, I, in(in_RI + static_cast<size_t>(r0) * I), in(w_GOI + static_cast<size_t>(g) * O * I),
-                            out_RO + static_cast<size_t>(r0) * O});
+        problems.push_back({rows, O, I, in(in_RI + static_cast<size_t>(r0) * I),
+                            in(w_GOI + static_cast<size_t>(g) * O * I), out_RO + static_cast<size_t>(r0) * O});
     }
     grouped_gemm(problems, 1.0f, I, false, I, true, 0.0f, O, in.type);
 }
@@ -283,8 +283,8 @@ void CudaBackend::grouped_matmul_backward(float* din_RI,
                                           int O) {
     const ProfiledOp op(profiler_.get(), "grouped_matmul_bwd", G, I, O);
     const size_t R = static_cast<size_t>(offsets_host[G]);
-    const GemmInputs in = gemm_inputs(
-        {{dout_RO, R * O}, {w_GOI, static_cast<size_t>(G) * O * I}, {dw_GOI ? in_RI : nullptr, R * I}});
+    const GemmInputs in =
+        gemm_inputs({{dout_RO, R * O}, {w_GOI, static_cast<size_t>(G) * O * I}, {dw_GOI ? in_RI : nullptr, R * I}});
     std::vector<GemmProblem> din, dw;
     for (int g = 0; g < G; ++g) {
         const int r0 = offsets_host[g], rows = offsets_host[g + 1] - r0;
@@ -294,7 +294,7 @@ void CudaBackend::grouped_matmul_backward(float* din_RI,
         din.push_back({rows, I, O, dout, in(w_GOI + w_off), din_RI + static_cast<size_t>(r0) * I});
         if (dw_GOI) dw.push_back({O, I, rows, dout, in(in_RI + static_cast<size_t>(r0) * I), dw_GOI + w_off});
     }
-    grouped_gemm(din, 1.0f, O, false, I, false, 0.0f, I, in.type);  // din_g = dout_g w_g   (=)
+    grouped_gemm(din, 1.0f, O, false, I, false, 0.0f, I, in.type);            // din_g = dout_g w_g   (=)
     if (dw_GOI) grouped_gemm(dw, 1.0f, O, true, I, false, 1.0f, I, in.type);  // dw_g += dout_g^T in_g
 }
 
