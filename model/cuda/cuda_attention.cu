@@ -9,7 +9,7 @@
 //             dv = sum_h P_h^T dout_h over the query heads h of each kv head, accumulated head by
 //             head in a fixed order (deterministic GQA sums, no atomics)
 // The T x T scores are materialised (att is saved for backward anyway); the upper triangle's
-// GEMM work is wasted. A flash-style tiled kernel that never stores att is the next step.
+// GEMM work is wasted. flash_attention.cu never stores att (AttentionKernel::kFlash, bf16 only).
 // The GEMMs follow the matmul precision (bf16: bf16 operands, fp32 accumulation and output, as
 // flash-attention kernels do; cuda_gemm.cu): q, k, v, dout and the saved P are rounded once per op,
 // and the softmax kernels write P and dS rounded for the GEMMs that read them. The softmax, its
