@@ -23,22 +23,23 @@ void GroupedMlp::backward(
     float* dx_RD, const MlpGrads& dw, const float* dy_RD, const float* x_RD, const MlpWeights& w) {
     const int G = static_cast<int>(offsets_.size()) - 1, R = offsets_.back();
     const size_t RF = static_cast<size_t>(R) * F_;
-    dact_RF_.ensure(backend_, RF);
-    dh_up_RF_.ensure(backend_, RF);
-    backend_->grouped_matmul_backward(dact_RF_.data(), dw.down, dy_RD, act_RF_.data(), w.down, offsets_.data(), G, F_,
-                                      D_);
+    Buffer<float>& dact = scratch_->mlp_dact_RF;
+    Buffer<float>& dh_up = scratch_->mlp_dh_up_RF;
+    dact.ensure(backend_, RF);
+    dh_up.ensure(backend_, RF);
+    backend_->grouped_matmul_backward(dact.data(), dw.down, dy_RD, act_RF_.data(), w.down, offsets_.data(), G, F_, D_);
     if (activation_ == Activation::kSwiGlu) {
-        dh_gate_RF_.ensure(backend_, RF);
-        dx_tmp_RD_.ensure(backend_, static_cast<size_t>(R) * D_);
-        backend_->swiglu_backward(dh_gate_RF_.data(), dh_up_RF_.data(), dact_RF_.data(), h_gate_RF_.data(),
-                                  h_up_RF_.data(), RF);
-        backend_->grouped_matmul_backward(dx_RD, dw.gate, dh_gate_RF_.data(), x_RD, w.gate, offsets_.data(), G, D_, F_);
-        backend_->grouped_matmul_backward(dx_tmp_RD_.data(), dw.up, dh_up_RF_.data(), x_RD, w.up, offsets_.data(), G,
-                                          D_, F_);
-        backend_->accumulate(dx_RD, dx_tmp_RD_.data(), static_cast<size_t>(R) * D_);
+        Buffer<float>& dh_gate = scratch_->mlp_dh_gate_RF;
+        Buffer<float>& dx_up = scratch_->mlp_dx_RD;
+        dh_gate.ensure(backend_, RF);
+        dx_up.ensure(backend_, static_cast<size_t>(R) * D_);
+        backend_->swiglu_backward(dh_gate.data(), dh_up.data(), dact.data(), h_gate_RF_.data(), h_up_RF_.data(), RF);
+        backend_->grouped_matmul_backward(dx_RD, dw.gate, dh_gate.data(), x_RD, w.gate, offsets_.data(), G, D_, F_);
+        backend_->grouped_matmul_backward(dx_up.data(), dw.up, dh_up.data(), x_RD, w.up, offsets_.data(), G, D_, F_);
+        backend_->accumulate(dx_RD, dx_up.data(), static_cast<size_t>(R) * D_);
     } else {
-        backend_->gelu_backward(dh_up_RF_.data(), dact_RF_.data(), h_up_RF_.data(), RF);
-        backend_->grouped_matmul_backward(dx_RD, dw.up, dh_up_RF_.data(), x_RD, w.up, offsets_.data(), G, D_, F_);
+        backend_->gelu_backward(dh_up.data(), dact.data(), h_up_RF_.data(), RF);
+        backend_->grouped_matmul_backward(dx_RD, dw.up, dh_up.data(), x_RD, w.up, offsets_.data(), G, D_, F_);
     }
 }
 

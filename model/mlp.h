@@ -4,7 +4,8 @@
 // a dense FFN layer is the same code with G = 1, so both share one forward/backward.
 //   swiglu: y = (silu(x W1_g^T) * (x W3_g^T)) W2_g^T      W1, W3 [G, F, D], W2 [G, D, F]
 //   gelu:   y = gelu(x W3_g^T) W2_g^T
-// Saves its hidden activations for backward (sized for the largest R seen).
+// Saves its hidden activations for backward (sized for the largest R seen); its backward-only
+// buffers come from the model's LayerScratch, shared with every other layer.
 #pragma once
 
 #include <vector>
@@ -12,6 +13,7 @@
 #include "model/backend.h"
 #include "model/buffer.h"
 #include "model/config.h"
+#include "model/layer_scratch.h"
 
 namespace bmoe::model {
 
@@ -28,8 +30,9 @@ struct MlpGrads {
 
 class GroupedMlp {
   public:
-    GroupedMlp(Backend* backend, Activation activation, int d_model, int hidden)
-        : backend_(backend), activation_(activation), D_(d_model), F_(hidden) {}
+    // scratch: shared backward buffers; must outlive this MLP.
+    GroupedMlp(Backend* backend, Activation activation, int d_model, int hidden, LayerScratch* scratch)
+        : backend_(backend), activation_(activation), D_(d_model), F_(hidden), scratch_(scratch) {}
 
     // y_RD (=) from x_RD; offsets_host [G+1] stays referenced until backward.
     void forward(float* y_RD, const float* x_RD, const MlpWeights& w, const std::vector<int>& offsets_host);
@@ -40,10 +43,9 @@ class GroupedMlp {
     Backend* backend_;
     Activation activation_;
     int D_, F_;
+    LayerScratch* scratch_;
     std::vector<int> offsets_;
-    Buffer<float> h_gate_RF_, h_up_RF_, act_RF_;     // saved
-    Buffer<float> dh_gate_RF_, dh_up_RF_, dact_RF_;  // backward scratch
-    Buffer<float> dx_tmp_RD_;
+    Buffer<float> h_gate_RF_, h_up_RF_, act_RF_;  // saved
 };
 
 }  // namespace bmoe::model

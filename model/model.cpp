@@ -34,10 +34,10 @@ Model::Model(const ModelConfig& config, Backend* backend, const ParallelContext&
         auto acts = std::make_unique<LayerActs>();
         if (config_.is_moe_layer(l)) {
             acts->moe_index = static_cast<int>(moe_blocks_.size());
-            moe_blocks_.emplace_back(config_, backend_, parallel_, l);
+            moe_blocks_.emplace_back(config_, backend_, parallel_, l, layer_scratch_.get());
         } else {
-            acts->dense_ffn =
-                std::make_unique<GroupedMlp>(backend_, config_.activation, config_.d_model, config_.dense_hidden);
+            acts->dense_ffn = std::make_unique<GroupedMlp>(backend_, config_.activation, config_.d_model,
+                                                           config_.dense_hidden, layer_scratch_.get());
         }
         layer_acts_.push_back(std::move(acts));
     }

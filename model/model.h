@@ -124,6 +124,8 @@ class Model {
     GradientsReadyHook gradients_ready_;
     int64_t num_valid_targets_ = 0;  // over the global batch (all ranks)
     Buffer<int32_t> tokens_, targets_;
+    // What a layer needs only while it runs, shared by all layers (first: the layers point into it).
+    std::unique_ptr<LayerScratch> layer_scratch_ = std::make_unique<LayerScratch>();
     std::vector<std::unique_ptr<LayerActs>> layer_acts_;
     std::vector<MoeBlock> moe_blocks_;                        // one per MoE layer
     Buffer<float> resid_final_;                               // [N, D] output of the last layer

@@ -8,13 +8,15 @@
 
 namespace bmoe::model {
 
-MoeBlock::MoeBlock(const ModelConfig& config, Backend* backend, const ParallelContext& parallel, int layer)
+MoeBlock::MoeBlock(
+    const ModelConfig& config, Backend* backend, const ParallelContext& parallel, int layer, LayerScratch* scratch)
     : config_(config),
       backend_(backend),
       parallel_(parallel),
       router_(config, backend, layer),
       layer_(layer),
-      experts_(backend, config.activation, config.d_model, config.expert_hidden) {
+      scratch_(scratch),
+      experts_(backend, config.activation, config.d_model, config.expert_hidden, scratch) {
     if (parallel_.expert_parallel())
         expert_exchange_ = std::make_unique<ExpertExchange>(
             parallel_.ep_rows != nullptr ? *parallel_.ep_rows : *parallel_.ep, config.num_experts, backend,
@@ -33,9 +35,10 @@ void MoeBlock::run_experts_forward(const LayerTensors& w) {
     const parallel::DispatchHandle& h =
         expert_exchange_->dispatch(x_RD_.data(), plan_.expert_offsets, D, x_local_, bf16_rows());
     count_exchange_rows();
-    y_local_.ensure(backend_, static_cast<size_t>(h.num_local_rows()) * D);
-    experts_.forward(y_local_.data(), x_local_.data(), mw, h.local_expert_offsets);
-    expert_exchange_->combine(y_local_.data(), D, y_RD_.data());
+    Buffer<float>& y_local = scratch_->moe_y_local;
+    y_local.ensure(backend_, static_cast<size_t>(h.num_local_rows()) * D);
+    experts_.forward(y_local.data(), x_local_.data(), mw, h.local_expert_offsets);
+    expert_exchange_->combine(y_local.data(), D, y_RD_.data());
 }
 
 ExchangeStats MoeBlock::take_exchange_stats() {
@@ -72,19 +75,20 @@ void MoeBlock::count_exchange_rows() {
         }
 }
 
-// dy_RD_ -> dx_RD_, the mirror image of run_experts_forward (same handle, same exchanges).
+// scratch d rows: dy_RD -> dx_RD, the mirror image of run_experts_forward (same handle, same exchanges).
 void MoeBlock::run_experts_backward(const LayerTensors& dw, const LayerTensors& w) {
     const int D = config_.d_model;
     const MlpWeights mw{w.ffn_gate, w.ffn_up, w.ffn_down};
     const MlpGrads mg{dw.ffn_gate, dw.ffn_up, dw.ffn_down};
     if (!expert_exchange_) {
-        experts_.backward(dx_RD_.data(), mg, dy_RD_.data(), x_RD_.data(), mw);
+        experts_.backward(scratch_->moe_dx_RD.data(), mg, scratch_->moe_dy_RD.data(), x_RD_.data(), mw);
         return;
     }
-    expert_exchange_->forward(dy_RD_.data(), D, dy_local_, bf16_rows());
-    dx_local_.ensure(backend_, static_cast<size_t>(expert_exchange_->handle().num_local_rows()) * D);
-    experts_.backward(dx_local_.data(), mg, dy_local_.data(), x_local_.data(), mw);
-    expert_exchange_->combine(dx_local_.data(), D, dx_RD_.data());
+    Buffer<float>&dy_local = scratch_->moe_dy_local, &dx_local = scratch_->moe_dx_local;
+    expert_exchange_->forward(scratch_->moe_dy_RD.data(), D, dy_local, bf16_rows());
+    dx_local.ensure(backend_, static_cast<size_t>(expert_exchange_->handle().num_local_rows()) * D);
+    experts_.backward(dx_local.data(), mg, dy_local.data(), x_local_.data(), mw);
+    expert_exchange_->combine(dx_local.data(), D, scratch_->moe_dx_RD.data());
 }
 
 // x + input_noise * RMS(x_n) * eps, eps ~ N(0, 1) keyed by (seed, layer, global token id, feature).
@@ -184,15 +188,16 @@ void MoeBlock::backward(float* dx_ND,
                         float z_weight,
                         float reg_weight) {
     const int N = N_, D = config_.d_model, E = config_.num_experts, K = config_.top_k, R = plan_.num_rows();
-    dy_RD_.ensure(backend_, static_cast<size_t>(R) * D);
-    dx_RD_.ensure(backend_, static_cast<size_t>(R) * D);
+    Buffer<float>&dy_RD = scratch_->moe_dy_RD, &dx_RD = scratch_->moe_dx_RD;
+    dy_RD.ensure(backend_, static_cast<size_t>(R) * D);
+    dx_RD.ensure(backend_, static_cast<size_t>(R) * D);
     dtopk_weight_NK_.ensure(backend_, static_cast<size_t>(N) * K);
 
-    backend_->moe_combine_backward(dy_RD_.data(), dtopk_weight_NK_.data(), dout_ND, y_RD_.data(), row_src_R_.data(),
+    backend_->moe_combine_backward(dy_RD.data(), dtopk_weight_NK_.data(), dout_ND, y_RD_.data(), row_src_R_.data(),
                                    slot_row_NK_.data(), router_.topk_weight_NK(), N, R, K, D);
     run_experts_backward(dw, w);
     backend_->zero(dx_ND, static_cast<size_t>(N) * D * sizeof(float));
-    backend_->moe_gather_backward(dx_ND, dx_RD_.data(), slot_row_NK_.data(), N, K, D);
+    backend_->moe_gather_backward(dx_ND, dx_RD.data(), slot_row_NK_.data(), N, K, D);
 
     std::vector<float> aux_dprobs(E);
     for (int e = 0; e < E; ++e) aux_dprobs[e] = aux_weight * aux_dprobs_host_[e];

@@ -53,7 +53,9 @@ struct MoeLayerStats {
 
 class MoeBlock {
   public:
-    MoeBlock(const ModelConfig& config, Backend* backend, const ParallelContext& parallel, int layer);
+    // scratch: the model's buffers shared by every layer (must outlive the block).
+    MoeBlock(
+        const ModelConfig& config, Backend* backend, const ParallelContext& parallel, int layer, LayerScratch* scratch);
 
     // out_ND (=) from x_ND with this layer's weights (router_w, ffn_* of `w`).
     MoeLayerStats forward(float* out_ND, const float* x_ND, const LayerTensors& w, int N, const RoutingContext& ctx);
@@ -86,9 +88,10 @@ class MoeBlock {
     ParallelContext parallel_;
     Router router_;
     int layer_;
+    LayerScratch* scratch_;  // y_local, dy/dx rows: shared with every layer
     GroupedMlp experts_;
-    std::unique_ptr<ExpertExchange> expert_exchange_;        // EP > 1 only
-    Buffer<float> x_local_, y_local_, dy_local_, dx_local_;  // rows of this rank's experts
+    std::unique_ptr<ExpertExchange> expert_exchange_;  // EP > 1 only
+    Buffer<float> x_local_;                            // rows of this rank's experts (saved)
     int N_ = 0;
     double num_tokens_global_ = 0.0;
     ExchangeStats exchange_;
@@ -98,8 +101,8 @@ class MoeBlock {
     Buffer<int32_t> row_src_R_, slot_row_NK_;
     Buffer<float> x_RD_, y_RD_;
     Buffer<float> x_noisy_;  // [N, D] input with RoutingContext::input_noise (evaluation)
-    // backward scratch
-    Buffer<float> dy_RD_, dx_RD_, dtopk_weight_NK_;
+    // backward scratch (the [R, D] ones are in scratch_)
+    Buffer<float> dtopk_weight_NK_;
 };
 
 }  // namespace bmoe::model

@@ -278,6 +278,40 @@ TEST(ModelConfigTest, ValidateRejectsBadValues) {
     EXPECT_NO_THROW(tiny_config().validate());
 }
 
+// Backward-only buffers (the experts' d activations, the MoE block's d rows) exist once per model,
+// not once per layer (model/layer_scratch.h). A model whose memory is dominated by the expert
+// hidden [R, F]: each extra layer must add its saved pre-activation and activation (2 R F floats)
+// (GELU) plus small change, not also the two [R, F] backward buffers (4 R F with per-layer scratch).
+TEST(ModelTest, BackwardScratchIsSharedByTheLayers) {
+    const int B = 8, T = 64, F = 512;
+    auto peak_bytes = [&](int layers) {
+        ModelConfig c;
+        c.vocab_size = 16;
+        c.max_seq_len = T;
+        c.d_model = 8;
+        c.num_layers = layers;
+        c.num_heads = 1;
+        c.num_kv_heads = 1;
+        c.num_experts = 2;
+        c.top_k = 1;
+        c.expert_hidden = F;
+        c.activation = Activation::kGelu;  // saves 2 [R, F] per layer (SwiGLU: 3)
+        CpuBackend backend;
+        Model model(c, &backend);
+        model.init_weights(1);
+        std::vector<int32_t> tokens(B * T), targets(B * T);
+        for (int i = 0; i < B * T; ++i) tokens[i] = i % 16, targets[i] = (i + 1) % 16;
+        model.zero_grad();
+        model.forward(tokens.data(), targets.data(), B, T, LossWeights{});
+        model.backward(1.0f);
+        return static_cast<double>(backend.peak_allocated_bytes());
+    };
+    const double per_layer = peak_bytes(3) - peak_bytes(2);
+    const double RF_bytes = static_cast<double>(B) * T * F * sizeof(float);  // R = N with top-1
+    EXPECT_GE(per_layer, 2 * RF_bytes);                                      // the saved activations are there
+    EXPECT_LT(per_layer, 3 * RF_bytes) << "each layer adds " << per_layer / RF_bytes << " R F floats";
+}
+
 TEST(ModelTest, RejectsTokensOutsideVocabulary) {
     ModelConfig c = tiny_config();
     CpuBackend backend;

@@ -1,0 +1,20 @@
+// layer_scratch.h -- LayerScratch: the buffers a layer needs only while it runs (mostly its
+// backward), shared by every layer of a Model. Layers run one after another on one stream, so one
+// copy per model serves them all; kept per layer they cost L copies (gpt2-moe at 8 x 1024 tokens:
+// ~5 GB). Buffers grow to the largest layer's need (Buffer::ensure) and stay.
+#pragma once
+
+#include "model/buffer.h"
+
+namespace bmoe::model {
+
+struct LayerScratch {
+    // GroupedMlp backward: d activation and d pre-activations [R, F], SwiGLU's second dx [R, D]
+    Buffer<float> mlp_dact_RF, mlp_dh_up_RF, mlp_dh_gate_RF, mlp_dx_RD;
+    // MoeBlock backward: d rows [R, D] around the experts, and this rank's share of them (EP)
+    Buffer<float> moe_dy_RD, moe_dx_RD, moe_dy_local, moe_dx_local;
+    // MoeBlock forward (EP): this rank's experts' outputs until they are sent back
+    Buffer<float> moe_y_local;
+};
+
+}  // namespace bmoe::model
