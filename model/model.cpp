@@ -16,7 +16,6 @@ struct Model::LayerActs {
     Buffer<float> attn_out;                           // [N, H*Hd]
     Buffer<float> resid_mid;                          // [N, D] after the attention residual add
     Buffer<float> norm2_out, norm2_mean, norm2_rstd;
-    Buffer<float> ffn_out;                  // [N, D]
     std::unique_ptr<GroupedMlp> dense_ffn;  // dense layers only
     int moe_index = -1;                     // index into moe_blocks_, or -1
 };
@@ -135,8 +134,8 @@ void Model::ensure_activations(int B, int T) {
         a->norm2_out = Buffer<float>(be, N * D);
         a->norm2_mean = Buffer<float>(be, N);
         a->norm2_rstd = Buffer<float>(be, N);
-        a->ffn_out = Buffer<float>(be, N * D);
     }
+    ffn_out_ = Buffer<float>(be, N * D);
     resid_final_ = Buffer<float>(be, N * D);
     final_norm_out_ = Buffer<float>(be, N * D);
     final_mean_ = Buffer<float>(be, N);
@@ -226,20 +225,21 @@ ForwardStats Model::forward(const int32_t* tokens, const int32_t* targets, int B
             be->rope_forward(a.k.data(), B, T, KV, Hd, c.rope_theta);
         }
         be->attention_forward(a.attn_out.data(), scores(a), a.q.data(), a.k.data(), a.v.data(), B, T, H, KV, Hd);
-        be->matmul_forward(a.ffn_out.data(), a.attn_out.data(), w.wo, nullptr, N, H * Hd, D);  // ffn_out as scratch
-        be->add(a.resid_mid.data(), a.resid_in.data(), a.ffn_out.data(), static_cast<size_t>(N) * D);
+        be->matmul_forward(ffn_out_.data(), a.attn_out.data(), w.wo, nullptr, N, H * Hd,
+                           D);  // o_proj out, then FFN out
+        be->add(a.resid_mid.data(), a.resid_in.data(), ffn_out_.data(), static_cast<size_t>(N) * D);
         // feed-forward sub-block (MoE or dense)
         norm_forward(be, c, a.norm2_out.data(), a.norm2_mean.data(), a.norm2_rstd.data(), a.resid_mid.data(),
                      w.ffn_norm_w, w.ffn_norm_b, N);
         if (a.moe_index >= 0) {
             stats.moe_layers.push_back(
-                moe_blocks_[a.moe_index].forward(a.ffn_out.data(), a.norm2_out.data(), w, N, routing_));
+                moe_blocks_[a.moe_index].forward(ffn_out_.data(), a.norm2_out.data(), w, N, routing_));
         } else {
-            a.dense_ffn->forward(a.ffn_out.data(), a.norm2_out.data(), MlpWeights{w.ffn_gate, w.ffn_up, w.ffn_down},
+            a.dense_ffn->forward(ffn_out_.data(), a.norm2_out.data(), MlpWeights{w.ffn_gate, w.ffn_up, w.ffn_down},
                                  {0, N});
         }
         float* next = l + 1 < c.num_layers ? layer_acts_[l + 1]->resid_in.data() : resid_final_.data();
-        be->add(next, a.resid_mid.data(), a.ffn_out.data(), static_cast<size_t>(N) * D);
+        be->add(next, a.resid_mid.data(), ffn_out_.data(), static_cast<size_t>(N) * D);
     }
 
     // final norm -> LM head

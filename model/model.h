@@ -128,6 +128,7 @@ class Model {
     std::unique_ptr<LayerScratch> layer_scratch_ = std::make_unique<LayerScratch>();
     std::vector<std::unique_ptr<LayerActs>> layer_acts_;
     std::vector<MoeBlock> moe_blocks_;                        // one per MoE layer
+    Buffer<float> ffn_out_;  // [N, D] a sub-block's output until its residual add (every layer's)
     Buffer<float> resid_final_;                               // [N, D] output of the last layer
     Buffer<float> final_norm_out_, final_mean_, final_rstd_;  // [N, D], [N], [N]
     Buffer<float> logits_, probs_, losses_;                   // [N, V], [N, V] (d logits in backward), [N]

@@ -13,7 +13,7 @@ MoeBlock::MoeBlock(
     : config_(config),
       backend_(backend),
       parallel_(parallel),
-      router_(config, backend, layer),
+      router_(config, backend, layer, scratch),
       layer_(layer),
       scratch_(scratch),
       experts_(backend, config.activation, config.d_model, config.expert_hidden, scratch) {

@@ -44,8 +44,13 @@ void download_to(Backend* be, std::vector<float>& dst, const float* src, size_t 
 
 }  // namespace
 
-Router::Router(const ModelConfig& config, Backend* backend, int layer)
-    : config_(config), rc_(config.router), backend_(backend), layer_(layer) {
+Router::Router(const ModelConfig& config, Backend* backend, int layer, LayerScratch* scratch)
+    : config_(config),
+      rc_(config.router),
+      backend_(backend),
+      layer_(layer),
+      own_scratch_(scratch ? nullptr : std::make_unique<LayerScratch>()),
+      scratch_(scratch ? scratch : own_scratch_.get()) {
     const size_t E = config.num_experts, D = config.d_model;
     if (rc_.selection_bias_rate > 0.0f) selection_bias_.assign(E, 0.0f);
     if (rc_.type == RouterType::kSwag) {
@@ -268,9 +273,10 @@ void Router::sample_logits(const float* x_ND, const LayerTensors& w, const Routi
                     std::log(sp / sigma) + (sigma * sigma + static_cast<double>(wmu[j]) * wmu[j]) / (2 * sp * sp) - 0.5;
             }
             weight_kl_ = kl;
-            x2_ND_.ensure(backend_, ND);
-            backend_->mul(x2_ND_.data(), x_ND, x_ND, ND);  // on the backend: x stays on the device
-            run_matmul(var_, x2_ND_.data(), to_backend(scratch_w_, sigma2), nullptr, N, D, E, scratch_b_);
+            Buffer<float>& x2 = scratch_->router_x_ND;
+            x2.ensure(backend_, ND);
+            backend_->mul(x2.data(), x_ND, x_ND, ND);  // on the backend: x stays on the device
+            run_matmul(var_, x2.data(), to_backend(scratch_w_, sigma2), nullptr, N, D, E, scratch_b_);
             out_.sigma.resize(NE);
             for (size_t i = 0; i < NE; ++i) out_.sigma[i] = std::sqrt(var_[i] + 1e-12f);
             if (sample) fill_eps();
@@ -428,15 +434,16 @@ DropoutMaskDraw Router::dropout_draw(int s) const {
             1.0f / (1.0f - rc_.dropout)};
 }
 
-// x * mask^s on the backend (mask in dropout_mask_ND_, the product in dropout_x_ND_).
+// x * mask^s on the backend (the mask and the product in the shared scratch).
 const float* Router::dropout_input(const float* x_ND, int s) {
     const int N = N_, D = config_.d_model;
     const size_t ND = static_cast<size_t>(N) * D;
-    dropout_mask_ND_.ensure(backend_, ND);
-    dropout_x_ND_.ensure(backend_, ND);
-    backend_->dropout_mask(dropout_mask_ND_.data(), N, D, dropout_draw(s));
-    backend_->mul(dropout_x_ND_.data(), x_ND, dropout_mask_ND_.data(), ND);
-    return dropout_x_ND_.data();
+    Buffer<float>&mask = scratch_->router_mask_ND, &masked_x = scratch_->router_x_ND;
+    mask.ensure(backend_, ND);
+    masked_x.ensure(backend_, ND);
+    backend_->dropout_mask(mask.data(), N, D, dropout_draw(s));
+    backend_->mul(masked_x.data(), x_ND, mask.data(), ND);
+    return masked_x.data();
 }
 
 const RouterNoise& Router::noise() const {
@@ -473,6 +480,7 @@ void Router::backward(float* dx_ND,
     const ScopedMatmulPrecision fp32(backend_, MatmulPrecision::kFp32);
     const int N = N_, E = config_.num_experts, K = config_.top_k, D = config_.d_model, S = S_;
     const size_t NE = static_cast<size_t>(N) * E, ND = static_cast<size_t>(N) * D;
+    Buffer<float>&dtrunk = scratch_->router_dtrunk, &x2 = scratch_->router_x_ND, &mask = scratch_->router_mask_ND;
     if (fast_path()) {
         probs_NE_.ensure(backend_, NE);
         scratch_a_.ensure(backend_, NE);
@@ -552,15 +560,15 @@ void Router::backward(float* dx_ND,
                 break;
             }
             std::vector<float> dls(NE);
-            dtrunk_.ensure(backend_, ND);
+            dtrunk.ensure(backend_, ND);
             for (int s = 0; s < S; ++s) {  // dx += (dl^s W) * mask^s, the mask redrawn as in forward
                 const float* xs = dropout_input(x_ND, s);
                 std::copy(dl.begin() + static_cast<long>(s * NE), dl.begin() + static_cast<long>((s + 1) * NE),
                           dls.begin());
-                backend_->matmul_backward(dtrunk_.data(), dw.router_w, nullptr, to_backend(scratch_b_, dls), xs,
+                backend_->matmul_backward(dtrunk.data(), dw.router_w, nullptr, to_backend(scratch_b_, dls), xs,
                                           w.router_w, N, D, E, false);
-                backend_->mul(dtrunk_.data(), dtrunk_.data(), dropout_mask_ND_.data(), ND);
-                if (dx_ND != nullptr) backend_->accumulate(dx_ND, dtrunk_.data(), ND);
+                backend_->mul(dtrunk.data(), dtrunk.data(), mask.data(), ND);
+                if (dx_ND != nullptr) backend_->accumulate(dx_ND, dtrunk.data(), ND);
             }
             break;
         }
@@ -606,19 +614,19 @@ void Router::backward(float* dx_ND,
             download_to(backend_, rho, w.router_rho, P);
             download_to(backend_, wmu, w.router_w, P);
             for (size_t j = 0; j < P; ++j) sigma2[j] = softplus(rho[j]) * softplus(rho[j]);
-            x2_ND_.ensure(backend_, ND);
-            backend_->mul(x2_ND_.data(), x_ND, x_ND, ND);
+            x2.ensure(backend_, ND);
+            backend_->mul(x2.data(), x_ND, x_ND, ND);
             dsigma2_.ensure(backend_, P);
             dsigma2_.zero();  // matmul_backward adds into dW
-            dtrunk_.ensure(backend_, ND);
+            dtrunk.ensure(backend_, ND);
             // dtrunk = d loss / d (x*x), dsigma2 = d loss / d sigma^2
-            backend_->matmul_backward(dtrunk_.data(), dsigma2_.data(), nullptr, to_backend(scratch_b_, dvar),
-                                      x2_ND_.data(), to_backend(scratch_w_, sigma2), N, D, E, false);
+            backend_->matmul_backward(dtrunk.data(), dsigma2_.data(), nullptr, to_backend(scratch_b_, dvar), x2.data(),
+                                      to_backend(scratch_w_, sigma2), N, D, E, false);
             std::vector<float> ds2;
             download_to(backend_, ds2, dsigma2_.data(), P);
-            backend_->mul(dtrunk_.data(), dtrunk_.data(), x_ND, ND);  // d x = 2 x d(x*x)
-            backend_->scale(dtrunk_.data(), 2.0f, ND);
-            if (dx_ND != nullptr) backend_->accumulate(dx_ND, dtrunk_.data(), ND);
+            backend_->mul(dtrunk.data(), dtrunk.data(), x_ND, ND);  // d x = 2 x d(x*x)
+            backend_->scale(dtrunk.data(), 2.0f, ND);
+            if (dx_ND != nullptr) backend_->accumulate(dx_ND, dtrunk.data(), ND);
             std::vector<float> drho(P), dwmu(P);
             const double sp2 = static_cast<double>(rc_.weight_prior_std) * rc_.weight_prior_std;
             for (size_t j = 0; j < P; ++j) {  // + the weight KL: d/dsigma = sigma/sp^2 - 1/sigma, d/dmu = mu/sp^2
@@ -667,13 +675,13 @@ void Router::backward(float* dx_ND,
                     }
                 }
             }
-            dtrunk_.ensure(backend_, static_cast<size_t>(N) * R);
-            backend_->matmul_backward(dtrunk_.data(), dw.router_mean_w, nullptr, to_backend(scratch_b_, ddmu),
+            dtrunk.ensure(backend_, static_cast<size_t>(N) * R);
+            backend_->matmul_backward(dtrunk.data(), dw.router_mean_w, nullptr, to_backend(scratch_b_, ddmu),
                                       trunk_out_.data(), w.router_mean_w, N, R, E, false);
-            backend_->matmul_backward(dtrunk_.data(), dw.router_scale_w, dw.router_scale_b,
-                                      to_backend(scratch_c_, draw), trunk_out_.data(), w.router_scale_w, N, R, P, true);
+            backend_->matmul_backward(dtrunk.data(), dw.router_scale_w, dw.router_scale_b, to_backend(scratch_c_, draw),
+                                      trunk_out_.data(), w.router_scale_w, N, R, P, true);
             scratch_a_.ensure(backend_, static_cast<size_t>(N) * R);
-            backend_->gelu_backward(scratch_a_.data(), dtrunk_.data(), trunk_pre_.data(), static_cast<size_t>(N) * R);
+            backend_->gelu_backward(scratch_a_.data(), dtrunk.data(), trunk_pre_.data(), static_cast<size_t>(N) * R);
             backend_->matmul_backward(dx_ND, dw.router_trunk_w, nullptr, scratch_a_.data(), x_ND, w.router_trunk_w, N,
                                       D, R, true);
             break;

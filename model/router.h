@@ -19,12 +19,14 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "model/backend.h"
 #include "model/buffer.h"
 #include "model/config.h"
+#include "model/layer_scratch.h"
 #include "model/params.h"
 
 namespace bmoe::model {
@@ -81,7 +83,8 @@ struct RouterStateTensor {
 
 class Router {
   public:
-    Router(const ModelConfig& config, Backend* backend, int layer);
+    // scratch: temporaries shared with the model's other layers (null: the router keeps its own).
+    Router(const ModelConfig& config, Backend* backend, int layer, LayerScratch* scratch = nullptr);
 
     // Routes x_ND (backend memory). After it, topk_idx_NK()/topk_weight_NK() hold the decision
     // (backend memory) and outputs() the host copies.
@@ -162,9 +165,11 @@ class Router {
 
     // backend scratch
     Buffer<float> ldet_NE_, probs_NE_, lse_N_, topk_weight_NK_, scratch_a_, scratch_b_, scratch_c_, scratch_w_;
-    Buffer<float> trunk_pre_, trunk_out_, dtrunk_;
-    Buffer<float> dropout_mask_ND_, dropout_x_ND_;  // mc_dropout: mask^s and x * mask^s [N, D]
-    Buffer<float> x2_ND_, dsigma2_;                 // weight_mfvi: x * x [N, D], d sigma^2 [E, D]
+    Buffer<float> trunk_pre_, trunk_out_;
+    Buffer<float> dsigma2_;  // weight_mfvi: d sigma^2 [E, D]
+    // [N, D]-sized temporaries (mc_dropout's mask and x * mask, weight_mfvi's x * x, d trunk)
+    std::unique_ptr<LayerScratch> own_scratch_;  // when the model shares none
+    LayerScratch* scratch_;
     Buffer<int32_t> topk_idx_NK_;
 };
 
