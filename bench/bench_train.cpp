@@ -2,7 +2,8 @@
 //
 //   bench_train [--steps N] [--warmup N] [--threads N] [--gemm N]
 //               [--backend cpu|cuda] [--precision fp32|bf16] [--model default|gpt2-moe|large]
-//               [--batch B] [--peak-tflops X] [--recompute none|attention] [--profile STEPS]
+//               [--batch B] [--peak-tflops X] [--recompute none|attention|mlp|attention,mlp]
+//               [--profile STEPS]
 //               [--router TYPE] [--attention gemm|flash]
 //
 // (a) Peak. CPU: the best of a few cblas_sgemm runs of an N x N x N product (default 2048): the
@@ -64,7 +65,7 @@ struct Options {
     std::string precision = "fp32";
     std::string model = "default";
     int batch = 0;             // 0 = the preset's
-    bool recompute = false;    // attention recompute (Model::set_attention_recompute)
+    std::string recompute = "none";  // attention and/or mlp (Model::set_attention/mlp_recompute)
     std::string router = "topk";     // router.type
     std::string attention = "gemm";  // Backend::set_attention_kernel
     double peak_tflops = 0.0;  // 0 = the default for the backend and precision
@@ -100,7 +101,7 @@ Options parse_options(int argc, char** argv) {
         else if (arg == "--batch")
             o.batch = value();
         else if (arg == "--recompute")
-            o.recompute = text() == "attention";
+            o.recompute = text();
         else if (arg == "--peak-tflops")
             o.peak_tflops = std::atof(text().c_str());
         else if (arg == "--profile")
@@ -113,7 +114,8 @@ Options parse_options(int argc, char** argv) {
             std::fprintf(stderr,
                          "usage: bench_train [--steps N] [--warmup N] [--threads N] [--gemm N] [--backend cpu|cuda]\n"
                          "                   [--precision fp32|bf16] [--model default|gpt2-moe|large] [--batch B]\n"
-                         "                   [--peak-tflops X] [--recompute none|attention] [--profile STEPS]\n"
+                         "                   [--peak-tflops X] [--recompute none|attention|mlp|attention,mlp]\n"
+                         "                   [--profile STEPS]"
                          "                   [--router TYPE] [--attention gemm|flash]\n");
             std::exit(arg == "--help" || arg == "-h" ? 0 : 2);
         }
@@ -225,7 +227,8 @@ int run(int argc, char** argv) {
     backend.set_attention_kernel(attention);
     model::Model net(config, &backend);
     net.init_weights(/*seed=*/0);
-    net.set_attention_recompute(opt.recompute);
+    net.set_attention_recompute(opt.recompute.find("attention") != std::string::npos);
+    net.set_mlp_recompute(opt.recompute.find("mlp") != std::string::npos);
     trainer::OptimConfig optim;
     trainer::AdamW adamw(optim, net);
     const model::LossWeights loss_weights;

@@ -11,6 +11,8 @@ namespace bmoe::model {
 struct LayerScratch {
     // GroupedMlp backward: d activation and d pre-activations [R, F], SwiGLU's second dx [R, D]
     Buffer<float> mlp_dact_RF, mlp_dh_up_RF, mlp_dh_gate_RF, mlp_dx_RD;
+    // GroupedMlp with activation recompute: the activation [R, F], in forward and again in backward
+    Buffer<float> mlp_act_RF;
     // MoeBlock backward: d rows [R, D] around the experts, and this rank's share of them (EP)
     Buffer<float> moe_dy_RD, moe_dx_RD, moe_dy_local, moe_dx_local;
     // MoeBlock forward (EP): this rank's experts' outputs until they are sent back

@@ -2,21 +2,39 @@
 
 namespace bmoe::model {
 
+void GroupedMlp::set_recompute_activation(bool on) {
+    recompute_activation_ = on;
+    if (on) act_RF_ = Buffer<float>();  // not kept any more
+}
+
+// act = gelu(h_up) or silu(h_gate) * h_up into act_RF.
+void GroupedMlp::activation_forward(float* act_RF, size_t RF) {
+    if (activation_ == Activation::kSwiGlu) {
+        backend_->swiglu_forward(act_RF, h_gate_RF_.data(), h_up_RF_.data(), RF);
+    } else {
+        backend_->gelu_forward(act_RF, h_up_RF_.data(), RF);
+    }
+}
+
+float* GroupedMlp::activation_buffer(size_t RF) {
+    Buffer<float>& act = recompute_activation_ ? scratch_->mlp_act_RF : act_RF_;
+    act.ensure(backend_, RF);
+    return act.data();
+}
+
 void GroupedMlp::forward(float* y_RD, const float* x_RD, const MlpWeights& w, const std::vector<int>& offsets_host) {
     offsets_ = offsets_host;
     const int G = static_cast<int>(offsets_.size()) - 1, R = offsets_.back();
     const size_t RF = static_cast<size_t>(R) * F_;
     h_up_RF_.ensure(backend_, RF);
-    act_RF_.ensure(backend_, RF);
     backend_->grouped_matmul_forward(h_up_RF_.data(), x_RD, w.up, offsets_.data(), G, D_, F_);
     if (activation_ == Activation::kSwiGlu) {
         h_gate_RF_.ensure(backend_, RF);
         backend_->grouped_matmul_forward(h_gate_RF_.data(), x_RD, w.gate, offsets_.data(), G, D_, F_);
-        backend_->swiglu_forward(act_RF_.data(), h_gate_RF_.data(), h_up_RF_.data(), RF);
-    } else {
-        backend_->gelu_forward(act_RF_.data(), h_up_RF_.data(), RF);
     }
-    backend_->grouped_matmul_forward(y_RD, act_RF_.data(), w.down, offsets_.data(), G, F_, D_);
+    float* act = activation_buffer(RF);
+    activation_forward(act, RF);
+    backend_->grouped_matmul_forward(y_RD, act, w.down, offsets_.data(), G, F_, D_);
 }
 
 void GroupedMlp::backward(
@@ -27,7 +45,9 @@ void GroupedMlp::backward(
     Buffer<float>& dh_up = scratch_->mlp_dh_up_RF;
     dact.ensure(backend_, RF);
     dh_up.ensure(backend_, RF);
-    backend_->grouped_matmul_backward(dact.data(), dw.down, dy_RD, act_RF_.data(), w.down, offsets_.data(), G, F_, D_);
+    float* act = recompute_activation_ ? activation_buffer(RF) : act_RF_.data();
+    if (recompute_activation_) activation_forward(act, RF);
+    backend_->grouped_matmul_backward(dact.data(), dw.down, dy_RD, act, w.down, offsets_.data(), G, F_, D_);
     if (activation_ == Activation::kSwiGlu) {
         Buffer<float>& dh_gate = scratch_->mlp_dh_gate_RF;
         Buffer<float>& dx_up = scratch_->mlp_dx_RD;

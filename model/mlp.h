@@ -38,12 +38,20 @@ class GroupedMlp {
     void forward(float* y_RD, const float* x_RD, const MlpWeights& w, const std::vector<int>& offsets_host);
     // dx_RD (=), weight grads (+=). x_RD must be the forward input.
     void backward(float* dx_RD, const MlpGrads& dw, const float* dy_RD, const float* x_RD, const MlpWeights& w);
+    // Activation recompute: keep only the pre-activations and recompute the activation (gelu or
+    // silu * up, the same kernel: bitwise the same gradients) in backward, in shared scratch.
+    // Saves one [R, F] per layer for one activation kernel per layer.
+    void set_recompute_activation(bool on);
 
   private:
+    void activation_forward(float* act_RF, size_t RF);  // from the saved pre-activations
+    float* activation_buffer(size_t RF);                // saved, or the shared scratch (recompute)
+
     Backend* backend_;
     Activation activation_;
     int D_, F_;
     LayerScratch* scratch_;
+    bool recompute_activation_ = false;
     std::vector<int> offsets_;
     Buffer<float> h_gate_RF_, h_up_RF_, act_RF_;  // saved
 };

@@ -104,6 +104,13 @@ void Model::set_attention_recompute(bool on) {
     B_ = T_ = 0;  // reallocate the activations at the next forward
 }
 
+void Model::set_mlp_recompute(bool on) {
+    recompute_mlp_ = on;
+    for (MoeBlock& b : moe_blocks_) b.set_recompute_activation(on);
+    for (auto& a : layer_acts_)
+        if (a->dense_ffn) a->dense_ffn->set_recompute_activation(on);
+}
+
 float* Model::scores(LayerActs& a) { return recompute_attention_ ? att_shared_.data() : a.att.data(); }
 
 void Model::ensure_activations(int B, int T) {

@@ -82,6 +82,11 @@ class Model {
     // floats for one extra Q K^T + softmax per layer in backward; gradients are bitwise the same.
     void set_attention_recompute(bool on);
     bool attention_recompute() const { return recompute_attention_; }
+    // MLP activation recompute: every expert MLP (and dense FFN) keeps only its pre-activations and
+    // recomputes the activation in backward (GroupedMlp::set_recompute_activation). Gradients are
+    // bitwise the same; saves one [R, F] per MoE layer (R = routed rows) for one activation kernel.
+    void set_mlp_recompute(bool on);
+    bool mlp_recompute() const { return recompute_mlp_; }
     // Called by backward() each time the gradients of one backward stage are final (queued on the
     // backend): stage num_layers (final norm, LM head), then l = num_layers-1 .. 0, then -1
     // (embeddings). See ParamInfo::backward_stage. The trainer starts gradient all-reduces from it
@@ -136,6 +141,7 @@ class Model {
     Buffer<float> dresidual_, dtmp_ND_;            // [N, D], [N, max(D, H*Hd)]
     Buffer<float> dq_, dk_, dv_, dattn_;           // [N, H*Hd], [N, KV*Hd] x2, [N, H*Hd]
     bool recompute_attention_ = false;
+    bool recompute_mlp_ = false;
     Buffer<float> att_shared_;  // what attention saves, shared by every layer with attention recompute
     float* scores(LayerActs& a);
 };

@@ -72,6 +72,9 @@ class MoeBlock {
     // Traffic since the last call (seconds cover forward and backward all-to-alls).
     ExchangeStats take_exchange_stats();
 
+    // GroupedMlp::set_recompute_activation for this block's experts.
+    void set_recompute_activation(bool on) { experts_.set_recompute_activation(on); }
+
     Router& router() { return router_; }
     const Router& router() const { return router_; }
 

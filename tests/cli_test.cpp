@@ -84,7 +84,8 @@ TEST(CliTest, BadConfigValuesAreOneLineErrors) {
     expect_one_line_error(run_bmoe("train --parallel.comm=nccl"), "needs --train.backend=cuda");
     expect_one_line_error(run_bmoe("train --parallel.overlap_grad_reduce=maybe"), "parallel.overlap_grad_reduce");
     expect_one_line_error(run_bmoe("train --train.precision=fp16"), "train.precision must be 'auto', 'fp32' or 'bf16'");
-    expect_one_line_error(run_bmoe("train --train.recompute=all"), "train.recompute must be 'none' or 'attention'");
+    expect_one_line_error(run_bmoe("train --train.recompute=all"), "train.recompute must be 'none' or a comma list");
+    expect_one_line_error(run_bmoe("train --train.recompute=attention,ffn"), "'attention' and 'mlp'");
     expect_one_line_error(run_bmoe("train --train.attention=sdpa"), "train.attention must be 'gemm' or 'flash'");
     expect_one_line_error(run_bmoe("train --train.attention=flash"), "train.attention=flash runs on GPUs");
     expect_one_line_error(run_bmoe("train --train.attention=flash --train.backend=cuda --train.precision=fp32"),

@@ -219,6 +219,36 @@ TEST_P(ModelGradTest, AttentionRecomputeGivesBitwiseTheSameGradients) {
     for (size_t i = 0; i < grads[0].size(); ++i) ASSERT_EQ(grads[0][i], grads[1][i]) << i;
 }
 
+// MLP activation recompute (alone and with attention recompute) is also memory for time only:
+// bitwise the same loss and gradients over two micro-batches of different shapes.
+TEST_P(ModelGradTest, MlpRecomputeGivesBitwiseTheSameGradients) {
+    const ModelConfig cfg = GetParam().config;
+    CpuBackend backend;
+    std::vector<int32_t> tokens = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10}, targets = {2, 3, 4, 5, 6, 7, 8, 9, 10, 11};
+    const LossWeights w{0.01f, 0.001f, 0.05f};
+    std::vector<std::vector<float>> grads;
+    std::vector<double> losses;
+    for (int mode = 0; mode < 3; ++mode) {  // none, mlp, mlp + attention
+        Model model(cfg, &backend);
+        model.init_weights(3);
+        model.set_mlp_recompute(mode >= 1);
+        model.set_attention_recompute(mode == 2);
+        EXPECT_EQ(model.mlp_recompute(), mode >= 1);
+        model.zero_grad();
+        losses.push_back(model.forward(tokens.data(), targets.data(), 2, 5, w).total_loss);
+        model.backward(0.5f);
+        model.forward(tokens.data(), targets.data(), 1, 7, w);
+        model.backward(0.5f);
+        grads.push_back(model.grads_to_host());
+    }
+    for (int mode = 1; mode < 3; ++mode) {
+        EXPECT_EQ(losses[0], losses[mode]) << "mode " << mode;
+        ASSERT_EQ(grads[0].size(), grads[mode].size());
+        for (size_t i = 0; i < grads[0].size(); ++i)
+            ASSERT_EQ(grads[0][i], grads[mode][i]) << "mode " << mode << " " << i;
+    }
+}
+
 // Freezing skips gradients, it does not change them: with some tensors frozen (router only; the
 // upper layer only, where backward stops early; embeddings only, tied to the LM head), every
 // trainable tensor's gradient is bitwise the full backward's, and frozen gradients stay zero.
@@ -284,7 +314,7 @@ TEST(ModelConfigTest, ValidateRejectsBadValues) {
 // (GELU) plus small change, not also the two [R, F] backward buffers (4 R F with per-layer scratch).
 TEST(ModelTest, BackwardScratchIsSharedByTheLayers) {
     const int B = 8, T = 64, F = 512;
-    auto peak_bytes = [&](int layers) {
+    auto peak_bytes = [&](int layers, bool mlp_recompute = false) {
         ModelConfig c;
         c.vocab_size = 16;
         c.max_seq_len = T;
@@ -299,6 +329,7 @@ TEST(ModelTest, BackwardScratchIsSharedByTheLayers) {
         CpuBackend backend;
         Model model(c, &backend);
         model.init_weights(1);
+        model.set_mlp_recompute(mlp_recompute);
         std::vector<int32_t> tokens(B * T), targets(B * T);
         for (int i = 0; i < B * T; ++i) tokens[i] = i % 16, targets[i] = (i + 1) % 16;
         model.zero_grad();
@@ -310,6 +341,12 @@ TEST(ModelTest, BackwardScratchIsSharedByTheLayers) {
     const double RF_bytes = static_cast<double>(B) * T * F * sizeof(float);  // R = N with top-1
     EXPECT_GE(per_layer, 2 * RF_bytes);                                      // the saved activations are there
     EXPECT_LT(per_layer, 3 * RF_bytes) << "each layer adds " << per_layer / RF_bytes << " R F floats";
+    // With MLP activation recompute a layer keeps only the pre-activation (the activation is
+    // recomputed into the shared scratch).
+    const double per_layer_recompute = peak_bytes(3, true) - peak_bytes(2, true);
+    EXPECT_GE(per_layer_recompute, RF_bytes);
+    EXPECT_LT(per_layer_recompute, 2 * RF_bytes)
+        << "with mlp recompute each layer adds " << per_layer_recompute / RF_bytes << " R F floats";
 }
 
 TEST(ModelTest, RejectsTokensOutsideVocabulary) {

@@ -121,6 +121,11 @@ if [[ $phase != check ]] && stage "flash attention kernel: gpt2-moe bf16 (same m
   echo "bmoe gpt2-moe bf16 flash (exit $?): $(result bmoe_gpt2-moe_flash.log '^bmoe cuda: ')"
   grep -A10 -E "^profile \(per step" "$logs/bmoe_gpt2-moe_flash.log" | sed 's/^/   /'
 fi
+if [[ $phase != check ]] && stage "least memory: gpt2-moe bf16, flash attention + mlp recompute" 40; then
+  capped 90 bmoe_gpt2-moe_lowmem.log ./build-gpu/bench/bench_train --backend cuda --model gpt2-moe --precision bf16 \
+    --attention flash --recompute mlp --steps 5 --warmup 2
+  echo "bmoe gpt2-moe bf16 flash + mlp recompute (exit $?): $(result bmoe_gpt2-moe_lowmem.log '^bmoe cuda: ')"
+fi
 if [[ $phase != check ]] && stage "router families on the GPU: step time vs topk; gpt2-moe bf16 with logit_mf" 60; then
   capped 90 bench_routers.log ./build-gpu/bench/bench_routers --backend cuda --steps 5 --warmup 1
   grep -E "^(router|topk|temp_sampling|mc_dropout|swag|ensemble|weight_mfvi|logit_mf|logit_fc|vtsr) " \

@@ -60,8 +60,12 @@ void RunConfig::validate() const {
                  train.backend, "')");
     BMOE_REQUIRE(train.precision == "auto" || train.precision == "fp32" || train.precision == "bf16",
                  "train.precision must be 'auto', 'fp32' or 'bf16' (got '", train.precision, "')");
-    BMOE_REQUIRE(train.recompute == "none" || train.recompute == "attention",
-                 "train.recompute must be 'none' or 'attention' (got '", train.recompute, "')");
+    if (train.recompute != "none") {
+        std::stringstream items(train.recompute);
+        for (std::string item; std::getline(items, item, ',');)
+            BMOE_REQUIRE(item == "attention" || item == "mlp", "train.recompute must be 'none' or a comma list of ",
+                         "'attention' and 'mlp' (got '", train.recompute, "')");
+    }
     BMOE_REQUIRE(train.attention == "gemm" || train.attention == "flash",
                  "train.attention must be 'gemm' or 'flash' (got '", train.attention, "')");
     if (train.attention == "flash") {
@@ -77,6 +81,13 @@ void RunConfig::validate() const {
                      model.head_dim(), "): use --train.attention=gemm");
     }
     BMOE_REQUIRE(!train.out_dir.empty(), "train.out_dir must not be empty");
+}
+
+bool recomputes(const TrainConfig& train, const std::string& what) {
+    std::stringstream items(train.recompute);
+    for (std::string item; std::getline(items, item, ',');)
+        if (item == what) return true;
+    return false;
 }
 
 model::MatmulPrecision matmul_precision(const TrainConfig& train) {
@@ -178,7 +189,8 @@ void add_run_options(CLI::App& app, RunConfig& c, RunConfigCli& cli) {
     opt("train.out_dir", c.train.out_dir, "output directory (metrics.jsonl, loss_curve.png, config.toml)");
     app.add_option("--train.backend,--backend", c.train.backend, "cpu | cuda")->capture_default_str()->group("Options");
     opt("train.recompute", c.train.recompute,
-        "none | attention: recompute attention scores in backward instead of keeping every layer's");
+        "none | attention,mlp (either or both): recompute attention scores / the experts' activation in "
+        "backward instead of keeping every layer's");
     opt("train.attention", c.train.attention,
         "gemm | flash: attention as batched GEMMs (saves [B,H,T,T]) or one fused bf16 kernel (cuda, bf16)");
     opt("train.precision", c.train.precision,

@@ -97,8 +97,10 @@ struct TrainConfig {
     // weights, activations, router and KL stay fp32). auto = bf16 on cuda, fp32 on cpu (where bf16
     // is an exact emulation, for tests: slower, not faster).
     std::string precision = "auto";
-    // Activation recomputation: none | attention (keep one [B, H, T, T] score buffer for all layers
-    // and recompute each layer's scores in backward: Model::set_attention_recompute).
+    // Activation recomputation: none, or a comma list of attention (keep one [B, H, T, T] score
+    // buffer for all layers and recompute each layer's scores in backward:
+    // Model::set_attention_recompute) and mlp (recompute the experts' activation in backward:
+    // Model::set_mlp_recompute).
     std::string recompute = "none";
     // Attention kernel (model/backend.h AttentionKernel): gemm (batched GEMMs + fused softmax; saves
     // [B, H, T, T] probabilities per layer) | flash (fused tiled kernel on bf16 tensor cores; saves
@@ -114,6 +116,9 @@ struct TrainConfig {
     // for the others, which stay bitwise unchanged). Empty = train everything.
     std::string trainable;
 };
+
+// Whether train.recompute lists `what` ("attention" or "mlp").
+bool recomputes(const TrainConfig& train, const std::string& what);
 
 // train.precision resolved for train.backend.
 model::MatmulPrecision matmul_precision(const TrainConfig& train);

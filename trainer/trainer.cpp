@@ -57,7 +57,8 @@ Trainer::Trainer(const RunConfig& config, std::ostream& log, parallel::Communica
     parallel_context.exchange_bf16 = config_.parallel.exchange_bf16;
     model_ = std::make_unique<model::Model>(config_.model, backend_.get(), parallel_context);
     model_->init_weights(config_.train.seed);
-    model_->set_attention_recompute(config_.train.recompute == "attention");
+    model_->set_attention_recompute(recomputes(config_.train, "attention"));
+    model_->set_mlp_recompute(recomputes(config_.train, "mlp"));
     const int trainable = model_->set_trainable(split_patterns(config_.train.trainable));
     optimizer_ = std::make_unique<AdamW>(config_.optim, *model_);
     const std::string& overlap = config_.parallel.overlap_grad_reduce;
