@@ -229,6 +229,7 @@ int run(int argc, char** argv) {
     net.init_weights(/*seed=*/0);
     net.set_attention_recompute(opt.recompute.find("attention") != std::string::npos);
     net.set_mlp_recompute(opt.recompute.find("mlp") != std::string::npos);
+    net.set_keep_logits(false);  // as the trainer runs it
     trainer::OptimConfig optim;
     trainer::AdamW adamw(optim, net);
     const model::LossWeights loss_weights;

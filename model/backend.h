@@ -219,6 +219,7 @@ class Backend {
 
     // ---- loss -------------------------------------------------------------------------------
     // probs_NV = softmax(logits_NV); loss_N = -log probs[target]; targets < 0 are ignored (loss 0).
+    // probs_NV may alias logits_NV (Model::set_keep_logits(false) computes it in place).
     virtual void cross_entropy_forward(
         float* loss_N, float* probs_NV, const float* logits_NV, const int32_t* targets_N, int N, int V) = 0;
     // dlogits_NV = dloss * (probs - onehot(target)) for valid targets, 0 for ignored rows.

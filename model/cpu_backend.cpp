@@ -631,9 +631,10 @@ void CpuBackend::cross_entropy_forward(
 #pragma omp parallel for schedule(static) if (par(N, V))
     for (idx_t n = 0; n < N; ++n) {
         const float* logits = logits_NV + n * V;
-        const double lse = softmax_row(probs_NV + n * V, logits, V);
         const int32_t t = targets_N[n];
-        loss_N[n] = t < 0 ? 0.0f : static_cast<float>(lse - logits[t]);
+        const float target_logit = t < 0 ? 0.0f : logits[t];  // read first: probs may overwrite logits
+        const double lse = softmax_row(probs_NV + n * V, logits, V);
+        loss_N[n] = t < 0 ? 0.0f : static_cast<float>(lse - target_logit);
     }
 }
 

@@ -104,6 +104,12 @@ void Model::set_attention_recompute(bool on) {
     B_ = T_ = 0;  // reallocate the activations at the next forward
 }
 
+void Model::set_keep_logits(bool keep) {
+    if (keep == keep_logits_) return;
+    keep_logits_ = keep;
+    B_ = T_ = 0;  // reallocate the activations at the next forward
+}
+
 void Model::set_mlp_recompute(bool on) {
     recompute_mlp_ = on;
     for (MoeBlock& b : moe_blocks_) b.set_recompute_activation(on);
@@ -148,7 +154,7 @@ void Model::ensure_activations(int B, int T) {
     final_mean_ = Buffer<float>(be, N);
     final_rstd_ = Buffer<float>(be, N);
     logits_ = Buffer<float>(be, N * V);
-    probs_ = Buffer<float>(be, N * V);
+    probs_ = keep_logits_ ? Buffer<float>(be, N * V) : Buffer<float>();
     losses_ = Buffer<float>(be, N);
     dresidual_ = Buffer<float>(be, N * D);
     dtmp_ND_ = Buffer<float>(be, N * std::max(D, q_dim));
@@ -268,7 +274,7 @@ ForwardStats Model::forward(const int32_t* tokens, const int32_t* targets, int B
             totals[1] += targets[i] >= 0 ? 1.0 : 0.0;
         }
         be->upload(targets_.data(), targets, N * sizeof(int32_t));
-        be->cross_entropy_forward(losses_.data(), probs_.data(), logits_.data(), targets_.data(), N, V);
+        be->cross_entropy_forward(losses_.data(), probs(), logits_.data(), targets_.data(), N, V);
         std::vector<float> losses = losses_.download();
         for (int i = 0; i < N; ++i) totals[0] += losses[i];
         if (parallel_.world != nullptr) parallel_.world->all_reduce_sum(totals, 2);
@@ -301,8 +307,8 @@ void Model::backward(float loss_scale) {
     const float dloss = num_valid_targets_ > 0 ? loss_scale / static_cast<float>(num_valid_targets_) : 0.0f;
     // d logits overwrites probs in place (elementwise on every backend): one [N, V] buffer fewer,
     // 1.6 GB at GPT-2's vocabulary and 8K tokens.
-    float* dlogits = probs_.data();
-    be->cross_entropy_backward(dlogits, probs_.data(), targets_.data(), dloss, N, V);
+    float* dlogits = probs();
+    be->cross_entropy_backward(dlogits, dlogits, targets_.data(), dloss, N, V);
     be->matmul_backward(dtmp_ND_.data(), g.lm_head, nullptr, dlogits, final_norm_out_.data(), p.lm_head, N, D, V,
                         false);
     dresidual_.zero();

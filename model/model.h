@@ -105,9 +105,14 @@ class Model {
     // This rank's expert-parallel traffic since the last call, summed over MoE layers.
     ExchangeStats take_exchange_stats();
 
-    // Logits of the last forward, backend memory [B*T, V].
+    // Logits of the last forward, backend memory [B*T, V]. Without keep_logits, a forward with
+    // targets overwrites them with the probabilities (and backward with d logits).
     const float* logits() const { return logits_.data(); }
     std::vector<float> logits_to_host() const;
+    // false (training): the loss writes the probabilities over the logits and backward d logits
+    // over those, in place: one [B*T, V] buffer fewer (1.6 GB at GPT-2's vocabulary and 8K tokens).
+    // true (default): logits stay readable after a forward with targets.
+    void set_keep_logits(bool keep);
 
   private:
     struct LayerActs;  // per-layer saved activations (model.cpp)
@@ -136,12 +141,14 @@ class Model {
     Buffer<float> ffn_out_;  // [N, D] a sub-block's output until its residual add (every layer's)
     Buffer<float> resid_final_;                               // [N, D] output of the last layer
     Buffer<float> final_norm_out_, final_mean_, final_rstd_;  // [N, D], [N], [N]
-    Buffer<float> logits_, probs_, losses_;                   // [N, V], [N, V] (d logits in backward), [N]
+    Buffer<float> logits_, probs_, losses_;  // [N, V], [N, V] (d logits in backward; none without keep_logits), [N]
     // backward scratch
     Buffer<float> dresidual_, dtmp_ND_;            // [N, D], [N, max(D, H*Hd)]
     Buffer<float> dq_, dk_, dv_, dattn_;           // [N, H*Hd], [N, KV*Hd] x2, [N, H*Hd]
     bool recompute_attention_ = false;
     bool recompute_mlp_ = false;
+    bool keep_logits_ = true;
+    float* probs() { return keep_logits_ ? probs_.data() : logits_.data(); }  // the loss's [N, V] buffer
     Buffer<float> att_shared_;  // what attention saves, shared by every layer with attention recompute
     float* scores(LayerActs& a);
 };

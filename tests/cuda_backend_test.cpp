@@ -549,6 +549,14 @@ TEST(CudaBackend, CrossEntropy) {
         // In place, as Model runs it: d logits overwrites probs.
         d.run([&](Backend& be, int s) { be.cross_entropy_backward(probs[s], probs[s], tg[s], 1.0f / N, N, vocab); });
         EXPECT_EQ(probs.side[kGpu].download(), dlogits.side[kGpu].download()) << "in-place ce backward" << at;
+        // The forward in place (Model::set_keep_logits(false)): probabilities over the logits.
+        auto inplace_loss = d.garbage(N);
+        d.run([&](Backend& be, int s) {
+            be.cross_entropy_forward(inplace_loss[s], logits[s], logits[s], tg[s], N, vocab);
+        });
+        expect_close(logits, "ce probs in place" + at);
+        expect_close(inplace_loss, "ce loss in place" + at);
+        EXPECT_EQ(inplace_loss.side[kGpu].download(), loss.side[kGpu].download()) << "in-place ce forward" << at;
     }
 }
 

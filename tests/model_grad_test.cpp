@@ -249,6 +249,34 @@ TEST_P(ModelGradTest, MlpRecomputeGivesBitwiseTheSameGradients) {
     }
 }
 
+// The loss in place over the logits (Model::set_keep_logits(false), as the trainer runs it) changes
+// nothing but memory: bitwise the same loss and gradients, one [N, V] buffer fewer.
+TEST_P(ModelGradTest, InPlaceLossGivesBitwiseTheSameGradients) {
+    const ModelConfig cfg = GetParam().config;
+    std::vector<int32_t> tokens = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10}, targets = {2, 3, 4, 5, 6, 7, 8, 9, 10, 11};
+    const LossWeights w{0.01f, 0.001f, 0.05f};
+    std::vector<std::vector<float>> grads;
+    std::vector<double> losses;
+    std::vector<size_t> peak;
+    for (bool keep : {true, false}) {
+        CpuBackend backend;
+        Model model(cfg, &backend);
+        model.init_weights(3);
+        model.set_keep_logits(keep);
+        model.zero_grad();
+        losses.push_back(model.forward(tokens.data(), targets.data(), 2, 5, w).total_loss);
+        model.backward(1.0f);
+        grads.push_back(model.grads_to_host());
+        peak.push_back(backend.peak_allocated_bytes());
+    }
+    EXPECT_EQ(losses[0], losses[1]);
+    ASSERT_EQ(grads[0].size(), grads[1].size());
+    for (size_t i = 0; i < grads[0].size(); ++i) ASSERT_EQ(grads[0][i], grads[1][i]) << i;
+    const size_t probs_bytes = size_t{10} * cfg.vocab_size * sizeof(float);  // N = 10 tokens
+    EXPECT_GE(peak[0] - peak[1], probs_bytes);
+    EXPECT_LE(peak[0] - peak[1], probs_bytes + 64);  // allocations round up to 64 bytes
+}
+
 // Freezing skips gradients, it does not change them: with some tensors frozen (router only; the
 // upper layer only, where backward stops early; embeddings only, tied to the LM head), every
 // trainable tensor's gradient is bitwise the full backward's, and frozen gradients stay zero.

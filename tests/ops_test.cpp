@@ -698,6 +698,15 @@ TEST(CpuOps, CrossEntropyIgnoredTargetsAndGrad) {
     loss();  // in place, as Model runs it: d logits overwrites probs
     be.cross_entropy_backward(probs.data(), probs.data(), targets.data(), dloss, N, V);
     EXPECT_EQ(probs, dlogits);
+    // The forward in place too (Model::set_keep_logits(false)): probs over the logits, same loss.
+    const Vec want_loss = loss_N, want_probs = [&] {
+        loss();
+        return probs;
+    }();
+    Vec inplace = logits, inplace_loss(N);
+    be.cross_entropy_forward(inplace_loss.data(), inplace.data(), inplace.data(), targets.data(), N, V);
+    EXPECT_EQ(inplace, want_probs);
+    EXPECT_EQ(inplace_loss, want_loss);
 }
 
 // ---- router -----------------------------------------------------------------------------------

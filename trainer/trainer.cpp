@@ -59,6 +59,7 @@ Trainer::Trainer(const RunConfig& config, std::ostream& log, parallel::Communica
     model_->init_weights(config_.train.seed);
     model_->set_attention_recompute(recomputes(config_.train, "attention"));
     model_->set_mlp_recompute(recomputes(config_.train, "mlp"));
+    model_->set_keep_logits(false);  // training reads only the loss: probabilities over the logits
     const int trainable = model_->set_trainable(split_patterns(config_.train.trainable));
     optimizer_ = std::make_unique<AdamW>(config_.optim, *model_);
     const std::string& overlap = config_.parallel.overlap_grad_reduce;

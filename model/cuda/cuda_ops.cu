@@ -211,6 +211,9 @@ __global__ void cross_entropy_forward_kernel(
     const size_t row = static_cast<size_t>(blockIdx.x) * V;
     const float* x = logits_NV + row;
     float* p = probs_NV + row;
+    const int32_t t = targets_N[blockIdx.x];
+    // Read before the first barrier (inside block_max): probs may overwrite the logits in place.
+    const float target_logit = t < 0 ? 0.0f : x[t];
     const bool vec = V % 4 == 0;
     const int quads = vec ? V / 4 : 0;
     float m = -INFINITY;
@@ -237,9 +240,8 @@ __global__ void cross_entropy_forward_kernel(
     }
     for (int v = 4 * quads + threadIdx.x; v < V; v += blockDim.x) p[v] = expf(x[v] - mx) * inv;
     if (threadIdx.x == 0) {
-        const int32_t t = targets_N[blockIdx.x];
         const double lse = static_cast<double>(mx) + log(sum);
-        loss_N[blockIdx.x] = t < 0 ? 0.0f : static_cast<float>(lse - x[t]);
+        loss_N[blockIdx.x] = t < 0 ? 0.0f : static_cast<float>(lse - target_logit);
     }
 }
 
