@@ -84,7 +84,8 @@ void MoeBlock::run_experts_backward(const LayerTensors& dw, const LayerTensors& 
         experts_.backward(scratch_->moe_dx_RD.data(), mg, scratch_->moe_dy_RD.data(), x_RD_.data(), mw);
         return;
     }
-    Buffer<float>&dy_local = scratch_->moe_dy_local, &dx_local = scratch_->moe_dx_local;
+    Buffer<float>& dy_local = scratch_->moe_dy_local;
+    Buffer<float>& dx_local = scratch_->moe_dx_local;
     expert_exchange_->forward(scratch_->moe_dy_RD.data(), D, dy_local, bf16_rows());
     dx_local.ensure(backend_, static_cast<size_t>(expert_exchange_->handle().num_local_rows()) * D);
     experts_.backward(dx_local.data(), mg, dy_local.data(), x_local_.data(), mw);
@@ -188,7 +189,8 @@ void MoeBlock::backward(float* dx_ND,
                         float z_weight,
                         float reg_weight) {
     const int N = N_, D = config_.d_model, E = config_.num_experts, K = config_.top_k, R = plan_.num_rows();
-    Buffer<float>&dy_RD = scratch_->moe_dy_RD, &dx_RD = scratch_->moe_dx_RD;
+    Buffer<float>& dy_RD = scratch_->moe_dy_RD;
+    Buffer<float>& dx_RD = scratch_->moe_dx_RD;
     dy_RD.ensure(backend_, static_cast<size_t>(R) * D);
     dx_RD.ensure(backend_, static_cast<size_t>(R) * D);
     dtopk_weight_NK_.ensure(backend_, static_cast<size_t>(N) * K);

@@ -438,7 +438,8 @@ DropoutMaskDraw Router::dropout_draw(int s) const {
 const float* Router::dropout_input(const float* x_ND, int s) {
     const int N = N_, D = config_.d_model;
     const size_t ND = static_cast<size_t>(N) * D;
-    Buffer<float>&mask = scratch_->router_mask_ND, &masked_x = scratch_->router_x_ND;
+    Buffer<float>& mask = scratch_->router_mask_ND;
+    Buffer<float>& masked_x = scratch_->router_x_ND;
     mask.ensure(backend_, ND);
     masked_x.ensure(backend_, ND);
     backend_->dropout_mask(mask.data(), N, D, dropout_draw(s));
@@ -480,7 +481,9 @@ void Router::backward(float* dx_ND,
     const ScopedMatmulPrecision fp32(backend_, MatmulPrecision::kFp32);
     const int N = N_, E = config_.num_experts, K = config_.top_k, D = config_.d_model, S = S_;
     const size_t NE = static_cast<size_t>(N) * E, ND = static_cast<size_t>(N) * D;
-    Buffer<float>&dtrunk = scratch_->router_dtrunk, &x2 = scratch_->router_x_ND, &mask = scratch_->router_mask_ND;
+    Buffer<float>& dtrunk = scratch_->router_dtrunk;
+    Buffer<float>& x2 = scratch_->router_x_ND;
+    Buffer<float>& mask = scratch_->router_mask_ND;
     if (fast_path()) {
         probs_NE_.ensure(backend_, NE);
         scratch_a_.ensure(backend_, NE);
