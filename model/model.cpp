@@ -238,8 +238,8 @@ ForwardStats Model::forward(const int32_t* tokens, const int32_t* targets, int B
             be->rope_forward(a.k.data(), B, T, KV, Hd, c.rope_theta);
         }
         be->attention_forward(a.attn_out.data(), scores(a), a.q.data(), a.k.data(), a.v.data(), B, T, H, KV, Hd);
-        be->matmul_forward(ffn_out_.data(), a.attn_out.data(), w.wo, nullptr, N, H * Hd,
-                           D);  // o_proj out, then FFN out
+        // ffn_out_ holds the attention projection's output here, the FFN's below
+        be->matmul_forward(ffn_out_.data(), a.attn_out.data(), w.wo, nullptr, N, H * Hd, D);
         be->add(a.resid_mid.data(), a.resid_in.data(), ffn_out_.data(), static_cast<size_t>(N) * D);
         // feed-forward sub-block (MoE or dense)
         norm_forward(be, c, a.norm2_out.data(), a.norm2_mean.data(), a.norm2_rstd.data(), a.resid_mid.data(),
@@ -305,8 +305,9 @@ void Model::backward(float loss_scale) {
 
     // LM head and final norm. CE is a mean over valid targets.
     const float dloss = num_valid_targets_ > 0 ? loss_scale / static_cast<float>(num_valid_targets_) : 0.0f;
-    // d logits overwrites probs in place (elementwise on every backend): one [N, V] buffer fewer,
-    // 1.6 GB at GPT-2's vocabulary and 8K tokens.
+    // d logits overwrites probs in place (elementwise on every backend; probs are the logits'
+    // buffer too without keep_logits): [N, V] buffers fewer, 1.6 GB each at GPT-2's vocabulary and
+    // 8K tokens.
     float* dlogits = probs();
     be->cross_entropy_backward(dlogits, dlogits, targets_.data(), dloss, N, V);
     be->matmul_backward(dtmp_ND_.data(), g.lm_head, nullptr, dlogits, final_norm_out_.data(), p.lm_head, N, D, V,
