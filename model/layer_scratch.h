@@ -15,8 +15,9 @@ struct LayerScratch {
     Buffer<float> mlp_act_RF;
     // MoeBlock backward: d rows [R, D] around the experts, and this rank's share of them (EP)
     Buffer<float> moe_dy_RD, moe_dx_RD, moe_dy_local, moe_dx_local;
-    // MoeBlock forward (EP): this rank's experts' outputs until they are sent back
-    Buffer<float> moe_y_local;
+    // MoeBlock forward (EP): the gathered rows until dispatched, and this rank's experts' outputs
+    // until they are sent back
+    Buffer<float> moe_x_RD, moe_y_local;
     // Router temporaries, redrawn or recomputed in backward: mc_dropout's mask and x * mask, or
     // weight_mfvi's x * x [N, D]; d trunk [N, max(D, hidden)]
     Buffer<float> router_mask_ND, router_x_ND, router_dtrunk;

@@ -29,11 +29,11 @@ void MoeBlock::run_experts_forward(const LayerTensors& w) {
     const int D = config_.d_model;
     const MlpWeights mw{w.ffn_gate, w.ffn_up, w.ffn_down};
     if (!expert_exchange_) {
-        experts_.forward(y_RD_.data(), x_RD_.data(), mw, plan_.expert_offsets);
+        experts_.forward(y_RD_.data(), x_rows().data(), mw, plan_.expert_offsets);
         return;
     }
     const parallel::DispatchHandle& h =
-        expert_exchange_->dispatch(x_RD_.data(), plan_.expert_offsets, D, x_local_, bf16_rows());
+        expert_exchange_->dispatch(x_rows().data(), plan_.expert_offsets, D, x_local_, bf16_rows());
     count_exchange_rows();
     Buffer<float>& y_local = scratch_->moe_y_local;
     y_local.ensure(backend_, static_cast<size_t>(h.num_local_rows()) * D);
@@ -50,6 +50,10 @@ ExchangeStats MoeBlock::take_exchange_stats() {
     exchange_ = {};
     return s;
 }
+
+// The gathered rows: saved for the experts' backward on one rank; with expert parallelism only
+// dispatched (backward reads the received copy, x_local_), so shared scratch.
+Buffer<float>& MoeBlock::x_rows() { return expert_exchange_ ? scratch_->moe_x_RD : x_RD_; }
 
 bool MoeBlock::bf16_rows() const {
     return parallel_.exchange_bf16 && backend_->matmul_precision() == MatmulPrecision::kBf16;
@@ -81,7 +85,7 @@ void MoeBlock::run_experts_backward(const LayerTensors& dw, const LayerTensors& 
     const MlpWeights mw{w.ffn_gate, w.ffn_up, w.ffn_down};
     const MlpGrads mg{dw.ffn_gate, dw.ffn_up, dw.ffn_down};
     if (!expert_exchange_) {
-        experts_.backward(scratch_->moe_dx_RD.data(), mg, scratch_->moe_dy_RD.data(), x_RD_.data(), mw);
+        experts_.backward(scratch_->moe_dx_RD.data(), mg, scratch_->moe_dy_RD.data(), x_rows().data(), mw);
         return;
     }
     Buffer<float>& dy_local = scratch_->moe_dy_local;
@@ -135,9 +139,9 @@ MoeLayerStats MoeBlock::forward(
     backend_->upload(slot_row_NK_.data(), plan_.slot_row.data(), plan_.slot_row.size() * sizeof(int32_t));
 
     // 3. gather -> experts -> combine
-    x_RD_.ensure(backend_, static_cast<size_t>(R) * D);
+    x_rows().ensure(backend_, static_cast<size_t>(R) * D);
     y_RD_.ensure(backend_, static_cast<size_t>(R) * D);
-    backend_->moe_gather_forward(x_RD_.data(), x_ND, row_src_R_.data(), R, K, D);
+    backend_->moe_gather_forward(x_rows().data(), x_ND, row_src_R_.data(), R, K, D);
     run_experts_forward(w);
     backend_->moe_combine_forward(out_ND, y_RD_.data(), slot_row_NK_.data(), router_.topk_weight_NK(), N, K, D);
 

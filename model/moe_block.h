@@ -84,6 +84,7 @@ class MoeBlock {
     void run_experts_backward(const LayerTensors& dw, const LayerTensors& w);
     void count_exchange_rows();  // adds this dispatch's rows to exchange_
     bool bf16_rows() const;      // x and dy rows travel as bf16 (ParallelContext::exchange_bf16)
+    Buffer<float>& x_rows();     // x_RD [R, D]: x_RD_, or shared scratch under expert parallelism
     const float* add_input_noise(const float* x_ND, int N, const RoutingContext& ctx);
 
     ModelConfig config_;
@@ -102,7 +103,7 @@ class MoeBlock {
     std::vector<float> aux_dprobs_host_;  // [E] d aux / d probs[n, e], same for every n
     // saved
     Buffer<int32_t> row_src_R_, slot_row_NK_;
-    Buffer<float> x_RD_, y_RD_;
+    Buffer<float> x_RD_, y_RD_;  // x_RD_: without expert parallelism only (x_rows())
     Buffer<float> x_noisy_;  // [N, D] input with RoutingContext::input_noise (evaluation)
     // backward scratch (the [R, D] ones are in scratch_)
     Buffer<float> dtopk_weight_NK_;
