@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <memory>
 #include <random>
@@ -299,6 +300,46 @@ TEST(CudaBackend, Bf16MatmulsMatchCpuEmulation) {
         be.grouped_matmul_backward(gdin[s], gdw[s], gdout[s], gin[s], gw[s], plan.offsets.data(), E, I, O);
     });
     for (auto* p : {&out, &din, &dw, &gout, &gdin, &gdw}) expect_close(*p, "bf16 GEMM");
+}
+
+// BMOE_CUDA_BF16_GEMM=fast16bf: the fp32-input CUBLAS_COMPUTE_32F_FAST_16BF path kept for A/B
+// benchmarks agrees within bf16 error (cuBLAS may keep shapes in fp32, so not to the rounding); a
+// bad value is a one-line error naming both choices.
+TEST(CudaBackend, Fast16BfGemmModeAgreesWithinBf16Error) {
+    if (!bmoe::model::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+    constexpr int I = 256, O = 96;
+    ::setenv("BMOE_CUDA_BF16_GEMM", "fast16bf", 1);
+    CpuBackend cpu;
+    std::unique_ptr<Backend> gpu;
+    try {
+        gpu = make_cuda_backend();
+    } catch (...) {
+        ::unsetenv("BMOE_CUDA_BF16_GEMM");
+        throw;
+    }
+    ::setenv("BMOE_CUDA_BF16_GEMM", "fp8", 1);
+    try {
+        make_cuda_backend();
+        ADD_FAILURE() << "BMOE_CUDA_BF16_GEMM=fp8 was accepted";
+    } catch (const Error& e) {
+        EXPECT_NE(std::string(e.what()).find("copies (default) or fast16bf"), std::string::npos) << e.what();
+    }
+    ::unsetenv("BMOE_CUDA_BF16_GEMM");
+    const Vec in = randn(N * I, 1), w = randn(O * I, 2, 0.1f);
+    Vec out[2];
+    for (Backend* be : {static_cast<Backend*>(&cpu), gpu.get()}) {
+        be->set_matmul_precision(MatmulPrecision::kBf16);
+        Buffer<float> bin(be, in.size()), bw(be, w.size()), bout(be, static_cast<size_t>(N) * O);
+        bin.upload(in);
+        bw.upload(w);
+        be->matmul_forward(bout.data(), bin.data(), bw.data(), nullptr, N, I, O);
+        out[be == gpu.get() ? kGpu : kCpu] = bout.download();
+    }
+    double scale = 0.0, worst = 0.0;
+    for (float x : out[kCpu]) scale = std::max(scale, std::abs(static_cast<double>(x)));
+    for (size_t i = 0; i < out[kCpu].size(); ++i)
+        worst = std::max(worst, std::abs(static_cast<double>(out[kCpu][i]) - out[kGpu][i]));
+    EXPECT_LE(worst, 1e-2 * scale);
 }
 
 // ---- embeddings ---------------------------------------------------------------------------------

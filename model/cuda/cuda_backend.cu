@@ -5,6 +5,8 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "model/cuda/cuda_backend.h"
@@ -57,6 +59,13 @@ std::unique_ptr<Backend> make_cuda_backend(int local_rank) {
 // ---- lifecycle ----------------------------------------------------------------------------
 
 CudaBackend::CudaBackend() {
+    // bf16 GEMM inputs: explicit bf16 copies (default), or the fp32 FAST_16BF path to compare with.
+    if (const char* mode = std::getenv("BMOE_CUDA_BF16_GEMM"); mode != nullptr && *mode != '\0') {
+        const std::string m = mode;
+        BMOE_REQUIRE(m == "copies" || m == "fast16bf", "BMOE_CUDA_BF16_GEMM='", m,
+                     "' is unknown: use copies (default) or fast16bf");
+        bf16_input_copies_ = m == "copies";
+    }
     // Non-blocking: our stream never waits on work other libraries put on the legacy stream.
     CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     try {

@@ -217,8 +217,10 @@ class CudaBackend final : public Backend {
     };
     void* scratch(Scratch& s, size_t bytes);
     double* column_reduce_ws(int N, int D);  // cuda::column_reduce's partial sums
-    // The element type of a GEMM's A and B inputs (C is always fp32).
-    enum class GemmInput { kFp32, kBf16 };
+    // A GEMM's A and B inputs (C is always fp32): fp32; bf16 copies (bf16 matmul precision); or,
+    // with BMOE_CUDA_BF16_GEMM=fast16bf, fp32 under CUBLAS_COMPUTE_32F_FAST_16BF (the path before
+    // the copies, kept to compare the two on the same machine).
+    enum class GemmInput { kFp32, kBf16, kFp32Fast16Bf };
     // A GEMM's inputs as cuBLAS reads them. fp32: the tensors themselves. bf16 matmul precision:
     // each fp32 tensor of the op rounded to bf16 once, into its own scratch slot; operator() maps
     // a pointer into a converted tensor to the same element of its copy.
@@ -316,7 +318,8 @@ class CudaBackend final : public Backend {
     Scratch colred_ws_;                      // column_reduce partial sums [splits, D] (double)
     Scratch bf16_ws_[kBf16Slots];            // bf16 copies of GEMM inputs (bf16 matmul precision)
     std::unique_ptr<OpProfiler> profiler_;   // disabled unless asked for
-    unsigned gemm_unsupported_ = 0;          // bit (batched, bf16, transA, transB): cuBLAS refused that call
+    unsigned gemm_unsupported_ = 0;          // bit (batched, GemmInput, transA, transB): cuBLAS refused that call
+    bool bf16_input_copies_ = true;          // BMOE_CUDA_BF16_GEMM: copies (default) | fast16bf
 };
 
 }  // namespace bmoe::model

@@ -59,7 +59,9 @@ const void* CudaBackend::GemmInputs::operator()(const float* p) const {
 
 CudaBackend::GemmInputs CudaBackend::gemm_inputs(std::initializer_list<GemmTensor> tensors) {
     GemmInputs inputs;
-    inputs.type = matmul_precision_ == MatmulPrecision::kBf16 ? GemmInput::kBf16 : GemmInput::kFp32;
+    inputs.type = matmul_precision_ == MatmulPrecision::kFp32 ? GemmInput::kFp32
+                  : bf16_input_copies_                        ? GemmInput::kBf16
+                                                              : GemmInput::kFp32Fast16Bf;
     if (!inputs.bf16()) return inputs;
     for (const GemmTensor& t : tensors) {
         if (t.x == nullptr) continue;
@@ -117,9 +119,12 @@ void CudaBackend::gemm(int M,
         return;
     }
     const cublasOperation_t op_b = transB ? CUBLAS_OP_T : CUBLAS_OP_N, op_a = transA ? CUBLAS_OP_T : CUBLAS_OP_N;
-    if (in == GemmInput::kBf16) {  // bf16 tensor cores, fp32 accumulate and output
-        CUBLAS_CHECK(cublasGemmEx(blas_, op_b, op_a, N, M, K, &alpha, B, CUDA_R_16BF, ldb, A, CUDA_R_16BF, lda, &beta,
-                                  C, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    if (in != GemmInput::kFp32) {  // bf16 tensor cores, fp32 accumulate and output
+        const cudaDataType_t type = in == GemmInput::kBf16 ? CUDA_R_16BF : CUDA_R_32F;
+        const cublasComputeType_t compute =
+            in == GemmInput::kFp32Fast16Bf ? CUBLAS_COMPUTE_32F_FAST_16BF : CUBLAS_COMPUTE_32F;
+        CUBLAS_CHECK(cublasGemmEx(blas_, op_b, op_a, N, M, K, &alpha, B, type, ldb, A, type, lda, &beta, C, CUDA_R_32F,
+                                  ldc, compute, CUBLAS_GEMM_DEFAULT));
         return;
     }
     CUBLAS_CHECK(cublasSgemm(blas_, op_b, op_a, N, M, K, &alpha, static_cast<const float*>(B), ldb,
@@ -209,30 +214,33 @@ void CudaBackend::grouped_gemm(const std::vector<GemmProblem>& problems,
     auto* dev = static_cast<void**>(scratch(gemm_ptrs_ws_, ptrs.size() * sizeof(void*)));
     // Pageable host arrays: cudaMemcpyAsync staged them before returning, so they may go out of scope.
     CUDA_CHECK(cudaMemcpyAsync(dev, ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice, stream_));
-    const bool bf16 = in == GemmInput::kBf16;
+    const bool ex = in != GemmInput::kFp32;  // the *Ex calls (bf16 inputs, or bf16 compute permitted)
     const bool uniform = std::all_of(m.begin(), m.end(), [&](int v) { return v == m[0]; }) &&
                          std::all_of(n.begin(), n.end(), [&](int v) { return v == n[0]; }) &&
                          std::all_of(k.begin(), k.end(), [&](int v) { return v == k[0]; });
     // Whether cuBLAS supports a call can depend on its kind, the input type and the transposes:
     // remembered per combination, and said once, since the per-GEMM fallback is slower.
-    const unsigned combo = 1u << ((uniform ? 8u : 0u) | (bf16 ? 4u : 0u) | (transA ? 2u : 0u) | (transB ? 1u : 0u));
-    const cudaDataType_t type = bf16 ? CUDA_R_16BF : CUDA_R_32F;
+    const unsigned combo =
+        1u << ((uniform ? 16u : 0u) | (static_cast<unsigned>(in) << 2) | (transA ? 2u : 0u) | (transB ? 1u : 0u));
+    const cudaDataType_t type = in == GemmInput::kBf16 ? CUDA_R_16BF : CUDA_R_32F;
+    const cublasComputeType_t compute =
+        in == GemmInput::kFp32Fast16Bf ? CUBLAS_COMPUTE_32F_FAST_16BF : CUBLAS_COMPUTE_32F;
     cublasStatus_t rc = CUBLAS_STATUS_NOT_SUPPORTED;
     if ((gemm_unsupported_ & combo) == 0) {
-        if (uniform && bf16) {
+        if (uniform && ex) {
             rc = cublasGemmBatchedEx(blas_, op_a[0], op_b[0], m[0], n[0], k[0], &alpha, dev, type, ldb, dev + count,
-                                     type, lda, &beta, dev + 2 * count, CUDA_R_32F, ldc, count, CUBLAS_COMPUTE_32F,
+                                     type, lda, &beta, dev + 2 * count, CUDA_R_32F, ldc, count, compute,
                                      CUBLAS_GEMM_DEFAULT);
         } else if (uniform) {
             rc = cublasSgemmBatched(blas_, op_a[0], op_b[0], m[0], n[0], k[0], &alpha,
                                     reinterpret_cast<const float* const*>(dev), ldb,
                                     reinterpret_cast<const float* const*>(dev + count), lda, &beta,
                                     reinterpret_cast<float* const*>(dev + 2 * count), ldc, count);
-        } else if (bf16) {
-            rc = cublasGemmGroupedBatchedEx(blas_, op_a.data(), op_b.data(), m.data(), n.data(), k.data(),
-                                            alphas.data(), dev, type, ld_a.data(), dev + count, type, ld_b.data(),
-                                            betas.data(), dev + 2 * count, CUDA_R_32F, ld_c.data(), count, ones.data(),
-                                            CUBLAS_COMPUTE_32F);
+        } else if (ex) {
+            rc =
+                cublasGemmGroupedBatchedEx(blas_, op_a.data(), op_b.data(), m.data(), n.data(), k.data(), alphas.data(),
+                                           dev, type, ld_a.data(), dev + count, type, ld_b.data(), betas.data(),
+                                           dev + 2 * count, CUDA_R_32F, ld_c.data(), count, ones.data(), compute);
         } else {
             rc = cublasSgemmGroupedBatched(blas_, op_a.data(), op_b.data(), m.data(), n.data(), k.data(), alphas.data(),
                                            reinterpret_cast<const float* const*>(dev), ld_a.data(),
@@ -245,7 +253,9 @@ void CudaBackend::grouped_gemm(const std::vector<GemmProblem>& problems,
             std::fprintf(stderr,
                          "bmoe: this cuBLAS has no %s %s GEMM with transA=%d transB=%d; running one GEMM per "
                          "problem instead (slower)\n",
-                         uniform ? "batched" : "grouped", bf16 ? "bf16" : "fp32", transA ? 1 : 0, transB ? 1 : 0);
+                         uniform ? "batched" : "grouped",
+                         in == GemmInput::kBf16 ? "bf16" : (ex ? "fp32 (bf16 compute)" : "fp32"), transA ? 1 : 0,
+                         transB ? 1 : 0);
         }
     }
     if (rc == CUBLAS_STATUS_NOT_SUPPORTED) {  // this cuBLAS has no such call: one GEMM per problem
