@@ -193,7 +193,12 @@ INSTANTIATE_TEST_SUITE_P(Shapes,
                                            Shape{1, 70, 2, 1, 128},
                                            Shape{1, 150, 3, 3, 40},
                                            Shape{2, 130, 4, 1, 64},
-                                           Shape{4, 32, 4, 2, 16}));
+                                           Shape{4, 32, 4, 2, 16}),
+                         [](const ::testing::TestParamInfo<Shape>& info) {
+                             const Shape& s = info.param;
+                             return "B" + std::to_string(s.B) + "_T" + std::to_string(s.T) + "_H" +
+                                    std::to_string(s.H) + "_KV" + std::to_string(s.KV) + "_Hd" + std::to_string(s.Hd);
+                         });
 
 }  // namespace
 }  // namespace bmoe::model
