@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <functional>
 #include <vector>
 
 #include "model/cuda/attention_plan.h"
@@ -49,8 +50,9 @@ __global__ void to_bf16_kernel(uint16_t* out, const float* in, size_t n) {
 
 const void* CudaBackend::GemmInputs::operator()(const float* p) const {
     if (!bf16()) return p;
+    const std::less<const float*> before;  // a total order, also across unrelated allocations
     for (const Copy& c : copies) {
-        if (p >= c.base && p < c.base + c.n) return c.bf16 + (p - c.base);
+        if (!before(p, c.base) && before(p, c.base + c.n)) return c.bf16 + (p - c.base);
         if (p == c.base && c.n == 0) return c.bf16;  // an empty operand (K = 0): never read
     }
     BMOE_ASSERT(false, "bf16 GEMM operand outside every converted tensor of the op");
