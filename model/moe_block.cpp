@@ -52,8 +52,15 @@ ExchangeStats MoeBlock::take_exchange_stats() {
 }
 
 // The gathered rows: saved for the experts' backward on one rank; with expert parallelism only
-// dispatched (backward reads the received copy, x_local_), so shared scratch.
-Buffer<float>& MoeBlock::x_rows() { return expert_exchange_ ? scratch_->moe_x_RD : x_RD_; }
+// dispatched (backward reads the received copy, x_local_), and with recompute gathered again in
+// backward, so shared scratch in both cases.
+Buffer<float>& MoeBlock::x_rows() { return expert_exchange_ || recompute_ ? scratch_->moe_x_RD : x_RD_; }
+
+void MoeBlock::set_recompute_activation(bool on) {
+    experts_.set_recompute_activation(on);
+    recompute_ = on;
+    if (on) x_RD_ = Buffer<float>();  // not kept any more
+}
 
 bool MoeBlock::bf16_rows() const {
     return parallel_.exchange_bf16 && backend_->matmul_precision() == MatmulPrecision::kBf16;
@@ -201,6 +208,10 @@ void MoeBlock::backward(float* dx_ND,
 
     backend_->moe_combine_backward(dy_RD.data(), dtopk_weight_NK_.data(), dout_ND, y_RD_.data(), row_src_R_.data(),
                                    slot_row_NK_.data(), router_.topk_weight_NK(), N, R, K, D);
+    if (recompute_ && !expert_exchange_) {  // the experts' input rows again (a copy: bitwise the same)
+        x_rows().ensure(backend_, static_cast<size_t>(R) * D);
+        backend_->moe_gather_forward(x_rows().data(), x_ND, row_src_R_.data(), R, K, D);
+    }
     run_experts_backward(dw, w);
     backend_->zero(dx_ND, static_cast<size_t>(N) * D * sizeof(float));
     backend_->moe_gather_backward(dx_ND, dx_RD.data(), slot_row_NK_.data(), N, K, D);

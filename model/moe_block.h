@@ -72,8 +72,9 @@ class MoeBlock {
     // Traffic since the last call (seconds cover forward and backward all-to-alls).
     ExchangeStats take_exchange_stats();
 
-    // GroupedMlp::set_recompute_activation for this block's experts.
-    void set_recompute_activation(bool on) { experts_.set_recompute_activation(on); }
+    // MLP recompute: GroupedMlp::set_recompute_activation for this block's experts, and (on one
+    // rank) the experts' gathered input rows are gathered again in backward instead of kept.
+    void set_recompute_activation(bool on);
 
     Router& router() { return router_; }
     const Router& router() const { return router_; }
@@ -84,7 +85,7 @@ class MoeBlock {
     void run_experts_backward(const LayerTensors& dw, const LayerTensors& w);
     void count_exchange_rows();  // adds this dispatch's rows to exchange_
     bool bf16_rows() const;      // x and dy rows travel as bf16 (ParallelContext::exchange_bf16)
-    Buffer<float>& x_rows();     // x_RD [R, D]: x_RD_, or shared scratch under expert parallelism
+    Buffer<float>& x_rows();     // x_RD [R, D]: x_RD_, or shared scratch (expert parallelism, recompute)
     const float* add_input_noise(const float* x_ND, int N, const RoutingContext& ctx);
 
     ModelConfig config_;
@@ -93,6 +94,7 @@ class MoeBlock {
     Router router_;
     int layer_;
     LayerScratch* scratch_;  // y_local, dy/dx rows: shared with every layer
+    bool recompute_ = false;  // set_recompute_activation
     GroupedMlp experts_;
     std::unique_ptr<ExpertExchange> expert_exchange_;  // EP > 1 only
     Buffer<float> x_local_;                            // rows of this rank's experts (saved)
@@ -103,7 +105,7 @@ class MoeBlock {
     std::vector<float> aux_dprobs_host_;  // [E] d aux / d probs[n, e], same for every n
     // saved
     Buffer<int32_t> row_src_R_, slot_row_NK_;
-    Buffer<float> x_RD_, y_RD_;  // x_RD_: without expert parallelism only (x_rows())
+    Buffer<float> x_RD_, y_RD_;  // x_RD_: one rank without recompute only (x_rows())
     Buffer<float> x_noisy_;  // [N, D] input with RoutingContext::input_noise (evaluation)
     // backward scratch (the [R, D] ones are in scratch_)
     Buffer<float> dtopk_weight_NK_;
