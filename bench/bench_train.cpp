@@ -48,6 +48,7 @@
 #include "model/model.h"
 #include "model/rng.h"
 #include "trainer/optimizer.h"
+#include "trainer/run_config.h"
 
 namespace {
 
@@ -199,6 +200,10 @@ int run(int argc, char** argv) {
     const model::MatmulPrecision precision = model::parse_matmul_precision(opt.precision);
     const model::RouterType router_type = model::parse_router_type(opt.router);  // before the slow peak run
     const model::AttentionKernel attention = model::parse_attention_kernel(opt.attention);
+    trainer::RunConfig checked;  // --recompute parsed and checked as bmoe's train.recompute
+    checked.train.recompute = opt.recompute;
+    checked.validate();
+    const trainer::TrainConfig& recompute = checked.train;
 
     // (a) peak: measured sgemm on the CPU, the datasheet figure on the GPU
     double peak = 0.0;
@@ -227,8 +232,8 @@ int run(int argc, char** argv) {
     backend.set_attention_kernel(attention);
     model::Model net(config, &backend);
     net.init_weights(/*seed=*/0);
-    net.set_attention_recompute(opt.recompute.find("attention") != std::string::npos);
-    net.set_mlp_recompute(opt.recompute.find("mlp") != std::string::npos);
+    net.set_attention_recompute(trainer::recomputes(recompute, "attention"));
+    net.set_mlp_recompute(trainer::recomputes(recompute, "mlp"));
     net.set_keep_logits(false);  // as the trainer runs it
     trainer::OptimConfig optim;
     trainer::AdamW adamw(optim, net);
