@@ -27,6 +27,7 @@
 
 #include "model/precision.h"
 #include "model/rng.h"
+#include "model/router_rows.h"
 
 namespace bmoe::model {
 
@@ -301,6 +302,10 @@ class Backend {
                               float weight_decay,
                               float grad_scale,
                               int step) = 0;
+
+    // ---- router families' per-token math (model/router_rows.h) --------------------------------
+    // router_row(stage, rows, n) for every token n < rows.N; every pointer in rows is backend memory.
+    virtual void router_rows(RouterStage stage, const RouterRows& rows) = 0;
 
     // ---- router noise: counter-based, so every backend draws the same bits --------------------
     // mask[n, d] = dropout_mask_value(rng, counter0 + n * row_stride + d, drop, keep_scale) (model/rng.h)

@@ -821,6 +821,14 @@ void CpuBackend::adamw_update(float* param,
     }
 }
 
+// ---- router families' per-token math ---------------------------------------------------------
+
+void CpuBackend::router_rows(RouterStage stage, const RouterRows& rows) {
+    const size_t work = static_cast<size_t>(rows.N) * rows.S * std::max(rows.E, rows.P) * 8;
+#pragma omp parallel for schedule(static) if (par(work))
+    for (idx_t n = 0; n < rows.N; ++n) router_row(stage, rows, static_cast<int>(n));
+}
+
 // ---- router noise -------------------------------------------------------------------------
 
 void CpuBackend::dropout_mask(float* mask_ND, int N, int D, const DropoutMaskDraw& draw) {

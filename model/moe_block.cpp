@@ -71,7 +71,7 @@ void MoeBlock::count_exchange_rows() {
     const int experts_per_rank = config_.num_experts / P;
     const parallel::DispatchHandle& h = expert_exchange_->handle();
     for (int p = 0; p < P; ++p) exchange_.rows_sent += p == me ? 0 : h.send_rows[p];
-    const std::vector<int32_t>& idx_host = router_.outputs().topk_idx;
+    const std::vector<int32_t>& idx_host = router_.topk_idx_host();
     std::vector<int> seen(P, -1);  // last token that sent to rank p
     for (int n = 0; n < N_; ++n)
         for (int k = 0; k < K; ++k) {
@@ -131,10 +131,9 @@ MoeLayerStats MoeBlock::forward(
 
     // 1. route (all routing noise is drawn here, before any exchange)
     router_.forward(x_ND, w, N, ctx);
-    const RouterOutputs& routed = router_.outputs();
 
     // 2. plan the permutation on the host (R + N*K ints up)
-    const std::vector<int32_t>& idx_host = routed.topk_idx;
+    const std::vector<int32_t>& idx_host = router_.topk_idx_host();
     const int capacity = config_.capacity_factor > 0.0f
                              ? static_cast<int>(std::ceil(config_.capacity_factor * N * K / static_cast<double>(E)))
                              : -1;
@@ -152,22 +151,23 @@ MoeLayerStats MoeBlock::forward(
     run_experts_forward(w);
     backend_->moe_combine_forward(out_ND, y_RD_.data(), slot_row_NK_.data(), router_.topk_weight_NK(), N, K, D);
 
-    // 4. auxiliary losses and router statistics of the global batch (2E+6 values reduced)
+    // 4. auxiliary losses and router statistics of the global batch (2E+6 values reduced), from the
+    // router's per-token statistics rows [N, E + kStatsExtra]
     // totals = [copies per expert (E), prob sums per expert (E), sum of lse^2, tokens, dropped, reg sum,
     //           sigma sum, temperature sum]
     std::vector<double> totals(2 * E + 6, 0.0);
     for (int e = 0; e < E; ++e) totals[e] = static_cast<double>(plan_.tokens_per_expert[e]);
-    for (int n = 0; n < N; ++n)
-        for (int e = 0; e < E; ++e) totals[E + e] += routed.probs[static_cast<size_t>(n) * E + e];
-    for (int n = 0; n < N; ++n) totals[2 * E] += static_cast<double>(router_.lse()[n]) * router_.lse()[n];
+    const std::vector<float>& token_stats = router_.token_stats();
+    for (size_t n = 0; n < static_cast<size_t>(N); ++n) {
+        const float* st = token_stats.data() + n * (E + kStatsExtra);
+        for (int e = 0; e < E; ++e) totals[E + e] += st[e];
+        totals[2 * E] += static_cast<double>(st[E + kStatsLse]) * st[E + kStatsLse];
+        totals[2 * E + 3] += st[E + kStatsReg];
+        totals[2 * E + 4] += st[E + kStatsSigma];
+        totals[2 * E + 5] += st[E + kStatsTemperature];
+    }
     totals[2 * E + 1] = N;
     totals[2 * E + 2] = static_cast<double>(plan_.num_dropped);
-    for (float r : routed.reg) totals[2 * E + 3] += r;
-    for (float v : routed.sigma) totals[2 * E + 4] += v / E;
-    for (int n = 0; n < N && !routed.chol.empty(); ++n)
-        for (int e = 0; e < E; ++e)
-            totals[2 * E + 4] += routed.chol[static_cast<size_t>(n) * (E * (E + 1) / 2) + e * (e + 1) / 2 + e] / E;
-    for (float t : routed.temperature) totals[2 * E + 5] += t;
     if (parallel_.world != nullptr) parallel_.world->all_reduce_sum(totals.data(), totals.size());
     const double N_global = totals[2 * E + 1];
     num_tokens_global_ = N_global;

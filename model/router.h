@@ -11,9 +11,10 @@
 // Backward: the gate gradient flows to every sample's logits (weighted by its share of pbar),
 // plus the aux-loss gradient through pbar, the z-loss through mu and beta * the regulariser.
 //
-// The deterministic topk router without a selection bias runs entirely on the backend's fused
-// router_topk ops. Every other family does its small [N, E] math on the host (GEMMs stay on the
-// backend), so one implementation serves the CPU and CUDA backends.
+// The deterministic topk router without a selection bias runs on the backend's fused router_topk
+// ops. Every other family runs its GEMMs and its per-token [S, N, E] math (model/router_rows.h) on
+// the backend too; only weight-space terms of [E, D] (weight_mfvi's KL, SWAG's weight draws) and
+// the state updates run on the host.
 // Noise comes from CounterRng keyed by (seed, step, layer, GLOBAL token id, sample): results do
 // not depend on threads, ranks or expert sharding, and noise is drawn before the exchange.
 #pragma once
@@ -63,6 +64,7 @@ struct RouterOutputs {
     std::vector<int32_t> topk_idx;     // [N, K] selected experts
     std::vector<float> topk_weight;    // [N, K] gates
     std::vector<float> reg;            // [N] per-token regulariser (KL or -log T); empty when none
+    std::vector<float> lse;            // [N] lse(mu), the z-loss term
 };
 
 // The noise the last forward drew (host), exported so an independent implementation
@@ -87,7 +89,7 @@ class Router {
     Router(const ModelConfig& config, Backend* backend, int layer, LayerScratch* scratch = nullptr);
 
     // Routes x_ND (backend memory). After it, topk_idx_NK()/topk_weight_NK() hold the decision
-    // (backend memory) and outputs() the host copies.
+    // (backend memory), topk_idx_host() and token_stats() its host copies.
     void forward(const float* x_ND, const LayerTensors& w, int N, const RoutingContext& ctx);
     // dx_ND += d/dx; router grads in dw +=. dtopk_weight_NK: d loss / d gates (backend).
     // aux_dprobs_E (host): d loss / d pbar[n, e] (same for every token); z_coef: d loss / d sum_n lse(mu_n)^2;
@@ -102,12 +104,16 @@ class Router {
                   float reg_coef,
                   float weight_reg_coef);
 
-    const int32_t* topk_idx_NK() const { return topk_idx_NK_.data(); }
-    const float* topk_weight_NK() const { return topk_weight_NK_.data(); }
-    const RouterOutputs& outputs() const { return out_; }
+    const int32_t* topk_idx_NK() const { return t_.topk_idx_NK.data(); }
+    const float* topk_weight_NK() const { return t_.topk_weight_NK.data(); }
+    // Host, downloaded by every forward: the selection [N, K] (the dispatcher plans on it) and the
+    // per-token statistics [N, E + kStatsExtra]: pbar, then the RouterStatsColumn values.
+    const std::vector<int32_t>& topk_idx_host() const { return topk_idx_host_; }
+    const std::vector<float>& token_stats() const { return token_stats_; }
+    // Host copies of everything the last forward computed (evaluation, tests), and the noise it
+    // drew: downloaded on the first call after each forward, so training never pays for them.
+    const RouterOutputs& outputs() const;
     const RouterNoise& noise() const;
-    // lse(mu_n) per token of the last forward (host), for the z-loss.
-    const std::vector<float>& lse() const { return lse_; }
     // Weight-space KL of this layer (weight_mfvi; 0 otherwise), computed by the last forward.
     double weight_kl() const { return weight_kl_; }
 
@@ -122,14 +128,16 @@ class Router {
 
   private:
     bool fast_path() const;
-    void forward_fast(int N);
+    void forward_fast();
     void sample_logits(const float* x_ND, const LayerTensors& w, const RoutingContext& ctx);
-    void select_and_gate(const RoutingContext& ctx);
-    void upload_decision();
+    void select(const RoutingContext& ctx);
+    void backward_family(
+        float* dx_ND, const LayerTensors& dw, const float* x_ND, const LayerTensors& w, float weight_reg_coef);
     DropoutMaskDraw dropout_draw(int s) const;             // mc_dropout: sample s's mask draw
     const float* dropout_input(const float* x_ND, int s);  // mc_dropout: x * mask^s (backend)
-    // host [rows, cols] -> backend scratch
-    float* to_backend(Buffer<float>& dst, const std::vector<float>& src);
+    template <typename T>
+    T* sized(Buffer<T>& b, size_t n);  // b grown to n elements (at least 1), its data
+    float* to_backend(Buffer<float>& dst, const std::vector<float>& src);  // host -> backend
 
     ModelConfig config_;
     RouterConfig rc_;
@@ -137,40 +145,42 @@ class Router {
     int layer_;
     int N_ = 0, S_ = 1;
     bool training_ = true;
-
     RouterMode mode_ = RouterMode::kSample;
-    int ensemble_members_ = 1;  // members whose logits were computed (ensemble)
-    RouterOutputs out_;
-    std::vector<float> lse_;
     double weight_kl_ = 0.0;
-
-    // saved for backward (host)
-    std::vector<float> ldet_;    // [N, E] x W_r^T
-    mutable RouterNoise noise_;  // noise() fills dropout_mask on request
-    struct DropoutDraw {         // mc_dropout: the last forward's mask stream (redrawn in backward)
+    struct DropoutDraw {  // mc_dropout: the last forward's mask stream (redrawn in backward)
         CounterRng rng{0, 0};
         uint64_t first_token = 0;
     } dropout_;
-    std::vector<float> dmu_, raw_;    // [N, E], [N, E | P] inference-network heads
-    std::vector<float> var_;          // [N, E] weight_mfvi logit variance
-    std::vector<float> temp_raw_;     // [N] vtsr pre-sigmoid temperature
-    std::vector<float> all_members_;  // [N, (M-1) E] ensemble members 1..M-1
-    std::vector<float> log_pbar_;     // [N, E]
-    std::vector<float> sample_logp_;  // [S, N, E] log p^s (p^s itself underflows at small T)
-    // state
+
+    // The last forward's tensors (backend memory; shapes in model/router_rows.h) and the stage
+    // arguments pointing into them: backward and the host copies read both.
+    struct Tensors {
+        Buffer<float> ldet_NE, mu_NE, sigma_NE, chol_NP, eps_SNE, sample_logits_SNE, sample_logp_SNE, sample_probs_SNE,
+            log_pbar_NE, probs_NE, gumbel_NE, temperature_N, reg_N, lse_N, stats_NC, topk_weight_NK, selection_bias_E;
+        Buffer<int32_t> topk_idx_NK, member_N;
+        Buffer<float> dmu_NE, raw_NP, var_NE, temp_raw_N, members_NME;  // the families' GEMM heads
+        Buffer<float> trunk_pre, trunk_out, dtrunk_pre;                 // logit_mf/fc trunk [N, R]
+        Buffer<float> sigma2_ED, dsigma2_ED, swag_weights_ED;           // weight_mfvi, SWAG [E, D]
+        // backward
+        Buffer<float> aux_E, dl_SNE, dtemp_N, dmu_z_NE, dldet_NE, ddmu_NE, draw_NP, dvar_NE, dtemp_raw_N, dmembers_NME,
+            dlogits_NE;
+    } t_;
+    RouterRows rows_;
+    std::vector<int32_t> topk_idx_host_;  // [N, K]
+    std::vector<float> token_stats_;      // [N, E + kStatsExtra]
+    mutable RouterOutputs out_;
+    mutable RouterNoise noise_;
+    mutable bool outputs_current_ = false, noise_current_ = false;
+
+    // state (host)
     std::vector<int64_t> load_;                               // [E] accumulated over the step's micro-batches
     std::vector<float> selection_bias_;                       // [E]
     std::vector<float> swag_mean_, swag_sq_mean_, swag_dev_;  // [E*D], [E*D], [swag_rank, E*D]
     std::vector<float> swag_count_{0.0f};                     // [1] snapshots collected
 
-    // backend scratch
-    Buffer<float> ldet_NE_, probs_NE_, lse_N_, topk_weight_NK_, scratch_a_, scratch_b_, scratch_c_, scratch_w_;
-    Buffer<float> trunk_pre_, trunk_out_;
-    Buffer<float> dsigma2_;  // weight_mfvi: d sigma^2 [E, D]
     // [N, D]-sized temporaries (mc_dropout's mask and x * mask, weight_mfvi's x * x, d trunk)
     std::unique_ptr<LayerScratch> own_scratch_;  // when the model shares none
     LayerScratch* scratch_;
-    Buffer<int32_t> topk_idx_NK_;
 };
 
 }  // namespace bmoe::model

@@ -37,7 +37,7 @@ double router_loss(const Router& router, const Coefs& k) {
     for (size_t i = 0; i < o.topk_weight.size(); ++i) L += k.c[i] * o.topk_weight[i];
     for (int n = 0; n < o.N; ++n)
         for (int e = 0; e < o.E; ++e) L += k.a[e] * o.probs[static_cast<size_t>(n) * o.E + e];
-    for (float l : router.lse()) L += k.z * static_cast<double>(l) * l;
+    for (float l : router.outputs().lse) L += k.z * static_cast<double>(l) * l;
     for (float g : o.reg) L += k.r * g;
     return L + k.wr * router.weight_kl();
 }

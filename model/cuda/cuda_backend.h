@@ -205,6 +205,7 @@ class CudaBackend final : public Backend {
                       float weight_decay,
                       float grad_scale,
                       int step) override;
+    void router_rows(RouterStage stage, const RouterRows& rows) override;
     void dropout_mask(float* mask_ND, int N, int D, const DropoutMaskDraw& draw) override;
     void float_to_bf16(uint16_t* out, const float* in, size_t n) override;
     void bf16_to_float(float* out, const uint16_t* in, size_t n) override;

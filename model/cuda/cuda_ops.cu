@@ -337,6 +337,11 @@ __global__ void router_topk_backward_kernel(float* dlogits_NE, RouterGrads a, Ro
     for (int e = 0; e < r.E; ++e) dp[e] = p[e] * (dp[e] - static_cast<float>(pdp) + z);
 }
 
+__global__ void router_rows_kernel(RouterStage stage, RouterRows rows) {
+    const int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n < rows.N) router_row(stage, rows, n);
+}
+
 // ---- MoE permutation kernels: one thread per output element ---------------------------------------
 
 __global__ void moe_gather_forward_kernel(
@@ -585,6 +590,16 @@ void CudaBackend::router_topk_backward(float* dlogits_NE,
     const RouterGrads a{dtopk_weight_NK, probs_NE, lse_N, topk_weight_NK, aux_dprobs_E, topk_idx_NK, zloss_coef};
     router_topk_backward_kernel<<<div_up(N, kRouterThreads), kRouterThreads, 0, stream_>>>(
         dlogits_NE, a, RouterDims{N, E, K, renormalize});
+    CUDA_CHECK_LAST();
+}
+
+void CudaBackend::router_rows(RouterStage stage, const RouterRows& rows) {
+    static constexpr const char* kNames[] = {"router_sample", "router_select", "router_gate_backward",
+                                             "router_family_backward"};
+    const ProfiledOp op(profiler_.get(), kNames[static_cast<int>(stage)]);
+    if (rows.N <= 0) return;
+    constexpr int kRouterThreads = 128;
+    router_rows_kernel<<<div_up(rows.N, kRouterThreads), kRouterThreads, 0, stream_>>>(stage, rows);
     CUDA_CHECK_LAST();
 }
 
