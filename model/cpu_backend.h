@@ -12,7 +12,8 @@
 
 namespace bmoe::model {
 
-class CpuBackend final : public Backend {
+// Not final: tests derive a memory-checking backend from it (tests/router_test.cpp).
+class CpuBackend : public Backend {
   public:
     std::string name() const override { return "cpu"; }
     bool is_host() const override { return true; }
