@@ -12,7 +12,7 @@
 
 namespace bmoe::model {
 
-// Not final: tests derive a memory-checking backend from it (tests/router_test.cpp).
+// Not final: tests derive a memory-checking backend from it (tests/memory_checking_backend.h).
 class CpuBackend : public Backend {
   public:
     std::string name() const override { return "cpu"; }

@@ -12,7 +12,6 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <map>
 #include <random>
 #include <string>
 #include <tuple>
@@ -22,6 +21,7 @@
 #include "model/cpu_threads.h"
 #include "model/model.h"
 #include "parallel/check.h"
+#include "tests/memory_checking_backend.h"
 #include "tests/router_test_util.h"
 #include "trainer/run_config.h"
 
@@ -451,196 +451,6 @@ void expect_config_error(const std::function<void(ModelConfig&)>& edit, const st
     edit(c);
     EXPECT_THAT([&] { c.validate(); }, ::testing::ThrowsMessage<Error>(::testing::HasSubstr(message)));
 }
-
-// A CPU backend that records its allocations and, in every op the router calls, checks that each
-// pointer argument lies in one live allocation with room for the elements the op touches. On the
-// CUDA backend a host pointer or a short buffer there is an illegal address or a silent overrun.
-class MemoryCheckingBackend : public CpuBackend {
-  public:
-    std::vector<std::string> violations;
-
-    void* alloc(size_t bytes) override {
-        void* p = CpuBackend::alloc(bytes);
-        live_[static_cast<const char*>(p)] = bytes;
-        return p;
-    }
-    void free(void* ptr) override {
-        live_.erase(static_cast<const char*>(ptr));
-        CpuBackend::free(ptr);
-    }
-    // ptr (may be null) must hold `count` elements of T inside one live allocation.
-    template <typename T>
-    void check(const char* op, const char* arg, const T* ptr, size_t count) {
-        if (ptr == nullptr || count == 0) return;
-        const char* p = reinterpret_cast<const char*>(ptr);
-        auto it = live_.upper_bound(p);
-        const bool inside = it != live_.begin() && (--it, p + count * sizeof(T) <= it->first + it->second);
-        if (!inside) violations.push_back(std::string(op) + ": " + arg);
-    }
-
-    void upload(void* dst, const void* src, size_t bytes) override {
-        check("upload", "dst", static_cast<const char*>(dst), bytes);
-        CpuBackend::upload(dst, src, bytes);
-    }
-    void download(void* dst, const void* src, size_t bytes) override {
-        check("download", "src", static_cast<const char*>(src), bytes);
-        CpuBackend::download(dst, src, bytes);
-    }
-    void zero(void* ptr, size_t bytes) override {
-        check("zero", "ptr", static_cast<const char*>(ptr), bytes);
-        CpuBackend::zero(ptr, bytes);
-    }
-    void accumulate(float* out, const float* a, size_t n) override {
-        check("accumulate", "out", out, n);
-        check("accumulate", "a", a, n);
-        CpuBackend::accumulate(out, a, n);
-    }
-    void scale(float* x, float s, size_t n) override {
-        check("scale", "x", x, n);
-        CpuBackend::scale(x, s, n);
-    }
-    void mul(float* out, const float* a, const float* b, size_t n) override {
-        check("mul", "out", out, n);
-        check("mul", "a", a, n);
-        check("mul", "b", b, n);
-        CpuBackend::mul(out, a, b, n);
-    }
-    void gelu_forward(float* out, const float* in, size_t n) override {
-        check("gelu_forward", "out", out, n);
-        check("gelu_forward", "in", in, n);
-        CpuBackend::gelu_forward(out, in, n);
-    }
-    void gelu_backward(float* din, const float* dout, const float* in, size_t n) override {
-        check("gelu_backward", "din", din, n);
-        check("gelu_backward", "dout", dout, n);
-        check("gelu_backward", "in", in, n);
-        CpuBackend::gelu_backward(din, dout, in, n);
-    }
-    void matmul_forward(float* out, const float* in, const float* w, const float* bias, int N, int I, int O) override {
-        const size_t n = static_cast<size_t>(N);
-        check("matmul_forward", "out", out, n * O);
-        check("matmul_forward", "in", in, n * I);
-        check("matmul_forward", "w", w, static_cast<size_t>(O) * I);
-        check("matmul_forward", "bias", bias, O);
-        CpuBackend::matmul_forward(out, in, w, bias, N, I, O);
-    }
-    void matmul_backward(float* din,
-                         float* dw,
-                         float* dbias,
-                         const float* dout,
-                         const float* in,
-                         const float* w,
-                         int N,
-                         int I,
-                         int O,
-                         bool accumulate_din) override {
-        const size_t n = static_cast<size_t>(N), OI = static_cast<size_t>(O) * I;
-        check("matmul_backward", "din", din, n * I);
-        check("matmul_backward", "dw", dw, OI);
-        check("matmul_backward", "dbias", dbias, O);
-        check("matmul_backward", "dout", dout, n * O);
-        check("matmul_backward", "in", in, n * I);
-        check("matmul_backward", "w", w, OI);
-        CpuBackend::matmul_backward(din, dw, dbias, dout, in, w, N, I, O, accumulate_din);
-    }
-    void dropout_mask(float* mask_ND, int N, int D, const DropoutMaskDraw& draw) override {
-        check("dropout_mask", "mask", mask_ND, static_cast<size_t>(N) * D);
-        CpuBackend::dropout_mask(mask_ND, N, D, draw);
-    }
-    void router_topk_forward(float* probs,
-                             float* lse,
-                             int32_t* idx,
-                             float* weight,
-                             const float* logits,
-                             int N,
-                             int E,
-                             int K,
-                             bool renormalize) override {
-        const size_t NE = static_cast<size_t>(N) * E, NK = static_cast<size_t>(N) * K;
-        check("router_topk_forward", "probs", probs, NE);
-        check("router_topk_forward", "lse", lse, N);
-        check("router_topk_forward", "idx", idx, NK);
-        check("router_topk_forward", "weight", weight, NK);
-        check("router_topk_forward", "logits", logits, NE);
-        CpuBackend::router_topk_forward(probs, lse, idx, weight, logits, N, E, K, renormalize);
-    }
-    void router_topk_backward(float* dlogits,
-                              const float* dweight,
-                              const float* probs,
-                              const float* lse,
-                              const int32_t* idx,
-                              const float* weight,
-                              const float* aux,
-                              float z,
-                              int N,
-                              int E,
-                              int K,
-                              bool renormalize) override {
-        const size_t NE = static_cast<size_t>(N) * E, NK = static_cast<size_t>(N) * K;
-        check("router_topk_backward", "dlogits", dlogits, NE);
-        check("router_topk_backward", "dweight", dweight, NK);
-        check("router_topk_backward", "probs", probs, NE);
-        check("router_topk_backward", "lse", lse, N);
-        check("router_topk_backward", "idx", idx, NK);
-        check("router_topk_backward", "weight", weight, NK);
-        check("router_topk_backward", "aux", aux, E);
-        CpuBackend::router_topk_backward(dlogits, dweight, probs, lse, idx, weight, aux, z, N, E, K, renormalize);
-    }
-    void router_rows(RouterStage stage, const RouterRows& r) override {
-        const size_t N = r.N, NE = N * r.E, SNE = r.S * NE, NP = N * r.P, NK = N * r.K;
-        const size_t NME = N * (r.M - 1) * r.E;
-        const char* op = "router_rows";
-        for (const auto& [arg, ptr, count] :
-             std::vector<std::tuple<const char*, const float*, size_t>>{{"ldet", r.ldet_NE, NE},
-                                                                        {"dmu", r.dmu_NE, NE},
-                                                                        {"raw", r.raw_NP, NP},
-                                                                        {"var", r.var_NE, NE},
-                                                                        {"temp_raw", r.temp_raw_N, N},
-                                                                        {"members", r.members_NME, NME},
-                                                                        {"sample_logits", r.sample_logits_SNE, SNE},
-                                                                        {"mu", r.mu_NE, NE},
-                                                                        {"sigma", r.sigma_NE, NE},
-                                                                        {"chol", r.chol_NP, NP},
-                                                                        {"eps", r.eps_SNE, SNE},
-                                                                        {"temperature", r.temperature_N, N},
-                                                                        {"reg", r.reg_N, N},
-                                                                        {"selection_bias", r.selection_bias_E, r.E},
-                                                                        {"sample_logp", r.sample_logp_SNE, SNE},
-                                                                        {"sample_probs", r.sample_probs_SNE, SNE},
-                                                                        {"log_pbar", r.log_pbar_NE, NE},
-                                                                        {"probs", r.probs_NE, NE},
-                                                                        {"gumbel", r.gumbel_NE, NE},
-                                                                        {"lse", r.lse_N, N},
-                                                                        {"topk_weight", r.topk_weight_NK, NK},
-                                                                        {"stats", r.stats_NC, N * (r.E + kStatsExtra)},
-                                                                        {"dgate", r.dgate_NK, NK},
-                                                                        {"aux_dprobs", r.aux_dprobs_E, r.E},
-                                                                        {"dl", r.dl_SNE, SNE},
-                                                                        {"dtemp", r.dtemp_N, N},
-                                                                        {"dmu_z", r.dmu_z_NE, NE},
-                                                                        {"dldet", r.dldet_NE, NE},
-                                                                        {"ddmu", r.ddmu_NE, NE},
-                                                                        {"draw", r.draw_NP, NP},
-                                                                        {"dvar", r.dvar_NE, NE},
-                                                                        {"dtemp_raw", r.dtemp_raw_N, N},
-                                                                        {"dmembers", r.dmembers_NME, NME}})
-            check(op, arg, ptr, count);
-        check(op, "topk_idx", r.topk_idx_NK, NK);
-        check(op, "member", r.member_N, N);
-        // What each stage reads must exist (a null here is a null dereference on the device).
-        const bool select_ready = r.sample_logits_SNE && r.sample_logp_SNE && r.sample_probs_SNE && r.log_pbar_NE &&
-                                  r.probs_NE && r.lse_N && r.topk_idx_NK && r.topk_weight_NK && r.stats_NC && r.mu_NE;
-        if (stage != RouterStage::kSample && !select_ready) violations.push_back("router_rows: select buffers missing");
-        if (stage == RouterStage::kGateBackward && !(r.dgate_NK && r.dl_SNE && r.dmu_z_NE))
-            violations.push_back("router_rows: gate backward buffers missing");
-        if (stage == RouterStage::kFamilyBackward && !r.dldet_NE)
-            violations.push_back("router_rows: family backward buffers missing");
-        CpuBackend::router_rows(stage, r);
-    }
-
-  private:
-    std::map<const char*, size_t> live_;  // start -> bytes
-};
 
 TEST(RouterMemory, EveryBackendPointerIsBackendMemoryOfTheRightSize) {
     MemoryCheckingBackend backend;
