@@ -31,8 +31,11 @@ struct CounterRng {
 
     BMOE_HOST_DEVICE uint64_t bits(uint64_t counter) const { return mix64(key ^ mix64(counter)); }
     // Uniform in (0, 1): 24 random bits, never exactly 0 or 1 (safe for log).
-    BMOE_HOST_DEVICE float uniform(uint64_t counter) const {
-        return (static_cast<float>(bits(counter) >> 40) + 0.5f) * (1.0f / 16777216.0f);
+    BMOE_HOST_DEVICE float uniform(uint64_t counter) const { return unit_interval(bits(counter) >> 40); }
+    // (v + 0.5) / 2^24 for a 24-bit v. The top value, 16777215.5, has no float: it would round to 2^24
+    // and give exactly 1 (a +inf Gumbel draw), so it takes the largest float below 1 instead.
+    BMOE_HOST_DEVICE static float unit_interval(uint64_t v24) {
+        return v24 >= 0xFFFFFF ? 0.99999994f : (static_cast<float>(v24) + 0.5f) * (1.0f / 16777216.0f);
     }
     // Standard normal via Box-Muller on two uniforms derived from the same counter.
     BMOE_HOST_DEVICE float normal(uint64_t counter) const {

@@ -84,14 +84,14 @@ FlashResult flash_reference(const Shape& s, const Vec& q, const Vec& k, const Ve
                         res.out[((static_cast<size_t>(b) * T + qi) * H + h) * Hd + d] = o[d] / l;
                     lse[(static_cast<size_t>(b) * H + h) * T + qi] = m + std::log(l);
                 }
-    // D = rowsum(dO * O), unrounded
+    // D = rowsum(dO * O), dO rounded as the dP products read it
     for (int b = 0; b < B; ++b)
         for (int t = 0; t < T; ++t)
             for (int h = 0; h < H; ++h) {
                 float acc = 0.0f;
                 for (int d = 0; d < Hd; ++d) {
                     const size_t i = ((static_cast<size_t>(b) * T + t) * H + h) * Hd + d;
-                    acc += dout[i] * res.out[i];
+                    acc += r(dout[i]) * res.out[i];
                 }
                 D[(static_cast<size_t>(b) * H + h) * T + t] = acc;
             }

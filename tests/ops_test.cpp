@@ -154,6 +154,22 @@ TEST(CpuOps, DropoutMaskIsTheCounterRngFormula) {
     EXPECT_NEAR(dropped, mean, 5 * sd);
 }
 
+// Every one of the 2^24 values uniform() can take is strictly inside (0, 1) and never decreasing
+// (above 2^23, v + 0.5 rounds to even, so pairs share a value): a Gumbel draw -log(-log(u)) is
+// finite for all of them (the top value once rounded to exactly 1).
+TEST(CounterRngTest, UniformIsStrictlyInsideZeroOneForEveryValue) {
+    using bmoe::model::CounterRng;
+    float previous = 0.0f;
+    for (uint64_t v = 0; v < (uint64_t{1} << 24); ++v) {
+        const float u = CounterRng::unit_interval(v);
+        ASSERT_GT(u, 0.0f) << v;
+        ASSERT_GE(u, previous) << v;
+        ASSERT_LT(u, 1.0f) << v;
+        ASSERT_TRUE(std::isfinite(-std::log(-std::log(u)))) << v;
+        previous = u;
+    }
+}
+
 // ---- GEMMs ------------------------------------------------------------------------------------
 
 std::vector<double> naive_matmul(const Vec& in, const float* w, const float* bias, int N, int I, int O) {

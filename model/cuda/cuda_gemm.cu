@@ -250,6 +250,9 @@ void CudaBackend::grouped_gemm(const std::vector<GemmProblem>& problems,
                                            betas.data(), reinterpret_cast<float* const*>(dev + 2 * count), ld_c.data(),
                                            count, ones.data());
         }
+        // Grouped calls with bf16 inputs and fp32 outputs are not in every cuBLAS's support table;
+        // some report that as INVALID_VALUE. The per-problem fallback re-checks real argument errors.
+        if (rc == CUBLAS_STATUS_INVALID_VALUE && !uniform && ex) rc = CUBLAS_STATUS_NOT_SUPPORTED;
         if (rc == CUBLAS_STATUS_NOT_SUPPORTED) {
             gemm_unsupported_ |= combo;
             std::fprintf(stderr,

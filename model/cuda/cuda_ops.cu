@@ -219,6 +219,7 @@ __global__ void cross_entropy_forward_kernel(
     float m = -INFINITY;
     double sum = 0.0;
     auto add = [&](float xv) {
+        if (xv == -INFINITY) return;  // contributes 0 (and -inf - -inf would be NaN)
         if (xv > m) {
             sum *= exp(static_cast<double>(m) - xv);
             m = xv;

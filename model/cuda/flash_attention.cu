@@ -192,7 +192,8 @@ __global__ void __launch_bounds__(kFlashThreads)
 
 // ---- backward ---------------------------------------------------------------------------------
 
-// D[b, h, t] = sum_d dout[b, t, h, d] * out[b, t, h, d]: one warp per row.
+// D[b, h, t] = sum_d dout[b, t, h, d] * out[b, t, h, d]: one warp per row. dout is rounded to bf16
+// as the dP products read it, so dS = P (dP - D) is 0 where rowsum(P dP) = D says it should be.
 __global__ void flash_row_dot_kernel(float* D_BHT, const float* dout, const float* out, FlashDims d) {
     const size_t rows = static_cast<size_t>(d.B) * d.T * d.H;
     const size_t warps = static_cast<size_t>(gridDim.x) * (blockDim.x / 32);
@@ -201,7 +202,7 @@ __global__ void flash_row_dot_kernel(float* D_BHT, const float* dout, const floa
         const float* a = dout + row * d.Hd;
         const float* o = out + row * d.Hd;
         float acc = 0.0f;
-        for (int col = lane; col < d.Hd; col += 32) acc += a[col] * o[col];
+        for (int col = lane; col < d.Hd; col += 32) acc += __bfloat162float(__float2bfloat16_rn(a[col])) * o[col];
         acc = warp_sum(acc);
         const size_t h = row % d.H, bt = row / d.H, b = bt / d.T, t = bt % d.T;
         if (lane == 0) D_BHT[(b * d.H + h) * d.T + t] = acc;
