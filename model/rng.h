@@ -33,9 +33,11 @@ struct CounterRng {
     // Uniform in (0, 1): 24 random bits, never exactly 0 or 1 (safe for log).
     BMOE_HOST_DEVICE float uniform(uint64_t counter) const { return unit_interval(bits(counter) >> 40); }
     // (v + 0.5) / 2^24 for a 24-bit v. The top value, 16777215.5, has no float: it would round to 2^24
-    // and give exactly 1 (a +inf Gumbel draw), so it takes the largest float below 1 instead.
+    // and give exactly 1 (a +inf Gumbel draw), so it is clamped to the largest float below 1. A
+    // min, not a branch on v: the mask loops stay vectorised.
     BMOE_HOST_DEVICE static float unit_interval(uint64_t v24) {
-        return v24 >= 0xFFFFFF ? 0.99999994f : (static_cast<float>(v24) + 0.5f) * (1.0f / 16777216.0f);
+        const float u = (static_cast<float>(v24) + 0.5f) * (1.0f / 16777216.0f);
+        return u < 0.99999994f ? u : 0.99999994f;
     }
     // Standard normal via Box-Muller on two uniforms derived from the same counter.
     BMOE_HOST_DEVICE float normal(uint64_t counter) const {
