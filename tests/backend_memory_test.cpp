@@ -80,17 +80,7 @@ struct Variant {
 void PrintTo(const Variant& v, std::ostream* os) { *os << v.name; }
 
 ModelConfig small_config() {
-    ModelConfig c;
-    c.vocab_size = 23;
-    c.max_seq_len = 16;
-    c.d_model = 16;
-    c.num_layers = 2;
-    c.num_heads = 4;
-    c.num_kv_heads = 2;
-    c.num_experts = 4;
-    c.top_k = 2;
-    c.expert_hidden = 12;
-    c.dense_hidden = 20;
+    ModelConfig c = tiny_model_config();
     c.router.hidden = 5;
     c.router.train_samples = 2;
     c.router.eval_samples = 3;

@@ -17,6 +17,7 @@
 #include "model/cpu_backend.h"
 #include "model/model.h"
 #include "parallel/check.h"
+#include "tests/router_test_util.h"
 
 namespace bmoe::model {
 namespace {
@@ -26,46 +27,30 @@ struct Variant {
     ModelConfig config;
 };
 
-ModelConfig tiny_config() {
-    ModelConfig c;
-    c.vocab_size = 23;
-    c.max_seq_len = 16;
-    c.d_model = 16;
-    c.num_layers = 2;
-    c.num_heads = 4;
-    c.num_kv_heads = 2;
-    c.num_experts = 4;
-    c.top_k = 2;
-    c.expert_hidden = 12;
-    c.dense_hidden = 20;
-    c.init_std = 0.2f;  // large enough that every term matters
-    return c;
-}
-
 std::vector<Variant> variants() {
     std::vector<Variant> v;
-    v.push_back({"mixtral_like", tiny_config()});
-    ModelConfig gpt2 = tiny_config();
+    v.push_back({"mixtral_like", tiny_model_config()});
+    ModelConfig gpt2 = tiny_model_config();
     gpt2.norm = NormType::kLayerNorm;
     gpt2.position = PositionType::kLearned;
     gpt2.activation = Activation::kGelu;
     gpt2.tie_embeddings = true;
     gpt2.num_kv_heads = 4;
     v.push_back({"gpt2_like", gpt2});
-    ModelConfig mixed = tiny_config();
+    ModelConfig mixed = tiny_model_config();
     mixed.moe_every = 2;  // layer 0 dense, layer 1 MoE
     mixed.router_renormalize = false;
     mixed.top_k = 1;
     mixed.num_kv_heads = 1;
     v.push_back({"dense_and_moe_raw_gates_top1_mqa", mixed});
-    ModelConfig capped = tiny_config();
+    ModelConfig capped = tiny_model_config();
     capped.capacity_factor = 0.75f;  // drops copies: dropped tokens pass through the residual
     v.push_back({"capacity_dropping", capped});
     // every router family inside the whole model (router_test checks each router on its own)
     for (const RouterType type :
          {RouterType::kTempSampling, RouterType::kMcDropout, RouterType::kEnsemble, RouterType::kWeightMfvi,
           RouterType::kLogitMf, RouterType::kLogitFc, RouterType::kVtsr}) {
-        ModelConfig c = tiny_config();
+        ModelConfig c = tiny_model_config();
         c.router.type = type;
         c.router.hidden = 5;
         c.router.train_samples = type == RouterType::kLogitFc ? 2 : 1;
@@ -324,16 +309,16 @@ INSTANTIATE_TEST_SUITE_P(Variants, ModelGradTest, ::testing::ValuesIn(variants()
 });
 
 TEST(ModelConfigTest, ValidateRejectsBadValues) {
-    ModelConfig c = tiny_config();
+    ModelConfig c = tiny_model_config();
     c.top_k = c.num_experts + 1;
     EXPECT_THROW(c.validate(), bmoe::Error);
-    c = tiny_config();
+    c = tiny_model_config();
     c.num_kv_heads = 3;
     EXPECT_THROW(c.validate(), bmoe::Error);
-    c = tiny_config();
+    c = tiny_model_config();
     c.d_model = 15;
     EXPECT_THROW(c.validate(), bmoe::Error);
-    EXPECT_NO_THROW(tiny_config().validate());
+    EXPECT_NO_THROW(tiny_model_config().validate());
 }
 
 // Backward-only buffers (the experts' d activations, the MoE block's d rows) exist once per model,
@@ -378,7 +363,7 @@ TEST(ModelTest, BackwardScratchIsSharedByTheLayers) {
 }
 
 TEST(ModelTest, RejectsTokensOutsideVocabulary) {
-    ModelConfig c = tiny_config();
+    ModelConfig c = tiny_model_config();
     CpuBackend backend;
     Model model(c, &backend);
     model.init_weights(1);

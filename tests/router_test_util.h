@@ -1,5 +1,6 @@
 // router_test_util.h -- a tiny one-layer MoE config per router family, its parameters with every
-// router tensor randomised, a routing context: shared by router_test and cuda_router_test.
+// router tensor randomised, a routing context: shared by router_test and cuda_router_test; and a
+// tiny two-layer model config shared by the model-level tests.
 #pragma once
 
 #include <random>
@@ -28,6 +29,24 @@ inline ModelConfig tiny(RouterType type) {
     c.router.weight_sigma_init = 0.3f;  // visible weight noise (and rho gradients above fp32 noise)
     c.router.prior_std = 0.7f;
     c.router.weight_prior_std = 0.3f;
+    return c;
+}
+
+// A two-layer Mixtral-like model small enough for finite differences (model_grad_test,
+// backend_memory_test).
+inline ModelConfig tiny_model_config() {
+    ModelConfig c;
+    c.vocab_size = 23;
+    c.max_seq_len = 16;
+    c.d_model = 16;
+    c.num_layers = 2;
+    c.num_heads = 4;
+    c.num_kv_heads = 2;
+    c.num_experts = 4;
+    c.top_k = 2;
+    c.expert_hidden = 12;
+    c.dense_hidden = 20;
+    c.init_std = 0.2f;  // large enough that every term matters
     return c;
 }
 
