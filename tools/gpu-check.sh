@@ -140,13 +140,13 @@ if [[ $phase != check ]] && stage "router families on the GPU: step time vs topk
   echo "bmoe gpt2-moe bf16 logit_mf (exit $?): $(result bmoe_gpt2-moe_logit_mf.log '^bmoe cuda: ')"
   grep -A14 -E "^profile \(per step" "$logs/bmoe_gpt2-moe_logit_mf.log" | sed 's/^/   /'
 fi
-if [[ $phase != bench ]] && stage "compute-sanitizer memcheck: 1 training step (bf16 topk, fp32 logit_fc)" 60; then
-  for router in "topk bf16" "logit_fc fp32"; do
-    set -- $router
+if [[ $phase != bench ]] && stage "compute-sanitizer memcheck: 1 training step (bf16 topk flash, fp32 logit_fc)" 60; then
+  for run in "topk bf16 flash" "logit_fc fp32 gemm"; do  # router precision attention
+    set -- $run
     capped 90 "sanitizer_$1.log" compute-sanitizer --tool memcheck --error-exitcode 9 ./build-gpu/launch/bmoe train \
-      --train.backend=cuda --train.precision=$2 --router.type=$1 --train.steps=1 $small \
+      --train.backend=cuda --train.precision=$2 --train.attention=$3 --router.type=$1 --train.steps=1 $small \
       --train.out_dir="$logs/sanitize_$1"
-    echo "sanitizer $1 $2: exit $? ; $(result "sanitizer_$1.log" 'ERROR SUMMARY')"
+    echo "sanitizer $1 $2 $3: exit $? ; $(result "sanitizer_$1.log" 'ERROR SUMMARY')"
   done
 fi
 if [[ $phase != check ]] && stage "bmoe vs PyTorch eager: large bf16" 150; then bench_pair large bf16 6; fi
