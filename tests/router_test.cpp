@@ -4,17 +4,22 @@
 // closed-form KL against an independent formula and a Monte-Carlo estimate, logit_fc with a
 // diagonal L equal to logit_mf, sigma -> 0 reproducing topk, SWAG moments and their samples,
 // thread-count independence, that every pointer the router hands its backend is backend memory of
-// the right extent (what keeps the CUDA kernels in bounds), and the configuration errors. (The whole model with every
+// the right extent (what keeps the CUDA kernels in bounds), that router_rows' tokens are
+// independent and every output element written (what a thread-per-token kernel relies on), and the
+// configuration errors. (The whole model with every
 // router is in model_grad_test; the independent PyTorch reference in reference_test.)
 #include "model/router.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <random>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "model/cpu_backend.h"
@@ -452,6 +457,67 @@ void expect_config_error(const std::function<void(ModelConfig&)>& edit, const st
     EXPECT_THAT([&] { c.validate(); }, ::testing::ThrowsMessage<Error>(::testing::HasSubstr(message)));
 }
 
+// Every family, with and without a selection bias, in training (S = 2) and both evaluation modes.
+struct RouterCase {
+    RouterType type;
+    bool bias;
+    RoutingContext ctx;
+    std::string name() const {
+        return std::string(to_string(type)) + (bias ? " with selection bias" : "") +
+               (ctx.training ? " train" : " eval") + (ctx.mode == RouterMode::kMean ? " mean" : " sample");
+    }
+};
+std::vector<RouterCase> router_cases() {
+    RoutingContext eval_sample = train_ctx(3), eval_mean = train_ctx();
+    eval_sample.training = eval_mean.training = false;
+    eval_mean.mode = RouterMode::kMean;
+    std::vector<RouterCase> cases;
+    for (const RouterType type : kAllTypes)
+        for (const bool bias : {false, true})
+            for (const RoutingContext& ctx : {train_ctx(2), eval_sample, eval_mean}) cases.push_back({type, bias, ctx});
+    return cases;
+}
+
+// One forward (and backward when training) of a case on `backend`: every host-visible result.
+struct RouterResults {
+    RouterOutputs out;
+    RouterNoise noise;
+    std::vector<float> token_stats, dx, grads;
+};
+RouterResults run_case(Backend* backend, const RouterCase& c, int N) {
+    ModelConfig cfg = tiny(c.type);
+    if (c.bias) cfg.router.selection_bias_rate = 0.01f;
+    RouterFixture f(cfg, N, 7);
+    Buffer<float> params(backend, f.params.size()), grads(backend, f.params.size()), x(backend, f.x.size()),
+        dx(backend, f.x.size()), dgate(backend, static_cast<size_t>(f.N) * cfg.top_k);
+    params.upload(f.params);
+    x.upload(f.x);
+    std::vector<float> dgate_host(dgate.size());
+    for (size_t i = 0; i < dgate_host.size(); ++i) dgate_host[i] = 0.1f * static_cast<float>(i % 7) - 0.3f;
+    dgate.upload(dgate_host);
+    const LayerTensors w = f.layout.views(params.data()).layers[0];
+    Router router(cfg, backend, 0);
+    if (c.type == RouterType::kSwag)
+        for (int i = 0; i < 3; ++i) router.end_step(i * cfg.router.swag_every, w);
+    if (c.bias) {
+        std::vector<int64_t> load(cfg.num_experts);
+        for (int e = 0; e < cfg.num_experts; ++e) load[e] = e * 3 % 5;
+        router.record_load(load);
+        router.end_step(1, w);
+    }
+    router.forward(x.data(), w, f.N, c.ctx);
+    RouterResults r{router.outputs(), router.noise(), router.token_stats(), {}, {}};
+    if (c.ctx.training) {
+        std::vector<float> aux(cfg.num_experts);
+        for (int e = 0; e < cfg.num_experts; ++e) aux[e] = 0.05f * e;
+        router.backward(dx.data(), f.layout.views(grads.data()).layers[0], dgate.data(), x.data(), w, aux, 0.01f, 0.05f,
+                        0.002f);
+        r.dx = dx.download();
+        r.grads = grads.download();
+    }
+    return r;
+}
+
 TEST(RouterMemory, EveryBackendPointerIsBackendMemoryOfTheRightSize) {
     MemoryCheckingBackend backend;
     {  // the checker itself: a host pointer and a short buffer are caught
@@ -462,36 +528,76 @@ TEST(RouterMemory, EveryBackendPointerIsBackendMemoryOfTheRightSize) {
         EXPECT_EQ(backend.violations.size(), 4u);
         backend.violations.clear();
     }
-    for (const RouterType type : kAllTypes)
-        for (const bool bias : {false, true}) {
-            ModelConfig cfg = tiny(type);
-            if (bias) cfg.router.selection_bias_rate = 0.01f;
-            RoutingContext eval_sample = train_ctx(3), eval_mean = train_ctx();
-            eval_sample.training = eval_mean.training = false;
-            eval_mean.mode = RouterMode::kMean;
-            for (const RoutingContext& ctx : {train_ctx(2), eval_sample, eval_mean}) {
-                RouterFixture f(cfg, 13, 7);
-                Buffer<float> params(&backend, f.params.size()), grads(&backend, f.params.size()),
-                    x(&backend, f.x.size()), dx(&backend, f.x.size()),
-                    dgate(&backend, static_cast<size_t>(f.N) * cfg.top_k);
-                params.upload(f.params);
-                x.upload(f.x);
-                const LayerTensors w = f.layout.views(params.data()).layers[0];
-                Router router(cfg, &backend, 0);
-                if (type == RouterType::kSwag)
-                    for (int i = 0; i < 3; ++i) router.end_step(i * cfg.router.swag_every, w);
-                router.forward(x.data(), w, f.N, ctx);
-                router.outputs();
-                router.noise();
-                if (ctx.training)
-                    router.backward(dx.data(), f.layout.views(grads.data()).layers[0], dgate.data(), x.data(), w,
-                                    std::vector<float>(cfg.num_experts, 0.1f), 0.01f, 0.05f, 0.002f);
-                EXPECT_THAT(backend.violations, ::testing::IsEmpty())
-                    << to_string(type) << (bias ? " with selection bias" : "") << (ctx.training ? " train" : " eval")
-                    << (ctx.mode == RouterMode::kMean ? " mean" : " sample");
-                backend.violations.clear();
-            }
+    for (const RouterCase& c : router_cases()) {
+        run_case(&backend, c, 13);
+        EXPECT_THAT(backend.violations, ::testing::IsEmpty()) << c.name();
+        backend.violations.clear();
+    }
+}
+
+// router_rows as a GPU runs it, on the CPU: the tokens of a stage in a shuffled order, after every
+// output of the stage was filled with NaN (indices with -7). On a GPU all tokens run at once, so a
+// token that reads another token's results, or a stage that leaves an output element unwritten
+// (a later read gets garbage), changes the results here.
+class ShuffledPoisoningBackend : public CpuBackend {
+  public:
+    void router_rows(RouterStage stage, const RouterRows& r) override {
+        const size_t N = r.N, NE = N * r.E, SNE = r.S * NE, NP = N * r.P, NK = N * r.K;
+        const size_t NME = N * (r.M - 1) * r.E;
+        auto poison = [](auto* p, size_t n) {
+            using T = std::remove_pointer_t<decltype(p)>;
+            if (p) std::fill(p, p + n, std::is_floating_point_v<T> ? static_cast<T>(NAN) : static_cast<T>(-7));
+        };
+        switch (stage) {
+            case RouterStage::kSample:
+                if (!r.logits_given) poison(r.sample_logits_SNE, SNE);
+                poison(r.mu_NE, NE), poison(r.sigma_NE, NE), poison(r.chol_NP, NP), poison(r.eps_SNE, SNE);
+                poison(r.temperature_N, N), poison(r.reg_N, N), poison(r.member_N, N);
+                break;
+            case RouterStage::kSelect:
+                poison(r.sample_logp_SNE, SNE), poison(r.sample_probs_SNE, SNE), poison(r.log_pbar_NE, NE);
+                poison(r.probs_NE, NE), poison(r.gumbel_NE, NE), poison(r.lse_N, N), poison(r.topk_idx_NK, NK);
+                poison(r.topk_weight_NK, NK), poison(r.stats_NC, N * (r.E + kStatsExtra));
+                break;
+            case RouterStage::kGateBackward:
+                poison(r.dl_SNE, SNE), poison(r.dtemp_N, N), poison(r.dmu_z_NE, NE);
+                break;
+            case RouterStage::kFamilyBackward:
+                poison(r.dldet_NE, NE), poison(r.ddmu_NE, NE), poison(r.draw_NP, NP), poison(r.dvar_NE, NE);
+                poison(r.dtemp_raw_N, N), poison(r.dmembers_NME, NME);
+                break;
         }
+        std::vector<int> order(r.N);
+        std::iota(order.begin(), order.end(), 0);
+        std::shuffle(order.begin(), order.end(),
+                     std::mt19937(static_cast<unsigned>(r.N) + static_cast<unsigned>(stage)));
+        for (int n : order) router_row(stage, r, n);
+    }
+};
+
+TEST(RouterRowsTest, TokensAreIndependentAndEveryOutputIsWritten) {
+    CpuBackend reference;
+    ShuffledPoisoningBackend shuffled;
+    for (const RouterCase& c : router_cases()) {
+        const RouterResults a = run_case(&reference, c, 29), b = run_case(&shuffled, c, 29);
+        EXPECT_EQ(a.out.sample_logits, b.out.sample_logits) << c.name();
+        EXPECT_EQ(a.out.sample_probs, b.out.sample_probs) << c.name();
+        EXPECT_EQ(a.out.mu, b.out.mu) << c.name();
+        EXPECT_EQ(a.out.probs, b.out.probs) << c.name();
+        EXPECT_EQ(a.out.topk_idx, b.out.topk_idx) << c.name();
+        EXPECT_EQ(a.out.topk_weight, b.out.topk_weight) << c.name();
+        EXPECT_EQ(a.out.sigma, b.out.sigma) << c.name();
+        EXPECT_EQ(a.out.chol, b.out.chol) << c.name();
+        EXPECT_EQ(a.out.temperature, b.out.temperature) << c.name();
+        EXPECT_EQ(a.out.reg, b.out.reg) << c.name();
+        EXPECT_EQ(a.out.lse, b.out.lse) << c.name();
+        EXPECT_EQ(a.token_stats, b.token_stats) << c.name();
+        EXPECT_EQ(a.noise.eps, b.noise.eps) << c.name();
+        EXPECT_EQ(a.noise.gumbel, b.noise.gumbel) << c.name();
+        EXPECT_EQ(a.noise.member, b.noise.member) << c.name();
+        EXPECT_EQ(a.dx, b.dx) << c.name();
+        EXPECT_EQ(a.grads, b.grads) << c.name();
+    }
 }
 
 TEST(RouterConfigErrors, NameTheFieldAndTheFix) {
