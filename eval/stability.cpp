@@ -41,8 +41,9 @@ StabilityResult routing_stability(EvalModel& em,
     // Clean selections of this rank's rows, per MoE layer.
     LocalRows local = em.forward(rows, T, 0, ctx);
     std::vector<std::vector<int32_t>> clean(static_cast<size_t>(L));
-    for (int l = 0; l < L; ++l) clean[l] = m.moe_block(l).router().outputs().topk_idx;
-    const int K = m.moe_block(0).router().outputs().K;
+    // (topk_idx_host: the selections only, not every router output)
+    for (int l = 0; l < L; ++l) clean[l] = m.moe_block(l).router().topk_idx_host();
+    const int K = m.config().top_k;
 
     // [pass][layer][row]: the sum over the row's tokens of the Jaccard index against the clean pass.
     const size_t passes = noise_scales.size() + 1;  // pass 0: a second clean pass
@@ -51,7 +52,7 @@ StabilityResult routing_stability(EvalModel& em,
         ctx.input_noise = p == 0 ? 0.0f : static_cast<float>(noise_scales[p - 1]);
         local = em.forward(rows, T, 0, ctx);
         for (int l = 0; l < L; ++l) {
-            const std::vector<int32_t>& noisy = m.moe_block(l).router().outputs().topk_idx;
+            const std::vector<int32_t>& noisy = m.moe_block(l).router().topk_idx_host();
             for (int b = 0; b < local.count; ++b) {
                 const int g = local.first + b;
                 if (g >= R) continue;
