@@ -195,8 +195,8 @@ INSTANTIATE_TEST_SUITE_P(Models,
                          ::testing::ValuesIn(variants()),
                          [](const ::testing::TestParamInfo<Variant>& info) { return info.param.name; });
 
-// The runs above call (and so check) every op a model on one rank calls; copy and the bf16 transport ops run only
-// with expert parallelism.
+// The runs above call (and so check) every op a model on one rank calls; the bf16 transport ops run only with expert
+// parallelism (backend_memory_mpi_test), and copy is not called by the model.
 TEST(BackendMemory, TheModelsCoverEveryOpButTheExpertParallelOnes) {
     MemoryCheckingBackend backend;
     for (const Variant& v : variants())

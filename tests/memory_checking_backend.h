@@ -26,6 +26,11 @@ namespace bmoe::model {
 
 class MemoryCheckingBackend : public CpuBackend {
   public:
+    // act_as_device: is_host() says false, so callers treat its buffers as device memory, as with
+    // CUDA (communicators stage them through host copies instead of reading them directly).
+    explicit MemoryCheckingBackend(bool act_as_device = false) : act_as_device_(act_as_device) {}
+    bool is_host() const override { return !act_as_device_; }
+
     std::vector<std::string> violations;  // "op: arg", in call order
     std::set<std::string> checked_ops;    // every op called (what a test covered)
 
@@ -444,6 +449,7 @@ class MemoryCheckingBackend : public CpuBackend {
     }
 
   private:
+    bool act_as_device_;
     // One pointer argument: its name and the bytes the op touches from it.
     struct Extent {
         const char* name;
