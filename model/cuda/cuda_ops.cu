@@ -599,8 +599,10 @@ void CudaBackend::router_rows(RouterStage stage, const RouterRows& rows) {
                                              "router_family_backward"};
     const ProfiledOp op(profiler_.get(), kNames[static_cast<int>(stage)]);
     if (rows.N <= 0) return;
-    constexpr int kRouterThreads = 128;
-    router_rows_kernel<<<div_up(rows.N, kRouterThreads), kRouterThreads, 0, stream_>>>(stage, rows);
+    // One thread per token is latency-bound work (a few hundred dependent fp64 ops): small blocks
+    // spread the 8k tokens of a step over every SM instead of half of them.
+    constexpr int kRowThreads = 64;
+    router_rows_kernel<<<div_up(rows.N, kRowThreads), kRowThreads, 0, stream_>>>(stage, rows);
     CUDA_CHECK_LAST();
 }
 
