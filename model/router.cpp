@@ -113,15 +113,15 @@ void Router::forward(const float* x_ND, const LayerTensors& w, int N, const Rout
 void Router::forward_fast() {
     const int N = N_, E = config_.num_experts, K = config_.top_k, C = E + kStatsExtra;
     const size_t NE = static_cast<size_t>(N) * E;
-    backend_->router_topk_forward(sized(t_.probs_NE, NE), sized(t_.lse_N, N), t_.topk_idx_NK.data(),
-                                  t_.topk_weight_NK.data(), t_.ldet_NE.data(), N, E, K, config_.router_renormalize);
-    std::vector<float> probs, lse;
-    download_to(backend_, probs, t_.probs_NE.data(), NE);
-    download_to(backend_, lse, t_.lse_N.data(), N);
+    float* probs = sized(t_.probs_NE, NE + N);  // pbar [N, E], then lse [N]: one download
+    backend_->router_topk_forward(probs, probs + NE, t_.topk_idx_NK.data(), t_.topk_weight_NK.data(), t_.ldet_NE.data(),
+                                  N, E, K, config_.router_renormalize);
+    std::vector<float> host;
+    download_to(backend_, host, static_cast<const float*>(probs), NE + N);
     token_stats_.assign(static_cast<size_t>(N) * C, 0.0f);
     for (size_t n = 0; n < static_cast<size_t>(N); ++n) {
-        std::copy(probs.begin() + n * E, probs.begin() + (n + 1) * E, token_stats_.begin() + n * C);
-        token_stats_[n * C + E + kStatsLse] = lse[n];
+        std::copy(host.begin() + n * E, host.begin() + (n + 1) * E, token_stats_.begin() + n * C);
+        token_stats_[n * C + E + kStatsLse] = host[NE + n];
     }
 }
 
@@ -385,7 +385,7 @@ void Router::backward(float* dx_ND,
     const float* aux = aux_dprobs_E.empty() ? nullptr : to_backend(t_.aux_E, aux_dprobs_E);
     if (fast_path()) {
         float* dlogits = sized(t_.dlogits_NE, NE);
-        backend_->router_topk_backward(dlogits, dtopk_weight_NK, t_.probs_NE.data(), t_.lse_N.data(),
+        backend_->router_topk_backward(dlogits, dtopk_weight_NK, t_.probs_NE.data(), t_.probs_NE.data() + NE,
                                        t_.topk_idx_NK.data(), t_.topk_weight_NK.data(), aux, z_coef, N, E, K,
                                        config_.router_renormalize);
         backend_->matmul_backward(dx_ND, dw.router_w, nullptr, dlogits, x_ND, w.router_w, N, D, E, true);
