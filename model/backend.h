@@ -310,6 +310,10 @@ class Backend {
     // ---- router noise: counter-based, so every backend draws the same bits --------------------
     // mask[n, d] = dropout_mask_value(rng, counter0 + n * row_stride + d, drop, keep_scale) (model/rng.h)
     virtual void dropout_mask(float* mask_ND, int N, int D, const DropoutMaskDraw& draw) = 0;
+    // Evaluation (routing stability): out_ND = x_ND + scale * RMS(x_n) * rng.normal(counter0 + n D + d),
+    // RMS over the row in double. out_ND may alias x_ND.
+    virtual void add_input_noise(
+        float* out_ND, const float* x_ND, int N, int D, const CounterRng& rng, uint64_t counter0, float scale) = 0;
 
     // ---- bf16 transport (expert-parallel rows that only feed bf16 GEMMs) --------------------
     // out[i] = bf16_bits(in[i]) (nearest-even, model/precision.h); out[i] -> the float it encodes.

@@ -840,6 +840,20 @@ void CpuBackend::dropout_mask(float* mask_ND, int N, int D, const DropoutMaskDra
     }
 }
 
+void CpuBackend::add_input_noise(
+    float* out_ND, const float* x_ND, int N, int D, const CounterRng& rng, uint64_t counter0, float scale) {
+#pragma omp parallel for schedule(static) if (par(static_cast <size_t>(N) * D * 8))
+    for (idx_t n = 0; n < N; ++n) {
+        const float* x = x_ND + static_cast<size_t>(n) * D;
+        float* out = out_ND + static_cast<size_t>(n) * D;
+        double ms = 0.0;
+        for (int d = 0; d < D; ++d) ms += static_cast<double>(x[d]) * x[d] / D;
+        const float s = scale * static_cast<float>(std::sqrt(ms));
+        const uint64_t base = counter0 + static_cast<uint64_t>(n) * D;
+        for (int d = 0; d < D; ++d) out[d] = x[d] + s * rng.normal(base + d);
+    }
+}
+
 // ---- bf16 transport ------------------------------------------------------------------------
 
 void CpuBackend::float_to_bf16(uint16_t* out, const float* in, size_t n) {

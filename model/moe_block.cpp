@@ -107,19 +107,10 @@ void MoeBlock::run_experts_backward(const LayerTensors& dw, const LayerTensors& 
 const float* MoeBlock::add_input_noise(const float* x_ND, int N, const RoutingContext& ctx) {
     BMOE_REQUIRE(!ctx.training, "RoutingContext.input_noise is for evaluation only (set training = false)");
     const int D = config_.d_model;
-    std::vector<float> x(static_cast<size_t>(N) * D);
-    backend_->download(x.data(), x_ND, x.size() * sizeof(float));
     const CounterRng rng(ctx.seed ^ 0x5eed0f1a9e11ULL, mix64(static_cast<uint64_t>(layer_)));
-    for (int n = 0; n < N; ++n) {
-        float* row = x.data() + static_cast<size_t>(n) * D;
-        double ms = 0.0;
-        for (int d = 0; d < D; ++d) ms += static_cast<double>(row[d]) * row[d] / D;
-        const float scale = ctx.input_noise * static_cast<float>(std::sqrt(ms));
-        const uint64_t base = static_cast<uint64_t>(ctx.first_token + n) * D;
-        for (int d = 0; d < D; ++d) row[d] += scale * rng.normal(base + d);
-    }
-    x_noisy_.ensure(backend_, x.size());
-    backend_->upload(x_noisy_.data(), x.data(), x.size() * sizeof(float));
+    x_noisy_.ensure(backend_, static_cast<size_t>(N) * D);
+    backend_->add_input_noise(x_noisy_.data(), x_ND, N, D, rng, static_cast<uint64_t>(ctx.first_token) * D,
+                              ctx.input_noise);
     return x_noisy_.data();
 }
 

@@ -203,7 +203,7 @@ TEST(BackendMemory, TheModelsCoverEveryOpButTheExpertParallelOnes) {
         if (v.name.find("_everything") != std::string::npos || v.name == "router_topk" || v.name == "gpt2_like")
             train_and_evaluate(backend, v);
     std::istringstream names(
-        "accumulate adamw_update add attention_backward attention_forward cross_entropy_backward "
+        "accumulate adamw_update add add_input_noise attention_backward attention_forward cross_entropy_backward "
         "cross_entropy_forward download dropout_mask embedding_backward embedding_forward gelu_backward gelu_forward "
         "grouped_matmul_backward grouped_matmul_forward layernorm_backward layernorm_forward matmul_backward "
         "matmul_forward moe_combine_backward moe_combine_forward moe_gather_backward moe_gather_forward mul "

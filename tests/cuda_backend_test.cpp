@@ -174,6 +174,18 @@ TEST(CudaBackend, DropoutMaskIsBitwiseTheCpuOne) {
     EXPECT_EQ(mask.side[kCpu].download(), mask.side[kGpu].download());
 }
 
+// Stability evaluation's input noise: the same counter-based normals, scaled by each row's RMS (the
+// GPU's block reduction sums in another order: within fp32 rounding).
+TEST(CudaBackend, AddInputNoiseMatchesTheCpu) {
+    if (!bmoe::model::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+    Dual d;
+    constexpr int rows = 131, cols = 768;
+    const bmoe::model::CounterRng rng(3, 5);
+    auto x = d.make(randn(static_cast<size_t>(rows) * cols, 11)), out = d.garbage(static_cast<size_t>(rows) * cols);
+    d.run([&](Backend& be, int s) { be.add_input_noise(out[s], x[s], rows, cols, rng, 777, 0.2f); });
+    expect_close(out, "add_input_noise");
+}
+
 TEST(CudaBackend, SumSquares) {
     if (!bmoe::model::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
     Dual d;

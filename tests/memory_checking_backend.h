@@ -441,6 +441,11 @@ class MemoryCheckingBackend : public CpuBackend {
     void dropout_mask(float* mask, int N, int D, const DropoutMaskDraw& draw) override {
         if (check("dropout_mask", {{"mask", mask, numel(N, D)}})) CpuBackend::dropout_mask(mask, N, D, draw);
     }
+    void add_input_noise(
+        float* out, const float* x, int N, int D, const CounterRng& rng, uint64_t counter0, float scale) override {
+        if (check("add_input_noise", {{"out", out, numel(N, D)}, {"x", x, numel(N, D)}}))
+            CpuBackend::add_input_noise(out, x, N, D, rng, counter0, scale);
+    }
     void float_to_bf16(uint16_t* out, const float* in, size_t n) override {
         if (check("float_to_bf16", {{"out", out, n}, {"in", in, n}})) CpuBackend::float_to_bf16(out, in, n);
     }

@@ -170,6 +170,28 @@ TEST(CounterRngTest, UniformIsStrictlyInsideZeroOneForEveryValue) {
     }
 }
 
+// Stability evaluation's input noise: x + scale * RMS(x_n) * N(0, 1), the normal drawn at counter
+// counter0 + n D + d; in place too.
+TEST(CpuOps, AddInputNoiseScalesCounterNoiseByTheRowRms) {
+    CpuBackend be;
+    constexpr int N = 37, D = 24;
+    const bmoe::model::CounterRng rng(9, 4);
+    const uint64_t counter0 = 5000;
+    const Vec x = randn(static_cast<size_t>(N) * D, 8);
+    Vec out(x.size()), in_place = x;
+    be.add_input_noise(out.data(), x.data(), N, D, rng, counter0, 0.3f);
+    be.add_input_noise(in_place.data(), in_place.data(), N, D, rng, counter0, 0.3f);
+    EXPECT_EQ(out, in_place);
+    for (int n = 0; n < N; ++n) {
+        double ms = 0.0;
+        for (int d = 0; d < D; ++d) ms += static_cast<double>(x[n * D + d]) * x[n * D + d] / D;
+        for (int d = 0; d < D; ++d) {
+            const double want = x[n * D + d] + 0.3 * std::sqrt(ms) * rng.normal(counter0 + n * D + d);
+            ASSERT_NEAR(out[n * D + d], want, 1e-5 * (1.0 + std::abs(want))) << n << " " << d;
+        }
+    }
+}
+
 // ---- GEMMs ------------------------------------------------------------------------------------
 
 std::vector<double> naive_matmul(const Vec& in, const float* w, const float* bias, int N, int I, int O) {

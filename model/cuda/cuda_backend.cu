@@ -184,6 +184,20 @@ __global__ void dropout_mask_kernel(float* mask_ND, size_t n, int D, DropoutMask
     }
 }
 
+// One block per row: the row's mean square (double), then x + scale * RMS * N(0, 1).
+__global__ void add_input_noise_kernel(
+    float* out_ND, const float* x_ND, int D, CounterRng rng, uint64_t counter0, float scale) {
+    const size_t row = blockIdx.x;
+    const float* x = x_ND + row * D;
+    float* out = out_ND + row * D;
+    double ms = 0.0;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) ms += static_cast<double>(x[d]) * x[d] / D;
+    ms = block_sum(ms);  // every thread reads x before any writes out (out may alias x)
+    const float s = scale * static_cast<float>(sqrt(ms));
+    const uint64_t base = counter0 + row * D;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) out[d] = x[d] + s * rng.normal(base + d);
+}
+
 constexpr int kSumBlocks = 1024;  // fixed partial count: the summation order depends on n only
 
 __global__ void sum_squares_partial_kernel(double* partial, const float* x, size_t n) {
@@ -227,6 +241,14 @@ void CudaBackend::mul(float* out, const float* a, const float* b, size_t n) {
     const ProfiledOp op(profiler_.get(), "mul");
     if (n == 0) return;
     mul_kernel<<<grid_for(n), kThreads, 0, stream_>>>(out, a, b, n);
+    CUDA_CHECK_LAST();
+}
+
+void CudaBackend::add_input_noise(
+    float* out_ND, const float* x_ND, int N, int D, const CounterRng& rng, uint64_t counter0, float scale) {
+    const ProfiledOp op(profiler_.get(), "add_input_noise");
+    if (N <= 0 || D <= 0) return;
+    add_input_noise_kernel<<<N, kThreads, 0, stream_>>>(out_ND, x_ND, D, rng, counter0, scale);
     CUDA_CHECK_LAST();
 }
 

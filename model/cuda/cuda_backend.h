@@ -207,6 +207,8 @@ class CudaBackend final : public Backend {
                       int step) override;
     void router_rows(RouterStage stage, const RouterRows& rows) override;
     void dropout_mask(float* mask_ND, int N, int D, const DropoutMaskDraw& draw) override;
+    void add_input_noise(
+        float* out_ND, const float* x_ND, int N, int D, const CounterRng& rng, uint64_t counter0, float scale) override;
     void float_to_bf16(uint16_t* out, const float* in, size_t n) override;
     void bf16_to_float(float* out, const uint16_t* in, size_t n) override;
 
