@@ -11,7 +11,9 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <filesystem>
 #include <iterator>
+#include <memory>
 #include <ostream>
 #include <set>
 #include <sstream>
@@ -23,6 +25,7 @@
 #include "tests/memory_checking_backend.h"
 #include "tests/router_test_util.h"
 #include "trainer/optimizer.h"
+#include "trainer/trainer.h"
 
 namespace bmoe::model {
 namespace {
@@ -194,6 +197,44 @@ INSTANTIATE_TEST_SUITE_P(Models,
                          BackendMemoryTest,
                          ::testing::ValuesIn(variants()),
                          [](const ::testing::TestParamInfo<Variant>& info) { return info.param.name; });
+
+// The trainer on a backend acting as device memory (is_host() false, as CUDA is): training with
+// gradient accumulation and clipping, validation, checkpoints (parameters, AdamW moments and router
+// state downloaded), then a run resumed from one (uploaded back) and an evaluation-mode forward.
+TEST(BackendMemory, TrainerCheckpointAndResumeOnDeviceMemory) {
+    trainer::RunConfig c;
+    c.model = small_config();
+    c.model.router.type = RouterType::kLogitMf;
+    c.model.router.selection_bias_rate = 0.01f;  // checkpointed router state
+    c.model.vocab_size = 256;                    // the built-in byte-level corpus
+    c.data.batch_size = 4;
+    c.data.seq_len = 8;
+    c.data.train_tokens = 5000;
+    c.train.steps = 4;
+    c.train.grad_accum = 2;
+    c.train.eval_every = 2;
+    c.train.eval_batches = 1;
+    c.train.plot = false;
+    c.train.out_dir = (std::filesystem::temp_directory_path() / "bmoe_backend_memory_trainer").string();
+    std::filesystem::remove_all(c.train.out_dir);
+    c.checkpoint.every = 2;
+    std::ostringstream log;
+    auto run = [&](const trainer::RunConfig& config) {
+        auto backend = std::make_unique<MemoryCheckingBackend>(/*act_as_device=*/true);
+        MemoryCheckingBackend* checker = backend.get();
+        trainer::Trainer trainer(config, log, nullptr, std::move(backend));
+        trainer.run();
+        EXPECT_GT(checker->checked_ops.count("download"), 0u);
+        return checker->violations;
+    };
+    EXPECT_THAT(run(c), IsEmpty());
+    trainer::RunConfig resumed = c;
+    resumed.checkpoint.resume = "auto";
+    resumed.train.steps = 6;
+    EXPECT_THAT(run(resumed), IsEmpty());
+    EXPECT_THAT(log.str(), ::testing::HasSubstr("resum"));
+    std::filesystem::remove_all(c.train.out_dir);
+}
 
 // The runs above call (and so check) every op a model on one rank calls; the bf16 transport ops run only with expert
 // parallelism (backend_memory_mpi_test), and copy is not called by the model.

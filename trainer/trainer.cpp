@@ -31,8 +31,11 @@ parallel::Communicator& world_or_local(parallel::Communicator* world, parallel::
 }
 }  // namespace
 
-Trainer::Trainer(const RunConfig& config, std::ostream& log, parallel::Communicator* world)
-    : config_(config), log_(world == nullptr || world->rank() == 0 ? log : null_log_) {
+Trainer::Trainer(const RunConfig& config,
+                 std::ostream& log,
+                 parallel::Communicator* world,
+                 std::unique_ptr<model::Backend> backend)
+    : config_(config), log_(world == nullptr || world->rank() == 0 ? log : null_log_), backend_(std::move(backend)) {
     config_.validate();
     parallel::Communicator& comm = world_or_local(world, local_comm_);
     const int ep = config_.parallel.ep == 0 ? comm.size() : config_.parallel.ep;
@@ -49,7 +52,8 @@ Trainer::Trainer(const RunConfig& config, std::ostream& log, parallel::Communica
     }
     datasets_ = load_datasets(config_.data, config_.model.vocab_size, config_.train.seed, config_.train.eval_batches,
                               grid_->world_rank(), W, log_);
-    backend_ = model::make_backend(config_.train.backend, W > 1 ? parallel::launch_info().local_rank : 0);
+    if (!backend_)
+        backend_ = model::make_backend(config_.train.backend, W > 1 ? parallel::launch_info().local_rank : 0);
     backend_->set_matmul_precision(matmul_precision(config_.train));
     backend_->set_attention_kernel(model::parse_attention_kernel(config_.train.attention));
     const std::string data_comm = setup_data_comm(config_.parallel, *backend_, *grid_);

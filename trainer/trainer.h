@@ -39,8 +39,12 @@ struct TrainResult {
 class Trainer {
   public:
     // `log` receives the progress lines (rank 0); metrics go to <out_dir>/metrics.jsonl.
-    // world: all ranks of the job (nullptr = this process alone).
-    Trainer(const RunConfig& config, std::ostream& log, parallel::Communicator* world = nullptr);
+    // world: all ranks of the job (nullptr = this process alone). backend: the compute backend to
+    // use (tests pass an instrumented one); nullptr = the one train.backend names.
+    Trainer(const RunConfig& config,
+            std::ostream& log,
+            parallel::Communicator* world = nullptr,
+            std::unique_ptr<model::Backend> backend = nullptr);
     ~Trainer();
 
     TrainResult run();
