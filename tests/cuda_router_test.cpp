@@ -28,46 +28,6 @@ void expect_close(const std::vector<float>& cpu, const std::vector<float>& gpu, 
     EXPECT_LE(worst, 1e-4 * (scale + 1e-6)) << what << " (max |cpu| " << scale << ")";
 }
 
-// One forward + backward of a router on `backend`; the results on the host.
-struct RouterRun {
-    RouterOutputs out;
-    std::vector<float> dx, grads;
-};
-
-RouterRun run_router(Backend* backend, RouterFixture& f, const RoutingContext& ctx) {
-    const ModelConfig& cfg = f.config;
-    Buffer<float> params(backend, f.params.size()), grads(backend, f.params.size()), x(backend, f.x.size()),
-        dx(backend, f.x.size()), dgate(backend, static_cast<size_t>(f.N) * cfg.top_k);
-    params.upload(f.params);
-    x.upload(f.x);
-    std::vector<float> dgate_host(static_cast<size_t>(f.N) * cfg.top_k);
-    for (size_t i = 0; i < dgate_host.size(); ++i) dgate_host[i] = 0.1f * static_cast<float>(i % 7) - 0.3f;
-    dgate.upload(dgate_host);
-    const LayerTensors w = f.layout.views(params.data()).layers[0];
-    Router router(cfg, backend, 0);
-    if (cfg.router.type == RouterType::kSwag) {  // SWAG moments from three perturbed snapshots
-        std::vector<float> snapshot = f.params;
-        for (int i = 0; i < 3; ++i) {
-            for (size_t j = 0; j < snapshot.size(); ++j) snapshot[j] = f.params[j] * (1.0f + 0.1f * ((i + j) % 3));
-            params.upload(snapshot);
-            router.end_step(i * cfg.router.swag_every, w);
-        }
-        params.upload(f.params);
-    }
-    router.forward(x.data(), w, f.N, ctx);
-    RouterRun r;
-    r.out = router.outputs();
-    if (ctx.training) {
-        std::vector<float> aux(cfg.num_experts);
-        for (int e = 0; e < cfg.num_experts; ++e) aux[e] = 0.05f * e;
-        router.backward(dx.data(), f.layout.views(grads.data()).layers[0], dgate.data(), x.data(), w, aux, 0.01f, 0.05f,
-                        0.002f);
-        r.dx = dx.download();
-        r.grads = grads.download();
-    }
-    return r;
-}
-
 TEST(CudaRouter, EveryFamilyMatchesTheCpuBackend) {
     if (!cuda_device_available()) GTEST_SKIP() << "no CUDA device";
     auto gpu = make_cuda_backend();
@@ -90,6 +50,11 @@ TEST(CudaRouter, EveryFamilyMatchesTheCpuBackend) {
             expect_close(c.out.sigma, g.out.sigma, what + " sigma");
             expect_close(c.out.chol, g.out.chol, what + " chol");
             expect_close(c.out.temperature, g.out.temperature, what + " temperature");
+            expect_close(c.out.lse, g.out.lse, what + " lse");
+            expect_close(c.token_stats, g.token_stats, what + " token statistics");
+            expect_close(c.noise.eps, g.noise.eps, what + " eps (drawn on the device)");
+            expect_close(c.noise.gumbel, g.noise.gumbel, what + " Gumbel noise (drawn on the device)");
+            EXPECT_EQ(c.noise.member, g.noise.member) << what;
             expect_close(c.dx, g.dx, what + " dx");
             expect_close(c.grads, g.grads, what + " router grads");
         }

@@ -478,44 +478,11 @@ std::vector<RouterCase> router_cases() {
     return cases;
 }
 
-// One forward (and backward when training) of a case on `backend`: every host-visible result.
-struct RouterResults {
-    RouterOutputs out;
-    RouterNoise noise;
-    std::vector<float> token_stats, dx, grads;
-};
-RouterResults run_case(Backend* backend, const RouterCase& c, int N) {
+RouterRun run_case(Backend* backend, const RouterCase& c, int N) {
     ModelConfig cfg = tiny(c.type);
     if (c.bias) cfg.router.selection_bias_rate = 0.01f;
     RouterFixture f(cfg, N, 7);
-    Buffer<float> params(backend, f.params.size()), grads(backend, f.params.size()), x(backend, f.x.size()),
-        dx(backend, f.x.size()), dgate(backend, static_cast<size_t>(f.N) * cfg.top_k);
-    params.upload(f.params);
-    x.upload(f.x);
-    std::vector<float> dgate_host(dgate.size());
-    for (size_t i = 0; i < dgate_host.size(); ++i) dgate_host[i] = 0.1f * static_cast<float>(i % 7) - 0.3f;
-    dgate.upload(dgate_host);
-    const LayerTensors w = f.layout.views(params.data()).layers[0];
-    Router router(cfg, backend, 0);
-    if (c.type == RouterType::kSwag)
-        for (int i = 0; i < 3; ++i) router.end_step(i * cfg.router.swag_every, w);
-    if (c.bias) {
-        std::vector<int64_t> load(cfg.num_experts);
-        for (int e = 0; e < cfg.num_experts; ++e) load[e] = e * 3 % 5;
-        router.record_load(load);
-        router.end_step(1, w);
-    }
-    router.forward(x.data(), w, f.N, c.ctx);
-    RouterResults r{router.outputs(), router.noise(), router.token_stats(), {}, {}};
-    if (c.ctx.training) {
-        std::vector<float> aux(cfg.num_experts);
-        for (int e = 0; e < cfg.num_experts; ++e) aux[e] = 0.05f * e;
-        router.backward(dx.data(), f.layout.views(grads.data()).layers[0], dgate.data(), x.data(), w, aux, 0.01f, 0.05f,
-                        0.002f);
-        r.dx = dx.download();
-        r.grads = grads.download();
-    }
-    return r;
+    return run_router(backend, f, c.ctx);
 }
 
 TEST(RouterMemory, EveryBackendPointerIsBackendMemoryOfTheRightSize) {
@@ -579,7 +546,7 @@ TEST(RouterRowsTest, TokensAreIndependentAndEveryOutputIsWritten) {
     CpuBackend reference;
     ShuffledPoisoningBackend shuffled;
     for (const RouterCase& c : router_cases()) {
-        const RouterResults a = run_case(&reference, c, 29), b = run_case(&shuffled, c, 29);
+        const RouterRun a = run_case(&reference, c, 29), b = run_case(&shuffled, c, 29);
         EXPECT_EQ(a.out.sample_logits, b.out.sample_logits) << c.name();
         EXPECT_EQ(a.out.sample_probs, b.out.sample_probs) << c.name();
         EXPECT_EQ(a.out.mu, b.out.mu) << c.name();

@@ -1,12 +1,14 @@
 // router_test_util.h -- a tiny one-layer MoE config per router family, its parameters with every
-// router tensor randomised, a routing context: shared by router_test and cuda_router_test; and a
-// tiny two-layer model config shared by the model-level tests.
+// router tensor randomised, a routing context and one forward/backward run on any backend: shared
+// by router_test and cuda_router_test; and a tiny two-layer model config for the model-level tests.
 #pragma once
 
 #include <random>
 #include <string>
 #include <vector>
 
+#include "model/backend.h"
+#include "model/buffer.h"
 #include "model/config.h"
 #include "model/params.h"
 #include "model/router.h"
@@ -75,6 +77,53 @@ struct RouterFixture {
     }
     LayerTensors weights() { return layout.views(params.data()).layers[0]; }
 };
+
+// One forward (and, in training, one backward) of f's router on `backend`, with every host-visible
+// result: the same weights, inputs, gate gradients and loss coefficients on any backend. SWAG gets
+// three perturbed snapshots first; a selection bias is moved once by a fixed load first.
+struct RouterRun {
+    RouterOutputs out;
+    RouterNoise noise;
+    std::vector<float> token_stats, dx, grads;
+};
+inline RouterRun run_router(Backend* backend, RouterFixture& f, const RoutingContext& ctx) {
+    const ModelConfig& cfg = f.config;
+    Buffer<float> params(backend, f.params.size()), grads(backend, f.params.size()), x(backend, f.x.size()),
+        dx(backend, f.x.size()), dgate(backend, static_cast<size_t>(f.N) * cfg.top_k);
+    params.upload(f.params);
+    x.upload(f.x);
+    std::vector<float> dgate_host(dgate.size());
+    for (size_t i = 0; i < dgate_host.size(); ++i) dgate_host[i] = 0.1f * static_cast<float>(i % 7) - 0.3f;
+    dgate.upload(dgate_host);
+    const LayerTensors w = f.layout.views(params.data()).layers[0];
+    Router router(cfg, backend, 0);
+    if (cfg.router.type == RouterType::kSwag) {
+        std::vector<float> snapshot = f.params;
+        for (int i = 0; i < 3; ++i) {
+            for (size_t j = 0; j < snapshot.size(); ++j) snapshot[j] = f.params[j] * (1.0f + 0.1f * ((i + j) % 3));
+            params.upload(snapshot);
+            router.end_step(i * cfg.router.swag_every, w);
+        }
+        params.upload(f.params);
+    }
+    if (cfg.router.selection_bias_rate > 0.0f) {
+        std::vector<int64_t> load(cfg.num_experts);
+        for (int e = 0; e < cfg.num_experts; ++e) load[e] = e * 3 % 5;
+        router.record_load(load);
+        router.end_step(1, w);
+    }
+    router.forward(x.data(), w, f.N, ctx);
+    RouterRun r{router.outputs(), router.noise(), router.token_stats(), {}, {}};
+    if (ctx.training) {
+        std::vector<float> aux(cfg.num_experts);
+        for (int e = 0; e < cfg.num_experts; ++e) aux[e] = 0.05f * e;
+        router.backward(dx.data(), f.layout.views(grads.data()).layers[0], dgate.data(), x.data(), w, aux, 0.01f, 0.05f,
+                        0.002f);
+        r.dx = dx.download();
+        r.grads = grads.download();
+    }
+    return r;
+}
 
 inline RoutingContext train_ctx(int samples = 0) {
     RoutingContext ctx;
