@@ -139,6 +139,7 @@ if [[ $phase != check ]] && stage "router families on the GPU: step time vs topk
     --precision bf16 --router logit_mf --steps 10 --warmup 3 --profile 2
   echo "bmoe gpt2-moe bf16 logit_mf (exit $?): $(result bmoe_gpt2-moe_logit_mf.log '^bmoe cuda: ')"
   grep -A14 -E "^profile \(per step" "$logs/bmoe_gpt2-moe_logit_mf.log" | sed 's/^/   /'
+  grep -E "^ *(router_|add_input_noise|dropout_mask)" "$logs/bmoe_gpt2-moe_logit_mf.log" | sed 's/^/   /'  # the router kernels
 fi
 if [[ $phase != bench ]] && stage "compute-sanitizer memcheck: 1 training step (bf16 topk flash, fp32 logit_fc)" 60; then
   for run in "topk bf16 flash" "logit_fc fp32 gemm"; do  # router precision attention
