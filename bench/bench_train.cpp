@@ -11,14 +11,7 @@
 //     CUDA: --peak-tflops, the card's dense peak for the precision (default 989 for bf16 and 67
 //     for fp32: H100/H200 SXM datasheet figures without sparsity), so "% peak" is MFU.
 // (b) bmoe: warm-up steps, then timed steps of forward + backward + AdamW (trainer/optimizer.h)
-//     on random tokens, for one of the model presets:
-//       default : the comparison model of bench/run_bench.sh (vocab 256, seq 256, batch 8, d 256,
-//                 4 layers, 4 heads, 8 experts top-2, expert hidden 512, SwiGLU, RMSNorm, RoPE)
-//       gpt2-moe: GPT-2-small-sized MoE (vocab 50304, seq 1024, batch 8, d 768, 12 layers, 12 heads,
-//                 8 experts top-2, expert hidden 3072, GELU, LayerNorm, learned positions, tied)
-//       large   : a card-filling MoE (vocab 50304, seq 2048, batch 4, d 1536, 8 layers, 12 heads,
-//                 8 experts top-2, expert hidden 6144, SwiGLU, RMSNorm, RoPE; ~2B parameters:
-//                 ~32 GB of fp32 weights, gradients and moments, plus activations)
+//     on random tokens, for one of the model presets (bench/model_presets.h: default, gpt2-moe, large).
 //     Model FLOP/s = tokens/s * (6 * active_matmul_params + 12 * L * T * d) (PaLM-style: matmul
 //     FLOPs of the active parameters plus attention scores).
 //     --router TYPE: the preset with that router.type (default topk) at its defaults, e.g. logit_mf
@@ -39,6 +32,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/model_presets.h"
 #include "model/backend.h"
 #include "model/cpu_backend.h"
 #ifdef BMOE_HAVE_CUDA
@@ -149,37 +143,6 @@ double peak_rss_mib() {
     return static_cast<double>(usage.ru_maxrss) / 1024.0;  // Linux: kilobytes
 }
 
-// The model presets (see the header comment); B and T are the preset's batch and sequence length.
-bmoe::model::ModelConfig preset(const std::string& name, int& B, int& T) {
-    using namespace bmoe::model;
-    ModelConfig c;  // every field set explicitly so the presets cannot drift with the defaults
-    c.moe_every = 1;
-    c.num_experts = 8;
-    c.top_k = 2;
-    if (name == "default") {
-        c.vocab_size = 256, c.d_model = 256, c.num_layers = 4, c.num_heads = 4, c.expert_hidden = 512;
-        c.tie_embeddings = false, c.norm = NormType::kRmsNorm, c.position = PositionType::kRope;
-        c.activation = Activation::kSwiGlu;
-        B = 8, T = 256;
-    } else if (name == "gpt2-moe") {
-        c.vocab_size = 50304, c.d_model = 768, c.num_layers = 12, c.num_heads = 12, c.expert_hidden = 3072;
-        c.tie_embeddings = true, c.norm = NormType::kLayerNorm, c.position = PositionType::kLearned;
-        c.activation = Activation::kGelu;
-        B = 8, T = 1024;
-    } else if (name == "large") {
-        c.vocab_size = 50304, c.d_model = 1536, c.num_layers = 8, c.num_heads = 12, c.expert_hidden = 6144;
-        c.tie_embeddings = false, c.norm = NormType::kRmsNorm, c.position = PositionType::kRope;
-        c.activation = Activation::kSwiGlu;
-        B = 4, T = 2048;
-    } else {
-        std::fprintf(stderr, "bench_train: unknown --model '%s' (default, gpt2-moe, large)\n", name.c_str());
-        std::exit(2);
-    }
-    c.num_kv_heads = c.num_heads;
-    c.max_seq_len = T;
-    return c;
-}
-
 const char* env_or_unset(const char* name) {
     const char* v = std::getenv(name);
     return v != nullptr ? v : "(unset)";
@@ -221,7 +184,7 @@ int run(int argc, char** argv) {
 
     // (b) bmoe training steps on the preset
     int B = 0, T = 0;
-    model::ModelConfig config = preset(opt.model, B, T);
+    model::ModelConfig config = bench::model_preset(opt.model, B, T);
     config.router.type = router_type;
     if (opt.batch > 0) B = opt.batch;
     const int N = B * T;
@@ -264,7 +227,7 @@ int run(int argc, char** argv) {
 
     const double tokens_per_s = static_cast<double>(N) * opt.steps / elapsed;
     const double active = static_cast<double>(net.layout().active_matmul_params());
-    const double flops_per_token = 6.0 * active + 12.0 * config.num_layers * T * config.d_model;
+    const double flops_per_token = bench::model_flops_per_token(config, net.layout(), T);
     const double model_flops = tokens_per_s * flops_per_token;
     const double rss = peak_rss_mib();
     double device_mib = 0.0;

@@ -1,0 +1,346 @@
+// op_cost_backend.cpp -- OpCostBackend: the FLOPs and bytes of each op, and their roofline time.
+#include "model/op_cost_backend.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "parallel/check.h"
+
+namespace bmoe::model {
+
+GpuSpec gpu_spec(const std::string& name) {
+    if (name == "h100") return {"H100 SXM", 989e12, 67e12, 3.35e12};
+    if (name == "h200") return {"H200 SXM", 989e12, 67e12, 4.8e12};
+    throw Error("unknown GPU '" + name + "': use h100 or h200");
+}
+
+OpCost OpCostBackend::total() const {
+    OpCost sum;
+    for (const auto& [key, row] : ledger_) {
+        sum.calls += row.calls;
+        sum.flops += row.flops;
+        sum.bytes += row.bytes;
+        sum.seconds += row.seconds;
+    }
+    return sum;
+}
+
+size_t OpCostBackend::attention_saved_numel(int B, int T, int H, int Hd) const {
+    if (attention_kernel_ == AttentionKernel::kFlash) return static_cast<size_t>(B) * H * T;  // lse rows
+    return Backend::attention_saved_numel(B, T, H, Hd);
+}
+
+// ---- the roofline ---------------------------------------------------------------------------------
+
+void OpCostBackend::kernel(const std::string& key, double bytes, double flops) {
+    const double memory = bytes / (model_.gpu.hbm_bytes_per_s * model_.bandwidth_efficiency);
+    const double compute = flops / model_.gpu.fp32_flops;  // elementwise math: CUDA cores
+    OpCost& row = ledger_[key];
+    row.calls += 1;
+    row.flops += flops;
+    row.bytes += bytes;
+    row.seconds += std::max({memory, compute, model_.min_kernel_seconds});
+}
+
+void OpCostBackend::gemm(
+    const std::string& key, double flops, std::initializer_list<Operand> inputs, double outputs, bool accumulate) {
+    double bytes = outputs * 4.0 * (accumulate ? 2.0 : 1.0);  // fp32 out (dW accumulates: read and write)
+    for (const Operand& in : inputs) {
+        const double stored = in.weight ? 4.0 : model_.activation_bytes;
+        if (bf16() && stored == 4.0) kernel("bf16 operand copies", in.elements * (4.0 + 2.0));  // round to a copy
+        bytes += in.elements * (bf16() ? 2.0 : stored);
+    }
+    const double rate = (bf16() ? model_.gpu.bf16_flops : model_.gpu.fp32_flops) * model_.gemm_efficiency;
+    const double memory = bytes / (model_.gpu.hbm_bytes_per_s * model_.bandwidth_efficiency);
+    OpCost& row = ledger_[key];
+    row.calls += 1;
+    row.flops += flops;
+    row.bytes += bytes;
+    row.seconds += std::max({flops / rate, memory, model_.min_kernel_seconds});
+}
+
+void OpCostBackend::attention_products(const std::string& key, double flops, double bytes) {
+    const double rate = (bf16() ? model_.gpu.bf16_flops : model_.gpu.fp32_flops) * model_.attention_efficiency;
+    const double memory = bytes / (model_.gpu.hbm_bytes_per_s * model_.bandwidth_efficiency);
+    OpCost& row = ledger_[key];
+    row.calls += 1;
+    row.flops += flops;
+    row.bytes += bytes;
+    row.seconds += std::max({flops / rate, memory, model_.min_kernel_seconds});
+}
+
+void OpCostBackend::host_transfer(size_t bytes, bool synchronizes) {
+    OpCost& row = ledger_["host transfers"];
+    row.calls += 1;
+    row.bytes += static_cast<double>(bytes);
+    row.seconds += static_cast<double>(bytes) / model_.pcie_bytes_per_s + (synchronizes ? model_.sync_seconds : 0.0);
+}
+
+namespace {
+std::string shaped(const char* op, double n, int I, int O) {
+    return std::string(op) + " " + std::to_string(static_cast<long long>(n)) + "x" + std::to_string(I) + "x" +
+           std::to_string(O);
+}
+}  // namespace
+
+// ---- memory ---------------------------------------------------------------------------------------
+
+void* OpCostBackend::alloc(size_t bytes) {
+    void* p = reinterpret_cast<void*>(next_address_);
+    next_address_ += (bytes + 511) / 256 * 256;  // 256-aligned, at least 256 bytes apart
+    note_alloc(p, bytes);
+    return p;
+}
+void OpCostBackend::free(void* ptr) { note_free(ptr); }
+void OpCostBackend::upload(void*, const void*, size_t bytes) { host_transfer(bytes, false); }
+void OpCostBackend::download(void* dst_host, const void*, size_t bytes) {
+    if (bytes > 0) std::memset(dst_host, 0, bytes);  // what the caller reads: zeros, as alloc promises
+    host_transfer(bytes, true);
+}
+void OpCostBackend::copy(void*, const void*, size_t bytes) { kernel("copy", 2.0 * bytes); }
+void OpCostBackend::zero(void*, size_t bytes) { kernel("zero", static_cast<double>(bytes)); }
+
+// ---- elementwise ----------------------------------------------------------------------------------
+
+void OpCostBackend::add(float*, const float*, const float*, size_t n) { kernel("add", act(3.0 * n), n); }
+void OpCostBackend::accumulate(float*, const float*, size_t n) { kernel("accumulate", act(3.0 * n), n); }
+void OpCostBackend::scale(float*, float, size_t n) { kernel("scale", act(2.0 * n), n); }
+void OpCostBackend::mul(float*, const float*, const float*, size_t n) { kernel("mul", act(3.0 * n), n); }
+double OpCostBackend::sum_squares(const float*, size_t n) {
+    kernel("sum_squares", 4.0 * n, 2.0 * n);
+    return 0.0;
+}
+
+// ---- GEMMs ----------------------------------------------------------------------------------------
+
+void OpCostBackend::matmul_forward(float*, const float*, const float*, const float* bias, int N, int I, int O) {
+    const double n = N, flops = 2.0 * n * I * O;
+    // A bias is broadcast into out first; the GEMM then reads it back (beta = 1).
+    if (bias != nullptr) kernel("matmul bias", 4.0 * O + act(n * O));
+    gemm(shaped("matmul_forward", n, I, O), flops, {{n * I, false}, {double(O) * I, true}}, n * O, bias != nullptr);
+}
+
+void OpCostBackend::matmul_backward(float* din,
+                                    float* dw,
+                                    float* dbias,
+                                    const float*,
+                                    const float*,
+                                    const float*,
+                                    int N,
+                                    int I,
+                                    int O,
+                                    bool accumulate_din) {
+    const double n = N, flops = 2.0 * n * I * O;
+    const std::string key = shaped("matmul_backward", n, I, O);
+    if (din != nullptr) gemm(key, flops, {{n * O, false}, {double(O) * I, true}}, n * I, accumulate_din);
+    if (dw != nullptr) gemm(key, flops, {{n * O, false}, {n * I, false}}, double(O) * I, /*accumulate=*/true);
+    if (dbias != nullptr) kernel("matmul bias", act(n * O) + 8.0 * O, n * O);
+}
+
+void OpCostBackend::grouped_matmul_forward(
+    float*, const float*, const float*, const int* offsets_host, int G, int I, int O) {
+    const double r = offsets_host[G];
+    gemm(shaped("grouped_matmul_forward", r, I, O), 2.0 * r * I * O, {{r * I, false}, {double(G) * O * I, true}},
+         r * O);
+}
+
+void OpCostBackend::grouped_matmul_backward(
+    float* din, float* dw, const float*, const float*, const float*, const int* offsets_host, int G, int I, int O) {
+    const double r = offsets_host[G], flops = 2.0 * r * I * O, weights = double(G) * O * I;
+    const std::string key = shaped("grouped_matmul_backward", r, I, O);
+    if (din != nullptr) gemm(key, flops, {{r * O, false}, {weights, true}}, r * I);
+    if (dw != nullptr) gemm(key, flops, {{r * O, false}, {r * I, false}}, weights, /*accumulate=*/true);
+}
+
+// ---- embeddings and norms ---------------------------------------------------------------------------
+
+void OpCostBackend::embedding_forward(float*, const int32_t*, const float*, int N, int D) {
+    kernel("embedding_forward", 4.0 * N + 4.0 * N * D + act(double(N) * D));
+}
+void OpCostBackend::embedding_backward(float*, const float*, const int32_t*, int N, int D) {
+    kernel("embedding_backward", 4.0 * N + act(double(N) * D) + 8.0 * N * D, double(N) * D);
+}
+void OpCostBackend::position_forward(float*, const float*, int B, int T, int D) {
+    kernel("position_forward", act(2.0 * B * T * D) + 4.0 * T * D, double(B) * T * D);
+}
+void OpCostBackend::position_backward(float*, const float*, int B, int T, int D) {
+    kernel("position_backward", act(double(B) * T * D) + 8.0 * T * D, double(B) * T * D);
+}
+
+void OpCostBackend::rmsnorm_forward(float*, float*, const float*, const float*, int N, int D, float) {
+    kernel("rmsnorm_forward", act(2.0 * N * D) + 4.0 * (D + N), 4.0 * N * D);
+}
+void OpCostBackend::rmsnorm_backward(
+    float*, float* dw, const float*, const float*, const float*, const float*, int N, int D) {
+    // dout, in and din (+=: read and write), rstd; dw from per-block partial sums.
+    kernel("rmsnorm_backward", act(4.0 * N * D) + 4.0 * N + (dw != nullptr ? 8.0 * D : 0.0), 8.0 * N * D);
+}
+void OpCostBackend::layernorm_forward(
+    float*, float*, float*, const float*, const float*, const float*, int N, int D, float) {
+    kernel("layernorm_forward", act(2.0 * N * D) + 4.0 * (2.0 * D + 2.0 * N), 6.0 * N * D);
+}
+void OpCostBackend::layernorm_backward(
+    float*, float* dw, float*, const float*, const float*, const float*, const float*, const float*, int N, int D) {
+    kernel("layernorm_backward", act(4.0 * N * D) + 8.0 * N + (dw != nullptr ? 16.0 * D : 0.0), 10.0 * N * D);
+}
+
+// ---- attention --------------------------------------------------------------------------------------
+
+void OpCostBackend::rope_forward(float*, int B, int T, int nh, int Hd, float) {
+    kernel("rope_forward", act(2.0 * B * T * nh * Hd), 3.0 * B * T * nh * Hd);
+}
+void OpCostBackend::rope_backward(float*, int B, int T, int nh, int Hd, float) {
+    kernel("rope_backward", act(2.0 * B * T * nh * Hd), 3.0 * B * T * nh * Hd);
+}
+
+// q, k, v and out each once. kGemm: the full T x T products (the upper triangle's work is wasted)
+// and the scores through memory: S written, the softmax reading it and writing the saved P (plus a
+// bf16 P for the second GEMM), the P V product reading P. kFlash: the causal half of the products,
+// no scores in memory.
+void OpCostBackend::attention_forward(
+    float*, float*, const float*, const float*, const float*, int B, int T, int H, int KV, int Hd) {
+    const double q = double(B) * T * H * Hd, kv = double(B) * T * KV * Hd, scores = double(B) * H * T * T;
+    double operands = 2.0 * q + 2.0 * kv;  // q and out, k and v
+    if (attention_kernel_ == AttentionKernel::kFlash) {
+        attention_products("attention_forward (flash)", 2.0 * scores * Hd, act(operands) + 4.0 * B * H * T);
+        return;
+    }
+    if (bf16()) kernel("bf16 operand copies", (q + 2.0 * kv) * 6.0);
+    const double operand_bytes = bf16() ? 2.0 * (q + 2.0 * kv) + 4.0 * q : act(operands);
+    const double score_bytes = scores * (bf16() ? 4.0 + 4.0 + 4.0 + 2.0 + 2.0 : 16.0);
+    attention_products("attention_forward", 4.0 * scores * Hd, operand_bytes + score_bytes);
+}
+
+// kGemm: dP = dout V^T written; the softmax backward reads dP and P and writes dS (bf16 too); the
+// dq, dk, dv products read dS twice and P once (P's bf16 copy rounded from the fp32 saved P).
+// kFlash: the five causal products of FlashAttention-2's backward (S and P recomputed).
+void OpCostBackend::attention_backward(float*,
+                                       float*,
+                                       float*,
+                                       const float*,
+                                       const float*,
+                                       const float*,
+                                       const float*,
+                                       const float*,
+                                       const float*,
+                                       int B,
+                                       int T,
+                                       int H,
+                                       int KV,
+                                       int Hd) {
+    const double q = double(B) * T * H * Hd, kv = double(B) * T * KV * Hd, scores = double(B) * H * T * T;
+    if (attention_kernel_ == AttentionKernel::kFlash) {
+        // reads q, out, dout, k, v, lse; writes dq, dk, dv
+        attention_products("attention_backward (flash)", 5.0 * scores * Hd, act(4.0 * q + 4.0 * kv) + 4.0 * B * H * T);
+        return;
+    }
+    if (bf16()) kernel("bf16 operand copies", (2.0 * q + 2.0 * kv + scores) * 6.0);
+    const double operand_bytes = bf16() ? 2.0 * (2.0 * q + 2.0 * kv) + 4.0 * (q + 2.0 * kv) : act(4.0 * q + 4.0 * kv);
+    const double score_bytes = scores * (bf16() ? 4.0 + (4.0 + 4.0 + 4.0 + 2.0) + 2.0 + 2.0 + 2.0 : 28.0);
+    attention_products("attention_backward", 8.0 * scores * Hd, operand_bytes + score_bytes);
+}
+
+// ---- activations and loss -------------------------------------------------------------------------
+
+void OpCostBackend::swiglu_forward(float*, const float*, const float*, size_t n) {
+    kernel("swiglu_forward", act(3.0 * n), 8.0 * n);
+}
+void OpCostBackend::swiglu_backward(float*, float*, const float*, const float*, const float*, size_t n) {
+    kernel("swiglu_backward", act(5.0 * n), 12.0 * n);
+}
+void OpCostBackend::gelu_forward(float*, const float*, size_t n) { kernel("gelu_forward", act(2.0 * n), 12.0 * n); }
+void OpCostBackend::gelu_backward(float*, const float*, const float*, size_t n) {
+    kernel("gelu_backward", act(3.0 * n), 20.0 * n);
+}
+
+// The CUDA kernel's passes: an online max/sum over each row, then the probabilities written.
+void OpCostBackend::cross_entropy_forward(float*, float*, const float*, const int32_t*, int N, int V) {
+    kernel("cross_entropy_forward", act(3.0 * N * V) + 8.0 * N, 6.0 * N * V);
+}
+void OpCostBackend::cross_entropy_backward(float*, const float*, const int32_t*, float, int N, int V) {
+    kernel("cross_entropy_backward", act(2.0 * N * V) + 4.0 * N, 2.0 * N * V);
+}
+
+// ---- router and permutation ------------------------------------------------------------------------
+
+void OpCostBackend::router_topk_forward(float*, float*, int32_t*, float*, const float*, int N, int E, int K, bool) {
+    kernel("router_topk_forward", 4.0 * (2.0 * N * E + N + 2.0 * N * K), 6.0 * N * E);
+}
+void OpCostBackend::router_topk_backward(float*,
+                                         const float*,
+                                         const float*,
+                                         const float*,
+                                         const int32_t*,
+                                         const float*,
+                                         const float*,
+                                         float,
+                                         int N,
+                                         int E,
+                                         int K,
+                                         bool) {
+    kernel("router_topk_backward", 4.0 * (2.0 * N * E + N + 3.0 * N * K + E), 6.0 * N * E);
+}
+
+void OpCostBackend::moe_gather_forward(float*, const float*, const int32_t*, int R, int, int D) {
+    kernel("moe_gather_forward", act(2.0 * R * D) + 4.0 * R);  // each routed row read and written
+}
+void OpCostBackend::moe_gather_backward(float*, const float*, const int32_t*, int N, int K, int D) {
+    kernel("moe_gather_backward", act(double(N) * K * D + 2.0 * N * D) + 4.0 * N * K, double(N) * K * D);
+}
+void OpCostBackend::moe_combine_forward(float*, const float*, const int32_t*, const float*, int N, int K, int D) {
+    kernel("moe_combine_forward", act(double(N) * K * D + double(N) * D) + 8.0 * N * K, 2.0 * N * K * D);
+}
+void OpCostBackend::moe_combine_backward(float*,
+                                         float*,
+                                         const float*,
+                                         const float*,
+                                         const int32_t*,
+                                         const int32_t*,
+                                         const float*,
+                                         int N,
+                                         int R,
+                                         int K,
+                                         int D) {
+    // dy rows read per copy, y_RD read for the gate gradients, dy_RD written
+    kernel("moe_combine_backward", act(3.0 * R * D) + 4.0 * (2.0 * R + 3.0 * N * K), 3.0 * R * D);
+}
+
+// ---- optimizer --------------------------------------------------------------------------------------
+
+void OpCostBackend::adamw_update(
+    float*, const float*, float*, float*, size_t n, float, float, float, float, float, float, int) {
+    kernel("adamw_update", 28.0 * n, 15.0 * n);  // param, m, v read and written; grad read
+}
+
+// ---- router rows and noise ---------------------------------------------------------------------------
+
+// Every buffer the rows name, once (the stages share one RouterRows, so this counts a stage's
+// neighbours' buffers too: an overestimate of an op that is small next to the GEMMs).
+void OpCostBackend::router_rows(RouterStage stage, const RouterRows& r) {
+    const double N = r.N, E = r.E, SNE = double(r.S) * N * E, NE = N * E;
+    double floats = 0.0;
+    auto add = [&floats](const void* p, double n) { floats += p != nullptr ? n : 0.0; };
+    add(r.ldet_NE, NE), add(r.dmu_NE, NE), add(r.raw_NP, N * r.P), add(r.var_NE, NE), add(r.temp_raw_N, N);
+    add(r.members_NME, N * (r.M - 1) * E), add(r.sample_logits_SNE, SNE), add(r.mu_NE, NE), add(r.sigma_NE, NE);
+    add(r.chol_NP, N * r.P), add(r.eps_SNE, SNE), add(r.temperature_N, N), add(r.reg_N, N), add(r.member_N, N);
+    add(r.sample_logp_SNE, SNE), add(r.sample_probs_SNE, SNE), add(r.log_pbar_NE, NE), add(r.probs_NE, NE);
+    add(r.gumbel_NE, NE), add(r.lse_N, N), add(r.topk_idx_NK, N * r.K), add(r.topk_weight_NK, N * r.K);
+    add(r.stats_NC, N * (E + static_cast<int>(kStatsExtra))), add(r.dgate_NK, N * r.K), add(r.dl_SNE, SNE),
+        add(r.dtemp_N, N);
+    add(r.dmu_z_NE, NE), add(r.dldet_NE, NE), add(r.ddmu_NE, NE), add(r.draw_NP, N * r.P), add(r.dvar_NE, NE);
+    add(r.dtemp_raw_N, N), add(r.dmembers_NME, N * (r.M - 1) * E);
+    static const char* const kNames[] = {"router_sample", "router_select", "router_gate_backward",
+                                         "router_family_backward"};
+    kernel(kNames[static_cast<int>(stage)], 4.0 * floats, 40.0 * SNE);
+}
+
+void OpCostBackend::dropout_mask(float*, int N, int D, const DropoutMaskDraw&) {
+    kernel("dropout_mask", 4.0 * N * D, 10.0 * N * D);
+}
+void OpCostBackend::add_input_noise(float*, const float*, int N, int D, const CounterRng&, uint64_t, float) {
+    kernel("add_input_noise", act(3.0 * N * D), 20.0 * N * D);  // RMS pass, then read and write
+}
+void OpCostBackend::float_to_bf16(uint16_t*, const float*, size_t n) { kernel("float_to_bf16", 6.0 * n); }
+void OpCostBackend::bf16_to_float(float*, const uint16_t*, size_t n) { kernel("bf16_to_float", 6.0 * n); }
+
+}  // namespace bmoe::model

@@ -1,0 +1,270 @@
+// op_cost_backend.h -- OpCostBackend: runs no op; models what each would cost on a GPU.
+//
+// A Backend whose buffers are never touched: alloc() hands out addresses with no memory behind
+// them (a host read of one crashes), download() returns zeros, and every op adds its FLOPs and the
+// bytes it must move to a ledger, with a roofline time per call:
+//   time = max(FLOPs / (peak * compute efficiency), bytes / (HBM bandwidth * bandwidth efficiency),
+//              min_kernel_seconds)
+// summed over the kernels the CUDA backend launches for the op. Driving a model through it tallies a
+// training step of any size in a fraction of a second of CPU, without a GPU: the step time the
+// CUDA backend's current decomposition into ops could reach if every kernel ran at the roofline,
+// hence an upper bound on its MFU (bench/bench_roofline.cpp), and where that time goes.
+//
+// Bytes are what each op must read and write once, at the CUDA backend's storage types: fp32
+// activations, weights, gradients and moments; with bf16 matmul precision each fp32 tensor a GEMM
+// op reads is first rounded into a bf16 copy (read 4 + write 2 bytes per element, one kernel per
+// tensor) that the GEMM reads (2 bytes), as model/cuda/cuda_gemm.cu does. The attention kernels'
+// [B, H, T, T] traffic follows model/cuda/cuda_attention.cu (kGemm) and flash_attention.cu
+// (kFlash: only the operands, as if K/V tiles were re-read from L2). CostModel::activation_bytes = 2
+// is a what-if: activations stored in bf16, GEMMs reading them without copies.
+//
+// Host transfers (upload/download) are costed apart (PCIe time plus a synchronisation each).
+// peak_allocated_bytes() is exact: the same buffers the model allocates on any backend.
+#pragma once
+
+#include <cstdint>
+#include <initializer_list>
+#include <map>
+#include <string>
+
+#include "model/backend.h"
+
+namespace bmoe::model {
+
+// A card's datasheet peaks (dense, no sparsity).
+struct GpuSpec {
+    std::string name;
+    double bf16_flops = 0.0;  // FLOP/s, tensor cores
+    double fp32_flops = 0.0;  // FLOP/s, CUDA cores (no TF32)
+    double hbm_bytes_per_s = 0.0;
+};
+// "h100" (SXM: 989 / 67 TFLOP/s, 3.35 TB/s) | "h200" (989 / 67, 4.8 TB/s); throws a one-line
+// bmoe::Error naming the valid values otherwise.
+GpuSpec gpu_spec(const std::string& name);
+
+struct CostModel {
+    GpuSpec gpu = gpu_spec("h100");
+    double gemm_efficiency = 0.7;        // of the peak, reached by cuBLAS GEMMs (dense and grouped)
+    double attention_efficiency = 0.35;  // of the peak, reached by the attention products
+    double bandwidth_efficiency = 0.8;   // of HBM bandwidth, reached by memory-bound kernels
+    double min_kernel_seconds = 3e-6;    // no kernel finishes faster (launch and tail)
+    double pcie_bytes_per_s = 25e9;      // host <-> device copies
+    double sync_seconds = 20e-6;         // a download waits for the queue and restarts it
+    int activation_bytes = 4;            // 4: as built (fp32); 2: what-if bf16 activation storage
+};
+
+// One ledger row: everything a kind of op did in the recorded calls.
+struct OpCost {
+    int64_t calls = 0;
+    double flops = 0.0;
+    double bytes = 0.0;    // device memory traffic (host transfers: bytes over PCIe)
+    double seconds = 0.0;  // roofline time
+};
+
+class OpCostBackend final : public Backend {
+  public:
+    explicit OpCostBackend(const CostModel& model = CostModel{}) : model_(model) {}
+    std::string name() const override { return "cost"; }
+
+    const CostModel& cost_model() const { return model_; }
+    // Rows keyed by op name; GEMMs also by shape ("matmul_forward 8192x768x50304" = N x I x O), and
+    // "bf16 operand copies" for the roundings before bf16 GEMMs, "host transfers" for upload/download.
+    const std::map<std::string, OpCost>& ledger() const { return ledger_; }
+    OpCost total() const;
+    void clear_ledger() { ledger_.clear(); }
+
+    // Both kernels can be costed (the CPU has no flash kernel, the model of one needs none).
+    void set_attention_kernel(AttentionKernel k) override { attention_kernel_ = k; }
+    size_t attention_saved_numel(int B, int T, int H, int Hd) const override;
+
+    void* alloc(size_t bytes) override;
+    void free(void* ptr) override;
+    void upload(void* dst, const void* src_host, size_t bytes) override;
+    void download(void* dst_host, const void* src, size_t bytes) override;
+    void copy(void* dst, const void* src, size_t bytes) override;
+    void zero(void* ptr, size_t bytes) override;
+    void synchronize() override {}
+    void add(float* out, const float* a, const float* b, size_t n) override;
+    void accumulate(float* out, const float* a, size_t n) override;
+    void scale(float* x, float s, size_t n) override;
+    void mul(float* out, const float* a, const float* b, size_t n) override;
+    double sum_squares(const float* x, size_t n) override;
+    void matmul_forward(
+        float* out_NO, const float* in_NI, const float* w_OI, const float* bias_O, int N, int I, int O) override;
+    void matmul_backward(float* din_NI,
+                         float* dw_OI,
+                         float* dbias_O,
+                         const float* dout_NO,
+                         const float* in_NI,
+                         const float* w_OI,
+                         int N,
+                         int I,
+                         int O,
+                         bool accumulate_din) override;
+    void grouped_matmul_forward(
+        float* out_RO, const float* in_RI, const float* w_GOI, const int* offsets_host, int G, int I, int O) override;
+    void grouped_matmul_backward(float* din_RI,
+                                 float* dw_GOI,
+                                 const float* dout_RO,
+                                 const float* in_RI,
+                                 const float* w_GOI,
+                                 const int* offsets_host,
+                                 int G,
+                                 int I,
+                                 int O) override;
+    void embedding_forward(float* out_ND, const int32_t* tokens_N, const float* table_VD, int N, int D) override;
+    void embedding_backward(float* dtable_VD, const float* dout_ND, const int32_t* tokens_N, int N, int D) override;
+    void position_forward(float* x_BTD, const float* wpe_SD, int B, int T, int D) override;
+    void position_backward(float* dwpe_SD, const float* dx_BTD, int B, int T, int D) override;
+    void rmsnorm_forward(
+        float* out_ND, float* rstd_N, const float* in_ND, const float* w_D, int N, int D, float eps) override;
+    void rmsnorm_backward(float* din_ND,
+                          float* dw_D,
+                          const float* dout_ND,
+                          const float* in_ND,
+                          const float* w_D,
+                          const float* rstd_N,
+                          int N,
+                          int D) override;
+    void layernorm_forward(float* out_ND,
+                           float* mean_N,
+                           float* rstd_N,
+                           const float* in_ND,
+                           const float* w_D,
+                           const float* b_D,
+                           int N,
+                           int D,
+                           float eps) override;
+    void layernorm_backward(float* din_ND,
+                            float* dw_D,
+                            float* db_D,
+                            const float* dout_ND,
+                            const float* in_ND,
+                            const float* w_D,
+                            const float* mean_N,
+                            const float* rstd_N,
+                            int N,
+                            int D) override;
+    void rope_forward(float* x_BTHd, int B, int T, int nh, int Hd, float theta) override;
+    void rope_backward(float* dx_BTHd, int B, int T, int nh, int Hd, float theta) override;
+    void attention_forward(float* out_BTHd,
+                           float* att_BHTT,
+                           const float* q_BTHd,
+                           const float* k_BTKVHd,
+                           const float* v_BTKVHd,
+                           int B,
+                           int T,
+                           int H,
+                           int KV,
+                           int Hd) override;
+    void attention_backward(float* dq_BTHd,
+                            float* dk_BTKVHd,
+                            float* dv_BTKVHd,
+                            const float* dout_BTHd,
+                            const float* out_BTHd,
+                            const float* q_BTHd,
+                            const float* k_BTKVHd,
+                            const float* v_BTKVHd,
+                            const float* att_BHTT,
+                            int B,
+                            int T,
+                            int H,
+                            int KV,
+                            int Hd) override;
+    void swiglu_forward(float* out, const float* gate, const float* up, size_t n) override;
+    void swiglu_backward(
+        float* dgate, float* dup, const float* dout, const float* gate, const float* up, size_t n) override;
+    void gelu_forward(float* out, const float* in, size_t n) override;
+    void gelu_backward(float* din, const float* dout, const float* in, size_t n) override;
+    void cross_entropy_forward(
+        float* loss_N, float* probs_NV, const float* logits_NV, const int32_t* targets_N, int N, int V) override;
+    void cross_entropy_backward(
+        float* dlogits_NV, const float* probs_NV, const int32_t* targets_N, float dloss, int N, int V) override;
+    void router_topk_forward(float* probs_NE,
+                             float* lse_N,
+                             int32_t* topk_idx_NK,
+                             float* topk_weight_NK,
+                             const float* logits_NE,
+                             int N,
+                             int E,
+                             int K,
+                             bool renormalize) override;
+    void router_topk_backward(float* dlogits_NE,
+                              const float* dtopk_weight_NK,
+                              const float* probs_NE,
+                              const float* lse_N,
+                              const int32_t* topk_idx_NK,
+                              const float* topk_weight_NK,
+                              const float* aux_dprobs_E,
+                              float zloss_coef,
+                              int N,
+                              int E,
+                              int K,
+                              bool renormalize) override;
+    void moe_gather_forward(float* x_RD, const float* x_ND, const int32_t* row_src_R, int R, int K, int D) override;
+    void moe_gather_backward(
+        float* dx_ND, const float* dx_RD, const int32_t* slot_row_NK, int N, int K, int D) override;
+    void moe_combine_forward(float* y_ND,
+                             const float* y_RD,
+                             const int32_t* slot_row_NK,
+                             const float* topk_weight_NK,
+                             int N,
+                             int K,
+                             int D) override;
+    void moe_combine_backward(float* dy_RD,
+                              float* dtopk_weight_NK,
+                              const float* dy_ND,
+                              const float* y_RD,
+                              const int32_t* row_src_R,
+                              const int32_t* slot_row_NK,
+                              const float* topk_weight_NK,
+                              int N,
+                              int R,
+                              int K,
+                              int D) override;
+    void adamw_update(float* param,
+                      const float* grad,
+                      float* m,
+                      float* v,
+                      size_t n,
+                      float lr,
+                      float beta1,
+                      float beta2,
+                      float eps,
+                      float weight_decay,
+                      float grad_scale,
+                      int step) override;
+    void router_rows(RouterStage stage, const RouterRows& rows) override;
+    void dropout_mask(float* mask_ND, int N, int D, const DropoutMaskDraw& draw) override;
+    void add_input_noise(
+        float* out_ND, const float* x_ND, int N, int D, const CounterRng& rng, uint64_t counter0, float scale) override;
+    void float_to_bf16(uint16_t* out, const float* in, size_t n) override;
+    void bf16_to_float(float* out, const uint16_t* in, size_t n) override;
+
+  private:
+    // One GEMM operand: its elements and whether it is a weight (always fp32) or an activation.
+    struct Operand {
+        double elements;
+        bool weight;
+    };
+    // Adds one memory-bound kernel (or one per op where the kernels are fused) to row `key`.
+    void kernel(const std::string& key, double bytes, double flops = 0.0);
+    // Adds a GEMM kernel of `flops` reading `inputs` and writing (or, accumulate, updating) `outputs`
+    // fp32 elements, plus the bf16 rounding of each input the precision requires.
+    void gemm(const std::string& key,
+              double flops,
+              std::initializer_list<Operand> inputs,
+              double outputs,
+              bool accumulate = false);
+    // Adds tensor-core work at the attention efficiency with `bytes` of traffic.
+    void attention_products(const std::string& key, double flops, double bytes);
+    void host_transfer(size_t bytes, bool synchronizes);
+    double act(double elements) const { return elements * model_.activation_bytes; }
+    bool bf16() const { return matmul_precision_ == MatmulPrecision::kBf16; }
+
+    CostModel model_;
+    std::map<std::string, OpCost> ledger_;
+    uintptr_t next_address_ = uintptr_t{1} << 44;  // far above any host allocation: never dereferenced
+};
+
+}  // namespace bmoe::model

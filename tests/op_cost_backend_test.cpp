@@ -1,0 +1,178 @@
+// op_cost_backend_test.cpp -- OpCostBackend (model/op_cost_backend.h): the FLOPs and bytes it
+// books for whole training steps match independent counts, its roofline arithmetic is the formula,
+// and a model runs on it without reading a buffer.
+#include "model/op_cost_backend.h"
+
+#include <gtest/gtest.h>
+
+#include <string>
+#include <vector>
+
+#include "model/cpu_backend.h"
+#include "model/model.h"
+#include "parallel/check.h"
+#include "router_test_util.h"
+#include "trainer/optimizer.h"
+
+namespace bmoe::model {
+namespace {
+
+constexpr int kB = 2, kT = 8;
+
+// Sum of a ledger's rows whose key starts with one of the prefixes.
+OpCost rows_starting_with(const OpCostBackend& be, std::initializer_list<const char*> prefixes) {
+    OpCost sum;
+    for (const auto& [key, row] : be.ledger())
+        for (const char* p : prefixes)
+            if (key.rfind(p, 0) == 0) {
+                sum.calls += row.calls;
+                sum.flops += row.flops;
+                sum.bytes += row.bytes;
+                sum.seconds += row.seconds;
+            }
+    return sum;
+}
+
+// One training step (forward, backward, AdamW) of `config` on `be`; the ledger then holds the
+// second step only (the first allocates what later steps reuse).
+struct Step {
+    Step(const ModelConfig& config, Backend* be) : net(config, be), adamw(optim, net) {
+        net.init_weights(/*seed=*/1);
+        net.set_keep_logits(false);
+        for (int i = 0; i < kB * kT; ++i) {
+            tokens.push_back(i * 7 % config.vocab_size);
+            targets.push_back(i * 5 % config.vocab_size);
+        }
+    }
+    void forward() { net.forward(tokens.data(), targets.data(), kB, kT, LossWeights{}); }
+    void train() {
+        net.zero_grad();
+        forward();
+        net.backward(1.0f);
+        adamw.step(optim.lr, adamw.clip_scale(adamw.grad_norm()));
+    }
+    Model net;
+    trainer::OptimConfig optim;
+    trainer::AdamW adamw;
+    std::vector<int32_t> tokens, targets;
+};
+
+TEST(OpCostBackend, GemmFlopsAreTheActiveMatmulParametersTimesTwoPerTokenAndPass) {
+    for (const int moe_every : {1, 2}) {  // all MoE layers; a dense layer, then an MoE one
+        ModelConfig c = tiny_model_config();
+        c.moe_every = moe_every;
+        OpCostBackend be;
+        Step step(c, &be);
+        step.train();
+        be.clear_ledger();
+        step.forward();
+        const double active = static_cast<double>(step.net.layout().active_matmul_params());
+        const double tokens = kB * kT;
+        EXPECT_DOUBLE_EQ(rows_starting_with(be, {"matmul_forward", "grouped_matmul_forward"}).flops,
+                         2.0 * active * tokens)
+            << "moe_every " << moe_every;
+        // attention scores: Q K^T and P V over the full T x T squares, per layer and head
+        EXPECT_DOUBLE_EQ(rows_starting_with(be, {"attention_forward"}).flops,
+                         4.0 * c.num_layers * kB * c.num_heads * kT * kT * c.head_dim());
+
+        be.clear_ledger();
+        step.net.backward(1.0f);
+        // every weight trains and every activation gradient flows: d input and d weight per product
+        EXPECT_DOUBLE_EQ(rows_starting_with(be, {"matmul_backward", "grouped_matmul_backward"}).flops,
+                         4.0 * active * tokens)
+            << "moe_every " << moe_every;
+    }
+}
+
+TEST(OpCostBackend, AdamWMovesSevenFloatsPerParameterAndPeakMemoryIsTheCpuBackends) {
+    const ModelConfig c = tiny_model_config();
+    OpCostBackend cost;
+    Step on_cost(c, &cost);
+    on_cost.train();
+    cost.clear_ledger();
+    on_cost.train();
+    const double params = static_cast<double>(on_cost.net.layout().total_numel());
+    EXPECT_DOUBLE_EQ(rows_starting_with(cost, {"adamw_update"}).bytes, 28.0 * params);
+
+    CpuBackend cpu;
+    Step on_cpu(c, &cpu);
+    on_cpu.train();
+    on_cpu.train();
+    // the same buffers; the CPU backend counts each rounded up to its 64-byte alignment
+    EXPECT_LE(cost.peak_allocated_bytes(), cpu.peak_allocated_bytes());
+    EXPECT_GE(static_cast<double>(cost.peak_allocated_bytes()), 0.99 * static_cast<double>(cpu.peak_allocated_bytes()));
+}
+
+TEST(OpCostBackend, OneBf16GemmIsItsOperandCopiesAndTheSlowerOfComputeAndMemory) {
+    CostModel m;
+    m.gpu = {"test card", 100e12, 10e12, 1e12};
+    m.gemm_efficiency = 0.5;
+    m.bandwidth_efficiency = 0.5;
+    m.min_kernel_seconds = 0.0;
+    OpCostBackend be(m);
+    be.set_matmul_precision(MatmulPrecision::kBf16);
+    const int N = 4096, I = 512, O = 1024;
+    be.matmul_forward(nullptr, nullptr, nullptr, nullptr, N, I, O);
+    const double in = double(N) * I, w = double(O) * I, out = double(N) * O;
+    const OpCost& copies = be.ledger().at("bf16 operand copies");
+    EXPECT_EQ(copies.calls, 2);  // input and weight, each rounded once
+    EXPECT_DOUBLE_EQ(copies.bytes, (in + w) * 6.0);
+    EXPECT_DOUBLE_EQ(copies.seconds, (in + w) * 6.0 / 0.5e12);
+    const OpCost& gemm = be.ledger().at("matmul_forward 4096x512x1024");
+    EXPECT_DOUBLE_EQ(gemm.flops, 2.0 * N * I * O);
+    EXPECT_DOUBLE_EQ(gemm.bytes, (in + w) * 2.0 + out * 4.0);
+    EXPECT_DOUBLE_EQ(gemm.seconds, std::max(2.0 * N * I * O / 50e12, gemm.bytes / 0.5e12));
+
+    // fp32: no copies, fp32 operands, the CUDA cores' peak
+    OpCostBackend fp32(m);
+    fp32.matmul_forward(nullptr, nullptr, nullptr, nullptr, N, I, O);
+    EXPECT_EQ(fp32.ledger().count("bf16 operand copies"), 0u);
+    EXPECT_DOUBLE_EQ(fp32.total().seconds, std::max(2.0 * N * I * O / 5e12, (in + w + out) * 4.0 / 0.5e12));
+
+    // bf16 activation storage (what-if): the activation needs no copy, the weight still does
+    m.activation_bytes = 2;
+    OpCostBackend stored(m);
+    stored.set_matmul_precision(MatmulPrecision::kBf16);
+    stored.matmul_forward(nullptr, nullptr, nullptr, nullptr, N, I, O);
+    EXPECT_DOUBLE_EQ(stored.ledger().at("bf16 operand copies").bytes, w * 6.0);
+}
+
+TEST(OpCostBackend, FlashAttentionCostsTheCausalHalfAndSavesOnlyTheLse) {
+    OpCostBackend be;
+    be.set_matmul_precision(MatmulPrecision::kBf16);
+    const int B = 2, T = 1024, H = 4, Hd = 64;
+    EXPECT_EQ(be.attention_saved_numel(B, T, H, Hd), size_t{B} * H * T * T);
+    be.attention_forward(nullptr, nullptr, nullptr, nullptr, nullptr, B, T, H, H, Hd);
+    be.set_attention_kernel(AttentionKernel::kFlash);
+    EXPECT_EQ(be.attention_saved_numel(B, T, H, Hd), size_t{B} * H * T);
+    be.attention_forward(nullptr, nullptr, nullptr, nullptr, nullptr, B, T, H, H, Hd);
+    const OpCost& gemm = be.ledger().at("attention_forward");
+    const OpCost& flash = be.ledger().at("attention_forward (flash)");
+    EXPECT_DOUBLE_EQ(flash.flops * 2.0, gemm.flops);
+    EXPECT_LT(flash.bytes * 10.0, gemm.bytes);  // no [B, H, T, T] scores through memory
+}
+
+TEST(OpCostBackend, EveryRouterFamilyTrainsWithoutReadingABufferAndDownloadsAreZeros) {
+    // The backend's addresses have no memory behind them: a host read of a buffer would crash.
+    for (const RouterType type : kAllTypes) {
+        ModelConfig c = tiny_model_config();
+        c.router.type = type;
+        c.router.swag_every = 1;
+        OpCostBackend be;
+        be.set_matmul_precision(MatmulPrecision::kBf16);
+        Step step(c, &be);
+        step.train();
+        step.train();
+        EXPECT_GT(rows_starting_with(be, {"router"}).calls, 0) << to_string(type);
+    }
+    OpCostBackend be;
+    void* buffer = be.alloc(16);
+    std::vector<unsigned char> host(16, 0xab);
+    be.download(host.data(), buffer, host.size());
+    EXPECT_EQ(host, std::vector<unsigned char>(16, 0));
+    EXPECT_EQ(be.ledger().at("host transfers").calls, 1);
+    EXPECT_THROW(gpu_spec("a100"), bmoe::Error);
+}
+
+}  // namespace
+}  // namespace bmoe::model
