@@ -3,7 +3,7 @@
 //   bench_roofline [--model default|gpt2-moe|large] [--batch B] [--gpu h100|h200]
 //                  [--precision bf16|fp32] [--attention gemm|flash] [--recompute none|attention|mlp|attention,mlp]
 //                  [--router TYPE] [--gemm-efficiency F] [--attention-efficiency F]
-//                  [--bandwidth-efficiency F] [--activation-bytes 4|2] [--rows N]
+//                  [--bandwidth-efficiency F] [--activation-bytes 4|2] [--accumulate K] [--rows N]
 //
 // Runs one training step (forward, backward, AdamW: what bench_train times) of a preset
 // (bench/model_presets.h) on model/op_cost_backend.h, which executes nothing and costs every op at
@@ -12,8 +12,10 @@
 // every kernel ran at the roofline; with the model FLOPs (6 x active matmul params + attention
 // scores, as bench_train) it gives the MFU ceiling of that design. Prints the ops by time, the time
 // per kind of work, and one line "JSON {...}". --activation-bytes 2 is a what-if: activations
-// stored in bf16. The peak allocated figure is exact (the buffers any backend allocates for the
-// step), less what the CUDA backend adds: bf16 operand copies, cuBLAS workspaces, the context.
+// stored in bf16. --accumulate K: K micro-batches of the preset's batch per optimizer step
+// (gradient accumulation, as train.grad_accum), which spreads AdamW's fixed cost. The peak allocated figure is exact
+// (the buffers any backend allocates for the step), less what the CUDA backend adds: bf16 operand copies, cuBLAS
+// workspaces, the context.
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -38,6 +40,7 @@ struct Options {
     std::string recompute = "none";
     std::string router = "topk";
     bmoe::model::CostModel cost;
+    int accumulate = 1;  // micro-batches per optimizer step
     int rows = 25;
 };
 
@@ -79,6 +82,8 @@ Options parse_options(int argc, char** argv) {
             o.cost.bandwidth_efficiency = number();
         else if (arg == "--activation-bytes")
             o.cost.activation_bytes = static_cast<int>(number());
+        else if (arg == "--accumulate")
+            o.accumulate = static_cast<int>(number());
         else if (arg == "--rows")
             o.rows = static_cast<int>(number());
         else if (arg == "--help" || arg == "-h") {
@@ -87,7 +92,7 @@ Options parse_options(int argc, char** argv) {
                 "                      [--precision bf16|fp32] [--attention gemm|flash]\n"
                 "                      [--recompute none|attention|mlp|attention,mlp] [--router TYPE]\n"
                 "                      [--gemm-efficiency F] [--attention-efficiency F] [--bandwidth-efficiency F]\n"
-                "                      [--activation-bytes 4|2] [--rows N]\n");
+                "                      [--activation-bytes 4|2] [--accumulate K] [--rows N]\n");
             std::exit(0);
         } else {
             throw bmoe::Error("unknown flag '" + arg + "' (bench_roofline --help lists the flags)");
@@ -106,7 +111,8 @@ const char* kind_of(const std::string& key) {
     if (starts("grouped_matmul")) return "expert GEMMs";
     if (starts("matmul_")) return "dense GEMMs";
     if (starts("attention")) return "attention";
-    if (starts("bf16 operand copies")) return "bf16 operand copies";
+    if (starts("bf16 copies, weight")) return "bf16 copies of weights";
+    if (starts("bf16 copies")) return "bf16 copies of activations";
     if (starts("adamw") || starts("sum_squares")) return "optimizer";
     if (starts("cross_entropy")) return "loss";
     if (starts("host transfers")) return "host transfers";
@@ -129,7 +135,7 @@ int run(int argc, char** argv) {
     model::ModelConfig config = bench::model_preset(opt.model, B, T);
     config.router.type = model::parse_router_type(opt.router);
     if (opt.batch > 0) B = opt.batch;
-    const int N = B * T;
+    const int N = B * T * opt.accumulate;  // tokens per optimizer step
 
     model::OpCostBackend backend(opt.cost);
     backend.set_matmul_precision(precision);
@@ -143,16 +149,18 @@ int run(int argc, char** argv) {
     trainer::AdamW adamw(optim, net);
     const model::LossWeights loss_weights;
 
-    std::vector<int32_t> tokens(N), targets(N);
+    std::vector<int32_t> tokens(B * T), targets(B * T);
     model::CounterRng rng(/*seed=*/42, /*stream=*/0);
-    for (int i = 0; i < N; ++i) {
+    for (int i = 0; i < B * T; ++i) {
         tokens[i] = static_cast<int32_t>(rng.bits(2 * i) % config.vocab_size);
         targets[i] = static_cast<int32_t>(rng.bits(2 * i + 1) % config.vocab_size);
     }
     auto train_step = [&] {
         net.zero_grad();
-        net.forward(tokens.data(), targets.data(), B, T, loss_weights);
-        net.backward(1.0f);
+        for (int k = 0; k < opt.accumulate; ++k) {
+            net.forward(tokens.data(), targets.data(), B, T, loss_weights);
+            net.backward(1.0f / static_cast<float>(opt.accumulate));
+        }
         adamw.step(optim.lr, adamw.clip_scale(adamw.grad_norm()));
     };
     train_step();  // the first step allocates what later steps reuse
@@ -167,9 +175,9 @@ int run(int argc, char** argv) {
     const double mfu = tokens_per_s * flops_per_token / peak;
 
     std::printf(
-        "bench_roofline: %s (%s, attention %s, router %s, recompute %s, activations %s), %dx%d tokens/step, %s\n",
+        "bench_roofline: %s (%s, attention %s, router %s, recompute %s, activations %s), %d x %dx%d tokens/step, %s\n",
         opt.model.c_str(), opt.precision.c_str(), opt.attention.c_str(), opt.router.c_str(), opt.recompute.c_str(),
-        cm.activation_bytes == 2 ? "bf16 (what-if)" : "fp32", B, T, cm.gpu.name.c_str());
+        cm.activation_bytes == 2 ? "bf16 (what-if)" : "fp32", opt.accumulate, B, T, cm.gpu.name.c_str());
     std::printf(
         "assumed: GEMMs at %.0f%% of %.0f TFLOP/s, attention products at %.0f%%, memory-bound kernels at %.0f%% of "
         "%.2f TB/s, >= %.0f us per kernel, PCIe %.0f GB/s, %.0f us per synchronising download\n",
@@ -217,12 +225,13 @@ int run(int argc, char** argv) {
         static_cast<long long>(total.calls), total.bytes / 1e9, gib);
     std::printf(
         "JSON {\"model\": \"%s\", \"gpu\": \"%s\", \"precision\": \"%s\", \"attention\": \"%s\", \"router\": \"%s\", "
-        "\"recompute\": \"%s\", \"activation_bytes\": %d, \"tokens_per_step\": %d, \"step_ms\": %.6g, "
+        "\"recompute\": \"%s\", \"activation_bytes\": %d, \"accumulate\": %d, \"tokens_per_step\": %d, \"step_ms\": "
+        "%.6g, "
         "\"tokens_per_s\": %.6g, \"mfu_ceiling\": %.6g, \"gemm_only_mfu\": %.6g, \"bytes\": %.6g, "
         "\"peak_allocated_gib\": %.6g}\n",
         opt.model.c_str(), opt.gpu.c_str(), opt.precision.c_str(), opt.attention.c_str(), opt.router.c_str(),
-        opt.recompute.c_str(), cm.activation_bytes, N, total.seconds * 1e3, tokens_per_s, mfu, gemm_only_mfu,
-        total.bytes, gib);
+        opt.recompute.c_str(), cm.activation_bytes, opt.accumulate, N, total.seconds * 1e3, tokens_per_s, mfu,
+        gemm_only_mfu, total.bytes, gib);
     return 0;
 }
 

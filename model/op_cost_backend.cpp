@@ -42,14 +42,17 @@ void OpCostBackend::kernel(const std::string& key, double bytes, double flops) {
     row.seconds += std::max({memory, compute, model_.min_kernel_seconds});
 }
 
+void OpCostBackend::operand_copies(const std::string& key, std::initializer_list<Operand> operands) {
+    if (!bf16()) return;
+    for (const Operand& op : operands)
+        if (op.elements > 0 && (op.weight || model_.activation_bytes == 4))
+            kernel(std::string("bf16 copies, ") + (op.weight ? "weight: " : "activation: ") + key, op.elements * 6.0);
+}
+
 void OpCostBackend::gemm(
     const std::string& key, double flops, std::initializer_list<Operand> inputs, double outputs, bool accumulate) {
     double bytes = outputs * 4.0 * (accumulate ? 2.0 : 1.0);  // fp32 out (dW accumulates: read and write)
-    for (const Operand& in : inputs) {
-        const double stored = in.weight ? 4.0 : model_.activation_bytes;
-        if (bf16() && stored == 4.0) kernel("bf16 operand copies", in.elements * (4.0 + 2.0));  // round to a copy
-        bytes += in.elements * (bf16() ? 2.0 : stored);
-    }
+    for (const Operand& in : inputs) bytes += in.elements * (bf16() ? 2.0 : in.weight ? 4.0 : model_.activation_bytes);
     const double rate = (bf16() ? model_.gpu.bf16_flops : model_.gpu.fp32_flops) * model_.gemm_efficiency;
     const double memory = bytes / (model_.gpu.hbm_bytes_per_s * model_.bandwidth_efficiency);
     OpCost& row = ledger_[key];
@@ -117,7 +120,9 @@ void OpCostBackend::matmul_forward(float*, const float*, const float*, const flo
     const double n = N, flops = 2.0 * n * I * O;
     // A bias is broadcast into out first; the GEMM then reads it back (beta = 1).
     if (bias != nullptr) kernel("matmul bias", 4.0 * O + act(n * O));
-    gemm(shaped("matmul_forward", n, I, O), flops, {{n * I, false}, {double(O) * I, true}}, n * O, bias != nullptr);
+    const std::string key = shaped("matmul_forward", n, I, O);
+    operand_copies(key, {{n * I, false}, {double(O) * I, true}});
+    gemm(key, flops, {{n * I, false}, {double(O) * I, true}}, n * O, bias != nullptr);
 }
 
 void OpCostBackend::matmul_backward(float* din,
@@ -132,6 +137,8 @@ void OpCostBackend::matmul_backward(float* din,
                                     bool accumulate_din) {
     const double n = N, flops = 2.0 * n * I * O;
     const std::string key = shaped("matmul_backward", n, I, O);
+    operand_copies(
+        key, {{n * O, false}, {dw != nullptr ? n * I : 0.0, false}, {din != nullptr ? double(O) * I : 0.0, true}});
     if (din != nullptr) gemm(key, flops, {{n * O, false}, {double(O) * I, true}}, n * I, accumulate_din);
     if (dw != nullptr) gemm(key, flops, {{n * O, false}, {n * I, false}}, double(O) * I, /*accumulate=*/true);
     if (dbias != nullptr) kernel("matmul bias", act(n * O) + 8.0 * O, n * O);
@@ -140,14 +147,16 @@ void OpCostBackend::matmul_backward(float* din,
 void OpCostBackend::grouped_matmul_forward(
     float*, const float*, const float*, const int* offsets_host, int G, int I, int O) {
     const double r = offsets_host[G];
-    gemm(shaped("grouped_matmul_forward", r, I, O), 2.0 * r * I * O, {{r * I, false}, {double(G) * O * I, true}},
-         r * O);
+    const std::string key = shaped("grouped_matmul_forward", r, I, O);
+    operand_copies(key, {{r * I, false}, {double(G) * O * I, true}});
+    gemm(key, 2.0 * r * I * O, {{r * I, false}, {double(G) * O * I, true}}, r * O);
 }
 
 void OpCostBackend::grouped_matmul_backward(
     float* din, float* dw, const float*, const float*, const float*, const int* offsets_host, int G, int I, int O) {
     const double r = offsets_host[G], flops = 2.0 * r * I * O, weights = double(G) * O * I;
     const std::string key = shaped("grouped_matmul_backward", r, I, O);
+    operand_copies(key, {{r * O, false}, {dw != nullptr ? r * I : 0.0, false}, {din != nullptr ? weights : 0.0, true}});
     if (din != nullptr) gemm(key, flops, {{r * O, false}, {weights, true}}, r * I);
     if (dw != nullptr) gemm(key, flops, {{r * O, false}, {r * I, false}}, weights, /*accumulate=*/true);
 }
@@ -205,7 +214,7 @@ void OpCostBackend::attention_forward(
         attention_products("attention_forward (flash)", 2.0 * scores * Hd, act(operands) + 4.0 * B * H * T);
         return;
     }
-    if (bf16()) kernel("bf16 operand copies", (q + 2.0 * kv) * 6.0);
+    if (bf16()) kernel("bf16 copies, activation: attention_forward", (q + 2.0 * kv) * 6.0);
     const double operand_bytes = bf16() ? 2.0 * (q + 2.0 * kv) + 4.0 * q : act(operands);
     const double score_bytes = scores * (bf16() ? 4.0 + 4.0 + 4.0 + 2.0 + 2.0 : 16.0);
     attention_products("attention_forward", 4.0 * scores * Hd, operand_bytes + score_bytes);
@@ -234,7 +243,7 @@ void OpCostBackend::attention_backward(float*,
         attention_products("attention_backward (flash)", 5.0 * scores * Hd, act(4.0 * q + 4.0 * kv) + 4.0 * B * H * T);
         return;
     }
-    if (bf16()) kernel("bf16 operand copies", (2.0 * q + 2.0 * kv + scores) * 6.0);
+    if (bf16()) kernel("bf16 copies, activation: attention_backward", (2.0 * q + 2.0 * kv + scores) * 6.0);
     const double operand_bytes = bf16() ? 2.0 * (2.0 * q + 2.0 * kv) + 4.0 * (q + 2.0 * kv) : act(4.0 * q + 4.0 * kv);
     const double score_bytes = scores * (bf16() ? 4.0 + (4.0 + 4.0 + 4.0 + 2.0) + 2.0 + 2.0 + 2.0 : 28.0);
     attention_products("attention_backward", 8.0 * scores * Hd, operand_bytes + score_bytes);

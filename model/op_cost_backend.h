@@ -68,7 +68,8 @@ class OpCostBackend final : public Backend {
 
     const CostModel& cost_model() const { return model_; }
     // Rows keyed by op name; GEMMs also by shape ("matmul_forward 8192x768x50304" = N x I x O), and
-    // "bf16 operand copies" for the roundings before bf16 GEMMs, "host transfers" for upload/download.
+    // "bf16 copies, weight: <GEMM row>" and "bf16 copies, activation: <GEMM row>" for the roundings
+    // before bf16 GEMMs, "host transfers" for upload/download.
     const std::map<std::string, OpCost>& ledger() const { return ledger_; }
     OpCost total() const;
     void clear_ledger() { ledger_.clear(); }
@@ -249,8 +250,11 @@ class OpCostBackend final : public Backend {
     };
     // Adds one memory-bound kernel (or one per op where the kernels are fused) to row `key`.
     void kernel(const std::string& key, double bytes, double flops = 0.0);
-    // Adds a GEMM kernel of `flops` reading `inputs` and writing (or, accumulate, updating) `outputs`
-    // fp32 elements, plus the bf16 rounding of each input the precision requires.
+    // With bf16 matmul precision: one rounding kernel per fp32 operand of a GEMM op (once per op,
+    // however many of its GEMMs read it).
+    void operand_copies(const std::string& key, std::initializer_list<Operand> operands);
+    // Adds a GEMM kernel of `flops` reading `inputs` (bf16 copies, or as stored) and writing (or,
+    // accumulate, updating) `outputs` fp32 elements.
     void gemm(const std::string& key,
               double flops,
               std::initializer_list<Operand> inputs,
