@@ -18,7 +18,9 @@
 //     to see what a Bayesian router costs at this scale; the MFU still counts expert FLOPs only.
 //     --attention flash: the fused attention kernel (cuda, bf16; model/backend.h AttentionKernel).
 // (c) --profile STEPS (cuda): that many more steps with the op profiler on (model/cuda/op_profiler.h),
-//     then a table of GPU time and GPU idle time per backend op (matmuls named by shape).
+//     then a table of GPU time and GPU idle time per backend op (matmuls named by shape), each op
+//     beside its roofline time: the same step costed by model/op_cost_backend.h for the card
+//     (H200 when the device name says so, else H100; bench_roofline prints the whole model).
 // Prints human-readable lines and one line "JSON {...}" for scripts (bench/run_bench.sh).
 #include <cblas.h>
 #include <sys/resource.h>
@@ -28,6 +30,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -40,6 +43,7 @@
 #endif
 #include "model/cpu_threads.h"
 #include "model/model.h"
+#include "model/op_cost_backend.h"
 #include "model/rng.h"
 #include "trainer/optimizer.h"
 #include "trainer/run_config.h"
@@ -143,6 +147,50 @@ double peak_rss_mib() {
     return static_cast<double>(usage.ru_maxrss) / 1024.0;  // Linux: kilobytes
 }
 
+// One optimizer step of forward + backward + AdamW on one batch; returns the loss.
+double train_step(bmoe::model::Model& net,
+                  bmoe::trainer::AdamW& adamw,
+                  const bmoe::trainer::OptimConfig& optim,
+                  const std::vector<int32_t>& tokens,
+                  const std::vector<int32_t>& targets,
+                  int B,
+                  int T) {
+    net.zero_grad();
+    const double loss = net.forward(tokens.data(), targets.data(), B, T, bmoe::model::LossWeights{}).total_loss;
+    net.backward(1.0f);
+    adamw.step(optim.lr, adamw.clip_scale(adamw.grad_norm()));
+    return loss;
+}
+
+// Roofline seconds per profiled op name of one step of `config` (model/op_cost_backend.h) on the
+// card `gpu`, with the backend settings of the measured run.
+std::map<std::string, double> roofline_by_op(const bmoe::model::ModelConfig& config,
+                                             const std::string& gpu,
+                                             const bmoe::model::Backend& measured,
+                                             bool recompute_attention,
+                                             bool recompute_mlp,
+                                             int B,
+                                             int T) {
+    using namespace bmoe;
+    model::CostModel cost;
+    cost.gpu = model::gpu_spec(gpu);
+    model::OpCostBackend backend(cost);
+    backend.set_matmul_precision(measured.matmul_precision());
+    backend.set_attention_kernel(measured.attention_kernel());
+    model::Model net(config, &backend);
+    net.init_weights(/*seed=*/0);
+    net.set_attention_recompute(recompute_attention);
+    net.set_mlp_recompute(recompute_mlp);
+    net.set_keep_logits(false);
+    trainer::OptimConfig optim;
+    trainer::AdamW adamw(optim, net);
+    const std::vector<int32_t> tokens(static_cast<size_t>(B) * T, 1), targets(static_cast<size_t>(B) * T, 2);
+    train_step(net, adamw, optim, tokens, targets, B, T);  // the first step allocates
+    backend.clear_ledger();
+    train_step(net, adamw, optim, tokens, targets, B, T);
+    return backend.seconds_by_profiled_op();
+}
+
 const char* env_or_unset(const char* name) {
     const char* v = std::getenv(name);
     return v != nullptr ? v : "(unset)";
@@ -200,7 +248,6 @@ int run(int argc, char** argv) {
     net.set_keep_logits(false);  // as the trainer runs it
     trainer::OptimConfig optim;
     trainer::AdamW adamw(optim, net);
-    const model::LossWeights loss_weights;
 
     std::vector<int32_t> tokens(N), targets(N);
     auto fill_batch = [&](int step) {
@@ -211,17 +258,14 @@ int run(int argc, char** argv) {
         }
     };
     double last_loss = 0.0;
-    auto train_step = [&](int step) {
+    auto step_on_batch = [&](int step) {
         fill_batch(step);
-        net.zero_grad();
-        last_loss = net.forward(tokens.data(), targets.data(), B, T, loss_weights).total_loss;
-        net.backward(1.0f);
-        adamw.step(optim.lr, adamw.clip_scale(adamw.grad_norm()));
+        last_loss = train_step(net, adamw, optim, tokens, targets, B, T);
     };
-    for (int s = 0; s < opt.warmup; ++s) train_step(s);
+    for (int s = 0; s < opt.warmup; ++s) step_on_batch(s);
     backend.synchronize();
     const auto start = Clock::now();
-    for (int s = 0; s < opt.steps; ++s) train_step(opt.warmup + s);
+    for (int s = 0; s < opt.steps; ++s) step_on_batch(opt.warmup + s);
     backend.synchronize();
     const double elapsed = seconds_since(start);
 
@@ -263,11 +307,17 @@ int run(int argc, char** argv) {
         model::OpProfiler& profiler = dynamic_cast<model::CudaBackend&>(backend).profiler();
         profiler.set_enabled(true);
         const auto profile_start = Clock::now();
-        for (int s = 0; s < opt.profile; ++s) train_step(opt.warmup + opt.steps + s);
+        for (int s = 0; s < opt.profile; ++s) step_on_batch(opt.warmup + opt.steps + s);
         backend.synchronize();
         std::printf("profiled steps: %.3f s/step wall (events add host time)\n",
                     seconds_since(profile_start) / opt.profile);
-        std::printf("%s", profiler.report(opt.profile).c_str());
+        const std::string device = model::cuda_device_name();
+        const std::string card = device.find("H200") != std::string::npos ? "h200" : "h100";
+        std::printf("roofline card: %s (device %s)\n", card.c_str(), device.c_str());
+        const std::map<std::string, double> roofline =
+            roofline_by_op(config, card, backend, trainer::recomputes(recompute, "attention"),
+                           trainer::recomputes(recompute, "mlp"), B, T);
+        std::printf("%s", profiler.report(opt.profile, roofline).c_str());
         profiler.set_enabled(false);
     }
 #endif

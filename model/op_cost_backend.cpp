@@ -35,11 +35,7 @@ size_t OpCostBackend::attention_saved_numel(int B, int T, int H, int Hd) const {
 void OpCostBackend::kernel(const std::string& key, double bytes, double flops) {
     const double memory = bytes / (model_.gpu.hbm_bytes_per_s * model_.bandwidth_efficiency);
     const double compute = flops / model_.gpu.fp32_flops;  // elementwise math: CUDA cores
-    OpCost& row = ledger_[key];
-    row.calls += 1;
-    row.flops += flops;
-    row.bytes += bytes;
-    row.seconds += std::max({memory, compute, model_.min_kernel_seconds});
+    book(key, flops, bytes, std::max({memory, compute, model_.min_kernel_seconds}));
 }
 
 void OpCostBackend::operand_copies(const std::string& key, std::initializer_list<Operand> operands) {
@@ -55,28 +51,31 @@ void OpCostBackend::gemm(
     for (const Operand& in : inputs) bytes += in.elements * (bf16() ? 2.0 : in.weight ? 4.0 : model_.activation_bytes);
     const double rate = (bf16() ? model_.gpu.bf16_flops : model_.gpu.fp32_flops) * model_.gemm_efficiency;
     const double memory = bytes / (model_.gpu.hbm_bytes_per_s * model_.bandwidth_efficiency);
-    OpCost& row = ledger_[key];
-    row.calls += 1;
-    row.flops += flops;
-    row.bytes += bytes;
-    row.seconds += std::max({flops / rate, memory, model_.min_kernel_seconds});
+    book(key, flops, bytes, std::max({flops / rate, memory, model_.min_kernel_seconds}));
 }
 
 void OpCostBackend::attention_products(const std::string& key, double flops, double bytes) {
     const double rate = (bf16() ? model_.gpu.bf16_flops : model_.gpu.fp32_flops) * model_.attention_efficiency;
     const double memory = bytes / (model_.gpu.hbm_bytes_per_s * model_.bandwidth_efficiency);
+    book(key, flops, bytes, std::max({flops / rate, memory, model_.min_kernel_seconds}));
+}
+
+void OpCostBackend::host_transfer(size_t bytes, bool synchronizes) {
+    const double b = static_cast<double>(bytes);
+    book("host transfers", 0.0, b, b / model_.pcie_bytes_per_s + (synchronizes ? model_.sync_seconds : 0.0));
+}
+
+void OpCostBackend::book(const std::string& key, double flops, double bytes, double seconds) {
     OpCost& row = ledger_[key];
     row.calls += 1;
     row.flops += flops;
     row.bytes += bytes;
-    row.seconds += std::max({flops / rate, memory, model_.min_kernel_seconds});
+    row.seconds += seconds;
+    profiled_[op_name_.empty() ? key : op_name_] += seconds;
 }
 
-void OpCostBackend::host_transfer(size_t bytes, bool synchronizes) {
-    OpCost& row = ledger_["host transfers"];
-    row.calls += 1;
-    row.bytes += static_cast<double>(bytes);
-    row.seconds += static_cast<double>(bytes) / model_.pcie_bytes_per_s + (synchronizes ? model_.sync_seconds : 0.0);
+OpCostBackend::ProfiledName::ProfiledName(OpCostBackend* be, const char* name, long a, long b, long c) : be_(be) {
+    be_->op_name_ = std::string(name) + " " + std::to_string(a) + "x" + std::to_string(b) + "x" + std::to_string(c);
 }
 
 namespace {
@@ -95,8 +94,12 @@ void* OpCostBackend::alloc(size_t bytes) {
     return p;
 }
 void OpCostBackend::free(void* ptr) { note_free(ptr); }
-void OpCostBackend::upload(void*, const void*, size_t bytes) { host_transfer(bytes, false); }
+void OpCostBackend::upload(void*, const void*, size_t bytes) {
+    const ProfiledName op(this, "upload");
+    host_transfer(bytes, false);
+}
 void OpCostBackend::download(void* dst_host, const void*, size_t bytes) {
+    const ProfiledName op(this, "download");
     if (bytes > 0) std::memset(dst_host, 0, bytes);  // what the caller reads: zeros, as alloc promises
     host_transfer(bytes, true);
 }
@@ -117,6 +120,7 @@ double OpCostBackend::sum_squares(const float*, size_t n) {
 // ---- GEMMs ----------------------------------------------------------------------------------------
 
 void OpCostBackend::matmul_forward(float*, const float*, const float*, const float* bias, int N, int I, int O) {
+    const ProfiledName op(this, "matmul_fwd", N, I, O);
     const double n = N, flops = 2.0 * n * I * O;
     // A bias is broadcast into out first; the GEMM then reads it back (beta = 1).
     if (bias != nullptr) kernel("matmul bias", 4.0 * O + act(n * O));
@@ -135,6 +139,7 @@ void OpCostBackend::matmul_backward(float* din,
                                     int I,
                                     int O,
                                     bool accumulate_din) {
+    const ProfiledName op(this, "matmul_bwd", N, I, O);
     const double n = N, flops = 2.0 * n * I * O;
     const std::string key = shaped("matmul_backward", n, I, O);
     operand_copies(
@@ -146,6 +151,7 @@ void OpCostBackend::matmul_backward(float* din,
 
 void OpCostBackend::grouped_matmul_forward(
     float*, const float*, const float*, const int* offsets_host, int G, int I, int O) {
+    const ProfiledName op(this, "grouped_matmul_fwd", G, I, O);
     const double r = offsets_host[G];
     const std::string key = shaped("grouped_matmul_forward", r, I, O);
     operand_copies(key, {{r * I, false}, {double(G) * O * I, true}});
@@ -154,6 +160,7 @@ void OpCostBackend::grouped_matmul_forward(
 
 void OpCostBackend::grouped_matmul_backward(
     float* din, float* dw, const float*, const float*, const float*, const int* offsets_host, int G, int I, int O) {
+    const ProfiledName op(this, "grouped_matmul_bwd", G, I, O);
     const double r = offsets_host[G], flops = 2.0 * r * I * O, weights = double(G) * O * I;
     const std::string key = shaped("grouped_matmul_backward", r, I, O);
     operand_copies(key, {{r * O, false}, {dw != nullptr ? r * I : 0.0, false}, {din != nullptr ? weights : 0.0, true}});
@@ -210,7 +217,9 @@ void OpCostBackend::attention_forward(
     float*, float*, const float*, const float*, const float*, int B, int T, int H, int KV, int Hd) {
     const double q = double(B) * T * H * Hd, kv = double(B) * T * KV * Hd, scores = double(B) * H * T * T;
     double operands = 2.0 * q + 2.0 * kv;  // q and out, k and v
-    if (attention_kernel_ == AttentionKernel::kFlash) {
+    const bool flash = attention_kernel_ == AttentionKernel::kFlash;
+    const ProfiledName op(this, flash ? "flash_attention_forward" : "attention_forward");
+    if (flash) {
         attention_products("attention_forward (flash)", 2.0 * scores * Hd, act(operands) + 4.0 * B * H * T);
         return;
     }
@@ -238,7 +247,9 @@ void OpCostBackend::attention_backward(float*,
                                        int KV,
                                        int Hd) {
     const double q = double(B) * T * H * Hd, kv = double(B) * T * KV * Hd, scores = double(B) * H * T * T;
-    if (attention_kernel_ == AttentionKernel::kFlash) {
+    const bool flash = attention_kernel_ == AttentionKernel::kFlash;
+    const ProfiledName op(this, flash ? "flash_attention_backward" : "attention_backward");
+    if (flash) {
         // reads q, out, dout, k, v, lse; writes dq, dk, dv
         attention_products("attention_backward (flash)", 5.0 * scores * Hd, act(4.0 * q + 4.0 * kv) + 4.0 * B * H * T);
         return;

@@ -26,6 +26,7 @@
 #include <initializer_list>
 #include <map>
 #include <string>
+#include <utility>
 
 #include "model/backend.h"
 
@@ -72,7 +73,14 @@ class OpCostBackend final : public Backend {
     // before bf16 GEMMs, "host transfers" for upload/download.
     const std::map<std::string, OpCost>& ledger() const { return ledger_; }
     OpCost total() const;
-    void clear_ledger() { ledger_.clear(); }
+    // Roofline seconds per op as CUDA's op profiler names and times ops (model/cuda/op_profiler.h:
+    // "matmul_fwd 8192x768x3072", "grouped_matmul_bwd 8x768x3072" = G x I x O, "download", ...),
+    // an op's bf16 operand copies included: bench_train --profile sets measured against these.
+    const std::map<std::string, double>& seconds_by_profiled_op() const { return profiled_; }
+    void clear_ledger() {
+        ledger_.clear();
+        profiled_.clear();
+    }
 
     // Both kernels can be costed (the CPU has no flash kernel, the model of one needs none).
     void set_attention_kernel(AttentionKernel k) override { attention_kernel_ = k; }
@@ -263,11 +271,25 @@ class OpCostBackend final : public Backend {
     // Adds tensor-core work at the attention efficiency with `bytes` of traffic.
     void attention_products(const std::string& key, double flops, double bytes);
     void host_transfer(size_t bytes, bool synchronizes);
+    // Books `seconds` to ledger row `key` and to the op's profiled name (op_name_, or the key itself).
+    void book(const std::string& key, double flops, double bytes, double seconds);
+    // Sets op_name_ for one op whose ledger rows are named otherwise than CUDA's profiler names it.
+    class ProfiledName {
+      public:
+        ProfiledName(OpCostBackend* be, std::string name) : be_(be) { be_->op_name_ = std::move(name); }
+        ProfiledName(OpCostBackend* be, const char* name, long a, long b, long c);
+        ~ProfiledName() { be_->op_name_.clear(); }
+
+      private:
+        OpCostBackend* be_;
+    };
     double act(double elements) const { return elements * model_.activation_bytes; }
     bool bf16() const { return matmul_precision_ == MatmulPrecision::kBf16; }
 
     CostModel model_;
     std::map<std::string, OpCost> ledger_;
+    std::map<std::string, double> profiled_;
+    std::string op_name_;
     uintptr_t next_address_ = uintptr_t{1} << 44;  // far above any host allocation: never dereferenced
 };
 

@@ -5,6 +5,10 @@
 
 #include <gtest/gtest.h>
 
+#include <filesystem>
+#include <fstream>
+#include <regex>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -175,6 +179,52 @@ TEST(OpCostBackend, EveryRouterFamilyTrainsWithoutReadingABufferAndDownloadsAreZ
     EXPECT_EQ(host, std::vector<unsigned char>(16, 0));
     EXPECT_EQ(be.ledger().at("host transfers").calls, 1);
     EXPECT_THROW(gpu_spec("a100"), bmoe::Error);
+}
+
+// bench_train --profile sets each op's measured GPU time beside seconds_by_profiled_op()[name]:
+// the names must be the ones the CUDA backend's ProfiledOp scopes give (model/cuda/*.cu), and the
+// per-op times must add up to the step's.
+TEST(OpCostBackend, ProfiledOpNamesAreTheCudaProfilersAndAddUpToTheStep) {
+    std::string cuda_sources;
+    for (const auto& entry : std::filesystem::directory_iterator(std::string(BMOE_SOURCE_DIR) + "/model/cuda")) {
+        if (entry.path().extension() != ".cu") continue;
+        std::ifstream in(entry.path());
+        std::stringstream text;
+        text << in.rdbuf();
+        cuda_sources += text.str();
+    }
+    ASSERT_FALSE(cuda_sources.empty());
+    const std::regex shaped(R"((\w+) \d+x\d+x\d+)");
+    for (const AttentionKernel kernel : {AttentionKernel::kGemm, AttentionKernel::kFlash}) {
+        for (const RouterType type : {RouterType::kTopK, RouterType::kLogitMf}) {
+            ModelConfig c = tiny_model_config();
+            c.router.type = type;
+            c.activation = type == RouterType::kTopK ? Activation::kGelu : Activation::kSwiGlu;
+            c.norm = type == RouterType::kTopK ? NormType::kLayerNorm : NormType::kRmsNorm;
+            OpCostBackend be;
+            be.set_matmul_precision(MatmulPrecision::kBf16);
+            be.set_attention_kernel(kernel);
+            Step step(c, &be);
+            step.train();
+            be.clear_ledger();
+            step.train();
+            double sum = 0.0;
+            for (const auto& [name, seconds] : be.seconds_by_profiled_op()) {
+                std::smatch m;
+                const std::string base = std::regex_match(name, m, shaped) ? m[1].str() : name;
+                EXPECT_NE(cuda_sources.find("\"" + base + "\""), std::string::npos)
+                    << "'" << name << "' is no op name of the CUDA backend's profiler";
+                sum += seconds;
+            }
+            EXPECT_NEAR(sum, be.total().seconds, 1e-12 * be.total().calls);
+            // the LM head's product: its GEMM and both operand copies, under the profiler's one name
+            const std::map<std::string, OpCost>& rows = be.ledger();
+            EXPECT_DOUBLE_EQ(be.seconds_by_profiled_op().at("matmul_fwd 16x16x23"),
+                             rows.at("matmul_forward 16x16x23").seconds +
+                                 rows.at("bf16 copies, activation: matmul_forward 16x16x23").seconds +
+                                 rows.at("bf16 copies, weight: matmul_forward 16x16x23").seconds);
+        }
+    }
 }
 
 }  // namespace

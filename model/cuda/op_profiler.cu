@@ -34,7 +34,7 @@ void OpProfiler::end() {
     CUDA_CHECK(cudaEventRecord(records_.back().end, stream_));
 }
 
-std::string OpProfiler::report(int steps) {
+std::string OpProfiler::report(int steps, const std::map<std::string, double>& roofline_seconds) {
     CUDA_CHECK(cudaStreamSynchronize(stream_));
     struct Stat {
         long calls = 0;
@@ -64,12 +64,33 @@ std::string OpProfiler::report(int steps) {
                   "GPU idle between ops %.2f ms\n",
                   steps, wall * per, gpu_total * per, idle_total * per);
     out += line;
-    std::snprintf(line, sizeof line, "%-44s %7s %10s %10s %6s\n", "op", "calls", "GPU ms", "idle ms", "share");
+    const bool roofline = !roofline_seconds.empty();
+    if (roofline) {
+        double total = 0;
+        for (const auto& [name, seconds] : roofline_seconds) total += seconds;
+        std::snprintf(line, sizeof line,
+                      "roofline (model/op_cost_backend.h, bench_roofline): %.2f ms per step; GPU busy is %.2fx it\n",
+                      total * 1e3, total > 0 ? gpu_total * per / (total * 1e3) : 0.0);
+        out += line;
+    }
+    std::snprintf(line, sizeof line, "%-44s %7s %10s %10s %6s%s\n", "op", "calls", "GPU ms", "idle ms", "share",
+                  roofline ? " roofline ms  x roofline" : "");
     out += line;
     for (const auto& [name, s] : rows) {
-        std::snprintf(line, sizeof line, "%-44s %7.0f %10.3f %10.3f %5.1f%%\n", name.c_str(), s.calls * per,
+        std::snprintf(line, sizeof line, "%-44s %7.0f %10.3f %10.3f %5.1f%%", name.c_str(), s.calls * per,
                       s.gpu_ms * per, s.idle_ms * per, wall > 0 ? 100.0 * (s.gpu_ms + s.idle_ms) / wall : 0.0);
         out += line;
+        if (roofline) {
+            const auto it = roofline_seconds.find(name);
+            if (it != roofline_seconds.end() && it->second > 0) {
+                std::snprintf(line, sizeof line, " %11.3f %10.1fx", it->second * 1e3,
+                              s.gpu_ms * per / (it->second * 1e3));
+            } else {
+                std::snprintf(line, sizeof line, " %11s %11s", "-", "-");
+            }
+            out += line;
+        }
+        out += "\n";
     }
     records_.clear();
     pool_used_ = 0;

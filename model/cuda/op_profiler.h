@@ -7,6 +7,7 @@
 // Plain-C++ header (events held as opaque pointers) so g++-compiled code can include it.
 #pragma once
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -29,8 +30,9 @@ class OpProfiler {
     void begin(const std::string& name);
     void end();
     // Synchronises, then a table sorted by GPU + idle time, per `steps` (the profiled steps), and
-    // forgets the records.
-    std::string report(int steps);
+    // forgets the records. With roofline_seconds (per step, by op name: OpCostBackend's
+    // seconds_by_profiled_op()), two more columns: the op's roofline time and GPU time over it.
+    std::string report(int steps, const std::map<std::string, double>& roofline_seconds = {});
 
   private:
     struct Record {
