@@ -294,14 +294,8 @@ void CpuBackend::matmul_backward(float* din_NI,
 
 void CpuBackend::grouped_matmul_forward(
     float* out_RO, const float* in_RI, const float* w_GOI, const int* offsets_host, int G, int I, int O) {
-    in_RI = matmul_input(in_RI, static_cast<size_t>(offsets_host[G]) * I, 0);
-    w_GOI = matmul_input(w_GOI, static_cast<size_t>(G) * O * I, 1);
-    for (int g = 0; g < G; ++g) {
-        const int r0 = offsets_host[g], rows = offsets_host[g + 1] - r0;
-        if (rows <= 0) continue;
-        gemm(rows, O, I, 1.0f, Op{in_RI, I}.rows_from(r0), {w_GOI + static_cast<size_t>(g) * O * I, I, true}, 0.0f,
-             out_RO + static_cast<size_t>(r0) * O, O);
-    }
+    grouped_forward_rounded(out_RO, matmul_input(in_RI, static_cast<size_t>(offsets_host[G]) * I, 0),
+                            matmul_input(w_GOI, static_cast<size_t>(G) * O * I, 1), offsets_host, G, I, O);
 }
 
 void CpuBackend::grouped_matmul_backward(float* din_RI,
@@ -314,18 +308,76 @@ void CpuBackend::grouped_matmul_backward(float* din_RI,
                                          int I,
                                          int O) {
     const size_t R = static_cast<size_t>(offsets_host[G]);
-    dout_RO = matmul_input(dout_RO, R * O, 0);
-    if (dw_GOI) in_RI = matmul_input(in_RI, R * I, 1);
-    w_GOI = matmul_input(w_GOI, static_cast<size_t>(G) * O * I, 2);
+    grouped_backward_rounded(din_RI, dw_GOI, matmul_input(dout_RO, R * O, 0),
+                             dw_GOI ? matmul_input(in_RI, R * I, 1) : in_RI,
+                             matmul_input(w_GOI, static_cast<size_t>(G) * O * I, 2), offsets_host, G, I, O);
+}
+
+void CpuBackend::grouped_matmul_forward_bf16_in(
+    float* out_RO, const uint16_t* in16_RI, const float* w_GOI, const int* offsets_host, int G, int I, int O) {
+    require_bf16_precision("grouped_matmul_forward_bf16_in");
+    grouped_forward_rounded(out_RO, widen_bf16(in16_RI, static_cast<size_t>(offsets_host[G]) * I, 0),
+                            matmul_input(w_GOI, static_cast<size_t>(G) * O * I, 1), offsets_host, G, I, O);
+}
+
+void CpuBackend::grouped_matmul_backward_bf16_in(float* din_RI,
+                                                 float* dw_GOI,
+                                                 const float* dout_RO,
+                                                 const uint16_t* in16_RI,
+                                                 const float* w_GOI,
+                                                 const int* offsets_host,
+                                                 int G,
+                                                 int I,
+                                                 int O) {
+    require_bf16_precision("grouped_matmul_backward_bf16_in");
+    const size_t R = static_cast<size_t>(offsets_host[G]);
+    grouped_backward_rounded(din_RI, dw_GOI, matmul_input(dout_RO, R * O, 0),
+                             dw_GOI ? widen_bf16(in16_RI, R * I, 1) : nullptr,
+                             matmul_input(w_GOI, static_cast<size_t>(G) * O * I, 2), offsets_host, G, I, O);
+}
+
+void CpuBackend::grouped_forward_rounded(
+    float* out_RO, const float* in_RI, const float* w_GOI, const int* offsets_host, int G, int I, int O) {
+    for (int g = 0; g < G; ++g) {
+        const int r0 = offsets_host[g], rows = offsets_host[g + 1] - r0;
+        if (rows <= 0) continue;
+        gemm(rows, O, I, 1.0f, Op{in_RI, I}.rows_from(r0), {w_GOI + static_cast<size_t>(g) * O * I, I, true}, 0.0f,
+             out_RO + static_cast<size_t>(r0) * O, O);
+    }
+}
+
+void CpuBackend::grouped_backward_rounded(float* din_RI,
+                                          float* dw_GOI,
+                                          const float* dout_RO,
+                                          const float* in_RI,
+                                          const float* w_GOI,
+                                          const int* offsets_host,
+                                          int G,
+                                          int I,
+                                          int O) {
     for (int g = 0; g < G; ++g) {
         const int r0 = offsets_host[g], rows = offsets_host[g + 1] - r0;
         if (rows <= 0) continue;
         const float* dout = dout_RO + static_cast<size_t>(r0) * O;
-        const float* in = in_RI + static_cast<size_t>(r0) * I;
         const size_t w_off = static_cast<size_t>(g) * O * I;
         gemm(rows, I, O, 1.0f, {dout, O}, {w_GOI + w_off, I}, 0.0f, din_RI + static_cast<size_t>(r0) * I, I);
-        if (dw_GOI) gemm(O, I, rows, 1.0f, {dout, O, true}, {in, I}, 1.0f, dw_GOI + w_off, I);
+        if (dw_GOI)
+            gemm(O, I, rows, 1.0f, {dout, O, true}, {in_RI + static_cast<size_t>(r0) * I, I}, 1.0f, dw_GOI + w_off, I);
     }
+}
+
+const float* CpuBackend::widen_bf16(const uint16_t* x16, size_t n, int slot) {
+    std::vector<float>& buf = bf16_scratch_[slot];
+    if (buf.size() < n) buf.resize(n);
+    float* out = buf.data();
+#pragma omp parallel for schedule(static) if (par(n))
+    for (idx_t i = 0; i < static_cast<idx_t>(n); ++i) out[i] = model::bf16_to_float(x16[i]);
+    return out;
+}
+
+void CpuBackend::require_bf16_precision(const char* op) const {
+    BMOE_REQUIRE(matmul_precision_ == MatmulPrecision::kBf16, op,
+                 " reads a bf16 operand: it needs bf16 matmul precision (set_matmul_precision)");
 }
 
 // ---- embeddings -------------------------------------------------------------------------------
@@ -588,12 +640,19 @@ void CpuBackend::attention_backward(float* dq_BTHd,
 
 // ---- activations ------------------------------------------------------------------------------
 
+namespace {
+inline float swiglu_value(float g, float up) { return g / (1.0f + std::exp(-g)) * up; }
+inline float gelu_value(float x) { return 0.5f * x * (1.0f + std::tanh(kGeluC * (x + 0.044715f * x * x * x))); }
+}  // namespace
+
 void CpuBackend::swiglu_forward(float* out, const float* gate, const float* up, size_t n) {
 #pragma omp parallel for schedule(static) if (par(n))
-    for (idx_t i = 0; i < static_cast<idx_t>(n); ++i) {
-        const float g = gate[i];
-        out[i] = g / (1.0f + std::exp(-g)) * up[i];
-    }
+    for (idx_t i = 0; i < static_cast<idx_t>(n); ++i) out[i] = swiglu_value(gate[i], up[i]);
+}
+
+void CpuBackend::swiglu_forward_bf16(uint16_t* out16, const float* gate, const float* up, size_t n) {
+#pragma omp parallel for schedule(static) if (par(n))
+    for (idx_t i = 0; i < static_cast<idx_t>(n); ++i) out16[i] = bf16_bits(swiglu_value(gate[i], up[i]));
 }
 
 void CpuBackend::swiglu_backward(
@@ -608,10 +667,12 @@ void CpuBackend::swiglu_backward(
 
 void CpuBackend::gelu_forward(float* out, const float* in, size_t n) {
 #pragma omp parallel for schedule(static) if (par(n))
-    for (idx_t i = 0; i < static_cast<idx_t>(n); ++i) {
-        const float x = in[i];
-        out[i] = 0.5f * x * (1.0f + std::tanh(kGeluC * (x + 0.044715f * x * x * x)));
-    }
+    for (idx_t i = 0; i < static_cast<idx_t>(n); ++i) out[i] = gelu_value(in[i]);
+}
+
+void CpuBackend::gelu_forward_bf16(uint16_t* out16, const float* in, size_t n) {
+#pragma omp parallel for schedule(static) if (par(n))
+    for (idx_t i = 0; i < static_cast<idx_t>(n); ++i) out16[i] = bf16_bits(gelu_value(in[i]));
 }
 
 void CpuBackend::gelu_backward(float* din, const float* dout, const float* in, size_t n) {

@@ -116,6 +116,24 @@ class CpuBackend : public Backend {
         float* dgate, float* dup, const float* dout, const float* gate, const float* up, size_t n) override;
     void gelu_forward(float* out, const float* in, size_t n) override;
     void gelu_backward(float* din, const float* dout, const float* in, size_t n) override;
+    void gelu_forward_bf16(uint16_t* out16, const float* in, size_t n) override;
+    void swiglu_forward_bf16(uint16_t* out16, const float* gate, const float* up, size_t n) override;
+    void grouped_matmul_forward_bf16_in(float* out_RO,
+                                        const uint16_t* in16_RI,
+                                        const float* w_GOI,
+                                        const int* offsets_host,
+                                        int G,
+                                        int I,
+                                        int O) override;
+    void grouped_matmul_backward_bf16_in(float* din_RI,
+                                         float* dw_GOI,
+                                         const float* dout_RO,
+                                         const uint16_t* in16_RI,
+                                         const float* w_GOI,
+                                         const int* offsets_host,
+                                         int G,
+                                         int I,
+                                         int O) override;
     void cross_entropy_forward(
         float* loss_N, float* probs_NV, const float* logits_NV, const int32_t* targets_N, int N, int V) override;
     void cross_entropy_backward(
@@ -184,6 +202,21 @@ class CpuBackend : public Backend {
   private:
     // With bf16 matmul precision: x[0..n) rounded to bf16 in scratch slot `slot` (0..3); else x.
     const float* matmul_input(const float* x, size_t n, int slot);
+    // x16[0..n) as floats (exact) in scratch slot `slot`.
+    const float* widen_bf16(const uint16_t* x16, size_t n, int slot);
+    void require_bf16_precision(const char* op) const;
+    // The grouped GEMM loops over operands already rounded (or fp32).
+    void grouped_forward_rounded(
+        float* out_RO, const float* in_RI, const float* w_GOI, const int* offsets_host, int G, int I, int O);
+    void grouped_backward_rounded(float* din_RI,
+                                  float* dw_GOI,
+                                  const float* dout_RO,
+                                  const float* in_RI,
+                                  const float* w_GOI,
+                                  const int* offsets_host,
+                                  int G,
+                                  int I,
+                                  int O);
     std::vector<float> bf16_scratch_[4];
 };
 

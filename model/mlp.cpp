@@ -1,13 +1,20 @@
 #include "model/mlp.h"
 
+#include <cstdlib>
+#include <cstring>
+
 namespace bmoe::model {
+
+bool bf16_activation_storage_default() {
+    const char* v = std::getenv("BMOE_BF16_MLP_ACTIVATIONS");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+}
 
 void GroupedMlp::set_recompute_activation(bool on) {
     recompute_activation_ = on;
-    if (on) act_RF_ = Buffer<float>();  // not kept any more
+    if (on) act_RF_ = Buffer<float>(), act16_RF_ = Buffer<uint16_t>();  // not kept any more
 }
 
-// act = gelu(h_up) or silu(h_gate) * h_up into act_RF.
 void GroupedMlp::activation_forward(float* act_RF, size_t RF) {
     if (activation_ == Activation::kSwiGlu) {
         backend_->swiglu_forward(act_RF, h_gate_RF_.data(), h_up_RF_.data(), RF);
@@ -16,8 +23,22 @@ void GroupedMlp::activation_forward(float* act_RF, size_t RF) {
     }
 }
 
+void GroupedMlp::activation_forward(uint16_t* act16_RF, size_t RF) {
+    if (activation_ == Activation::kSwiGlu) {
+        backend_->swiglu_forward_bf16(act16_RF, h_gate_RF_.data(), h_up_RF_.data(), RF);
+    } else {
+        backend_->gelu_forward_bf16(act16_RF, h_up_RF_.data(), RF);
+    }
+}
+
 float* GroupedMlp::activation_buffer(size_t RF) {
     Buffer<float>& act = recompute_activation_ ? scratch_->mlp_act_RF : act_RF_;
+    act.ensure(backend_, RF);
+    return act.data();
+}
+
+uint16_t* GroupedMlp::activation_buffer16(size_t RF) {
+    Buffer<uint16_t>& act = recompute_activation_ ? scratch_->mlp_act16_RF : act16_RF_;
     act.ensure(backend_, RF);
     return act.data();
 }
@@ -32,6 +53,15 @@ void GroupedMlp::forward(float* y_RD, const float* x_RD, const MlpWeights& w, co
         h_gate_RF_.ensure(backend_, RF);
         backend_->grouped_matmul_forward(h_gate_RF_.data(), x_RD, w.gate, offsets_.data(), G, D_, F_);
     }
+    stored16_ = bf16_storage_ && backend_->matmul_precision() == MatmulPrecision::kBf16;
+    if (stored16_) {
+        if (!recompute_activation_) act_RF_ = Buffer<float>();  // the fp32 copy of an earlier mode
+        uint16_t* act16 = activation_buffer16(RF);
+        activation_forward(act16, RF);
+        backend_->grouped_matmul_forward_bf16_in(y_RD, act16, w.down, offsets_.data(), G, F_, D_);
+        return;
+    }
+    if (!recompute_activation_) act16_RF_ = Buffer<uint16_t>();
     float* act = activation_buffer(RF);
     activation_forward(act, RF);
     backend_->grouped_matmul_forward(y_RD, act, w.down, offsets_.data(), G, F_, D_);
@@ -45,9 +75,16 @@ void GroupedMlp::backward(
     Buffer<float>& dh_up = scratch_->mlp_dh_up_RF;
     dact.ensure(backend_, RF);
     dh_up.ensure(backend_, RF);
-    float* act = recompute_activation_ ? activation_buffer(RF) : act_RF_.data();
-    if (recompute_activation_) activation_forward(act, RF);
-    backend_->grouped_matmul_backward(dact.data(), dw.down, dy_RD, act, w.down, offsets_.data(), G, F_, D_);
+    if (stored16_) {
+        uint16_t* act16 = recompute_activation_ ? activation_buffer16(RF) : act16_RF_.data();
+        if (recompute_activation_) activation_forward(act16, RF);
+        backend_->grouped_matmul_backward_bf16_in(dact.data(), dw.down, dy_RD, act16, w.down, offsets_.data(), G, F_,
+                                                  D_);
+    } else {
+        float* act = recompute_activation_ ? activation_buffer(RF) : act_RF_.data();
+        if (recompute_activation_) activation_forward(act, RF);
+        backend_->grouped_matmul_backward(dact.data(), dw.down, dy_RD, act, w.down, offsets_.data(), G, F_, D_);
+    }
     if (activation_ == Activation::kSwiGlu) {
         Buffer<float>& dh_gate = scratch_->mlp_dh_gate_RF;
         Buffer<float>& dx_up = scratch_->mlp_dx_RD;

@@ -5,7 +5,9 @@
 //   swiglu: y = (silu(x W1_g^T) * (x W3_g^T)) W2_g^T      W1, W3 [G, F, D], W2 [G, D, F]
 //   gelu:   y = gelu(x W3_g^T) W2_g^T
 // Saves its hidden activations for backward (sized for the largest R seen); its backward-only
-// buffers come from the model's LayerScratch, shared with every other layer.
+// buffers come from the model's LayerScratch, shared with every other layer. Under bf16 matmul
+// precision the activation (read only by the down-projection's GEMMs, which round it to bf16
+// anyway) is stored as bf16: bitwise the same results, half its memory, no rounding pass per GEMM.
 #pragma once
 
 #include <vector>
@@ -28,11 +30,19 @@ struct MlpGrads {
     float* down = nullptr;
 };
 
+// False when the environment sets BMOE_BF16_MLP_ACTIVATIONS=0.
+bool bf16_activation_storage_default();
+
 class GroupedMlp {
   public:
     // scratch: shared backward buffers; must outlive this MLP.
     GroupedMlp(Backend* backend, Activation activation, int d_model, int hidden, LayerScratch* scratch)
-        : backend_(backend), activation_(activation), D_(d_model), F_(hidden), scratch_(scratch) {}
+        : backend_(backend),
+          activation_(activation),
+          D_(d_model),
+          F_(hidden),
+          scratch_(scratch),
+          bf16_storage_(bf16_activation_storage_default()) {}
 
     // y_RD (=) from x_RD; offsets_host [G+1] stays referenced until backward.
     void forward(float* y_RD, const float* x_RD, const MlpWeights& w, const std::vector<int>& offsets_host);
@@ -42,18 +52,28 @@ class GroupedMlp {
     // silu * up, the same kernel: bitwise the same gradients) in backward, in shared scratch.
     // Saves one [R, F] per layer for one activation kernel per layer.
     void set_recompute_activation(bool on);
+    // bf16 storage of the activation under bf16 matmul precision: on by default; off (or
+    // BMOE_BF16_MLP_ACTIVATIONS=0 in the environment) keeps it fp32, the path before, for A/B runs.
+    void set_bf16_activation_storage(bool on) { bf16_storage_ = on; }
 
   private:
-    void activation_forward(float* act_RF, size_t RF);  // from the saved pre-activations
-    float* activation_buffer(size_t RF);                // saved, or the shared scratch (recompute)
+    // act = gelu(h_up) or silu(h_gate) * h_up from the saved pre-activations, fp32 or bf16
+    void activation_forward(float* act_RF, size_t RF);
+    void activation_forward(uint16_t* act16_RF, size_t RF);
+    // the activation's storage: saved, or the shared scratch (recompute)
+    float* activation_buffer(size_t RF);
+    uint16_t* activation_buffer16(size_t RF);
 
     Backend* backend_;
     Activation activation_;
     int D_, F_;
     LayerScratch* scratch_;
     bool recompute_activation_ = false;
+    bool bf16_storage_;
+    bool stored16_ = false;  // this forward stored the activation as bf16
     std::vector<int> offsets_;
     Buffer<float> h_gate_RF_, h_up_RF_, act_RF_;  // saved
+    Buffer<uint16_t> act16_RF_;                   // saved (bf16 storage)
 };
 
 }  // namespace bmoe::model

@@ -117,6 +117,12 @@ void Model::set_mlp_recompute(bool on) {
         if (a->dense_ffn) a->dense_ffn->set_recompute_activation(on);
 }
 
+void Model::set_mlp_bf16_activations(bool on) {
+    for (MoeBlock& b : moe_blocks_) b.set_bf16_activation_storage(on);
+    for (auto& a : layer_acts_)
+        if (a->dense_ffn) a->dense_ffn->set_bf16_activation_storage(on);
+}
+
 float* Model::scores(LayerActs& a) { return recompute_attention_ ? att_shared_.data() : a.att.data(); }
 
 void Model::ensure_activations(int B, int T) {

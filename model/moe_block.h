@@ -75,6 +75,8 @@ class MoeBlock {
     // MLP recompute: GroupedMlp::set_recompute_activation for this block's experts, and (on one
     // rank) the experts' gathered input rows are gathered again in backward instead of kept.
     void set_recompute_activation(bool on);
+    // GroupedMlp::set_bf16_activation_storage for this block's experts.
+    void set_bf16_activation_storage(bool on) { experts_.set_bf16_activation_storage(on); }
 
     Router& router() { return router_; }
     const Router& router() const { return router_; }

@@ -168,6 +168,26 @@ void OpCostBackend::grouped_matmul_backward(
     if (dw != nullptr) gemm(key, flops, {{r * O, false}, {r * I, false}}, weights, /*accumulate=*/true);
 }
 
+// bf16 storage: the stored operand is read at 2 bytes, without a copy.
+void OpCostBackend::grouped_matmul_forward_bf16_in(
+    float*, const uint16_t*, const float*, const int* offsets_host, int G, int I, int O) {
+    const ProfiledName op(this, "grouped_matmul_fwd_bf16_in", G, I, O);
+    const double r = offsets_host[G];
+    const std::string key = shaped("grouped_matmul_forward", r, I, O);
+    operand_copies(key, {{double(G) * O * I, true}});
+    gemm(key, 2.0 * r * I * O, {{r * I, false}, {double(G) * O * I, true}}, r * O);
+}
+
+void OpCostBackend::grouped_matmul_backward_bf16_in(
+    float* din, float* dw, const float*, const uint16_t*, const float*, const int* offsets_host, int G, int I, int O) {
+    const ProfiledName op(this, "grouped_matmul_bwd_bf16_in", G, I, O);
+    const double r = offsets_host[G], flops = 2.0 * r * I * O, weights = double(G) * O * I;
+    const std::string key = shaped("grouped_matmul_backward", r, I, O);
+    operand_copies(key, {{r * O, false}, {din != nullptr ? weights : 0.0, true}});
+    if (din != nullptr) gemm(key, flops, {{r * O, false}, {weights, true}}, r * I);
+    if (dw != nullptr) gemm(key, flops, {{r * O, false}, {r * I, false}}, weights, /*accumulate=*/true);
+}
+
 // ---- embeddings and norms ---------------------------------------------------------------------------
 
 void OpCostBackend::embedding_forward(float*, const int32_t*, const float*, int N, int D) {
@@ -269,6 +289,12 @@ void OpCostBackend::swiglu_backward(float*, float*, const float*, const float*, 
     kernel("swiglu_backward", act(5.0 * n), 12.0 * n);
 }
 void OpCostBackend::gelu_forward(float*, const float*, size_t n) { kernel("gelu_forward", act(2.0 * n), 12.0 * n); }
+void OpCostBackend::gelu_forward_bf16(uint16_t*, const float*, size_t n) {
+    kernel("gelu_forward_bf16", act(n) + 2.0 * n, 12.0 * n);  // write bf16
+}
+void OpCostBackend::swiglu_forward_bf16(uint16_t*, const float*, const float*, size_t n) {
+    kernel("swiglu_forward_bf16", act(2.0 * n) + 2.0 * n, 8.0 * n);
+}
 void OpCostBackend::gelu_backward(float*, const float*, const float*, size_t n) {
     kernel("gelu_backward", act(3.0 * n), 20.0 * n);
 }

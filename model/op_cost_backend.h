@@ -185,6 +185,24 @@ class OpCostBackend final : public Backend {
         float* dgate, float* dup, const float* dout, const float* gate, const float* up, size_t n) override;
     void gelu_forward(float* out, const float* in, size_t n) override;
     void gelu_backward(float* din, const float* dout, const float* in, size_t n) override;
+    void gelu_forward_bf16(uint16_t* out16, const float* in, size_t n) override;
+    void swiglu_forward_bf16(uint16_t* out16, const float* gate, const float* up, size_t n) override;
+    void grouped_matmul_forward_bf16_in(float* out_RO,
+                                        const uint16_t* in16_RI,
+                                        const float* w_GOI,
+                                        const int* offsets_host,
+                                        int G,
+                                        int I,
+                                        int O) override;
+    void grouped_matmul_backward_bf16_in(float* din_RI,
+                                         float* dw_GOI,
+                                         const float* dout_RO,
+                                         const uint16_t* in16_RI,
+                                         const float* w_GOI,
+                                         const int* offsets_host,
+                                         int G,
+                                         int I,
+                                         int O) override;
     void cross_entropy_forward(
         float* loss_N, float* probs_NV, const float* logits_NV, const int32_t* targets_N, int N, int V) override;
     void cross_entropy_backward(

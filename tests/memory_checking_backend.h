@@ -127,6 +127,31 @@ class MemoryCheckingBackend : public CpuBackend {
             CpuBackend::grouped_matmul_backward(din, dw, dout, in, w, offsets_host, G, I, O);
     }
 
+    void grouped_matmul_forward_bf16_in(
+        float* out, const uint16_t* in16, const float* w, const int* offsets_host, int G, int I, int O) override {
+        const int R = offsets_host[G];
+        if (check("grouped_matmul_forward_bf16_in",
+                  {{"out", out, numel(R, O)}, {"in16", in16, numel(R, I)}, {"w", w, numel(G, O, I)}}))
+            CpuBackend::grouped_matmul_forward_bf16_in(out, in16, w, offsets_host, G, I, O);
+    }
+    void grouped_matmul_backward_bf16_in(float* din,
+                                         float* dw,
+                                         const float* dout,
+                                         const uint16_t* in16,
+                                         const float* w,
+                                         const int* offsets_host,
+                                         int G,
+                                         int I,
+                                         int O) override {
+        const int R = offsets_host[G];
+        if (check("grouped_matmul_backward_bf16_in", {{"din", din, numel(R, I)},
+                                                      {"dw", dw, numel(G, O, I)},
+                                                      {"dout", dout, numel(R, O)},
+                                                      {"in16", in16, numel(R, I)},
+                                                      {"w", w, numel(G, O, I)}}))
+            CpuBackend::grouped_matmul_backward_bf16_in(din, dw, dout, in16, w, offsets_host, G, I, O);
+    }
+
     // ---- embeddings (table rows: as many as the largest token addresses; V is no argument) --------
     void embedding_forward(float* out, const int32_t* tokens, const float* table, int N, int D) override {
         const size_t V = rows_addressed("embedding_forward", "tokens", tokens, N, 1, false);
@@ -259,6 +284,14 @@ class MemoryCheckingBackend : public CpuBackend {
         if (check("swiglu_backward",
                   {{"dgate", dgate, n}, {"dup", dup, n}, {"dout", dout, n}, {"gate", gate, n}, {"up", up, n}}))
             CpuBackend::swiglu_backward(dgate, dup, dout, gate, up, n);
+    }
+    void gelu_forward_bf16(uint16_t* out16, const float* in, size_t n) override {
+        if (check("gelu_forward_bf16", {{"out16", out16, n}, {"in", in, n}}))
+            CpuBackend::gelu_forward_bf16(out16, in, n);
+    }
+    void swiglu_forward_bf16(uint16_t* out16, const float* gate, const float* up, size_t n) override {
+        if (check("swiglu_forward_bf16", {{"out16", out16, n}, {"gate", gate, n}, {"up", up, n}}))
+            CpuBackend::swiglu_forward_bf16(out16, gate, up, n);
     }
     void gelu_forward(float* out, const float* in, size_t n) override {
         if (check("gelu_forward", {{"out", out, n}, {"in", in, n}})) CpuBackend::gelu_forward(out, in, n);

@@ -234,6 +234,40 @@ TEST_P(ModelGradTest, MlpRecomputeGivesBitwiseTheSameGradients) {
     }
 }
 
+// bf16 storage of the MLP activation (the default under bf16 matmul precision) is memory and
+// traffic only: bitwise the same loss and gradients as the fp32 activation, with and without MLP
+// recompute, and less memory.
+TEST_P(ModelGradTest, MlpBf16ActivationStorageGivesBitwiseTheSameGradients) {
+    const ModelConfig cfg = GetParam().config;
+    std::vector<int32_t> tokens = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10}, targets = {2, 3, 4, 5, 6, 7, 8, 9, 10, 11};
+    const LossWeights w{0.01f, 0.001f, 0.05f};
+    for (const bool recompute : {false, true}) {
+        std::vector<std::vector<float>> grads;
+        std::vector<double> losses;
+        std::vector<size_t> peak;
+        for (const bool stored16 : {false, true}) {
+            CpuBackend backend;
+            backend.set_matmul_precision(MatmulPrecision::kBf16);
+            Model model(cfg, &backend);
+            model.init_weights(3);
+            model.set_mlp_recompute(recompute);
+            model.set_mlp_bf16_activations(stored16);
+            model.zero_grad();
+            losses.push_back(model.forward(tokens.data(), targets.data(), 2, 5, w).total_loss);
+            model.backward(0.5f);
+            model.forward(tokens.data(), targets.data(), 1, 7, w);
+            model.backward(0.5f);
+            grads.push_back(model.grads_to_host());
+            peak.push_back(backend.peak_allocated_bytes());
+        }
+        EXPECT_EQ(losses[0], losses[1]) << "recompute " << recompute;
+        ASSERT_EQ(grads[0].size(), grads[1].size());
+        for (size_t i = 0; i < grads[0].size(); ++i)
+            ASSERT_EQ(grads[0][i], grads[1][i]) << "recompute " << recompute << " " << i;
+        if (!recompute) EXPECT_LT(peak[1], peak[0]) << "the bf16 activation must take less memory";
+    }
+}
+
 // The loss in place over the logits (Model::set_keep_logits(false), as the trainer runs it) changes
 // nothing but memory: bitwise the same loss and gradients, one [N, V] buffer fewer.
 TEST_P(ModelGradTest, InPlaceLossGivesBitwiseTheSameGradients) {

@@ -352,6 +352,40 @@ TEST(Bf16, MatmulsRoundInputsAndAccumulateInFp32) {
     }
 }
 
+// bf16 activation storage: the activation written as bf16 is the fp32 activation rounded, and the
+// grouped GEMMs reading a bf16 operand give bitwise what they give on the fp32 tensor (which they
+// round to the same bf16 values); without bf16 matmul precision they refuse.
+TEST(Bf16, StoredActivationAndBf16InputGemmsAreBitwiseTheFp32Path) {
+    CpuBackend be;
+    const size_t n = 1001;
+    const Vec gate = randn(n, 1, 3.0f), up = randn(n, 2);
+    Vec act(n);
+    std::vector<uint16_t> act16(n);
+    be.gelu_forward(act.data(), gate.data(), n);
+    be.gelu_forward_bf16(act16.data(), gate.data(), n);
+    for (size_t i = 0; i < n; ++i) ASSERT_EQ(act16[i], bf16_bits(act[i])) << "gelu " << i;
+    be.swiglu_forward(act.data(), gate.data(), up.data(), n);
+    be.swiglu_forward_bf16(act16.data(), gate.data(), up.data(), n);
+    for (size_t i = 0; i < n; ++i) ASSERT_EQ(act16[i], bf16_bits(act[i])) << "swiglu " << i;
+
+    const int G = 3, I = 40, O = 7, offsets[G + 1] = {0, 4, 4, 9}, R = offsets[G];
+    const Vec in = randn(R * I, 3), w = randn(G * O * I, 4), dout = randn(R * O, 5), dw0 = randn(G * O * I, 6);
+    std::vector<uint16_t> in16(R * I);
+    for (int i = 0; i < R * I; ++i) in16[i] = bf16_bits(in[i]);
+    Vec out(R * O), out16(R * O), din(R * I), din16(R * I), dw = dw0, dw16 = dw0;
+    be.set_matmul_precision(MatmulPrecision::kBf16);
+    be.grouped_matmul_forward(out.data(), in.data(), w.data(), offsets, G, I, O);
+    be.grouped_matmul_forward_bf16_in(out16.data(), in16.data(), w.data(), offsets, G, I, O);
+    be.grouped_matmul_backward(din.data(), dw.data(), dout.data(), in.data(), w.data(), offsets, G, I, O);
+    be.grouped_matmul_backward_bf16_in(din16.data(), dw16.data(), dout.data(), in16.data(), w.data(), offsets, G, I, O);
+    EXPECT_EQ(out16, out);
+    EXPECT_EQ(din16, din);
+    EXPECT_EQ(dw16, dw);  // accumulated onto the same dw0
+    EXPECT_NE(dw, dw0);
+    be.set_matmul_precision(MatmulPrecision::kFp32);
+    EXPECT_THROW(be.grouped_matmul_forward_bf16_in(out16.data(), in16.data(), w.data(), offsets, G, I, O), bmoe::Error);
+}
+
 // ---- embeddings -------------------------------------------------------------------------------
 
 TEST(CpuOps, EmbeddingAndPosition) {

@@ -60,11 +60,15 @@ const void* CudaBackend::GemmInputs::operator()(const float* p) const {
 }
 
 CudaBackend::GemmInputs CudaBackend::gemm_inputs(std::initializer_list<GemmTensor> tensors) {
+    if (matmul_precision_ == MatmulPrecision::kBf16 && bf16_input_copies_) return bf16_gemm_inputs(tensors);
     GemmInputs inputs;
-    inputs.type = matmul_precision_ == MatmulPrecision::kFp32 ? GemmInput::kFp32
-                  : bf16_input_copies_                        ? GemmInput::kBf16
-                                                              : GemmInput::kFp32Fast16Bf;
-    if (!inputs.bf16()) return inputs;
+    inputs.type = matmul_precision_ == MatmulPrecision::kFp32 ? GemmInput::kFp32 : GemmInput::kFp32Fast16Bf;
+    return inputs;
+}
+
+CudaBackend::GemmInputs CudaBackend::bf16_gemm_inputs(std::initializer_list<GemmTensor> tensors) {
+    GemmInputs inputs;
+    inputs.type = GemmInput::kBf16;
     for (const GemmTensor& t : tensors) {
         if (t.x == nullptr) continue;
         const uint16_t* copy =
@@ -311,6 +315,51 @@ void CudaBackend::grouped_matmul_backward(float* din_RI,
     }
     grouped_gemm(din, 1.0f, O, false, I, false, 0.0f, I, in.type);            // din_g = dout_g w_g   (=)
     if (dw_GOI) grouped_gemm(dw, 1.0f, O, true, I, false, 1.0f, I, in.type);  // dw_g += dout_g^T in_g
+}
+
+// The _bf16_in variants read in_RI as stored (bf16) and round the fp32 operands into copies, in
+// either GEMM mode (fast16bf cannot mix a bf16 and an fp32 operand in one product).
+void CudaBackend::grouped_matmul_forward_bf16_in(
+    float* out_RO, const uint16_t* in16_RI, const float* w_GOI, const int* offsets_host, int G, int I, int O) {
+    const ProfiledOp op(profiler_.get(), "grouped_matmul_fwd_bf16_in", G, I, O);
+    BMOE_REQUIRE(matmul_precision_ == MatmulPrecision::kBf16,
+                 "grouped_matmul_forward_bf16_in reads a bf16 operand: it needs bf16 matmul precision");
+    const GemmInputs in = bf16_gemm_inputs({{w_GOI, static_cast<size_t>(G) * O * I}});
+    std::vector<GemmProblem> problems;
+    for (int g = 0; g < G; ++g) {
+        const int r0 = offsets_host[g], rows = offsets_host[g + 1] - r0;
+        if (rows == 0) continue;
+        problems.push_back({rows, O, I, in16_RI + static_cast<size_t>(r0) * I,
+                            in(w_GOI + static_cast<size_t>(g) * O * I), out_RO + static_cast<size_t>(r0) * O});
+    }
+    grouped_gemm(problems, 1.0f, I, false, I, true, 0.0f, O, GemmInput::kBf16);
+}
+
+void CudaBackend::grouped_matmul_backward_bf16_in(float* din_RI,
+                                                  float* dw_GOI,
+                                                  const float* dout_RO,
+                                                  const uint16_t* in16_RI,
+                                                  const float* w_GOI,
+                                                  const int* offsets_host,
+                                                  int G,
+                                                  int I,
+                                                  int O) {
+    const ProfiledOp op(profiler_.get(), "grouped_matmul_bwd_bf16_in", G, I, O);
+    BMOE_REQUIRE(matmul_precision_ == MatmulPrecision::kBf16,
+                 "grouped_matmul_backward_bf16_in reads a bf16 operand: it needs bf16 matmul precision");
+    const size_t R = static_cast<size_t>(offsets_host[G]);
+    const GemmInputs in = bf16_gemm_inputs({{dout_RO, R * O}, {w_GOI, static_cast<size_t>(G) * O * I}});
+    std::vector<GemmProblem> din, dw;
+    for (int g = 0; g < G; ++g) {
+        const int r0 = offsets_host[g], rows = offsets_host[g + 1] - r0;
+        if (rows == 0) continue;
+        const void* dout = in(dout_RO + static_cast<size_t>(r0) * O);
+        const size_t w_off = static_cast<size_t>(g) * O * I;
+        din.push_back({rows, I, O, dout, in(w_GOI + w_off), din_RI + static_cast<size_t>(r0) * I});
+        if (dw_GOI) dw.push_back({O, I, rows, dout, in16_RI + static_cast<size_t>(r0) * I, dw_GOI + w_off});
+    }
+    grouped_gemm(din, 1.0f, O, false, I, false, 0.0f, I, GemmInput::kBf16);            // din_g = dout_g w_g
+    if (dw_GOI) grouped_gemm(dw, 1.0f, O, true, I, false, 1.0f, I, GemmInput::kBf16);  // dw_g += dout_g^T in_g
 }
 
 // One product of an attention plan: its (batch, head) slices all have one shape (a batched call).

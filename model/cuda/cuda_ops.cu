@@ -167,10 +167,15 @@ struct LnDw {
 
 // ---- activation kernels -------------------------------------------------------------------------
 
-__global__ void swiglu_forward_kernel(float* out, const float* gate, const float* up, size_t n) {
+// Forward activations write fp32, or bf16 (nearest-even) where only bf16 GEMMs read the result.
+__device__ inline void store_activation(float* out, size_t i, float v) { out[i] = v; }
+__device__ inline void store_activation(uint16_t* out, size_t i, float v) { out[i] = bf16_bits_rne(v); }
+
+template <typename Out>
+__global__ void swiglu_forward_kernel(Out* out, const float* gate, const float* up, size_t n) {
     BMOE_GRID_STRIDE(i, n) {
         const float g = gate[i];
-        out[i] = g / (1.0f + expf(-g)) * up[i];
+        store_activation(out, i, g / (1.0f + expf(-g)) * up[i]);
     }
 }
 
@@ -184,10 +189,11 @@ __global__ void swiglu_backward_kernel(
     }
 }
 
-__global__ void gelu_forward_kernel(float* out, const float* in, size_t n) {
+template <typename Out>
+__global__ void gelu_forward_kernel(Out* out, const float* in, size_t n) {
     BMOE_GRID_STRIDE(i, n) {
         const float x = in[i];
-        out[i] = 0.5f * x * (1.0f + tanhf(kGeluC * (x + 0.044715f * x * x * x)));
+        store_activation(out, i, 0.5f * x * (1.0f + tanhf(kGeluC * (x + 0.044715f * x * x * x))));
     }
 }
 
@@ -513,6 +519,13 @@ void CudaBackend::swiglu_forward(float* out, const float* gate, const float* up,
     CUDA_CHECK_LAST();
 }
 
+void CudaBackend::swiglu_forward_bf16(uint16_t* out16, const float* gate, const float* up, size_t n) {
+    const ProfiledOp op(profiler_.get(), "swiglu_forward_bf16");
+    if (n == 0) return;
+    swiglu_forward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(out16, gate, up, n);
+    CUDA_CHECK_LAST();
+}
+
 void CudaBackend::swiglu_backward(
     float* dgate, float* dup, const float* dout, const float* gate, const float* up, size_t n) {
     const ProfiledOp op(profiler_.get(), "swiglu_backward");
@@ -525,6 +538,13 @@ void CudaBackend::gelu_forward(float* out, const float* in, size_t n) {
     const ProfiledOp op(profiler_.get(), "gelu_forward");
     if (n == 0) return;
     gelu_forward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(out, in, n);
+    CUDA_CHECK_LAST();
+}
+
+void CudaBackend::gelu_forward_bf16(uint16_t* out16, const float* in, size_t n) {
+    const ProfiledOp op(profiler_.get(), "gelu_forward_bf16");
+    if (n == 0) return;
+    gelu_forward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(out16, in, n);
     CUDA_CHECK_LAST();
 }
 
