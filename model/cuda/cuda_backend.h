@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -303,6 +304,27 @@ class CudaBackend final : public Backend {
                       GemmInput in);
     // One product of an attention plan (attention_plan.h), its operands mapped through `in`.
     void run_batched_gemm(const BatchedGemm& g, const GemmInputs& in);
+    // The expert GEMMs over row groups [offsets[g], offsets[g+1]); in_rows(r0) is the in operand, as
+    // cuBLAS reads it, from row r0 (a pointer into a bf16 copy, or into a tensor stored as bf16).
+    using RowOperand = std::function<const void*(size_t r0)>;
+    void grouped_forward_gemms(float* out_RO,
+                               const RowOperand& in_rows,
+                               const float* w_GOI,
+                               const GemmInputs& in,
+                               const int* offsets_host,
+                               int G,
+                               int I,
+                               int O);
+    void grouped_backward_gemms(float* din_RI,
+                                float* dw_GOI,
+                                const float* dout_RO,
+                                const RowOperand& in_rows,
+                                const float* w_GOI,
+                                const GemmInputs& in,
+                                const int* offsets_host,
+                                int G,
+                                int I,
+                                int O);
     // AttentionKernel::kFlash (flash_attention.cu): used when chosen, with bf16 matmul precision
     // and head_dim <= 128; the attention ops fall back to the gemm kernel otherwise.
     bool flash_attention_active(int Hd) const;

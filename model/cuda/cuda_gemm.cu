@@ -281,14 +281,7 @@ void CudaBackend::grouped_matmul_forward(
     const ProfiledOp op(profiler_.get(), "grouped_matmul_fwd", G, I, O);
     const size_t R = static_cast<size_t>(offsets_host[G]);
     const GemmInputs in = gemm_inputs({{in_RI, R * I}, {w_GOI, static_cast<size_t>(G) * O * I}});
-    std::vector<GemmProblem> problems;
-    for (int g = 0; g < G; ++g) {
-        const int r0 = offsets_host[g], rows = offsets_host[g + 1] - r0;
-        if (rows == 0) continue;
-        problems.push_back({rows, O, I, in(in_RI + static_cast<size_t>(r0) * I),
-                            in(w_GOI + static_cast<size_t>(g) * O * I), out_RO + static_cast<size_t>(r0) * O});
-    }
-    grouped_gemm(problems, 1.0f, I, false, I, true, 0.0f, O, in.type);
+    grouped_forward_gemms(out_RO, [&](size_t r0) { return in(in_RI + r0 * I); }, w_GOI, in, offsets_host, G, I, O);
 }
 
 void CudaBackend::grouped_matmul_backward(float* din_RI,
@@ -304,17 +297,8 @@ void CudaBackend::grouped_matmul_backward(float* din_RI,
     const size_t R = static_cast<size_t>(offsets_host[G]);
     const GemmInputs in =
         gemm_inputs({{dout_RO, R * O}, {w_GOI, static_cast<size_t>(G) * O * I}, {dw_GOI ? in_RI : nullptr, R * I}});
-    std::vector<GemmProblem> din, dw;
-    for (int g = 0; g < G; ++g) {
-        const int r0 = offsets_host[g], rows = offsets_host[g + 1] - r0;
-        if (rows == 0) continue;  // din has no rows; dw_g += 0
-        const void* dout = in(dout_RO + static_cast<size_t>(r0) * O);
-        const size_t w_off = static_cast<size_t>(g) * O * I;
-        din.push_back({rows, I, O, dout, in(w_GOI + w_off), din_RI + static_cast<size_t>(r0) * I});
-        if (dw_GOI) dw.push_back({O, I, rows, dout, in(in_RI + static_cast<size_t>(r0) * I), dw_GOI + w_off});
-    }
-    grouped_gemm(din, 1.0f, O, false, I, false, 0.0f, I, in.type);            // din_g = dout_g w_g   (=)
-    if (dw_GOI) grouped_gemm(dw, 1.0f, O, true, I, false, 1.0f, I, in.type);  // dw_g += dout_g^T in_g
+    grouped_backward_gemms(din_RI, dw_GOI, dout_RO, [&](size_t r0) { return in(in_RI + r0 * I); }, w_GOI, in,
+                           offsets_host, G, I, O);
 }
 
 // The _bf16_in variants read in_RI as stored (bf16) and round the fp32 operands into copies, in
@@ -325,14 +309,7 @@ void CudaBackend::grouped_matmul_forward_bf16_in(
     BMOE_REQUIRE(matmul_precision_ == MatmulPrecision::kBf16,
                  "grouped_matmul_forward_bf16_in reads a bf16 operand: it needs bf16 matmul precision");
     const GemmInputs in = bf16_gemm_inputs({{w_GOI, static_cast<size_t>(G) * O * I}});
-    std::vector<GemmProblem> problems;
-    for (int g = 0; g < G; ++g) {
-        const int r0 = offsets_host[g], rows = offsets_host[g + 1] - r0;
-        if (rows == 0) continue;
-        problems.push_back({rows, O, I, in16_RI + static_cast<size_t>(r0) * I,
-                            in(w_GOI + static_cast<size_t>(g) * O * I), out_RO + static_cast<size_t>(r0) * O});
-    }
-    grouped_gemm(problems, 1.0f, I, false, I, true, 0.0f, O, GemmInput::kBf16);
+    grouped_forward_gemms(out_RO, [&](size_t r0) { return in16_RI + r0 * I; }, w_GOI, in, offsets_host, G, I, O);
 }
 
 void CudaBackend::grouped_matmul_backward_bf16_in(float* din_RI,
@@ -349,17 +326,49 @@ void CudaBackend::grouped_matmul_backward_bf16_in(float* din_RI,
                  "grouped_matmul_backward_bf16_in reads a bf16 operand: it needs bf16 matmul precision");
     const size_t R = static_cast<size_t>(offsets_host[G]);
     const GemmInputs in = bf16_gemm_inputs({{dout_RO, R * O}, {w_GOI, static_cast<size_t>(G) * O * I}});
-    std::vector<GemmProblem> din, dw;
+    grouped_backward_gemms(din_RI, dw_GOI, dout_RO, [&](size_t r0) { return in16_RI + r0 * I; }, w_GOI, in,
+                           offsets_host, G, I, O);
+}
+
+void CudaBackend::grouped_forward_gemms(float* out_RO,
+                                        const RowOperand& in_rows,
+                                        const float* w_GOI,
+                                        const GemmInputs& in,
+                                        const int* offsets_host,
+                                        int G,
+                                        int I,
+                                        int O) {
+    std::vector<GemmProblem> problems;
     for (int g = 0; g < G; ++g) {
         const int r0 = offsets_host[g], rows = offsets_host[g + 1] - r0;
         if (rows == 0) continue;
+        problems.push_back({rows, O, I, in_rows(static_cast<size_t>(r0)), in(w_GOI + static_cast<size_t>(g) * O * I),
+                            out_RO + static_cast<size_t>(r0) * O});
+    }
+    grouped_gemm(problems, 1.0f, I, false, I, true, 0.0f, O, in.type);
+}
+
+void CudaBackend::grouped_backward_gemms(float* din_RI,
+                                         float* dw_GOI,
+                                         const float* dout_RO,
+                                         const RowOperand& in_rows,
+                                         const float* w_GOI,
+                                         const GemmInputs& in,
+                                         const int* offsets_host,
+                                         int G,
+                                         int I,
+                                         int O) {
+    std::vector<GemmProblem> din, dw;
+    for (int g = 0; g < G; ++g) {
+        const int r0 = offsets_host[g], rows = offsets_host[g + 1] - r0;
+        if (rows == 0) continue;  // din has no rows; dw_g += 0
         const void* dout = in(dout_RO + static_cast<size_t>(r0) * O);
         const size_t w_off = static_cast<size_t>(g) * O * I;
         din.push_back({rows, I, O, dout, in(w_GOI + w_off), din_RI + static_cast<size_t>(r0) * I});
-        if (dw_GOI) dw.push_back({O, I, rows, dout, in16_RI + static_cast<size_t>(r0) * I, dw_GOI + w_off});
+        if (dw_GOI) dw.push_back({O, I, rows, dout, in_rows(static_cast<size_t>(r0)), dw_GOI + w_off});
     }
-    grouped_gemm(din, 1.0f, O, false, I, false, 0.0f, I, GemmInput::kBf16);            // din_g = dout_g w_g
-    if (dw_GOI) grouped_gemm(dw, 1.0f, O, true, I, false, 1.0f, I, GemmInput::kBf16);  // dw_g += dout_g^T in_g
+    grouped_gemm(din, 1.0f, O, false, I, false, 0.0f, I, in.type);            // din_g = dout_g w_g   (=)
+    if (dw_GOI) grouped_gemm(dw, 1.0f, O, true, I, false, 1.0f, I, in.type);  // dw_g += dout_g^T in_g
 }
 
 // One product of an attention plan: its (batch, head) slices all have one shape (a batched call).
