@@ -105,7 +105,7 @@ bench_pair() {  # MODEL PRECISION [STEPS]
   capped 240 "bmoe_${m}_${p}.log" ./build-gpu/bench/bench_train --backend cuda --model "$m" --precision "$p" \
     --steps "$steps" --warmup 3 --profile 2
   echo "bmoe  $m $p (exit $?): $(result "bmoe_${m}_${p}.log" '^bmoe cuda: ')"
-  grep -A10 -E "^profile \(per step" "$logs/bmoe_${m}_${p}.log" | sed 's/^/   /' 
+  grep -A12 -E "^profile \(per step" "$logs/bmoe_${m}_${p}.log" | sed 's/^/   /' 
   capped 150 "torch_${m}_${p}.log" env PYTHONUNBUFFERED=1 python3 bench/torch_bench.py --device cuda --model "$m" \
     --precision "$p" --steps "$steps" --warmup 3
   echo "torch $m $p (exit $?): $(result "torch_${m}_${p}.log" '^torch eager best')"
@@ -116,6 +116,11 @@ if [[ $phase != check ]] && stage "A/B: the same run with the earlier FAST_16BF 
     --model gpt2-moe --precision bf16 --steps 10 --warmup 3
   echo "bmoe gpt2-moe bf16 fast16bf (exit $?): $(result bmoe_gpt2-moe_fast16bf.log '^bmoe cuda: ')"
 fi
+if [[ $phase != check ]] && stage "A/B: the same run with the MLP activation stored in fp32 (before session 7)" 30; then
+  capped 90 bmoe_gpt2-moe_fp32act.log env BMOE_BF16_MLP_ACTIVATIONS=0 ./build-gpu/bench/bench_train --backend cuda \
+    --model gpt2-moe --precision bf16 --steps 10 --warmup 3
+  echo "bmoe gpt2-moe bf16 fp32 MLP activation (exit $?): $(result bmoe_gpt2-moe_fp32act.log '^bmoe cuda: ')"
+fi
 if [[ $phase != check ]] && stage "grouped expert GEMM vs dense, permute bandwidth" 30; then
   capped 60 bench_cuda.log ./build-gpu/bench/bench_cuda
   grep -vE "^\s*$" "$logs/bench_cuda.log" | tail -20
@@ -124,7 +129,7 @@ if [[ $phase != check ]] && stage "flash attention kernel: gpt2-moe bf16 (same m
   capped 120 bmoe_gpt2-moe_flash.log ./build-gpu/bench/bench_train --backend cuda --model gpt2-moe --precision bf16 \
     --attention flash --steps 10 --warmup 3 --profile 2
   echo "bmoe gpt2-moe bf16 flash (exit $?): $(result bmoe_gpt2-moe_flash.log '^bmoe cuda: ')"
-  grep -A10 -E "^profile \(per step" "$logs/bmoe_gpt2-moe_flash.log" | sed 's/^/   /'
+  grep -A12 -E "^profile \(per step" "$logs/bmoe_gpt2-moe_flash.log" | sed 's/^/   /'
 fi
 if [[ $phase != check ]] && stage "least memory: gpt2-moe bf16, flash attention + mlp recompute" 40; then
   capped 90 bmoe_gpt2-moe_lowmem.log ./build-gpu/bench/bench_train --backend cuda --model gpt2-moe --precision bf16 \
