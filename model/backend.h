@@ -221,23 +221,33 @@ class Backend {
     // ---- bf16 activation storage --------------------------------------------------------------
     // With bf16 matmul precision a tensor that only bf16 GEMMs read is stored as bf16: these write
     // it and read it, bitwise what the fp32 ops give (the GEMMs round their inputs to bf16 anyway),
-    // with half the memory and no rounding pass per GEMM. GroupedMlp stores its activation this way.
+    // with half the memory and no rounding pass per GEMM. GroupedMlp stores its activation and its
+    // pre-activations' gradients this way.
     // out16[i] = bf16_bits(gelu(in[i])) / bf16_bits(silu(gate[i]) * up[i]) (nearest-even).
     virtual void gelu_forward_bf16(uint16_t* out16, const float* in, size_t n) = 0;
     virtual void swiglu_forward_bf16(uint16_t* out16, const float* gate, const float* up, size_t n) = 0;
-    // grouped_matmul_forward / _backward with in_RI held as bf16 (in16_RI); the other operands are
-    // fp32 and rounded as usual. bf16 matmul precision only (throws a bmoe::Error otherwise).
+    // The activations' gradients in bf16 where only bf16 GEMMs read them: gelu_backward /
+    // swiglu_backward with their outputs rounded (din16; dgate16 and dup16).
+    virtual void gelu_backward_bf16(uint16_t* din16, const float* dout, const float* in, size_t n) = 0;
+    virtual void swiglu_backward_bf16(
+        uint16_t* dgate16, uint16_t* dup16, const float* dout, const float* gate, const float* up, size_t n) = 0;
+    // grouped_matmul_forward with in_RI held as bf16 (in16_RI); the weights fp32, rounded as usual.
+    // bf16 matmul precision only (throws a bmoe::Error otherwise), like the op below.
     virtual void grouped_matmul_forward_bf16_in(
         float* out_RO, const uint16_t* in16_RI, const float* w_GOI, const int* offsets_host, int G, int I, int O) = 0;
-    virtual void grouped_matmul_backward_bf16_in(float* din_RI,
-                                                 float* dw_GOI,
-                                                 const float* dout_RO,
-                                                 const uint16_t* in16_RI,
-                                                 const float* w_GOI,
-                                                 const int* offsets_host,
-                                                 int G,
-                                                 int I,
-                                                 int O) = 0;
+    // grouped_matmul_backward with dout and in each given as fp32 (rounded as usual) or as bf16:
+    // exactly one of dout_RO / dout16_RO is non-null, and one of in_RI / in16_RI where dw_GOI is.
+    virtual void grouped_matmul_backward_bf16(float* din_RI,
+                                              float* dw_GOI,
+                                              const float* dout_RO,
+                                              const uint16_t* dout16_RO,
+                                              const float* in_RI,
+                                              const uint16_t* in16_RI,
+                                              const float* w_GOI,
+                                              const int* offsets_host,
+                                              int G,
+                                              int I,
+                                              int O) = 0;
 
     // ---- loss -------------------------------------------------------------------------------
     // probs_NV = softmax(logits_NV); loss_N = -log probs[target]; targets < 0 are ignored (loss 0).

@@ -320,20 +320,23 @@ void CpuBackend::grouped_matmul_forward_bf16_in(
                             matmul_input(w_GOI, static_cast<size_t>(G) * O * I, 1), offsets_host, G, I, O);
 }
 
-void CpuBackend::grouped_matmul_backward_bf16_in(float* din_RI,
-                                                 float* dw_GOI,
-                                                 const float* dout_RO,
-                                                 const uint16_t* in16_RI,
-                                                 const float* w_GOI,
-                                                 const int* offsets_host,
-                                                 int G,
-                                                 int I,
-                                                 int O) {
-    require_bf16_precision("grouped_matmul_backward_bf16_in");
+void CpuBackend::grouped_matmul_backward_bf16(float* din_RI,
+                                              float* dw_GOI,
+                                              const float* dout_RO,
+                                              const uint16_t* dout16_RO,
+                                              const float* in_RI,
+                                              const uint16_t* in16_RI,
+                                              const float* w_GOI,
+                                              const int* offsets_host,
+                                              int G,
+                                              int I,
+                                              int O) {
+    require_bf16_precision("grouped_matmul_backward_bf16");
     const size_t R = static_cast<size_t>(offsets_host[G]);
-    grouped_backward_rounded(din_RI, dw_GOI, matmul_input(dout_RO, R * O, 0),
-                             dw_GOI ? widen_bf16(in16_RI, R * I, 1) : nullptr,
-                             matmul_input(w_GOI, static_cast<size_t>(G) * O * I, 2), offsets_host, G, I, O);
+    const float* dout = dout16_RO ? widen_bf16(dout16_RO, R * O, 0) : matmul_input(dout_RO, R * O, 0);
+    const float* in = !dw_GOI ? nullptr : in16_RI ? widen_bf16(in16_RI, R * I, 1) : matmul_input(in_RI, R * I, 1);
+    grouped_backward_rounded(din_RI, dw_GOI, dout, in, matmul_input(w_GOI, static_cast<size_t>(G) * O * I, 2),
+                             offsets_host, G, I, O);
 }
 
 void CpuBackend::grouped_forward_rounded(
@@ -643,6 +646,15 @@ void CpuBackend::attention_backward(float* dq_BTHd,
 namespace {
 inline float swiglu_value(float g, float up) { return g / (1.0f + std::exp(-g)) * up; }
 inline float gelu_value(float x) { return 0.5f * x * (1.0f + std::tanh(kGeluC * (x + 0.044715f * x * x * x))); }
+inline float gelu_grad(float x) {
+    const float th = std::tanh(kGeluC * (x + 0.044715f * x * x * x));
+    return 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * kGeluC * (1.0f + 3.0f * 0.044715f * x * x);
+}
+inline void swiglu_grads(float dout, float g, float up, float& dgate, float& dup) {
+    const float s = 1.0f / (1.0f + std::exp(-g));
+    dgate = dout * up * s * (1.0f + g * (1.0f - s));  // d silu/dg = s (1 + g (1 - s))
+    dup = dout * g * s;
+}
 }  // namespace
 
 void CpuBackend::swiglu_forward(float* out, const float* gate, const float* up, size_t n) {
@@ -658,10 +670,16 @@ void CpuBackend::swiglu_forward_bf16(uint16_t* out16, const float* gate, const f
 void CpuBackend::swiglu_backward(
     float* dgate, float* dup, const float* dout, const float* gate, const float* up, size_t n) {
 #pragma omp parallel for schedule(static) if (par(n))
+    for (idx_t i = 0; i < static_cast<idx_t>(n); ++i) swiglu_grads(dout[i], gate[i], up[i], dgate[i], dup[i]);
+}
+
+void CpuBackend::swiglu_backward_bf16(
+    uint16_t* dgate16, uint16_t* dup16, const float* dout, const float* gate, const float* up, size_t n) {
+#pragma omp parallel for schedule(static) if (par(n))
     for (idx_t i = 0; i < static_cast<idx_t>(n); ++i) {
-        const float g = gate[i], s = 1.0f / (1.0f + std::exp(-g));
-        dgate[i] = dout[i] * up[i] * s * (1.0f + g * (1.0f - s));  // d silu/dg = s (1 + g (1 - s))
-        dup[i] = dout[i] * g * s;
+        float dg, du;
+        swiglu_grads(dout[i], gate[i], up[i], dg, du);
+        dgate16[i] = bf16_bits(dg), dup16[i] = bf16_bits(du);
     }
 }
 
@@ -677,12 +695,12 @@ void CpuBackend::gelu_forward_bf16(uint16_t* out16, const float* in, size_t n) {
 
 void CpuBackend::gelu_backward(float* din, const float* dout, const float* in, size_t n) {
 #pragma omp parallel for schedule(static) if (par(n))
-    for (idx_t i = 0; i < static_cast<idx_t>(n); ++i) {
-        const float x = in[i], th = std::tanh(kGeluC * (x + 0.044715f * x * x * x));
-        const float grad =
-            0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * kGeluC * (1.0f + 3.0f * 0.044715f * x * x);
-        din[i] = grad * dout[i];
-    }
+    for (idx_t i = 0; i < static_cast<idx_t>(n); ++i) din[i] = gelu_grad(in[i]) * dout[i];
+}
+
+void CpuBackend::gelu_backward_bf16(uint16_t* din16, const float* dout, const float* in, size_t n) {
+#pragma omp parallel for schedule(static) if (par(n))
+    for (idx_t i = 0; i < static_cast<idx_t>(n); ++i) din16[i] = bf16_bits(gelu_grad(in[i]) * dout[i]);
 }
 
 // ---- loss -------------------------------------------------------------------------------------

@@ -125,15 +125,20 @@ class CpuBackend : public Backend {
                                         int G,
                                         int I,
                                         int O) override;
-    void grouped_matmul_backward_bf16_in(float* din_RI,
-                                         float* dw_GOI,
-                                         const float* dout_RO,
-                                         const uint16_t* in16_RI,
-                                         const float* w_GOI,
-                                         const int* offsets_host,
-                                         int G,
-                                         int I,
-                                         int O) override;
+    void gelu_backward_bf16(uint16_t* din16, const float* dout, const float* in, size_t n) override;
+    void swiglu_backward_bf16(
+        uint16_t* dgate16, uint16_t* dup16, const float* dout, const float* gate, const float* up, size_t n) override;
+    void grouped_matmul_backward_bf16(float* din_RI,
+                                      float* dw_GOI,
+                                      const float* dout_RO,
+                                      const uint16_t* dout16_RO,
+                                      const float* in_RI,
+                                      const uint16_t* in16_RI,
+                                      const float* w_GOI,
+                                      const int* offsets_host,
+                                      int G,
+                                      int I,
+                                      int O) override;
     void cross_entropy_forward(
         float* loss_N, float* probs_NV, const float* logits_NV, const int32_t* targets_N, int N, int V) override;
     void cross_entropy_backward(

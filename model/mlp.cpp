@@ -72,19 +72,38 @@ void GroupedMlp::backward(
     const int G = static_cast<int>(offsets_.size()) - 1, R = offsets_.back();
     const size_t RF = static_cast<size_t>(R) * F_;
     Buffer<float>& dact = scratch_->mlp_dact_RF;
-    Buffer<float>& dh_up = scratch_->mlp_dh_up_RF;
     dact.ensure(backend_, RF);
-    dh_up.ensure(backend_, RF);
-    if (stored16_) {
+    if (stored16_) {  // the activation and the pre-activations' gradients in bf16: only bf16 GEMMs read them
         uint16_t* act16 = recompute_activation_ ? activation_buffer16(RF) : act16_RF_.data();
         if (recompute_activation_) activation_forward(act16, RF);
-        backend_->grouped_matmul_backward_bf16_in(dact.data(), dw.down, dy_RD, act16, w.down, offsets_.data(), G, F_,
-                                                  D_);
-    } else {
-        float* act = recompute_activation_ ? activation_buffer(RF) : act_RF_.data();
-        if (recompute_activation_) activation_forward(act, RF);
-        backend_->grouped_matmul_backward(dact.data(), dw.down, dy_RD, act, w.down, offsets_.data(), G, F_, D_);
+        backend_->grouped_matmul_backward_bf16(dact.data(), dw.down, dy_RD, nullptr, nullptr, act16, w.down,
+                                               offsets_.data(), G, F_, D_);
+        Buffer<uint16_t>& dh_up = scratch_->mlp_dh_up16_RF;
+        dh_up.ensure(backend_, RF);
+        if (activation_ == Activation::kSwiGlu) {
+            Buffer<uint16_t>& dh_gate = scratch_->mlp_dh_gate16_RF;
+            Buffer<float>& dx_up = scratch_->mlp_dx_RD;
+            dh_gate.ensure(backend_, RF);
+            dx_up.ensure(backend_, static_cast<size_t>(R) * D_);
+            backend_->swiglu_backward_bf16(dh_gate.data(), dh_up.data(), dact.data(), h_gate_RF_.data(),
+                                           h_up_RF_.data(), RF);
+            backend_->grouped_matmul_backward_bf16(dx_RD, dw.gate, nullptr, dh_gate.data(), x_RD, nullptr, w.gate,
+                                                   offsets_.data(), G, D_, F_);
+            backend_->grouped_matmul_backward_bf16(dx_up.data(), dw.up, nullptr, dh_up.data(), x_RD, nullptr, w.up,
+                                                   offsets_.data(), G, D_, F_);
+            backend_->accumulate(dx_RD, dx_up.data(), static_cast<size_t>(R) * D_);
+        } else {
+            backend_->gelu_backward_bf16(dh_up.data(), dact.data(), h_up_RF_.data(), RF);
+            backend_->grouped_matmul_backward_bf16(dx_RD, dw.up, nullptr, dh_up.data(), x_RD, nullptr, w.up,
+                                                   offsets_.data(), G, D_, F_);
+        }
+        return;
     }
+    Buffer<float>& dh_up = scratch_->mlp_dh_up_RF;
+    dh_up.ensure(backend_, RF);
+    float* act = recompute_activation_ ? activation_buffer(RF) : act_RF_.data();
+    if (recompute_activation_) activation_forward(act, RF);
+    backend_->grouped_matmul_backward(dact.data(), dw.down, dy_RD, act, w.down, offsets_.data(), G, F_, D_);
     if (activation_ == Activation::kSwiGlu) {
         Buffer<float>& dh_gate = scratch_->mlp_dh_gate_RF;
         Buffer<float>& dx_up = scratch_->mlp_dx_RD;

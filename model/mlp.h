@@ -6,8 +6,9 @@
 //   gelu:   y = gelu(x W3_g^T) W2_g^T
 // Saves its hidden activations for backward (sized for the largest R seen); its backward-only
 // buffers come from the model's LayerScratch, shared with every other layer. Under bf16 matmul
-// precision the activation (read only by the down-projection's GEMMs, which round it to bf16
-// anyway) is stored as bf16: bitwise the same results, half its memory, no rounding pass per GEMM.
+// precision the activation and the pre-activations' gradients (each read only by GEMMs, which
+// round them to bf16 anyway) are stored as bf16: bitwise the same results, half their memory, no
+// rounding pass per GEMM.
 #pragma once
 
 #include <vector>

@@ -178,12 +178,24 @@ void OpCostBackend::grouped_matmul_forward_bf16_in(
     gemm(key, 2.0 * r * I * O, {{r * I, false}, {double(G) * O * I, true}}, r * O);
 }
 
-void OpCostBackend::grouped_matmul_backward_bf16_in(
-    float* din, float* dw, const float*, const uint16_t*, const float*, const int* offsets_host, int G, int I, int O) {
-    const ProfiledName op(this, "grouped_matmul_bwd_bf16_in", G, I, O);
+void OpCostBackend::grouped_matmul_backward_bf16(float* din,
+                                                 float* dw,
+                                                 const float*,
+                                                 const uint16_t* dout16,
+                                                 const float*,
+                                                 const uint16_t* in16,
+                                                 const float*,
+                                                 const int* offsets_host,
+                                                 int G,
+                                                 int I,
+                                                 int O) {
+    const ProfiledName op(this, "grouped_matmul_bwd_bf16", G, I, O);
     const double r = offsets_host[G], flops = 2.0 * r * I * O, weights = double(G) * O * I;
     const std::string key = shaped("grouped_matmul_backward", r, I, O);
-    operand_copies(key, {{r * O, false}, {din != nullptr ? weights : 0.0, true}});
+    // operands stored as bf16 need no copy
+    operand_copies(key, {{dout16 != nullptr ? 0.0 : r * O, false},
+                         {dw != nullptr && in16 == nullptr ? r * I : 0.0, false},
+                         {din != nullptr ? weights : 0.0, true}});
     if (din != nullptr) gemm(key, flops, {{r * O, false}, {weights, true}}, r * I);
     if (dw != nullptr) gemm(key, flops, {{r * O, false}, {r * I, false}}, weights, /*accumulate=*/true);
 }
@@ -294,6 +306,12 @@ void OpCostBackend::gelu_forward_bf16(uint16_t*, const float*, size_t n) {
 }
 void OpCostBackend::swiglu_forward_bf16(uint16_t*, const float*, const float*, size_t n) {
     kernel("swiglu_forward_bf16", act(2.0 * n) + 2.0 * n, 8.0 * n);
+}
+void OpCostBackend::gelu_backward_bf16(uint16_t*, const float*, const float*, size_t n) {
+    kernel("gelu_backward_bf16", act(2.0 * n) + 2.0 * n, 20.0 * n);  // read dout and in, write bf16
+}
+void OpCostBackend::swiglu_backward_bf16(uint16_t*, uint16_t*, const float*, const float*, const float*, size_t n) {
+    kernel("swiglu_backward_bf16", act(3.0 * n) + 4.0 * n, 12.0 * n);
 }
 void OpCostBackend::gelu_backward(float*, const float*, const float*, size_t n) {
     kernel("gelu_backward", act(3.0 * n), 20.0 * n);

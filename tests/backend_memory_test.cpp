@@ -246,11 +246,13 @@ TEST(BackendMemory, TheModelsCoverEveryOpButTheExpertParallelOnes) {
     std::istringstream names(
         "accumulate adamw_update add add_input_noise attention_backward attention_forward cross_entropy_backward "
         "cross_entropy_forward download dropout_mask embedding_backward embedding_forward gelu_backward gelu_forward "
-        "gelu_forward_bf16 grouped_matmul_backward grouped_matmul_backward_bf16_in grouped_matmul_forward "
+        "gelu_backward_bf16 gelu_forward_bf16 grouped_matmul_backward grouped_matmul_backward_bf16 "
+        "grouped_matmul_forward "
         "grouped_matmul_forward_bf16_in layernorm_backward layernorm_forward matmul_backward "
         "matmul_forward moe_combine_backward moe_combine_forward moe_gather_backward moe_gather_forward mul "
         "position_backward position_forward rmsnorm_backward rmsnorm_forward rope_backward rope_forward router_rows "
-        "router_topk_backward router_topk_forward scale sum_squares swiglu_backward swiglu_forward swiglu_forward_bf16 "
+        "router_topk_backward router_topk_forward scale sum_squares swiglu_backward swiglu_backward_bf16 "
+        "swiglu_forward swiglu_forward_bf16 "
         "upload zero");
     const std::set<std::string> expected{std::istream_iterator<std::string>(names), {}};
     EXPECT_EQ(backend.checked_ops, expected);

@@ -314,33 +314,46 @@ TEST(CudaBackend, Bf16MatmulsMatchCpuEmulation) {
     for (auto* p : {&out, &din, &dw, &gout, &gdin, &gdw}) expect_close(*p, "bf16 GEMM");
 }
 
-// bf16 activation storage: the activation kernels' bf16 outputs are bitwise the CPU's (fp32 math
-// within 1e-4, then the same rounding: equal but for values within 1e-4 of a rounding boundary),
-// and the grouped GEMMs reading a bf16 operand match the CPU emulation as the fp32-operand ones do.
+// bf16 activation storage: the activation kernels' bf16 outputs (forward and backward) are the
+// CPU's (fp32 math within 1e-4, then the same rounding: equal but for values within 1e-4 of a
+// rounding boundary), and the grouped GEMMs reading bf16 operands match the CPU emulation as the
+// fp32-operand ones do.
 TEST(CudaBackend, Bf16StoredActivationAndBf16InputGemmsMatchCpu) {
     if (!bmoe::model::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
     Dual d;
     constexpr size_t n = 3001;
     auto gate = d.make(randn(n, 1, 3.0f)), up = d.make(randn(n, 2));
-    Pair<uint16_t> g16, s16;
-    for (int s : {kCpu, kGpu}) g16.side[s] = Buffer<uint16_t>(&d.be(s), n), s16.side[s] = Buffer<uint16_t>(&d.be(s), n);
+    auto dout_act = d.make(randn(n, 3));
+    Pair<uint16_t> g16, s16, dg16, dgate16, dup16;
+    for (Pair<uint16_t>* p : {&g16, &s16, &dg16, &dgate16, &dup16})
+        for (int s : {kCpu, kGpu}) p->side[s] = Buffer<uint16_t>(&d.be(s), n);
     constexpr int I = 256, O = 96;
     const Plan plan = make_plan(N, K, E, /*empty=*/1, /*drop_every=*/5, 13);
     const int R = plan.R;
-    std::vector<uint16_t> in16_host(static_cast<size_t>(R) * I);
-    const Vec in_f = randn(R * I, 5);
-    for (size_t i = 0; i < in16_host.size(); ++i) in16_host[i] = bf16_bits(in_f[i]);
-    auto in16 = d.make(in16_host);
-    auto w = d.make(randn(E * O * I, 6, 0.1f)), dout = d.make(randn(R * O, 7));
+    auto bf16_of = [](const Vec& x) {
+        std::vector<uint16_t> b(x.size());
+        for (size_t i = 0; i < x.size(); ++i) b[i] = bf16_bits(x[i]);
+        return b;
+    };
+    auto in16 = d.make(bf16_of(randn(R * I, 5)));
+    auto dout16 = d.make(bf16_of(randn(R * O, 9)));
+    auto w = d.make(randn(E * O * I, 6, 0.1f)), dout = d.make(randn(R * O, 7)), in = d.make(randn(R * I, 10));
     auto out = d.garbage(R * O), din = d.garbage(R * I), dw = d.make(randn(E * O * I, 8));
+    auto din2 = d.garbage(R * I), dw2 = d.make(randn(E * O * I, 11));
     d.run([&](Backend& be, int s) {
         be.gelu_forward_bf16(g16[s], gate[s], n);
         be.swiglu_forward_bf16(s16[s], gate[s], up[s], n);
+        be.gelu_backward_bf16(dg16[s], dout_act[s], gate[s], n);
+        be.swiglu_backward_bf16(dgate16[s], dup16[s], dout_act[s], gate[s], up[s], n);
         const ScopedMatmulPrecision bf16(&be, MatmulPrecision::kBf16);
         be.grouped_matmul_forward_bf16_in(out[s], in16[s], w[s], plan.offsets.data(), E, I, O);
-        be.grouped_matmul_backward_bf16_in(din[s], dw[s], dout[s], in16[s], w[s], plan.offsets.data(), E, I, O);
+        // the MLP's two uses: fp32 dout with the stored activation; the stored gradient with fp32 x
+        be.grouped_matmul_backward_bf16(din[s], dw[s], dout[s], nullptr, nullptr, in16[s], w[s], plan.offsets.data(), E,
+                                        I, O);
+        be.grouped_matmul_backward_bf16(din2[s], dw2[s], nullptr, dout16[s], in[s], nullptr, w[s], plan.offsets.data(),
+                                        E, I, O);
     });
-    for (auto* p : {&g16, &s16}) {
+    for (auto* p : {&g16, &s16, &dg16, &dgate16, &dup16}) {
         const std::vector<uint16_t> cpu = p->side[kCpu].download(), gpu = p->side[kGpu].download();
         size_t differ = 0;
         for (size_t i = 0; i < n; ++i) {
@@ -350,7 +363,7 @@ TEST(CudaBackend, Bf16StoredActivationAndBf16InputGemmsMatchCpu) {
         }
         EXPECT_LE(differ, n / 100) << "bf16 activations rounded differently";
     }
-    for (auto* p : {&out, &din, &dw}) expect_close(*p, "bf16-input grouped GEMM");
+    for (auto* p : {&out, &din, &dw, &din2, &dw2}) expect_close(*p, "bf16-operand grouped GEMM");
 }
 
 // BMOE_CUDA_BF16_GEMM=fast16bf: the fp32-input CUBLAS_COMPUTE_32F_FAST_16BF path kept for A/B

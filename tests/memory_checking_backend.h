@@ -134,22 +134,27 @@ class MemoryCheckingBackend : public CpuBackend {
                   {{"out", out, numel(R, O)}, {"in16", in16, numel(R, I)}, {"w", w, numel(G, O, I)}}))
             CpuBackend::grouped_matmul_forward_bf16_in(out, in16, w, offsets_host, G, I, O);
     }
-    void grouped_matmul_backward_bf16_in(float* din,
-                                         float* dw,
-                                         const float* dout,
-                                         const uint16_t* in16,
-                                         const float* w,
-                                         const int* offsets_host,
-                                         int G,
-                                         int I,
-                                         int O) override {
+    // Of each operand pair the non-null one is checked (backend.h: exactly one is given).
+    void grouped_matmul_backward_bf16(float* din,
+                                      float* dw,
+                                      const float* dout,
+                                      const uint16_t* dout16,
+                                      const float* in,
+                                      const uint16_t* in16,
+                                      const float* w,
+                                      const int* offsets_host,
+                                      int G,
+                                      int I,
+                                      int O) override {
         const int R = offsets_host[G];
-        if (check("grouped_matmul_backward_bf16_in", {{"din", din, numel(R, I)},
-                                                      {"dw", dw, numel(G, O, I)},
-                                                      {"dout", dout, numel(R, O)},
-                                                      {"in16", in16, numel(R, I)},
-                                                      {"w", w, numel(G, O, I)}}))
-            CpuBackend::grouped_matmul_backward_bf16_in(din, dw, dout, in16, w, offsets_host, G, I, O);
+        if (check("grouped_matmul_backward_bf16", {{"din", din, numel(R, I)},
+                                                   {"dw", dw, numel(G, O, I)},
+                                                   {"dout", dout, numel(R, O)},
+                                                   {"dout16", dout16, numel(R, O)},
+                                                   {"in", dw ? in : nullptr, numel(R, I)},
+                                                   {"in16", dw ? in16 : nullptr, numel(R, I)},
+                                                   {"w", w, numel(G, O, I)}}))
+            CpuBackend::grouped_matmul_backward_bf16(din, dw, dout, dout16, in, in16, w, offsets_host, G, I, O);
     }
 
     // ---- embeddings (table rows: as many as the largest token addresses; V is no argument) --------
@@ -292,6 +297,16 @@ class MemoryCheckingBackend : public CpuBackend {
     void swiglu_forward_bf16(uint16_t* out16, const float* gate, const float* up, size_t n) override {
         if (check("swiglu_forward_bf16", {{"out16", out16, n}, {"gate", gate, n}, {"up", up, n}}))
             CpuBackend::swiglu_forward_bf16(out16, gate, up, n);
+    }
+    void gelu_backward_bf16(uint16_t* din16, const float* dout, const float* in, size_t n) override {
+        if (check("gelu_backward_bf16", {{"din16", din16, n}, {"dout", dout, n}, {"in", in, n}}))
+            CpuBackend::gelu_backward_bf16(din16, dout, in, n);
+    }
+    void swiglu_backward_bf16(
+        uint16_t* dgate16, uint16_t* dup16, const float* dout, const float* gate, const float* up, size_t n) override {
+        if (check("swiglu_backward_bf16",
+                  {{"dgate16", dgate16, n}, {"dup16", dup16, n}, {"dout", dout, n}, {"gate", gate, n}, {"up", up, n}}))
+            CpuBackend::swiglu_backward_bf16(dgate16, dup16, dout, gate, up, n);
     }
     void gelu_forward(float* out, const float* in, size_t n) override {
         if (check("gelu_forward", {{"out", out, n}, {"in", in, n}})) CpuBackend::gelu_forward(out, in, n);

@@ -367,21 +367,40 @@ TEST(Bf16, StoredActivationAndBf16InputGemmsAreBitwiseTheFp32Path) {
     be.swiglu_forward(act.data(), gate.data(), up.data(), n);
     be.swiglu_forward_bf16(act16.data(), gate.data(), up.data(), n);
     for (size_t i = 0; i < n; ++i) ASSERT_EQ(act16[i], bf16_bits(act[i])) << "swiglu " << i;
+    const Vec dout_act = randn(n, 7);
+    Vec dgate(n), dup(n);
+    std::vector<uint16_t> dgate16(n), dup16(n);
+    be.gelu_backward(dgate.data(), dout_act.data(), gate.data(), n);
+    be.gelu_backward_bf16(dgate16.data(), dout_act.data(), gate.data(), n);
+    for (size_t i = 0; i < n; ++i) ASSERT_EQ(dgate16[i], bf16_bits(dgate[i])) << "gelu backward " << i;
+    be.swiglu_backward(dgate.data(), dup.data(), dout_act.data(), gate.data(), up.data(), n);
+    be.swiglu_backward_bf16(dgate16.data(), dup16.data(), dout_act.data(), gate.data(), up.data(), n);
+    for (size_t i = 0; i < n; ++i) {
+        ASSERT_EQ(dgate16[i], bf16_bits(dgate[i])) << "swiglu backward dgate " << i;
+        ASSERT_EQ(dup16[i], bf16_bits(dup[i])) << "swiglu backward dup " << i;
+    }
 
     const int G = 3, I = 40, O = 7, offsets[G + 1] = {0, 4, 4, 9}, R = offsets[G];
     const Vec in = randn(R * I, 3), w = randn(G * O * I, 4), dout = randn(R * O, 5), dw0 = randn(G * O * I, 6);
-    std::vector<uint16_t> in16(R * I);
+    std::vector<uint16_t> in16(R * I), dout16(R * O);
     for (int i = 0; i < R * I; ++i) in16[i] = bf16_bits(in[i]);
-    Vec out(R * O), out16(R * O), din(R * I), din16(R * I), dw = dw0, dw16 = dw0;
+    for (int i = 0; i < R * O; ++i) dout16[i] = bf16_bits(dout[i]);
+    Vec out(R * O), out16(R * O), din(R * I), dw = dw0;
     be.set_matmul_precision(MatmulPrecision::kBf16);
     be.grouped_matmul_forward(out.data(), in.data(), w.data(), offsets, G, I, O);
     be.grouped_matmul_forward_bf16_in(out16.data(), in16.data(), w.data(), offsets, G, I, O);
-    be.grouped_matmul_backward(din.data(), dw.data(), dout.data(), in.data(), w.data(), offsets, G, I, O);
-    be.grouped_matmul_backward_bf16_in(din16.data(), dw16.data(), dout.data(), in16.data(), w.data(), offsets, G, I, O);
     EXPECT_EQ(out16, out);
-    EXPECT_EQ(din16, din);
-    EXPECT_EQ(dw16, dw);  // accumulated onto the same dw0
+    be.grouped_matmul_backward(din.data(), dw.data(), dout.data(), in.data(), w.data(), offsets, G, I, O);
     EXPECT_NE(dw, dw0);
+    for (const bool dout_bf16 : {false, true})
+        for (const bool in_bf16 : {false, true}) {
+            Vec din16(R * I), dw16 = dw0;  // accumulated onto the same dw0
+            be.grouped_matmul_backward_bf16(din16.data(), dw16.data(), dout_bf16 ? nullptr : dout.data(),
+                                            dout_bf16 ? dout16.data() : nullptr, in_bf16 ? nullptr : in.data(),
+                                            in_bf16 ? in16.data() : nullptr, w.data(), offsets, G, I, O);
+            EXPECT_EQ(din16, din) << "bf16 dout " << dout_bf16 << ", bf16 in " << in_bf16;
+            EXPECT_EQ(dw16, dw) << "bf16 dout " << dout_bf16 << ", bf16 in " << in_bf16;
+        }
     be.set_matmul_precision(MatmulPrecision::kFp32);
     EXPECT_THROW(be.grouped_matmul_forward_bf16_in(out16.data(), in16.data(), w.data(), offsets, G, I, O), bmoe::Error);
 }

@@ -157,15 +157,20 @@ class CudaBackend final : public Backend {
                                         int G,
                                         int I,
                                         int O) override;
-    void grouped_matmul_backward_bf16_in(float* din_RI,
-                                         float* dw_GOI,
-                                         const float* dout_RO,
-                                         const uint16_t* in16_RI,
-                                         const float* w_GOI,
-                                         const int* offsets_host,
-                                         int G,
-                                         int I,
-                                         int O) override;
+    void gelu_backward_bf16(uint16_t* din16, const float* dout, const float* in, size_t n) override;
+    void swiglu_backward_bf16(
+        uint16_t* dgate16, uint16_t* dup16, const float* dout, const float* gate, const float* up, size_t n) override;
+    void grouped_matmul_backward_bf16(float* din_RI,
+                                      float* dw_GOI,
+                                      const float* dout_RO,
+                                      const uint16_t* dout16_RO,
+                                      const float* in_RI,
+                                      const uint16_t* in16_RI,
+                                      const float* w_GOI,
+                                      const int* offsets_host,
+                                      int G,
+                                      int I,
+                                      int O) override;
     void cross_entropy_forward(
         float* loss_N, float* probs_NV, const float* logits_NV, const int32_t* targets_N, int N, int V) override;
     void cross_entropy_backward(
@@ -304,8 +309,8 @@ class CudaBackend final : public Backend {
                       GemmInput in);
     // One product of an attention plan (attention_plan.h), its operands mapped through `in`.
     void run_batched_gemm(const BatchedGemm& g, const GemmInputs& in);
-    // The expert GEMMs over row groups [offsets[g], offsets[g+1]); in_rows(r0) is the in operand, as
-    // cuBLAS reads it, from row r0 (a pointer into a bf16 copy, or into a tensor stored as bf16).
+    // The expert GEMMs over row groups [offsets[g], offsets[g+1]); in_rows(r0) / dout_rows(r0) is
+    // that operand, as cuBLAS reads it, from row r0 (fp32, a bf16 copy, or a tensor stored as bf16).
     using RowOperand = std::function<const void*(size_t r0)>;
     void grouped_forward_gemms(float* out_RO,
                                const RowOperand& in_rows,
@@ -317,7 +322,7 @@ class CudaBackend final : public Backend {
                                int O);
     void grouped_backward_gemms(float* din_RI,
                                 float* dw_GOI,
-                                const float* dout_RO,
+                                const RowOperand& dout_rows,
                                 const RowOperand& in_rows,
                                 const float* w_GOI,
                                 const GemmInputs& in,

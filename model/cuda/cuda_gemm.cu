@@ -297,12 +297,13 @@ void CudaBackend::grouped_matmul_backward(float* din_RI,
     const size_t R = static_cast<size_t>(offsets_host[G]);
     const GemmInputs in =
         gemm_inputs({{dout_RO, R * O}, {w_GOI, static_cast<size_t>(G) * O * I}, {dw_GOI ? in_RI : nullptr, R * I}});
-    grouped_backward_gemms(din_RI, dw_GOI, dout_RO, [&](size_t r0) { return in(in_RI + r0 * I); }, w_GOI, in,
-                           offsets_host, G, I, O);
+    grouped_backward_gemms(
+        din_RI, dw_GOI, [&](size_t r0) { return in(dout_RO + r0 * O); }, [&](size_t r0) { return in(in_RI + r0 * I); },
+        w_GOI, in, offsets_host, G, I, O);
 }
 
-// The _bf16_in variants read in_RI as stored (bf16) and round the fp32 operands into copies, in
-// either GEMM mode (fast16bf cannot mix a bf16 and an fp32 operand in one product).
+// The _bf16 variants read the operands stored as bf16 directly and round the fp32 ones into copies,
+// in either GEMM mode (fast16bf cannot mix a bf16 and an fp32 operand in one product).
 void CudaBackend::grouped_matmul_forward_bf16_in(
     float* out_RO, const uint16_t* in16_RI, const float* w_GOI, const int* offsets_host, int G, int I, int O) {
     const ProfiledOp op(profiler_.get(), "grouped_matmul_fwd_bf16_in", G, I, O);
@@ -312,22 +313,28 @@ void CudaBackend::grouped_matmul_forward_bf16_in(
     grouped_forward_gemms(out_RO, [&](size_t r0) { return in16_RI + r0 * I; }, w_GOI, in, offsets_host, G, I, O);
 }
 
-void CudaBackend::grouped_matmul_backward_bf16_in(float* din_RI,
-                                                  float* dw_GOI,
-                                                  const float* dout_RO,
-                                                  const uint16_t* in16_RI,
-                                                  const float* w_GOI,
-                                                  const int* offsets_host,
-                                                  int G,
-                                                  int I,
-                                                  int O) {
-    const ProfiledOp op(profiler_.get(), "grouped_matmul_bwd_bf16_in", G, I, O);
+void CudaBackend::grouped_matmul_backward_bf16(float* din_RI,
+                                               float* dw_GOI,
+                                               const float* dout_RO,
+                                               const uint16_t* dout16_RO,
+                                               const float* in_RI,
+                                               const uint16_t* in16_RI,
+                                               const float* w_GOI,
+                                               const int* offsets_host,
+                                               int G,
+                                               int I,
+                                               int O) {
+    const ProfiledOp op(profiler_.get(), "grouped_matmul_bwd_bf16", G, I, O);
     BMOE_REQUIRE(matmul_precision_ == MatmulPrecision::kBf16,
-                 "grouped_matmul_backward_bf16_in reads a bf16 operand: it needs bf16 matmul precision");
+                 "grouped_matmul_backward_bf16 reads bf16 operands: it needs bf16 matmul precision");
     const size_t R = static_cast<size_t>(offsets_host[G]);
-    const GemmInputs in = bf16_gemm_inputs({{dout_RO, R * O}, {w_GOI, static_cast<size_t>(G) * O * I}});
-    grouped_backward_gemms(din_RI, dw_GOI, dout_RO, [&](size_t r0) { return in16_RI + r0 * I; }, w_GOI, in,
-                           offsets_host, G, I, O);
+    const GemmInputs in = bf16_gemm_inputs({{dout16_RO ? nullptr : dout_RO, R * O},
+                                            {w_GOI, static_cast<size_t>(G) * O * I},
+                                            {dw_GOI && !in16_RI ? in_RI : nullptr, R * I}});
+    grouped_backward_gemms(
+        din_RI, dw_GOI, [&](size_t r0) -> const void* { return dout16_RO ? dout16_RO + r0 * O : in(dout_RO + r0 * O); },
+        [&](size_t r0) -> const void* { return in16_RI ? in16_RI + r0 * I : in(in_RI + r0 * I); }, w_GOI, in,
+        offsets_host, G, I, O);
 }
 
 void CudaBackend::grouped_forward_gemms(float* out_RO,
@@ -350,7 +357,7 @@ void CudaBackend::grouped_forward_gemms(float* out_RO,
 
 void CudaBackend::grouped_backward_gemms(float* din_RI,
                                          float* dw_GOI,
-                                         const float* dout_RO,
+                                         const RowOperand& dout_rows,
                                          const RowOperand& in_rows,
                                          const float* w_GOI,
                                          const GemmInputs& in,
@@ -362,7 +369,7 @@ void CudaBackend::grouped_backward_gemms(float* din_RI,
     for (int g = 0; g < G; ++g) {
         const int r0 = offsets_host[g], rows = offsets_host[g + 1] - r0;
         if (rows == 0) continue;  // din has no rows; dw_g += 0
-        const void* dout = in(dout_RO + static_cast<size_t>(r0) * O);
+        const void* dout = dout_rows(static_cast<size_t>(r0));
         const size_t w_off = static_cast<size_t>(g) * O * I;
         din.push_back({rows, I, O, dout, in(w_GOI + w_off), din_RI + static_cast<size_t>(r0) * I});
         if (dw_GOI) dw.push_back({O, I, rows, dout, in_rows(static_cast<size_t>(r0)), dw_GOI + w_off});

@@ -167,7 +167,8 @@ struct LnDw {
 
 // ---- activation kernels -------------------------------------------------------------------------
 
-// Forward activations write fp32, or bf16 (nearest-even) where only bf16 GEMMs read the result.
+// Activations and their gradients write fp32, or bf16 (nearest-even) where only bf16 GEMMs read
+// the result.
 __device__ inline void store_activation(float* out, size_t i, float v) { out[i] = v; }
 __device__ inline void store_activation(uint16_t* out, size_t i, float v) { out[i] = bf16_bits_rne(v); }
 
@@ -179,13 +180,14 @@ __global__ void swiglu_forward_kernel(Out* out, const float* gate, const float* 
     }
 }
 
+template <typename Out>
 __global__ void swiglu_backward_kernel(
-    float* dgate, float* dup, const float* dout, const float* gate, const float* up, size_t n) {
+    Out* dgate, Out* dup, const float* dout, const float* gate, const float* up, size_t n) {
     BMOE_GRID_STRIDE(i, n) {
         const float g = gate[i], s = 1.0f / (1.0f + expf(-g));
-        const float dy = dout[i];                             // read before writing: dgate/dup may alias dout
-        dgate[i] = dy * up[i] * s * (1.0f + g * (1.0f - s));  // d silu/dg = s (1 + g (1 - s))
-        dup[i] = dy * g * s;
+        const float dy = dout[i];  // read before writing: dgate/dup may alias dout
+        store_activation(dgate, i, dy * up[i] * s * (1.0f + g * (1.0f - s)));  // d silu/dg = s (1 + g (1 - s))
+        store_activation(dup, i, dy * g * s);
     }
 }
 
@@ -197,12 +199,13 @@ __global__ void gelu_forward_kernel(Out* out, const float* in, size_t n) {
     }
 }
 
-__global__ void gelu_backward_kernel(float* din, const float* dout, const float* in, size_t n) {
+template <typename Out>
+__global__ void gelu_backward_kernel(Out* din, const float* dout, const float* in, size_t n) {
     BMOE_GRID_STRIDE(i, n) {
         const float x = in[i], th = tanhf(kGeluC * (x + 0.044715f * x * x * x));
         const float grad =
             0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * kGeluC * (1.0f + 3.0f * 0.044715f * x * x);
-        din[i] = grad * dout[i];
+        store_activation(din, i, grad * dout[i]);
     }
 }
 
@@ -545,6 +548,21 @@ void CudaBackend::gelu_forward_bf16(uint16_t* out16, const float* in, size_t n) 
     const ProfiledOp op(profiler_.get(), "gelu_forward_bf16");
     if (n == 0) return;
     gelu_forward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(out16, in, n);
+    CUDA_CHECK_LAST();
+}
+
+void CudaBackend::gelu_backward_bf16(uint16_t* din16, const float* dout, const float* in, size_t n) {
+    const ProfiledOp op(profiler_.get(), "gelu_backward_bf16");
+    if (n == 0) return;
+    gelu_backward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(din16, dout, in, n);
+    CUDA_CHECK_LAST();
+}
+
+void CudaBackend::swiglu_backward_bf16(
+    uint16_t* dgate16, uint16_t* dup16, const float* dout, const float* gate, const float* up, size_t n) {
+    const ProfiledOp op(profiler_.get(), "swiglu_backward_bf16");
+    if (n == 0) return;
+    swiglu_backward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(dgate16, dup16, dout, gate, up, n);
     CUDA_CHECK_LAST();
 }
 
