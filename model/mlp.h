@@ -53,8 +53,9 @@ class GroupedMlp {
     // silu * up, the same kernel: bitwise the same gradients) in backward, in shared scratch.
     // Saves one [R, F] per layer for one activation kernel per layer.
     void set_recompute_activation(bool on);
-    // bf16 storage of the activation under bf16 matmul precision: on by default; off (or
-    // BMOE_BF16_MLP_ACTIVATIONS=0 in the environment) keeps it fp32, the path before, for A/B runs.
+    // bf16 storage of the activation and the pre-activations' gradients under bf16 matmul
+    // precision: on by default; off (or BMOE_BF16_MLP_ACTIVATIONS=0 in the environment) keeps them
+    // fp32, the path before, for A/B runs.
     void set_bf16_activation_storage(bool on) { bf16_storage_ = on; }
 
   private:
@@ -71,7 +72,7 @@ class GroupedMlp {
     LayerScratch* scratch_;
     bool recompute_activation_ = false;
     bool bf16_storage_;
-    bool stored16_ = false;  // this forward stored the activation as bf16
+    bool stored16_ = false;  // this forward (and its backward) stores the [R, F] tensors as bf16
     std::vector<int> offsets_;
     Buffer<float> h_gate_RF_, h_up_RF_, act_RF_;  // saved
     Buffer<uint16_t> act16_RF_;                   // saved (bf16 storage)

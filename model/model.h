@@ -87,8 +87,9 @@ class Model {
     // bitwise the same; saves one [R, F] per MoE layer (R = routed rows) for one activation kernel.
     void set_mlp_recompute(bool on);
     bool mlp_recompute() const { return recompute_mlp_; }
-    // bf16 storage of every expert MLP's (and dense FFN's) activation under bf16 matmul precision
-    // (GroupedMlp::set_bf16_activation_storage): on by default, bitwise the same training.
+    // bf16 storage of every expert MLP's (and dense FFN's) activation and pre-activation gradients
+    // under bf16 matmul precision (GroupedMlp::set_bf16_activation_storage): on by default, bitwise
+    // the same training.
     void set_mlp_bf16_activations(bool on);
     // Called by backward() each time the gradients of one backward stage are final (queued on the
     // backend): stage num_layers (final norm, LM head), then l = num_layers-1 .. 0, then -1
