@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "bench/model_presets.h"
+#include "bench/train_step.h"
 #include "model/model.h"
 #include "model/op_cost_backend.h"
 #include "model/rng.h"
@@ -147,7 +148,6 @@ int run(int argc, char** argv) {
     net.set_keep_logits(false);  // as the trainer runs it
     trainer::OptimConfig optim;
     trainer::AdamW adamw(optim, net);
-    const model::LossWeights loss_weights;
 
     std::vector<int32_t> tokens(B * T), targets(B * T);
     model::CounterRng rng(/*seed=*/42, /*stream=*/0);
@@ -155,17 +155,9 @@ int run(int argc, char** argv) {
         tokens[i] = static_cast<int32_t>(rng.bits(2 * i) % config.vocab_size);
         targets[i] = static_cast<int32_t>(rng.bits(2 * i + 1) % config.vocab_size);
     }
-    auto train_step = [&] {
-        net.zero_grad();
-        for (int k = 0; k < opt.accumulate; ++k) {
-            net.forward(tokens.data(), targets.data(), B, T, loss_weights);
-            net.backward(1.0f / static_cast<float>(opt.accumulate));
-        }
-        adamw.step(optim.lr, adamw.clip_scale(adamw.grad_norm()));
-    };
-    train_step();  // the first step allocates what later steps reuse
+    bench::train_step(net, adamw, optim, tokens, targets, B, T, opt.accumulate);  // the first allocates
     backend.clear_ledger();
-    train_step();
+    bench::train_step(net, adamw, optim, tokens, targets, B, T, opt.accumulate);
 
     const model::CostModel& cm = backend.cost_model();
     const model::OpCost total = backend.total();

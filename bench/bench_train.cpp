@@ -4,7 +4,7 @@
 //               [--backend cpu|cuda] [--precision fp32|bf16] [--model default|gpt2-moe|large]
 //               [--batch B] [--peak-tflops X] [--recompute none|attention|mlp|attention,mlp]
 //               [--profile STEPS]
-//               [--router TYPE] [--attention gemm|flash]
+//               [--router TYPE] [--attention gemm|flash] [--accumulate K]
 //
 // (a) Peak. CPU: the best of a few cblas_sgemm runs of an N x N x N product (default 2048): the
 //     FLOP/s a well-tuned GEMM reaches on this machine, the practical ceiling for a CPU trainer.
@@ -17,6 +17,9 @@
 //     --router TYPE: the preset with that router.type (default topk) at its defaults, e.g. logit_mf
 //     to see what a Bayesian router costs at this scale; the MFU still counts expert FLOPs only.
 //     --attention flash: the fused attention kernel (cuda, bf16; model/backend.h AttentionKernel).
+//     --accumulate K: K micro-batches of B x T tokens per optimizer step (gradient accumulation, as
+//     train.grad_accum; bench/torch_bench.py takes the same flag): AdamW's fixed cost per step is
+//     spread over K times the tokens, as in training with a realistic global batch.
 // (c) --profile STEPS (cuda): that many more steps with the op profiler on (model/cuda/op_profiler.h),
 //     then a table of GPU time and GPU idle time per backend op (matmuls named by shape), each op
 //     beside its roofline time: the same step costed by model/op_cost_backend.h for the card
@@ -36,6 +39,7 @@
 #include <vector>
 
 #include "bench/model_presets.h"
+#include "bench/train_step.h"
 #include "model/backend.h"
 #include "model/cpu_backend.h"
 #ifdef BMOE_HAVE_CUDA
@@ -69,6 +73,7 @@ struct Options {
     std::string attention = "gemm";  // Backend::set_attention_kernel
     double peak_tflops = 0.0;  // 0 = the default for the backend and precision
     int profile = 0;           // CUDA: steps run after the timed ones with the op profiler on
+    int accumulate = 1;        // micro-batches per optimizer step
 };
 
 Options parse_options(int argc, char** argv) {
@@ -105,6 +110,8 @@ Options parse_options(int argc, char** argv) {
             o.peak_tflops = std::atof(text().c_str());
         else if (arg == "--profile")
             o.profile = value();
+        else if (arg == "--accumulate")
+            o.accumulate = value();
         else if (arg == "--router")
             o.router = text();
         else if (arg == "--attention")
@@ -115,9 +122,13 @@ Options parse_options(int argc, char** argv) {
                          "                   [--precision fp32|bf16] [--model default|gpt2-moe|large] [--batch B]\n"
                          "                   [--peak-tflops X] [--recompute none|attention|mlp|attention,mlp]\n"
                          "                   [--profile STEPS]"
-                         "                   [--router TYPE] [--attention gemm|flash]\n");
+                         "                   [--router TYPE] [--attention gemm|flash] [--accumulate K]\n");
             std::exit(arg == "--help" || arg == "-h" ? 0 : 2);
         }
+    }
+    if (o.accumulate < 1) {
+        std::fprintf(stderr, "bench_train: --accumulate must be at least 1 (micro-batches per optimizer step)\n");
+        std::exit(2);
     }
     return o;
 }
@@ -147,21 +158,6 @@ double peak_rss_mib() {
     return static_cast<double>(usage.ru_maxrss) / 1024.0;  // Linux: kilobytes
 }
 
-// One optimizer step of forward + backward + AdamW on one batch; returns the loss.
-double train_step(bmoe::model::Model& net,
-                  bmoe::trainer::AdamW& adamw,
-                  const bmoe::trainer::OptimConfig& optim,
-                  const std::vector<int32_t>& tokens,
-                  const std::vector<int32_t>& targets,
-                  int B,
-                  int T) {
-    net.zero_grad();
-    const double loss = net.forward(tokens.data(), targets.data(), B, T, bmoe::model::LossWeights{}).total_loss;
-    net.backward(1.0f);
-    adamw.step(optim.lr, adamw.clip_scale(adamw.grad_norm()));
-    return loss;
-}
-
 // Roofline seconds per profiled op name of one step of `config` (model/op_cost_backend.h) on the
 // card `gpu`, with the backend settings of the measured run.
 std::map<std::string, double> roofline_by_op(const bmoe::model::ModelConfig& config,
@@ -170,7 +166,8 @@ std::map<std::string, double> roofline_by_op(const bmoe::model::ModelConfig& con
                                              bool recompute_attention,
                                              bool recompute_mlp,
                                              int B,
-                                             int T) {
+                                             int T,
+                                             int accumulate) {
     using namespace bmoe;
     model::CostModel cost;
     cost.gpu = model::gpu_spec(gpu);
@@ -185,9 +182,9 @@ std::map<std::string, double> roofline_by_op(const bmoe::model::ModelConfig& con
     trainer::OptimConfig optim;
     trainer::AdamW adamw(optim, net);
     const std::vector<int32_t> tokens(static_cast<size_t>(B) * T, 1), targets(static_cast<size_t>(B) * T, 2);
-    train_step(net, adamw, optim, tokens, targets, B, T);  // the first step allocates
+    bench::train_step(net, adamw, optim, tokens, targets, B, T, accumulate);  // the first step allocates
     backend.clear_ledger();
-    train_step(net, adamw, optim, tokens, targets, B, T);
+    bench::train_step(net, adamw, optim, tokens, targets, B, T, accumulate);
     return backend.seconds_by_profiled_op();
 }
 
@@ -260,7 +257,7 @@ int run(int argc, char** argv) {
     double last_loss = 0.0;
     auto step_on_batch = [&](int step) {
         fill_batch(step);
-        last_loss = train_step(net, adamw, optim, tokens, targets, B, T);
+        last_loss = bench::train_step(net, adamw, optim, tokens, targets, B, T, opt.accumulate);
     };
     for (int s = 0; s < opt.warmup; ++s) step_on_batch(s);
     backend.synchronize();
@@ -269,7 +266,7 @@ int run(int argc, char** argv) {
     backend.synchronize();
     const double elapsed = seconds_since(start);
 
-    const double tokens_per_s = static_cast<double>(N) * opt.steps / elapsed;
+    const double tokens_per_s = static_cast<double>(N) * opt.accumulate * opt.steps / elapsed;
     const double active = static_cast<double>(net.layout().active_matmul_params());
     const double flops_per_token = bench::model_flops_per_token(config, net.layout(), T);
     const double model_flops = tokens_per_s * flops_per_token;
@@ -280,11 +277,13 @@ int run(int argc, char** argv) {
 #endif
     const char* be = opt.backend.c_str();
     std::printf(
-        "bmoe %s (%s, model %s, router %s, attention %s, %.1fM params, %.1fM active matmul): %d steps of %dx%d tokens "
+        "bmoe %s (%s, model %s, router %s, attention %s, %.1fM params, %.1fM active matmul): %d steps of %d x %dx%d "
+        "tokens "
         "in %.2f s "
         "(%.3f s/step, loss %.4f)\n",
         be, opt.precision.c_str(), opt.model.c_str(), opt.router.c_str(), opt.attention.c_str(),
-        net.layout().total_numel() / 1e6, active / 1e6, opt.steps, B, T, elapsed, elapsed / opt.steps, last_loss);
+        net.layout().total_numel() / 1e6, active / 1e6, opt.steps, opt.accumulate, B, T, elapsed, elapsed / opt.steps,
+        last_loss);
     std::printf("bmoe %s: %.0f tokens/s, %.1f GFLOP/s model (%.1f%% of %s), peak RSS %.0f MiB", be, tokens_per_s,
                 model_flops / 1e9, 100.0 * model_flops / peak, cuda ? "peak: MFU" : "sgemm peak", rss);
     std::printf(", peak allocated %.0f MiB", static_cast<double>(backend.peak_allocated_bytes()) / (1024.0 * 1024.0));
@@ -294,12 +293,13 @@ int run(int argc, char** argv) {
         "JSON {\"impl\": \"bmoe\", \"backend\": \"%s\", \"precision\": \"%s\", \"model\": \"%s\", \"router\": \"%s\", "
         "\"attention\": \"%s\", \"threads\": %d, "
         "\"sgemm_flops\": %.6g, \"tokens_per_s\": %.6g, \"model_flops\": %.6g, \"fraction_of_peak\": %.6g, "
-        "\"flops_per_token\": %.6g, \"active_matmul_params\": %.0f, \"steps\": %d, \"seconds\": %.6g, "
+        "\"flops_per_token\": %.6g, \"active_matmul_params\": %.0f, \"steps\": %d, \"accumulate\": %d, "
+        "\"seconds\": %.6g, "
         "\"peak_rss_mib\": %.1f, \"peak_allocated_mib\": %.1f, \"device_mib\": %.1f, \"openblas_coretype\": \"%s\", "
         "\"openblas_l2_size\": \"%s\", "
         "\"openblas_core\": \"%s\"}\n",
         be, opt.precision.c_str(), opt.model.c_str(), opt.router.c_str(), opt.attention.c_str(), threads, peak,
-        tokens_per_s, model_flops, model_flops / peak, flops_per_token, active, opt.steps, elapsed, rss,
+        tokens_per_s, model_flops, model_flops / peak, flops_per_token, active, opt.steps, opt.accumulate, elapsed, rss,
         static_cast<double>(backend.peak_allocated_bytes()) / (1024.0 * 1024.0), device_mib,
         env_or_unset("OPENBLAS_CORETYPE"), env_or_unset("OPENBLAS_L2_SIZE"), openblas_get_corename());
 #ifdef BMOE_HAVE_CUDA
@@ -316,7 +316,7 @@ int run(int argc, char** argv) {
         std::printf("roofline card: %s (device %s)\n", card.c_str(), device.c_str());
         const std::map<std::string, double> roofline =
             roofline_by_op(config, card, backend, trainer::recomputes(recompute, "attention"),
-                           trainer::recomputes(recompute, "mlp"), B, T);
+                           trainer::recomputes(recompute, "mlp"), B, T, opt.accumulate);
         std::printf("%s", profiler.report(opt.profile, roofline).c_str());
         profiler.set_enabled(false);
     }

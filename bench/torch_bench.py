@@ -16,7 +16,8 @@ bf16 is torch.autocast (bf16 matmuls, fp32 master weights and optimizer), as bmo
 The MoE layer is the usual eager loop over experts (tokens gathered per expert, index_add back).
 --attention sdpa uses F.scaled_dot_product_attention (flash kernels on GPUs, the strongest eager
 attention); naive (the default on CPUs) materialises the [B, H, T, T] scores like bmoe does.
---compile wraps the model in torch.compile. Model FLOP/s and MFU use bmoe's formula:
+--compile wraps the model in torch.compile. --accumulate K: K micro-batches per optimizer step, as
+bench_train's flag. Model FLOP/s and MFU use bmoe's formula:
 tokens/s * (6 * active_matmul_params + 12 * L * T * d), against --peak-tflops (default: the
 H100/H200 SXM dense figure, 989 bf16 / 67 fp32, as bench_train) on GPUs.
 Prints human lines and one "JSON {...}" line.
@@ -93,12 +94,13 @@ def measure(args, config, B: int, T: int, threads: int) -> float:
                 else contextlib.nullcontext())
 
     def step() -> float:
-        tokens = torch.randint(0, config["vocab_size"], (B, T), generator=gen).to(device)
-        targets = torch.randint(0, config["vocab_size"], (B, T), generator=gen).to(device)
         opt.zero_grad(set_to_none=True)
-        with autocast:
-            out = forward(tokens, targets, aux_coef=0.01, zloss_coef=0.001)
-        out.total.backward()
+        for _ in range(args.accumulate):  # micro-batches, loss scaled by 1/accumulate (bench_train's too)
+            tokens = torch.randint(0, config["vocab_size"], (B, T), generator=gen).to(device)
+            targets = torch.randint(0, config["vocab_size"], (B, T), generator=gen).to(device)
+            with autocast:
+                out = forward(tokens, targets, aux_coef=0.01, zloss_coef=0.001)
+            (out.total / args.accumulate).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         return out.total.item()  # waits for the GPU
@@ -109,7 +111,7 @@ def measure(args, config, B: int, T: int, threads: int) -> float:
     for _ in range(args.steps):
         loss = step()
     elapsed = time.perf_counter() - start
-    tokens_per_s = B * T * args.steps / elapsed
+    tokens_per_s = B * T * args.accumulate * args.steps / elapsed
     where = f"{threads} thread(s)" if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(f"torch {'compile' if args.compile else 'eager'} ({args.precision}, {where}): {args.steps} steps in "
           f"{elapsed:.2f} s ({elapsed / args.steps:.3f} s/step, loss {loss:.4f}): {tokens_per_s:.0f} tokens/s",
@@ -130,7 +132,11 @@ def main() -> None:
                         help="attention core (default: sdpa on cuda, naive on cpu)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="GPU dense peak for MFU")
+    parser.add_argument("--accumulate", type=int, default=1,
+                        help="micro-batches of the batch per optimizer step (gradient accumulation)")
     args = parser.parse_args()
+    if args.accumulate < 1:
+        sys.exit("torch_bench: --accumulate must be at least 1 (micro-batches per optimizer step)")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("torch_bench: --device cuda but torch sees no CUDA device; use --device cpu")
     args.attention = args.attention or ("sdpa" if args.device == "cuda" else "naive")
@@ -148,6 +154,7 @@ def main() -> None:
     record = {
         "impl": "torch", "torch_version": torch.__version__, "device": args.device, "model": args.model,
         "precision": args.precision, "attention": args.attention, "compile": args.compile, "batch": B, "seq": T,
+        "accumulate": args.accumulate,
         "threads": best_threads, "tokens_per_s_by_threads": {str(k): v for k, v in results.items()},
         "tokens_per_s": tokens_per_s, "model_flops": model_flops, "flops_per_token": flops_per_token,
         "active_matmul_params": active, "steps": args.steps, "peak_rss_mib": rss_mib,

@@ -131,6 +131,14 @@ if [[ $phase != check ]] && stage "flash attention kernel: gpt2-moe bf16 (same m
   echo "bmoe gpt2-moe bf16 flash (exit $?): $(result bmoe_gpt2-moe_flash.log '^bmoe cuda: ')"
   grep -A12 -E "^profile \(per step" "$logs/bmoe_gpt2-moe_flash.log" | sed 's/^/   /'
 fi
+if [[ $phase != check ]] && stage "bmoe (flash) vs PyTorch eager: gpt2-moe bf16, 8 micro-batches per optimizer step" 80; then
+  capped 100 bmoe_gpt2-moe_accum8.log ./build-gpu/bench/bench_train --backend cuda --model gpt2-moe --precision bf16 \
+    --attention flash --accumulate 8 --steps 3 --warmup 1
+  echo "bmoe  gpt2-moe bf16 flash, accumulate 8 (exit $?): $(result bmoe_gpt2-moe_accum8.log '^bmoe cuda: ')"
+  capped 120 torch_gpt2-moe_accum8.log env PYTHONUNBUFFERED=1 python3 bench/torch_bench.py --device cuda \
+    --model gpt2-moe --precision bf16 --accumulate 8 --steps 3 --warmup 1
+  echo "torch gpt2-moe bf16, accumulate 8 (exit $?): $(result torch_gpt2-moe_accum8.log '^torch eager best')"
+fi
 if [[ $phase != check ]] && stage "least memory: gpt2-moe bf16, flash attention + mlp recompute" 40; then
   capped 90 bmoe_gpt2-moe_lowmem.log ./build-gpu/bench/bench_train --backend cuda --model gpt2-moe --precision bf16 \
     --attention flash --recompute mlp --steps 5 --warmup 2
