@@ -49,15 +49,17 @@ void OpCostBackend::gemm(
     const std::string& key, double flops, std::initializer_list<Operand> inputs, double outputs, bool accumulate) {
     double bytes = outputs * 4.0 * (accumulate ? 2.0 : 1.0);  // fp32 out (dW accumulates: read and write)
     for (const Operand& in : inputs) bytes += in.elements * (bf16() ? 2.0 : in.weight ? 4.0 : model_.activation_bytes);
-    const double rate = (bf16() ? model_.gpu.bf16_flops : model_.gpu.fp32_flops) * model_.gemm_efficiency;
-    const double memory = bytes / (model_.gpu.hbm_bytes_per_s * model_.bandwidth_efficiency);
-    book(key, flops, bytes, std::max({flops / rate, memory, model_.min_kernel_seconds}));
+    book(key, flops, bytes, product_seconds(flops, bytes, model_.gemm_efficiency));
 }
 
 void OpCostBackend::attention_products(const std::string& key, double flops, double bytes) {
-    const double rate = (bf16() ? model_.gpu.bf16_flops : model_.gpu.fp32_flops) * model_.attention_efficiency;
+    book(key, flops, bytes, product_seconds(flops, bytes, model_.attention_efficiency));
+}
+
+double OpCostBackend::product_seconds(double flops, double bytes, double efficiency) const {
+    const double rate = (bf16() ? model_.gpu.bf16_flops : model_.gpu.fp32_flops) * efficiency;
     const double memory = bytes / (model_.gpu.hbm_bytes_per_s * model_.bandwidth_efficiency);
-    book(key, flops, bytes, std::max({flops / rate, memory, model_.min_kernel_seconds}));
+    return std::max({flops / rate, memory, model_.min_kernel_seconds});
 }
 
 void OpCostBackend::host_transfer(size_t bytes, bool synchronizes) {
@@ -74,16 +76,17 @@ void OpCostBackend::book(const std::string& key, double flops, double bytes, dou
     profiled_[op_name_.empty() ? key : op_name_] += seconds;
 }
 
-OpCostBackend::ProfiledName::ProfiledName(OpCostBackend* be, const char* name, long a, long b, long c) : be_(be) {
-    be_->op_name_ = std::string(name) + " " + std::to_string(a) + "x" + std::to_string(b) + "x" + std::to_string(c);
-}
-
 namespace {
-std::string shaped(const char* op, double n, int I, int O) {
-    return std::string(op) + " " + std::to_string(static_cast<long long>(n)) + "x" + std::to_string(I) + "x" +
-           std::to_string(O);
+// "op AxBxC", the shape names of the ledger's GEMM rows and of CUDA's op profiler
+std::string shaped(const char* op, double a, long b, long c) {
+    return std::string(op) + " " + std::to_string(static_cast<long long>(a)) + "x" + std::to_string(b) + "x" +
+           std::to_string(c);
 }
 }  // namespace
+
+OpCostBackend::ProfiledName::ProfiledName(OpCostBackend* be, const char* name, long a, long b, long c) : be_(be) {
+    be_->op_name_ = shaped(name, static_cast<double>(a), b, c);
+}
 
 // ---- memory ---------------------------------------------------------------------------------------
 

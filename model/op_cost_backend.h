@@ -293,6 +293,8 @@ class OpCostBackend final : public Backend {
               bool accumulate = false);
     // Adds tensor-core work at the attention efficiency with `bytes` of traffic.
     void attention_products(const std::string& key, double flops, double bytes);
+    // A tensor-core kernel's roofline time at `efficiency` of the peak.
+    double product_seconds(double flops, double bytes, double efficiency) const;
     void host_transfer(size_t bytes, bool synchronizes);
     // Books `seconds` to ledger row `key` and to the op's profiled name (op_name_, or the key itself).
     void book(const std::string& key, double flops, double bytes, double seconds);
