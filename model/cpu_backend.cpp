@@ -332,6 +332,10 @@ void CpuBackend::grouped_matmul_backward_bf16(float* din_RI,
                                               int I,
                                               int O) {
     require_bf16_precision("grouped_matmul_backward_bf16");
+    BMOE_REQUIRE(
+        (dout_RO != nullptr) != (dout16_RO != nullptr) && (!dw_GOI || (in_RI != nullptr) != (in16_RI != nullptr)),
+        "grouped_matmul_backward_bf16: give exactly one of dout_RO / dout16_RO, and one of in_RI / in16_RI "
+        "with dw_GOI");
     const size_t R = static_cast<size_t>(offsets_host[G]);
     const float* dout = dout16_RO ? widen_bf16(dout16_RO, R * O, 0) : matmul_input(dout_RO, R * O, 0);
     const float* in = !dw_GOI ? nullptr : in16_RI ? widen_bf16(in16_RI, R * I, 1) : matmul_input(in_RI, R * I, 1);

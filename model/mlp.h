@@ -55,7 +55,9 @@ class GroupedMlp {
     void set_recompute_activation(bool on);
     // bf16 storage of the activation and the pre-activations' gradients under bf16 matmul
     // precision: on by default; off (or BMOE_BF16_MLP_ACTIVATIONS=0 in the environment) keeps them
-    // fp32, the path before, for A/B runs.
+    // fp32, the path before, for A/B runs. The mode is fixed at forward: keep the precision until
+    // backward. (CUDA's BMOE_CUDA_BF16_GEMM=fast16bf A/B mode runs the MLP's GEMMs on explicit bf16
+    // copies while this is on: set both to compare the earlier path.)
     void set_bf16_activation_storage(bool on) { bf16_storage_ = on; }
 
   private:

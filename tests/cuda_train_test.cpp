@@ -5,8 +5,10 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <sstream>
+#include <vector>
 
 #include "model/cuda/cuda_backend.h"
 #include "trainer/trainer.h"
@@ -71,6 +73,32 @@ TEST(CudaTrainTest, Bf16LossesMatchCpuEmulation) {
 TEST(CudaTrainTest, FlashAttentionLossesTrackCpuEmulation) {
     if (!model::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
     expect_backends_agree("bf16", 2e-3, 3e-2, "flash");
+}
+
+// The bf16-stored MLP tensors on the GPU: the same bf16 run with them kept fp32
+// (BMOE_BF16_MLP_ACTIVATIONS=0) feeds the GEMMs the same bf16 values, so the losses agree (the CPU
+// checks this bitwise: ModelGradTest.MlpBf16ActivationStorageGivesBitwiseTheSameGradients).
+TEST(CudaTrainTest, Bf16MlpTensorsTrainLikeFp32Ones) {
+    if (!model::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+    for (const model::Activation activation : {model::Activation::kSwiGlu, model::Activation::kGelu}) {
+        RunConfig c = small_config();
+        c.model.activation = activation;
+        c.train.precision = "bf16";
+        c.train.backend = "cuda";
+        const auto tmp = std::filesystem::temp_directory_path();
+        std::vector<std::vector<double>> losses;
+        for (const char* stored : {"1", "0"}) {
+            setenv("BMOE_BF16_MLP_ACTIVATIONS", stored, 1);  // read when the model is built
+            c.train.out_dir = (tmp / (std::string("bmoe_cuda_train_mlp16_") + stored)).string();
+            std::ostringstream log;
+            const TrainResult r = Trainer(c, log).run();
+            losses.emplace_back(r.losses.begin(), r.losses.end());
+        }
+        unsetenv("BMOE_BF16_MLP_ACTIVATIONS");
+        ASSERT_EQ(losses[0].size(), losses[1].size());
+        for (size_t i = 0; i < losses[0].size(); ++i)
+            EXPECT_NEAR(losses[0][i], losses[1][i], 1e-5 * std::abs(losses[1][i])) << "step " << i;
+    }
 }
 
 }  // namespace

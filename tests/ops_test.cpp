@@ -401,6 +401,15 @@ TEST(Bf16, StoredActivationAndBf16InputGemmsAreBitwiseTheFp32Path) {
             EXPECT_EQ(din16, din) << "bf16 dout " << dout_bf16 << ", bf16 in " << in_bf16;
             EXPECT_EQ(dw16, dw) << "bf16 dout " << dout_bf16 << ", bf16 in " << in_bf16;
         }
+    Vec din16(R * I), dw16 = dw0;
+    EXPECT_THROW(be.grouped_matmul_backward_bf16(din16.data(), dw16.data(), dout.data(), dout16.data(), in.data(),
+                                                 nullptr, w.data(), offsets, G, I, O),
+                 bmoe::Error)
+        << "both douts";
+    EXPECT_THROW(be.grouped_matmul_backward_bf16(din16.data(), dw16.data(), dout.data(), nullptr, nullptr, nullptr,
+                                                 w.data(), offsets, G, I, O),
+                 bmoe::Error)
+        << "no in with dw";
     be.set_matmul_precision(MatmulPrecision::kFp32);
     EXPECT_THROW(be.grouped_matmul_forward_bf16_in(out16.data(), in16.data(), w.data(), offsets, G, I, O), bmoe::Error);
 }

@@ -327,6 +327,10 @@ void CudaBackend::grouped_matmul_backward_bf16(float* din_RI,
     const ProfiledOp op(profiler_.get(), "grouped_matmul_bwd_bf16", G, I, O);
     BMOE_REQUIRE(matmul_precision_ == MatmulPrecision::kBf16,
                  "grouped_matmul_backward_bf16 reads bf16 operands: it needs bf16 matmul precision");
+    BMOE_REQUIRE(
+        (dout_RO != nullptr) != (dout16_RO != nullptr) && (!dw_GOI || (in_RI != nullptr) != (in16_RI != nullptr)),
+        "grouped_matmul_backward_bf16: give exactly one of dout_RO / dout16_RO, and one of in_RI / in16_RI "
+        "with dw_GOI");
     const size_t R = static_cast<size_t>(offsets_host[G]);
     const GemmInputs in = bf16_gemm_inputs({{dout16_RO ? nullptr : dout_RO, R * O},
                                             {w_GOI, static_cast<size_t>(G) * O * I},
