@@ -155,30 +155,19 @@ void OpCostBackend::matmul_backward(float* din,
 void OpCostBackend::grouped_matmul_forward(
     float*, const float*, const float*, const int* offsets_host, int G, int I, int O) {
     const ProfiledName op(this, "grouped_matmul_fwd", G, I, O);
-    const double r = offsets_host[G];
-    const std::string key = shaped("grouped_matmul_forward", r, I, O);
-    operand_copies(key, {{r * I, false}, {double(G) * O * I, true}});
-    gemm(key, 2.0 * r * I * O, {{r * I, false}, {double(G) * O * I, true}}, r * O);
+    grouped_forward_cost(offsets_host[G], G, I, O, /*in_stored_bf16=*/false);
 }
 
 void OpCostBackend::grouped_matmul_backward(
     float* din, float* dw, const float*, const float*, const float*, const int* offsets_host, int G, int I, int O) {
     const ProfiledName op(this, "grouped_matmul_bwd", G, I, O);
-    const double r = offsets_host[G], flops = 2.0 * r * I * O, weights = double(G) * O * I;
-    const std::string key = shaped("grouped_matmul_backward", r, I, O);
-    operand_copies(key, {{r * O, false}, {dw != nullptr ? r * I : 0.0, false}, {din != nullptr ? weights : 0.0, true}});
-    if (din != nullptr) gemm(key, flops, {{r * O, false}, {weights, true}}, r * I);
-    if (dw != nullptr) gemm(key, flops, {{r * O, false}, {r * I, false}}, weights, /*accumulate=*/true);
+    grouped_backward_cost(din != nullptr, dw != nullptr, offsets_host[G], G, I, O, false, false);
 }
 
-// bf16 storage: the stored operand is read at 2 bytes, without a copy.
 void OpCostBackend::grouped_matmul_forward_bf16_in(
     float*, const uint16_t*, const float*, const int* offsets_host, int G, int I, int O) {
     const ProfiledName op(this, "grouped_matmul_fwd_bf16_in", G, I, O);
-    const double r = offsets_host[G];
-    const std::string key = shaped("grouped_matmul_forward", r, I, O);
-    operand_copies(key, {{double(G) * O * I, true}});
-    gemm(key, 2.0 * r * I * O, {{r * I, false}, {double(G) * O * I, true}}, r * O);
+    grouped_forward_cost(offsets_host[G], G, I, O, /*in_stored_bf16=*/true);
 }
 
 void OpCostBackend::grouped_matmul_backward_bf16(float* din,
@@ -193,14 +182,25 @@ void OpCostBackend::grouped_matmul_backward_bf16(float* din,
                                                  int I,
                                                  int O) {
     const ProfiledName op(this, "grouped_matmul_bwd_bf16", G, I, O);
-    const double r = offsets_host[G], flops = 2.0 * r * I * O, weights = double(G) * O * I;
+    grouped_backward_cost(din != nullptr, dw != nullptr, offsets_host[G], G, I, O, dout16 != nullptr, in16 != nullptr);
+}
+
+// Operands stored as bf16 are read at 2 bytes without a copy; the rest are rounded into copies.
+void OpCostBackend::grouped_forward_cost(double r, int G, int I, int O, bool in_stored_bf16) {
+    const std::string key = shaped("grouped_matmul_forward", r, I, O);
+    operand_copies(key, {{in_stored_bf16 ? 0.0 : r * I, false}, {double(G) * O * I, true}});
+    gemm(key, 2.0 * r * I * O, {{r * I, false}, {double(G) * O * I, true}}, r * O);
+}
+
+void OpCostBackend::grouped_backward_cost(
+    bool din, bool dw, double r, int G, int I, int O, bool dout_stored_bf16, bool in_stored_bf16) {
+    const double flops = 2.0 * r * I * O, weights = double(G) * O * I;
     const std::string key = shaped("grouped_matmul_backward", r, I, O);
-    // operands stored as bf16 need no copy
-    operand_copies(key, {{dout16 != nullptr ? 0.0 : r * O, false},
-                         {dw != nullptr && in16 == nullptr ? r * I : 0.0, false},
-                         {din != nullptr ? weights : 0.0, true}});
-    if (din != nullptr) gemm(key, flops, {{r * O, false}, {weights, true}}, r * I);
-    if (dw != nullptr) gemm(key, flops, {{r * O, false}, {r * I, false}}, weights, /*accumulate=*/true);
+    operand_copies(key, {{dout_stored_bf16 ? 0.0 : r * O, false},
+                         {dw && !in_stored_bf16 ? r * I : 0.0, false},
+                         {din ? weights : 0.0, true}});
+    if (din) gemm(key, flops, {{r * O, false}, {weights, true}}, r * I);
+    if (dw) gemm(key, flops, {{r * O, false}, {r * I, false}}, weights, /*accumulate=*/true);
 }
 
 // ---- embeddings and norms ---------------------------------------------------------------------------

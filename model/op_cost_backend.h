@@ -293,6 +293,11 @@ class OpCostBackend final : public Backend {
               bool accumulate = false);
     // Adds tensor-core work at the attention efficiency with `bytes` of traffic.
     void attention_products(const std::string& key, double flops, double bytes);
+    // The grouped expert GEMMs over r rows (din/dw: which products run; *_stored_bf16: that operand
+    // is held as bf16 and needs no copy).
+    void grouped_forward_cost(double r, int G, int I, int O, bool in_stored_bf16);
+    void grouped_backward_cost(
+        bool din, bool dw, double r, int G, int I, int O, bool dout_stored_bf16, bool in_stored_bf16);
     // A tensor-core kernel's roofline time at `efficiency` of the peak.
     double product_seconds(double flops, double bytes, double efficiency) const;
     void host_transfer(size_t bytes, bool synchronizes);
