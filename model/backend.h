@@ -259,6 +259,38 @@ class Backend {
     virtual void cross_entropy_backward(
         float* dlogits_NV, const float* probs_NV, const int32_t* targets_N, float dloss, int N, int V) = 0;
 
+    // ---- the LM head and loss on bf16 logits (training under bf16 matmul precision) ------------
+    // torch.autocast's and llm.c's split: the LM head GEMM writes bf16 logits, the loss reads them
+    // in fp32 math and writes bf16 d logits in place, and the d logits feed the bf16 backward GEMMs
+    // directly: a third of the [N, V] traffic of the fp32 ops above. All four need bf16 matmul
+    // precision (a bmoe::Error otherwise).
+    // out16_NO = bf16_bits(in_NI * w_OI^T): the fp32 accumulator rounded once (nearest-even).
+    virtual void matmul_forward_bf16_out(
+        uint16_t* out16_NO, const float* in_NI, const float* w_OI, int N, int I, int O) = 0;
+    // matmul_backward (no bias) with dout given as bf16.
+    virtual void matmul_backward_bf16_dout(float* din_NI,
+                                           float* dw_OI,
+                                           const uint16_t* dout16_NO,
+                                           const float* in_NI,
+                                           const float* w_OI,
+                                           int N,
+                                           int I,
+                                           int O,
+                                           bool accumulate_din) = 0;
+    // lse_N = logsumexp(logits16 row) (fp32 math, sum in double); loss_N = lse - logit[target], 0
+    // for targets < 0. The logits are left as they are for the backward.
+    virtual void cross_entropy_forward_bf16(
+        float* loss_N, float* lse_N, const uint16_t* logits16_NV, const int32_t* targets_N, int N, int V) = 0;
+    // dlogits16_NV = bf16_bits(dloss * (exp(logit - lse) - onehot(target))), 0 for ignored rows.
+    // dlogits16_NV may alias logits16_NV (Model computes it in place).
+    virtual void cross_entropy_backward_bf16(uint16_t* dlogits16_NV,
+                                             const uint16_t* logits16_NV,
+                                             const float* lse_N,
+                                             const int32_t* targets_N,
+                                             float dloss,
+                                             int N,
+                                             int V) = 0;
+
     // ---- MoE router and token permutation ---------------------------------------------------
     // probs_NE = softmax(logits_NE) (fp32, max-subtracted), lse_N = logsumexp(logits_NE).
     // topk_idx_NK = the K largest probs per token in descending order; ties go to the lower index.

@@ -384,7 +384,7 @@ const float* CpuBackend::widen_bf16(const uint16_t* x16, size_t n, int slot) {
 
 void CpuBackend::require_bf16_precision(const char* op) const {
     BMOE_REQUIRE(matmul_precision_ == MatmulPrecision::kBf16, op,
-                 " reads a bf16 operand: it needs bf16 matmul precision (set_matmul_precision)");
+                 " reads or writes bf16 tensors: it needs bf16 matmul precision (set_matmul_precision)");
 }
 
 // ---- embeddings -------------------------------------------------------------------------------
@@ -734,6 +734,80 @@ void CpuBackend::cross_entropy_backward(
         }
         for (int v = 0; v < V; ++v) dl[v] = dloss * p[v];
         dl[t] -= dloss;
+    }
+}
+
+// ---- the LM head and loss on bf16 logits -------------------------------------------------------
+
+void CpuBackend::matmul_forward_bf16_out(
+    uint16_t* out16_NO, const float* in_NI, const float* w_OI, int N, int I, int O) {
+    require_bf16_precision("matmul_forward_bf16_out");
+    in_NI = matmul_input(in_NI, static_cast<size_t>(N) * I, 0);
+    w_OI = matmul_input(w_OI, static_cast<size_t>(O) * I, 1);
+    // fp32 results a block of rows at a time: the scratch stays small at a 50K vocabulary
+    constexpr int kRows = 256;
+    std::vector<float>& out = bf16_scratch_[2];
+    out.resize(static_cast<size_t>(std::min(N, kRows)) * O);
+    for (int r0 = 0; r0 < N; r0 += kRows) {
+        const int rows = std::min(kRows, N - r0);
+        gemm(rows, O, I, 1.0f, Op{in_NI, I}.rows_from(r0), {w_OI, I, true}, 0.0f, out.data(), O);
+        CpuBackend::float_to_bf16(out16_NO + static_cast<size_t>(r0) * O, out.data(), static_cast<size_t>(rows) * O);
+    }
+}
+
+void CpuBackend::matmul_backward_bf16_dout(float* din_NI,
+                                           float* dw_OI,
+                                           const uint16_t* dout16_NO,
+                                           const float* in_NI,
+                                           const float* w_OI,
+                                           int N,
+                                           int I,
+                                           int O,
+                                           bool accumulate_din) {
+    require_bf16_precision("matmul_backward_bf16_dout");
+    const float* dout = widen_bf16(dout16_NO, static_cast<size_t>(N) * O, 0);
+    if (din_NI)
+        gemm(N, I, O, 1.0f, {dout, O}, {matmul_input(w_OI, static_cast<size_t>(O) * I, 1), I},
+             accumulate_din ? 1.0f : 0.0f, din_NI, I);
+    if (dw_OI)
+        gemm(O, I, N, 1.0f, {dout, O, true}, {matmul_input(in_NI, static_cast<size_t>(N) * I, 2), I}, 1.0f, dw_OI, I);
+}
+
+void CpuBackend::cross_entropy_forward_bf16(
+    float* loss_N, float* lse_N, const uint16_t* logits16_NV, const int32_t* targets_N, int N, int V) {
+    require_bf16_precision("cross_entropy_forward_bf16");
+#pragma omp parallel for schedule(static) if (par(N, V))
+    for (idx_t n = 0; n < N; ++n) {
+        const uint16_t* x = logits16_NV + n * V;
+        float mx = -INFINITY;
+        for (int v = 0; v < V; ++v) mx = std::max(mx, model::bf16_to_float(x[v]));
+        double sum = 0.0;
+        for (int v = 0; v < V; ++v) sum += std::exp(model::bf16_to_float(x[v]) - mx);
+        const double lse = static_cast<double>(mx) + std::log(sum);
+        const int32_t t = targets_N[n];
+        lse_N[n] = static_cast<float>(lse);
+        loss_N[n] = t < 0 ? 0.0f : static_cast<float>(lse - model::bf16_to_float(x[t]));
+    }
+}
+
+void CpuBackend::cross_entropy_backward_bf16(uint16_t* dlogits16_NV,
+                                             const uint16_t* logits16_NV,
+                                             const float* lse_N,
+                                             const int32_t* targets_N,
+                                             float dloss,
+                                             int N,
+                                             int V) {
+    require_bf16_precision("cross_entropy_backward_bf16");
+#pragma omp parallel for schedule(static) if (par(N, V))
+    for (idx_t n = 0; n < N; ++n) {
+        const uint16_t* x = logits16_NV + n * V;
+        uint16_t* d = dlogits16_NV + n * V;
+        const int32_t t = targets_N[n];
+        const float lse = lse_N[n];
+        for (int v = 0; v < V; ++v) {  // each element read before it is overwritten: in place is safe
+            const float p = std::exp(model::bf16_to_float(x[v]) - lse);
+            d[v] = t < 0 ? uint16_t{0} : bf16_bits(dloss * (v == t ? p - 1.0f : p));
+        }
     }
 }
 

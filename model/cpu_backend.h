@@ -143,6 +143,26 @@ class CpuBackend : public Backend {
         float* loss_N, float* probs_NV, const float* logits_NV, const int32_t* targets_N, int N, int V) override;
     void cross_entropy_backward(
         float* dlogits_NV, const float* probs_NV, const int32_t* targets_N, float dloss, int N, int V) override;
+    void matmul_forward_bf16_out(
+        uint16_t* out16_NO, const float* in_NI, const float* w_OI, int N, int I, int O) override;
+    void matmul_backward_bf16_dout(float* din_NI,
+                                   float* dw_OI,
+                                   const uint16_t* dout16_NO,
+                                   const float* in_NI,
+                                   const float* w_OI,
+                                   int N,
+                                   int I,
+                                   int O,
+                                   bool accumulate_din) override;
+    void cross_entropy_forward_bf16(
+        float* loss_N, float* lse_N, const uint16_t* logits16_NV, const int32_t* targets_N, int N, int V) override;
+    void cross_entropy_backward_bf16(uint16_t* dlogits16_NV,
+                                     const uint16_t* logits16_NV,
+                                     const float* lse_N,
+                                     const int32_t* targets_N,
+                                     float dloss,
+                                     int N,
+                                     int V) override;
     void router_topk_forward(float* probs_NE,
                              float* lse_N,
                              int32_t* topk_idx_NK,

@@ -1,14 +1,8 @@
 #include "model/mlp.h"
 
-#include <cstdlib>
-#include <cstring>
-
 namespace bmoe::model {
 
-bool bf16_activation_storage_default() {
-    const char* v = std::getenv("BMOE_BF16_MLP_ACTIVATIONS");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-}
+bool bf16_activation_storage_default() { return bf16_mode_default("BMOE_BF16_MLP_ACTIVATIONS"); }
 
 void GroupedMlp::set_recompute_activation(bool on) {
     recompute_activation_ = on;

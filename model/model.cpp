@@ -93,6 +93,9 @@ void Model::params_from_host(const std::vector<float>& host) {
 }
 
 std::vector<float> Model::logits_to_host() const {
+    BMOE_REQUIRE(!loss16_,
+                 "the last forward kept its logits in bf16 only (a training forward with bf16 logits): "
+                 "read logits after a forward without targets, or with set_keep_logits(true)");
     std::vector<float> host(static_cast<size_t>(B_) * T_ * config_.vocab_size);
     backend_->download(host.data(), logits_.data(), host.size() * sizeof(float));
     return host;
@@ -159,7 +162,10 @@ void Model::ensure_activations(int B, int T) {
     final_norm_out_ = Buffer<float>(be, N * D);
     final_mean_ = Buffer<float>(be, N);
     final_rstd_ = Buffer<float>(be, N);
-    logits_ = Buffer<float>(be, N * V);
+    // the logits: fp32 and/or bf16, allocated by the forwards that use them
+    logits_ = Buffer<float>();
+    logits16_ = Buffer<uint16_t>();
+    lse_ = Buffer<float>();
     probs_ = keep_logits_ ? Buffer<float>(be, N * V) : Buffer<float>();
     losses_ = Buffer<float>(be, N);
     dresidual_ = Buffer<float>(be, N * D);
@@ -264,7 +270,16 @@ ForwardStats Model::forward(const int32_t* tokens, const int32_t* targets, int B
     // final norm -> LM head
     norm_forward(be, c, final_norm_out_.data(), final_mean_.data(), final_rstd_.data(), resid_final_.data(),
                  p.final_norm_w, p.final_norm_b, N);
-    be->matmul_forward(logits_.data(), final_norm_out_.data(), p.lm_head, nullptr, N, D, V);
+    const size_t NV = static_cast<size_t>(N) * V;
+    loss16_ = targets != nullptr && !keep_logits_ && bf16_logits_ && be->matmul_precision() == MatmulPrecision::kBf16;
+    if (loss16_) {
+        logits16_.ensure(be, NV);
+        lse_.ensure(be, N);
+        be->matmul_forward_bf16_out(logits16_.data(), final_norm_out_.data(), p.lm_head, N, D, V);
+    } else {
+        logits_.ensure(be, NV);
+        be->matmul_forward(logits_.data(), final_norm_out_.data(), p.lm_head, nullptr, N, D, V);
+    }
 
     for (const MoeLayerStats& s : stats.moe_layers) {
         stats.aux_loss += s.aux_loss / static_cast<double>(stats.moe_layers.size());
@@ -280,7 +295,10 @@ ForwardStats Model::forward(const int32_t* tokens, const int32_t* targets, int B
             totals[1] += targets[i] >= 0 ? 1.0 : 0.0;
         }
         be->upload(targets_.data(), targets, N * sizeof(int32_t));
-        be->cross_entropy_forward(losses_.data(), probs(), logits_.data(), targets_.data(), N, V);
+        if (loss16_)
+            be->cross_entropy_forward_bf16(losses_.data(), lse_.data(), logits16_.data(), targets_.data(), N, V);
+        else
+            be->cross_entropy_forward(losses_.data(), probs(), logits_.data(), targets_.data(), N, V);
         std::vector<float> losses = losses_.download();
         for (int i = 0; i < N; ++i) totals[0] += losses[i];
         if (parallel_.world != nullptr) parallel_.world->all_reduce_sum(totals, 2);
@@ -314,10 +332,17 @@ void Model::backward(float loss_scale) {
     // d logits overwrites probs in place (elementwise on every backend; probs are the logits'
     // buffer too without keep_logits): [N, V] buffers fewer, 1.6 GB each at GPT-2's vocabulary and
     // 8K tokens.
-    float* dlogits = probs();
-    be->cross_entropy_backward(dlogits, dlogits, targets_.data(), dloss, N, V);
-    be->matmul_backward(dtmp_ND_.data(), g.lm_head, nullptr, dlogits, final_norm_out_.data(), p.lm_head, N, D, V,
-                        false);
+    if (loss16_) {  // the same in place over the bf16 logits
+        uint16_t* dlogits16 = logits16_.data();
+        be->cross_entropy_backward_bf16(dlogits16, dlogits16, lse_.data(), targets_.data(), dloss, N, V);
+        be->matmul_backward_bf16_dout(dtmp_ND_.data(), g.lm_head, dlogits16, final_norm_out_.data(), p.lm_head, N, D, V,
+                                      false);
+    } else {
+        float* dlogits = probs();
+        be->cross_entropy_backward(dlogits, dlogits, targets_.data(), dloss, N, V);
+        be->matmul_backward(dtmp_ND_.data(), g.lm_head, nullptr, dlogits, final_norm_out_.data(), p.lm_head, N, D, V,
+                            false);
+    }
     dresidual_.zero();
     norm_backward(be, c, dresidual_.data(), g.final_norm_w, g.final_norm_b, dtmp_ND_.data(), resid_final_.data(),
                   p.final_norm_w, final_mean_.data(), final_rstd_.data(), N);

@@ -91,6 +91,13 @@ class Model {
     // under bf16 matmul precision (GroupedMlp::set_bf16_activation_storage): on by default, bitwise
     // the same training.
     void set_mlp_bf16_activations(bool on);
+    // The LM head and loss on bf16 logits (torch.autocast's split) for training forwards -- with
+    // targets, keep_logits false and bf16 matmul precision: the LM head writes bf16 logits, the
+    // loss reads them (fp32 math) and backward writes bf16 d logits over them for the bf16 GEMMs.
+    // A third of the fp32 path's [B*T, V] traffic and half its memory; the loss differs from the
+    // fp32 logits' by their bf16 rounding. On by default; off (or BMOE_BF16_LOGITS=0 in the
+    // environment) keeps fp32 logits, for A/B runs.
+    void set_bf16_logits(bool on) { bf16_logits_ = on; }
     // Called by backward() each time the gradients of one backward stage are final (queued on the
     // backend): stage num_layers (final norm, LM head), then l = num_layers-1 .. 0, then -1
     // (embeddings). See ParamInfo::backward_stage. The trainer starts gradient all-reduces from it
@@ -110,8 +117,9 @@ class Model {
     ExchangeStats take_exchange_stats();
 
     // Logits of the last forward, backend memory [B*T, V]. Without keep_logits, a forward with
-    // targets overwrites them with the probabilities (and backward with d logits).
-    const float* logits() const { return logits_.data(); }
+    // targets overwrites them with the probabilities (and backward with d logits); with bf16 logits
+    // (set_bf16_logits) it keeps none in fp32: logits_to_host throws.
+    const float* logits() const { return loss16_ ? nullptr : logits_.data(); }
     std::vector<float> logits_to_host() const;
     // false (training): the loss writes the probabilities over the logits and backward d logits
     // over those, in place: one [B*T, V] buffer fewer (1.6 GB at GPT-2's vocabulary and 8K tokens).
@@ -146,6 +154,10 @@ class Model {
     Buffer<float> resid_final_;                               // [N, D] output of the last layer
     Buffer<float> final_norm_out_, final_mean_, final_rstd_;  // [N, D], [N], [N]
     Buffer<float> logits_, probs_, losses_;  // [N, V], [N, V] (d logits in backward; none without keep_logits), [N]
+    Buffer<uint16_t> logits16_;              // [N, V] bf16 logits, then d logits (bf16 logits only)
+    Buffer<float> lse_;                      // [N] the loss's log-sum-exp per row (bf16 logits only)
+    bool bf16_logits_ = bf16_mode_default("BMOE_BF16_LOGITS");  // set_bf16_logits
+    bool loss16_ = false;  // the last forward ran the LM head and loss on bf16 logits
     // backward scratch
     Buffer<float> dresidual_, dtmp_ND_;            // [N, D], [N, max(D, H*Hd)]
     Buffer<float> dq_, dk_, dv_, dattn_;           // [N, H*Hd], [N, KV*Hd] x2, [N, H*Hd]

@@ -45,9 +45,13 @@ void OpCostBackend::operand_copies(const std::string& key, std::initializer_list
             kernel(std::string("bf16 copies, ") + (op.weight ? "weight: " : "activation: ") + key, op.elements * 6.0);
 }
 
-void OpCostBackend::gemm(
-    const std::string& key, double flops, std::initializer_list<Operand> inputs, double outputs, bool accumulate) {
-    double bytes = outputs * 4.0 * (accumulate ? 2.0 : 1.0);  // fp32 out (dW accumulates: read and write)
+void OpCostBackend::gemm(const std::string& key,
+                         double flops,
+                         std::initializer_list<Operand> inputs,
+                         double outputs,
+                         bool accumulate,
+                         double output_bytes) {
+    double bytes = outputs * output_bytes * (accumulate ? 2.0 : 1.0);  // dW accumulates: read and write
     for (const Operand& in : inputs) bytes += in.elements * (bf16() ? 2.0 : in.weight ? 4.0 : model_.activation_bytes);
     book(key, flops, bytes, product_seconds(flops, bytes, model_.gemm_efficiency));
 }
@@ -124,12 +128,7 @@ double OpCostBackend::sum_squares(const float*, size_t n) {
 
 void OpCostBackend::matmul_forward(float*, const float*, const float*, const float* bias, int N, int I, int O) {
     const ProfiledName op(this, "matmul_fwd", N, I, O);
-    const double n = N, flops = 2.0 * n * I * O;
-    // A bias is broadcast into out first; the GEMM then reads it back (beta = 1).
-    if (bias != nullptr) kernel("matmul bias", 4.0 * O + act(n * O));
-    const std::string key = shaped("matmul_forward", n, I, O);
-    operand_copies(key, {{n * I, false}, {double(O) * I, true}});
-    gemm(key, flops, {{n * I, false}, {double(O) * I, true}}, n * O, bias != nullptr);
+    dense_forward_cost(N, I, O, bias != nullptr, 4.0);
 }
 
 void OpCostBackend::matmul_backward(float* din,
@@ -143,13 +142,38 @@ void OpCostBackend::matmul_backward(float* din,
                                     int O,
                                     bool accumulate_din) {
     const ProfiledName op(this, "matmul_bwd", N, I, O);
+    dense_backward_cost(din != nullptr, dw != nullptr, dbias != nullptr, N, I, O, accumulate_din, false);
+}
+
+void OpCostBackend::matmul_forward_bf16_out(uint16_t*, const float*, const float*, int N, int I, int O) {
+    const ProfiledName op(this, "matmul_fwd_bf16_out", N, I, O);
+    dense_forward_cost(N, I, O, /*bias=*/false, 2.0);
+}
+
+void OpCostBackend::matmul_backward_bf16_dout(
+    float* din, float* dw, const uint16_t*, const float*, const float*, int N, int I, int O, bool accumulate_din) {
+    const ProfiledName op(this, "matmul_bwd_bf16_dout", N, I, O);
+    dense_backward_cost(din != nullptr, dw != nullptr, false, N, I, O, accumulate_din, true);
+}
+
+void OpCostBackend::dense_forward_cost(int N, int I, int O, bool bias, double output_bytes) {
+    const double n = N, flops = 2.0 * n * I * O;
+    // A bias is broadcast into out first; the GEMM then reads it back (beta = 1).
+    if (bias) kernel("matmul bias", 4.0 * O + act(n * O));
+    const std::string key = shaped("matmul_forward", n, I, O);
+    operand_copies(key, {{n * I, false}, {double(O) * I, true}});
+    gemm(key, flops, {{n * I, false}, {double(O) * I, true}}, n * O, bias, output_bytes);
+}
+
+void OpCostBackend::dense_backward_cost(
+    bool din, bool dw, bool dbias, int N, int I, int O, bool accumulate_din, bool dout_stored_bf16) {
     const double n = N, flops = 2.0 * n * I * O;
     const std::string key = shaped("matmul_backward", n, I, O);
     operand_copies(
-        key, {{n * O, false}, {dw != nullptr ? n * I : 0.0, false}, {din != nullptr ? double(O) * I : 0.0, true}});
-    if (din != nullptr) gemm(key, flops, {{n * O, false}, {double(O) * I, true}}, n * I, accumulate_din);
-    if (dw != nullptr) gemm(key, flops, {{n * O, false}, {n * I, false}}, double(O) * I, /*accumulate=*/true);
-    if (dbias != nullptr) kernel("matmul bias", act(n * O) + 8.0 * O, n * O);
+        key, {{dout_stored_bf16 ? 0.0 : n * O, false}, {dw ? n * I : 0.0, false}, {din ? double(O) * I : 0.0, true}});
+    if (din) gemm(key, flops, {{n * O, false}, {double(O) * I, true}}, n * I, accumulate_din);
+    if (dw) gemm(key, flops, {{n * O, false}, {n * I, false}}, double(O) * I, /*accumulate=*/true);
+    if (dbias) kernel("matmul bias", act(n * O) + 8.0 * O, n * O);
 }
 
 void OpCostBackend::grouped_matmul_forward(
@@ -326,6 +350,14 @@ void OpCostBackend::cross_entropy_forward(float*, float*, const float*, const in
 }
 void OpCostBackend::cross_entropy_backward(float*, const float*, const int32_t*, float, int N, int V) {
     kernel("cross_entropy_backward", act(2.0 * N * V) + 4.0 * N, 2.0 * N * V);
+}
+// One online pass over the bf16 row; then d logits written over it from the saved lse.
+void OpCostBackend::cross_entropy_forward_bf16(float*, float*, const uint16_t*, const int32_t*, int N, int V) {
+    kernel("cross_entropy_forward_bf16", 2.0 * N * V + 12.0 * N, 6.0 * N * V);
+}
+void OpCostBackend::cross_entropy_backward_bf16(
+    uint16_t*, const uint16_t*, const float*, const int32_t*, float, int N, int V) {
+    kernel("cross_entropy_backward_bf16", 4.0 * N * V + 8.0 * N, 4.0 * N * V);
 }
 
 // ---- router and permutation ------------------------------------------------------------------------

@@ -212,6 +212,26 @@ class OpCostBackend final : public Backend {
         float* loss_N, float* probs_NV, const float* logits_NV, const int32_t* targets_N, int N, int V) override;
     void cross_entropy_backward(
         float* dlogits_NV, const float* probs_NV, const int32_t* targets_N, float dloss, int N, int V) override;
+    void matmul_forward_bf16_out(
+        uint16_t* out16_NO, const float* in_NI, const float* w_OI, int N, int I, int O) override;
+    void matmul_backward_bf16_dout(float* din_NI,
+                                   float* dw_OI,
+                                   const uint16_t* dout16_NO,
+                                   const float* in_NI,
+                                   const float* w_OI,
+                                   int N,
+                                   int I,
+                                   int O,
+                                   bool accumulate_din) override;
+    void cross_entropy_forward_bf16(
+        float* loss_N, float* lse_N, const uint16_t* logits16_NV, const int32_t* targets_N, int N, int V) override;
+    void cross_entropy_backward_bf16(uint16_t* dlogits16_NV,
+                                     const uint16_t* logits16_NV,
+                                     const float* lse_N,
+                                     const int32_t* targets_N,
+                                     float dloss,
+                                     int N,
+                                     int V) override;
     void router_topk_forward(float* probs_NE,
                              float* lse_N,
                              int32_t* topk_idx_NK,
@@ -285,12 +305,18 @@ class OpCostBackend final : public Backend {
     // however many of its GEMMs read it).
     void operand_copies(const std::string& key, std::initializer_list<Operand> operands);
     // Adds a GEMM kernel of `flops` reading `inputs` (bf16 copies, or as stored) and writing (or,
-    // accumulate, updating) `outputs` fp32 elements.
+    // accumulate, updating) `outputs` elements of output_bytes each (fp32, or bf16).
     void gemm(const std::string& key,
               double flops,
               std::initializer_list<Operand> inputs,
               double outputs,
-              bool accumulate = false);
+              bool accumulate = false,
+              double output_bytes = 4.0);
+    // The dense GEMM ops: out written at output_bytes per element; dout_stored_bf16: d out is held
+    // as bf16 and needs no copy.
+    void dense_forward_cost(int N, int I, int O, bool bias, double output_bytes);
+    void dense_backward_cost(
+        bool din, bool dw, bool dbias, int N, int I, int O, bool accumulate_din, bool dout_stored_bf16);
     // Adds tensor-core work at the attention efficiency with `bytes` of traffic.
     void attention_products(const std::string& key, double flops, double bytes);
     // The grouped expert GEMMs over r rows (din/dw: which products run; *_stored_bf16: that operand

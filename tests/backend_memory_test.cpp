@@ -5,8 +5,9 @@
 // update) and evaluation forwards run on a MemoryCheckingBackend (tests/memory_checking_backend.h), which checks
 // every op's pointers against its live allocations. Models: every router family, GPT-2 pieces (LayerNorm, learned
 // positions, GELU, tied head), dense + MoE layers with top-1 and one KV head, capacity dropping; each plain, with MLP
-// and attention recompute, with the in-place loss, with bf16 GEMMs, as router fine-tuning (frozen tensors: null
-// gradient pointers), and all of those at once. First: the checker itself catches what it must.
+// and attention recompute, with the in-place loss, with bf16 GEMMs, with both (the loss on bf16 logits), as router
+// fine-tuning (frozen tensors: null gradient pointers), and all of those at once. First: the checker itself catches
+// what it must.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -128,6 +129,7 @@ std::vector<Variant> variants() {
         all.push_back({.name = m.name + "_recompute", .config = m.config, .recompute = true});
         all.push_back({.name = m.name + "_in_place_loss", .config = m.config, .keep_logits = false});
         all.push_back({.name = m.name + "_bf16", .config = m.config, .bf16 = true});
+        all.push_back({.name = m.name + "_bf16_logits", .config = m.config, .keep_logits = false, .bf16 = true});
         all.push_back({.name = m.name + "_router_finetune", .config = m.config, .router_only = true});
         all.push_back({.name = m.name + "_everything",
                        .config = m.config,
@@ -245,11 +247,13 @@ TEST(BackendMemory, TheModelsCoverEveryOpButTheExpertParallelOnes) {
             train_and_evaluate(backend, v);
     std::istringstream names(
         "accumulate adamw_update add add_input_noise attention_backward attention_forward cross_entropy_backward "
-        "cross_entropy_forward download dropout_mask embedding_backward embedding_forward gelu_backward gelu_forward "
+        "cross_entropy_backward_bf16 cross_entropy_forward cross_entropy_forward_bf16 download dropout_mask "
+        "embedding_backward embedding_forward gelu_backward gelu_forward "
         "gelu_backward_bf16 gelu_forward_bf16 grouped_matmul_backward grouped_matmul_backward_bf16 "
         "grouped_matmul_forward "
         "grouped_matmul_forward_bf16_in layernorm_backward layernorm_forward matmul_backward "
-        "matmul_forward moe_combine_backward moe_combine_forward moe_gather_backward moe_gather_forward mul "
+        "matmul_backward_bf16_dout matmul_forward matmul_forward_bf16_out moe_combine_backward moe_combine_forward "
+        "moe_gather_backward moe_gather_forward mul "
         "position_backward position_forward rmsnorm_backward rmsnorm_forward rope_backward rope_forward router_rows "
         "router_topk_backward router_topk_forward scale sum_squares swiglu_backward swiglu_backward_bf16 "
         "swiglu_forward swiglu_forward_bf16 "

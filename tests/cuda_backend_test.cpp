@@ -99,6 +99,21 @@ void expect_mostly_exact(Pair<float>& p, const std::string& what, double tol = k
         << scale;
 }
 
+// bf16 results rounded from fp32 values the two backends compute in different orders: each within
+// one bf16 step of max(floor, |cpu value|) (floor: where cancellation leaves small values only
+// absolutely accurate), and at most 1% of them rounded differently.
+void expect_bf16_close(Pair<uint16_t>& p, const std::string& what, float floor) {
+    const std::vector<uint16_t> cpu = p.side[kCpu].download(), gpu = p.side[kGpu].download();
+    ASSERT_EQ(cpu.size(), gpu.size()) << what;
+    size_t differ = 0;
+    for (size_t i = 0; i < cpu.size(); ++i) {
+        const float a = bf16_to_float(cpu[i]), b = bf16_to_float(gpu[i]);
+        ASSERT_LE(std::abs(a - b), 1e-2 * std::max(floor, std::abs(a))) << what << ": element " << i;
+        differ += cpu[i] != gpu[i];
+    }
+    EXPECT_LE(differ, cpu.size() / 100) << what << ": bf16 values rounded differently";
+}
+
 void expect_equal(Pair<int32_t>& p, const std::string& what) {
     EXPECT_EQ(p.side[kCpu].download(), p.side[kGpu].download()) << what;
 }
@@ -353,16 +368,7 @@ TEST(CudaBackend, Bf16StoredActivationAndBf16InputGemmsMatchCpu) {
         be.grouped_matmul_backward_bf16(din2[s], dw2[s], nullptr, dout16[s], in[s], nullptr, w[s], plan.offsets.data(),
                                         E, I, O);
     });
-    for (auto* p : {&g16, &s16, &dg16, &dgate16, &dup16}) {
-        const std::vector<uint16_t> cpu = p->side[kCpu].download(), gpu = p->side[kGpu].download();
-        size_t differ = 0;
-        for (size_t i = 0; i < n; ++i) {
-            const float a = bf16_to_float(cpu[i]), b = bf16_to_float(gpu[i]);
-            EXPECT_LE(std::abs(a - b), 1e-2 * std::max(1.0f, std::abs(a))) << i;  // at most one bf16 ulp
-            differ += cpu[i] != gpu[i];
-        }
-        EXPECT_LE(differ, n / 100) << "bf16 activations rounded differently";
-    }
+    for (auto* p : {&g16, &s16, &dg16, &dgate16, &dup16}) expect_bf16_close(*p, "bf16 activation", 1.0f);
     for (auto* p : {&out, &din, &dw, &din2, &dw2}) expect_close(*p, "bf16-operand grouped GEMM");
 }
 
@@ -662,6 +668,48 @@ TEST(CudaBackend, CrossEntropy) {
         expect_close(logits, "ce probs in place" + at);
         expect_close(inplace_loss, "ce loss in place" + at);
         EXPECT_EQ(inplace_loss.side[kGpu].download(), loss.side[kGpu].download()) << "in-place ce forward" << at;
+    }
+}
+
+// The LM head and loss on bf16 logits (Model::set_bf16_logits): the bf16-output GEMM, the loss and
+// its in-place bf16 d logits, and the bf16-d-out GEMMs, against the CPU. V = 50 takes the kernels'
+// scalar path, 5000 their 4-wide one.
+TEST(CudaBackend, LossOnBf16LogitsMatchesCpu) {
+    if (!bmoe::model::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+    for (int vocab : {V, 5000}) {
+        Dual d;
+        IVec targets = randint(N, 0, vocab, 3);
+        targets[0] = targets[7] = -1;  // ignored rows
+        const size_t n = static_cast<size_t>(N) * vocab;
+        auto x = d.make(randn(static_cast<size_t>(N) * D, 1)), w = d.make(randn(static_cast<size_t>(vocab) * D, 2));
+        auto tg = d.make(targets);
+        auto loss = d.garbage(N), lse = d.garbage(N), dx = d.garbage(static_cast<size_t>(N) * D);
+        auto dw = d.make(randn(static_cast<size_t>(vocab) * D, 4));
+        Pair<uint16_t> logits16;
+        for (int s : {kCpu, kGpu}) logits16.side[s] = Buffer<uint16_t>(&d.be(s), n);
+        const std::string at = " (V=" + std::to_string(vocab) + ")";
+        d.run([&](Backend& be, int s) {
+            const ScopedMatmulPrecision bf16(&be, MatmulPrecision::kBf16);
+            be.matmul_forward_bf16_out(logits16[s], x[s], w[s], N, D, vocab);
+        });
+        expect_bf16_close(logits16, "bf16 logits" + at, 1.0f);
+        // from here both sides read the CPU's logits, so the loss ops are compared on the same input
+        logits16.side[kGpu].upload(logits16.side[kCpu].download());
+        d.run([&](Backend& be, int s) {
+            const ScopedMatmulPrecision bf16(&be, MatmulPrecision::kBf16);
+            be.cross_entropy_forward_bf16(loss[s], lse[s], logits16[s], tg[s], N, vocab);
+            be.cross_entropy_backward_bf16(logits16[s], logits16[s], lse[s], tg[s], 1.0f / N, N, vocab);
+        });
+        expect_close(loss, "bf16-logit loss" + at);
+        expect_close(lse, "bf16-logit lse" + at);
+        expect_bf16_close(logits16, "bf16 d logits" + at, 0.0f);
+        logits16.side[kGpu].upload(logits16.side[kCpu].download());
+        d.run([&](Backend& be, int s) {
+            const ScopedMatmulPrecision bf16(&be, MatmulPrecision::kBf16);
+            be.matmul_backward_bf16_dout(dx[s], dw[s], logits16[s], x[s], w[s], N, D, vocab, false);
+        });
+        expect_close(dx, "LM head dx from bf16 d logits" + at);
+        expect_close(dw, "LM head dw from bf16 d logits" + at);
     }
 }
 

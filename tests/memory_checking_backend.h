@@ -332,6 +332,50 @@ class MemoryCheckingBackend : public CpuBackend {
             CpuBackend::cross_entropy_backward(dlogits, probs, targets, dloss, N, V);
     }
 
+    // ---- the LM head and loss on bf16 logits ----------------------------------------------------
+    void matmul_forward_bf16_out(uint16_t* out16, const float* in, const float* w, int N, int I, int O) override {
+        if (check("matmul_forward_bf16_out",
+                  {{"out16", out16, numel(N, O)}, {"in", in, numel(N, I)}, {"w", w, numel(O, I)}}))
+            CpuBackend::matmul_forward_bf16_out(out16, in, w, N, I, O);
+    }
+    void matmul_backward_bf16_dout(float* din,
+                                   float* dw,
+                                   const uint16_t* dout16,
+                                   const float* in,
+                                   const float* w,
+                                   int N,
+                                   int I,
+                                   int O,
+                                   bool accumulate_din) override {
+        if (check("matmul_backward_bf16_dout", {{"din", din, numel(N, I)},
+                                                {"dw", dw, numel(O, I)},
+                                                {"dout16", dout16, numel(N, O)},
+                                                {"in", in, numel(N, I)},
+                                                {"w", w, numel(O, I)}}))
+            CpuBackend::matmul_backward_bf16_dout(din, dw, dout16, in, w, N, I, O, accumulate_din);
+    }
+    void cross_entropy_forward_bf16(
+        float* loss, float* lse, const uint16_t* logits16, const int32_t* targets, int N, int V) override {
+        if (check("cross_entropy_forward_bf16", {{"loss", loss, numel(N)},
+                                                 {"lse", lse, numel(N)},
+                                                 {"logits16", logits16, numel(N, V)},
+                                                 {"targets", targets, numel(N)}}))
+            CpuBackend::cross_entropy_forward_bf16(loss, lse, logits16, targets, N, V);
+    }
+    void cross_entropy_backward_bf16(uint16_t* dlogits16,
+                                     const uint16_t* logits16,
+                                     const float* lse,
+                                     const int32_t* targets,
+                                     float dloss,
+                                     int N,
+                                     int V) override {
+        if (check("cross_entropy_backward_bf16", {{"dlogits16", dlogits16, numel(N, V)},
+                                                  {"logits16", logits16, numel(N, V)},
+                                                  {"lse", lse, numel(N)},
+                                                  {"targets", targets, numel(N)}}))
+            CpuBackend::cross_entropy_backward_bf16(dlogits16, logits16, lse, targets, dloss, N, V);
+    }
+
     // ---- MoE router and token permutation -------------------------------------------------------
     void router_topk_forward(float* probs,
                              float* lse,

@@ -298,6 +298,53 @@ TEST_P(ModelGradTest, InPlaceLossGivesBitwiseTheSameGradients) {
     EXPECT_LE(peak[0] - peak[1], probs_bytes + 64);  // allocations round up to 64 bytes
 }
 
+// Training forwards under bf16 matmul precision run the LM head and loss on bf16 logits (the
+// default): the loss moves by no more than the logits' bf16 rounding can move it, the gradients stay
+// within bf16 noise of the fp32-logit path, the [N, V] fp32 buffer is gone, and a forward without
+// targets (evaluation) still gives fp32 logits.
+TEST_P(ModelGradTest, Bf16LogitsStayWithinTheirRoundingOfTheFp32Logits) {
+    const ModelConfig cfg = GetParam().config;
+    const int B = 2, T = 5, N = B * T, V = cfg.vocab_size;
+    std::vector<int32_t> tokens = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10}, targets = {2, 3, 4, 5, 6, 7, 8, 9, 10, -1};
+    const LossWeights w{0.01f, 0.001f, 0.05f};
+    std::vector<std::vector<float>> grads;
+    std::vector<double> ce;
+    std::vector<size_t> peak;
+    float max_logit = 0.0f;
+    for (const bool bf16_logits : {false, true}) {
+        CpuBackend backend;
+        backend.set_matmul_precision(MatmulPrecision::kBf16);
+        Model model(cfg, &backend);
+        model.init_weights(3);
+        model.set_keep_logits(false);
+        model.set_bf16_logits(bf16_logits);
+        model.zero_grad();
+        ce.push_back(model.forward(tokens.data(), targets.data(), B, T, w).ce_loss);
+        model.backward(1.0f);
+        grads.push_back(model.grads_to_host());
+        peak.push_back(backend.peak_allocated_bytes());
+        if (bf16_logits) {
+            EXPECT_THROW(model.logits_to_host(), bmoe::Error) << "a training forward keeps no fp32 logits";
+            model.forward(tokens.data(), nullptr, B, T, w);
+            for (float l : model.logits_to_host()) max_logit = std::max(max_logit, std::abs(l));
+            EXPECT_GT(max_logit, 0.0f) << "a forward without targets writes fp32 logits";
+        }
+    }
+    // |d ce| <= max |d logit[target]| + max |d lse| <= 2 max |logit| 2^-9 (nearest rounding)
+    EXPECT_NE(ce[1], ce[0]) << "the bf16 logits path did not run";
+    EXPECT_NEAR(ce[1], ce[0], 2.0 * max_logit * 0x1p-9);
+    double diff = 0.0, norm = 0.0;
+    for (size_t i = 0; i < grads[0].size(); ++i) {
+        diff += std::pow(double(grads[1][i]) - grads[0][i], 2);
+        norm += std::pow(double(grads[0][i]), 2);
+    }
+    EXPECT_LT(std::sqrt(diff / norm), 1e-2) << "relative gradient difference";
+    // [N, V] fp32 logits replaced by [N, V] bf16 ones and an [N] lse (64-byte rounding per buffer)
+    const long long saved = static_cast<long long>(peak[0]) - static_cast<long long>(peak[1]);
+    EXPECT_GE(saved, 2LL * N * V - 4LL * N - 128);
+    EXPECT_LE(saved, 2LL * N * V - 4LL * N + 128);
+}
+
 // Freezing skips gradients, it does not change them: with some tensors frozen (router only; the
 // upper layer only, where backward stops early; embeddings only, tied to the LM head), every
 // trainable tensor's gradient is bitwise the full backward's, and frozen gradients stay zero.

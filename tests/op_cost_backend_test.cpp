@@ -144,6 +144,37 @@ TEST(OpCostBackend, OneBf16GemmIsItsOperandCopiesAndTheSlowerOfComputeAndMemory)
     EXPECT_DOUBLE_EQ(stored.ledger().at("bf16 copies, weight: matmul_forward 4096x512x1024").bytes, w * 6.0);
 }
 
+// The LM head and loss of a training step on bf16 logits: the GEMM writes 2 bytes per logit, the
+// loss reads them once and writes d logits once, and no d logits copy precedes the backward GEMMs.
+// With fp32 logits (set_bf16_logits(false)) the loss moves 20 bytes per logit against 6.
+TEST(OpCostBackend, TheLossOnBf16LogitsMovesAThirdOfTheFp32LogitsBytes) {
+    ModelConfig c = tiny_model_config();
+    const double N = kB * kT, V = c.vocab_size, D = c.d_model;
+    const std::string head =
+        std::to_string(kB * kT) + "x" + std::to_string(c.d_model) + "x" + std::to_string(c.vocab_size);
+    double loss_bytes[2];  // bf16 logits, fp32 logits
+    for (const bool bf16_logits : {true, false}) {
+        OpCostBackend be;
+        be.set_matmul_precision(MatmulPrecision::kBf16);
+        Step step(c, &be);
+        step.net.set_bf16_logits(bf16_logits);
+        step.train();
+        be.clear_ledger();
+        step.train();
+        const std::map<std::string, OpCost>& rows = be.ledger();
+        // the backward's activation copies: the head's input (for dW), and the d logits with fp32 logits
+        EXPECT_DOUBLE_EQ(rows.at("bf16 copies, activation: matmul_backward " + head).bytes,
+                         6.0 * (N * D + (bf16_logits ? 0.0 : N * V)));
+        EXPECT_EQ(rows.count("cross_entropy_forward_bf16"), bf16_logits ? 1u : 0u);
+        // the forward GEMM: bf16 operands, then N x V outputs of 2 (bf16) or 4 bytes
+        EXPECT_DOUBLE_EQ(rows.at("matmul_forward " + head).bytes,
+                         (N * D + V * D) * 2.0 + N * V * (bf16_logits ? 2 : 4));
+        loss_bytes[bf16_logits ? 0 : 1] = rows_starting_with(be, {"cross_entropy"}).bytes;
+    }
+    EXPECT_DOUBLE_EQ(loss_bytes[0], 6.0 * N * V + 20.0 * N);
+    EXPECT_DOUBLE_EQ(loss_bytes[1], 20.0 * N * V + 12.0 * N);
+}
+
 TEST(OpCostBackend, FlashAttentionCostsTheCausalHalfAndSavesOnlyTheLse) {
     OpCostBackend be;
     be.set_matmul_precision(MatmulPrecision::kBf16);
@@ -217,9 +248,10 @@ TEST(OpCostBackend, ProfiledOpNamesAreTheCudaProfilersAndAddUpToTheStep) {
                 sum += seconds;
             }
             EXPECT_NEAR(sum, be.total().seconds, 1e-12 * be.total().calls);
-            // the LM head's product: its GEMM and both operand copies, under the profiler's one name
+            // the LM head's product (bf16 logits, as training runs it): its GEMM and both operand
+            // copies, under the profiler's one name
             const std::map<std::string, OpCost>& rows = be.ledger();
-            EXPECT_DOUBLE_EQ(be.seconds_by_profiled_op().at("matmul_fwd 16x16x23"),
+            EXPECT_DOUBLE_EQ(be.seconds_by_profiled_op().at("matmul_fwd_bf16_out 16x16x23"),
                              rows.at("matmul_forward 16x16x23").seconds +
                                  rows.at("bf16 copies, activation: matmul_forward 16x16x23").seconds +
                                  rows.at("bf16 copies, weight: matmul_forward 16x16x23").seconds);

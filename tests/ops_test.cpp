@@ -809,6 +809,67 @@ TEST(CpuOps, CrossEntropyIgnoredTargetsAndGrad) {
     EXPECT_EQ(inplace_loss, want_loss);
 }
 
+// The bf16-logit loss against the fp32 ops on the same (bf16-exact) logits: the same loss, and d logits
+// the fp32 ones rounded to bf16 (within one bf16 step: exp rounds differently from the probabilities'
+// exp * 1/sum). In place, as Model runs it.
+TEST(Bf16, LossOnBf16LogitsIsTheFp32LossOnTheRoundedLogits) {
+    CpuBackend be;
+    const int N = 5, V = 37;
+    const float dloss = 0.125f;
+    const IVec targets = {2, -1, 36, 0, 17};
+    Vec logits = randn(N * V, 11, 3.0f);
+    logits[5] = 80.0f;  // large logit: the max is subtracted
+    std::vector<uint16_t> logits16(N * V);
+    for (int i = 0; i < N * V; ++i) logits16[i] = bf16_bits(logits[i]), logits[i] = bf16_to_float(logits16[i]);
+    Vec loss(N), probs(N * V), loss16(N, 9.0f), lse(N);
+    be.cross_entropy_forward(loss.data(), probs.data(), logits.data(), targets.data(), N, V);
+    be.cross_entropy_backward(probs.data(), probs.data(), targets.data(), dloss, N, V);  // d logits
+    EXPECT_THROW(be.cross_entropy_forward_bf16(loss16.data(), lse.data(), logits16.data(), targets.data(), N, V),
+                 bmoe::Error)
+        << "fp32 matmul precision";
+    be.set_matmul_precision(MatmulPrecision::kBf16);
+    be.cross_entropy_forward_bf16(loss16.data(), lse.data(), logits16.data(), targets.data(), N, V);
+    for (int n = 0; n < N; ++n) {
+        EXPECT_NEAR(loss16[n], loss[n], 1e-5 * (1 + loss[n])) << "row " << n;
+        double sum = 0.0;
+        for (int v = 0; v < V; ++v) sum += std::exp(static_cast<double>(logits[n * V + v]) - lse[n]);
+        EXPECT_NEAR(sum, 1.0, 1e-5) << "lse of row " << n;
+    }
+    EXPECT_EQ(loss16[1], 0.0f) << "ignored target";
+    be.cross_entropy_backward_bf16(logits16.data(), logits16.data(), lse.data(), targets.data(), dloss, N, V);
+    for (int i = 0; i < N * V; ++i) {
+        const float got = bf16_to_float(logits16[i]), want = probs[i];
+        ASSERT_NEAR(got, want, std::abs(want) * 0x1p-7f + 1e-12f) << "d logit " << i;
+    }
+    for (int v = 0; v < V; ++v) EXPECT_EQ(logits16[1 * V + v], 0) << "ignored row";
+}
+
+// The LM head's bf16-output and bf16-d-out GEMMs are the fp32-output ones, rounded / fed the same values.
+TEST(Bf16, LmHeadGemmsWithBf16LogitsAreTheFp32Ones) {
+    CpuBackend be;
+    const int N = 300, I = 24, O = 29;  // N above the forward's 256-row blocks
+    const Vec in = randn(N * I, 1), w = randn(O * I, 2), dout = randn(N * O, 3), dw0 = randn(O * I, 4);
+    std::vector<uint16_t> out16(N * O), dout16(N * O);
+    Vec dout_rounded(N * O);
+    for (int i = 0; i < N * O; ++i) dout16[i] = bf16_bits(dout[i]), dout_rounded[i] = bf16_to_float(dout16[i]);
+    EXPECT_THROW(be.matmul_forward_bf16_out(out16.data(), in.data(), w.data(), N, I, O), bmoe::Error);
+    be.set_matmul_precision(MatmulPrecision::kBf16);
+    Vec out(N * O);
+    be.matmul_forward(out.data(), in.data(), w.data(), nullptr, N, I, O);
+    be.matmul_forward_bf16_out(out16.data(), in.data(), w.data(), N, I, O);
+    for (int i = 0; i < N * O; ++i)  // sgemm over 256-row blocks may sum in another order
+        ASSERT_NEAR(bf16_to_float(out16[i]), out[i], std::abs(out[i]) * 0x1p-8f + 1e-6f) << "logit " << i;
+    for (const bool accumulate : {false, true}) {
+        Vec din(N * I, 1.5f), dw = dw0, din16 = din, dw16 = dw0;
+        be.matmul_backward(din.data(), dw.data(), nullptr, dout_rounded.data(), in.data(), w.data(), N, I, O,
+                           accumulate);
+        be.matmul_backward_bf16_dout(din16.data(), dw16.data(), dout16.data(), in.data(), w.data(), N, I, O,
+                                     accumulate);
+        EXPECT_EQ(din16, din) << "accumulate " << accumulate;
+        EXPECT_EQ(dw16, dw) << "accumulate " << accumulate;
+    }
+}
+
 // ---- router -----------------------------------------------------------------------------------
 
 TEST(CpuOps, RouterTopkOrderTiesAndRenormalize) {

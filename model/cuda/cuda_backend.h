@@ -171,6 +171,26 @@ class CudaBackend final : public Backend {
                                       int G,
                                       int I,
                                       int O) override;
+    void matmul_forward_bf16_out(
+        uint16_t* out16_NO, const float* in_NI, const float* w_OI, int N, int I, int O) override;
+    void matmul_backward_bf16_dout(float* din_NI,
+                                   float* dw_OI,
+                                   const uint16_t* dout16_NO,
+                                   const float* in_NI,
+                                   const float* w_OI,
+                                   int N,
+                                   int I,
+                                   int O,
+                                   bool accumulate_din) override;
+    void cross_entropy_forward_bf16(
+        float* loss_N, float* lse_N, const uint16_t* logits16_NV, const int32_t* targets_N, int N, int V) override;
+    void cross_entropy_backward_bf16(uint16_t* dlogits16_NV,
+                                     const uint16_t* logits16_NV,
+                                     const float* lse_N,
+                                     const int32_t* targets_N,
+                                     float dloss,
+                                     int N,
+                                     int V) override;
     void cross_entropy_forward(
         float* loss_N, float* probs_NV, const float* logits_NV, const int32_t* targets_N, int N, int V) override;
     void cross_entropy_backward(
@@ -244,7 +264,7 @@ class CudaBackend final : public Backend {
     };
     void* scratch(Scratch& s, size_t bytes);
     double* column_reduce_ws(int N, int D);  // cuda::column_reduce's partial sums
-    // A GEMM's A and B inputs (C is always fp32): fp32; bf16 copies (bf16 matmul precision); or,
+    // A GEMM's A and B inputs (C is fp32 unless gemm's c_bf16): fp32; bf16 copies (bf16 matmul precision); or,
     // with BMOE_CUDA_BF16_GEMM=fast16bf, fp32 under CUBLAS_COMPUTE_32F_FAST_16BF (the path before
     // the copies, kept to compare the two on the same machine).
     enum class GemmInput { kFp32, kBf16, kFp32Fast16Bf };
@@ -274,6 +294,7 @@ class CudaBackend final : public Backend {
     const uint16_t* to_bf16(int slot, const float* x, size_t n);  // x rounded into bf16_slot(slot, n)
 
     // Row-major C_MN = alpha op(A)_MK op(B)_KN + beta C_MN via cuBLAS (column-major underneath).
+    // C is fp32, or bf16 (c_bf16: bf16 inputs and beta = 0 only; cuBLAS rounds the fp32 accumulator).
     void gemm(int M,
               int N,
               int K,
@@ -285,9 +306,10 @@ class CudaBackend final : public Backend {
               int ldb,
               bool transB,
               float beta,
-              float* C,
+              void* C,
               int ldc,
-              GemmInput in);
+              GemmInput in,
+              bool c_bf16 = false);
 
     // One row-major GEMM per problem, C_i = alpha op(A_i) op(B_i) + beta C_i with per-problem
     // M/N/K and shared leading dimensions, in ONE grouped (or, all of one shape, batched) cuBLAS

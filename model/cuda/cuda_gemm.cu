@@ -1,12 +1,13 @@
 // cuda_gemm.cu -- CudaBackend's cuBLAS GEMMs: dense, grouped over experts, batched over attention
-// slices, in fp32 or with bf16 inputs.
+// slices, in fp32 or with bf16 inputs (and, for the LM head's logits, a bf16 output).
 //
 // bf16 matmul precision: every fp32 tensor an op's GEMMs read is rounded to bf16 once per op (ties
 // to even: the CPU emulation's rounding, bit for bit) into a reused scratch slot, and cuBLAS runs
 // bf16 x bf16 -> fp32 with fp32 accumulation (CUBLAS_COMPUTE_32F). Explicit copies, rather than
 // fp32 inputs under CUBLAS_COMPUTE_32F_FAST_16BF: that mode only *permits* bf16 (an H200 kept
 // small shapes in fp32), and its transposed backward GEMMs ran ~1.6x slower per FLOP than the
-// forward ones (2026-11-27 profile). Outputs and dW accumulation stay fp32.
+// forward ones (2026-11-27 profile). Outputs and dW accumulation stay fp32 (the LM head's logits
+// excepted: matmul_forward_bf16_out).
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -110,31 +111,33 @@ void CudaBackend::gemm(int M,
                        int ldb,
                        bool transB,
                        float beta,
-                       float* C,
+                       void* C,
                        int ldc,
-                       GemmInput in) {
+                       GemmInput in,
+                       bool c_bf16) {
+    BMOE_ASSERT(!c_bf16 || (in == GemmInput::kBf16 && beta == 0.0f), "a bf16 C needs bf16 inputs and beta = 0");
     if (M <= 0 || N <= 0) return;
     if (K <= 0) {  // op(A) op(B) is all zeros; cuBLAS rejects the zero leading dimensions
         BMOE_ASSERT(ldc == N, "gemm with K = 0 expects a contiguous C");
         const size_t n = static_cast<size_t>(M) * N;
         if (beta == 0.0f) {
-            zero(C, n * sizeof(float));
+            zero(C, n * (c_bf16 ? sizeof(uint16_t) : sizeof(float)));
         } else {
-            scale(C, beta, n);
+            scale(static_cast<float*>(C), beta, n);
         }
         return;
     }
     const cublasOperation_t op_b = transB ? CUBLAS_OP_T : CUBLAS_OP_N, op_a = transA ? CUBLAS_OP_T : CUBLAS_OP_N;
-    if (in != GemmInput::kFp32) {  // bf16 tensor cores, fp32 accumulate and output
+    if (in != GemmInput::kFp32) {  // bf16 tensor cores, fp32 accumulate; fp32 or bf16 output
         const cudaDataType_t type = in == GemmInput::kBf16 ? CUDA_R_16BF : CUDA_R_32F;
         const cublasComputeType_t compute =
             in == GemmInput::kFp32Fast16Bf ? CUBLAS_COMPUTE_32F_FAST_16BF : CUBLAS_COMPUTE_32F;
-        CUBLAS_CHECK(cublasGemmEx(blas_, op_b, op_a, N, M, K, &alpha, B, type, ldb, A, type, lda, &beta, C, CUDA_R_32F,
-                                  ldc, compute, CUBLAS_GEMM_DEFAULT));
+        CUBLAS_CHECK(cublasGemmEx(blas_, op_b, op_a, N, M, K, &alpha, B, type, ldb, A, type, lda, &beta, C,
+                                  c_bf16 ? CUDA_R_16BF : CUDA_R_32F, ldc, compute, CUBLAS_GEMM_DEFAULT));
         return;
     }
     CUBLAS_CHECK(cublasSgemm(blas_, op_b, op_a, N, M, K, &alpha, static_cast<const float*>(B), ldb,
-                             static_cast<const float*>(A), lda, &beta, C, ldc));
+                             static_cast<const float*>(A), lda, &beta, static_cast<float*>(C), ldc));
 }
 
 void CudaBackend::matmul_forward(
@@ -171,6 +174,37 @@ void CudaBackend::matmul_backward(float* din_NI,
         if (dw_OI) gemm(O, I, N, 1.0f, in(dout_NO), O, true, in(in_NI), I, false, 1.0f, dw_OI, I, in.type);
     }
     if (dbias_O) column_reduce(stream_, column_reduce_ws(N, O), dbias_O, N, O, RowValue{dout_NO, O});
+}
+
+// The LM head on bf16 logits: bf16 copies of the fp32 operands in either GEMM mode (fast16bf
+// cannot mix a bf16 and an fp32 operand, nor write bf16).
+void CudaBackend::matmul_forward_bf16_out(
+    uint16_t* out16_NO, const float* in_NI, const float* w_OI, int N, int I, int O) {
+    const ProfiledOp op(profiler_.get(), "matmul_fwd_bf16_out", N, I, O);
+    BMOE_REQUIRE(matmul_precision_ == MatmulPrecision::kBf16,
+                 "matmul_forward_bf16_out writes bf16: it needs bf16 matmul precision");
+    if (N <= 0 || O <= 0) return;
+    const GemmInputs in = bf16_gemm_inputs({{in_NI, static_cast<size_t>(N) * I}, {w_OI, static_cast<size_t>(O) * I}});
+    gemm(N, O, I, 1.0f, in(in_NI), I, false, in(w_OI), I, true, 0.0f, out16_NO, O, in.type, /*c_bf16=*/true);
+}
+
+void CudaBackend::matmul_backward_bf16_dout(float* din_NI,
+                                            float* dw_OI,
+                                            const uint16_t* dout16_NO,
+                                            const float* in_NI,
+                                            const float* w_OI,
+                                            int N,
+                                            int I,
+                                            int O,
+                                            bool accumulate_din) {
+    const ProfiledOp op(profiler_.get(), "matmul_bwd_bf16_dout", N, I, O);
+    BMOE_REQUIRE(matmul_precision_ == MatmulPrecision::kBf16,
+                 "matmul_backward_bf16_dout reads bf16: it needs bf16 matmul precision");
+    const GemmInputs in = bf16_gemm_inputs(
+        {{din_NI ? w_OI : nullptr, static_cast<size_t>(O) * I}, {dw_OI ? in_NI : nullptr, static_cast<size_t>(N) * I}});
+    if (din_NI)
+        gemm(N, I, O, 1.0f, dout16_NO, O, false, in(w_OI), I, false, accumulate_din ? 1.0f : 0.0f, din_NI, I, in.type);
+    if (dw_OI) gemm(O, I, N, 1.0f, dout16_NO, O, true, in(in_NI), I, false, 1.0f, dw_OI, I, in.type);
 }
 
 // ---- grouped and batched GEMMs ---------------------------------------------------------------

@@ -211,10 +211,31 @@ __global__ void gelu_backward_kernel(Out* din, const float* dout, const float* i
 
 // ---- loss kernels ---------------------------------------------------------------------------------
 
+// A thread's running max and sum of exp(x - max) over its share of a row (online softmax), then
+// combined over the block: one read of the row finds its max and sum.
+struct OnlineSoftmax {
+    float m = -INFINITY;
+    double sum = 0.0;
+    __device__ void add(float x) {
+        if (x == -INFINITY) return;  // contributes 0 (and -inf - -inf would be NaN)
+        if (x > m) {
+            sum *= exp(static_cast<double>(m) - x);
+            m = x;
+        }
+        sum += expf(x - m);
+    }
+    // Block-wide: every thread gets the row max, and the sum rescaled to it. Call from all threads.
+    __device__ void reduce_block(float* mx, double* total) const {
+        *mx = block_max(m);
+        *total = block_sum(m == -INFINITY ? 0.0 : sum * exp(static_cast<double>(m) - *mx));
+    }
+};
+
+__device__ inline float bf16_value(uint16_t b) { return __uint_as_float(static_cast<uint32_t>(b) << 16); }
+
 // One block per row: probs = softmax(logits) (float exp, double sum), loss = lse - logit[target].
-// Two passes over the row instead of three: each thread keeps a running max and a sum rescaled
-// to it (online softmax), the block combines them, then probs are written in one sweep. Rows
-// with V % 4 == 0 (the padded vocabularies) move as float4.
+// Two passes over the row instead of three: an online max/sum, then probs written in one sweep.
+// Rows with V % 4 == 0 (the padded vocabularies) move as float4.
 __global__ void cross_entropy_forward_kernel(
     float* loss_N, float* probs_NV, const float* logits_NV, const int32_t* targets_N, int V) {
     const size_t row = static_cast<size_t>(blockIdx.x) * V;
@@ -223,25 +244,16 @@ __global__ void cross_entropy_forward_kernel(
     const int32_t t = targets_N[blockIdx.x];
     // Read before the first barrier (inside block_max): probs may overwrite the logits in place.
     const float target_logit = t < 0 ? 0.0f : x[t];
-    const bool vec = V % 4 == 0;
-    const int quads = vec ? V / 4 : 0;
-    float m = -INFINITY;
-    double sum = 0.0;
-    auto add = [&](float xv) {
-        if (xv == -INFINITY) return;  // contributes 0 (and -inf - -inf would be NaN)
-        if (xv > m) {
-            sum *= exp(static_cast<double>(m) - xv);
-            m = xv;
-        }
-        sum += expf(xv - m);
-    };
+    const int quads = V % 4 == 0 ? V / 4 : 0;
+    OnlineSoftmax acc;
     for (int q = threadIdx.x; q < quads; q += blockDim.x) {
         const float4 v = reinterpret_cast<const float4*>(x)[q];
-        add(v.x), add(v.y), add(v.z), add(v.w);
+        acc.add(v.x), acc.add(v.y), acc.add(v.z), acc.add(v.w);
     }
-    for (int v = 4 * quads + threadIdx.x; v < V; v += blockDim.x) add(x[v]);
-    const float mx = block_max(m);
-    sum = block_sum(m == -INFINITY ? 0.0 : sum * exp(static_cast<double>(m) - mx));
+    for (int v = 4 * quads + threadIdx.x; v < V; v += blockDim.x) acc.add(x[v]);
+    float mx;
+    double sum;
+    acc.reduce_block(&mx, &sum);
     const float inv = static_cast<float>(1.0 / sum);
     for (int q = threadIdx.x; q < quads; q += blockDim.x) {
         const float4 v = reinterpret_cast<const float4*>(x)[q];
@@ -252,6 +264,29 @@ __global__ void cross_entropy_forward_kernel(
     if (threadIdx.x == 0) {
         const double lse = static_cast<double>(mx) + log(sum);
         loss_N[blockIdx.x] = t < 0 ? 0.0f : static_cast<float>(lse - target_logit);
+    }
+}
+
+// One block per row, one read of the bf16 row: lse and loss. Rows with V % 4 == 0 move as 8 bytes.
+__global__ void cross_entropy_forward_bf16_kernel(
+    float* loss_N, float* lse_N, const uint16_t* logits16_NV, const int32_t* targets_N, int V) {
+    const uint16_t* x = logits16_NV + static_cast<size_t>(blockIdx.x) * V;
+    const int quads = V % 4 == 0 ? V / 4 : 0;
+    OnlineSoftmax acc;
+    for (int q = threadIdx.x; q < quads; q += blockDim.x) {
+        const uint2 v = reinterpret_cast<const uint2*>(x)[q];
+        acc.add(__uint_as_float(v.x << 16)), acc.add(__uint_as_float(v.x & 0xffff0000u));
+        acc.add(__uint_as_float(v.y << 16)), acc.add(__uint_as_float(v.y & 0xffff0000u));
+    }
+    for (int v = 4 * quads + threadIdx.x; v < V; v += blockDim.x) acc.add(bf16_value(x[v]));
+    float mx;
+    double sum;
+    acc.reduce_block(&mx, &sum);
+    if (threadIdx.x == 0) {
+        const int32_t t = targets_N[blockIdx.x];
+        const double lse = static_cast<double>(mx) + log(sum);
+        lse_N[blockIdx.x] = static_cast<float>(lse);
+        loss_N[blockIdx.x] = t < 0 ? 0.0f : static_cast<float>(lse - bf16_value(x[t]));
     }
 }
 
@@ -274,6 +309,35 @@ __global__ void cross_entropy_backward_kernel(
     for (int v = 4 * quads + threadIdx.x; v < V; v += blockDim.x) d[v] = grad(p[v]);
     __syncthreads();
     if (threadIdx.x == 0 && t >= 0) d[t] = dloss * p_target - dloss;
+}
+
+// d = bf16(dloss (exp(logit - lse) - onehot(target))), zeros for an ignored target; elementwise
+// from the saved lse, so in place (d == logits) is safe without a barrier. One block per row.
+__global__ void cross_entropy_backward_bf16_kernel(uint16_t* dlogits16_NV,
+                                                   const uint16_t* logits16_NV,
+                                                   const float* lse_N,
+                                                   const int32_t* targets_N,
+                                                   float dloss,
+                                                   int V) {
+    const size_t row = static_cast<size_t>(blockIdx.x) * V;
+    const uint16_t* x = logits16_NV + row;
+    uint16_t* d = dlogits16_NV + row;
+    const int32_t t = targets_N[blockIdx.x];
+    const float lse = lse_N[blockIdx.x];
+    auto grad = [&](uint32_t bits, int v) -> uint32_t {
+        if (t < 0) return 0u;
+        const float p = expf(__uint_as_float(bits) - lse);
+        return bf16_bits_rne(dloss * (v == t ? p - 1.0f : p));
+    };
+    const int quads = V % 4 == 0 ? V / 4 : 0;
+    for (int q = threadIdx.x; q < quads; q += blockDim.x) {
+        const uint2 in = reinterpret_cast<const uint2*>(x)[q];
+        const int v = 4 * q;
+        reinterpret_cast<uint2*>(d)[q] = make_uint2(grad(in.x << 16, v) | (grad(in.x & 0xffff0000u, v + 1) << 16),
+                                                    grad(in.y << 16, v + 2) | (grad(in.y & 0xffff0000u, v + 3) << 16));
+    }
+    for (int v = 4 * quads + threadIdx.x; v < V; v += blockDim.x)
+        d[v] = static_cast<uint16_t>(grad(static_cast<uint32_t>(x[v]) << 16, v));
 }
 
 // ---- router kernels: one thread per token (E and K are small) ------------------------------------
@@ -588,6 +652,32 @@ void CudaBackend::cross_entropy_backward(
     const ProfiledOp op(profiler_.get(), "cross_entropy_backward");
     if (N <= 0 || V <= 0) return;
     cross_entropy_backward_kernel<<<N, kThreads, 0, stream_>>>(dlogits_NV, probs_NV, targets_N, dloss, V);
+    CUDA_CHECK_LAST();
+}
+
+void CudaBackend::cross_entropy_forward_bf16(
+    float* loss_N, float* lse_N, const uint16_t* logits16_NV, const int32_t* targets_N, int N, int V) {
+    const ProfiledOp op(profiler_.get(), "cross_entropy_forward_bf16");
+    BMOE_REQUIRE(matmul_precision_ == MatmulPrecision::kBf16,
+                 "cross_entropy_forward_bf16 reads bf16 logits: it needs bf16 matmul precision");
+    if (N <= 0 || V <= 0) return;
+    cross_entropy_forward_bf16_kernel<<<N, kThreads, 0, stream_>>>(loss_N, lse_N, logits16_NV, targets_N, V);
+    CUDA_CHECK_LAST();
+}
+
+void CudaBackend::cross_entropy_backward_bf16(uint16_t* dlogits16_NV,
+                                              const uint16_t* logits16_NV,
+                                              const float* lse_N,
+                                              const int32_t* targets_N,
+                                              float dloss,
+                                              int N,
+                                              int V) {
+    const ProfiledOp op(profiler_.get(), "cross_entropy_backward_bf16");
+    BMOE_REQUIRE(matmul_precision_ == MatmulPrecision::kBf16,
+                 "cross_entropy_backward_bf16 writes bf16 d logits: it needs bf16 matmul precision");
+    if (N <= 0 || V <= 0) return;
+    cross_entropy_backward_bf16_kernel<<<N, kThreads, 0, stream_>>>(dlogits16_NV, logits16_NV, lse_N, targets_N, dloss,
+                                                                    V);
     CUDA_CHECK_LAST();
 }
 
