@@ -23,6 +23,14 @@ void Backend::note_free(const void* ptr) {
     live_bytes_.erase(it);
 }
 
+const uint16_t* Backend::bf16_weight_copy(const float* x, size_t n) const {
+    if (weight_copy_.w16 == nullptr || x == nullptr) return nullptr;
+    // integer addresses: x may belong to an unrelated allocation
+    const uintptr_t begin = reinterpret_cast<uintptr_t>(weight_copy_.w), at = reinterpret_cast<uintptr_t>(x);
+    if (at < begin || (at - begin) / sizeof(float) + n > weight_copy_.n) return nullptr;
+    return weight_copy_.w16 + (at - begin) / sizeof(float);
+}
+
 bool cuda_backend_compiled() {
 #ifdef BMOE_HAVE_CUDA
     return true;

@@ -71,6 +71,18 @@ class Backend {
         return static_cast<size_t>(B) * H * T * T;
     }
 
+    // ---- bf16 weight copy ---------------------------------------------------------------------
+    // The owner of a weight block (Model) may keep a bf16 copy of it, rounded nearest-even: while
+    // set, the GEMM ops under bf16 matmul precision read fp32 operands inside [w, w + n) from
+    // w16 instead of rounding them into a copy per op (the same values: bitwise the same results).
+    // The owner re-rounds the copy after every write to the weights, before a GEMM reads them.
+    void set_bf16_weight_copy(const float* w, const uint16_t* w16, size_t n) { weight_copy_ = {w, w16, n}; }
+    void clear_bf16_weight_copy(const float* w) {  // if w's copy is the one set
+        if (weight_copy_.w == w) weight_copy_ = {};
+    }
+    // The copy's element for x[0], if [x, x + n) lies inside the weight block; else null.
+    const uint16_t* bf16_weight_copy(const float* x, size_t n) const;
+
     // Bytes of this backend's own buffers (alloc minus free) now, and the most at any time: what
     // the model, optimizer and scratch hold; not the CUDA context, cuBLAS workspaces or host vectors.
     size_t allocated_bytes() const { return allocated_bytes_; }
@@ -392,6 +404,12 @@ class Backend {
     AttentionKernel attention_kernel_ = AttentionKernel::kGemm;
 
   private:
+    struct WeightCopy {
+        const float* w = nullptr;
+        const uint16_t* w16 = nullptr;
+        size_t n = 0;
+    };
+    WeightCopy weight_copy_;
     std::unordered_map<const void*, size_t> live_bytes_;
     size_t allocated_bytes_ = 0, peak_allocated_bytes_ = 0;
 };

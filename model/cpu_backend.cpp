@@ -249,6 +249,7 @@ double CpuBackend::sum_squares(const float* x, size_t n) {
 
 const float* CpuBackend::matmul_input(const float* x, size_t n, int slot) {
     if (matmul_precision_ != MatmulPrecision::kBf16 || n == 0) return x;
+    if (const uint16_t* x16 = bf16_weight_copy(x, n)) return widen_bf16(x16, n, slot);  // the same values
     std::vector<float>& buf = bf16_scratch_[slot];
     if (buf.size() < n) buf.resize(n);
     float* out = buf.data();

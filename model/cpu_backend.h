@@ -225,7 +225,8 @@ class CpuBackend : public Backend {
     void bf16_to_float(float* out, const uint16_t* in, size_t n) override;
 
   private:
-    // With bf16 matmul precision: x[0..n) rounded to bf16 in scratch slot `slot` (0..3); else x.
+    // With bf16 matmul precision: x[0..n) rounded to bf16 in scratch slot `slot` (0..3), or read
+    // from the bf16 weight copy where it has x; else x.
     const float* matmul_input(const float* x, size_t n, int slot);
     // x16[0..n) as floats (exact) in scratch slot `slot`.
     const float* widen_bf16(const uint16_t* x16, size_t n, int slot);

@@ -42,7 +42,20 @@ Model::Model(const ModelConfig& config, Backend* backend, const ParallelContext&
     }
 }
 
-Model::~Model() = default;
+Model::~Model() { backend_->clear_bf16_weight_copy(params_.data()); }
+
+void Model::use_bf16_weight_copy() {
+    Backend* be = backend_;
+    if (!bf16_weights_ || be->matmul_precision() != MatmulPrecision::kBf16) {
+        be->clear_bf16_weight_copy(params_.data());
+        return;
+    }
+    const size_t n = layout_.total_numel();
+    if (params16_.size() != n) params16_ = Buffer<uint16_t>(be, n), params16_stale_ = true;
+    be->set_bf16_weight_copy(params_.data(), params16_.data(), n);
+    if (params16_stale_) be->float_to_bf16(params16_.data(), params_.data(), n);
+    params16_stale_ = false;
+}
 
 ExchangeStats Model::take_exchange_stats() {
     ExchangeStats total;
@@ -75,7 +88,10 @@ std::vector<RouterStateTensor> Model::router_state() {
     return all;
 }
 
-void Model::init_weights(uint64_t seed) { params_.upload(layout_.init_host(seed)); }
+void Model::init_weights(uint64_t seed) {
+    params_.upload(layout_.init_host(seed));
+    params16_stale_ = true;
+}
 
 int Model::set_trainable(const std::vector<std::string>& patterns) {
     const int trainable = layout_.set_trainable(patterns);
@@ -90,6 +106,7 @@ void Model::params_from_host(const std::vector<float>& host) {
     BMOE_REQUIRE(host.size() == layout_.total_numel(), "parameter block has ", host.size(), " floats, model expects ",
                  layout_.total_numel(), ": the weights were made for another model config");
     params_.upload(host);
+    params16_stale_ = true;
 }
 
 std::vector<float> Model::logits_to_host() const {
@@ -220,6 +237,7 @@ ForwardStats Model::forward(const int32_t* tokens, const int32_t* targets, int B
     BMOE_REQUIRE(config_.position != PositionType::kLearned || T <= config_.max_seq_len, "sequence length ", T,
                  " exceeds model.max_seq_len ", config_.max_seq_len, " (learned positions): shorten data.seq_len");
     ensure_activations(B, T);
+    use_bf16_weight_copy();
     const ModelConfig& c = config_;
     const int N = B * T, D = c.d_model, V = c.vocab_size, H = c.num_heads, KV = c.num_kv_heads, Hd = c.head_dim();
     const ModelTensors& p = param_views_;
@@ -316,6 +334,7 @@ ForwardStats Model::forward(const int32_t* tokens, const int32_t* targets, int B
 
 void Model::backward(float loss_scale) {
     BMOE_ASSERT(B_ > 0, "backward() before forward()");
+    use_bf16_weight_copy();
     const ModelConfig& c = config_;
     const int B = B_, T = T_, N = B * T, D = c.d_model, V = c.vocab_size, H = c.num_heads, KV = c.num_kv_heads,
               Hd = c.head_dim();

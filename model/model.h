@@ -52,7 +52,12 @@ class Model {
     const ParameterLayout& layout() const { return layout_; }
     Backend* backend() const { return backend_; }
 
-    float* params() { return params_.data(); }
+    // Write access to the weights (the optimizer): the bf16 weight copy is re-rounded before the
+    // next forward or backward reads it.
+    float* params() {
+        params16_stale_ = true;
+        return params_.data();
+    }
     float* grads() { return grads_.data(); }
     const ModelTensors& param_views() const { return param_views_; }
     const ModelTensors& grad_views() const { return grad_views_; }
@@ -98,6 +103,13 @@ class Model {
     // fp32 logits' by their bf16 rounding. On by default; off (or BMOE_BF16_LOGITS=0 in the
     // environment) keeps fp32 logits, for A/B runs.
     void set_bf16_logits(bool on) { bf16_logits_ = on; }
+    // A bf16 copy of the weights under bf16 matmul precision (Backend::set_bf16_weight_copy): the
+    // GEMMs read it instead of rounding each weight into a copy per op, forward and backward; it is
+    // re-rounded once after each write to the weights (params(), init_weights, params_from_host).
+    // Bitwise the same training; the rounding runs once per optimizer step instead of twice per
+    // micro-batch, for 2 bytes per parameter. On by default; off (or BMOE_BF16_WEIGHTS=0 in the
+    // environment) rounds per op, for A/B runs.
+    void set_bf16_weights(bool on) { bf16_weights_ = on; }
     // Called by backward() each time the gradients of one backward stage are final (queued on the
     // backend): stage num_layers (final norm, LM head), then l = num_layers-1 .. 0, then -1
     // (embeddings). See ParamInfo::backward_stage. The trainer starts gradient all-reduces from it
@@ -135,6 +147,12 @@ class Model {
     ParallelContext parallel_;
     ParameterLayout layout_;
     Buffer<float> params_, grads_;
+    Buffer<uint16_t> params16_;  // bf16 copy of params_ (set_bf16_weights)
+    bool bf16_weights_ = bf16_mode_default("BMOE_BF16_WEIGHTS");
+    bool params16_stale_ = true;  // params_ written since params16_ was rounded
+    // Before a forward or backward: sets the backend's bf16 weight copy (re-rounded if stale), or
+    // clears it where unused (fp32, or set_bf16_weights(false)).
+    void use_bf16_weight_copy();
     ModelTensors param_views_, grad_views_;  // grad_views_: nullptr for frozen tensors
     int lowest_trainable_stage_ = -1;        // min ParamInfo::backward_stage of trainable tensors
 

@@ -38,6 +38,10 @@ void OpCostBackend::kernel(const std::string& key, double bytes, double flops) {
     book(key, flops, bytes, std::max({memory, compute, model_.min_kernel_seconds}));
 }
 
+double OpCostBackend::weight_to_round(const float* w, double n) const {
+    return bf16_weight_copy(w, static_cast<size_t>(n)) != nullptr ? 0.0 : n;
+}
+
 void OpCostBackend::operand_copies(const std::string& key, std::initializer_list<Operand> operands) {
     if (!bf16()) return;
     for (const Operand& op : operands)
@@ -126,9 +130,9 @@ double OpCostBackend::sum_squares(const float*, size_t n) {
 
 // ---- GEMMs ----------------------------------------------------------------------------------------
 
-void OpCostBackend::matmul_forward(float*, const float*, const float*, const float* bias, int N, int I, int O) {
+void OpCostBackend::matmul_forward(float*, const float*, const float* w, const float* bias, int N, int I, int O) {
     const ProfiledName op(this, "matmul_fwd", N, I, O);
-    dense_forward_cost(N, I, O, bias != nullptr, 4.0);
+    dense_forward_cost(w, N, I, O, bias != nullptr, 4.0);
 }
 
 void OpCostBackend::matmul_backward(float* din,
@@ -136,62 +140,63 @@ void OpCostBackend::matmul_backward(float* din,
                                     float* dbias,
                                     const float*,
                                     const float*,
-                                    const float*,
+                                    const float* w,
                                     int N,
                                     int I,
                                     int O,
                                     bool accumulate_din) {
     const ProfiledName op(this, "matmul_bwd", N, I, O);
-    dense_backward_cost(din != nullptr, dw != nullptr, dbias != nullptr, N, I, O, accumulate_din, false);
+    dense_backward_cost(w, din != nullptr, dw != nullptr, dbias != nullptr, N, I, O, accumulate_din, false);
 }
 
-void OpCostBackend::matmul_forward_bf16_out(uint16_t*, const float*, const float*, int N, int I, int O) {
+void OpCostBackend::matmul_forward_bf16_out(uint16_t*, const float*, const float* w, int N, int I, int O) {
     const ProfiledName op(this, "matmul_fwd_bf16_out", N, I, O);
-    dense_forward_cost(N, I, O, /*bias=*/false, 2.0);
+    dense_forward_cost(w, N, I, O, /*bias=*/false, 2.0);
 }
 
 void OpCostBackend::matmul_backward_bf16_dout(
-    float* din, float* dw, const uint16_t*, const float*, const float*, int N, int I, int O, bool accumulate_din) {
+    float* din, float* dw, const uint16_t*, const float*, const float* w, int N, int I, int O, bool accumulate_din) {
     const ProfiledName op(this, "matmul_bwd_bf16_dout", N, I, O);
-    dense_backward_cost(din != nullptr, dw != nullptr, false, N, I, O, accumulate_din, true);
+    dense_backward_cost(w, din != nullptr, dw != nullptr, false, N, I, O, accumulate_din, true);
 }
 
-void OpCostBackend::dense_forward_cost(int N, int I, int O, bool bias, double output_bytes) {
+void OpCostBackend::dense_forward_cost(const float* w, int N, int I, int O, bool bias, double output_bytes) {
     const double n = N, flops = 2.0 * n * I * O;
     // A bias is broadcast into out first; the GEMM then reads it back (beta = 1).
     if (bias) kernel("matmul bias", 4.0 * O + act(n * O));
     const std::string key = shaped("matmul_forward", n, I, O);
-    operand_copies(key, {{n * I, false}, {double(O) * I, true}});
+    operand_copies(key, {{n * I, false}, {weight_to_round(w, double(O) * I), true}});
     gemm(key, flops, {{n * I, false}, {double(O) * I, true}}, n * O, bias, output_bytes);
 }
 
 void OpCostBackend::dense_backward_cost(
-    bool din, bool dw, bool dbias, int N, int I, int O, bool accumulate_din, bool dout_stored_bf16) {
+    const float* w, bool din, bool dw, bool dbias, int N, int I, int O, bool accumulate_din, bool dout_stored_bf16) {
     const double n = N, flops = 2.0 * n * I * O;
     const std::string key = shaped("matmul_backward", n, I, O);
-    operand_copies(
-        key, {{dout_stored_bf16 ? 0.0 : n * O, false}, {dw ? n * I : 0.0, false}, {din ? double(O) * I : 0.0, true}});
+    operand_copies(key, {{dout_stored_bf16 ? 0.0 : n * O, false},
+                         {dw ? n * I : 0.0, false},
+                         {din ? weight_to_round(w, double(O) * I) : 0.0, true}});
     if (din) gemm(key, flops, {{n * O, false}, {double(O) * I, true}}, n * I, accumulate_din);
     if (dw) gemm(key, flops, {{n * O, false}, {n * I, false}}, double(O) * I, /*accumulate=*/true);
     if (dbias) kernel("matmul bias", act(n * O) + 8.0 * O, n * O);
 }
 
 void OpCostBackend::grouped_matmul_forward(
-    float*, const float*, const float*, const int* offsets_host, int G, int I, int O) {
+    float*, const float*, const float* w, const int* offsets_host, int G, int I, int O) {
     const ProfiledName op(this, "grouped_matmul_fwd", G, I, O);
-    grouped_forward_cost(offsets_host[G], G, I, O, /*in_stored_bf16=*/false);
+    grouped_forward_cost(w, offsets_host[G], G, I, O, /*in_stored_bf16=*/false);
 }
 
 void OpCostBackend::grouped_matmul_backward(
-    float* din, float* dw, const float*, const float*, const float*, const int* offsets_host, int G, int I, int O) {
+    float* din, float* dw, const float*, const float*, const float* w, const int* offsets_host, int G, int I, int O) {
     const ProfiledName op(this, "grouped_matmul_bwd", G, I, O);
-    grouped_backward_cost(din != nullptr, dw != nullptr, offsets_host[G], G, I, O, false, false);
+    grouped_backward_cost(w, din != nullptr, dw != nullptr, offsets_host[G], G, I, O, false, false);
 }
 
 void OpCostBackend::grouped_matmul_forward_bf16_in(
-    float*, const uint16_t*, const float*, const int* offsets_host, int G, int I, int O) {
+    float*, const uint16_t*, const float* w, const int* offsets_host, int G, int I, int O) {
     const ProfiledName op(this, "grouped_matmul_fwd_bf16_in", G, I, O);
-    grouped_forward_cost(offsets_host[G], G, I, O, /*in_stored_bf16=*/true);
+    grouped_forward_cost(w, offsets_host[G], G, I, O, /*in_stored_bf16=*/true);
 }
 
 void OpCostBackend::grouped_matmul_backward_bf16(float* din,
@@ -200,29 +205,30 @@ void OpCostBackend::grouped_matmul_backward_bf16(float* din,
                                                  const uint16_t* dout16,
                                                  const float*,
                                                  const uint16_t* in16,
-                                                 const float*,
+                                                 const float* w,
                                                  const int* offsets_host,
                                                  int G,
                                                  int I,
                                                  int O) {
     const ProfiledName op(this, "grouped_matmul_bwd_bf16", G, I, O);
-    grouped_backward_cost(din != nullptr, dw != nullptr, offsets_host[G], G, I, O, dout16 != nullptr, in16 != nullptr);
+    grouped_backward_cost(w, din != nullptr, dw != nullptr, offsets_host[G], G, I, O, dout16 != nullptr,
+                          in16 != nullptr);
 }
 
 // Operands stored as bf16 are read at 2 bytes without a copy; the rest are rounded into copies.
-void OpCostBackend::grouped_forward_cost(double r, int G, int I, int O, bool in_stored_bf16) {
+void OpCostBackend::grouped_forward_cost(const float* w, double r, int G, int I, int O, bool in_stored_bf16) {
     const std::string key = shaped("grouped_matmul_forward", r, I, O);
-    operand_copies(key, {{in_stored_bf16 ? 0.0 : r * I, false}, {double(G) * O * I, true}});
+    operand_copies(key, {{in_stored_bf16 ? 0.0 : r * I, false}, {weight_to_round(w, double(G) * O * I), true}});
     gemm(key, 2.0 * r * I * O, {{r * I, false}, {double(G) * O * I, true}}, r * O);
 }
 
 void OpCostBackend::grouped_backward_cost(
-    bool din, bool dw, double r, int G, int I, int O, bool dout_stored_bf16, bool in_stored_bf16) {
+    const float* w, bool din, bool dw, double r, int G, int I, int O, bool dout_stored_bf16, bool in_stored_bf16) {
     const double flops = 2.0 * r * I * O, weights = double(G) * O * I;
     const std::string key = shaped("grouped_matmul_backward", r, I, O);
     operand_copies(key, {{dout_stored_bf16 ? 0.0 : r * O, false},
                          {dw && !in_stored_bf16 ? r * I : 0.0, false},
-                         {din ? weights : 0.0, true}});
+                         {din ? weight_to_round(w, weights) : 0.0, true}});
     if (din) gemm(key, flops, {{r * O, false}, {weights, true}}, r * I);
     if (dw) gemm(key, flops, {{r * O, false}, {r * I, false}}, weights, /*accumulate=*/true);
 }
@@ -439,7 +445,11 @@ void OpCostBackend::dropout_mask(float*, int N, int D, const DropoutMaskDraw&) {
 void OpCostBackend::add_input_noise(float*, const float*, int N, int D, const CounterRng&, uint64_t, float) {
     kernel("add_input_noise", act(3.0 * N * D), 20.0 * N * D);  // RMS pass, then read and write
 }
-void OpCostBackend::float_to_bf16(uint16_t*, const float*, size_t n) { kernel("float_to_bf16", 6.0 * n); }
+void OpCostBackend::float_to_bf16(uint16_t* out, const float* in, size_t n) {
+    // the model re-rounding its bf16 weight copy counts as a weight copy
+    const ProfiledName op(this, "float_to_bf16");
+    kernel(bf16_weight_copy(in, n) == out ? "bf16 copies, weight: the model's weight copy" : "float_to_bf16", 6.0 * n);
+}
 void OpCostBackend::bf16_to_float(float*, const uint16_t*, size_t n) { kernel("bf16_to_float", 6.0 * n); }
 
 }  // namespace bmoe::model

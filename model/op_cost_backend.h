@@ -312,18 +312,21 @@ class OpCostBackend final : public Backend {
               double outputs,
               bool accumulate = false,
               double output_bytes = 4.0);
-    // The dense GEMM ops: out written at output_bytes per element; dout_stored_bf16: d out is held
-    // as bf16 and needs no copy.
-    void dense_forward_cost(int N, int I, int O, bool bias, double output_bytes);
+    // The dense GEMM ops with weight w: out written at output_bytes per element; dout_stored_bf16:
+    // d out is held as bf16 and needs no copy.
+    void dense_forward_cost(const float* w, int N, int I, int O, bool bias, double output_bytes);
     void dense_backward_cost(
-        bool din, bool dw, bool dbias, int N, int I, int O, bool accumulate_din, bool dout_stored_bf16);
+        const float* w, bool din, bool dw, bool dbias, int N, int I, int O, bool accumulate_din, bool dout_stored_bf16);
     // Adds tensor-core work at the attention efficiency with `bytes` of traffic.
     void attention_products(const std::string& key, double flops, double bytes);
     // The grouped expert GEMMs over r rows (din/dw: which products run; *_stored_bf16: that operand
     // is held as bf16 and needs no copy).
-    void grouped_forward_cost(double r, int G, int I, int O, bool in_stored_bf16);
+    void grouped_forward_cost(const float* w, double r, int G, int I, int O, bool in_stored_bf16);
     void grouped_backward_cost(
-        bool din, bool dw, double r, int G, int I, int O, bool dout_stored_bf16, bool in_stored_bf16);
+        const float* w, bool din, bool dw, double r, int G, int I, int O, bool dout_stored_bf16, bool in_stored_bf16);
+    // n, the elements of weight operand w to round into a copy; 0 where the model's bf16 weight
+    // copy holds them (Backend::set_bf16_weight_copy).
+    double weight_to_round(const float* w, double n) const;
     // A tensor-core kernel's roofline time at `efficiency` of the peak.
     double product_seconds(double flops, double bytes, double efficiency) const;
     void host_transfer(size_t bytes, bool synchronizes);

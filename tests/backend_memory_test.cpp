@@ -6,8 +6,8 @@
 // every op's pointers against its live allocations. Models: every router family, GPT-2 pieces (LayerNorm, learned
 // positions, GELU, tied head), dense + MoE layers with top-1 and one KV head, capacity dropping; each plain, with MLP
 // and attention recompute, with the in-place loss, with bf16 GEMMs, with both (the loss on bf16 logits), as router
-// fine-tuning (frozen tensors: null gradient pointers), and all of those at once. First: the checker itself catches
-// what it must.
+// fine-tuning (frozen tensors: null gradient pointers), and all of those at once; with bf16 GEMMs each weight read
+// through the model's bf16 weight copy must be fresh. First: the checker itself catches what it must.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -70,6 +70,30 @@ TEST(MemoryCheckingBackend, CatchesHostPointersAndShortBuffers) {
     backend.moe_gather_forward(x_RD.data(), x_ND.data(), row_src.data(), 2, 2, 4);
     backend.embedding_forward(x_RD.data(), tokens.data(), table.data(), 1, 4);
     EXPECT_THAT(backend.violations, ElementsAre("moe_gather_forward: x_ND", "embedding_forward: table"));
+}
+
+// A weight read through the model's bf16 weight copy after a write the copy missed is caught; the copy
+// re-rounded, or fp32 precision (which reads no copy), is fine.
+TEST(MemoryCheckingBackend, CatchesAStaleBf16WeightCopy) {
+    MemoryCheckingBackend backend;
+    backend.set_matmul_precision(MatmulPrecision::kBf16);
+    Buffer<float> w(&backend, 2 * 3), in(&backend, 4 * 3), out(&backend, 4 * 2);
+    Buffer<uint16_t> w16(&backend, 2 * 3);
+    w.upload({1.0f, 2.0f, 3.0f, 4.0f, 5.0f, 6.0f});
+    backend.set_bf16_weight_copy(w.data(), w16.data(), 6);
+    backend.float_to_bf16(w16.data(), w.data(), 6);
+    backend.matmul_forward(out.data(), in.data(), w.data(), nullptr, 4, 3, 2);
+    EXPECT_THAT(backend.violations, IsEmpty());
+    backend.scale(w.data() + 3, 0.5f, 3);  // an optimizer step the copy does not see
+    backend.matmul_forward(out.data(), in.data(), w.data(), nullptr, 4, 3, 2);
+    EXPECT_THAT(backend.violations, ElementsAre("matmul_forward: w (stale bf16 weight copy)"));
+    backend.violations.clear();
+    backend.set_matmul_precision(MatmulPrecision::kFp32);
+    backend.matmul_forward(out.data(), in.data(), w.data(), nullptr, 4, 3, 2);
+    backend.set_matmul_precision(MatmulPrecision::kBf16);
+    backend.float_to_bf16(w16.data(), w.data(), 6);
+    backend.matmul_forward(out.data(), in.data(), w.data(), nullptr, 4, 3, 2);
+    EXPECT_THAT(backend.violations, IsEmpty());
 }
 
 struct Variant {
@@ -238,8 +262,8 @@ TEST(BackendMemory, TrainerCheckpointAndResumeOnDeviceMemory) {
     std::filesystem::remove_all(c.train.out_dir);
 }
 
-// The runs above call (and so check) every op a model on one rank calls; the bf16 transport ops run only with expert
-// parallelism (backend_memory_mpi_test), and copy is not called by the model.
+// The runs above call (and so check) every op a model on one rank calls; bf16_to_float (the bf16 transport's widening)
+// runs only with expert parallelism (backend_memory_mpi_test), and copy is not called by the model.
 TEST(BackendMemory, TheModelsCoverEveryOpButTheExpertParallelOnes) {
     MemoryCheckingBackend backend;
     for (const Variant& v : variants())
@@ -248,7 +272,7 @@ TEST(BackendMemory, TheModelsCoverEveryOpButTheExpertParallelOnes) {
     std::istringstream names(
         "accumulate adamw_update add add_input_noise attention_backward attention_forward cross_entropy_backward "
         "cross_entropy_backward_bf16 cross_entropy_forward cross_entropy_forward_bf16 download dropout_mask "
-        "embedding_backward embedding_forward gelu_backward gelu_forward "
+        "embedding_backward embedding_forward float_to_bf16 gelu_backward gelu_forward "
         "gelu_backward_bf16 gelu_forward_bf16 grouped_matmul_backward grouped_matmul_backward_bf16 "
         "grouped_matmul_forward "
         "grouped_matmul_forward_bf16_in layernorm_backward layernorm_forward matmul_backward "

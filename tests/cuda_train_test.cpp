@@ -75,11 +75,9 @@ TEST(CudaTrainTest, FlashAttentionLossesTrackCpuEmulation) {
     expect_backends_agree("bf16", 2e-3, 3e-2, "flash");
 }
 
-// The bf16-stored MLP tensors on the GPU: the same bf16 run with them kept fp32
-// (BMOE_BF16_MLP_ACTIVATIONS=0) feeds the GEMMs the same bf16 values, so the losses agree (the CPU
-// checks this bitwise: ModelGradTest.MlpBf16ActivationStorageGivesBitwiseTheSameGradients).
-TEST(CudaTrainTest, Bf16MlpTensorsTrainLikeFp32Ones) {
-    if (!model::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+// A bf16 storage mode the CPU proves bitwise neutral, on the GPU: bf16 runs with `env` = 1 and 0
+// (read when the model is built) feed the GEMMs the same bf16 values, so the losses agree.
+void expect_bf16_mode_changes_nothing(const char* env) {
     for (const model::Activation activation : {model::Activation::kSwiGlu, model::Activation::kGelu}) {
         RunConfig c = small_config();
         c.model.activation = activation;
@@ -87,18 +85,31 @@ TEST(CudaTrainTest, Bf16MlpTensorsTrainLikeFp32Ones) {
         c.train.backend = "cuda";
         const auto tmp = std::filesystem::temp_directory_path();
         std::vector<std::vector<double>> losses;
-        for (const char* stored : {"1", "0"}) {
-            setenv("BMOE_BF16_MLP_ACTIVATIONS", stored, 1);  // read when the model is built
-            c.train.out_dir = (tmp / (std::string("bmoe_cuda_train_mlp16_") + stored)).string();
+        for (const char* on : {"1", "0"}) {
+            setenv(env, on, 1);
+            c.train.out_dir = (tmp / (std::string("bmoe_cuda_train_") + env + on)).string();
             std::ostringstream log;
             const TrainResult r = Trainer(c, log).run();
             losses.emplace_back(r.losses.begin(), r.losses.end());
         }
-        unsetenv("BMOE_BF16_MLP_ACTIVATIONS");
+        unsetenv(env);
         ASSERT_EQ(losses[0].size(), losses[1].size());
         for (size_t i = 0; i < losses[0].size(); ++i)
-            EXPECT_NEAR(losses[0][i], losses[1][i], 1e-5 * std::abs(losses[1][i])) << "step " << i;
+            EXPECT_NEAR(losses[0][i], losses[1][i], 1e-5 * std::abs(losses[1][i])) << env << ", step " << i;
     }
+}
+
+// The bf16-stored MLP tensors (CPU: ModelGradTest.MlpBf16ActivationStorageGivesBitwiseTheSameGradients).
+TEST(CudaTrainTest, Bf16MlpTensorsTrainLikeFp32Ones) {
+    if (!model::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+    expect_bf16_mode_changes_nothing("BMOE_BF16_MLP_ACTIVATIONS");
+}
+
+// The model's bf16 weight copy, re-rounded after each optimizer step, against rounding per GEMM op
+// (CPU: ModelGradTest.Bf16WeightCopyGivesBitwiseTheSameTraining).
+TEST(CudaTrainTest, Bf16WeightCopyTrainsLikeRoundingPerOp) {
+    if (!model::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+    expect_bf16_mode_changes_nothing("BMOE_BF16_WEIGHTS");
 }
 
 }  // namespace

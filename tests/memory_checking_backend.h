@@ -7,7 +7,8 @@
 // skips that op (run on the CPU, a short buffer would corrupt the heap and crash the test before it reports);
 // otherwise it runs the op. Pointers backend.h documents as host memory (upload's source, grouped GEMM offsets) are
 // not checked. Operands whose row count is no size argument (embedding table, gather sources) must hold every row the
-// op's indices address (read here: backend memory is host RAM).
+// op's indices address (read here: backend memory is host RAM). A GEMM weight read through a bf16 weight copy
+// (Backend::set_bf16_weight_copy) must equal the weights rounded now: a stale copy is a violation too.
 #pragma once
 
 #include <algorithm>
@@ -582,7 +583,23 @@ class MemoryCheckingBackend : public CpuBackend {
         for (const Extent& a : args)
             if (a.ptr != nullptr && a.bytes > 0 && !inside(a.ptr, a.bytes))
                 violations.push_back(std::string(op) + ": " + a.name);
+        if (violations.size() == violations_before && std::string(op).find("matmul") != std::string::npos)
+            for (const Extent& a : args) check_weight_copy(op, a);
         return !std::exchange(bad_index_, false) && violations.size() == violations_before;
+    }
+    // A GEMM operand read through the model's bf16 weight copy (Backend::set_bf16_weight_copy) must
+    // be the weights as they are now, rounded: a copy not re-rounded after a write is a violation.
+    void check_weight_copy(const char* op, const Extent& a) {
+        if (matmul_precision() != MatmulPrecision::kBf16 || a.ptr == nullptr) return;
+        const float* w = static_cast<const float*>(a.ptr);  // only fp32 weights lie in the copy's block
+        const size_t n = a.bytes / sizeof(float);
+        const uint16_t* w16 = bf16_weight_copy(w, n);
+        if (w16 == nullptr) return;
+        for (size_t i = 0; i < n; ++i)
+            if (w16[i] != bf16_bits(w[i])) {
+                violations.push_back(std::string(op) + ": " + a.name + " (stale bf16 weight copy)");
+                return;
+            }
     }
     // Rows an operand needs for the n indices the op reads: 1 + max(idx / per_row). A negative index is a
     // violation unless the op skips it (dropped copies, -1); unreadable indices give 0 (check() reports them).

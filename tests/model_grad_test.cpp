@@ -298,6 +298,43 @@ TEST_P(ModelGradTest, InPlaceLossGivesBitwiseTheSameGradients) {
     EXPECT_LE(peak[0] - peak[1], probs_bytes + 64);  // allocations round up to 64 bytes
 }
 
+// The bf16 weight copy (the default under bf16 matmul precision) rounds the weights once per write
+// instead of once per op: bitwise the same losses and gradients over steps whose weights change
+// through params() (the optimizer's access) and params_from_host (a checkpoint load).
+TEST_P(ModelGradTest, Bf16WeightCopyGivesBitwiseTheSameTraining) {
+    const ModelConfig cfg = GetParam().config;
+    std::vector<int32_t> tokens = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10}, targets = {2, 3, 4, 5, 6, 7, 8, 9, 10, 11};
+    const LossWeights w{0.01f, 0.001f, 0.05f};
+    std::vector<std::vector<float>> grads[2];
+    std::vector<double> losses[2];
+    for (const bool copy : {false, true}) {
+        CpuBackend backend;
+        backend.set_matmul_precision(MatmulPrecision::kBf16);
+        Model model(cfg, &backend);
+        model.init_weights(3);
+        model.set_bf16_weights(copy);
+        const size_t n = model.layout().total_numel();
+        for (int step = 0; step < 3; ++step) {
+            model.zero_grad();
+            losses[copy].push_back(model.forward(tokens.data(), targets.data(), 2, 5, w).total_loss);
+            model.backward(1.0f);
+            grads[copy].push_back(model.grads_to_host());
+            if (step == 1) {  // a checkpoint load: other weights
+                std::vector<float> host = model.params_to_host();
+                for (float& x : host) x = -x;
+                model.params_from_host(host);
+            } else {  // an SGD step through params()
+                backend.scale(model.grads(), -0.5f, n);
+                backend.accumulate(model.params(), model.grads(), n);
+            }
+        }
+    }
+    EXPECT_EQ(losses[1], losses[0]);
+    for (int step = 0; step < 3; ++step) EXPECT_EQ(grads[1][step], grads[0][step]) << "step " << step;
+    EXPECT_NE(losses[0][0], losses[0][1]) << "the weights did not change";
+    EXPECT_NE(losses[0][1], losses[0][2]) << "the weights did not change";
+}
+
 // Training forwards under bf16 matmul precision run the LM head and loss on bf16 logits (the
 // default): the loss moves by no more than the logits' bf16 rounding can move it, the gradients stay
 // within bf16 noise of the fp32-logit path, the [N, V] fp32 buffer is gone, and a forward without

@@ -175,6 +175,32 @@ TEST(OpCostBackend, TheLossOnBf16LogitsMovesAThirdOfTheFp32LogitsBytes) {
     EXPECT_DOUBLE_EQ(loss_bytes[1], 20.0 * N * V + 12.0 * N);
 }
 
+// With the model's bf16 weight copy (the default) a training step rounds the weights once, after the
+// optimizer wrote them, instead of per GEMM op: no per-op weight copies, one 6-byte pass over all
+// weights. Without it, each GEMM op rounds its weight.
+TEST(OpCostBackend, TheBf16WeightCopyReplacesThePerOpWeightCopies) {
+    const ModelConfig c = tiny_model_config();
+    for (const bool copy : {true, false}) {
+        OpCostBackend be;
+        be.set_matmul_precision(MatmulPrecision::kBf16);
+        Step step(c, &be);
+        step.net.set_bf16_weights(copy);
+        step.train();
+        be.clear_ledger();
+        step.train();
+        const OpCost per_op = rows_starting_with(be, {"bf16 copies, weight: matmul", "bf16 copies, weight: grouped"});
+        const OpCost whole = rows_starting_with(be, {"bf16 copies, weight: the model's weight copy"});
+        if (copy) {
+            EXPECT_EQ(per_op.calls, 0) << "a GEMM rounded a weight the copy holds";
+            EXPECT_EQ(whole.calls, 1);
+            EXPECT_DOUBLE_EQ(whole.bytes, 6.0 * static_cast<double>(step.net.layout().total_numel()));
+        } else {
+            EXPECT_GT(per_op.calls, 0);
+            EXPECT_EQ(whole.calls, 0);
+        }
+    }
+}
+
 TEST(OpCostBackend, FlashAttentionCostsTheCausalHalfAndSavesOnlyTheLse) {
     OpCostBackend be;
     be.set_matmul_precision(MatmulPrecision::kBf16);
@@ -248,13 +274,13 @@ TEST(OpCostBackend, ProfiledOpNamesAreTheCudaProfilersAndAddUpToTheStep) {
                 sum += seconds;
             }
             EXPECT_NEAR(sum, be.total().seconds, 1e-12 * be.total().calls);
-            // the LM head's product (bf16 logits, as training runs it): its GEMM and both operand
-            // copies, under the profiler's one name
+            // the LM head's product (bf16 logits, as training runs it): its GEMM and its input's
+            // copy under the profiler's one name; the weight comes from the model's bf16 copy
             const std::map<std::string, OpCost>& rows = be.ledger();
             EXPECT_DOUBLE_EQ(be.seconds_by_profiled_op().at("matmul_fwd_bf16_out 16x16x23"),
                              rows.at("matmul_forward 16x16x23").seconds +
-                                 rows.at("bf16 copies, activation: matmul_forward 16x16x23").seconds +
-                                 rows.at("bf16 copies, weight: matmul_forward 16x16x23").seconds);
+                                 rows.at("bf16 copies, activation: matmul_forward 16x16x23").seconds);
+            EXPECT_EQ(rows.count("bf16 copies, weight: matmul_forward 16x16x23"), 0u);
         }
     }
 }

@@ -353,10 +353,6 @@ void CudaBackend::adamw_update(float* param,
 
 namespace {
 
-__global__ void float_to_bf16_kernel(uint16_t* out, const float* in, size_t n) {
-    BMOE_GRID_STRIDE(i, n) out[i] = bf16_bits_rne(in[i]);
-}
-
 __global__ void bf16_to_float_kernel(float* out, const uint16_t* in, size_t n) {
     BMOE_GRID_STRIDE(i, n) out[i] = __uint_as_float(static_cast<uint32_t>(in[i]) << 16);
 }
@@ -365,9 +361,7 @@ __global__ void bf16_to_float_kernel(float* out, const uint16_t* in, size_t n) {
 
 void CudaBackend::float_to_bf16(uint16_t* out, const float* in, size_t n) {
     const ProfiledOp op(profiler_.get(), "float_to_bf16");
-    if (n == 0) return;
-    float_to_bf16_kernel<<<grid_for(n), kThreads, 0, stream_>>>(out, in, n);
-    CUDA_CHECK_LAST();
+    round_to_bf16(stream_, out, in, n);
 }
 
 void CudaBackend::bf16_to_float(float* out, const uint16_t* in, size_t n) {

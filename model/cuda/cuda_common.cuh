@@ -78,6 +78,10 @@ __device__ inline uint16_t bf16_bits_rne(float x) {
     return static_cast<uint16_t>(bits >> 16);
 }
 
+// out[i] = bf16_bits_rne(in[i]) for n elements on `stream`, four per thread where aligned (the
+// GEMM operand copies and Backend::float_to_bf16; cuda_gemm.cu).
+void round_to_bf16(cudaStream_t stream, uint16_t* out, const float* in, size_t n);
+
 // ---- column reductions: out_D[d] += sum_n f(n, d) -------------------------------------------
 // Two passes, so even a small D fills the GPU: pass 1 splits the rows into S chunks, block
 // (32, kColRows) per (32 columns, chunk): x picks the column (coalesced rows), y strides the chunk's

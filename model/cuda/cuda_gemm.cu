@@ -2,7 +2,8 @@
 // slices, in fp32 or with bf16 inputs (and, for the LM head's logits, a bf16 output).
 //
 // bf16 matmul precision: every fp32 tensor an op's GEMMs read is rounded to bf16 once per op (ties
-// to even: the CPU emulation's rounding, bit for bit) into a reused scratch slot, and cuBLAS runs
+// to even: the CPU emulation's rounding, bit for bit) into a reused scratch slot -- weights the model
+// keeps a bf16 copy of (Backend::set_bf16_weight_copy) are read from it instead -- and cuBLAS runs
 // bf16 x bf16 -> fp32 with fp32 accumulation (CUBLAS_COMPUTE_32F). Explicit copies, rather than
 // fp32 inputs under CUBLAS_COMPUTE_32F_FAST_16BF: that mode only *permits* bf16 (an H200 kept
 // small shapes in fp32), and its transposed backward GEMMs ran ~1.6x slower per FLOP than the
@@ -72,8 +73,8 @@ CudaBackend::GemmInputs CudaBackend::bf16_gemm_inputs(std::initializer_list<Gemm
     inputs.type = GemmInput::kBf16;
     for (const GemmTensor& t : tensors) {
         if (t.x == nullptr) continue;
-        const uint16_t* copy =
-            t.n == 0 ? reinterpret_cast<const uint16_t*>(t.x) : to_bf16(inputs.next_slot++, t.x, t.n);
+        const uint16_t* copy = t.n == 0 ? reinterpret_cast<const uint16_t*>(t.x) : bf16_weight_copy(t.x, t.n);
+        if (copy == nullptr) copy = to_bf16(inputs.next_slot++, t.x, t.n);  // not in the model's weight copy
         inputs.copies.push_back({t.x, t.n, copy});
     }
     return inputs;
@@ -84,15 +85,20 @@ uint16_t* CudaBackend::bf16_slot(int slot, size_t n) {
     return static_cast<uint16_t*>(scratch(bf16_ws_[slot], std::max<size_t>(n, 1) * sizeof(uint16_t)));
 }
 
-const uint16_t* CudaBackend::to_bf16(int slot, const float* x, size_t n) {
-    uint16_t* out = bf16_slot(slot, n);
-    if (reinterpret_cast<uintptr_t>(x) % 16 == 0 && n % 4 == 0) {  // the scratch block is 256-byte aligned
-        to_bf16_vec4_kernel<<<grid_for(n / 4), kThreads, 0, stream_>>>(reinterpret_cast<uint2*>(out),
-                                                                       reinterpret_cast<const float4*>(x), n / 4);
+void cuda::round_to_bf16(cudaStream_t stream, uint16_t* out, const float* in, size_t n) {
+    if (n == 0) return;
+    if (reinterpret_cast<uintptr_t>(in) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 8 == 0 && n % 4 == 0) {
+        to_bf16_vec4_kernel<<<grid_for(n / 4), kThreads, 0, stream>>>(reinterpret_cast<uint2*>(out),
+                                                                      reinterpret_cast<const float4*>(in), n / 4);
     } else {
-        to_bf16_kernel<<<grid_for(n), kThreads, 0, stream_>>>(out, x, n);
+        to_bf16_kernel<<<grid_for(n), kThreads, 0, stream>>>(out, in, n);
     }
     CUDA_CHECK_LAST();
+}
+
+const uint16_t* CudaBackend::to_bf16(int slot, const float* x, size_t n) {
+    uint16_t* out = bf16_slot(slot, n);
+    round_to_bf16(stream_, out, x, n);
     return out;
 }
 
