@@ -278,14 +278,9 @@ void CpuBackend::matmul_backward(float* din_NI,
                                  int I,
                                  int O,
                                  bool accumulate_din) {
-    // the bias gradient sums the unrounded dout (it is not a GEMM)
-    const float* dout = matmul_input(dout_NO, static_cast<size_t>(N) * O, 0);
-    if (din_NI)
-        gemm(N, I, O, 1.0f, {dout, O}, {matmul_input(w_OI, static_cast<size_t>(O) * I, 1), I},
-             accumulate_din ? 1.0f : 0.0f, din_NI, I);
-    if (dw_OI)
-        gemm(O, I, N, 1.0f, {dout, O, true}, {matmul_input(in_NI, static_cast<size_t>(N) * I, 2), I}, 1.0f, dw_OI, I);
-    if (dbias_O) {
+    dense_backward_rounded(din_NI, dw_OI, matmul_input(dout_NO, static_cast<size_t>(N) * O, 0), in_NI, w_OI, N, I, O,
+                           accumulate_din);
+    if (dbias_O) {  // the bias gradient sums the unrounded dout (it is not a GEMM)
         column_reduce(dbias_O, N, O, [&](int n, int d0, int d1, double* acc) {
             const float* row = dout_NO + static_cast<size_t>(n) * O;
             for (int d = d0; d < d1; ++d) acc[d - d0] += row[d];
@@ -766,12 +761,26 @@ void CpuBackend::matmul_backward_bf16_dout(float* din_NI,
                                            int O,
                                            bool accumulate_din) {
     require_bf16_precision("matmul_backward_bf16_dout");
-    const float* dout = widen_bf16(dout16_NO, static_cast<size_t>(N) * O, 0);
+    dense_backward_rounded(din_NI, dw_OI, widen_bf16(dout16_NO, static_cast<size_t>(N) * O, 0), in_NI, w_OI, N, I, O,
+                           accumulate_din);
+}
+
+// dout already rounded (or fp32); in and w rounded here, each only where its product runs.
+void CpuBackend::dense_backward_rounded(float* din_NI,
+                                        float* dw_OI,
+                                        const float* dout_NO,
+                                        const float* in_NI,
+                                        const float* w_OI,
+                                        int N,
+                                        int I,
+                                        int O,
+                                        bool accumulate_din) {
     if (din_NI)
-        gemm(N, I, O, 1.0f, {dout, O}, {matmul_input(w_OI, static_cast<size_t>(O) * I, 1), I},
+        gemm(N, I, O, 1.0f, {dout_NO, O}, {matmul_input(w_OI, static_cast<size_t>(O) * I, 1), I},
              accumulate_din ? 1.0f : 0.0f, din_NI, I);
     if (dw_OI)
-        gemm(O, I, N, 1.0f, {dout, O, true}, {matmul_input(in_NI, static_cast<size_t>(N) * I, 2), I}, 1.0f, dw_OI, I);
+        gemm(O, I, N, 1.0f, {dout_NO, O, true}, {matmul_input(in_NI, static_cast<size_t>(N) * I, 2), I}, 1.0f, dw_OI,
+             I);
 }
 
 void CpuBackend::cross_entropy_forward_bf16(

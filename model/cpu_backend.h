@@ -231,6 +231,16 @@ class CpuBackend : public Backend {
     // x16[0..n) as floats (exact) in scratch slot `slot`.
     const float* widen_bf16(const uint16_t* x16, size_t n, int slot);
     void require_bf16_precision(const char* op) const;
+    // The dense backward GEMMs from a rounded (or fp32) dout (matmul_backward, matmul_backward_bf16_dout).
+    void dense_backward_rounded(float* din_NI,
+                                float* dw_OI,
+                                const float* dout_NO,
+                                const float* in_NI,
+                                const float* w_OI,
+                                int N,
+                                int I,
+                                int O,
+                                bool accumulate_din);
     // The grouped GEMM loops over operands already rounded (or fp32).
     void grouped_forward_rounded(
         float* out_RO, const float* in_RI, const float* w_GOI, const int* offsets_host, int G, int I, int O);

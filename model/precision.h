@@ -1,12 +1,14 @@
 // precision.h -- matmul precision: fp32, or bf16 inputs with fp32 accumulation and output.
 //
 // Mixed precision in bmoe (Megatron/torch.autocast style, for the GEMMs that dominate the FLOPs):
-// weights, gradients, optimizer moments and every activation stay fp32 (the master copy); with
+// weights, gradients, optimizer moments and activations stay fp32 (the master copy); with
 // kBf16 the dense and expert GEMMs (matmul_* and grouped_matmul_* ops) round their two inputs to
 // bf16 and accumulate in fp32 -- bf16 tensor cores on GPUs (bf16 copies rounded to nearest-even,
 // then cuBLAS bf16 x bf16 -> fp32), an exact emulation on the CPU (the same rounding, then sgemm).
 // Router GEMMs and all router/KL math stay fp32 (Router holds a ScopedMatmulPrecision): the
-// uncertainty terms are precision-sensitive. Attention scores, norms, softmax and losses are always fp32.
+// uncertainty terms are precision-sensitive. Attention scores, norms, softmax and losses compute in
+// fp32. Under kBf16, tensors only GEMMs read may be stored as bf16 (the expert MLP's activation, the
+// model's weight copy, a training step's logits): docs/design.md, "Precision".
 #pragma once
 
 #include <cstdint>

@@ -311,6 +311,19 @@ class CudaBackend final : public Backend {
               GemmInput in,
               bool c_bf16 = false);
 
+    // din_NI (=, or += with accumulate_din) = dout w; dw_OI += dout^T in: dout as cuBLAS reads it
+    // (fp32, a bf16 copy, or bf16 d logits), in and w through `in` (matmul_backward and its bf16 variant).
+    void dense_backward_gemms(float* din_NI,
+                              float* dw_OI,
+                              const void* dout,
+                              const float* in_NI,
+                              const float* w_OI,
+                              const GemmInputs& in,
+                              int N,
+                              int I,
+                              int O,
+                              bool accumulate_din);
+
     // One row-major GEMM per problem, C_i = alpha op(A_i) op(B_i) + beta C_i with per-problem
     // M/N/K and shared leading dimensions, in ONE grouped (or, all of one shape, batched) cuBLAS
     // call. Problems with M, N or K = 0 are skipped.

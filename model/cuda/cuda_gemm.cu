@@ -174,10 +174,7 @@ void CudaBackend::matmul_backward(float* din_NI,
         const GemmInputs in = gemm_inputs({{dout_NO, static_cast<size_t>(N) * O},
                                            {din_NI ? w_OI : nullptr, static_cast<size_t>(O) * I},
                                            {dw_OI ? in_NI : nullptr, static_cast<size_t>(N) * I}});
-        if (din_NI)
-            gemm(N, I, O, 1.0f, in(dout_NO), O, false, in(w_OI), I, false, accumulate_din ? 1.0f : 0.0f, din_NI, I,
-                 in.type);
-        if (dw_OI) gemm(O, I, N, 1.0f, in(dout_NO), O, true, in(in_NI), I, false, 1.0f, dw_OI, I, in.type);
+        dense_backward_gemms(din_NI, dw_OI, in(dout_NO), in_NI, w_OI, in, N, I, O, accumulate_din);
     }
     if (dbias_O) column_reduce(stream_, column_reduce_ws(N, O), dbias_O, N, O, RowValue{dout_NO, O});
 }
@@ -208,9 +205,22 @@ void CudaBackend::matmul_backward_bf16_dout(float* din_NI,
                  "matmul_backward_bf16_dout reads bf16: it needs bf16 matmul precision");
     const GemmInputs in = bf16_gemm_inputs(
         {{din_NI ? w_OI : nullptr, static_cast<size_t>(O) * I}, {dw_OI ? in_NI : nullptr, static_cast<size_t>(N) * I}});
+    dense_backward_gemms(din_NI, dw_OI, dout16_NO, in_NI, w_OI, in, N, I, O, accumulate_din);
+}
+
+void CudaBackend::dense_backward_gemms(float* din_NI,
+                                       float* dw_OI,
+                                       const void* dout,
+                                       const float* in_NI,
+                                       const float* w_OI,
+                                       const GemmInputs& in,
+                                       int N,
+                                       int I,
+                                       int O,
+                                       bool accumulate_din) {
     if (din_NI)
-        gemm(N, I, O, 1.0f, dout16_NO, O, false, in(w_OI), I, false, accumulate_din ? 1.0f : 0.0f, din_NI, I, in.type);
-    if (dw_OI) gemm(O, I, N, 1.0f, dout16_NO, O, true, in(in_NI), I, false, 1.0f, dw_OI, I, in.type);
+        gemm(N, I, O, 1.0f, dout, O, false, in(w_OI), I, false, accumulate_din ? 1.0f : 0.0f, din_NI, I, in.type);
+    if (dw_OI) gemm(O, I, N, 1.0f, dout, O, true, in(in_NI), I, false, 1.0f, dw_OI, I, in.type);
 }
 
 // ---- grouped and batched GEMMs ---------------------------------------------------------------
