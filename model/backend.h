@@ -230,26 +230,39 @@ class Backend {
     virtual void gelu_forward(float* out, const float* in, size_t n) = 0;
     virtual void gelu_backward(float* din, const float* dout, const float* in, size_t n) = 0;
 
-    // ---- bf16 activation storage --------------------------------------------------------------
-    // With bf16 matmul precision a tensor that only bf16 GEMMs read is stored as bf16: these write
-    // it and read it, bitwise what the fp32 ops give (the GEMMs round their inputs to bf16 anyway),
-    // with half the memory and no rounding pass per GEMM. GroupedMlp stores its activation and its
-    // pre-activations' gradients this way.
-    // out16[i] = bf16_bits(gelu(in[i])) / bf16_bits(silu(gate[i]) * up[i]) (nearest-even).
-    virtual void gelu_forward_bf16(uint16_t* out16, const float* in, size_t n) = 0;
-    virtual void swiglu_forward_bf16(uint16_t* out16, const float* gate, const float* up, size_t n) = 0;
-    // The activations' gradients in bf16 where only bf16 GEMMs read them: gelu_backward /
-    // swiglu_backward with their outputs rounded (din16; dgate16 and dup16).
-    virtual void gelu_backward_bf16(uint16_t* din16, const float* dout, const float* in, size_t n) = 0;
-    virtual void swiglu_backward_bf16(
-        uint16_t* dgate16, uint16_t* dup16, const float* dout, const float* gate, const float* up, size_t n) = 0;
-    // grouped_matmul_forward with in_RI held as bf16 (in16_RI); the weights fp32, rounded as usual.
-    // bf16 matmul precision only (throws a bmoe::Error otherwise), like the op below.
-    virtual void grouped_matmul_forward_bf16_in(
-        float* out_RO, const uint16_t* in16_RI, const float* w_GOI, const int* offsets_host, int G, int I, int O) = 0;
-    // grouped_matmul_backward with dout and in each given as fp32 (rounded as usual) or as bf16:
-    // exactly one of dout_RO / dout16_RO is non-null, and one of in_RI / in16_RI where dw_GOI is.
+    // ---- the expert MLP's tensors in bf16 ------------------------------------------------------
+    // Under bf16 matmul precision GroupedMlp keeps its [R, F] tensors in bf16, as torch.autocast
+    // does: the up/gate GEMMs write bf16 pre-activations, the activation reads them and writes a
+    // bf16 activation, the down GEMM's backward writes a bf16 d activation, and the activation's
+    // backward reads it and writes bf16 d pre-activations for the up/gate backward GEMMs. Math is
+    // fp32 in between; each stored value is rounded once (nearest-even).
+    // out16 = bf16(gelu(in16)) / bf16(silu(gate16) * up16)
+    virtual void gelu_forward_bf16(uint16_t* out16, const uint16_t* in16, size_t n) = 0;
+    virtual void swiglu_forward_bf16(uint16_t* out16, const uint16_t* gate16, const uint16_t* up16, size_t n) = 0;
+    // gelu_backward / swiglu_backward on bf16 tensors, outputs rounded (din16; dgate16 and dup16).
+    virtual void gelu_backward_bf16(uint16_t* din16, const uint16_t* dout16, const uint16_t* in16, size_t n) = 0;
+    virtual void swiglu_backward_bf16(uint16_t* dgate16,
+                                      uint16_t* dup16,
+                                      const uint16_t* dout16,
+                                      const uint16_t* gate16,
+                                      const uint16_t* up16,
+                                      size_t n) = 0;
+    // The grouped GEMMs with each activation operand given as fp32 (rounded as usual) or as bf16,
+    // and the result written as fp32 or (rounded once from the fp32 accumulator) as bf16: of each
+    // pair exactly one pointer is non-null (of din/din16 at most one; of in/in16 one where dw_GOI
+    // is). The weights are fp32, rounded as usual. bf16 matmul precision only (a bmoe::Error
+    // otherwise).
+    virtual void grouped_matmul_forward_bf16(float* out_RO,
+                                             uint16_t* out16_RO,
+                                             const float* in_RI,
+                                             const uint16_t* in16_RI,
+                                             const float* w_GOI,
+                                             const int* offsets_host,
+                                             int G,
+                                             int I,
+                                             int O) = 0;
     virtual void grouped_matmul_backward_bf16(float* din_RI,
+                                              uint16_t* din16_RI,
                                               float* dw_GOI,
                                               const float* dout_RO,
                                               const uint16_t* dout16_RO,

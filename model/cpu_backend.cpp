@@ -309,14 +309,27 @@ void CpuBackend::grouped_matmul_backward(float* din_RI,
                              matmul_input(w_GOI, static_cast<size_t>(G) * O * I, 2), offsets_host, G, I, O);
 }
 
-void CpuBackend::grouped_matmul_forward_bf16_in(
-    float* out_RO, const uint16_t* in16_RI, const float* w_GOI, const int* offsets_host, int G, int I, int O) {
-    require_bf16_precision("grouped_matmul_forward_bf16_in");
-    grouped_forward_rounded(out_RO, widen_bf16(in16_RI, static_cast<size_t>(offsets_host[G]) * I, 0),
-                            matmul_input(w_GOI, static_cast<size_t>(G) * O * I, 1), offsets_host, G, I, O);
+void CpuBackend::grouped_matmul_forward_bf16(float* out_RO,
+                                             uint16_t* out16_RO,
+                                             const float* in_RI,
+                                             const uint16_t* in16_RI,
+                                             const float* w_GOI,
+                                             const int* offsets_host,
+                                             int G,
+                                             int I,
+                                             int O) {
+    require_bf16_precision("grouped_matmul_forward_bf16");
+    BMOE_REQUIRE((out_RO != nullptr) != (out16_RO != nullptr) && (in_RI != nullptr) != (in16_RI != nullptr),
+                 "grouped_matmul_forward_bf16: give exactly one of out_RO / out16_RO and one of in_RI / in16_RI");
+    const size_t R = static_cast<size_t>(offsets_host[G]);
+    const float* in = in16_RI ? widen_bf16(in16_RI, R * I, 0) : matmul_input(in_RI, R * I, 0);
+    float* out = out_RO ? out_RO : fp32_result(R * O);
+    grouped_forward_rounded(out, in, matmul_input(w_GOI, static_cast<size_t>(G) * O * I, 1), offsets_host, G, I, O);
+    if (out16_RO) CpuBackend::float_to_bf16(out16_RO, out, R * O);
 }
 
 void CpuBackend::grouped_matmul_backward_bf16(float* din_RI,
+                                              uint16_t* din16_RI,
                                               float* dw_GOI,
                                               const float* dout_RO,
                                               const uint16_t* dout16_RO,
@@ -328,15 +341,23 @@ void CpuBackend::grouped_matmul_backward_bf16(float* din_RI,
                                               int I,
                                               int O) {
     require_bf16_precision("grouped_matmul_backward_bf16");
-    BMOE_REQUIRE(
-        (dout_RO != nullptr) != (dout16_RO != nullptr) && (!dw_GOI || (in_RI != nullptr) != (in16_RI != nullptr)),
-        "grouped_matmul_backward_bf16: give exactly one of dout_RO / dout16_RO, and one of in_RI / in16_RI "
-        "with dw_GOI");
+    BMOE_REQUIRE((dout_RO != nullptr) != (dout16_RO != nullptr) && (din_RI != nullptr) != (din16_RI != nullptr) &&
+                     (!dw_GOI || (in_RI != nullptr) != (in16_RI != nullptr)),
+                 "grouped_matmul_backward_bf16: give exactly one of dout_RO / dout16_RO, one of din_RI / din16_RI, and "
+                 "one of in_RI / in16_RI with dw_GOI");
     const size_t R = static_cast<size_t>(offsets_host[G]);
     const float* dout = dout16_RO ? widen_bf16(dout16_RO, R * O, 0) : matmul_input(dout_RO, R * O, 0);
     const float* in = !dw_GOI ? nullptr : in16_RI ? widen_bf16(in16_RI, R * I, 1) : matmul_input(in_RI, R * I, 1);
-    grouped_backward_rounded(din_RI, dw_GOI, dout, in, matmul_input(w_GOI, static_cast<size_t>(G) * O * I, 2),
+    float* din = din16_RI ? fp32_result(R * I) : din_RI;
+    grouped_backward_rounded(din, dw_GOI, dout, in, matmul_input(w_GOI, static_cast<size_t>(G) * O * I, 2),
                              offsets_host, G, I, O);
+    if (din16_RI) CpuBackend::float_to_bf16(din16_RI, din, R * I);
+}
+
+float* CpuBackend::fp32_result(size_t n) {
+    std::vector<float>& buf = bf16_scratch_[3];
+    if (buf.size() < n) buf.resize(n);
+    return buf.data();
 }
 
 void CpuBackend::grouped_forward_rounded(
@@ -662,9 +683,10 @@ void CpuBackend::swiglu_forward(float* out, const float* gate, const float* up, 
     for (idx_t i = 0; i < static_cast<idx_t>(n); ++i) out[i] = swiglu_value(gate[i], up[i]);
 }
 
-void CpuBackend::swiglu_forward_bf16(uint16_t* out16, const float* gate, const float* up, size_t n) {
+void CpuBackend::swiglu_forward_bf16(uint16_t* out16, const uint16_t* gate16, const uint16_t* up16, size_t n) {
 #pragma omp parallel for schedule(static) if (par(n))
-    for (idx_t i = 0; i < static_cast<idx_t>(n); ++i) out16[i] = bf16_bits(swiglu_value(gate[i], up[i]));
+    for (idx_t i = 0; i < static_cast<idx_t>(n); ++i)
+        out16[i] = bf16_bits(swiglu_value(model::bf16_to_float(gate16[i]), model::bf16_to_float(up16[i])));
 }
 
 void CpuBackend::swiglu_backward(
@@ -673,12 +695,17 @@ void CpuBackend::swiglu_backward(
     for (idx_t i = 0; i < static_cast<idx_t>(n); ++i) swiglu_grads(dout[i], gate[i], up[i], dgate[i], dup[i]);
 }
 
-void CpuBackend::swiglu_backward_bf16(
-    uint16_t* dgate16, uint16_t* dup16, const float* dout, const float* gate, const float* up, size_t n) {
+void CpuBackend::swiglu_backward_bf16(uint16_t* dgate16,
+                                      uint16_t* dup16,
+                                      const uint16_t* dout16,
+                                      const uint16_t* gate16,
+                                      const uint16_t* up16,
+                                      size_t n) {
 #pragma omp parallel for schedule(static) if (par(n))
     for (idx_t i = 0; i < static_cast<idx_t>(n); ++i) {
         float dg, du;
-        swiglu_grads(dout[i], gate[i], up[i], dg, du);
+        swiglu_grads(model::bf16_to_float(dout16[i]), model::bf16_to_float(gate16[i]), model::bf16_to_float(up16[i]),
+                     dg, du);
         dgate16[i] = bf16_bits(dg), dup16[i] = bf16_bits(du);
     }
 }
@@ -688,9 +715,9 @@ void CpuBackend::gelu_forward(float* out, const float* in, size_t n) {
     for (idx_t i = 0; i < static_cast<idx_t>(n); ++i) out[i] = gelu_value(in[i]);
 }
 
-void CpuBackend::gelu_forward_bf16(uint16_t* out16, const float* in, size_t n) {
+void CpuBackend::gelu_forward_bf16(uint16_t* out16, const uint16_t* in16, size_t n) {
 #pragma omp parallel for schedule(static) if (par(n))
-    for (idx_t i = 0; i < static_cast<idx_t>(n); ++i) out16[i] = bf16_bits(gelu_value(in[i]));
+    for (idx_t i = 0; i < static_cast<idx_t>(n); ++i) out16[i] = bf16_bits(gelu_value(model::bf16_to_float(in16[i])));
 }
 
 void CpuBackend::gelu_backward(float* din, const float* dout, const float* in, size_t n) {
@@ -698,9 +725,10 @@ void CpuBackend::gelu_backward(float* din, const float* dout, const float* in, s
     for (idx_t i = 0; i < static_cast<idx_t>(n); ++i) din[i] = gelu_grad(in[i]) * dout[i];
 }
 
-void CpuBackend::gelu_backward_bf16(uint16_t* din16, const float* dout, const float* in, size_t n) {
+void CpuBackend::gelu_backward_bf16(uint16_t* din16, const uint16_t* dout16, const uint16_t* in16, size_t n) {
 #pragma omp parallel for schedule(static) if (par(n))
-    for (idx_t i = 0; i < static_cast<idx_t>(n); ++i) din16[i] = bf16_bits(gelu_grad(in[i]) * dout[i]);
+    for (idx_t i = 0; i < static_cast<idx_t>(n); ++i)
+        din16[i] = bf16_bits(gelu_grad(model::bf16_to_float(in16[i])) * model::bf16_to_float(dout16[i]));
 }
 
 // ---- loss -------------------------------------------------------------------------------------
@@ -742,12 +770,11 @@ void CpuBackend::matmul_forward_bf16_out(
     w_OI = matmul_input(w_OI, static_cast<size_t>(O) * I, 1);
     // fp32 results a block of rows at a time: the scratch stays small at a 50K vocabulary
     constexpr int kRows = 256;
-    std::vector<float>& out = bf16_scratch_[2];
-    out.resize(static_cast<size_t>(std::min(N, kRows)) * O);
+    float* out = fp32_result(static_cast<size_t>(std::min(N, kRows)) * O);
     for (int r0 = 0; r0 < N; r0 += kRows) {
         const int rows = std::min(kRows, N - r0);
-        gemm(rows, O, I, 1.0f, Op{in_NI, I}.rows_from(r0), {w_OI, I, true}, 0.0f, out.data(), O);
-        CpuBackend::float_to_bf16(out16_NO + static_cast<size_t>(r0) * O, out.data(), static_cast<size_t>(rows) * O);
+        gemm(rows, O, I, 1.0f, Op{in_NI, I}.rows_from(r0), {w_OI, I, true}, 0.0f, out, O);
+        CpuBackend::float_to_bf16(out16_NO + static_cast<size_t>(r0) * O, out, static_cast<size_t>(rows) * O);
     }
 }
 

@@ -116,19 +116,26 @@ class CpuBackend : public Backend {
         float* dgate, float* dup, const float* dout, const float* gate, const float* up, size_t n) override;
     void gelu_forward(float* out, const float* in, size_t n) override;
     void gelu_backward(float* din, const float* dout, const float* in, size_t n) override;
-    void gelu_forward_bf16(uint16_t* out16, const float* in, size_t n) override;
-    void swiglu_forward_bf16(uint16_t* out16, const float* gate, const float* up, size_t n) override;
-    void grouped_matmul_forward_bf16_in(float* out_RO,
-                                        const uint16_t* in16_RI,
-                                        const float* w_GOI,
-                                        const int* offsets_host,
-                                        int G,
-                                        int I,
-                                        int O) override;
-    void gelu_backward_bf16(uint16_t* din16, const float* dout, const float* in, size_t n) override;
-    void swiglu_backward_bf16(
-        uint16_t* dgate16, uint16_t* dup16, const float* dout, const float* gate, const float* up, size_t n) override;
+    void gelu_forward_bf16(uint16_t* out16, const uint16_t* in16, size_t n) override;
+    void swiglu_forward_bf16(uint16_t* out16, const uint16_t* gate16, const uint16_t* up16, size_t n) override;
+    void gelu_backward_bf16(uint16_t* din16, const uint16_t* dout16, const uint16_t* in16, size_t n) override;
+    void swiglu_backward_bf16(uint16_t* dgate16,
+                              uint16_t* dup16,
+                              const uint16_t* dout16,
+                              const uint16_t* gate16,
+                              const uint16_t* up16,
+                              size_t n) override;
+    void grouped_matmul_forward_bf16(float* out_RO,
+                                     uint16_t* out16_RO,
+                                     const float* in_RI,
+                                     const uint16_t* in16_RI,
+                                     const float* w_GOI,
+                                     const int* offsets_host,
+                                     int G,
+                                     int I,
+                                     int O) override;
     void grouped_matmul_backward_bf16(float* din_RI,
+                                      uint16_t* din16_RI,
                                       float* dw_GOI,
                                       const float* dout_RO,
                                       const uint16_t* dout16_RO,
@@ -230,6 +237,9 @@ class CpuBackend : public Backend {
     const float* matmul_input(const float* x, size_t n, int slot);
     // x16[0..n) as floats (exact) in scratch slot `slot`.
     const float* widen_bf16(const uint16_t* x16, size_t n, int slot);
+    // fp32 scratch (slot 3; the ops using it read no operand there) for a GEMM result that is
+    // then rounded into a bf16 output.
+    float* fp32_result(size_t n);
     void require_bf16_precision(const char* op) const;
     // The dense backward GEMMs from a rounded (or fp32) dout (matmul_backward, matmul_backward_bf16_dout).
     void dense_backward_rounded(float* din_NI,

@@ -12,7 +12,7 @@ struct LayerScratch {
     // GroupedMlp backward: d activation and d pre-activations [R, F] (bf16 with bf16 activation
     // storage), SwiGLU's second dx [R, D]
     Buffer<float> mlp_dact_RF, mlp_dh_up_RF, mlp_dh_gate_RF, mlp_dx_RD;
-    Buffer<uint16_t> mlp_dh_up16_RF, mlp_dh_gate16_RF;
+    Buffer<uint16_t> mlp_dact16_RF, mlp_dh_up16_RF, mlp_dh_gate16_RF;
     // GroupedMlp with activation recompute: the activation [R, F], in forward and again in backward
     // (bf16 when stored as bf16)
     Buffer<float> mlp_act_RF;

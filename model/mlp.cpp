@@ -17,11 +17,11 @@ void GroupedMlp::activation_forward(float* act_RF, size_t RF) {
     }
 }
 
-void GroupedMlp::activation_forward(uint16_t* act16_RF, size_t RF) {
+void GroupedMlp::activation_forward16(uint16_t* act16_RF, size_t RF) {
     if (activation_ == Activation::kSwiGlu) {
-        backend_->swiglu_forward_bf16(act16_RF, h_gate_RF_.data(), h_up_RF_.data(), RF);
+        backend_->swiglu_forward_bf16(act16_RF, h_gate16_RF_.data(), h_up16_RF_.data(), RF);
     } else {
-        backend_->gelu_forward_bf16(act16_RF, h_up_RF_.data(), RF);
+        backend_->gelu_forward_bf16(act16_RF, h_up16_RF_.data(), RF);
     }
 }
 
@@ -41,21 +41,32 @@ void GroupedMlp::forward(float* y_RD, const float* x_RD, const MlpWeights& w, co
     offsets_ = offsets_host;
     const int G = static_cast<int>(offsets_.size()) - 1, R = offsets_.back();
     const size_t RF = static_cast<size_t>(R) * F_;
+    const bool swiglu = activation_ == Activation::kSwiGlu;
+    stored16_ = bf16_storage_ && backend_->matmul_precision() == MatmulPrecision::kBf16;
+    if (stored16_) {  // every [R, F] tensor bf16; the fp32 ones of an earlier mode go
+        h_up_RF_ = Buffer<float>(), h_gate_RF_ = Buffer<float>();
+        if (!recompute_activation_) act_RF_ = Buffer<float>();
+        h_up16_RF_.ensure(backend_, RF);
+        backend_->grouped_matmul_forward_bf16(nullptr, h_up16_RF_.data(), x_RD, nullptr, w.up, offsets_.data(), G, D_,
+                                              F_);
+        if (swiglu) {
+            h_gate16_RF_.ensure(backend_, RF);
+            backend_->grouped_matmul_forward_bf16(nullptr, h_gate16_RF_.data(), x_RD, nullptr, w.gate, offsets_.data(),
+                                                  G, D_, F_);
+        }
+        uint16_t* act16 = activation_buffer16(RF);
+        activation_forward16(act16, RF);
+        backend_->grouped_matmul_forward_bf16(y_RD, nullptr, nullptr, act16, w.down, offsets_.data(), G, F_, D_);
+        return;
+    }
+    h_up16_RF_ = Buffer<uint16_t>(), h_gate16_RF_ = Buffer<uint16_t>();
+    if (!recompute_activation_) act16_RF_ = Buffer<uint16_t>();
     h_up_RF_.ensure(backend_, RF);
     backend_->grouped_matmul_forward(h_up_RF_.data(), x_RD, w.up, offsets_.data(), G, D_, F_);
-    if (activation_ == Activation::kSwiGlu) {
+    if (swiglu) {
         h_gate_RF_.ensure(backend_, RF);
         backend_->grouped_matmul_forward(h_gate_RF_.data(), x_RD, w.gate, offsets_.data(), G, D_, F_);
     }
-    stored16_ = bf16_storage_ && backend_->matmul_precision() == MatmulPrecision::kBf16;
-    if (stored16_) {
-        if (!recompute_activation_) act_RF_ = Buffer<float>();  // the fp32 copy of an earlier mode
-        uint16_t* act16 = activation_buffer16(RF);
-        activation_forward(act16, RF);
-        backend_->grouped_matmul_forward_bf16_in(y_RD, act16, w.down, offsets_.data(), G, F_, D_);
-        return;
-    }
-    if (!recompute_activation_) act16_RF_ = Buffer<uint16_t>();
     float* act = activation_buffer(RF);
     activation_forward(act, RF);
     backend_->grouped_matmul_forward(y_RD, act, w.down, offsets_.data(), G, F_, D_);
@@ -65,35 +76,37 @@ void GroupedMlp::backward(
     float* dx_RD, const MlpGrads& dw, const float* dy_RD, const float* x_RD, const MlpWeights& w) {
     const int G = static_cast<int>(offsets_.size()) - 1, R = offsets_.back();
     const size_t RF = static_cast<size_t>(R) * F_;
-    Buffer<float>& dact = scratch_->mlp_dact_RF;
-    dact.ensure(backend_, RF);
-    if (stored16_) {  // the activation and the pre-activations' gradients in bf16: only bf16 GEMMs read them
+    if (stored16_) {  // every [R, F] tensor bf16: d act, d h_up, d h_gate
         uint16_t* act16 = recompute_activation_ ? activation_buffer16(RF) : act16_RF_.data();
-        if (recompute_activation_) activation_forward(act16, RF);
-        backend_->grouped_matmul_backward_bf16(dact.data(), dw.down, dy_RD, nullptr, nullptr, act16, w.down,
-                                               offsets_.data(), G, F_, D_);
+        if (recompute_activation_) activation_forward16(act16, RF);
+        Buffer<uint16_t>& dact16 = scratch_->mlp_dact16_RF;
         Buffer<uint16_t>& dh_up = scratch_->mlp_dh_up16_RF;
+        dact16.ensure(backend_, RF);
         dh_up.ensure(backend_, RF);
+        backend_->grouped_matmul_backward_bf16(nullptr, dact16.data(), dw.down, dy_RD, nullptr, nullptr, act16, w.down,
+                                               offsets_.data(), G, F_, D_);
         if (activation_ == Activation::kSwiGlu) {
             Buffer<uint16_t>& dh_gate = scratch_->mlp_dh_gate16_RF;
             Buffer<float>& dx_up = scratch_->mlp_dx_RD;
             dh_gate.ensure(backend_, RF);
             dx_up.ensure(backend_, static_cast<size_t>(R) * D_);
-            backend_->swiglu_backward_bf16(dh_gate.data(), dh_up.data(), dact.data(), h_gate_RF_.data(),
-                                           h_up_RF_.data(), RF);
-            backend_->grouped_matmul_backward_bf16(dx_RD, dw.gate, nullptr, dh_gate.data(), x_RD, nullptr, w.gate,
-                                                   offsets_.data(), G, D_, F_);
-            backend_->grouped_matmul_backward_bf16(dx_up.data(), dw.up, nullptr, dh_up.data(), x_RD, nullptr, w.up,
-                                                   offsets_.data(), G, D_, F_);
+            backend_->swiglu_backward_bf16(dh_gate.data(), dh_up.data(), dact16.data(), h_gate16_RF_.data(),
+                                           h_up16_RF_.data(), RF);
+            backend_->grouped_matmul_backward_bf16(dx_RD, nullptr, dw.gate, nullptr, dh_gate.data(), x_RD, nullptr,
+                                                   w.gate, offsets_.data(), G, D_, F_);
+            backend_->grouped_matmul_backward_bf16(dx_up.data(), nullptr, dw.up, nullptr, dh_up.data(), x_RD, nullptr,
+                                                   w.up, offsets_.data(), G, D_, F_);
             backend_->accumulate(dx_RD, dx_up.data(), static_cast<size_t>(R) * D_);
         } else {
-            backend_->gelu_backward_bf16(dh_up.data(), dact.data(), h_up_RF_.data(), RF);
-            backend_->grouped_matmul_backward_bf16(dx_RD, dw.up, nullptr, dh_up.data(), x_RD, nullptr, w.up,
+            backend_->gelu_backward_bf16(dh_up.data(), dact16.data(), h_up16_RF_.data(), RF);
+            backend_->grouped_matmul_backward_bf16(dx_RD, nullptr, dw.up, nullptr, dh_up.data(), x_RD, nullptr, w.up,
                                                    offsets_.data(), G, D_, F_);
         }
         return;
     }
+    Buffer<float>& dact = scratch_->mlp_dact_RF;
     Buffer<float>& dh_up = scratch_->mlp_dh_up_RF;
+    dact.ensure(backend_, RF);
     dh_up.ensure(backend_, RF);
     float* act = recompute_activation_ ? activation_buffer(RF) : act_RF_.data();
     if (recompute_activation_) activation_forward(act, RF);

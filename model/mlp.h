@@ -6,9 +6,9 @@
 //   gelu:   y = gelu(x W3_g^T) W2_g^T
 // Saves its hidden activations for backward (sized for the largest R seen); its backward-only
 // buffers come from the model's LayerScratch, shared with every other layer. Under bf16 matmul
-// precision the activation and the pre-activations' gradients (each read only by GEMMs, which
-// round them to bf16 anyway) are stored as bf16: bitwise the same results, half their memory, no
-// rounding pass per GEMM.
+// precision every [R, F] tensor is stored as bf16, as torch.autocast keeps them (backend.h, "the
+// expert MLP's tensors in bf16"): half their memory and traffic, no rounding pass per GEMM; the
+// GELU/SwiGLU then sees bf16-rounded pre-activations.
 #pragma once
 
 #include <vector>
@@ -53,9 +53,9 @@ class GroupedMlp {
     // silu * up, the same kernel: bitwise the same gradients) in backward, in shared scratch.
     // Saves one [R, F] per layer for one activation kernel per layer.
     void set_recompute_activation(bool on);
-    // bf16 storage of the activation and the pre-activations' gradients under bf16 matmul
-    // precision: on by default; off (or BMOE_BF16_MLP_ACTIVATIONS=0 in the environment) keeps them
-    // fp32, the path before, for A/B runs. The mode is fixed at forward: keep the precision until
+    // bf16 storage of the [R, F] tensors (pre-activations, activation and their gradients) under
+    // bf16 matmul precision: on by default; off (or BMOE_BF16_MLP_ACTIVATIONS=0 in the environment)
+    // keeps them fp32, for A/B runs. The mode is fixed at forward: keep the precision until
     // backward. (CUDA's BMOE_CUDA_BF16_GEMM=fast16bf A/B mode runs the MLP's GEMMs on explicit bf16
     // copies while this is on: set both to compare the earlier path.)
     void set_bf16_activation_storage(bool on) { bf16_storage_ = on; }
@@ -63,7 +63,7 @@ class GroupedMlp {
   private:
     // act = gelu(h_up) or silu(h_gate) * h_up from the saved pre-activations, fp32 or bf16
     void activation_forward(float* act_RF, size_t RF);
-    void activation_forward(uint16_t* act16_RF, size_t RF);
+    void activation_forward16(uint16_t* act16_RF, size_t RF);
     // the activation's storage: saved, or the shared scratch (recompute)
     float* activation_buffer(size_t RF);
     uint16_t* activation_buffer16(size_t RF);
@@ -76,8 +76,8 @@ class GroupedMlp {
     bool bf16_storage_;
     bool stored16_ = false;  // this forward (and its backward) stores the [R, F] tensors as bf16
     std::vector<int> offsets_;
-    Buffer<float> h_gate_RF_, h_up_RF_, act_RF_;  // saved
-    Buffer<uint16_t> act16_RF_;                   // saved (bf16 storage)
+    Buffer<float> h_gate_RF_, h_up_RF_, act_RF_;           // saved
+    Buffer<uint16_t> h_gate16_RF_, h_up16_RF_, act16_RF_;  // saved (bf16 storage)
 };
 
 }  // namespace bmoe::model

@@ -184,22 +184,30 @@ void OpCostBackend::dense_backward_cost(
 void OpCostBackend::grouped_matmul_forward(
     float*, const float*, const float* w, const int* offsets_host, int G, int I, int O) {
     const ProfiledName op(this, "grouped_matmul_fwd", G, I, O);
-    grouped_forward_cost(w, offsets_host[G], G, I, O, /*in_stored_bf16=*/false);
+    grouped_forward_cost(w, offsets_host[G], G, I, O, /*in_stored_bf16=*/false, 4.0);
 }
 
 void OpCostBackend::grouped_matmul_backward(
     float* din, float* dw, const float*, const float*, const float* w, const int* offsets_host, int G, int I, int O) {
     const ProfiledName op(this, "grouped_matmul_bwd", G, I, O);
-    grouped_backward_cost(w, din != nullptr, dw != nullptr, offsets_host[G], G, I, O, false, false);
+    grouped_backward_cost(w, din != nullptr, dw != nullptr, offsets_host[G], G, I, O, false, false, 4.0);
 }
 
-void OpCostBackend::grouped_matmul_forward_bf16_in(
-    float*, const uint16_t*, const float* w, const int* offsets_host, int G, int I, int O) {
-    const ProfiledName op(this, "grouped_matmul_fwd_bf16_in", G, I, O);
-    grouped_forward_cost(w, offsets_host[G], G, I, O, /*in_stored_bf16=*/true);
+void OpCostBackend::grouped_matmul_forward_bf16(float*,
+                                                uint16_t* out16,
+                                                const float*,
+                                                const uint16_t* in16,
+                                                const float* w,
+                                                const int* offsets_host,
+                                                int G,
+                                                int I,
+                                                int O) {
+    const ProfiledName op(this, "grouped_matmul_fwd_bf16", G, I, O);
+    grouped_forward_cost(w, offsets_host[G], G, I, O, in16 != nullptr, out16 != nullptr ? 2.0 : 4.0);
 }
 
 void OpCostBackend::grouped_matmul_backward_bf16(float* din,
+                                                 uint16_t* din16,
                                                  float* dw,
                                                  const float*,
                                                  const uint16_t* dout16,
@@ -211,25 +219,34 @@ void OpCostBackend::grouped_matmul_backward_bf16(float* din,
                                                  int I,
                                                  int O) {
     const ProfiledName op(this, "grouped_matmul_bwd_bf16", G, I, O);
-    grouped_backward_cost(w, din != nullptr, dw != nullptr, offsets_host[G], G, I, O, dout16 != nullptr,
-                          in16 != nullptr);
+    grouped_backward_cost(w, din != nullptr || din16 != nullptr, dw != nullptr, offsets_host[G], G, I, O,
+                          dout16 != nullptr, in16 != nullptr, din16 != nullptr ? 2.0 : 4.0);
 }
 
 // Operands stored as bf16 are read at 2 bytes without a copy; the rest are rounded into copies.
-void OpCostBackend::grouped_forward_cost(const float* w, double r, int G, int I, int O, bool in_stored_bf16) {
+void OpCostBackend::grouped_forward_cost(
+    const float* w, double r, int G, int I, int O, bool in_stored_bf16, double out_bytes) {
     const std::string key = shaped("grouped_matmul_forward", r, I, O);
     operand_copies(key, {{in_stored_bf16 ? 0.0 : r * I, false}, {weight_to_round(w, double(G) * O * I), true}});
-    gemm(key, 2.0 * r * I * O, {{r * I, false}, {double(G) * O * I, true}}, r * O);
+    gemm(key, 2.0 * r * I * O, {{r * I, false}, {double(G) * O * I, true}}, r * O, false, out_bytes);
 }
 
-void OpCostBackend::grouped_backward_cost(
-    const float* w, bool din, bool dw, double r, int G, int I, int O, bool dout_stored_bf16, bool in_stored_bf16) {
+void OpCostBackend::grouped_backward_cost(const float* w,
+                                          bool din,
+                                          bool dw,
+                                          double r,
+                                          int G,
+                                          int I,
+                                          int O,
+                                          bool dout_stored_bf16,
+                                          bool in_stored_bf16,
+                                          double din_bytes) {
     const double flops = 2.0 * r * I * O, weights = double(G) * O * I;
     const std::string key = shaped("grouped_matmul_backward", r, I, O);
     operand_copies(key, {{dout_stored_bf16 ? 0.0 : r * O, false},
                          {dw && !in_stored_bf16 ? r * I : 0.0, false},
                          {din ? weight_to_round(w, weights) : 0.0, true}});
-    if (din) gemm(key, flops, {{r * O, false}, {weights, true}}, r * I);
+    if (din) gemm(key, flops, {{r * O, false}, {weights, true}}, r * I, false, din_bytes);
     if (dw) gemm(key, flops, {{r * O, false}, {r * I, false}}, weights, /*accumulate=*/true);
 }
 
@@ -334,17 +351,19 @@ void OpCostBackend::swiglu_backward(float*, float*, const float*, const float*, 
     kernel("swiglu_backward", act(5.0 * n), 12.0 * n);
 }
 void OpCostBackend::gelu_forward(float*, const float*, size_t n) { kernel("gelu_forward", act(2.0 * n), 12.0 * n); }
-void OpCostBackend::gelu_forward_bf16(uint16_t*, const float*, size_t n) {
-    kernel("gelu_forward_bf16", act(n) + 2.0 * n, 12.0 * n);  // write bf16
+// The MLP's bf16 [R, F] tensors: 2 bytes per element read or written.
+void OpCostBackend::gelu_forward_bf16(uint16_t*, const uint16_t*, size_t n) {
+    kernel("gelu_forward_bf16", 4.0 * n, 12.0 * n);
 }
-void OpCostBackend::swiglu_forward_bf16(uint16_t*, const float*, const float*, size_t n) {
-    kernel("swiglu_forward_bf16", act(2.0 * n) + 2.0 * n, 8.0 * n);
+void OpCostBackend::swiglu_forward_bf16(uint16_t*, const uint16_t*, const uint16_t*, size_t n) {
+    kernel("swiglu_forward_bf16", 6.0 * n, 8.0 * n);
 }
-void OpCostBackend::gelu_backward_bf16(uint16_t*, const float*, const float*, size_t n) {
-    kernel("gelu_backward_bf16", act(2.0 * n) + 2.0 * n, 20.0 * n);  // read dout and in, write bf16
+void OpCostBackend::gelu_backward_bf16(uint16_t*, const uint16_t*, const uint16_t*, size_t n) {
+    kernel("gelu_backward_bf16", 6.0 * n, 20.0 * n);
 }
-void OpCostBackend::swiglu_backward_bf16(uint16_t*, uint16_t*, const float*, const float*, const float*, size_t n) {
-    kernel("swiglu_backward_bf16", act(3.0 * n) + 4.0 * n, 12.0 * n);
+void OpCostBackend::swiglu_backward_bf16(
+    uint16_t*, uint16_t*, const uint16_t*, const uint16_t*, const uint16_t*, size_t n) {
+    kernel("swiglu_backward_bf16", 10.0 * n, 12.0 * n);
 }
 void OpCostBackend::gelu_backward(float*, const float*, const float*, size_t n) {
     kernel("gelu_backward", act(3.0 * n), 20.0 * n);

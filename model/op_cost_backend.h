@@ -185,19 +185,26 @@ class OpCostBackend final : public Backend {
         float* dgate, float* dup, const float* dout, const float* gate, const float* up, size_t n) override;
     void gelu_forward(float* out, const float* in, size_t n) override;
     void gelu_backward(float* din, const float* dout, const float* in, size_t n) override;
-    void gelu_forward_bf16(uint16_t* out16, const float* in, size_t n) override;
-    void swiglu_forward_bf16(uint16_t* out16, const float* gate, const float* up, size_t n) override;
-    void grouped_matmul_forward_bf16_in(float* out_RO,
-                                        const uint16_t* in16_RI,
-                                        const float* w_GOI,
-                                        const int* offsets_host,
-                                        int G,
-                                        int I,
-                                        int O) override;
-    void gelu_backward_bf16(uint16_t* din16, const float* dout, const float* in, size_t n) override;
-    void swiglu_backward_bf16(
-        uint16_t* dgate16, uint16_t* dup16, const float* dout, const float* gate, const float* up, size_t n) override;
+    void gelu_forward_bf16(uint16_t* out16, const uint16_t* in16, size_t n) override;
+    void swiglu_forward_bf16(uint16_t* out16, const uint16_t* gate16, const uint16_t* up16, size_t n) override;
+    void gelu_backward_bf16(uint16_t* din16, const uint16_t* dout16, const uint16_t* in16, size_t n) override;
+    void swiglu_backward_bf16(uint16_t* dgate16,
+                              uint16_t* dup16,
+                              const uint16_t* dout16,
+                              const uint16_t* gate16,
+                              const uint16_t* up16,
+                              size_t n) override;
+    void grouped_matmul_forward_bf16(float* out_RO,
+                                     uint16_t* out16_RO,
+                                     const float* in_RI,
+                                     const uint16_t* in16_RI,
+                                     const float* w_GOI,
+                                     const int* offsets_host,
+                                     int G,
+                                     int I,
+                                     int O) override;
     void grouped_matmul_backward_bf16(float* din_RI,
+                                      uint16_t* din16_RI,
                                       float* dw_GOI,
                                       const float* dout_RO,
                                       const uint16_t* dout16_RO,
@@ -320,10 +327,18 @@ class OpCostBackend final : public Backend {
     // Adds tensor-core work at the attention efficiency with `bytes` of traffic.
     void attention_products(const std::string& key, double flops, double bytes);
     // The grouped expert GEMMs over r rows (din/dw: which products run; *_stored_bf16: that operand
-    // is held as bf16 and needs no copy).
-    void grouped_forward_cost(const float* w, double r, int G, int I, int O, bool in_stored_bf16);
-    void grouped_backward_cost(
-        const float* w, bool din, bool dw, double r, int G, int I, int O, bool dout_stored_bf16, bool in_stored_bf16);
+    // is held as bf16 and needs no copy; out_bytes / din_bytes: 4, or 2 for a bf16 result).
+    void grouped_forward_cost(const float* w, double r, int G, int I, int O, bool in_stored_bf16, double out_bytes);
+    void grouped_backward_cost(const float* w,
+                               bool din,
+                               bool dw,
+                               double r,
+                               int G,
+                               int I,
+                               int O,
+                               bool dout_stored_bf16,
+                               bool in_stored_bf16,
+                               double din_bytes);
     // n, the elements of weight operand w to round into a copy; 0 where the model's bf16 weight
     // copy holds them (Backend::set_bf16_weight_copy).
     double weight_to_round(const float* w, double n) const;

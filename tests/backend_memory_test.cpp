@@ -275,7 +275,7 @@ TEST(BackendMemory, TheModelsCoverEveryOpButTheExpertParallelOnes) {
         "embedding_backward embedding_forward float_to_bf16 gelu_backward gelu_forward "
         "gelu_backward_bf16 gelu_forward_bf16 grouped_matmul_backward grouped_matmul_backward_bf16 "
         "grouped_matmul_forward "
-        "grouped_matmul_forward_bf16_in layernorm_backward layernorm_forward matmul_backward "
+        "grouped_matmul_forward_bf16 layernorm_backward layernorm_forward matmul_backward "
         "matmul_backward_bf16_dout matmul_forward matmul_forward_bf16_out moe_combine_backward moe_combine_forward "
         "moe_gather_backward moe_gather_forward mul "
         "position_backward position_forward rmsnorm_backward rmsnorm_forward rope_backward rope_forward router_rows "

@@ -329,47 +329,53 @@ TEST(CudaBackend, Bf16MatmulsMatchCpuEmulation) {
     for (auto* p : {&out, &din, &dw, &gout, &gdin, &gdw}) expect_close(*p, "bf16 GEMM");
 }
 
-// bf16 activation storage: the activation kernels' bf16 outputs (forward and backward) are the
-// CPU's (fp32 math within 1e-4, then the same rounding: equal but for values within 1e-4 of a
-// rounding boundary), and the grouped GEMMs reading bf16 operands match the CPU emulation as the
-// fp32-operand ones do.
-TEST(CudaBackend, Bf16StoredActivationAndBf16InputGemmsMatchCpu) {
+// The expert MLP's bf16 tensors: the activation kernels on bf16 inputs (forward and backward) give
+// the CPU's bf16 outputs (fp32 math within 1e-4, then the same rounding: equal but for values near
+// a rounding boundary), and the grouped GEMMs reading bf16 operands or writing bf16 results match
+// the CPU emulation (fp32 results to 1e-4, bf16 ones to a rounding step).
+TEST(CudaBackend, Bf16MlpTensorOpsMatchCpu) {
     if (!bmoe::model::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
     Dual d;
     constexpr size_t n = 3001;
-    auto gate = d.make(randn(n, 1, 3.0f)), up = d.make(randn(n, 2));
-    auto dout_act = d.make(randn(n, 3));
+    auto bf16_of = [](const Vec& x) {
+        std::vector<uint16_t> b(x.size());
+        for (size_t i = 0; i < x.size(); ++i) b[i] = bf16_bits(x[i]);
+        return b;
+    };
+    auto gate = d.make(bf16_of(randn(n, 1, 3.0f))), up = d.make(bf16_of(randn(n, 2)));
+    auto dout_act = d.make(bf16_of(randn(n, 3)));
     Pair<uint16_t> g16, s16, dg16, dgate16, dup16;
     for (Pair<uint16_t>* p : {&g16, &s16, &dg16, &dgate16, &dup16})
         for (int s : {kCpu, kGpu}) p->side[s] = Buffer<uint16_t>(&d.be(s), n);
     constexpr int I = 256, O = 96;
     const Plan plan = make_plan(N, K, E, /*empty=*/1, /*drop_every=*/5, 13);
     const int R = plan.R;
-    auto bf16_of = [](const Vec& x) {
-        std::vector<uint16_t> b(x.size());
-        for (size_t i = 0; i < x.size(); ++i) b[i] = bf16_bits(x[i]);
-        return b;
-    };
     auto in16 = d.make(bf16_of(randn(R * I, 5)));
     auto dout16 = d.make(bf16_of(randn(R * O, 9)));
     auto w = d.make(randn(E * O * I, 6, 0.1f)), dout = d.make(randn(R * O, 7)), in = d.make(randn(R * I, 10));
     auto out = d.garbage(R * O), din = d.garbage(R * I), dw = d.make(randn(E * O * I, 8));
-    auto din2 = d.garbage(R * I), dw2 = d.make(randn(E * O * I, 11));
+    auto dw2 = d.make(randn(E * O * I, 11));
+    Pair<uint16_t> h16, dact16;  // the MLP's bf16 GEMM results: pre-activation, d activation
+    for (int s : {kCpu, kGpu}) h16.side[s] = Buffer<uint16_t>(&d.be(s), static_cast<size_t>(R) * O);
+    for (int s : {kCpu, kGpu}) dact16.side[s] = Buffer<uint16_t>(&d.be(s), static_cast<size_t>(R) * I);
     d.run([&](Backend& be, int s) {
         be.gelu_forward_bf16(g16[s], gate[s], n);
         be.swiglu_forward_bf16(s16[s], gate[s], up[s], n);
         be.gelu_backward_bf16(dg16[s], dout_act[s], gate[s], n);
         be.swiglu_backward_bf16(dgate16[s], dup16[s], dout_act[s], gate[s], up[s], n);
         const ScopedMatmulPrecision bf16(&be, MatmulPrecision::kBf16);
-        be.grouped_matmul_forward_bf16_in(out[s], in16[s], w[s], plan.offsets.data(), E, I, O);
-        // the MLP's two uses: fp32 dout with the stored activation; the stored gradient with fp32 x
-        be.grouped_matmul_backward_bf16(din[s], dw[s], dout[s], nullptr, nullptr, in16[s], w[s], plan.offsets.data(), E,
-                                        I, O);
-        be.grouped_matmul_backward_bf16(din2[s], dw2[s], nullptr, dout16[s], in[s], nullptr, w[s], plan.offsets.data(),
-                                        E, I, O);
+        // the MLP's uses: up/gate (fp32 x -> bf16 h), down (bf16 act -> fp32 y) and their backward
+        be.grouped_matmul_forward_bf16(nullptr, h16[s], in[s], nullptr, w[s], plan.offsets.data(), E, I, O);
+        be.grouped_matmul_forward_bf16(out[s], nullptr, nullptr, in16[s], w[s], plan.offsets.data(), E, I, O);
+        be.grouped_matmul_backward_bf16(nullptr, dact16[s], dw[s], dout[s], nullptr, nullptr, in16[s], w[s],
+                                        plan.offsets.data(), E, I, O);
+        be.grouped_matmul_backward_bf16(din[s], nullptr, dw2[s], nullptr, dout16[s], in[s], nullptr, w[s],
+                                        plan.offsets.data(), E, I, O);
     });
     for (auto* p : {&g16, &s16, &dg16, &dgate16, &dup16}) expect_bf16_close(*p, "bf16 activation", 1.0f);
-    for (auto* p : {&out, &din, &dw, &din2, &dw2}) expect_close(*p, "bf16-operand grouped GEMM");
+    expect_bf16_close(h16, "grouped GEMM, bf16 out", 1.0f);
+    expect_bf16_close(dact16, "grouped GEMM backward, bf16 din", 1.0f);
+    for (auto* p : {&out, &din, &dw, &dw2}) expect_close(*p, "bf16-operand grouped GEMM");
 }
 
 // BMOE_CUDA_BF16_GEMM=fast16bf: the fp32-input CUBLAS_COMPUTE_32F_FAST_16BF path kept for A/B

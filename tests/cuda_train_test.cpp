@@ -75,9 +75,9 @@ TEST(CudaTrainTest, FlashAttentionLossesTrackCpuEmulation) {
     expect_backends_agree("bf16", 2e-3, 3e-2, "flash");
 }
 
-// A bf16 storage mode the CPU proves bitwise neutral, on the GPU: bf16 runs with `env` = 1 and 0
-// (read when the model is built) feed the GEMMs the same bf16 values, so the losses agree.
-void expect_bf16_mode_changes_nothing(const char* env) {
+// A bf16 storage mode on the GPU: bf16 runs with `env` = 1 and 0 (read when the model is built)
+// agree per step within `rel` (1e-5 where the CPU proves the mode bitwise neutral).
+void expect_bf16_mode_agrees(const char* env, double rel) {
     for (const model::Activation activation : {model::Activation::kSwiGlu, model::Activation::kGelu}) {
         RunConfig c = small_config();
         c.model.activation = activation;
@@ -95,21 +95,23 @@ void expect_bf16_mode_changes_nothing(const char* env) {
         unsetenv(env);
         ASSERT_EQ(losses[0].size(), losses[1].size());
         for (size_t i = 0; i < losses[0].size(); ++i)
-            EXPECT_NEAR(losses[0][i], losses[1][i], 1e-5 * std::abs(losses[1][i])) << env << ", step " << i;
+            EXPECT_NEAR(losses[0][i], losses[1][i], rel * std::abs(losses[1][i])) << env << ", step " << i;
     }
 }
 
-// The bf16-stored MLP tensors (CPU: ModelGradTest.MlpBf16ActivationStorageGivesBitwiseTheSameGradients).
+// The expert MLP's [R, F] tensors in bf16: the activation sees bf16-rounded pre-activations, so the
+// losses move by bf16 rounding (CPU: ModelGradTest.MlpBf16TensorsStayWithinBf16RoundingOfFp32Ones,
+// 1e-3 after one step; over a run, 2e-3 per step as for the bf16 backends' agreement).
 TEST(CudaTrainTest, Bf16MlpTensorsTrainLikeFp32Ones) {
     if (!model::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
-    expect_bf16_mode_changes_nothing("BMOE_BF16_MLP_ACTIVATIONS");
+    expect_bf16_mode_agrees("BMOE_BF16_MLP_ACTIVATIONS", 2e-3);
 }
 
 // The model's bf16 weight copy, re-rounded after each optimizer step, against rounding per GEMM op
 // (CPU: ModelGradTest.Bf16WeightCopyGivesBitwiseTheSameTraining).
 TEST(CudaTrainTest, Bf16WeightCopyTrainsLikeRoundingPerOp) {
     if (!model::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
-    expect_bf16_mode_changes_nothing("BMOE_BF16_WEIGHTS");
+    expect_bf16_mode_agrees("BMOE_BF16_WEIGHTS", 1e-5);
 }
 
 }  // namespace

@@ -128,15 +128,26 @@ class MemoryCheckingBackend : public CpuBackend {
             CpuBackend::grouped_matmul_backward(din, dw, dout, in, w, offsets_host, G, I, O);
     }
 
-    void grouped_matmul_forward_bf16_in(
-        float* out, const uint16_t* in16, const float* w, const int* offsets_host, int G, int I, int O) override {
-        const int R = offsets_host[G];
-        if (check("grouped_matmul_forward_bf16_in",
-                  {{"out", out, numel(R, O)}, {"in16", in16, numel(R, I)}, {"w", w, numel(G, O, I)}}))
-            CpuBackend::grouped_matmul_forward_bf16_in(out, in16, w, offsets_host, G, I, O);
-    }
     // Of each operand pair the non-null one is checked (backend.h: exactly one is given).
+    void grouped_matmul_forward_bf16(float* out,
+                                     uint16_t* out16,
+                                     const float* in,
+                                     const uint16_t* in16,
+                                     const float* w,
+                                     const int* offsets_host,
+                                     int G,
+                                     int I,
+                                     int O) override {
+        const int R = offsets_host[G];
+        if (check("grouped_matmul_forward_bf16", {{"out", out, numel(R, O)},
+                                                  {"out16", out16, numel(R, O)},
+                                                  {"in", in, numel(R, I)},
+                                                  {"in16", in16, numel(R, I)},
+                                                  {"w", w, numel(G, O, I)}}))
+            CpuBackend::grouped_matmul_forward_bf16(out, out16, in, in16, w, offsets_host, G, I, O);
+    }
     void grouped_matmul_backward_bf16(float* din,
+                                      uint16_t* din16,
                                       float* dw,
                                       const float* dout,
                                       const uint16_t* dout16,
@@ -149,13 +160,14 @@ class MemoryCheckingBackend : public CpuBackend {
                                       int O) override {
         const int R = offsets_host[G];
         if (check("grouped_matmul_backward_bf16", {{"din", din, numel(R, I)},
+                                                   {"din16", din16, numel(R, I)},
                                                    {"dw", dw, numel(G, O, I)},
                                                    {"dout", dout, numel(R, O)},
                                                    {"dout16", dout16, numel(R, O)},
                                                    {"in", dw ? in : nullptr, numel(R, I)},
                                                    {"in16", dw ? in16 : nullptr, numel(R, I)},
                                                    {"w", w, numel(G, O, I)}}))
-            CpuBackend::grouped_matmul_backward_bf16(din, dw, dout, dout16, in, in16, w, offsets_host, G, I, O);
+            CpuBackend::grouped_matmul_backward_bf16(din, din16, dw, dout, dout16, in, in16, w, offsets_host, G, I, O);
     }
 
     // ---- embeddings (table rows: as many as the largest token addresses; V is no argument) --------
@@ -291,23 +303,30 @@ class MemoryCheckingBackend : public CpuBackend {
                   {{"dgate", dgate, n}, {"dup", dup, n}, {"dout", dout, n}, {"gate", gate, n}, {"up", up, n}}))
             CpuBackend::swiglu_backward(dgate, dup, dout, gate, up, n);
     }
-    void gelu_forward_bf16(uint16_t* out16, const float* in, size_t n) override {
-        if (check("gelu_forward_bf16", {{"out16", out16, n}, {"in", in, n}}))
-            CpuBackend::gelu_forward_bf16(out16, in, n);
+    void gelu_forward_bf16(uint16_t* out16, const uint16_t* in16, size_t n) override {
+        if (check("gelu_forward_bf16", {{"out16", out16, n}, {"in16", in16, n}}))
+            CpuBackend::gelu_forward_bf16(out16, in16, n);
     }
-    void swiglu_forward_bf16(uint16_t* out16, const float* gate, const float* up, size_t n) override {
-        if (check("swiglu_forward_bf16", {{"out16", out16, n}, {"gate", gate, n}, {"up", up, n}}))
-            CpuBackend::swiglu_forward_bf16(out16, gate, up, n);
+    void swiglu_forward_bf16(uint16_t* out16, const uint16_t* gate16, const uint16_t* up16, size_t n) override {
+        if (check("swiglu_forward_bf16", {{"out16", out16, n}, {"gate16", gate16, n}, {"up16", up16, n}}))
+            CpuBackend::swiglu_forward_bf16(out16, gate16, up16, n);
     }
-    void gelu_backward_bf16(uint16_t* din16, const float* dout, const float* in, size_t n) override {
-        if (check("gelu_backward_bf16", {{"din16", din16, n}, {"dout", dout, n}, {"in", in, n}}))
-            CpuBackend::gelu_backward_bf16(din16, dout, in, n);
+    void gelu_backward_bf16(uint16_t* din16, const uint16_t* dout16, const uint16_t* in16, size_t n) override {
+        if (check("gelu_backward_bf16", {{"din16", din16, n}, {"dout16", dout16, n}, {"in16", in16, n}}))
+            CpuBackend::gelu_backward_bf16(din16, dout16, in16, n);
     }
-    void swiglu_backward_bf16(
-        uint16_t* dgate16, uint16_t* dup16, const float* dout, const float* gate, const float* up, size_t n) override {
-        if (check("swiglu_backward_bf16",
-                  {{"dgate16", dgate16, n}, {"dup16", dup16, n}, {"dout", dout, n}, {"gate", gate, n}, {"up", up, n}}))
-            CpuBackend::swiglu_backward_bf16(dgate16, dup16, dout, gate, up, n);
+    void swiglu_backward_bf16(uint16_t* dgate16,
+                              uint16_t* dup16,
+                              const uint16_t* dout16,
+                              const uint16_t* gate16,
+                              const uint16_t* up16,
+                              size_t n) override {
+        if (check("swiglu_backward_bf16", {{"dgate16", dgate16, n},
+                                           {"dup16", dup16, n},
+                                           {"dout16", dout16, n},
+                                           {"gate16", gate16, n},
+                                           {"up16", up16, n}}))
+            CpuBackend::swiglu_backward_bf16(dgate16, dup16, dout16, gate16, up16, n);
     }
     void gelu_forward(float* out, const float* in, size_t n) override {
         if (check("gelu_forward", {{"out", out, n}, {"in", in, n}})) CpuBackend::gelu_forward(out, in, n);

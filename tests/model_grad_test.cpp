@@ -234,10 +234,11 @@ TEST_P(ModelGradTest, MlpRecomputeGivesBitwiseTheSameGradients) {
     }
 }
 
-// bf16 storage of the MLP activation (the default under bf16 matmul precision) is memory and
-// traffic only: bitwise the same loss and gradients as the fp32 activation, with and without MLP
-// recompute, and less memory.
-TEST_P(ModelGradTest, MlpBf16ActivationStorageGivesBitwiseTheSameGradients) {
+// The expert MLP's [R, F] tensors in bf16 (the default under bf16 matmul precision): the GEMMs read
+// the same bf16 values either way but for the pre-activations, which the activation now sees rounded
+// (as under torch.autocast), so the loss moves by a bf16 rounding's worth, the gradients stay within
+// bf16 noise, and the peak memory drops. The same holds with MLP recompute.
+TEST_P(ModelGradTest, MlpBf16TensorsStayWithinBf16RoundingOfFp32Ones) {
     const ModelConfig cfg = GetParam().config;
     std::vector<int32_t> tokens = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10}, targets = {2, 3, 4, 5, 6, 7, 8, 9, 10, 11};
     const LossWeights w{0.01f, 0.001f, 0.05f};
@@ -253,20 +254,22 @@ TEST_P(ModelGradTest, MlpBf16ActivationStorageGivesBitwiseTheSameGradients) {
             model.set_mlp_recompute(recompute);
             model.set_mlp_bf16_activations(stored16);
             model.zero_grad();
-            losses.push_back(model.forward(tokens.data(), targets.data(), 2, 5, w).total_loss);
+            losses.push_back(model.forward(tokens.data(), targets.data(), 2, 5, w).ce_loss);
             model.backward(0.5f);
             model.forward(tokens.data(), targets.data(), 1, 7, w);
             model.backward(0.5f);
             grads.push_back(model.grads_to_host());
             peak.push_back(backend.peak_allocated_bytes());
         }
-        EXPECT_EQ(losses[0], losses[1]) << "recompute " << recompute;
-        ASSERT_EQ(grads[0].size(), grads[1].size());
-        for (size_t i = 0; i < grads[0].size(); ++i)
-            ASSERT_EQ(grads[0][i], grads[1][i]) << "recompute " << recompute << " " << i;
-        if (!recompute) {
-            EXPECT_LT(peak[1], peak[0]) << "the bf16 activation must take less memory";
+        EXPECT_NE(losses[0], losses[1]) << "the pre-activations were not rounded";
+        EXPECT_NEAR(losses[1], losses[0], 1e-3 * losses[0]) << "recompute " << recompute;
+        double diff = 0.0, norm = 0.0;
+        for (size_t i = 0; i < grads[0].size(); ++i) {
+            diff += std::pow(double(grads[1][i]) - grads[0][i], 2);
+            norm += std::pow(double(grads[0][i]), 2);
         }
+        EXPECT_LT(std::sqrt(diff / norm), 1.5e-2) << "relative gradient difference, recompute " << recompute;
+        EXPECT_LT(peak[1], peak[0]) << "the bf16 tensors must take less memory, recompute " << recompute;
     }
 }
 

@@ -355,63 +355,99 @@ TEST(Bf16, MatmulsRoundInputsAndAccumulateInFp32) {
 // bf16 activation storage: the activation written as bf16 is the fp32 activation rounded, and the
 // grouped GEMMs reading a bf16 operand give bitwise what they give on the fp32 tensor (which they
 // round to the same bf16 values); without bf16 matmul precision they refuse.
-TEST(Bf16, StoredActivationAndBf16InputGemmsAreBitwiseTheFp32Path) {
+// The expert MLP's bf16 ops are the fp32 ops on the widened bf16 inputs, their results rounded once:
+// the activations forward and backward, and the grouped GEMMs with each operand and result bf16 or fp32.
+TEST(Bf16, MlpTensorOpsAreTheFp32OpsOnBf16Values) {
     CpuBackend be;
     const size_t n = 1001;
-    const Vec gate = randn(n, 1, 3.0f), up = randn(n, 2);
-    Vec act(n);
-    std::vector<uint16_t> act16(n);
+    auto bf16_of = [](const Vec& x) {
+        std::vector<uint16_t> b(x.size());
+        for (size_t i = 0; i < x.size(); ++i) b[i] = bf16_bits(x[i]);
+        return b;
+    };
+    auto widened = [](const std::vector<uint16_t>& b) {
+        Vec x(b.size());
+        for (size_t i = 0; i < b.size(); ++i) x[i] = bf16_to_float(b[i]);
+        return x;
+    };
+    auto expect_rounded = [&](const std::vector<uint16_t>& got, const Vec& want, const char* what) {
+        ASSERT_EQ(got.size(), want.size()) << what;
+        for (size_t i = 0; i < got.size(); ++i) ASSERT_EQ(got[i], bf16_bits(want[i])) << what << " " << i;
+    };
+    const std::vector<uint16_t> gate16 = bf16_of(randn(n, 1, 3.0f)), up16 = bf16_of(randn(n, 2)),
+                                dout16 = bf16_of(randn(n, 7));
+    const Vec gate = widened(gate16), up = widened(up16), dout_act = widened(dout16);
+    Vec act(n), dgate(n), dup(n);
+    std::vector<uint16_t> act16(n), dgate16(n), dup16(n);
     be.gelu_forward(act.data(), gate.data(), n);
-    be.gelu_forward_bf16(act16.data(), gate.data(), n);
-    for (size_t i = 0; i < n; ++i) ASSERT_EQ(act16[i], bf16_bits(act[i])) << "gelu " << i;
+    be.gelu_forward_bf16(act16.data(), gate16.data(), n);
+    expect_rounded(act16, act, "gelu");
     be.swiglu_forward(act.data(), gate.data(), up.data(), n);
-    be.swiglu_forward_bf16(act16.data(), gate.data(), up.data(), n);
-    for (size_t i = 0; i < n; ++i) ASSERT_EQ(act16[i], bf16_bits(act[i])) << "swiglu " << i;
-    const Vec dout_act = randn(n, 7);
-    Vec dgate(n), dup(n);
-    std::vector<uint16_t> dgate16(n), dup16(n);
+    be.swiglu_forward_bf16(act16.data(), gate16.data(), up16.data(), n);
+    expect_rounded(act16, act, "swiglu");
     be.gelu_backward(dgate.data(), dout_act.data(), gate.data(), n);
-    be.gelu_backward_bf16(dgate16.data(), dout_act.data(), gate.data(), n);
-    for (size_t i = 0; i < n; ++i) ASSERT_EQ(dgate16[i], bf16_bits(dgate[i])) << "gelu backward " << i;
+    be.gelu_backward_bf16(dgate16.data(), dout16.data(), gate16.data(), n);
+    expect_rounded(dgate16, dgate, "gelu backward");
     be.swiglu_backward(dgate.data(), dup.data(), dout_act.data(), gate.data(), up.data(), n);
-    be.swiglu_backward_bf16(dgate16.data(), dup16.data(), dout_act.data(), gate.data(), up.data(), n);
-    for (size_t i = 0; i < n; ++i) {
-        ASSERT_EQ(dgate16[i], bf16_bits(dgate[i])) << "swiglu backward dgate " << i;
-        ASSERT_EQ(dup16[i], bf16_bits(dup[i])) << "swiglu backward dup " << i;
-    }
+    be.swiglu_backward_bf16(dgate16.data(), dup16.data(), dout16.data(), gate16.data(), up16.data(), n);
+    expect_rounded(dgate16, dgate, "swiglu backward dgate");
+    expect_rounded(dup16, dup, "swiglu backward dup");
 
     const int G = 3, I = 40, O = 7, offsets[G + 1] = {0, 4, 4, 9}, R = offsets[G];
-    const Vec in = randn(R * I, 3), w = randn(G * O * I, 4), dout = randn(R * O, 5), dw0 = randn(G * O * I, 6);
-    std::vector<uint16_t> in16(R * I), dout16(R * O);
-    for (int i = 0; i < R * I; ++i) in16[i] = bf16_bits(in[i]);
-    for (int i = 0; i < R * O; ++i) dout16[i] = bf16_bits(dout[i]);
-    Vec out(R * O), out16(R * O), din(R * I), dw = dw0;
+    const std::vector<uint16_t> in16 = bf16_of(randn(R * I, 3)), dout16_RO = bf16_of(randn(R * O, 5));
+    const Vec in = widened(in16), dout = widened(dout16_RO), w = randn(G * O * I, 4), dw0 = randn(G * O * I, 6);
+    Vec out(R * O), din(R * I), dw = dw0;
     be.set_matmul_precision(MatmulPrecision::kBf16);
     be.grouped_matmul_forward(out.data(), in.data(), w.data(), offsets, G, I, O);
-    be.grouped_matmul_forward_bf16_in(out16.data(), in16.data(), w.data(), offsets, G, I, O);
-    EXPECT_EQ(out16, out);
     be.grouped_matmul_backward(din.data(), dw.data(), dout.data(), in.data(), w.data(), offsets, G, I, O);
     EXPECT_NE(dw, dw0);
+    for (const bool in_bf16 : {false, true}) {
+        Vec out32(R * O);
+        std::vector<uint16_t> out16(R * O);
+        be.grouped_matmul_forward_bf16(out32.data(), nullptr, in_bf16 ? nullptr : in.data(),
+                                       in_bf16 ? in16.data() : nullptr, w.data(), offsets, G, I, O);
+        EXPECT_EQ(out32, out) << "bf16 in " << in_bf16;
+        be.grouped_matmul_forward_bf16(nullptr, out16.data(), in_bf16 ? nullptr : in.data(),
+                                       in_bf16 ? in16.data() : nullptr, w.data(), offsets, G, I, O);
+        expect_rounded(out16, out, "bf16 out");
+    }
     for (const bool dout_bf16 : {false, true})
-        for (const bool in_bf16 : {false, true}) {
-            Vec din16(R * I), dw16 = dw0;  // accumulated onto the same dw0
-            be.grouped_matmul_backward_bf16(din16.data(), dw16.data(), dout_bf16 ? nullptr : dout.data(),
-                                            dout_bf16 ? dout16.data() : nullptr, in_bf16 ? nullptr : in.data(),
-                                            in_bf16 ? in16.data() : nullptr, w.data(), offsets, G, I, O);
-            EXPECT_EQ(din16, din) << "bf16 dout " << dout_bf16 << ", bf16 in " << in_bf16;
-            EXPECT_EQ(dw16, dw) << "bf16 dout " << dout_bf16 << ", bf16 in " << in_bf16;
-        }
-    Vec din16(R * I), dw16 = dw0;
-    EXPECT_THROW(be.grouped_matmul_backward_bf16(din16.data(), dw16.data(), dout.data(), dout16.data(), in.data(),
-                                                 nullptr, w.data(), offsets, G, I, O),
+        for (const bool in_bf16 : {false, true})
+            for (const bool din_bf16 : {false, true}) {
+                Vec din32(R * I), dw16 = dw0;  // accumulated onto the same dw0
+                std::vector<uint16_t> din16(R * I);
+                be.grouped_matmul_backward_bf16(din_bf16 ? nullptr : din32.data(), din_bf16 ? din16.data() : nullptr,
+                                                dw16.data(), dout_bf16 ? nullptr : dout.data(),
+                                                dout_bf16 ? dout16_RO.data() : nullptr, in_bf16 ? nullptr : in.data(),
+                                                in_bf16 ? in16.data() : nullptr, w.data(), offsets, G, I, O);
+                if (din_bf16)
+                    expect_rounded(din16, din, "bf16 din");
+                else
+                    EXPECT_EQ(din32, din) << "bf16 dout " << dout_bf16 << ", bf16 in " << in_bf16;
+                EXPECT_EQ(dw16, dw) << "bf16 dout " << dout_bf16 << ", bf16 in " << in_bf16 << ", bf16 din "
+                                    << din_bf16;
+            }
+    Vec din32(R * I), dw16 = dw0;
+    std::vector<uint16_t> din16(R * I), out16(R * O);
+    EXPECT_THROW(be.grouped_matmul_backward_bf16(din32.data(), nullptr, dw16.data(), dout.data(), dout16_RO.data(),
+                                                 in.data(), nullptr, w.data(), offsets, G, I, O),
                  bmoe::Error)
         << "both douts";
-    EXPECT_THROW(be.grouped_matmul_backward_bf16(din16.data(), dw16.data(), dout.data(), nullptr, nullptr, nullptr,
-                                                 w.data(), offsets, G, I, O),
+    EXPECT_THROW(be.grouped_matmul_backward_bf16(din32.data(), nullptr, dw16.data(), dout.data(), nullptr, nullptr,
+                                                 nullptr, w.data(), offsets, G, I, O),
                  bmoe::Error)
         << "no in with dw";
+    EXPECT_THROW(be.grouped_matmul_backward_bf16(din32.data(), din16.data(), dw16.data(), dout.data(), nullptr,
+                                                 in.data(), nullptr, w.data(), offsets, G, I, O),
+                 bmoe::Error)
+        << "both dins";
+    EXPECT_THROW(
+        be.grouped_matmul_forward_bf16(out.data(), out16.data(), in.data(), nullptr, w.data(), offsets, G, I, O),
+        bmoe::Error)
+        << "both outs";
     be.set_matmul_precision(MatmulPrecision::kFp32);
-    EXPECT_THROW(be.grouped_matmul_forward_bf16_in(out16.data(), in16.data(), w.data(), offsets, G, I, O), bmoe::Error);
+    EXPECT_THROW(be.grouped_matmul_forward_bf16(out.data(), nullptr, nullptr, in16.data(), w.data(), offsets, G, I, O),
+                 bmoe::Error);
 }
 
 // ---- embeddings -------------------------------------------------------------------------------

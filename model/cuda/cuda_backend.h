@@ -148,19 +148,26 @@ class CudaBackend final : public Backend {
         float* dgate, float* dup, const float* dout, const float* gate, const float* up, size_t n) override;
     void gelu_forward(float* out, const float* in, size_t n) override;
     void gelu_backward(float* din, const float* dout, const float* in, size_t n) override;
-    void gelu_forward_bf16(uint16_t* out16, const float* in, size_t n) override;
-    void swiglu_forward_bf16(uint16_t* out16, const float* gate, const float* up, size_t n) override;
-    void grouped_matmul_forward_bf16_in(float* out_RO,
-                                        const uint16_t* in16_RI,
-                                        const float* w_GOI,
-                                        const int* offsets_host,
-                                        int G,
-                                        int I,
-                                        int O) override;
-    void gelu_backward_bf16(uint16_t* din16, const float* dout, const float* in, size_t n) override;
-    void swiglu_backward_bf16(
-        uint16_t* dgate16, uint16_t* dup16, const float* dout, const float* gate, const float* up, size_t n) override;
+    void gelu_forward_bf16(uint16_t* out16, const uint16_t* in16, size_t n) override;
+    void swiglu_forward_bf16(uint16_t* out16, const uint16_t* gate16, const uint16_t* up16, size_t n) override;
+    void gelu_backward_bf16(uint16_t* din16, const uint16_t* dout16, const uint16_t* in16, size_t n) override;
+    void swiglu_backward_bf16(uint16_t* dgate16,
+                              uint16_t* dup16,
+                              const uint16_t* dout16,
+                              const uint16_t* gate16,
+                              const uint16_t* up16,
+                              size_t n) override;
+    void grouped_matmul_forward_bf16(float* out_RO,
+                                     uint16_t* out16_RO,
+                                     const float* in_RI,
+                                     const uint16_t* in16_RI,
+                                     const float* w_GOI,
+                                     const int* offsets_host,
+                                     int G,
+                                     int I,
+                                     int O) override;
     void grouped_matmul_backward_bf16(float* din_RI,
+                                      uint16_t* din16_RI,
                                       float* dw_GOI,
                                       const float* dout_RO,
                                       const uint16_t* dout16_RO,
@@ -326,12 +333,12 @@ class CudaBackend final : public Backend {
 
     // One row-major GEMM per problem, C_i = alpha op(A_i) op(B_i) + beta C_i with per-problem
     // M/N/K and shared leading dimensions, in ONE grouped (or, all of one shape, batched) cuBLAS
-    // call. Problems with M, N or K = 0 are skipped.
+    // call. Problems with M, N or K = 0 are skipped. C is fp32, or bf16 (c_bf16: as in gemm()).
     struct GemmProblem {
         int M, N, K;
         const void* A;  // GemmInput elements
         const void* B;
-        float* C;
+        void* C;
     };
     void grouped_gemm(const std::vector<GemmProblem>& problems,
                       float alpha,
@@ -341,13 +348,16 @@ class CudaBackend final : public Backend {
                       bool transB,
                       float beta,
                       int ldc,
-                      GemmInput in);
+                      GemmInput in,
+                      bool c_bf16 = false);
     // One product of an attention plan (attention_plan.h), its operands mapped through `in`.
     void run_batched_gemm(const BatchedGemm& g, const GemmInputs& in);
     // The expert GEMMs over row groups [offsets[g], offsets[g+1]); in_rows(r0) / dout_rows(r0) is
     // that operand, as cuBLAS reads it, from row r0 (fp32, a bf16 copy, or a tensor stored as bf16).
+    // out_RO / din_RI: fp32, or bf16 with out_bf16 / din_bf16.
     using RowOperand = std::function<const void*(size_t r0)>;
-    void grouped_forward_gemms(float* out_RO,
+    void grouped_forward_gemms(void* out_RO,
+                               bool out_bf16,
                                const RowOperand& in_rows,
                                const float* w_GOI,
                                const GemmInputs& in,
@@ -355,7 +365,8 @@ class CudaBackend final : public Backend {
                                int G,
                                int I,
                                int O);
-    void grouped_backward_gemms(float* din_RI,
+    void grouped_backward_gemms(void* din_RI,
+                                bool din_bf16,
                                 float* dw_GOI,
                                 const RowOperand& dout_rows,
                                 const RowOperand& in_rows,
@@ -402,7 +413,7 @@ class CudaBackend final : public Backend {
     Scratch colred_ws_;                      // column_reduce partial sums [splits, D] (double)
     Scratch bf16_ws_[kBf16Slots];            // bf16 copies of GEMM inputs (bf16 matmul precision)
     std::unique_ptr<OpProfiler> profiler_;   // disabled unless asked for
-    unsigned gemm_unsupported_ = 0;          // bit (batched, GemmInput, transA, transB): cuBLAS refused that call
+    uint64_t gemm_unsupported_ = 0;  // bit (bf16 C, batched, GemmInput, transA, transB): cuBLAS refused that call
     bool bf16_input_copies_ = true;          // BMOE_CUDA_BF16_GEMM: copies (default) | fast16bf
 };
 

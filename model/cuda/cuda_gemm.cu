@@ -46,6 +46,11 @@ __global__ void to_bf16_kernel(uint16_t* out, const float* in, size_t n) {
     BMOE_GRID_STRIDE(i, n) out[i] = bf16_bits_rne(in[i]);
 }
 
+// Row r0 of a row-major [R, cols] fp32 or bf16 matrix.
+void* row_of(void* base, bool bf16, size_t r0, int cols) {
+    return static_cast<char*>(base) + r0 * static_cast<size_t>(cols) * (bf16 ? sizeof(uint16_t) : sizeof(float));
+}
+
 }  // namespace
 
 // ---- operand copies ---------------------------------------------------------------------------
@@ -237,14 +242,16 @@ void CudaBackend::grouped_gemm(const std::vector<GemmProblem>& problems,
                                bool transB,
                                float beta,
                                int ldc,
-                               GemmInput in) {
+                               GemmInput in,
+                               bool c_bf16) {
+    BMOE_ASSERT(!c_bf16 || (in == GemmInput::kBf16 && beta == 0.0f), "a bf16 C needs bf16 inputs and beta = 0");
     // Column-major view, as in gemm(): C^T = op(B)^T op(A)^T, so cuBLAS sees (N, M, K) and B first.
     std::vector<int> m, n, k, ld_a, ld_b, ld_c, ones;
     std::vector<cublasOperation_t> op_a, op_b;
     std::vector<float> alphas, betas;
     std::vector<const void*> ptrs;  // [A0 ... A(P-1), B0 ..., C0 ...] once filled
     std::vector<const void*> a_ptrs, b_ptrs;
-    std::vector<float*> c_ptrs;
+    std::vector<void*> c_ptrs;
     for (const GemmProblem& p : problems) {
         if (p.M <= 0 || p.N <= 0 || p.K <= 0) continue;  // empty expert: nothing to add
         m.push_back(p.N);
@@ -276,16 +283,17 @@ void CudaBackend::grouped_gemm(const std::vector<GemmProblem>& problems,
                          std::all_of(k.begin(), k.end(), [&](int v) { return v == k[0]; });
     // Whether cuBLAS supports a call can depend on its kind, the input type and the transposes:
     // remembered per combination, and said once, since the per-GEMM fallback is slower.
-    const unsigned combo =
-        1u << ((uniform ? 16u : 0u) | (static_cast<unsigned>(in) << 2) | (transA ? 2u : 0u) | (transB ? 1u : 0u));
+    const uint64_t combo = uint64_t{1} << ((c_bf16 ? 32u : 0u) | (uniform ? 16u : 0u) |
+                                           (static_cast<unsigned>(in) << 2) | (transA ? 2u : 0u) | (transB ? 1u : 0u));
     const cudaDataType_t type = in == GemmInput::kBf16 ? CUDA_R_16BF : CUDA_R_32F;
+    const cudaDataType_t c_type = c_bf16 ? CUDA_R_16BF : CUDA_R_32F;
     const cublasComputeType_t compute =
         in == GemmInput::kFp32Fast16Bf ? CUBLAS_COMPUTE_32F_FAST_16BF : CUBLAS_COMPUTE_32F;
     cublasStatus_t rc = CUBLAS_STATUS_NOT_SUPPORTED;
     if ((gemm_unsupported_ & combo) == 0) {
         if (uniform && ex) {
             rc = cublasGemmBatchedEx(blas_, op_a[0], op_b[0], m[0], n[0], k[0], &alpha, dev, type, ldb, dev + count,
-                                     type, lda, &beta, dev + 2 * count, CUDA_R_32F, ldc, count, compute,
+                                     type, lda, &beta, dev + 2 * count, c_type, ldc, count, compute,
                                      CUBLAS_GEMM_DEFAULT);
         } else if (uniform) {
             rc = cublasSgemmBatched(blas_, op_a[0], op_b[0], m[0], n[0], k[0], &alpha,
@@ -296,7 +304,7 @@ void CudaBackend::grouped_gemm(const std::vector<GemmProblem>& problems,
             rc =
                 cublasGemmGroupedBatchedEx(blas_, op_a.data(), op_b.data(), m.data(), n.data(), k.data(), alphas.data(),
                                            dev, type, ld_a.data(), dev + count, type, ld_b.data(), betas.data(),
-                                           dev + 2 * count, CUDA_R_32F, ld_c.data(), count, ones.data(), compute);
+                                           dev + 2 * count, c_type, ld_c.data(), count, ones.data(), compute);
         } else {
             rc = cublasSgemmGroupedBatched(blas_, op_a.data(), op_b.data(), m.data(), n.data(), k.data(), alphas.data(),
                                            reinterpret_cast<const float* const*>(dev), ld_a.data(),
@@ -310,16 +318,16 @@ void CudaBackend::grouped_gemm(const std::vector<GemmProblem>& problems,
         if (rc == CUBLAS_STATUS_NOT_SUPPORTED) {
             gemm_unsupported_ |= combo;
             std::fprintf(stderr,
-                         "bmoe: this cuBLAS has no %s %s GEMM with transA=%d transB=%d; running one GEMM per "
+                         "bmoe: this cuBLAS has no %s %s GEMM%s with transA=%d transB=%d; running one GEMM per "
                          "problem instead (slower)\n",
                          uniform ? "batched" : "grouped",
-                         in == GemmInput::kBf16 ? "bf16" : (ex ? "fp32 (bf16 compute)" : "fp32"), transA ? 1 : 0,
-                         transB ? 1 : 0);
+                         in == GemmInput::kBf16 ? "bf16" : (ex ? "fp32 (bf16 compute)" : "fp32"),
+                         c_bf16 ? " (bf16 output)" : "", transA ? 1 : 0, transB ? 1 : 0);
         }
     }
     if (rc == CUBLAS_STATUS_NOT_SUPPORTED) {  // this cuBLAS has no such call: one GEMM per problem
         for (const GemmProblem& p : problems)
-            gemm(p.M, p.N, p.K, alpha, p.A, lda, transA, p.B, ldb, transB, beta, p.C, ldc, in);
+            gemm(p.M, p.N, p.K, alpha, p.A, lda, transA, p.B, ldb, transB, beta, p.C, ldc, in, c_bf16);
         return;
     }
     CUBLAS_CHECK(rc);
@@ -331,7 +339,8 @@ void CudaBackend::grouped_matmul_forward(
     const ProfiledOp op(profiler_.get(), "grouped_matmul_fwd", G, I, O);
     const size_t R = static_cast<size_t>(offsets_host[G]);
     const GemmInputs in = gemm_inputs({{in_RI, R * I}, {w_GOI, static_cast<size_t>(G) * O * I}});
-    grouped_forward_gemms(out_RO, [&](size_t r0) { return in(in_RI + r0 * I); }, w_GOI, in, offsets_host, G, I, O);
+    grouped_forward_gemms(
+        out_RO, false, [&](size_t r0) { return in(in_RI + r0 * I); }, w_GOI, in, offsets_host, G, I, O);
 }
 
 void CudaBackend::grouped_matmul_backward(float* din_RI,
@@ -348,22 +357,38 @@ void CudaBackend::grouped_matmul_backward(float* din_RI,
     const GemmInputs in =
         gemm_inputs({{dout_RO, R * O}, {w_GOI, static_cast<size_t>(G) * O * I}, {dw_GOI ? in_RI : nullptr, R * I}});
     grouped_backward_gemms(
-        din_RI, dw_GOI, [&](size_t r0) { return in(dout_RO + r0 * O); }, [&](size_t r0) { return in(in_RI + r0 * I); },
-        w_GOI, in, offsets_host, G, I, O);
+        din_RI, false, dw_GOI, [&](size_t r0) { return in(dout_RO + r0 * O); },
+        [&](size_t r0) { return in(in_RI + r0 * I); }, w_GOI, in, offsets_host, G, I, O);
 }
 
 // The _bf16 variants read the operands stored as bf16 directly and round the fp32 ones into copies,
-// in either GEMM mode (fast16bf cannot mix a bf16 and an fp32 operand in one product).
-void CudaBackend::grouped_matmul_forward_bf16_in(
-    float* out_RO, const uint16_t* in16_RI, const float* w_GOI, const int* offsets_host, int G, int I, int O) {
-    const ProfiledOp op(profiler_.get(), "grouped_matmul_fwd_bf16_in", G, I, O);
+// in either GEMM mode (fast16bf cannot mix a bf16 and an fp32 operand in one product); a bf16
+// result is cuBLAS's rounding of its fp32 accumulator.
+void CudaBackend::grouped_matmul_forward_bf16(float* out_RO,
+                                              uint16_t* out16_RO,
+                                              const float* in_RI,
+                                              const uint16_t* in16_RI,
+                                              const float* w_GOI,
+                                              const int* offsets_host,
+                                              int G,
+                                              int I,
+                                              int O) {
+    const ProfiledOp op(profiler_.get(), "grouped_matmul_fwd_bf16", G, I, O);
     BMOE_REQUIRE(matmul_precision_ == MatmulPrecision::kBf16,
-                 "grouped_matmul_forward_bf16_in reads a bf16 operand: it needs bf16 matmul precision");
-    const GemmInputs in = bf16_gemm_inputs({{w_GOI, static_cast<size_t>(G) * O * I}});
-    grouped_forward_gemms(out_RO, [&](size_t r0) { return in16_RI + r0 * I; }, w_GOI, in, offsets_host, G, I, O);
+                 "grouped_matmul_forward_bf16 reads or writes bf16: it needs bf16 matmul precision");
+    BMOE_REQUIRE((out_RO != nullptr) != (out16_RO != nullptr) && (in_RI != nullptr) != (in16_RI != nullptr),
+                 "grouped_matmul_forward_bf16: give exactly one of out_RO / out16_RO and one of in_RI / in16_RI");
+    const size_t R = static_cast<size_t>(offsets_host[G]);
+    const GemmInputs in =
+        bf16_gemm_inputs({{in16_RI ? nullptr : in_RI, R * I}, {w_GOI, static_cast<size_t>(G) * O * I}});
+    grouped_forward_gemms(
+        out16_RO ? static_cast<void*>(out16_RO) : out_RO, out16_RO != nullptr,
+        [&](size_t r0) -> const void* { return in16_RI ? in16_RI + r0 * I : in(in_RI + r0 * I); }, w_GOI, in,
+        offsets_host, G, I, O);
 }
 
 void CudaBackend::grouped_matmul_backward_bf16(float* din_RI,
+                                               uint16_t* din16_RI,
                                                float* dw_GOI,
                                                const float* dout_RO,
                                                const uint16_t* dout16_RO,
@@ -376,22 +401,24 @@ void CudaBackend::grouped_matmul_backward_bf16(float* din_RI,
                                                int O) {
     const ProfiledOp op(profiler_.get(), "grouped_matmul_bwd_bf16", G, I, O);
     BMOE_REQUIRE(matmul_precision_ == MatmulPrecision::kBf16,
-                 "grouped_matmul_backward_bf16 reads bf16 operands: it needs bf16 matmul precision");
-    BMOE_REQUIRE(
-        (dout_RO != nullptr) != (dout16_RO != nullptr) && (!dw_GOI || (in_RI != nullptr) != (in16_RI != nullptr)),
-        "grouped_matmul_backward_bf16: give exactly one of dout_RO / dout16_RO, and one of in_RI / in16_RI "
-        "with dw_GOI");
+                 "grouped_matmul_backward_bf16 reads or writes bf16: it needs bf16 matmul precision");
+    BMOE_REQUIRE((dout_RO != nullptr) != (dout16_RO != nullptr) && (din_RI != nullptr) != (din16_RI != nullptr) &&
+                     (!dw_GOI || (in_RI != nullptr) != (in16_RI != nullptr)),
+                 "grouped_matmul_backward_bf16: give exactly one of dout_RO / dout16_RO, one of din_RI / din16_RI, and "
+                 "one of in_RI / in16_RI with dw_GOI");
     const size_t R = static_cast<size_t>(offsets_host[G]);
     const GemmInputs in = bf16_gemm_inputs({{dout16_RO ? nullptr : dout_RO, R * O},
                                             {w_GOI, static_cast<size_t>(G) * O * I},
                                             {dw_GOI && !in16_RI ? in_RI : nullptr, R * I}});
     grouped_backward_gemms(
-        din_RI, dw_GOI, [&](size_t r0) -> const void* { return dout16_RO ? dout16_RO + r0 * O : in(dout_RO + r0 * O); },
+        din16_RI ? static_cast<void*>(din16_RI) : din_RI, din16_RI != nullptr, dw_GOI,
+        [&](size_t r0) -> const void* { return dout16_RO ? dout16_RO + r0 * O : in(dout_RO + r0 * O); },
         [&](size_t r0) -> const void* { return in16_RI ? in16_RI + r0 * I : in(in_RI + r0 * I); }, w_GOI, in,
         offsets_host, G, I, O);
 }
 
-void CudaBackend::grouped_forward_gemms(float* out_RO,
+void CudaBackend::grouped_forward_gemms(void* out_RO,
+                                        bool out_bf16,
                                         const RowOperand& in_rows,
                                         const float* w_GOI,
                                         const GemmInputs& in,
@@ -404,12 +431,13 @@ void CudaBackend::grouped_forward_gemms(float* out_RO,
         const int r0 = offsets_host[g], rows = offsets_host[g + 1] - r0;
         if (rows == 0) continue;
         problems.push_back({rows, O, I, in_rows(static_cast<size_t>(r0)), in(w_GOI + static_cast<size_t>(g) * O * I),
-                            out_RO + static_cast<size_t>(r0) * O});
+                            row_of(out_RO, out_bf16, static_cast<size_t>(r0), O)});
     }
-    grouped_gemm(problems, 1.0f, I, false, I, true, 0.0f, O, in.type);
+    grouped_gemm(problems, 1.0f, I, false, I, true, 0.0f, O, in.type, out_bf16);
 }
 
-void CudaBackend::grouped_backward_gemms(float* din_RI,
+void CudaBackend::grouped_backward_gemms(void* din_RI,
+                                         bool din_bf16,
                                          float* dw_GOI,
                                          const RowOperand& dout_rows,
                                          const RowOperand& in_rows,
@@ -425,10 +453,10 @@ void CudaBackend::grouped_backward_gemms(float* din_RI,
         if (rows == 0) continue;  // din has no rows; dw_g += 0
         const void* dout = dout_rows(static_cast<size_t>(r0));
         const size_t w_off = static_cast<size_t>(g) * O * I;
-        din.push_back({rows, I, O, dout, in(w_GOI + w_off), din_RI + static_cast<size_t>(r0) * I});
+        din.push_back({rows, I, O, dout, in(w_GOI + w_off), row_of(din_RI, din_bf16, static_cast<size_t>(r0), I)});
         if (dw_GOI) dw.push_back({O, I, rows, dout, in_rows(static_cast<size_t>(r0)), dw_GOI + w_off});
     }
-    grouped_gemm(din, 1.0f, O, false, I, false, 0.0f, I, in.type);            // din_g = dout_g w_g   (=)
+    grouped_gemm(din, 1.0f, O, false, I, false, 0.0f, I, in.type, din_bf16);  // din_g = dout_g w_g   (=)
     if (dw_GOI) grouped_gemm(dw, 1.0f, O, true, I, false, 1.0f, I, in.type);  // dw_g += dout_g^T in_g
 }
 

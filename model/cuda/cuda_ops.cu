@@ -167,45 +167,48 @@ struct LnDw {
 
 // ---- activation kernels -------------------------------------------------------------------------
 
-// Activations and their gradients write fp32, or bf16 (nearest-even) where only bf16 GEMMs read
-// the result.
+// Activations and their gradients read and write fp32, or bf16 (the expert MLP's [R, F] tensors
+// under bf16 precision; written nearest-even), with fp32 math in between.
+__device__ inline float load_activation(const float* in, size_t i) { return in[i]; }
+__device__ inline float load_activation(const uint16_t* in, size_t i) {
+    return __uint_as_float(static_cast<uint32_t>(in[i]) << 16);
+}
 __device__ inline void store_activation(float* out, size_t i, float v) { out[i] = v; }
 __device__ inline void store_activation(uint16_t* out, size_t i, float v) { out[i] = bf16_bits_rne(v); }
 
-template <typename Out>
-__global__ void swiglu_forward_kernel(Out* out, const float* gate, const float* up, size_t n) {
+template <typename T>
+__global__ void swiglu_forward_kernel(T* out, const T* gate, const T* up, size_t n) {
     BMOE_GRID_STRIDE(i, n) {
-        const float g = gate[i];
-        store_activation(out, i, g / (1.0f + expf(-g)) * up[i]);
+        const float g = load_activation(gate, i);
+        store_activation(out, i, g / (1.0f + expf(-g)) * load_activation(up, i));
     }
 }
 
-template <typename Out>
-__global__ void swiglu_backward_kernel(
-    Out* dgate, Out* dup, const float* dout, const float* gate, const float* up, size_t n) {
+template <typename T>
+__global__ void swiglu_backward_kernel(T* dgate, T* dup, const T* dout, const T* gate, const T* up, size_t n) {
     BMOE_GRID_STRIDE(i, n) {
-        const float g = gate[i], s = 1.0f / (1.0f + expf(-g));
-        const float dy = dout[i];  // read before writing: dgate/dup may alias dout
-        store_activation(dgate, i, dy * up[i] * s * (1.0f + g * (1.0f - s)));  // d silu/dg = s (1 + g (1 - s))
+        const float g = load_activation(gate, i), u = load_activation(up, i), s = 1.0f / (1.0f + expf(-g));
+        const float dy = load_activation(dout, i);  // read before writing: dgate/dup may alias dout
+        store_activation(dgate, i, dy * u * s * (1.0f + g * (1.0f - s)));  // d silu/dg = s (1 + g (1 - s))
         store_activation(dup, i, dy * g * s);
     }
 }
 
-template <typename Out>
-__global__ void gelu_forward_kernel(Out* out, const float* in, size_t n) {
+template <typename T>
+__global__ void gelu_forward_kernel(T* out, const T* in, size_t n) {
     BMOE_GRID_STRIDE(i, n) {
-        const float x = in[i];
+        const float x = load_activation(in, i);
         store_activation(out, i, 0.5f * x * (1.0f + tanhf(kGeluC * (x + 0.044715f * x * x * x))));
     }
 }
 
-template <typename Out>
-__global__ void gelu_backward_kernel(Out* din, const float* dout, const float* in, size_t n) {
+template <typename T>
+__global__ void gelu_backward_kernel(T* din, const T* dout, const T* in, size_t n) {
     BMOE_GRID_STRIDE(i, n) {
-        const float x = in[i], th = tanhf(kGeluC * (x + 0.044715f * x * x * x));
+        const float x = load_activation(in, i), th = tanhf(kGeluC * (x + 0.044715f * x * x * x));
         const float grad =
             0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * kGeluC * (1.0f + 3.0f * 0.044715f * x * x);
-        store_activation(din, i, grad * dout[i]);
+        store_activation(din, i, grad * load_activation(dout, i));
     }
 }
 
@@ -586,10 +589,10 @@ void CudaBackend::swiglu_forward(float* out, const float* gate, const float* up,
     CUDA_CHECK_LAST();
 }
 
-void CudaBackend::swiglu_forward_bf16(uint16_t* out16, const float* gate, const float* up, size_t n) {
+void CudaBackend::swiglu_forward_bf16(uint16_t* out16, const uint16_t* gate16, const uint16_t* up16, size_t n) {
     const ProfiledOp op(profiler_.get(), "swiglu_forward_bf16");
     if (n == 0) return;
-    swiglu_forward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(out16, gate, up, n);
+    swiglu_forward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(out16, gate16, up16, n);
     CUDA_CHECK_LAST();
 }
 
@@ -608,25 +611,29 @@ void CudaBackend::gelu_forward(float* out, const float* in, size_t n) {
     CUDA_CHECK_LAST();
 }
 
-void CudaBackend::gelu_forward_bf16(uint16_t* out16, const float* in, size_t n) {
+void CudaBackend::gelu_forward_bf16(uint16_t* out16, const uint16_t* in16, size_t n) {
     const ProfiledOp op(profiler_.get(), "gelu_forward_bf16");
     if (n == 0) return;
-    gelu_forward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(out16, in, n);
+    gelu_forward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(out16, in16, n);
     CUDA_CHECK_LAST();
 }
 
-void CudaBackend::gelu_backward_bf16(uint16_t* din16, const float* dout, const float* in, size_t n) {
+void CudaBackend::gelu_backward_bf16(uint16_t* din16, const uint16_t* dout16, const uint16_t* in16, size_t n) {
     const ProfiledOp op(profiler_.get(), "gelu_backward_bf16");
     if (n == 0) return;
-    gelu_backward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(din16, dout, in, n);
+    gelu_backward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(din16, dout16, in16, n);
     CUDA_CHECK_LAST();
 }
 
-void CudaBackend::swiglu_backward_bf16(
-    uint16_t* dgate16, uint16_t* dup16, const float* dout, const float* gate, const float* up, size_t n) {
+void CudaBackend::swiglu_backward_bf16(uint16_t* dgate16,
+                                       uint16_t* dup16,
+                                       const uint16_t* dout16,
+                                       const uint16_t* gate16,
+                                       const uint16_t* up16,
+                                       size_t n) {
     const ProfiledOp op(profiler_.get(), "swiglu_backward_bf16");
     if (n == 0) return;
-    swiglu_backward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(dgate16, dup16, dout, gate, up, n);
+    swiglu_backward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(dgate16, dup16, dout16, gate16, up16, n);
     CUDA_CHECK_LAST();
 }
 
