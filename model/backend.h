@@ -378,10 +378,13 @@ class Backend {
     // AdamW on one tensor, decoupled weight decay (PyTorch semantics), g = grad * grad_scale:
     //   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
     //   param -= lr * (m / (1-b1^step) / (sqrt(v / (1-b2^step)) + eps) + weight_decay * param)
+    // param16 (may be null): the updated param rounded to bf16, for the model's bf16 weight copy
+    // (Model::weights_for_update), so no second pass over the weights re-rounds them.
     virtual void adamw_update(float* param,
                               const float* grad,
                               float* m,
                               float* v,
+                              uint16_t* param16,
                               size_t n,
                               float lr,
                               float beta1,

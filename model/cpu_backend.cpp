@@ -994,6 +994,7 @@ void CpuBackend::adamw_update(float* param,
                               const float* grad,
                               float* m,
                               float* v,
+                              uint16_t* param16,
                               size_t n,
                               float lr,
                               float beta1,
@@ -1012,6 +1013,7 @@ void CpuBackend::adamw_update(float* param,
         m[i] = beta1 * m[i] + (1.0f - beta1) * g;
         v[i] = beta2 * v[i] + (1.0f - beta2) * g * g;
         param[i] = param[i] * decay - step_size * m[i] / (std::sqrt(v[i]) / sqrt_bc2 + eps);
+        if (param16) param16[i] = bf16_bits(param[i]);
     }
 }
 

@@ -216,6 +216,7 @@ class CpuBackend : public Backend {
                       const float* grad,
                       float* m,
                       float* v,
+                      uint16_t* param16,
                       size_t n,
                       float lr,
                       float beta1,

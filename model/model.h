@@ -58,6 +58,18 @@ class Model {
         params16_stale_ = true;
         return params_.data();
     }
+    // Write access for an optimizer that also writes the bf16 weight copy (Backend::adamw_update's
+    // param16): params16 is the copy where the model keeps a fresh one -- the caller then writes
+    // bf16(param) there for every param it writes, and the copy stays fresh -- else null, and the
+    // copy is re-rounded before the next forward, as after params().
+    struct WeightsForUpdate {
+        float* params;
+        uint16_t* params16;
+    };
+    WeightsForUpdate weights_for_update() {
+        if (params16_.size() > 0 && !params16_stale_) return {params_.data(), params16_.data()};
+        return {params(), nullptr};
+    }
     float* grads() { return grads_.data(); }
     const ModelTensors& param_views() const { return param_views_; }
     const ModelTensors& grad_views() const { return grad_views_; }

@@ -432,8 +432,9 @@ void OpCostBackend::moe_combine_backward(float*,
 // ---- optimizer --------------------------------------------------------------------------------------
 
 void OpCostBackend::adamw_update(
-    float*, const float*, float*, float*, size_t n, float, float, float, float, float, float, int) {
-    kernel("adamw_update", 28.0 * n, 15.0 * n);  // param, m, v read and written; grad read
+    float*, const float*, float*, float*, uint16_t* param16, size_t n, float, float, float, float, float, float, int) {
+    // param, m, v read and written; grad read; the bf16 weight copy written
+    kernel("adamw_update", (param16 != nullptr ? 30.0 : 28.0) * n, 15.0 * n);
 }
 
 // ---- router rows and noise ---------------------------------------------------------------------------

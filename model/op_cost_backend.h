@@ -285,6 +285,7 @@ class OpCostBackend final : public Backend {
                       const float* grad,
                       float* m,
                       float* v,
+                      uint16_t* param16,
                       size_t n,
                       float lr,
                       float beta1,

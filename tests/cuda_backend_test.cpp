@@ -795,18 +795,28 @@ TEST(CudaBackend, AdamW) {
     Dual d;
     constexpr size_t n = 2049;
     auto p = d.make(randn(n, 1)), m = d.make(Vec(n, 0.0f)), v = d.make(Vec(n, 0.0f));
+    Pair<uint16_t> p16;  // the bf16 weight copy, written by the update
+    for (int s : {kCpu, kGpu}) p16.side[s] = Buffer<uint16_t>(&d.be(s), n);
     for (int step = 1; step <= 3; ++step) {
         auto g = d.make(randn(n, 10 + step));
         d.run([&](Backend& be, int s) {
-            be.adamw_update(p[s], g[s], m[s], v[s], n, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.5f, step);
+            be.adamw_update(p[s], g[s], m[s], v[s], p16[s], n, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.5f, step);
             // A tensor starting off a 16-byte boundary (the element-wise path) and one of 3 elements.
-            be.adamw_update(p[s] + 1, g[s] + 1, m[s] + 1, v[s] + 1, n - 5, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.5f, step);
-            be.adamw_update(p[s] + 4, g[s] + 4, m[s] + 4, v[s] + 4, 3, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.5f, step);
+            be.adamw_update(p[s] + 1, g[s] + 1, m[s] + 1, v[s] + 1, p16[s] + 1, n - 5, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f,
+                            0.5f, step);
+            be.adamw_update(p[s] + 4, g[s] + 4, m[s] + 4, v[s] + 4, nullptr, 3, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.5f,
+                            step);
         });
     }
     expect_close(p, "adamw param");
     expect_close(m, "adamw m");
     expect_close(v, "adamw v");
+    // the copy: the params rounded, where the last update wrote it (elements 4..6 only got nullptr)
+    const Vec gpu_p = p.side[kGpu].download();
+    const std::vector<uint16_t> gpu_p16 = p16.side[kGpu].download();
+    for (size_t i = 0; i < n; ++i)
+        if (i < 4 || i >= 7) EXPECT_EQ(gpu_p16[i], bf16_bits(gpu_p[i])) << "bf16 weight copy " << i;
+    expect_bf16_close(p16, "adamw bf16 weight copy", 1.0f);
 }
 
 }  // namespace

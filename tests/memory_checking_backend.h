@@ -487,6 +487,7 @@ class MemoryCheckingBackend : public CpuBackend {
                       const float* grad,
                       float* m,
                       float* v,
+                      uint16_t* param16,
                       size_t n,
                       float lr,
                       float beta1,
@@ -495,8 +496,10 @@ class MemoryCheckingBackend : public CpuBackend {
                       float weight_decay,
                       float grad_scale,
                       int step) override {
-        if (check("adamw_update", {{"param", param, n}, {"grad", grad, n}, {"m", m, n}, {"v", v, n}}))
-            CpuBackend::adamw_update(param, grad, m, v, n, lr, beta1, beta2, eps, weight_decay, grad_scale, step);
+        if (check("adamw_update",
+                  {{"param", param, n}, {"grad", grad, n}, {"m", m, n}, {"v", v, n}, {"param16", param16, n}}))
+            CpuBackend::adamw_update(param, grad, m, v, param16, n, lr, beta1, beta2, eps, weight_decay, grad_scale,
+                                     step);
     }
 
     // ---- router families' per-token math --------------------------------------------------------

@@ -1015,9 +1015,10 @@ TEST(CpuOps, AdamwMatchesHandComputation) {
     CpuBackend be;
     const float lr = 0.1f, b1 = 0.9f, b2 = 0.99f, eps = 1e-8f, wd = 0.5f, gs = 0.5f;
     Vec p = {1.0f, -2.0f}, g = {0.4f, 2.0f}, m(2), v(2);
+    std::vector<uint16_t> p16(2);
     double pe[2] = {1.0, -2.0}, me[2] = {}, ve[2] = {};
     for (int step = 1; step <= 2; ++step) {
-        be.adamw_update(p.data(), g.data(), m.data(), v.data(), 2, lr, b1, b2, eps, wd, gs, step);
+        be.adamw_update(p.data(), g.data(), m.data(), v.data(), p16.data(), 2, lr, b1, b2, eps, wd, gs, step);
         for (int i = 0; i < 2; ++i) {
             const double gi = g[i] * gs;
             me[i] = b1 * me[i] + (1 - b1) * gi;
@@ -1027,11 +1028,12 @@ TEST(CpuOps, AdamwMatchesHandComputation) {
             EXPECT_NEAR(m[i], me[i], 1e-6);
             EXPECT_NEAR(v[i], ve[i], 1e-6);
             EXPECT_NEAR(p[i], pe[i], 1e-6) << "step " << step;
+            EXPECT_EQ(p16[i], bf16_bits(p[i])) << "the bf16 weight copy, step " << step;
         }
     }
     // Step 1 by hand, element 0: g = 0.2, mhat = 0.2, vhat = 0.04 -> update 1; p = 1 - 0.1 (1 + 0.5) = 0.85.
     Vec p1 = {1.0f}, m1(1), v1(1), g1 = {0.4f};
-    be.adamw_update(p1.data(), g1.data(), m1.data(), v1.data(), 1, lr, b1, b2, eps, wd, gs, 1);
+    be.adamw_update(p1.data(), g1.data(), m1.data(), v1.data(), nullptr, 1, lr, b1, b2, eps, wd, gs, 1);
     EXPECT_NEAR(p1[0], 0.85f, 1e-6);
 }
 

@@ -26,14 +26,16 @@ void AdamW::step(float lr, float grad_scale) {
     ++step_;
     model::Backend* be = model_.backend();
     const auto& params = model_.layout().params();
+    const model::Model::WeightsForUpdate w = model_.weights_for_update();  // and the bf16 weight copy
     for (size_t i = 0; i < params.size(); ++i) {
         const model::ParamInfo& p = params[i];
         if (!p.trainable) continue;
         const size_t mo = moment_offset_[i];
         const float wd = p.weight_decay ? config_.weight_decay : 0.0f;
         const float tensor_lr = p.variance_head ? lr * config_.router_variance_lr_scale : lr;
-        be->adamw_update(model_.params() + p.offset, model_.grads() + p.offset, m_.data() + mo, v_.data() + mo, p.numel,
-                         tensor_lr, config_.beta1, config_.beta2, config_.eps, wd, grad_scale, step_);
+        be->adamw_update(w.params + p.offset, model_.grads() + p.offset, m_.data() + mo, v_.data() + mo,
+                         w.params16 ? w.params16 + p.offset : nullptr, p.numel, tensor_lr, config_.beta1, config_.beta2,
+                         config_.eps, wd, grad_scale, step_);
     }
 }
 

@@ -291,13 +291,18 @@ __device__ inline void adamw_element(float& param, float grad, float& m, float& 
     param = param * a.decay - a.step_size * mi / (sqrtf(vi) / a.sqrt_bc2 + a.eps);
 }
 
-__global__ void adamw_kernel(float* param, const float* grad, float* m, float* v, size_t n, AdamParams a) {
-    BMOE_GRID_STRIDE(i, n) adamw_element(param[i], grad[i], m[i], v[i], a);
+__global__ void adamw_kernel(
+    float* param, const float* grad, float* m, float* v, uint16_t* param16, size_t n, AdamParams a) {
+    BMOE_GRID_STRIDE(i, n) {
+        adamw_element(param[i], grad[i], m[i], v[i], a);
+        if (param16) param16[i] = bf16_bits_rne(param[i]);
+    }
 }
 
 // The same update four elements at a time (16-byte loads and stores): AdamW is bandwidth-bound,
 // 28 bytes per parameter.
-__global__ void adamw_vec4_kernel(float4* param, const float4* grad, float4* m, float4* v, size_t quads, AdamParams a) {
+__global__ void adamw_vec4_kernel(
+    float4* param, const float4* grad, float4* m, float4* v, uint2* param16, size_t quads, AdamParams a) {
     BMOE_GRID_STRIDE(i, quads) {
         float4 p = param[i], mi = m[i], vi = v[i];
         const float4 g = grad[i];
@@ -308,6 +313,9 @@ __global__ void adamw_vec4_kernel(float4* param, const float4* grad, float4* m, 
         param[i] = p;
         m[i] = mi;
         v[i] = vi;
+        if (param16)
+            param16[i] = make_uint2(bf16_bits_rne(p.x) | (static_cast<uint32_t>(bf16_bits_rne(p.y)) << 16),
+                                    bf16_bits_rne(p.z) | (static_cast<uint32_t>(bf16_bits_rne(p.w)) << 16));
     }
 }
 
@@ -319,6 +327,7 @@ void CudaBackend::adamw_update(float* param,
                                const float* grad,
                                float* m,
                                float* v,
+                               uint16_t* param16,
                                size_t n,
                                float lr,
                                float beta1,
@@ -334,17 +343,18 @@ void CudaBackend::adamw_update(float* param,
     const float sqrt_bc2 = static_cast<float>(std::sqrt(1.0 - std::pow(static_cast<double>(beta2), step)));
     const AdamParams a{beta1, beta2, eps, grad_scale, lr / bc1, 1.0f - lr * weight_decay, sqrt_bc2};
     size_t done = 0;
-    if (aligned16(param) && aligned16(grad) && aligned16(m) && aligned16(v) && n >= 4) {
+    const bool param16_aligned = param16 == nullptr || reinterpret_cast<uintptr_t>(param16) % 8 == 0;
+    if (aligned16(param) && aligned16(grad) && aligned16(m) && aligned16(v) && param16_aligned && n >= 4) {
         const size_t quads = n / 4;
         adamw_vec4_kernel<<<grid_for(quads), kThreads, 0, stream_>>>(
             reinterpret_cast<float4*>(param), reinterpret_cast<const float4*>(grad), reinterpret_cast<float4*>(m),
-            reinterpret_cast<float4*>(v), quads, a);
+            reinterpret_cast<float4*>(v), reinterpret_cast<uint2*>(param16), quads, a);
         CUDA_CHECK_LAST();
         done = 4 * quads;
     }
     if (done < n) {  // unaligned tensors, and the last n % 4 elements
         adamw_kernel<<<grid_for(n - done), kThreads, 0, stream_>>>(param + done, grad + done, m + done, v + done,
-                                                                   n - done, a);
+                                                                   param16 ? param16 + done : nullptr, n - done, a);
         CUDA_CHECK_LAST();
     }
 }

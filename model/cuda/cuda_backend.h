@@ -248,6 +248,7 @@ class CudaBackend final : public Backend {
                       const float* grad,
                       float* m,
                       float* v,
+                      uint16_t* param16,
                       size_t n,
                       float lr,
                       float beta1,
