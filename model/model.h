@@ -116,10 +116,10 @@ class Model {
     // environment) keeps fp32 logits, for A/B runs.
     void set_bf16_logits(bool on) { bf16_logits_ = on; }
     // A bf16 copy of the weights under bf16 matmul precision (Backend::set_bf16_weight_copy): the
-    // GEMMs read it instead of rounding each weight into a copy per op, forward and backward; it is
-    // re-rounded once after each write to the weights (params(), init_weights, params_from_host).
-    // Bitwise the same training; the rounding runs once per optimizer step instead of twice per
-    // micro-batch, for 2 bytes per parameter. On by default; off (or BMOE_BF16_WEIGHTS=0 in the
+    // GEMMs read it instead of rounding each weight into a copy per op, forward and backward. AdamW
+    // writes it as it updates the weights (weights_for_update); after any other write (params(),
+    // init_weights, params_from_host) it is re-rounded before the next forward. Bitwise the same
+    // training, for 2 bytes per parameter. On by default; off (or BMOE_BF16_WEIGHTS=0 in the
     // environment) rounds per op, for A/B runs.
     void set_bf16_weights(bool on) { bf16_weights_ = on; }
     // Called by backward() each time the gradients of one backward stage are final (queued on the
