@@ -313,9 +313,7 @@ __global__ void adamw_vec4_kernel(
         param[i] = p;
         m[i] = mi;
         v[i] = vi;
-        if (param16)
-            param16[i] = make_uint2(bf16_bits_rne(p.x) | (static_cast<uint32_t>(bf16_bits_rne(p.y)) << 16),
-                                    bf16_bits_rne(p.z) | (static_cast<uint32_t>(bf16_bits_rne(p.w)) << 16));
+        if (param16) param16[i] = pack_bf16x4(p.x, p.y, p.z, p.w);
     }
 }
 
@@ -364,7 +362,7 @@ void CudaBackend::adamw_update(float* param,
 namespace {
 
 __global__ void bf16_to_float_kernel(float* out, const uint16_t* in, size_t n) {
-    BMOE_GRID_STRIDE(i, n) out[i] = __uint_as_float(static_cast<uint32_t>(in[i]) << 16);
+    BMOE_GRID_STRIDE(i, n) out[i] = bf16_value(in[i]);
 }
 
 }  // namespace

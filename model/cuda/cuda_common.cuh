@@ -78,6 +78,15 @@ __device__ inline uint16_t bf16_bits_rne(float x) {
     return static_cast<uint16_t>(bits >> 16);
 }
 
+// The float a bf16 bit pattern encodes (exact).
+__device__ inline float bf16_value(uint16_t b) { return __uint_as_float(static_cast<uint32_t>(b) << 16); }
+
+// Four floats rounded to bf16 and packed as they lie in memory (one 8-byte store).
+__device__ inline uint2 pack_bf16x4(float a, float b, float c, float d) {
+    return make_uint2(bf16_bits_rne(a) | (static_cast<uint32_t>(bf16_bits_rne(b)) << 16),
+                      bf16_bits_rne(c) | (static_cast<uint32_t>(bf16_bits_rne(d)) << 16));
+}
+
 // out[i] = bf16_bits_rne(in[i]) for n elements on `stream`, four per thread where aligned (the
 // GEMM operand copies and Backend::float_to_bf16; cuda_gemm.cu).
 void round_to_bf16(cudaStream_t stream, uint16_t* out, const float* in, size_t n);

@@ -37,8 +37,7 @@ __global__ void broadcast_rows_kernel(float* out_NO, const float* bias_O, size_t
 __global__ void to_bf16_vec4_kernel(uint2* out, const float4* in, size_t quads) {
     BMOE_GRID_STRIDE(i, quads) {
         const float4 v = in[i];
-        out[i] = make_uint2(bf16_bits_rne(v.x) | (static_cast<uint32_t>(bf16_bits_rne(v.y)) << 16),
-                            bf16_bits_rne(v.z) | (static_cast<uint32_t>(bf16_bits_rne(v.w)) << 16));
+        out[i] = pack_bf16x4(v.x, v.y, v.z, v.w);
     }
 }
 

@@ -170,9 +170,7 @@ struct LnDw {
 // Activations and their gradients read and write fp32, or bf16 (the expert MLP's [R, F] tensors
 // under bf16 precision; written nearest-even), with fp32 math in between.
 __device__ inline float load_activation(const float* in, size_t i) { return in[i]; }
-__device__ inline float load_activation(const uint16_t* in, size_t i) {
-    return __uint_as_float(static_cast<uint32_t>(in[i]) << 16);
-}
+__device__ inline float load_activation(const uint16_t* in, size_t i) { return bf16_value(in[i]); }
 __device__ inline void store_activation(float* out, size_t i, float v) { out[i] = v; }
 __device__ inline void store_activation(uint16_t* out, size_t i, float v) { out[i] = bf16_bits_rne(v); }
 
@@ -233,8 +231,6 @@ struct OnlineSoftmax {
         *total = block_sum(m == -INFINITY ? 0.0 : sum * exp(static_cast<double>(m) - *mx));
     }
 };
-
-__device__ inline float bf16_value(uint16_t b) { return __uint_as_float(static_cast<uint32_t>(b) << 16); }
 
 // One block per row: probs = softmax(logits) (float exp, double sum), loss = lse - logit[target].
 // Two passes over the row instead of three: an online max/sum, then probs written in one sweep.
