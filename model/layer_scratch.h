@@ -14,9 +14,9 @@ struct LayerScratch {
     Buffer<float> mlp_dact_RF, mlp_dh_up_RF, mlp_dh_gate_RF, mlp_dx_RD;
     Buffer<uint16_t> mlp_dact16_RF, mlp_dh_up16_RF, mlp_dh_gate16_RF;
     // GroupedMlp with activation recompute: the activation [R, F], in forward and again in backward
-    // (bf16 when stored as bf16)
+    // (bf16 when stored as bf16), and the input rows rounded to bf16 [R, D]
     Buffer<float> mlp_act_RF;
-    Buffer<uint16_t> mlp_act16_RF;
+    Buffer<uint16_t> mlp_act16_RF, mlp_x16_RD;
     // MoeBlock backward: d rows [R, D] around the experts, and this rank's share of them (EP)
     Buffer<float> moe_dy_RD, moe_dx_RD, moe_dy_local, moe_dx_local;
     // MoeBlock forward (EP): the gathered rows until dispatched, and this rank's experts' outputs

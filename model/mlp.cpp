@@ -6,7 +6,18 @@ bool bf16_activation_storage_default() { return bf16_mode_default("BMOE_BF16_MLP
 
 void GroupedMlp::set_recompute_activation(bool on) {
     recompute_activation_ = on;
-    if (on) act_RF_ = Buffer<float>(), act16_RF_ = Buffer<uint16_t>();  // not kept any more
+    if (on) act_RF_ = Buffer<float>(), act16_RF_ = Buffer<uint16_t>(), x16_RD_ = Buffer<uint16_t>();  // not kept
+}
+
+bool GroupedMlp::keeps_input() const {
+    return bf16_storage_ && !recompute_activation_ && backend_->matmul_precision() == MatmulPrecision::kBf16;
+}
+
+const uint16_t* GroupedMlp::round_input(const float* x_RD, size_t RD) {
+    Buffer<uint16_t>& x16 = recompute_activation_ ? scratch_->mlp_x16_RD : x16_RD_;
+    x16.ensure(backend_, RD);
+    backend_->float_to_bf16(x16.data(), x_RD, RD);
+    return x16.data();
 }
 
 void GroupedMlp::activation_forward(float* act_RF, size_t RF) {
@@ -46,12 +57,14 @@ void GroupedMlp::forward(float* y_RD, const float* x_RD, const MlpWeights& w, co
     if (stored16_) {  // every [R, F] tensor bf16; the fp32 ones of an earlier mode go
         h_up_RF_ = Buffer<float>(), h_gate_RF_ = Buffer<float>();
         if (!recompute_activation_) act_RF_ = Buffer<float>();
+        // x rounded once for both products and backward's dW (the GEMMs would round it the same)
+        const uint16_t* x16 = round_input(x_RD, static_cast<size_t>(R) * D_);
         h_up16_RF_.ensure(backend_, RF);
-        backend_->grouped_matmul_forward_bf16(nullptr, h_up16_RF_.data(), x_RD, nullptr, w.up, offsets_.data(), G, D_,
+        backend_->grouped_matmul_forward_bf16(nullptr, h_up16_RF_.data(), nullptr, x16, w.up, offsets_.data(), G, D_,
                                               F_);
         if (swiglu) {
             h_gate16_RF_.ensure(backend_, RF);
-            backend_->grouped_matmul_forward_bf16(nullptr, h_gate16_RF_.data(), x_RD, nullptr, w.gate, offsets_.data(),
+            backend_->grouped_matmul_forward_bf16(nullptr, h_gate16_RF_.data(), nullptr, x16, w.gate, offsets_.data(),
                                                   G, D_, F_);
         }
         uint16_t* act16 = activation_buffer16(RF);
@@ -59,7 +72,7 @@ void GroupedMlp::forward(float* y_RD, const float* x_RD, const MlpWeights& w, co
         backend_->grouped_matmul_forward_bf16(y_RD, nullptr, nullptr, act16, w.down, offsets_.data(), G, F_, D_);
         return;
     }
-    h_up16_RF_ = Buffer<uint16_t>(), h_gate16_RF_ = Buffer<uint16_t>();
+    h_up16_RF_ = Buffer<uint16_t>(), h_gate16_RF_ = Buffer<uint16_t>(), x16_RD_ = Buffer<uint16_t>();
     if (!recompute_activation_) act16_RF_ = Buffer<uint16_t>();
     h_up_RF_.ensure(backend_, RF);
     backend_->grouped_matmul_forward(h_up_RF_.data(), x_RD, w.up, offsets_.data(), G, D_, F_);
@@ -79,6 +92,7 @@ void GroupedMlp::backward(
     if (stored16_) {  // every [R, F] tensor bf16: d act, d h_up, d h_gate
         uint16_t* act16 = recompute_activation_ ? activation_buffer16(RF) : act16_RF_.data();
         if (recompute_activation_) activation_forward16(act16, RF);
+        const uint16_t* x16 = recompute_activation_ ? round_input(x_RD, static_cast<size_t>(R) * D_) : x16_RD_.data();
         Buffer<uint16_t>& dact16 = scratch_->mlp_dact16_RF;
         Buffer<uint16_t>& dh_up = scratch_->mlp_dh_up16_RF;
         dact16.ensure(backend_, RF);
@@ -92,14 +106,14 @@ void GroupedMlp::backward(
             dx_up.ensure(backend_, static_cast<size_t>(R) * D_);
             backend_->swiglu_backward_bf16(dh_gate.data(), dh_up.data(), dact16.data(), h_gate16_RF_.data(),
                                            h_up16_RF_.data(), RF);
-            backend_->grouped_matmul_backward_bf16(dx_RD, nullptr, dw.gate, nullptr, dh_gate.data(), x_RD, nullptr,
+            backend_->grouped_matmul_backward_bf16(dx_RD, nullptr, dw.gate, nullptr, dh_gate.data(), nullptr, x16,
                                                    w.gate, offsets_.data(), G, D_, F_);
-            backend_->grouped_matmul_backward_bf16(dx_up.data(), nullptr, dw.up, nullptr, dh_up.data(), x_RD, nullptr,
+            backend_->grouped_matmul_backward_bf16(dx_up.data(), nullptr, dw.up, nullptr, dh_up.data(), nullptr, x16,
                                                    w.up, offsets_.data(), G, D_, F_);
             backend_->accumulate(dx_RD, dx_up.data(), static_cast<size_t>(R) * D_);
         } else {
             backend_->gelu_backward_bf16(dh_up.data(), dact16.data(), h_up16_RF_.data(), RF);
-            backend_->grouped_matmul_backward_bf16(dx_RD, nullptr, dw.up, nullptr, dh_up.data(), x_RD, nullptr, w.up,
+            backend_->grouped_matmul_backward_bf16(dx_RD, nullptr, dw.up, nullptr, dh_up.data(), nullptr, x16, w.up,
                                                    offsets_.data(), G, D_, F_);
         }
         return;

@@ -47,8 +47,12 @@ class GroupedMlp {
 
     // y_RD (=) from x_RD; offsets_host [G+1] stays referenced until backward.
     void forward(float* y_RD, const float* x_RD, const MlpWeights& w, const std::vector<int>& offsets_host);
-    // dx_RD (=), weight grads (+=). x_RD must be the forward input.
+    // dx_RD (=), weight grads (+=). x_RD must be the forward input, except where keeps_input() (it
+    // is then not read: give any [R, D] buffer).
     void backward(float* dx_RD, const MlpGrads& dw, const float* dy_RD, const float* x_RD, const MlpWeights& w);
+    // True when the next forward keeps its own bf16 copy of x_RD for backward (bf16 storage without
+    // recompute): the caller need not keep x_RD.
+    bool keeps_input() const;
     // Activation recompute: keep only the pre-activations and recompute the activation (gelu or
     // silu * up, the same kernel: bitwise the same gradients) in backward, in shared scratch.
     // Saves one [R, F] per layer for one activation kernel per layer.
@@ -78,6 +82,9 @@ class GroupedMlp {
     std::vector<int> offsets_;
     Buffer<float> h_gate_RF_, h_up_RF_, act_RF_;           // saved
     Buffer<uint16_t> h_gate16_RF_, h_up16_RF_, act16_RF_;  // saved (bf16 storage)
+    Buffer<uint16_t> x16_RD_;  // the input rows rounded once for the up/gate GEMMs (saved: bf16 storage)
+    // x_RD rounded to bf16 into the saved copy, or with recompute the shared scratch
+    const uint16_t* round_input(const float* x_RD, size_t RD);
 };
 
 }  // namespace bmoe::model

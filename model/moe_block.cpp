@@ -51,10 +51,12 @@ ExchangeStats MoeBlock::take_exchange_stats() {
     return s;
 }
 
-// The gathered rows: saved for the experts' backward on one rank; with expert parallelism only
-// dispatched (backward reads the received copy, x_local_), and with recompute gathered again in
-// backward, so shared scratch in both cases.
-Buffer<float>& MoeBlock::x_rows() { return expert_exchange_ || recompute_ ? scratch_->moe_x_RD : x_RD_; }
+// The gathered rows: saved for the experts' backward on one rank; shared scratch where backward
+// does not read them: with expert parallelism (backward reads the received copy, x_local_), with
+// recompute (gathered again in backward), and where the experts keep their own bf16 copy.
+Buffer<float>& MoeBlock::x_rows() {
+    return expert_exchange_ || recompute_ || experts_.keeps_input() ? scratch_->moe_x_RD : x_RD_;
+}
 
 void MoeBlock::set_recompute_activation(bool on) {
     experts_.set_recompute_activation(on);
@@ -136,6 +138,7 @@ MoeLayerStats MoeBlock::forward(
     backend_->upload(slot_row_NK_.data(), plan_.slot_row.data(), plan_.slot_row.size() * sizeof(int32_t));
 
     // 3. gather -> experts -> combine
+    if (experts_.keeps_input()) x_RD_ = Buffer<float>();  // an earlier mode's saved rows
     x_rows().ensure(backend_, static_cast<size_t>(R) * D);
     y_RD_.ensure(backend_, static_cast<size_t>(R) * D);
     backend_->moe_gather_forward(x_rows().data(), x_ND, row_src_R_.data(), R, K, D);

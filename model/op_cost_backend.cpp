@@ -466,9 +466,11 @@ void OpCostBackend::add_input_noise(float*, const float*, int N, int D, const Co
     kernel("add_input_noise", act(3.0 * N * D), 20.0 * N * D);  // RMS pass, then read and write
 }
 void OpCostBackend::float_to_bf16(uint16_t* out, const float* in, size_t n) {
-    // the model re-rounding its bf16 weight copy counts as a weight copy
+    // the model re-rounding its bf16 weight copy is a weight copy; any other rounding an activation's
     const ProfiledName op(this, "float_to_bf16");
-    kernel(bf16_weight_copy(in, n) == out ? "bf16 copies, weight: the model's weight copy" : "float_to_bf16", 6.0 * n);
+    kernel(bf16_weight_copy(in, n) == out ? "bf16 copies, weight: the model's weight copy"
+                                          : "bf16 copies, activation: float_to_bf16",
+           6.0 * n);
 }
 void OpCostBackend::bf16_to_float(float*, const uint16_t*, size_t n) { kernel("bf16_to_float", 6.0 * n); }
 

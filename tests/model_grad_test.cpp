@@ -237,11 +237,13 @@ TEST_P(ModelGradTest, MlpRecomputeGivesBitwiseTheSameGradients) {
 // The expert MLP's [R, F] tensors in bf16 (the default under bf16 matmul precision): the GEMMs read
 // the same bf16 values either way but for the pre-activations, which the activation now sees rounded
 // (as under torch.autocast), so the loss moves by a bf16 rounding's worth, the gradients stay within
-// bf16 noise, and the peak memory drops. The same holds with MLP recompute.
+// bf16 noise, and the peak memory drops. The same holds with MLP recompute, which gives bitwise the
+// gradients without it.
 TEST_P(ModelGradTest, MlpBf16TensorsStayWithinBf16RoundingOfFp32Ones) {
     const ModelConfig cfg = GetParam().config;
     std::vector<int32_t> tokens = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10}, targets = {2, 3, 4, 5, 6, 7, 8, 9, 10, 11};
     const LossWeights w{0.01f, 0.001f, 0.05f};
+    std::vector<std::vector<float>> grads16;  // bf16 tensors, without and with recompute
     for (const bool recompute : {false, true}) {
         std::vector<std::vector<float>> grads;
         std::vector<double> losses;
@@ -270,7 +272,10 @@ TEST_P(ModelGradTest, MlpBf16TensorsStayWithinBf16RoundingOfFp32Ones) {
         }
         EXPECT_LT(std::sqrt(diff / norm), 1.5e-2) << "relative gradient difference, recompute " << recompute;
         EXPECT_LT(peak[1], peak[0]) << "the bf16 tensors must take less memory, recompute " << recompute;
+        grads16.push_back(grads[1]);
     }
+    // recompute re-rounds the input rows and the activation: bitwise what was kept
+    EXPECT_EQ(grads16[0], grads16[1]);
 }
 
 // The loss in place over the logits (Model::set_keep_logits(false), as the trainer runs it) changes
