@@ -1,6 +1,8 @@
 #include "model/backend.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "model/cpu_backend.h"
 #include "parallel/check.h"
@@ -31,6 +33,29 @@ const uint16_t* Backend::bf16_weight_copy(const float* x, size_t n) const {
     return weight_copy_.w16 + (at - begin) / sizeof(float);
 }
 
+void Backend::require_bf16_precision(const char* op) const {
+    BMOE_REQUIRE(matmul_precision_ == MatmulPrecision::kBf16, op,
+                 " reads or writes bf16 tensors: it needs bf16 matmul precision (set_matmul_precision)");
+}
+
+void Backend::require_grouped_forward_bf16_pairs(const void* out, const void* out16, const void* in, const void* in16) {
+    BMOE_REQUIRE((out != nullptr) != (out16 != nullptr) && (in != nullptr) != (in16 != nullptr),
+                 "grouped_matmul_forward_bf16: give exactly one of out_RO / out16_RO and one of in_RI / in16_RI");
+}
+
+void Backend::require_grouped_backward_bf16_pairs(const void* din,
+                                                  const void* din16,
+                                                  const void* dw,
+                                                  const void* dout,
+                                                  const void* dout16,
+                                                  const void* in,
+                                                  const void* in16) {
+    BMOE_REQUIRE((dout != nullptr) != (dout16 != nullptr) && (din != nullptr) != (din16 != nullptr) &&
+                     (!dw || (in != nullptr) != (in16 != nullptr)),
+                 "grouped_matmul_backward_bf16: give exactly one of dout_RO / dout16_RO, one of din_RI / din16_RI, and "
+                 "one of in_RI / in16_RI with dw_GOI");
+}
+
 bool cuda_backend_compiled() {
 #ifdef BMOE_HAVE_CUDA
     return true;
@@ -43,6 +68,14 @@ MatmulPrecision parse_matmul_precision(const std::string& name) {
     if (name == "fp32") return MatmulPrecision::kFp32;
     if (name == "bf16") return MatmulPrecision::kBf16;
     throw Error(concat("matmul precision '", name, "' is unknown: use fp32 or bf16"));
+}
+
+bool bf16_mode_default(const char* env_name) {
+    const char* v = std::getenv(env_name);
+    if (v == nullptr || std::strcmp(v, "1") == 0) return true;
+    if (std::strcmp(v, "0") == 0) return false;
+    throw Error(
+        concat(env_name, "='", v, "' is not a switch: set it to 1 (the default, bf16) or 0 (fp32, for A/B runs)"));
 }
 
 std::string to_string(MatmulPrecision p) { return p == MatmulPrecision::kBf16 ? "bf16" : "fp32"; }

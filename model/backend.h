@@ -415,6 +415,20 @@ class Backend {
     // alloc()/free() implementations report here (free of an unknown pointer is ignored).
     void note_alloc(const void* ptr, size_t bytes);
     void note_free(const void* ptr);
+    // The bf16 tensor ops' argument rules, one-line bmoe::Errors shared by every backend: bf16
+    // matmul precision, and one pointer of each fp32/bf16 pair of the grouped GEMMs.
+    void require_bf16_precision(const char* op) const;
+    static void require_grouped_forward_bf16_pairs(const void* out,
+                                                   const void* out16,
+                                                   const void* in,
+                                                   const void* in16);
+    static void require_grouped_backward_bf16_pairs(const void* din,
+                                                    const void* din16,
+                                                    const void* dw,
+                                                    const void* dout,
+                                                    const void* dout16,
+                                                    const void* in,
+                                                    const void* in16);
 
     MatmulPrecision matmul_precision_ = MatmulPrecision::kFp32;
     AttentionKernel attention_kernel_ = AttentionKernel::kGemm;

@@ -319,8 +319,7 @@ void CpuBackend::grouped_matmul_forward_bf16(float* out_RO,
                                              int I,
                                              int O) {
     require_bf16_precision("grouped_matmul_forward_bf16");
-    BMOE_REQUIRE((out_RO != nullptr) != (out16_RO != nullptr) && (in_RI != nullptr) != (in16_RI != nullptr),
-                 "grouped_matmul_forward_bf16: give exactly one of out_RO / out16_RO and one of in_RI / in16_RI");
+    require_grouped_forward_bf16_pairs(out_RO, out16_RO, in_RI, in16_RI);
     const size_t R = static_cast<size_t>(offsets_host[G]);
     const float* in = in16_RI ? widen_bf16(in16_RI, R * I, 0) : matmul_input(in_RI, R * I, 0);
     float* out = out_RO ? out_RO : fp32_result(R * O);
@@ -341,10 +340,7 @@ void CpuBackend::grouped_matmul_backward_bf16(float* din_RI,
                                               int I,
                                               int O) {
     require_bf16_precision("grouped_matmul_backward_bf16");
-    BMOE_REQUIRE((dout_RO != nullptr) != (dout16_RO != nullptr) && (din_RI != nullptr) != (din16_RI != nullptr) &&
-                     (!dw_GOI || (in_RI != nullptr) != (in16_RI != nullptr)),
-                 "grouped_matmul_backward_bf16: give exactly one of dout_RO / dout16_RO, one of din_RI / din16_RI, and "
-                 "one of in_RI / in16_RI with dw_GOI");
+    require_grouped_backward_bf16_pairs(din_RI, din16_RI, dw_GOI, dout_RO, dout16_RO, in_RI, in16_RI);
     const size_t R = static_cast<size_t>(offsets_host[G]);
     const float* dout = dout16_RO ? widen_bf16(dout16_RO, R * O, 0) : matmul_input(dout_RO, R * O, 0);
     const float* in = !dw_GOI ? nullptr : in16_RI ? widen_bf16(in16_RI, R * I, 1) : matmul_input(in_RI, R * I, 1);
@@ -397,11 +393,6 @@ const float* CpuBackend::widen_bf16(const uint16_t* x16, size_t n, int slot) {
 #pragma omp parallel for schedule(static) if (par(n))
     for (idx_t i = 0; i < static_cast<idx_t>(n); ++i) out[i] = model::bf16_to_float(x16[i]);
     return out;
-}
-
-void CpuBackend::require_bf16_precision(const char* op) const {
-    BMOE_REQUIRE(matmul_precision_ == MatmulPrecision::kBf16, op,
-                 " reads or writes bf16 tensors: it needs bf16 matmul precision (set_matmul_precision)");
 }
 
 // ---- embeddings -------------------------------------------------------------------------------

@@ -241,7 +241,6 @@ class CpuBackend : public Backend {
     // fp32 scratch (slot 3; the ops using it read no operand there) for a GEMM result that is
     // then rounded into a bf16 output.
     float* fp32_result(size_t n);
-    void require_bf16_precision(const char* op) const;
     // The dense backward GEMMs from a rounded (or fp32) dout (matmul_backward, matmul_backward_bf16_dout).
     void dense_backward_rounded(float* din_NI,
                                 float* dw_OI,

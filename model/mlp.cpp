@@ -2,8 +2,6 @@
 
 namespace bmoe::model {
 
-bool bf16_activation_storage_default() { return bf16_mode_default("BMOE_BF16_MLP_ACTIVATIONS"); }
-
 void GroupedMlp::set_recompute_activation(bool on) {
     recompute_activation_ = on;
     if (on) act_RF_ = Buffer<float>(), act16_RF_ = Buffer<uint16_t>(), x16_RD_ = Buffer<uint16_t>();  // not kept

@@ -31,9 +31,6 @@ struct MlpGrads {
     float* down = nullptr;
 };
 
-// False when the environment sets BMOE_BF16_MLP_ACTIVATIONS=0.
-bool bf16_activation_storage_default();
-
 class GroupedMlp {
   public:
     // scratch: shared backward buffers; must outlive this MLP.
@@ -43,7 +40,7 @@ class GroupedMlp {
           D_(d_model),
           F_(hidden),
           scratch_(scratch),
-          bf16_storage_(bf16_activation_storage_default()) {}
+          bf16_storage_(bf16_mode_default("BMOE_BF16_MLP_ACTIVATIONS")) {}
 
     // y_RD (=) from x_RD; offsets_host [G+1] stays referenced until backward.
     void forward(float* y_RD, const float* x_RD, const MlpWeights& w, const std::vector<int>& offsets_host);

@@ -12,7 +12,6 @@
 #pragma once
 
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -46,10 +45,8 @@ inline float bf16_to_float(uint16_t b) {
 // x rounded to the nearest bf16 (ties to even), returned as a float.
 inline float round_to_bf16(float x) { return bf16_to_float(bf16_bits(x)); }
 
-// A bf16 storage mode's default: on, unless the environment sets env_name to "0" (for A/B runs).
-inline bool bf16_mode_default(const char* env_name) {
-    const char* v = std::getenv(env_name);
-    return v == nullptr || std::strcmp(v, "0") != 0;
-}
+// A bf16 storage mode's default: on, unless the environment sets env_name to "0" (for A/B runs);
+// a value other than 0 or 1 is a one-line bmoe::Error naming both.
+bool bf16_mode_default(const char* env_name);
 
 }  // namespace bmoe::model

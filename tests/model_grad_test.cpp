@@ -499,5 +499,27 @@ TEST(ModelTest, RejectsTokensOutsideVocabulary) {
     EXPECT_THROW(model.forward(tokens.data(), targets.data(), 1, 3, LossWeights{}), bmoe::Error);
 }
 
+// The bf16 A/B switches take 0 or 1; anything else is a one-line error naming the variable when the
+// model is built (not a silent "on").
+TEST(ModelTest, Bf16SwitchesRejectValuesOtherThanZeroAndOne) {
+    const ModelConfig c = tiny_model_config();
+    CpuBackend backend;
+    for (const char* env : {"BMOE_BF16_LOGITS", "BMOE_BF16_WEIGHTS", "BMOE_BF16_MLP_ACTIVATIONS"}) {
+        for (const char* ok : {"0", "1"}) {
+            setenv(env, ok, 1);
+            EXPECT_NO_THROW(Model(c, &backend)) << env << "=" << ok;
+        }
+        setenv(env, "off", 1);
+        try {
+            Model model(c, &backend);
+            ADD_FAILURE() << env << "=off was accepted";
+        } catch (const bmoe::Error& e) {
+            EXPECT_NE(std::string(e.what()).find(std::string(env) + "='off'"), std::string::npos) << e.what();
+            EXPECT_NE(std::string(e.what()).find("set it to 1"), std::string::npos) << e.what();
+        }
+        unsetenv(env);
+    }
+}
+
 }  // namespace
 }  // namespace bmoe::model

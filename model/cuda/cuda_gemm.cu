@@ -188,8 +188,7 @@ void CudaBackend::matmul_backward(float* din_NI,
 void CudaBackend::matmul_forward_bf16_out(
     uint16_t* out16_NO, const float* in_NI, const float* w_OI, int N, int I, int O) {
     const ProfiledOp op(profiler_.get(), "matmul_fwd_bf16_out", N, I, O);
-    BMOE_REQUIRE(matmul_precision_ == MatmulPrecision::kBf16,
-                 "matmul_forward_bf16_out writes bf16: it needs bf16 matmul precision");
+    require_bf16_precision("matmul_forward_bf16_out");
     if (N <= 0 || O <= 0) return;
     const GemmInputs in = bf16_gemm_inputs({{in_NI, static_cast<size_t>(N) * I}, {w_OI, static_cast<size_t>(O) * I}});
     gemm(N, O, I, 1.0f, in(in_NI), I, false, in(w_OI), I, true, 0.0f, out16_NO, O, in.type, /*c_bf16=*/true);
@@ -205,8 +204,7 @@ void CudaBackend::matmul_backward_bf16_dout(float* din_NI,
                                             int O,
                                             bool accumulate_din) {
     const ProfiledOp op(profiler_.get(), "matmul_bwd_bf16_dout", N, I, O);
-    BMOE_REQUIRE(matmul_precision_ == MatmulPrecision::kBf16,
-                 "matmul_backward_bf16_dout reads bf16: it needs bf16 matmul precision");
+    require_bf16_precision("matmul_backward_bf16_dout");
     const GemmInputs in = bf16_gemm_inputs(
         {{din_NI ? w_OI : nullptr, static_cast<size_t>(O) * I}, {dw_OI ? in_NI : nullptr, static_cast<size_t>(N) * I}});
     dense_backward_gemms(din_NI, dw_OI, dout16_NO, in_NI, w_OI, in, N, I, O, accumulate_din);
@@ -373,10 +371,8 @@ void CudaBackend::grouped_matmul_forward_bf16(float* out_RO,
                                               int I,
                                               int O) {
     const ProfiledOp op(profiler_.get(), "grouped_matmul_fwd_bf16", G, I, O);
-    BMOE_REQUIRE(matmul_precision_ == MatmulPrecision::kBf16,
-                 "grouped_matmul_forward_bf16 reads or writes bf16: it needs bf16 matmul precision");
-    BMOE_REQUIRE((out_RO != nullptr) != (out16_RO != nullptr) && (in_RI != nullptr) != (in16_RI != nullptr),
-                 "grouped_matmul_forward_bf16: give exactly one of out_RO / out16_RO and one of in_RI / in16_RI");
+    require_bf16_precision("grouped_matmul_forward_bf16");
+    require_grouped_forward_bf16_pairs(out_RO, out16_RO, in_RI, in16_RI);
     const size_t R = static_cast<size_t>(offsets_host[G]);
     const GemmInputs in =
         bf16_gemm_inputs({{in16_RI ? nullptr : in_RI, R * I}, {w_GOI, static_cast<size_t>(G) * O * I}});
@@ -399,12 +395,8 @@ void CudaBackend::grouped_matmul_backward_bf16(float* din_RI,
                                                int I,
                                                int O) {
     const ProfiledOp op(profiler_.get(), "grouped_matmul_bwd_bf16", G, I, O);
-    BMOE_REQUIRE(matmul_precision_ == MatmulPrecision::kBf16,
-                 "grouped_matmul_backward_bf16 reads or writes bf16: it needs bf16 matmul precision");
-    BMOE_REQUIRE((dout_RO != nullptr) != (dout16_RO != nullptr) && (din_RI != nullptr) != (din16_RI != nullptr) &&
-                     (!dw_GOI || (in_RI != nullptr) != (in16_RI != nullptr)),
-                 "grouped_matmul_backward_bf16: give exactly one of dout_RO / dout16_RO, one of din_RI / din16_RI, and "
-                 "one of in_RI / in16_RI with dw_GOI");
+    require_bf16_precision("grouped_matmul_backward_bf16");
+    require_grouped_backward_bf16_pairs(din_RI, din16_RI, dw_GOI, dout_RO, dout16_RO, in_RI, in16_RI);
     const size_t R = static_cast<size_t>(offsets_host[G]);
     const GemmInputs in = bf16_gemm_inputs({{dout16_RO ? nullptr : dout_RO, R * O},
                                             {w_GOI, static_cast<size_t>(G) * O * I},

@@ -661,8 +661,7 @@ void CudaBackend::cross_entropy_backward(
 void CudaBackend::cross_entropy_forward_bf16(
     float* loss_N, float* lse_N, const uint16_t* logits16_NV, const int32_t* targets_N, int N, int V) {
     const ProfiledOp op(profiler_.get(), "cross_entropy_forward_bf16");
-    BMOE_REQUIRE(matmul_precision_ == MatmulPrecision::kBf16,
-                 "cross_entropy_forward_bf16 reads bf16 logits: it needs bf16 matmul precision");
+    require_bf16_precision("cross_entropy_forward_bf16");
     if (N <= 0 || V <= 0) return;
     cross_entropy_forward_bf16_kernel<<<N, kThreads, 0, stream_>>>(loss_N, lse_N, logits16_NV, targets_N, V);
     CUDA_CHECK_LAST();
@@ -676,8 +675,7 @@ void CudaBackend::cross_entropy_backward_bf16(uint16_t* dlogits16_NV,
                                               int N,
                                               int V) {
     const ProfiledOp op(profiler_.get(), "cross_entropy_backward_bf16");
-    BMOE_REQUIRE(matmul_precision_ == MatmulPrecision::kBf16,
-                 "cross_entropy_backward_bf16 writes bf16 d logits: it needs bf16 matmul precision");
+    require_bf16_precision("cross_entropy_backward_bf16");
     if (N <= 0 || V <= 0) return;
     cross_entropy_backward_bf16_kernel<<<N, kThreads, 0, stream_>>>(dlogits16_NV, logits16_NV, lse_N, targets_N, dloss,
                                                                     V);
