@@ -38,22 +38,25 @@ void Backend::require_bf16_precision(const char* op) const {
                  " reads or writes bf16 tensors: it needs bf16 matmul precision (set_matmul_precision)");
 }
 
-void Backend::require_grouped_forward_bf16_pairs(const void* out, const void* out16, const void* in, const void* in16) {
-    BMOE_REQUIRE((out != nullptr) != (out16 != nullptr) && (in != nullptr) != (in16 != nullptr),
-                 "grouped_matmul_forward_bf16: give exactly one of out_RO / out16_RO and one of in_RI / in16_RI");
+void Backend::require_forward_bf16_pairs(
+    const char* op, const void* out, const void* out16, const void* in, const void* in16) {
+    BMOE_REQUIRE((out != nullptr) != (out16 != nullptr) && (in != nullptr) != (in16 != nullptr), op,
+                 ": give exactly one of out / out16 and one of in / in16");
 }
 
-void Backend::require_grouped_backward_bf16_pairs(const void* din,
-                                                  const void* din16,
-                                                  const void* dw,
-                                                  const void* dout,
-                                                  const void* dout16,
-                                                  const void* in,
-                                                  const void* in16) {
-    BMOE_REQUIRE((dout != nullptr) != (dout16 != nullptr) && (din != nullptr) != (din16 != nullptr) &&
-                     (!dw || (in != nullptr) != (in16 != nullptr)),
-                 "grouped_matmul_backward_bf16: give exactly one of dout_RO / dout16_RO, one of din_RI / din16_RI, and "
-                 "one of in_RI / in16_RI with dw_GOI");
+void Backend::require_backward_bf16_pairs(const char* op,
+                                          bool din_optional,
+                                          const void* din,
+                                          const void* din16,
+                                          const void* dw,
+                                          const void* dout,
+                                          const void* dout16,
+                                          const void* in,
+                                          const void* in16) {
+    const bool din_ok = din_optional ? din16 == nullptr : (din != nullptr) != (din16 != nullptr);
+    BMOE_REQUIRE((dout != nullptr) != (dout16 != nullptr) && din_ok && (!dw || (in != nullptr) != (in16 != nullptr)),
+                 op, ": give exactly one of dout / dout16, ",
+                 din_optional ? "din or none (fp32)" : "one of din / din16", ", and one of in / in16 with dw");
 }
 
 bool cuda_backend_compiled() {

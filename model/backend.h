@@ -173,6 +173,20 @@ class Backend {
                                    int N,
                                    int D,
                                    float eps) = 0;
+    // The norms with their output rounded to bf16 (nearest-even; mean, rstd fp32 as above): the
+    // input of GEMMs that read only its bf16 rounding (the attention projections, the LM head).
+    // bf16 matmul precision only.
+    virtual void rmsnorm_forward_bf16(
+        uint16_t* out16_ND, float* rstd_N, const float* in_ND, const float* w_D, int N, int D, float eps) = 0;
+    virtual void layernorm_forward_bf16(uint16_t* out16_ND,
+                                        float* mean_N,
+                                        float* rstd_N,
+                                        const float* in_ND,
+                                        const float* w_D,
+                                        const float* b_D,
+                                        int N,
+                                        int D,
+                                        float eps) = 0;
     // din_ND += ..., dw_D += ..., db_D += ...
     virtual void layernorm_backward(float* din_ND,
                                     float* dw_D,
@@ -289,19 +303,31 @@ class Backend {
     // in fp32 math and writes bf16 d logits in place, and the d logits feed the bf16 backward GEMMs
     // directly: a third of the [N, V] traffic of the fp32 ops above. All four need bf16 matmul
     // precision (a bmoe::Error otherwise).
-    // out16_NO = bf16_bits(in_NI * w_OI^T): the fp32 accumulator rounded once (nearest-even).
-    virtual void matmul_forward_bf16_out(
-        uint16_t* out16_NO, const float* in_NI, const float* w_OI, int N, int I, int O) = 0;
-    // matmul_backward (no bias) with dout given as bf16.
-    virtual void matmul_backward_bf16_dout(float* din_NI,
-                                           float* dw_OI,
-                                           const uint16_t* dout16_NO,
-                                           const float* in_NI,
-                                           const float* w_OI,
-                                           int N,
-                                           int I,
-                                           int O,
-                                           bool accumulate_din) = 0;
+    // The dense GEMMs (no bias) with each activation operand given as fp32 (rounded as usual) or as
+    // bf16, and the result written as fp32 or as bf16 (out16_NO = bf16_bits(in_NI w_OI^T): the
+    // fp32 accumulator rounded once, nearest-even): of each pair exactly one pointer is non-null
+    // (of in/in16 one where dw_OI is; din_NI may be null). The LM head writes bf16 logits and
+    // reads bf16 d logits; the attention projections read the norm's bf16 output and a bf16 copy
+    // of the attention output kept for backward (Model::set_bf16_gemm_inputs).
+    virtual void matmul_forward_bf16(float* out_NO,
+                                     uint16_t* out16_NO,
+                                     const float* in_NI,
+                                     const uint16_t* in16_NI,
+                                     const float* w_OI,
+                                     int N,
+                                     int I,
+                                     int O) = 0;
+    virtual void matmul_backward_bf16(float* din_NI,
+                                      float* dw_OI,
+                                      const float* dout_NO,
+                                      const uint16_t* dout16_NO,
+                                      const float* in_NI,
+                                      const uint16_t* in16_NI,
+                                      const float* w_OI,
+                                      int N,
+                                      int I,
+                                      int O,
+                                      bool accumulate_din) = 0;
     // lse_N = logsumexp(logits16 row) (fp32 math, sum in double); loss_N = lse - logit[target], 0
     // for targets < 0. The logits are left as they are for the backward.
     virtual void cross_entropy_forward_bf16(
@@ -416,19 +442,20 @@ class Backend {
     void note_alloc(const void* ptr, size_t bytes);
     void note_free(const void* ptr);
     // The bf16 tensor ops' argument rules, one-line bmoe::Errors shared by every backend: bf16
-    // matmul precision, and one pointer of each fp32/bf16 pair of the grouped GEMMs.
+    // matmul precision, and one pointer of each fp32/bf16 pair of the GEMMs (op names the caller).
     void require_bf16_precision(const char* op) const;
-    static void require_grouped_forward_bf16_pairs(const void* out,
-                                                   const void* out16,
-                                                   const void* in,
-                                                   const void* in16);
-    static void require_grouped_backward_bf16_pairs(const void* din,
-                                                    const void* din16,
-                                                    const void* dw,
-                                                    const void* dout,
-                                                    const void* dout16,
-                                                    const void* in,
-                                                    const void* in16);
+    static void require_forward_bf16_pairs(
+        const char* op, const void* out, const void* out16, const void* in, const void* in16);
+    // din_optional: the dense GEMM, whose din may be null (no din16); the grouped one needs one.
+    static void require_backward_bf16_pairs(const char* op,
+                                            bool din_optional,
+                                            const void* din,
+                                            const void* din16,
+                                            const void* dw,
+                                            const void* dout,
+                                            const void* dout16,
+                                            const void* in,
+                                            const void* in16);
 
     MatmulPrecision matmul_precision_ = MatmulPrecision::kFp32;
     AttentionKernel attention_kernel_ = AttentionKernel::kGemm;

@@ -278,7 +278,8 @@ void CpuBackend::matmul_backward(float* din_NI,
                                  int I,
                                  int O,
                                  bool accumulate_din) {
-    dense_backward_rounded(din_NI, dw_OI, matmul_input(dout_NO, static_cast<size_t>(N) * O, 0), in_NI, w_OI, N, I, O,
+    dense_backward_rounded(din_NI, dw_OI, matmul_input(dout_NO, static_cast<size_t>(N) * O, 0),
+                           dw_OI ? matmul_input(in_NI, static_cast<size_t>(N) * I, 2) : nullptr, w_OI, N, I, O,
                            accumulate_din);
     if (dbias_O) {  // the bias gradient sums the unrounded dout (it is not a GEMM)
         column_reduce(dbias_O, N, O, [&](int n, int d0, int d1, double* acc) {
@@ -319,7 +320,7 @@ void CpuBackend::grouped_matmul_forward_bf16(float* out_RO,
                                              int I,
                                              int O) {
     require_bf16_precision("grouped_matmul_forward_bf16");
-    require_grouped_forward_bf16_pairs(out_RO, out16_RO, in_RI, in16_RI);
+    require_forward_bf16_pairs("grouped_matmul_forward_bf16", out_RO, out16_RO, in_RI, in16_RI);
     const size_t R = static_cast<size_t>(offsets_host[G]);
     const float* in = in16_RI ? widen_bf16(in16_RI, R * I, 0) : matmul_input(in_RI, R * I, 0);
     float* out = out_RO ? out_RO : fp32_result(R * O);
@@ -340,7 +341,8 @@ void CpuBackend::grouped_matmul_backward_bf16(float* din_RI,
                                               int I,
                                               int O) {
     require_bf16_precision("grouped_matmul_backward_bf16");
-    require_grouped_backward_bf16_pairs(din_RI, din16_RI, dw_GOI, dout_RO, dout16_RO, in_RI, in16_RI);
+    require_backward_bf16_pairs("grouped_matmul_backward_bf16", /*din_optional=*/false, din_RI, din16_RI, dw_GOI,
+                                dout_RO, dout16_RO, in_RI, in16_RI);
     const size_t R = static_cast<size_t>(offsets_host[G]);
     const float* dout = dout16_RO ? widen_bf16(dout16_RO, R * O, 0) : matmul_input(dout_RO, R * O, 0);
     const float* in = !dw_GOI ? nullptr : in16_RI ? widen_bf16(in16_RI, R * I, 1) : matmul_input(in_RI, R * I, 1);
@@ -442,18 +444,61 @@ void CpuBackend::position_backward(float* dwpe_SD, const float* dx_BTD, int B, i
 
 // ---- norms ------------------------------------------------------------------------------------
 
-void CpuBackend::rmsnorm_forward(
-    float* out_ND, float* rstd_N, const float* in_ND, const float* w_D, int N, int D, float eps) {
+namespace {
+// A norm's output element as stored: fp32, or its bf16 rounding (the *_forward_bf16 ops).
+inline void store_norm_output(float* y, float v) { *y = v; }
+inline void store_norm_output(uint16_t* y, float v) { *y = bf16_bits(v); }
+
+template <typename Out>
+void rmsnorm_rows(Out* out_ND, float* rstd_N, const float* in_ND, const float* w_D, int N, int D, float eps) {
 #pragma omp parallel for schedule(static) if (par(N, D))
     for (idx_t n = 0; n < N; ++n) {
         const float* x = in_ND + n * D;
         double ss = 0.0;
         for (int d = 0; d < D; ++d) ss += static_cast<double>(x[d]) * x[d];
         const float rstd = static_cast<float>(1.0 / std::sqrt(ss / D + eps));
-        float* y = out_ND + n * D;
-        for (int d = 0; d < D; ++d) y[d] = x[d] * rstd * w_D[d];
+        Out* y = out_ND + n * D;
+        for (int d = 0; d < D; ++d) store_norm_output(y + d, x[d] * rstd * w_D[d]);
         rstd_N[n] = rstd;
     }
+}
+
+template <typename Out>
+void layernorm_rows(Out* out_ND,
+                    float* mean_N,
+                    float* rstd_N,
+                    const float* in_ND,
+                    const float* w_D,
+                    const float* b_D,
+                    int N,
+                    int D,
+                    float eps) {
+#pragma omp parallel for schedule(static) if (par(N, D))
+    for (idx_t n = 0; n < N; ++n) {
+        const float* x = in_ND + n * D;
+        double sum = 0.0;
+        for (int d = 0; d < D; ++d) sum += x[d];
+        const double mean = sum / D;
+        double var = 0.0;
+        for (int d = 0; d < D; ++d) var += (x[d] - mean) * (x[d] - mean);
+        const float m = static_cast<float>(mean), rstd = static_cast<float>(1.0 / std::sqrt(var / D + eps));
+        Out* y = out_ND + n * D;
+        for (int d = 0; d < D; ++d) store_norm_output(y + d, (x[d] - m) * rstd * w_D[d] + b_D[d]);
+        mean_N[n] = m;
+        rstd_N[n] = rstd;
+    }
+}
+}  // namespace
+
+void CpuBackend::rmsnorm_forward(
+    float* out_ND, float* rstd_N, const float* in_ND, const float* w_D, int N, int D, float eps) {
+    rmsnorm_rows(out_ND, rstd_N, in_ND, w_D, N, D, eps);
+}
+
+void CpuBackend::rmsnorm_forward_bf16(
+    uint16_t* out16_ND, float* rstd_N, const float* in_ND, const float* w_D, int N, int D, float eps) {
+    require_bf16_precision("rmsnorm_forward_bf16");
+    rmsnorm_rows(out16_ND, rstd_N, in_ND, w_D, N, D, eps);
 }
 
 void CpuBackend::rmsnorm_backward(float* din_ND,
@@ -491,20 +536,20 @@ void CpuBackend::layernorm_forward(float* out_ND,
                                    int N,
                                    int D,
                                    float eps) {
-#pragma omp parallel for schedule(static) if (par(N, D))
-    for (idx_t n = 0; n < N; ++n) {
-        const float* x = in_ND + n * D;
-        double sum = 0.0;
-        for (int d = 0; d < D; ++d) sum += x[d];
-        const double mean = sum / D;
-        double var = 0.0;
-        for (int d = 0; d < D; ++d) var += (x[d] - mean) * (x[d] - mean);
-        const float m = static_cast<float>(mean), rstd = static_cast<float>(1.0 / std::sqrt(var / D + eps));
-        float* y = out_ND + n * D;
-        for (int d = 0; d < D; ++d) y[d] = (x[d] - m) * rstd * w_D[d] + b_D[d];
-        mean_N[n] = m;
-        rstd_N[n] = rstd;
-    }
+    layernorm_rows(out_ND, mean_N, rstd_N, in_ND, w_D, b_D, N, D, eps);
+}
+
+void CpuBackend::layernorm_forward_bf16(uint16_t* out16_ND,
+                                        float* mean_N,
+                                        float* rstd_N,
+                                        const float* in_ND,
+                                        const float* w_D,
+                                        const float* b_D,
+                                        int N,
+                                        int D,
+                                        float eps) {
+    require_bf16_precision("layernorm_forward_bf16");
+    layernorm_rows(out16_ND, mean_N, rstd_N, in_ND, w_D, b_D, N, D, eps);
 }
 
 void CpuBackend::layernorm_backward(float* din_ND,
@@ -754,36 +799,55 @@ void CpuBackend::cross_entropy_backward(
 
 // ---- the LM head and loss on bf16 logits -------------------------------------------------------
 
-void CpuBackend::matmul_forward_bf16_out(
-    uint16_t* out16_NO, const float* in_NI, const float* w_OI, int N, int I, int O) {
-    require_bf16_precision("matmul_forward_bf16_out");
-    in_NI = matmul_input(in_NI, static_cast<size_t>(N) * I, 0);
-    w_OI = matmul_input(w_OI, static_cast<size_t>(O) * I, 1);
-    // fp32 results a block of rows at a time: the scratch stays small at a 50K vocabulary
+void CpuBackend::matmul_forward_bf16(float* out_NO,
+                                     uint16_t* out16_NO,
+                                     const float* in_NI,
+                                     const uint16_t* in16_NI,
+                                     const float* w_OI,
+                                     int N,
+                                     int I,
+                                     int O) {
+    require_bf16_precision("matmul_forward_bf16");
+    require_forward_bf16_pairs("matmul_forward_bf16", out_NO, out16_NO, in_NI, in16_NI);
+    const float* in = in16_NI ? widen_bf16(in16_NI, static_cast<size_t>(N) * I, 0)
+                              : matmul_input(in_NI, static_cast<size_t>(N) * I, 0);
+    const float* w = matmul_input(w_OI, static_cast<size_t>(O) * I, 1);
+    if (out_NO) {
+        gemm(N, O, I, 1.0f, {in, I}, {w, I, true}, 0.0f, out_NO, O);
+        return;
+    }
+    // bf16 results from fp32 ones a block of rows at a time: the scratch stays small at a 50K vocabulary
     constexpr int kRows = 256;
     float* out = fp32_result(static_cast<size_t>(std::min(N, kRows)) * O);
     for (int r0 = 0; r0 < N; r0 += kRows) {
         const int rows = std::min(kRows, N - r0);
-        gemm(rows, O, I, 1.0f, Op{in_NI, I}.rows_from(r0), {w_OI, I, true}, 0.0f, out, O);
+        gemm(rows, O, I, 1.0f, Op{in, I}.rows_from(r0), {w, I, true}, 0.0f, out, O);
         CpuBackend::float_to_bf16(out16_NO + static_cast<size_t>(r0) * O, out, static_cast<size_t>(rows) * O);
     }
 }
 
-void CpuBackend::matmul_backward_bf16_dout(float* din_NI,
-                                           float* dw_OI,
-                                           const uint16_t* dout16_NO,
-                                           const float* in_NI,
-                                           const float* w_OI,
-                                           int N,
-                                           int I,
-                                           int O,
-                                           bool accumulate_din) {
-    require_bf16_precision("matmul_backward_bf16_dout");
-    dense_backward_rounded(din_NI, dw_OI, widen_bf16(dout16_NO, static_cast<size_t>(N) * O, 0), in_NI, w_OI, N, I, O,
-                           accumulate_din);
+void CpuBackend::matmul_backward_bf16(float* din_NI,
+                                      float* dw_OI,
+                                      const float* dout_NO,
+                                      const uint16_t* dout16_NO,
+                                      const float* in_NI,
+                                      const uint16_t* in16_NI,
+                                      const float* w_OI,
+                                      int N,
+                                      int I,
+                                      int O,
+                                      bool accumulate_din) {
+    require_bf16_precision("matmul_backward_bf16");
+    require_backward_bf16_pairs("matmul_backward_bf16", /*din_optional=*/true, din_NI, nullptr, dw_OI, dout_NO,
+                                dout16_NO, in_NI, in16_NI);
+    const size_t NO = static_cast<size_t>(N) * O;
+    const float* dout = dout16_NO ? widen_bf16(dout16_NO, NO, 0) : matmul_input(dout_NO, NO, 0);
+    const size_t NI = static_cast<size_t>(N) * I;
+    const float* in = !dw_OI ? nullptr : in16_NI ? widen_bf16(in16_NI, NI, 2) : matmul_input(in_NI, NI, 2);
+    dense_backward_rounded(din_NI, dw_OI, dout, in, w_OI, N, I, O, accumulate_din);
 }
 
-// dout already rounded (or fp32); in and w rounded here, each only where its product runs.
+// dout and in already rounded (or fp32; in read only with dw); w rounded here where din needs it.
 void CpuBackend::dense_backward_rounded(float* din_NI,
                                         float* dw_OI,
                                         const float* dout_NO,
@@ -796,9 +860,7 @@ void CpuBackend::dense_backward_rounded(float* din_NI,
     if (din_NI)
         gemm(N, I, O, 1.0f, {dout_NO, O}, {matmul_input(w_OI, static_cast<size_t>(O) * I, 1), I},
              accumulate_din ? 1.0f : 0.0f, din_NI, I);
-    if (dw_OI)
-        gemm(O, I, N, 1.0f, {dout_NO, O, true}, {matmul_input(in_NI, static_cast<size_t>(N) * I, 2), I}, 1.0f, dw_OI,
-             I);
+    if (dw_OI) gemm(O, I, N, 1.0f, {dout_NO, O, true}, {in_NI, I}, 1.0f, dw_OI, I);
 }
 
 void CpuBackend::cross_entropy_forward_bf16(

@@ -75,6 +75,17 @@ class CpuBackend : public Backend {
                            int N,
                            int D,
                            float eps) override;
+    void rmsnorm_forward_bf16(
+        uint16_t* out16_ND, float* rstd_N, const float* in_ND, const float* w_D, int N, int D, float eps) override;
+    void layernorm_forward_bf16(uint16_t* out16_ND,
+                                float* mean_N,
+                                float* rstd_N,
+                                const float* in_ND,
+                                const float* w_D,
+                                const float* b_D,
+                                int N,
+                                int D,
+                                float eps) override;
     void layernorm_backward(float* din_ND,
                             float* dw_D,
                             float* db_D,
@@ -150,17 +161,25 @@ class CpuBackend : public Backend {
         float* loss_N, float* probs_NV, const float* logits_NV, const int32_t* targets_N, int N, int V) override;
     void cross_entropy_backward(
         float* dlogits_NV, const float* probs_NV, const int32_t* targets_N, float dloss, int N, int V) override;
-    void matmul_forward_bf16_out(
-        uint16_t* out16_NO, const float* in_NI, const float* w_OI, int N, int I, int O) override;
-    void matmul_backward_bf16_dout(float* din_NI,
-                                   float* dw_OI,
-                                   const uint16_t* dout16_NO,
-                                   const float* in_NI,
-                                   const float* w_OI,
-                                   int N,
-                                   int I,
-                                   int O,
-                                   bool accumulate_din) override;
+    void matmul_forward_bf16(float* out_NO,
+                             uint16_t* out16_NO,
+                             const float* in_NI,
+                             const uint16_t* in16_NI,
+                             const float* w_OI,
+                             int N,
+                             int I,
+                             int O) override;
+    void matmul_backward_bf16(float* din_NI,
+                              float* dw_OI,
+                              const float* dout_NO,
+                              const uint16_t* dout16_NO,
+                              const float* in_NI,
+                              const uint16_t* in16_NI,
+                              const float* w_OI,
+                              int N,
+                              int I,
+                              int O,
+                              bool accumulate_din) override;
     void cross_entropy_forward_bf16(
         float* loss_N, float* lse_N, const uint16_t* logits16_NV, const int32_t* targets_N, int N, int V) override;
     void cross_entropy_backward_bf16(uint16_t* dlogits16_NV,
@@ -241,7 +260,7 @@ class CpuBackend : public Backend {
     // fp32 scratch (slot 3; the ops using it read no operand there) for a GEMM result that is
     // then rounded into a bf16 output.
     float* fp32_result(size_t n);
-    // The dense backward GEMMs from a rounded (or fp32) dout (matmul_backward, matmul_backward_bf16_dout).
+    // The dense backward GEMMs from a rounded (or fp32) dout and in (matmul_backward, matmul_backward_bf16).
     void dense_backward_rounded(float* din_NI,
                                 float* dw_OI,
                                 const float* dout_NO,

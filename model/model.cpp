@@ -11,9 +11,11 @@ namespace bmoe::model {
 struct Model::LayerActs {
     Buffer<float> resid_in;                           // [N, D] residual stream entering the layer
     Buffer<float> norm1_out, norm1_mean, norm1_rstd;  // [N, D], [N], [N]
+    Buffer<uint16_t> norm1_out16;                     // [N, D] instead of norm1_out (bf16 GEMM inputs)
     Buffer<float> q, k, v;                            // [N, H*Hd], [N, KV*Hd] x2 (q, k after RoPE)
     Buffer<float> att;  // what attention saves: [B, H, T, T] probs or [B, H, T] lse (empty with recompute)
     Buffer<float> attn_out;                           // [N, H*Hd]
+    Buffer<uint16_t> attn_out16;                      // [N, H*Hd] its bf16 rounding (bf16 GEMM inputs)
     Buffer<float> resid_mid;                          // [N, D] after the attention residual add
     Buffer<float> norm2_out, norm2_mean, norm2_rstd;
     std::unique_ptr<GroupedMlp> dense_ffn;  // dense layers only
@@ -148,10 +150,12 @@ float* Model::scores(LayerActs& a) { return recompute_attention_ ? att_shared_.d
 void Model::ensure_activations(int B, int T) {
     // What attention saves depends on the backend's attention kernel (and precision): re-checked.
     const size_t att_numel = backend_->attention_saved_numel(B, T, config_.num_heads, config_.head_dim());
-    if (B == B_ && T == T_ && att_numel == att_numel_) return;
+    const bool inputs16 = bf16_gemm_inputs_ && backend_->matmul_precision() == MatmulPrecision::kBf16;
+    if (B == B_ && T == T_ && att_numel == att_numel_ && inputs16 == gemm_inputs16_) return;
     B_ = B;
     T_ = T;
     att_numel_ = att_numel;
+    gemm_inputs16_ = inputs16;
     const size_t N = static_cast<size_t>(B) * T, D = config_.d_model, V = config_.vocab_size;
     const size_t q_dim = static_cast<size_t>(config_.num_heads) * config_.head_dim();
     const size_t kv_dim = static_cast<size_t>(config_.num_kv_heads) * config_.head_dim();
@@ -161,7 +165,8 @@ void Model::ensure_activations(int B, int T) {
     att_shared_ = recompute_attention_ ? Buffer<float>(be, att_numel) : Buffer<float>();
     for (auto& a : layer_acts_) {
         a->resid_in = Buffer<float>(be, N * D);
-        a->norm1_out = Buffer<float>(be, N * D);
+        a->norm1_out = inputs16 ? Buffer<float>() : Buffer<float>(be, N * D);
+        a->norm1_out16 = inputs16 ? Buffer<uint16_t>(be, N * D) : Buffer<uint16_t>();
         a->norm1_mean = Buffer<float>(be, N);
         a->norm1_rstd = Buffer<float>(be, N);
         a->q = Buffer<float>(be, N * q_dim);
@@ -169,6 +174,7 @@ void Model::ensure_activations(int B, int T) {
         a->v = Buffer<float>(be, N * kv_dim);
         a->att = recompute_attention_ ? Buffer<float>() : Buffer<float>(be, att_numel);
         a->attn_out = Buffer<float>(be, N * q_dim);
+        a->attn_out16 = inputs16 ? Buffer<uint16_t>(be, N * q_dim) : Buffer<uint16_t>();
         a->resid_mid = Buffer<float>(be, N * D);
         a->norm2_out = Buffer<float>(be, N * D);
         a->norm2_mean = Buffer<float>(be, N);
@@ -176,7 +182,8 @@ void Model::ensure_activations(int B, int T) {
     }
     ffn_out_ = Buffer<float>(be, N * D);
     resid_final_ = Buffer<float>(be, N * D);
-    final_norm_out_ = Buffer<float>(be, N * D);
+    final_norm_out_ = inputs16 ? Buffer<float>() : Buffer<float>(be, N * D);
+    final_norm_out16_ = inputs16 ? Buffer<uint16_t>(be, N * D) : Buffer<uint16_t>();
     final_mean_ = Buffer<float>(be, N);
     final_rstd_ = Buffer<float>(be, N);
     // the logits: fp32 and/or bf16, allocated by the forwards that use them
@@ -197,19 +204,29 @@ void Model::ensure_activations(int B, int T) {
 // norm dispatch: the config picks RMSNorm (mean unused) or LayerNorm
 
 namespace {
+// out (fp32) or out16 (its bf16 rounding): exactly one is given.
 void norm_forward(Backend* be,
                   const ModelConfig& c,
                   float* out,
+                  uint16_t* out16,
                   float* mean,
                   float* rstd,
                   const float* in,
                   const float* w,
                   const float* b,
                   int N) {
-    if (c.norm == NormType::kRmsNorm)
-        be->rmsnorm_forward(out, rstd, in, w, N, c.d_model, c.norm_eps);
-    else
-        be->layernorm_forward(out, mean, rstd, in, w, b, N, c.d_model, c.norm_eps);
+    const int D = c.d_model;
+    if (c.norm == NormType::kRmsNorm) {
+        if (out16)
+            be->rmsnorm_forward_bf16(out16, rstd, in, w, N, D, c.norm_eps);
+        else
+            be->rmsnorm_forward(out, rstd, in, w, N, D, c.norm_eps);
+    } else {
+        if (out16)
+            be->layernorm_forward_bf16(out16, mean, rstd, in, w, b, N, D, c.norm_eps);
+        else
+            be->layernorm_forward(out, mean, rstd, in, w, b, N, D, c.norm_eps);
+    }
 }
 void norm_backward(Backend* be,
                    const ModelConfig& c,
@@ -226,6 +243,33 @@ void norm_backward(Backend* be,
         be->rmsnorm_backward(din, dw, dout, in, w, rstd, N, c.d_model);
     else
         be->layernorm_backward(din, dw, db, dout, in, w, mean, rstd, N, c.d_model);
+}
+
+// A dense GEMM's input (no bias): stored as bf16 where x16 is set (bf16 GEMM inputs), else fp32.
+struct GemmInput {
+    const float* x;
+    const uint16_t* x16;
+};
+void dense_forward(Backend* be, float* out_NO, GemmInput in, const float* w_OI, int N, int I, int O) {
+    if (in.x16)
+        be->matmul_forward_bf16(out_NO, nullptr, nullptr, in.x16, w_OI, N, I, O);
+    else
+        be->matmul_forward(out_NO, in.x, w_OI, nullptr, N, I, O);
+}
+void dense_backward(Backend* be,
+                    float* din_NI,
+                    float* dw_OI,
+                    const float* dout_NO,
+                    GemmInput in,
+                    const float* w_OI,
+                    int N,
+                    int I,
+                    int O,
+                    bool accumulate_din) {
+    if (in.x16)
+        be->matmul_backward_bf16(din_NI, dw_OI, dout_NO, nullptr, nullptr, in.x16, w_OI, N, I, O, accumulate_din);
+    else
+        be->matmul_backward(din_NI, dw_OI, nullptr, dout_NO, in.x, w_OI, N, I, O, accumulate_din);
 }
 }  // namespace
 
@@ -258,21 +302,23 @@ ForwardStats Model::forward(const int32_t* tokens, const int32_t* targets, int B
         LayerActs& a = *layer_acts_[l];
         const LayerTensors& w = p.layers[l];
         // attention sub-block
-        norm_forward(be, c, a.norm1_out.data(), a.norm1_mean.data(), a.norm1_rstd.data(), a.resid_in.data(),
-                     w.attn_norm_w, w.attn_norm_b, N);
-        be->matmul_forward(a.q.data(), a.norm1_out.data(), w.wq, nullptr, N, D, H * Hd);
-        be->matmul_forward(a.k.data(), a.norm1_out.data(), w.wk, nullptr, N, D, KV * Hd);
-        be->matmul_forward(a.v.data(), a.norm1_out.data(), w.wv, nullptr, N, D, KV * Hd);
+        norm_forward(be, c, a.norm1_out.data(), a.norm1_out16.data(), a.norm1_mean.data(), a.norm1_rstd.data(),
+                     a.resid_in.data(), w.attn_norm_w, w.attn_norm_b, N);
+        const GemmInput norm1{a.norm1_out.data(), a.norm1_out16.data()};
+        dense_forward(be, a.q.data(), norm1, w.wq, N, D, H * Hd);
+        dense_forward(be, a.k.data(), norm1, w.wk, N, D, KV * Hd);
+        dense_forward(be, a.v.data(), norm1, w.wv, N, D, KV * Hd);
         if (c.position == PositionType::kRope) {
             be->rope_forward(a.q.data(), B, T, H, Hd, c.rope_theta);
             be->rope_forward(a.k.data(), B, T, KV, Hd, c.rope_theta);
         }
         be->attention_forward(a.attn_out.data(), scores(a), a.q.data(), a.k.data(), a.v.data(), B, T, H, KV, Hd);
+        if (gemm_inputs16_) be->float_to_bf16(a.attn_out16.data(), a.attn_out.data(), a.attn_out16.size());
         // ffn_out_ holds the attention projection's output here, the FFN's below
-        be->matmul_forward(ffn_out_.data(), a.attn_out.data(), w.wo, nullptr, N, H * Hd, D);
+        dense_forward(be, ffn_out_.data(), {a.attn_out.data(), a.attn_out16.data()}, w.wo, N, H * Hd, D);
         be->add(a.resid_mid.data(), a.resid_in.data(), ffn_out_.data(), static_cast<size_t>(N) * D);
         // feed-forward sub-block (MoE or dense)
-        norm_forward(be, c, a.norm2_out.data(), a.norm2_mean.data(), a.norm2_rstd.data(), a.resid_mid.data(),
+        norm_forward(be, c, a.norm2_out.data(), nullptr, a.norm2_mean.data(), a.norm2_rstd.data(), a.resid_mid.data(),
                      w.ffn_norm_w, w.ffn_norm_b, N);
         if (a.moe_index >= 0) {
             stats.moe_layers.push_back(
@@ -286,17 +332,18 @@ ForwardStats Model::forward(const int32_t* tokens, const int32_t* targets, int B
     }
 
     // final norm -> LM head
-    norm_forward(be, c, final_norm_out_.data(), final_mean_.data(), final_rstd_.data(), resid_final_.data(),
-                 p.final_norm_w, p.final_norm_b, N);
+    norm_forward(be, c, final_norm_out_.data(), final_norm_out16_.data(), final_mean_.data(), final_rstd_.data(),
+                 resid_final_.data(), p.final_norm_w, p.final_norm_b, N);
+    const GemmInput final_norm{final_norm_out_.data(), final_norm_out16_.data()};
     const size_t NV = static_cast<size_t>(N) * V;
     loss16_ = targets != nullptr && !keep_logits_ && bf16_logits_ && be->matmul_precision() == MatmulPrecision::kBf16;
     if (loss16_) {
         logits16_.ensure(be, NV);
         lse_.ensure(be, N);
-        be->matmul_forward_bf16_out(logits16_.data(), final_norm_out_.data(), p.lm_head, N, D, V);
+        be->matmul_forward_bf16(nullptr, logits16_.data(), final_norm.x, final_norm.x16, p.lm_head, N, D, V);
     } else {
         logits_.ensure(be, NV);
-        be->matmul_forward(logits_.data(), final_norm_out_.data(), p.lm_head, nullptr, N, D, V);
+        dense_forward(be, logits_.data(), final_norm, p.lm_head, N, D, V);
     }
 
     for (const MoeLayerStats& s : stats.moe_layers) {
@@ -345,6 +392,7 @@ void Model::backward(float loss_scale) {
     const float aux_weight = num_moe > 0 ? loss_weights_.aux_coef * loss_scale / num_moe : 0.0f;
     const float z_weight = num_moe > 0 ? loss_weights_.zloss_coef * loss_scale / num_moe : 0.0f;
     const float reg_weight = loss_weights_.router_reg_coef * loss_scale;
+    const GemmInput final_norm{final_norm_out_.data(), final_norm_out16_.data()};
 
     // LM head and final norm. CE is a mean over valid targets.
     const float dloss = num_valid_targets_ > 0 ? loss_scale / static_cast<float>(num_valid_targets_) : 0.0f;
@@ -354,13 +402,12 @@ void Model::backward(float loss_scale) {
     if (loss16_) {  // the same in place over the bf16 logits
         uint16_t* dlogits16 = logits16_.data();
         be->cross_entropy_backward_bf16(dlogits16, dlogits16, lse_.data(), targets_.data(), dloss, N, V);
-        be->matmul_backward_bf16_dout(dtmp_ND_.data(), g.lm_head, dlogits16, final_norm_out_.data(), p.lm_head, N, D, V,
-                                      false);
+        be->matmul_backward_bf16(dtmp_ND_.data(), g.lm_head, nullptr, dlogits16, final_norm.x, final_norm.x16,
+                                 p.lm_head, N, D, V, false);
     } else {
         float* dlogits = probs();
         be->cross_entropy_backward(dlogits, dlogits, targets_.data(), dloss, N, V);
-        be->matmul_backward(dtmp_ND_.data(), g.lm_head, nullptr, dlogits, final_norm_out_.data(), p.lm_head, N, D, V,
-                            false);
+        dense_backward(be, dtmp_ND_.data(), g.lm_head, dlogits, final_norm, p.lm_head, N, D, V, false);
     }
     dresidual_.zero();
     norm_backward(be, c, dresidual_.data(), g.final_norm_w, g.final_norm_b, dtmp_ND_.data(), resid_final_.data(),
@@ -383,8 +430,8 @@ void Model::backward(float loss_scale) {
         norm_backward(be, c, dresidual_.data(), dw.ffn_norm_w, dw.ffn_norm_b, dtmp_ND_.data(), a.resid_mid.data(),
                       w.ffn_norm_w, a.norm2_mean.data(), a.norm2_rstd.data(), N);
         // attention sub-block: d o_proj out = dresidual
-        be->matmul_backward(dattn_.data(), dw.wo, nullptr, dresidual_.data(), a.attn_out.data(), w.wo, N, H * Hd, D,
-                            false);
+        dense_backward(be, dattn_.data(), dw.wo, dresidual_.data(), {a.attn_out.data(), a.attn_out16.data()}, w.wo, N,
+                       H * Hd, D, false);
         if (recompute_attention_)  // this layer's scores again (dq_ is free scratch for the output until below)
             be->attention_forward(dq_.data(), scores(a), a.q.data(), a.k.data(), a.v.data(), B, T, H, KV, Hd);
         be->attention_backward(dq_.data(), dk_.data(), dv_.data(), dattn_.data(), a.attn_out.data(), a.q.data(),
@@ -393,9 +440,10 @@ void Model::backward(float loss_scale) {
             be->rope_backward(dq_.data(), B, T, H, Hd, c.rope_theta);
             be->rope_backward(dk_.data(), B, T, KV, Hd, c.rope_theta);
         }
-        be->matmul_backward(dtmp_ND_.data(), dw.wq, nullptr, dq_.data(), a.norm1_out.data(), w.wq, N, D, H * Hd, false);
-        be->matmul_backward(dtmp_ND_.data(), dw.wk, nullptr, dk_.data(), a.norm1_out.data(), w.wk, N, D, KV * Hd, true);
-        be->matmul_backward(dtmp_ND_.data(), dw.wv, nullptr, dv_.data(), a.norm1_out.data(), w.wv, N, D, KV * Hd, true);
+        const GemmInput norm1{a.norm1_out.data(), a.norm1_out16.data()};
+        dense_backward(be, dtmp_ND_.data(), dw.wq, dq_.data(), norm1, w.wq, N, D, H * Hd, false);
+        dense_backward(be, dtmp_ND_.data(), dw.wk, dk_.data(), norm1, w.wk, N, D, KV * Hd, true);
+        dense_backward(be, dtmp_ND_.data(), dw.wv, dv_.data(), norm1, w.wv, N, D, KV * Hd, true);
         norm_backward(be, c, dresidual_.data(), dw.attn_norm_w, dw.attn_norm_b, dtmp_ND_.data(), a.resid_in.data(),
                       w.attn_norm_w, a.norm1_mean.data(), a.norm1_rstd.data(), N);
         if (gradients_ready_) gradients_ready_(l);

@@ -122,6 +122,14 @@ class Model {
     // training, for 2 bytes per parameter. On by default; off (or BMOE_BF16_WEIGHTS=0 in the
     // environment) rounds per op, for A/B runs.
     void set_bf16_weights(bool on) { bf16_weights_ = on; }
+    // bf16 inputs for the dense GEMMs under bf16 matmul precision, each rounded once: the attention
+    // norm and the final norm write their output in bf16 (the Q/K/V projections and the LM head
+    // read only its rounding; no fp32 copy is kept), and the attention output is rounded once into
+    // a copy kept for the output projection's forward and weight gradient. Before, each GEMM op
+    // rounded its fp32 input itself: three times for Q, K, V forward, again in every backward.
+    // Bitwise the same training. On by default; off (or BMOE_BF16_GEMM_INPUTS=0 in the environment)
+    // keeps fp32 norm outputs rounded per op, for A/B runs. Takes effect at the next forward.
+    void set_bf16_gemm_inputs(bool on) { bf16_gemm_inputs_ = on; }
     // Called by backward() each time the gradients of one backward stage are final (queued on the
     // backend): stage num_layers (final norm, LM head), then l = num_layers-1 .. 0, then -1
     // (embeddings). See ParamInfo::backward_stage. The trainer starts gradient all-reduces from it
@@ -183,6 +191,9 @@ class Model {
     Buffer<float> ffn_out_;  // [N, D] a sub-block's output until its residual add (every layer's)
     Buffer<float> resid_final_;                               // [N, D] output of the last layer
     Buffer<float> final_norm_out_, final_mean_, final_rstd_;  // [N, D], [N], [N]
+    Buffer<uint16_t> final_norm_out16_;                       // [N, D] instead of final_norm_out_ with bf16 GEMM inputs
+    bool bf16_gemm_inputs_ = bf16_mode_default("BMOE_BF16_GEMM_INPUTS");  // set_bf16_gemm_inputs
+    bool gemm_inputs16_ = false;             // the activations are laid out for bf16 GEMM inputs (ensure_activations)
     Buffer<float> logits_, probs_, losses_;  // [N, V], [N, V] (d logits in backward; none without keep_logits), [N]
     Buffer<uint16_t> logits16_;              // [N, V] bf16 logits, then d logits (bf16 logits only)
     Buffer<float> lse_;                      // [N] the loss's log-sum-exp per row (bf16 logits only)

@@ -132,7 +132,7 @@ double OpCostBackend::sum_squares(const float*, size_t n) {
 
 void OpCostBackend::matmul_forward(float*, const float*, const float* w, const float* bias, int N, int I, int O) {
     const ProfiledName op(this, "matmul_fwd", N, I, O);
-    dense_forward_cost(w, N, I, O, bias != nullptr, 4.0);
+    dense_forward_cost(w, N, I, O, bias != nullptr, 4.0, /*in_stored_bf16=*/false);
 }
 
 void OpCostBackend::matmul_backward(float* din,
@@ -146,35 +146,56 @@ void OpCostBackend::matmul_backward(float* din,
                                     int O,
                                     bool accumulate_din) {
     const ProfiledName op(this, "matmul_bwd", N, I, O);
-    dense_backward_cost(w, din != nullptr, dw != nullptr, dbias != nullptr, N, I, O, accumulate_din, false);
+    dense_backward_cost(w, din != nullptr, dw != nullptr, dbias != nullptr, N, I, O, accumulate_din, false, false);
 }
 
-void OpCostBackend::matmul_forward_bf16_out(uint16_t*, const float*, const float* w, int N, int I, int O) {
-    const ProfiledName op(this, "matmul_fwd_bf16_out", N, I, O);
-    dense_forward_cost(w, N, I, O, /*bias=*/false, 2.0);
+void OpCostBackend::matmul_forward_bf16(
+    float*, uint16_t* out16, const float*, const uint16_t* in16, const float* w, int N, int I, int O) {
+    const ProfiledName op(this, "matmul_fwd_bf16", N, I, O);
+    dense_forward_cost(w, N, I, O, /*bias=*/false, out16 != nullptr ? 2.0 : 4.0, in16 != nullptr);
 }
 
-void OpCostBackend::matmul_backward_bf16_dout(
-    float* din, float* dw, const uint16_t*, const float*, const float* w, int N, int I, int O, bool accumulate_din) {
-    const ProfiledName op(this, "matmul_bwd_bf16_dout", N, I, O);
-    dense_backward_cost(w, din != nullptr, dw != nullptr, false, N, I, O, accumulate_din, true);
+void OpCostBackend::matmul_backward_bf16(float* din,
+                                         float* dw,
+                                         const float*,
+                                         const uint16_t* dout16,
+                                         const float*,
+                                         const uint16_t* in16,
+                                         const float* w,
+                                         int N,
+                                         int I,
+                                         int O,
+                                         bool accumulate_din) {
+    const ProfiledName op(this, "matmul_bwd_bf16", N, I, O);
+    dense_backward_cost(w, din != nullptr, dw != nullptr, false, N, I, O, accumulate_din, dout16 != nullptr,
+                        in16 != nullptr);
 }
 
-void OpCostBackend::dense_forward_cost(const float* w, int N, int I, int O, bool bias, double output_bytes) {
+// Operands stored as bf16 are read at 2 bytes without a copy; the rest are rounded into copies.
+void OpCostBackend::dense_forward_cost(
+    const float* w, int N, int I, int O, bool bias, double output_bytes, bool in_stored_bf16) {
     const double n = N, flops = 2.0 * n * I * O;
     // A bias is broadcast into out first; the GEMM then reads it back (beta = 1).
     if (bias) kernel("matmul bias", 4.0 * O + act(n * O));
     const std::string key = shaped("matmul_forward", n, I, O);
-    operand_copies(key, {{n * I, false}, {weight_to_round(w, double(O) * I), true}});
+    operand_copies(key, {{in_stored_bf16 ? 0.0 : n * I, false}, {weight_to_round(w, double(O) * I), true}});
     gemm(key, flops, {{n * I, false}, {double(O) * I, true}}, n * O, bias, output_bytes);
 }
 
-void OpCostBackend::dense_backward_cost(
-    const float* w, bool din, bool dw, bool dbias, int N, int I, int O, bool accumulate_din, bool dout_stored_bf16) {
+void OpCostBackend::dense_backward_cost(const float* w,
+                                        bool din,
+                                        bool dw,
+                                        bool dbias,
+                                        int N,
+                                        int I,
+                                        int O,
+                                        bool accumulate_din,
+                                        bool dout_stored_bf16,
+                                        bool in_stored_bf16) {
     const double n = N, flops = 2.0 * n * I * O;
     const std::string key = shaped("matmul_backward", n, I, O);
     operand_copies(key, {{dout_stored_bf16 ? 0.0 : n * O, false},
-                         {dw ? n * I : 0.0, false},
+                         {dw && !in_stored_bf16 ? n * I : 0.0, false},
                          {din ? weight_to_round(w, double(O) * I) : 0.0, true}});
     if (din) gemm(key, flops, {{n * O, false}, {double(O) * I, true}}, n * I, accumulate_din);
     if (dw) gemm(key, flops, {{n * O, false}, {n * I, false}}, double(O) * I, /*accumulate=*/true);
@@ -268,6 +289,9 @@ void OpCostBackend::position_backward(float*, const float*, int B, int T, int D)
 void OpCostBackend::rmsnorm_forward(float*, float*, const float*, const float*, int N, int D, float) {
     kernel("rmsnorm_forward", act(2.0 * N * D) + 4.0 * (D + N), 4.0 * N * D);
 }
+void OpCostBackend::rmsnorm_forward_bf16(uint16_t*, float*, const float*, const float*, int N, int D, float) {
+    kernel("rmsnorm_forward_bf16", act(double(N) * D) + 2.0 * N * D + 4.0 * (D + N), 4.0 * N * D);
+}
 void OpCostBackend::rmsnorm_backward(
     float*, float* dw, const float*, const float*, const float*, const float*, int N, int D) {
     // dout, in and din (+=: read and write), rstd; dw from per-block partial sums.
@@ -276,6 +300,10 @@ void OpCostBackend::rmsnorm_backward(
 void OpCostBackend::layernorm_forward(
     float*, float*, float*, const float*, const float*, const float*, int N, int D, float) {
     kernel("layernorm_forward", act(2.0 * N * D) + 4.0 * (2.0 * D + 2.0 * N), 6.0 * N * D);
+}
+void OpCostBackend::layernorm_forward_bf16(
+    uint16_t*, float*, float*, const float*, const float*, const float*, int N, int D, float) {
+    kernel("layernorm_forward_bf16", act(double(N) * D) + 2.0 * N * D + 4.0 * (2.0 * D + 2.0 * N), 6.0 * N * D);
 }
 void OpCostBackend::layernorm_backward(
     float*, float* dw, float*, const float*, const float*, const float*, const float*, const float*, int N, int D) {

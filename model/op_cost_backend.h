@@ -144,6 +144,17 @@ class OpCostBackend final : public Backend {
                            int N,
                            int D,
                            float eps) override;
+    void rmsnorm_forward_bf16(
+        uint16_t* out16_ND, float* rstd_N, const float* in_ND, const float* w_D, int N, int D, float eps) override;
+    void layernorm_forward_bf16(uint16_t* out16_ND,
+                                float* mean_N,
+                                float* rstd_N,
+                                const float* in_ND,
+                                const float* w_D,
+                                const float* b_D,
+                                int N,
+                                int D,
+                                float eps) override;
     void layernorm_backward(float* din_ND,
                             float* dw_D,
                             float* db_D,
@@ -219,17 +230,25 @@ class OpCostBackend final : public Backend {
         float* loss_N, float* probs_NV, const float* logits_NV, const int32_t* targets_N, int N, int V) override;
     void cross_entropy_backward(
         float* dlogits_NV, const float* probs_NV, const int32_t* targets_N, float dloss, int N, int V) override;
-    void matmul_forward_bf16_out(
-        uint16_t* out16_NO, const float* in_NI, const float* w_OI, int N, int I, int O) override;
-    void matmul_backward_bf16_dout(float* din_NI,
-                                   float* dw_OI,
-                                   const uint16_t* dout16_NO,
-                                   const float* in_NI,
-                                   const float* w_OI,
-                                   int N,
-                                   int I,
-                                   int O,
-                                   bool accumulate_din) override;
+    void matmul_forward_bf16(float* out_NO,
+                             uint16_t* out16_NO,
+                             const float* in_NI,
+                             const uint16_t* in16_NI,
+                             const float* w_OI,
+                             int N,
+                             int I,
+                             int O) override;
+    void matmul_backward_bf16(float* din_NI,
+                              float* dw_OI,
+                              const float* dout_NO,
+                              const uint16_t* dout16_NO,
+                              const float* in_NI,
+                              const uint16_t* in16_NI,
+                              const float* w_OI,
+                              int N,
+                              int I,
+                              int O,
+                              bool accumulate_din) override;
     void cross_entropy_forward_bf16(
         float* loss_N, float* lse_N, const uint16_t* logits16_NV, const int32_t* targets_N, int N, int V) override;
     void cross_entropy_backward_bf16(uint16_t* dlogits16_NV,
@@ -322,9 +341,17 @@ class OpCostBackend final : public Backend {
               double output_bytes = 4.0);
     // The dense GEMM ops with weight w: out written at output_bytes per element; dout_stored_bf16:
     // d out is held as bf16 and needs no copy.
-    void dense_forward_cost(const float* w, int N, int I, int O, bool bias, double output_bytes);
-    void dense_backward_cost(
-        const float* w, bool din, bool dw, bool dbias, int N, int I, int O, bool accumulate_din, bool dout_stored_bf16);
+    void dense_forward_cost(const float* w, int N, int I, int O, bool bias, double output_bytes, bool in_stored_bf16);
+    void dense_backward_cost(const float* w,
+                             bool din,
+                             bool dw,
+                             bool dbias,
+                             int N,
+                             int I,
+                             int O,
+                             bool accumulate_din,
+                             bool dout_stored_bf16,
+                             bool in_stored_bf16);
     // Adds tensor-core work at the attention efficiency with `bytes` of traffic.
     void attention_products(const std::string& key, double flops, double bytes);
     // The grouped expert GEMMs over r rows (din/dw: which products run; *_stored_bf16: that operand

@@ -467,12 +467,19 @@ TEST(CudaBackend, RmsNorm) {
         const size_t n = static_cast<size_t>(N) * dim;
         auto in = d.make(randn(n, 1)), w = d.make(randn(dim, 2)), dout = d.make(randn(n, 3));
         auto out = d.garbage(n), rstd = d.garbage(N), din = d.make(randn(n, 4)), dw = d.make(randn(dim, 5));
+        auto rstd16 = d.garbage(N);
+        Pair<uint16_t> out16;
+        for (int s : {kCpu, kGpu}) out16.side[s] = Buffer<uint16_t>(&d.be(s), n);
         d.run([&](Backend& be, int s) {
             be.rmsnorm_forward(out[s], rstd[s], in[s], w[s], N, dim, 1e-5f);
             be.rmsnorm_backward(din[s], dw[s], dout[s], in[s], w[s], rstd[s], N, dim);
+            const ScopedMatmulPrecision bf16(&be, MatmulPrecision::kBf16);
+            be.rmsnorm_forward_bf16(out16[s], rstd16[s], in[s], w[s], N, dim, 1e-5f);
         });
         const std::string at = " (D=" + std::to_string(dim) + ")";
         expect_close(out, "rmsnorm out" + at);
+        expect_bf16_close(out16, "rmsnorm bf16 out" + at, 0.0f);
+        expect_close(rstd16, "rmsnorm rstd, bf16 out" + at);
         expect_close(rstd, "rmsnorm rstd" + at);
         expect_close(din, "rmsnorm din (+=)" + at);
         expect_close(dw, "rmsnorm dw (+=)" + at);
@@ -487,12 +494,20 @@ TEST(CudaBackend, LayerNorm) {
         auto in = d.make(randn(n, 1, 2.0f)), w = d.make(randn(dim, 2)), b = d.make(randn(dim, 3));
         auto dout = d.make(randn(n, 4)), out = d.garbage(n), mean = d.garbage(N), rstd = d.garbage(N);
         auto din = d.make(randn(n, 5)), dw = d.make(randn(dim, 6)), db = d.make(randn(dim, 7));
+        auto mean16 = d.garbage(N), rstd16 = d.garbage(N);
+        Pair<uint16_t> out16;
+        for (int s : {kCpu, kGpu}) out16.side[s] = Buffer<uint16_t>(&d.be(s), n);
         d.run([&](Backend& be, int s) {
             be.layernorm_forward(out[s], mean[s], rstd[s], in[s], w[s], b[s], N, dim, 1e-5f);
             be.layernorm_backward(din[s], dw[s], db[s], dout[s], in[s], w[s], mean[s], rstd[s], N, dim);
+            const ScopedMatmulPrecision bf16(&be, MatmulPrecision::kBf16);
+            be.layernorm_forward_bf16(out16[s], mean16[s], rstd16[s], in[s], w[s], b[s], N, dim, 1e-5f);
         });
         const std::string at = " (D=" + std::to_string(dim) + ")";
         expect_close(out, "layernorm out" + at);
+        expect_bf16_close(out16, "layernorm bf16 out" + at, 1.0f);  // + b: cancellation
+        expect_close(mean16, "layernorm mean, bf16 out" + at);
+        expect_close(rstd16, "layernorm rstd, bf16 out" + at);
         expect_close(mean, "layernorm mean" + at);
         expect_close(rstd, "layernorm rstd" + at);
         expect_close(din, "layernorm din (+=)" + at);
@@ -678,8 +693,9 @@ TEST(CudaBackend, CrossEntropy) {
 }
 
 // The LM head and loss on bf16 logits (Model::set_bf16_logits): the bf16-output GEMM, the loss and
-// its in-place bf16 d logits, and the bf16-d-out GEMMs, against the CPU. V = 50 takes the kernels'
-// scalar path, 5000 their 4-wide one.
+// its in-place bf16 d logits, and the bf16-d-out GEMMs, against the CPU; the GEMMs read the input
+// as the final norm writes it with bf16 GEMM inputs (Model::set_bf16_gemm_inputs), as fp32 for V =
+// 50 and as bf16 for V = 5000. V = 50 takes the loss kernels' scalar path, 5000 their 4-wide one.
 TEST(CudaBackend, LossOnBf16LogitsMatchesCpu) {
     if (!bmoe::model::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
     for (int vocab : {V, 5000}) {
@@ -691,12 +707,16 @@ TEST(CudaBackend, LossOnBf16LogitsMatchesCpu) {
         auto tg = d.make(targets);
         auto loss = d.garbage(N), lse = d.garbage(N), dx = d.garbage(static_cast<size_t>(N) * D);
         auto dw = d.make(randn(static_cast<size_t>(vocab) * D, 4));
-        Pair<uint16_t> logits16;
+        Pair<uint16_t> logits16, x16;
         for (int s : {kCpu, kGpu}) logits16.side[s] = Buffer<uint16_t>(&d.be(s), n);
+        for (int s : {kCpu, kGpu}) x16.side[s] = Buffer<uint16_t>(&d.be(s), static_cast<size_t>(N) * D);
+        const bool input16 = vocab != V;
         const std::string at = " (V=" + std::to_string(vocab) + ")";
         d.run([&](Backend& be, int s) {
             const ScopedMatmulPrecision bf16(&be, MatmulPrecision::kBf16);
-            be.matmul_forward_bf16_out(logits16[s], x[s], w[s], N, D, vocab);
+            be.float_to_bf16(x16[s], x[s], static_cast<size_t>(N) * D);
+            be.matmul_forward_bf16(nullptr, logits16[s], input16 ? nullptr : x[s], input16 ? x16[s] : nullptr, w[s], N,
+                                   D, vocab);
         });
         expect_bf16_close(logits16, "bf16 logits" + at, 1.0f);
         // from here both sides read the CPU's logits, so the loss ops are compared on the same input
@@ -712,7 +732,8 @@ TEST(CudaBackend, LossOnBf16LogitsMatchesCpu) {
         logits16.side[kGpu].upload(logits16.side[kCpu].download());
         d.run([&](Backend& be, int s) {
             const ScopedMatmulPrecision bf16(&be, MatmulPrecision::kBf16);
-            be.matmul_backward_bf16_dout(dx[s], dw[s], logits16[s], x[s], w[s], N, D, vocab, false);
+            be.matmul_backward_bf16(dx[s], dw[s], nullptr, logits16[s], input16 ? nullptr : x[s],
+                                    input16 ? x16[s] : nullptr, w[s], N, D, vocab, false);
         });
         expect_close(dx, "LM head dx from bf16 d logits" + at);
         expect_close(dw, "LM head dw from bf16 d logits" + at);
@@ -814,8 +835,9 @@ TEST(CudaBackend, AdamW) {
     // the copy: the params rounded, where the last update wrote it (elements 4..6 only got nullptr)
     const Vec gpu_p = p.side[kGpu].download();
     const std::vector<uint16_t> gpu_p16 = p16.side[kGpu].download();
-    for (size_t i = 0; i < n; ++i)
+    for (size_t i = 0; i < n; ++i) {
         if (i < 4 || i >= 7) EXPECT_EQ(gpu_p16[i], bf16_bits(gpu_p[i])) << "bf16 weight copy " << i;
+    }
     expect_bf16_close(p16, "adamw bf16 weight copy", 1.0f);
 }
 

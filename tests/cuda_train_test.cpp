@@ -114,5 +114,12 @@ TEST(CudaTrainTest, Bf16WeightCopyTrainsLikeRoundingPerOp) {
     expect_bf16_mode_agrees("BMOE_BF16_WEIGHTS", 1e-5);
 }
 
+// bf16 GEMM inputs (the norms' bf16 outputs, the attention output rounded once) against rounding
+// per GEMM op (CPU: ModelGradTest.Bf16GemmInputsGiveBitwiseTheSameTraining).
+TEST(CudaTrainTest, Bf16GemmInputsTrainLikeRoundingPerOp) {
+    if (!model::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+    expect_bf16_mode_agrees("BMOE_BF16_GEMM_INPUTS", 1e-5);
+}
+
 }  // namespace
 }  // namespace bmoe::trainer

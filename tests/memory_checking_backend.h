@@ -226,6 +226,30 @@ class MemoryCheckingBackend : public CpuBackend {
                                         {"b", b, numel(D)}}))
             CpuBackend::layernorm_forward(out, mean, rstd, in, w, b, N, D, eps);
     }
+    void rmsnorm_forward_bf16(
+        uint16_t* out16, float* rstd, const float* in, const float* w, int N, int D, float eps) override {
+        if (check(
+                "rmsnorm_forward_bf16",
+                {{"out16", out16, numel(N, D)}, {"rstd", rstd, numel(N)}, {"in", in, numel(N, D)}, {"w", w, numel(D)}}))
+            CpuBackend::rmsnorm_forward_bf16(out16, rstd, in, w, N, D, eps);
+    }
+    void layernorm_forward_bf16(uint16_t* out16,
+                                float* mean,
+                                float* rstd,
+                                const float* in,
+                                const float* w,
+                                const float* b,
+                                int N,
+                                int D,
+                                float eps) override {
+        if (check("layernorm_forward_bf16", {{"out16", out16, numel(N, D)},
+                                             {"mean", mean, numel(N)},
+                                             {"rstd", rstd, numel(N)},
+                                             {"in", in, numel(N, D)},
+                                             {"w", w, numel(D)},
+                                             {"b", b, numel(D)}}))
+            CpuBackend::layernorm_forward_bf16(out16, mean, rstd, in, w, b, N, D, eps);
+    }
     void layernorm_backward(float* din,
                             float* dw,
                             float* db,
@@ -352,27 +376,41 @@ class MemoryCheckingBackend : public CpuBackend {
             CpuBackend::cross_entropy_backward(dlogits, probs, targets, dloss, N, V);
     }
 
-    // ---- the LM head and loss on bf16 logits ----------------------------------------------------
-    void matmul_forward_bf16_out(uint16_t* out16, const float* in, const float* w, int N, int I, int O) override {
-        if (check("matmul_forward_bf16_out",
-                  {{"out16", out16, numel(N, O)}, {"in", in, numel(N, I)}, {"w", w, numel(O, I)}}))
-            CpuBackend::matmul_forward_bf16_out(out16, in, w, N, I, O);
+    // ---- the bf16 dense GEMMs (of each operand pair the non-null one is checked), the loss on bf16 logits
+    void matmul_forward_bf16(float* out,
+                             uint16_t* out16,
+                             const float* in,
+                             const uint16_t* in16,
+                             const float* w,
+                             int N,
+                             int I,
+                             int O) override {
+        if (check("matmul_forward_bf16", {{"out", out, numel(N, O)},
+                                          {"out16", out16, numel(N, O)},
+                                          {"in", in, numel(N, I)},
+                                          {"in16", in16, numel(N, I)},
+                                          {"w", w, numel(O, I)}}))
+            CpuBackend::matmul_forward_bf16(out, out16, in, in16, w, N, I, O);
     }
-    void matmul_backward_bf16_dout(float* din,
-                                   float* dw,
-                                   const uint16_t* dout16,
-                                   const float* in,
-                                   const float* w,
-                                   int N,
-                                   int I,
-                                   int O,
-                                   bool accumulate_din) override {
-        if (check("matmul_backward_bf16_dout", {{"din", din, numel(N, I)},
-                                                {"dw", dw, numel(O, I)},
-                                                {"dout16", dout16, numel(N, O)},
-                                                {"in", in, numel(N, I)},
-                                                {"w", w, numel(O, I)}}))
-            CpuBackend::matmul_backward_bf16_dout(din, dw, dout16, in, w, N, I, O, accumulate_din);
+    void matmul_backward_bf16(float* din,
+                              float* dw,
+                              const float* dout,
+                              const uint16_t* dout16,
+                              const float* in,
+                              const uint16_t* in16,
+                              const float* w,
+                              int N,
+                              int I,
+                              int O,
+                              bool accumulate_din) override {
+        if (check("matmul_backward_bf16", {{"din", din, numel(N, I)},
+                                           {"dw", dw, numel(O, I)},
+                                           {"dout", dout, numel(N, O)},
+                                           {"dout16", dout16, numel(N, O)},
+                                           {"in", dw ? in : nullptr, numel(N, I)},
+                                           {"in16", dw ? in16 : nullptr, numel(N, I)},
+                                           {"w", w, numel(O, I)}}))
+            CpuBackend::matmul_backward_bf16(din, dw, dout, dout16, in, in16, w, N, I, O, accumulate_din);
     }
     void cross_entropy_forward_bf16(
         float* loss, float* lse, const uint16_t* logits16, const int32_t* targets, int N, int V) override {

@@ -343,6 +343,50 @@ TEST_P(ModelGradTest, Bf16WeightCopyGivesBitwiseTheSameTraining) {
     EXPECT_NE(losses[0][1], losses[0][2]) << "the weights did not change";
 }
 
+// bf16 GEMM inputs (the default under bf16 matmul precision): the norms ahead of the attention
+// projections and the LM head write bf16 outputs, and the attention output is rounded once for its
+// projection, instead of every GEMM op rounding its fp32 input. Bitwise the same losses, gradients
+// and evaluation logits, with the LM head on bf16 logits (training) and on fp32 ones (keep_logits),
+// and less memory: the norm outputs take 2 bytes per element instead of 4.
+TEST_P(ModelGradTest, Bf16GemmInputsGiveBitwiseTheSameTraining) {
+    const ModelConfig cfg = GetParam().config;
+    std::vector<int32_t> tokens = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10}, targets = {2, 3, 4, 5, 6, 7, 8, 9, 10, 11};
+    const LossWeights w{0.01f, 0.001f, 0.05f};
+    for (const bool keep_logits : {false, true}) {
+        std::vector<std::vector<float>> grads[2], logits[2];
+        std::vector<double> losses[2];
+        size_t peak[2];
+        for (const bool inputs16 : {false, true}) {
+            CpuBackend backend;
+            backend.set_matmul_precision(MatmulPrecision::kBf16);
+            Model model(cfg, &backend);
+            model.init_weights(3);
+            model.set_keep_logits(keep_logits);
+            model.set_bf16_gemm_inputs(inputs16);
+            const size_t n = model.layout().total_numel();
+            for (int step = 0; step < 2; ++step) {
+                model.zero_grad();
+                losses[inputs16].push_back(model.forward(tokens.data(), targets.data(), 2, 5, w).total_loss);
+                model.backward(1.0f);
+                grads[inputs16].push_back(model.grads_to_host());
+                backend.scale(model.grads(), -0.5f, n);  // an SGD step
+                backend.accumulate(model.params(), model.grads(), n);
+                model.forward(tokens.data(), nullptr, 1, 7, w);  // evaluation: fp32 logits
+                logits[inputs16].push_back(model.logits_to_host());
+            }
+            peak[inputs16] = backend.peak_allocated_bytes();
+        }
+        const std::string at = keep_logits ? " (fp32 logits)" : " (bf16 logits)";
+        EXPECT_EQ(losses[1], losses[0]) << at;
+        for (int step = 0; step < 2; ++step) {
+            EXPECT_EQ(grads[1][step], grads[0][step]) << "step " << step << at;
+            EXPECT_EQ(logits[1][step], logits[0][step]) << "step " << step << at;
+        }
+        EXPECT_NE(losses[0][0], losses[0][1]) << "the weights did not change";
+        EXPECT_LT(peak[1], peak[0]) << at;
+    }
+}
+
 // Training forwards under bf16 matmul precision run the LM head and loss on bf16 logits (the
 // default): the loss moves by no more than the logits' bf16 rounding can move it, the gradients stay
 // within bf16 noise of the fp32-logit path, the [N, V] fp32 buffer is gone, and a forward without
@@ -504,7 +548,8 @@ TEST(ModelTest, RejectsTokensOutsideVocabulary) {
 TEST(ModelTest, Bf16SwitchesRejectValuesOtherThanZeroAndOne) {
     const ModelConfig c = tiny_model_config();
     CpuBackend backend;
-    for (const char* env : {"BMOE_BF16_LOGITS", "BMOE_BF16_WEIGHTS", "BMOE_BF16_MLP_ACTIVATIONS"}) {
+    for (const char* env :
+         {"BMOE_BF16_LOGITS", "BMOE_BF16_WEIGHTS", "BMOE_BF16_MLP_ACTIVATIONS", "BMOE_BF16_GEMM_INPUTS"}) {
         for (const char* ok : {"0", "1"}) {
             setenv(env, ok, 1);
             EXPECT_NO_THROW(Model(c, &backend)) << env << "=" << ok;

@@ -162,9 +162,11 @@ TEST(OpCostBackend, TheLossOnBf16LogitsMovesAThirdOfTheFp32LogitsBytes) {
         be.clear_ledger();
         step.train();
         const std::map<std::string, OpCost>& rows = be.ledger();
-        // the backward's activation copies: the head's input (for dW), and the d logits with fp32 logits
-        EXPECT_DOUBLE_EQ(rows.at("bf16 copies, activation: matmul_backward " + head).bytes,
-                         6.0 * (N * D + (bf16_logits ? 0.0 : N * V)));
+        // the backward's activation copy: the d logits with fp32 logits (the final norm writes the
+        // head's input in bf16)
+        EXPECT_EQ(rows.count("bf16 copies, activation: matmul_backward " + head), bf16_logits ? 0u : 1u);
+        if (!bf16_logits)
+            EXPECT_DOUBLE_EQ(rows.at("bf16 copies, activation: matmul_backward " + head).bytes, 6.0 * N * V);
         EXPECT_EQ(rows.count("cross_entropy_forward_bf16"), bf16_logits ? 1u : 0u);
         // the forward GEMM: bf16 operands, then N x V outputs of 2 (bf16) or 4 bytes
         EXPECT_DOUBLE_EQ(rows.at("matmul_forward " + head).bytes,
@@ -202,6 +204,35 @@ TEST(OpCostBackend, TheBf16WeightCopyReplacesThePerOpWeightCopies) {
             EXPECT_DOUBLE_EQ(adamw_bytes, 28.0 * static_cast<double>(params));
         }
     }
+}
+
+// bf16 GEMM inputs (the default): per layer the attention norm's bf16 output feeds Q, K and V and
+// the attention output is rounded once for its projection, forward and backward; the final norm's
+// feeds the LM head. Per op rounding copies them 4 times per layer forward (plus the head's) and 4
+// times backward (plus the head's); only the backward's d outputs are still rounded per op.
+TEST(OpCostBackend, Bf16GemmInputsRoundEachDenseGemmInputOnce) {
+    const ModelConfig c = tiny_model_config();
+    const int L = c.num_layers;
+    int explicit_copies[2];  // float_to_bf16 calls per step: bf16 GEMM inputs, rounded per op
+    for (const bool inputs16 : {true, false}) {
+        OpCostBackend be;
+        be.set_matmul_precision(MatmulPrecision::kBf16);
+        Step step(c, &be);
+        step.net.set_bf16_gemm_inputs(inputs16);
+        step.train();
+        be.clear_ledger();
+        step.train();
+        const std::string at = inputs16 ? " (bf16 GEMM inputs)" : " (rounded per op)";
+        EXPECT_EQ(rows_starting_with(be, {"bf16 copies, activation: matmul_forward"}).calls, inputs16 ? 0 : 4 * L + 1)
+            << at;
+        // backward: Q, K, V and O's d outputs either way; their inputs and the head's only per op
+        // (the head's d logits are bf16)
+        EXPECT_EQ(rows_starting_with(be, {"bf16 copies, activation: matmul_backward"}).calls,
+                  inputs16 ? 4 * L : 8 * L + 1)
+            << at;
+        explicit_copies[inputs16 ? 0 : 1] = rows_starting_with(be, {"bf16 copies, activation: float_to_bf16"}).calls;
+    }
+    EXPECT_EQ(explicit_copies[0] - explicit_copies[1], L) << "one rounding of the attention output per layer";
 }
 
 TEST(OpCostBackend, FlashAttentionCostsTheCausalHalfAndSavesOnlyTheLse) {
@@ -277,12 +308,13 @@ TEST(OpCostBackend, ProfiledOpNamesAreTheCudaProfilersAndAddUpToTheStep) {
                 sum += seconds;
             }
             EXPECT_NEAR(sum, be.total().seconds, 1e-12 * be.total().calls);
-            // the LM head's product (bf16 logits, as training runs it): its GEMM and its input's
-            // copy under the profiler's one name; the weight comes from the model's bf16 copy
+            // the LM head's product (bf16 logits, as training runs it): its GEMM under the profiler's
+            // name, with no copies -- the final norm wrote its input in bf16, the weight comes from
+            // the model's bf16 copy
             const std::map<std::string, OpCost>& rows = be.ledger();
-            EXPECT_DOUBLE_EQ(be.seconds_by_profiled_op().at("matmul_fwd_bf16_out 16x16x23"),
-                             rows.at("matmul_forward 16x16x23").seconds +
-                                 rows.at("bf16 copies, activation: matmul_forward 16x16x23").seconds);
+            EXPECT_DOUBLE_EQ(be.seconds_by_profiled_op().at("matmul_fwd_bf16 16x16x23"),
+                             rows.at("matmul_forward 16x16x23").seconds);
+            EXPECT_EQ(rows.count("bf16 copies, activation: matmul_forward 16x16x23"), 0u);
             EXPECT_EQ(rows.count("bf16 copies, weight: matmul_forward 16x16x23"), 0u);
         }
     }

@@ -880,29 +880,84 @@ TEST(Bf16, LossOnBf16LogitsIsTheFp32LossOnTheRoundedLogits) {
     for (int v = 0; v < V; ++v) EXPECT_EQ(logits16[1 * V + v], 0) << "ignored row";
 }
 
-// The LM head's bf16-output and bf16-d-out GEMMs are the fp32-output ones, rounded / fed the same values.
-TEST(Bf16, LmHeadGemmsWithBf16LogitsAreTheFp32Ones) {
+// The dense bf16 GEMMs are the fp32 ones fed the same values: an operand given as bf16 is the fp32
+// one's rounding, and a bf16 result is the fp32 result rounded.
+TEST(Bf16, DenseGemmsWithBf16OperandsAreTheFp32Ones) {
     CpuBackend be;
-    const int N = 300, I = 24, O = 29;  // N above the forward's 256-row blocks
+    const int N = 300, I = 24, O = 29;  // N above the bf16-output forward's 256-row blocks
     const Vec in = randn(N * I, 1), w = randn(O * I, 2), dout = randn(N * O, 3), dw0 = randn(O * I, 4);
-    std::vector<uint16_t> out16(N * O), dout16(N * O);
-    Vec dout_rounded(N * O);
-    for (int i = 0; i < N * O; ++i) dout16[i] = bf16_bits(dout[i]), dout_rounded[i] = bf16_to_float(dout16[i]);
-    EXPECT_THROW(be.matmul_forward_bf16_out(out16.data(), in.data(), w.data(), N, I, O), bmoe::Error);
+    std::vector<uint16_t> in16(N * I), out16(N * O), dout16(N * O);
+    for (int i = 0; i < N * I; ++i) in16[i] = bf16_bits(in[i]);
+    for (int i = 0; i < N * O; ++i) dout16[i] = bf16_bits(dout[i]);
+    Vec out(N * O), out_from16(N * O);
+    EXPECT_THROW(be.matmul_forward_bf16(nullptr, out16.data(), in.data(), nullptr, w.data(), N, I, O), bmoe::Error)
+        << "needs bf16 precision";
     be.set_matmul_precision(MatmulPrecision::kBf16);
-    Vec out(N * O);
+    EXPECT_THROW(be.matmul_forward_bf16(out.data(), out16.data(), in.data(), nullptr, w.data(), N, I, O), bmoe::Error)
+        << "two outputs";
+    EXPECT_THROW(be.matmul_forward_bf16(out.data(), nullptr, in.data(), in16.data(), w.data(), N, I, O), bmoe::Error)
+        << "two inputs";
     be.matmul_forward(out.data(), in.data(), w.data(), nullptr, N, I, O);
-    be.matmul_forward_bf16_out(out16.data(), in.data(), w.data(), N, I, O);
-    for (int i = 0; i < N * O; ++i)  // sgemm over 256-row blocks may sum in another order
-        ASSERT_NEAR(bf16_to_float(out16[i]), out[i], std::abs(out[i]) * 0x1p-8f + 1e-6f) << "logit " << i;
+    be.matmul_forward_bf16(out_from16.data(), nullptr, nullptr, in16.data(), w.data(), N, I, O);
+    EXPECT_EQ(out_from16, out) << "bf16 input";
+    for (const bool input16 : {false, true}) {
+        be.matmul_forward_bf16(nullptr, out16.data(), input16 ? nullptr : in.data(), input16 ? in16.data() : nullptr,
+                               w.data(), N, I, O);
+        for (int i = 0; i < N * O; ++i)  // sgemm over 256-row blocks may sum in another order
+            ASSERT_NEAR(bf16_to_float(out16[i]), out[i], std::abs(out[i]) * 0x1p-8f + 1e-6f) << "logit " << i;
+    }
+    Vec dout_rounded(N * O);
+    for (int i = 0; i < N * O; ++i) dout_rounded[i] = bf16_to_float(dout16[i]);
     for (const bool accumulate : {false, true}) {
-        Vec din(N * I, 1.5f), dw = dw0, din16 = din, dw16 = dw0;
+        Vec din(N * I, 1.5f), dw = dw0;
         be.matmul_backward(din.data(), dw.data(), nullptr, dout_rounded.data(), in.data(), w.data(), N, I, O,
                            accumulate);
-        be.matmul_backward_bf16_dout(din16.data(), dw16.data(), dout16.data(), in.data(), w.data(), N, I, O,
-                                     accumulate);
-        EXPECT_EQ(din16, din) << "accumulate " << accumulate;
-        EXPECT_EQ(dw16, dw) << "accumulate " << accumulate;
+        for (const bool dout_16 : {false, true})
+            for (const bool input16 : {false, true}) {
+                Vec din2(N * I, 1.5f), dw2 = dw0;
+                be.matmul_backward_bf16(din2.data(), dw2.data(), dout_16 ? nullptr : dout.data(),
+                                        dout_16 ? dout16.data() : nullptr, input16 ? nullptr : in.data(),
+                                        input16 ? in16.data() : nullptr, w.data(), N, I, O, accumulate);
+                EXPECT_EQ(din2, din) << "accumulate " << accumulate << " dout16 " << dout_16 << " in16 " << input16;
+                EXPECT_EQ(dw2, dw) << "accumulate " << accumulate << " dout16 " << dout_16 << " in16 " << input16;
+            }
+        Vec dw_only = dw0;  // no din: the input pair is still required with dw, no din16 exists
+        be.matmul_backward_bf16(nullptr, dw_only.data(), nullptr, dout16.data(), nullptr, in16.data(), w.data(), N, I,
+                                O, accumulate);
+        EXPECT_EQ(dw_only, dw);
+    }
+    Vec din(N * I), dw = dw0;
+    EXPECT_THROW(be.matmul_backward_bf16(din.data(), dw.data(), dout.data(), dout16.data(), in.data(), nullptr,
+                                         w.data(), N, I, O, false),
+                 bmoe::Error)
+        << "two d outputs";
+    EXPECT_THROW(be.matmul_backward_bf16(din.data(), dw.data(), dout.data(), nullptr, nullptr, nullptr, w.data(), N, I,
+                                         O, false),
+                 bmoe::Error)
+        << "dw without an input";
+}
+
+// The norms' bf16-output variants write the fp32 output's rounding, and the same mean and rstd.
+TEST(Bf16, NormsWithBf16OutputRoundTheFp32Output) {
+    CpuBackend be;
+    const int N = 7, D = 40;
+    const Vec in = randn(N * D, 5), w = randn(D, 6), b = randn(D, 7);
+    Vec out(N * D), mean(N), rstd(N), mean16(N), rstd16(N);
+    std::vector<uint16_t> out16(N * D);
+    EXPECT_THROW(be.rmsnorm_forward_bf16(out16.data(), rstd16.data(), in.data(), w.data(), N, D, 1e-5f), bmoe::Error);
+    be.set_matmul_precision(MatmulPrecision::kBf16);
+    for (const bool layernorm : {false, true}) {
+        if (layernorm) {
+            be.layernorm_forward(out.data(), mean.data(), rstd.data(), in.data(), w.data(), b.data(), N, D, 1e-5f);
+            be.layernorm_forward_bf16(out16.data(), mean16.data(), rstd16.data(), in.data(), w.data(), b.data(), N, D,
+                                      1e-5f);
+            EXPECT_EQ(mean16, mean);
+        } else {
+            be.rmsnorm_forward(out.data(), rstd.data(), in.data(), w.data(), N, D, 1e-5f);
+            be.rmsnorm_forward_bf16(out16.data(), rstd16.data(), in.data(), w.data(), N, D, 1e-5f);
+        }
+        EXPECT_EQ(rstd16, rstd) << "layernorm " << layernorm;
+        for (int i = 0; i < N * D; ++i) ASSERT_EQ(out16[i], bf16_bits(out[i])) << "layernorm " << layernorm << " " << i;
     }
 }
 

@@ -113,7 +113,7 @@ bench_pair() {  # MODEL PRECISION [STEPS]
 if [[ $phase != check ]] && stage "bmoe vs PyTorch eager: gpt2-moe bf16" 90; then bench_pair gpt2-moe bf16; fi
 if [[ $phase != check ]] && stage "A/B: the same run with the earlier FAST_16BF GEMM inputs" 30; then
   capped 90 bmoe_gpt2-moe_fast16bf.log env BMOE_CUDA_BF16_GEMM=fast16bf BMOE_BF16_MLP_ACTIVATIONS=0 BMOE_BF16_LOGITS=0 \
-    BMOE_BF16_WEIGHTS=0 ./build-gpu/bench/bench_train --backend cuda --model gpt2-moe --precision bf16 --steps 10 \
+    BMOE_BF16_WEIGHTS=0 BMOE_BF16_GEMM_INPUTS=0 ./build-gpu/bench/bench_train --backend cuda --model gpt2-moe --precision bf16 --steps 10 \
     --warmup 3
   echo "bmoe gpt2-moe bf16 fast16bf (exit $?): $(result bmoe_gpt2-moe_fast16bf.log '^bmoe cuda: ')"
 fi
@@ -122,10 +122,10 @@ if [[ $phase != check ]] && stage "A/B: the same run with the MLP tensors stored
     --model gpt2-moe --precision bf16 --steps 10 --warmup 3
   echo "bmoe gpt2-moe bf16 fp32 MLP tensors (exit $?): $(result bmoe_gpt2-moe_fp32act.log '^bmoe cuda: ')"
 fi
-if [[ $phase != check ]] && stage "A/B: the same run with fp32 logits and weights rounded per op" 30; then
-  capped 90 bmoe_gpt2-moe_fp32logits.log env BMOE_BF16_LOGITS=0 BMOE_BF16_WEIGHTS=0 ./build-gpu/bench/bench_train \
-    --backend cuda --model gpt2-moe --precision bf16 --steps 10 --warmup 3
-  echo "bmoe gpt2-moe bf16 fp32 logits, per-op weight copies (exit $?): $(result bmoe_gpt2-moe_fp32logits.log '^bmoe cuda: ')"
+if [[ $phase != check ]] && stage "A/B: the same run with fp32 logits, weights and dense inputs rounded per op" 30; then
+  capped 90 bmoe_gpt2-moe_fp32logits.log env BMOE_BF16_LOGITS=0 BMOE_BF16_WEIGHTS=0 BMOE_BF16_GEMM_INPUTS=0 \
+    ./build-gpu/bench/bench_train --backend cuda --model gpt2-moe --precision bf16 --steps 10 --warmup 3
+  echo "bmoe gpt2-moe bf16 fp32 logits, per-op weight and input copies (exit $?): $(result bmoe_gpt2-moe_fp32logits.log '^bmoe cuda: ')"
 fi
 if [[ $phase != check ]] && stage "grouped expert GEMM vs dense, permute bandwidth" 30; then
   capped 60 bench_cuda.log ./build-gpu/bench/bench_cuda

@@ -107,6 +107,17 @@ class CudaBackend final : public Backend {
                            int N,
                            int D,
                            float eps) override;
+    void rmsnorm_forward_bf16(
+        uint16_t* out16_ND, float* rstd_N, const float* in_ND, const float* w_D, int N, int D, float eps) override;
+    void layernorm_forward_bf16(uint16_t* out16_ND,
+                                float* mean_N,
+                                float* rstd_N,
+                                const float* in_ND,
+                                const float* w_D,
+                                const float* b_D,
+                                int N,
+                                int D,
+                                float eps) override;
     void layernorm_backward(float* din_ND,
                             float* dw_D,
                             float* db_D,
@@ -178,17 +189,25 @@ class CudaBackend final : public Backend {
                                       int G,
                                       int I,
                                       int O) override;
-    void matmul_forward_bf16_out(
-        uint16_t* out16_NO, const float* in_NI, const float* w_OI, int N, int I, int O) override;
-    void matmul_backward_bf16_dout(float* din_NI,
-                                   float* dw_OI,
-                                   const uint16_t* dout16_NO,
-                                   const float* in_NI,
-                                   const float* w_OI,
-                                   int N,
-                                   int I,
-                                   int O,
-                                   bool accumulate_din) override;
+    void matmul_forward_bf16(float* out_NO,
+                             uint16_t* out16_NO,
+                             const float* in_NI,
+                             const uint16_t* in16_NI,
+                             const float* w_OI,
+                             int N,
+                             int I,
+                             int O) override;
+    void matmul_backward_bf16(float* din_NI,
+                              float* dw_OI,
+                              const float* dout_NO,
+                              const uint16_t* dout16_NO,
+                              const float* in_NI,
+                              const uint16_t* in16_NI,
+                              const float* w_OI,
+                              int N,
+                              int I,
+                              int O,
+                              bool accumulate_din) override;
     void cross_entropy_forward_bf16(
         float* loss_N, float* lse_N, const uint16_t* logits16_NV, const int32_t* targets_N, int N, int V) override;
     void cross_entropy_backward_bf16(uint16_t* dlogits16_NV,
@@ -319,12 +338,13 @@ class CudaBackend final : public Backend {
               GemmInput in,
               bool c_bf16 = false);
 
-    // din_NI (=, or += with accumulate_din) = dout w; dw_OI += dout^T in: dout as cuBLAS reads it
-    // (fp32, a bf16 copy, or bf16 d logits), in and w through `in` (matmul_backward and its bf16 variant).
+    // din_NI (=, or += with accumulate_din) = dout w; dw_OI += dout^T in: dout and in_rows as cuBLAS
+    // reads them (fp32, a bf16 copy, or a bf16 tensor; in_rows read only with dw), w through `in`
+    // (matmul_backward and its bf16 variant).
     void dense_backward_gemms(float* din_NI,
                               float* dw_OI,
                               const void* dout,
-                              const float* in_NI,
+                              const void* in_rows,
                               const float* w_OI,
                               const GemmInputs& in,
                               int N,

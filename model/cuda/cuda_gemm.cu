@@ -8,7 +8,7 @@
 // fp32 inputs under CUBLAS_COMPUTE_32F_FAST_16BF: that mode only *permits* bf16 (an H200 kept
 // small shapes in fp32), and its transposed backward GEMMs ran ~1.6x slower per FLOP than the
 // forward ones (2026-11-27 profile). Outputs and dW accumulation stay fp32 (the LM head's logits
-// excepted: matmul_forward_bf16_out).
+// excepted: matmul_forward_bf16).
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -178,42 +178,62 @@ void CudaBackend::matmul_backward(float* din_NI,
         const GemmInputs in = gemm_inputs({{dout_NO, static_cast<size_t>(N) * O},
                                            {din_NI ? w_OI : nullptr, static_cast<size_t>(O) * I},
                                            {dw_OI ? in_NI : nullptr, static_cast<size_t>(N) * I}});
-        dense_backward_gemms(din_NI, dw_OI, in(dout_NO), in_NI, w_OI, in, N, I, O, accumulate_din);
+        dense_backward_gemms(din_NI, dw_OI, in(dout_NO), dw_OI ? in(in_NI) : nullptr, w_OI, in, N, I, O,
+                             accumulate_din);
     }
     if (dbias_O) column_reduce(stream_, column_reduce_ws(N, O), dbias_O, N, O, RowValue{dout_NO, O});
 }
 
-// The LM head on bf16 logits: bf16 copies of the fp32 operands in either GEMM mode (fast16bf
-// cannot mix a bf16 and an fp32 operand, nor write bf16).
-void CudaBackend::matmul_forward_bf16_out(
-    uint16_t* out16_NO, const float* in_NI, const float* w_OI, int N, int I, int O) {
-    const ProfiledOp op(profiler_.get(), "matmul_fwd_bf16_out", N, I, O);
-    require_bf16_precision("matmul_forward_bf16_out");
+// The bf16 variants read the operands stored as bf16 directly and round the fp32 ones into copies,
+// in either GEMM mode (fast16bf cannot mix a bf16 and an fp32 operand in one product, nor write
+// bf16); a bf16 result is cuBLAS's rounding of its fp32 accumulator.
+void CudaBackend::matmul_forward_bf16(float* out_NO,
+                                      uint16_t* out16_NO,
+                                      const float* in_NI,
+                                      const uint16_t* in16_NI,
+                                      const float* w_OI,
+                                      int N,
+                                      int I,
+                                      int O) {
+    const ProfiledOp op(profiler_.get(), "matmul_fwd_bf16", N, I, O);
+    require_bf16_precision("matmul_forward_bf16");
+    require_forward_bf16_pairs("matmul_forward_bf16", out_NO, out16_NO, in_NI, in16_NI);
     if (N <= 0 || O <= 0) return;
-    const GemmInputs in = bf16_gemm_inputs({{in_NI, static_cast<size_t>(N) * I}, {w_OI, static_cast<size_t>(O) * I}});
-    gemm(N, O, I, 1.0f, in(in_NI), I, false, in(w_OI), I, true, 0.0f, out16_NO, O, in.type, /*c_bf16=*/true);
+    const GemmInputs in =
+        bf16_gemm_inputs({{in16_NI ? nullptr : in_NI, static_cast<size_t>(N) * I}, {w_OI, static_cast<size_t>(O) * I}});
+    gemm(N, O, I, 1.0f, in16_NI ? static_cast<const void*>(in16_NI) : in(in_NI), I, false, in(w_OI), I, true, 0.0f,
+         out16_NO ? static_cast<void*>(out16_NO) : out_NO, O, in.type, /*c_bf16=*/out16_NO != nullptr);
 }
 
-void CudaBackend::matmul_backward_bf16_dout(float* din_NI,
-                                            float* dw_OI,
-                                            const uint16_t* dout16_NO,
-                                            const float* in_NI,
-                                            const float* w_OI,
-                                            int N,
-                                            int I,
-                                            int O,
-                                            bool accumulate_din) {
-    const ProfiledOp op(profiler_.get(), "matmul_bwd_bf16_dout", N, I, O);
-    require_bf16_precision("matmul_backward_bf16_dout");
-    const GemmInputs in = bf16_gemm_inputs(
-        {{din_NI ? w_OI : nullptr, static_cast<size_t>(O) * I}, {dw_OI ? in_NI : nullptr, static_cast<size_t>(N) * I}});
-    dense_backward_gemms(din_NI, dw_OI, dout16_NO, in_NI, w_OI, in, N, I, O, accumulate_din);
+void CudaBackend::matmul_backward_bf16(float* din_NI,
+                                       float* dw_OI,
+                                       const float* dout_NO,
+                                       const uint16_t* dout16_NO,
+                                       const float* in_NI,
+                                       const uint16_t* in16_NI,
+                                       const float* w_OI,
+                                       int N,
+                                       int I,
+                                       int O,
+                                       bool accumulate_din) {
+    const ProfiledOp op(profiler_.get(), "matmul_bwd_bf16", N, I, O);
+    require_bf16_precision("matmul_backward_bf16");
+    require_backward_bf16_pairs("matmul_backward_bf16", /*din_optional=*/true, din_NI, nullptr, dw_OI, dout_NO,
+                                dout16_NO, in_NI, in16_NI);
+    const GemmInputs in = bf16_gemm_inputs({{dout16_NO ? nullptr : dout_NO, static_cast<size_t>(N) * O},
+                                            {din_NI ? w_OI : nullptr, static_cast<size_t>(O) * I},
+                                            {dw_OI && !in16_NI ? in_NI : nullptr, static_cast<size_t>(N) * I}});
+    dense_backward_gemms(din_NI, dw_OI, dout16_NO ? static_cast<const void*>(dout16_NO) : in(dout_NO),
+                         !dw_OI    ? nullptr
+                         : in16_NI ? static_cast<const void*>(in16_NI)
+                                   : in(in_NI),
+                         w_OI, in, N, I, O, accumulate_din);
 }
 
 void CudaBackend::dense_backward_gemms(float* din_NI,
                                        float* dw_OI,
                                        const void* dout,
-                                       const float* in_NI,
+                                       const void* in_rows,
                                        const float* w_OI,
                                        const GemmInputs& in,
                                        int N,
@@ -222,7 +242,7 @@ void CudaBackend::dense_backward_gemms(float* din_NI,
                                        bool accumulate_din) {
     if (din_NI)
         gemm(N, I, O, 1.0f, dout, O, false, in(w_OI), I, false, accumulate_din ? 1.0f : 0.0f, din_NI, I, in.type);
-    if (dw_OI) gemm(O, I, N, 1.0f, dout, O, true, in(in_NI), I, false, 1.0f, dw_OI, I, in.type);
+    if (dw_OI) gemm(O, I, N, 1.0f, dout, O, true, in_rows, I, false, 1.0f, dw_OI, I, in.type);
 }
 
 // ---- grouped and batched GEMMs ---------------------------------------------------------------
@@ -358,9 +378,7 @@ void CudaBackend::grouped_matmul_backward(float* din_RI,
         [&](size_t r0) { return in(in_RI + r0 * I); }, w_GOI, in, offsets_host, G, I, O);
 }
 
-// The _bf16 variants read the operands stored as bf16 directly and round the fp32 ones into copies,
-// in either GEMM mode (fast16bf cannot mix a bf16 and an fp32 operand in one product); a bf16
-// result is cuBLAS's rounding of its fp32 accumulator.
+// The grouped _bf16 variants: operands as in matmul_forward_bf16 above.
 void CudaBackend::grouped_matmul_forward_bf16(float* out_RO,
                                               uint16_t* out16_RO,
                                               const float* in_RI,
@@ -372,7 +390,7 @@ void CudaBackend::grouped_matmul_forward_bf16(float* out_RO,
                                               int O) {
     const ProfiledOp op(profiler_.get(), "grouped_matmul_fwd_bf16", G, I, O);
     require_bf16_precision("grouped_matmul_forward_bf16");
-    require_grouped_forward_bf16_pairs(out_RO, out16_RO, in_RI, in16_RI);
+    require_forward_bf16_pairs("grouped_matmul_forward_bf16", out_RO, out16_RO, in_RI, in16_RI);
     const size_t R = static_cast<size_t>(offsets_host[G]);
     const GemmInputs in =
         bf16_gemm_inputs({{in16_RI ? nullptr : in_RI, R * I}, {w_GOI, static_cast<size_t>(G) * O * I}});
@@ -396,7 +414,8 @@ void CudaBackend::grouped_matmul_backward_bf16(float* din_RI,
                                                int O) {
     const ProfiledOp op(profiler_.get(), "grouped_matmul_bwd_bf16", G, I, O);
     require_bf16_precision("grouped_matmul_backward_bf16");
-    require_grouped_backward_bf16_pairs(din_RI, din16_RI, dw_GOI, dout_RO, dout16_RO, in_RI, in16_RI);
+    require_backward_bf16_pairs("grouped_matmul_backward_bf16", /*din_optional=*/false, din_RI, din16_RI, dw_GOI,
+                                dout_RO, dout16_RO, in_RI, in16_RI);
     const size_t R = static_cast<size_t>(offsets_host[G]);
     const GemmInputs in = bf16_gemm_inputs({{dout16_RO ? nullptr : dout_RO, R * O},
                                             {w_GOI, static_cast<size_t>(G) * O * I},

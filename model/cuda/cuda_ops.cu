@@ -76,15 +76,20 @@ std::vector<int32_t> token_csr(const std::vector<int32_t>& tokens, int& used) {
 
 // ---- norm kernels: one block per row ----------------------------------------------------------
 
+// A norm's output element as stored: fp32, or its bf16 rounding (the *_forward_bf16 ops).
+__device__ inline void store_norm_output(float* y, float v) { *y = v; }
+__device__ inline void store_norm_output(uint16_t* y, float v) { *y = bf16_bits_rne(v); }
+
+template <typename Out>
 __global__ void rmsnorm_forward_kernel(
-    float* out_ND, float* rstd_N, const float* in_ND, const float* w_D, int D, float eps) {
+    Out* out_ND, float* rstd_N, const float* in_ND, const float* w_D, int D, float eps) {
     const size_t row = static_cast<size_t>(blockIdx.x) * D;
     const float* x = in_ND + row;
     double ss = 0.0;
     for (int d = threadIdx.x; d < D; d += blockDim.x) ss += static_cast<double>(x[d]) * x[d];
     ss = block_sum(ss);
     const float rstd = static_cast<float>(1.0 / sqrt(ss / D + eps));
-    for (int d = threadIdx.x; d < D; d += blockDim.x) out_ND[row + d] = x[d] * rstd * w_D[d];
+    for (int d = threadIdx.x; d < D; d += blockDim.x) store_norm_output(out_ND + row + d, x[d] * rstd * w_D[d]);
     if (threadIdx.x == 0) rstd_N[blockIdx.x] = rstd;
 }
 
@@ -110,7 +115,8 @@ struct RmsDw {
     }
 };
 
-__global__ void layernorm_forward_kernel(float* out_ND,
+template <typename Out>
+__global__ void layernorm_forward_kernel(Out* out_ND,
                                          float* mean_N,
                                          float* rstd_N,
                                          const float* in_ND,
@@ -127,7 +133,8 @@ __global__ void layernorm_forward_kernel(float* out_ND,
     for (int d = threadIdx.x; d < D; d += blockDim.x) var += (x[d] - mean) * (x[d] - mean);
     var = block_sum(var);
     const float m = static_cast<float>(mean), rstd = static_cast<float>(1.0 / sqrt(var / D + eps));
-    for (int d = threadIdx.x; d < D; d += blockDim.x) out_ND[row + d] = (x[d] - m) * rstd * w_D[d] + b_D[d];
+    for (int d = threadIdx.x; d < D; d += blockDim.x)
+        store_norm_output(out_ND + row + d, (x[d] - m) * rstd * w_D[d] + b_D[d]);
     if (threadIdx.x == 0) {
         mean_N[blockIdx.x] = m;
         rstd_N[blockIdx.x] = rstd;
@@ -528,6 +535,15 @@ void CudaBackend::rmsnorm_forward(
     CUDA_CHECK_LAST();
 }
 
+void CudaBackend::rmsnorm_forward_bf16(
+    uint16_t* out16_ND, float* rstd_N, const float* in_ND, const float* w_D, int N, int D, float eps) {
+    const ProfiledOp op(profiler_.get(), "rmsnorm_forward_bf16");
+    require_bf16_precision("rmsnorm_forward_bf16");
+    if (N <= 0) return;
+    rmsnorm_forward_kernel<<<N, kThreads, 0, stream_>>>(out16_ND, rstd_N, in_ND, w_D, D, eps);
+    CUDA_CHECK_LAST();
+}
+
 void CudaBackend::rmsnorm_backward(float* din_ND,
                                    float* dw_D,
                                    const float* dout_ND,
@@ -555,6 +571,22 @@ void CudaBackend::layernorm_forward(float* out_ND,
     const ProfiledOp op(profiler_.get(), "layernorm_forward");
     if (N <= 0) return;
     layernorm_forward_kernel<<<N, kThreads, 0, stream_>>>(out_ND, mean_N, rstd_N, in_ND, w_D, b_D, D, eps);
+    CUDA_CHECK_LAST();
+}
+
+void CudaBackend::layernorm_forward_bf16(uint16_t* out16_ND,
+                                         float* mean_N,
+                                         float* rstd_N,
+                                         const float* in_ND,
+                                         const float* w_D,
+                                         const float* b_D,
+                                         int N,
+                                         int D,
+                                         float eps) {
+    const ProfiledOp op(profiler_.get(), "layernorm_forward_bf16");
+    require_bf16_precision("layernorm_forward_bf16");
+    if (N <= 0) return;
+    layernorm_forward_kernel<<<N, kThreads, 0, stream_>>>(out16_ND, mean_N, rstd_N, in_ND, w_D, b_D, D, eps);
     CUDA_CHECK_LAST();
 }
 
