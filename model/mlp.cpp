@@ -52,6 +52,7 @@ void GroupedMlp::forward(float* y_RD, const float* x_RD, const MlpWeights& w, co
     const size_t RF = static_cast<size_t>(R) * F_;
     const bool swiglu = activation_ == Activation::kSwiGlu;
     stored16_ = bf16_storage_ && backend_->matmul_precision() == MatmulPrecision::kBf16;
+    if (R == 0) return;  // no rows (an expert-parallel rank whose experts got none): nothing to write
     if (stored16_) {  // every [R, F] tensor bf16; the fp32 ones of an earlier mode go
         h_up_RF_ = Buffer<float>(), h_gate_RF_ = Buffer<float>();
         if (!recompute_activation_) act_RF_ = Buffer<float>();
@@ -87,6 +88,7 @@ void GroupedMlp::backward(
     float* dx_RD, const MlpGrads& dw, const float* dy_RD, const float* x_RD, const MlpWeights& w) {
     const int G = static_cast<int>(offsets_.size()) - 1, R = offsets_.back();
     const size_t RF = static_cast<size_t>(R) * F_;
+    if (R == 0) return;  // no rows: dx has none, the weight gradients get += 0
     if (stored16_) {  // every [R, F] tensor bf16: d act, d h_up, d h_gate
         uint16_t* act16 = recompute_activation_ ? activation_buffer16(RF) : act16_RF_.data();
         if (recompute_activation_) activation_forward16(act16, RF);

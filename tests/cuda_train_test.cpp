@@ -76,7 +76,10 @@ TEST(CudaTrainTest, FlashAttentionLossesTrackCpuEmulation) {
 }
 
 // A bf16 storage mode on the GPU: bf16 runs with `env` = 1 and 0 (read when the model is built)
-// agree per step within `rel` (1e-5 where the CPU proves the mode bitwise neutral).
+// agree per step within `rel`. Where the CPU proves a mode bitwise neutral the GPU need not be: the
+// two modes hand cuBLAS operands of different alignment (a tensor inside the 32-byte aligned weight
+// copy vs a 256-byte aligned scratch copy), and cuBLAS picks kernels by alignment, so sums may
+// round differently and flip bf16 roundings downstream: 2e-4 per step there.
 void expect_bf16_mode_agrees(const char* env, double rel) {
     for (const model::Activation activation : {model::Activation::kSwiGlu, model::Activation::kGelu}) {
         RunConfig c = small_config();
@@ -111,14 +114,14 @@ TEST(CudaTrainTest, Bf16MlpTensorsTrainLikeFp32Ones) {
 // (CPU: ModelGradTest.Bf16WeightCopyGivesBitwiseTheSameTraining).
 TEST(CudaTrainTest, Bf16WeightCopyTrainsLikeRoundingPerOp) {
     if (!model::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
-    expect_bf16_mode_agrees("BMOE_BF16_WEIGHTS", 1e-5);
+    expect_bf16_mode_agrees("BMOE_BF16_WEIGHTS", 2e-4);
 }
 
 // bf16 GEMM inputs (the norms' bf16 outputs, the attention output rounded once) against rounding
 // per GEMM op (CPU: ModelGradTest.Bf16GemmInputsGiveBitwiseTheSameTraining).
 TEST(CudaTrainTest, Bf16GemmInputsTrainLikeRoundingPerOp) {
     if (!model::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
-    expect_bf16_mode_agrees("BMOE_BF16_GEMM_INPUTS", 1e-5);
+    expect_bf16_mode_agrees("BMOE_BF16_GEMM_INPUTS", 2e-4);
 }
 
 }  // namespace

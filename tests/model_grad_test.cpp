@@ -15,6 +15,8 @@
 #include <vector>
 
 #include "model/cpu_backend.h"
+#include "model/layer_scratch.h"
+#include "model/mlp.h"
 #include "model/model.h"
 #include "parallel/check.h"
 #include "tests/router_test_util.h"
@@ -545,6 +547,32 @@ TEST(ModelTest, RejectsTokensOutsideVocabulary) {
 
 // The bf16 A/B switches take 0 or 1; anything else is a one-line error naming the variable when the
 // model is built (not a silent "on").
+// An expert MLP that gets no rows (an expert-parallel rank whose experts received no tokens) does
+// nothing in either precision and storage mode: its buffers for zero rows are null, which the bf16
+// GEMM ops' pointer pairs would reject.
+TEST(GroupedMlpTest, NoRowsIsANoOpInEveryMode) {
+    CpuBackend backend;
+    LayerScratch scratch;
+    const int D = 8, F = 16, G = 3;
+    const std::vector<int> no_rows(G + 1, 0);
+    std::vector<float> weights(static_cast<size_t>(G) * F * D, 0.5f);
+    for (const Activation activation : {Activation::kSwiGlu, Activation::kGelu})
+        for (const MatmulPrecision precision : {MatmulPrecision::kFp32, MatmulPrecision::kBf16})
+            for (const bool recompute : {false, true}) {
+                backend.set_matmul_precision(precision);
+                GroupedMlp mlp(&backend, activation, D, F, &scratch);
+                mlp.set_recompute_activation(recompute);
+                Buffer<float> w(&backend, weights.size() * 3), dw(&backend, weights.size() * 3);
+                w.upload(std::vector<float>(weights.size() * 3, 0.5f));
+                const size_t n = weights.size();
+                const MlpWeights mw{w.data(), w.data() + n, w.data() + 2 * n};
+                const MlpGrads mg{dw.data(), dw.data() + n, dw.data() + 2 * n};
+                EXPECT_NO_THROW(mlp.forward(nullptr, nullptr, mw, no_rows));
+                EXPECT_NO_THROW(mlp.backward(nullptr, mg, nullptr, nullptr, mw));
+                for (float g : dw.download()) ASSERT_EQ(g, 0.0f);
+            }
+}
+
 TEST(ModelTest, Bf16SwitchesRejectValuesOtherThanZeroAndOne) {
     const ModelConfig c = tiny_model_config();
     CpuBackend backend;

@@ -266,7 +266,7 @@ void CudaBackend::grouped_gemm(const std::vector<GemmProblem>& problems,
     std::vector<int> m, n, k, ld_a, ld_b, ld_c, ones;
     std::vector<cublasOperation_t> op_a, op_b;
     std::vector<float> alphas, betas;
-    std::vector<const void*> ptrs;  // [A0 ... A(P-1), B0 ..., C0 ...] once filled
+    std::vector<const void*> ptrs;  // [A0 ... A(P-1), B0 ..., C0 ...] once filled, each list padded
     std::vector<const void*> a_ptrs, b_ptrs;
     std::vector<void*> c_ptrs;
     for (const GemmProblem& p : problems) {
@@ -288,9 +288,13 @@ void CudaBackend::grouped_gemm(const std::vector<GemmProblem>& problems,
     }
     const int count = static_cast<int>(m.size());
     if (count == 0) return;
-    ptrs.insert(ptrs.end(), a_ptrs.begin(), a_ptrs.end());
-    ptrs.insert(ptrs.end(), b_ptrs.begin(), b_ptrs.end());
-    ptrs.insert(ptrs.end(), c_ptrs.begin(), c_ptrs.end());
+    // Each pointer list starts 32-byte aligned (a multiple of 4 pointers apart): newer cuBLAS
+    // refuses batched pointer arrays that are not 16-byte aligned, which an odd count would give.
+    const int stride = (count + 3) & ~3;
+    ptrs.assign(3 * static_cast<size_t>(stride), nullptr);
+    std::copy(a_ptrs.begin(), a_ptrs.end(), ptrs.begin());
+    std::copy(b_ptrs.begin(), b_ptrs.end(), ptrs.begin() + stride);
+    std::copy(c_ptrs.begin(), c_ptrs.end(), ptrs.begin() + 2 * stride);
     auto* dev = static_cast<void**>(scratch(gemm_ptrs_ws_, ptrs.size() * sizeof(void*)));
     // Pageable host arrays: cudaMemcpyAsync staged them before returning, so they may go out of scope.
     CUDA_CHECK(cudaMemcpyAsync(dev, ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice, stream_));
@@ -309,29 +313,30 @@ void CudaBackend::grouped_gemm(const std::vector<GemmProblem>& problems,
     cublasStatus_t rc = CUBLAS_STATUS_NOT_SUPPORTED;
     if ((gemm_unsupported_ & combo) == 0) {
         if (uniform && ex) {
-            rc = cublasGemmBatchedEx(blas_, op_a[0], op_b[0], m[0], n[0], k[0], &alpha, dev, type, ldb, dev + count,
-                                     type, lda, &beta, dev + 2 * count, c_type, ldc, count, compute,
+            rc = cublasGemmBatchedEx(blas_, op_a[0], op_b[0], m[0], n[0], k[0], &alpha, dev, type, ldb, dev + stride,
+                                     type, lda, &beta, dev + 2 * stride, c_type, ldc, count, compute,
                                      CUBLAS_GEMM_DEFAULT);
         } else if (uniform) {
             rc = cublasSgemmBatched(blas_, op_a[0], op_b[0], m[0], n[0], k[0], &alpha,
                                     reinterpret_cast<const float* const*>(dev), ldb,
-                                    reinterpret_cast<const float* const*>(dev + count), lda, &beta,
-                                    reinterpret_cast<float* const*>(dev + 2 * count), ldc, count);
+                                    reinterpret_cast<const float* const*>(dev + stride), lda, &beta,
+                                    reinterpret_cast<float* const*>(dev + 2 * stride), ldc, count);
         } else if (ex) {
             rc =
                 cublasGemmGroupedBatchedEx(blas_, op_a.data(), op_b.data(), m.data(), n.data(), k.data(), alphas.data(),
-                                           dev, type, ld_a.data(), dev + count, type, ld_b.data(), betas.data(),
-                                           dev + 2 * count, c_type, ld_c.data(), count, ones.data(), compute);
+                                           dev, type, ld_a.data(), dev + stride, type, ld_b.data(), betas.data(),
+                                           dev + 2 * stride, c_type, ld_c.data(), count, ones.data(), compute);
         } else {
             rc = cublasSgemmGroupedBatched(blas_, op_a.data(), op_b.data(), m.data(), n.data(), k.data(), alphas.data(),
                                            reinterpret_cast<const float* const*>(dev), ld_a.data(),
-                                           reinterpret_cast<const float* const*>(dev + count), ld_b.data(),
-                                           betas.data(), reinterpret_cast<float* const*>(dev + 2 * count), ld_c.data(),
+                                           reinterpret_cast<const float* const*>(dev + stride), ld_b.data(),
+                                           betas.data(), reinterpret_cast<float* const*>(dev + 2 * stride), ld_c.data(),
                                            count, ones.data());
         }
-        // Grouped calls with bf16 inputs and fp32 outputs are not in every cuBLAS's support table;
-        // some report that as INVALID_VALUE. The per-problem fallback re-checks real argument errors.
-        if (rc == CUBLAS_STATUS_INVALID_VALUE && !uniform && ex) rc = CUBLAS_STATUS_NOT_SUPPORTED;
+        // Batched and grouped calls with bf16 inputs (and fp32 outputs) are not in every cuBLAS's
+        // support table; some report that as INVALID_VALUE. The per-problem fallback re-checks real
+        // argument errors (cublasGemmEx under CUBLAS_CHECK).
+        if (rc == CUBLAS_STATUS_INVALID_VALUE && ex) rc = CUBLAS_STATUS_NOT_SUPPORTED;
         if (rc == CUBLAS_STATUS_NOT_SUPPORTED) {
             gemm_unsupported_ |= combo;
             std::fprintf(stderr,

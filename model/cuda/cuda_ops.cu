@@ -3,6 +3,8 @@
 // float operations where cheap), so parity holds well inside 1e-4. No atomics anywhere.
 #include <cuda_runtime.h>
 
+#include <cstdint>
+#include <initializer_list>
 #include <vector>
 
 #include "model/cuda/cuda_backend.h"
@@ -241,16 +243,15 @@ struct OnlineSoftmax {
 
 // One block per row: probs = softmax(logits) (float exp, double sum), loss = lse - logit[target].
 // Two passes over the row instead of three: an online max/sum, then probs written in one sweep.
-// Rows with V % 4 == 0 (the padded vocabularies) move as float4.
+// Rows move as float4 where row_quads allows (the padded vocabularies), else one float at a time.
 __global__ void cross_entropy_forward_kernel(
-    float* loss_N, float* probs_NV, const float* logits_NV, const int32_t* targets_N, int V) {
+    float* loss_N, float* probs_NV, const float* logits_NV, const int32_t* targets_N, int V, int quads) {
     const size_t row = static_cast<size_t>(blockIdx.x) * V;
     const float* x = logits_NV + row;
     float* p = probs_NV + row;
     const int32_t t = targets_N[blockIdx.x];
     // Read before the first barrier (inside block_max): probs may overwrite the logits in place.
     const float target_logit = t < 0 ? 0.0f : x[t];
-    const int quads = V % 4 == 0 ? V / 4 : 0;
     OnlineSoftmax acc;
     for (int q = threadIdx.x; q < quads; q += blockDim.x) {
         const float4 v = reinterpret_cast<const float4*>(x)[q];
@@ -273,11 +274,11 @@ __global__ void cross_entropy_forward_kernel(
     }
 }
 
-// One block per row, one read of the bf16 row: lse and loss. Rows with V % 4 == 0 move as 8 bytes.
+// One block per row, one read of the bf16 row: lse and loss. Rows move as 8 bytes where row_quads
+// allows.
 __global__ void cross_entropy_forward_bf16_kernel(
-    float* loss_N, float* lse_N, const uint16_t* logits16_NV, const int32_t* targets_N, int V) {
+    float* loss_N, float* lse_N, const uint16_t* logits16_NV, const int32_t* targets_N, int V, int quads) {
     const uint16_t* x = logits16_NV + static_cast<size_t>(blockIdx.x) * V;
-    const int quads = V % 4 == 0 ? V / 4 : 0;
     OnlineSoftmax acc;
     for (int q = threadIdx.x; q < quads; q += blockDim.x) {
         const uint2 v = reinterpret_cast<const uint2*>(x)[q];
@@ -299,7 +300,7 @@ __global__ void cross_entropy_forward_bf16_kernel(
 // One block per row (no per-element division to find the row): d = dloss (p - onehot(target)),
 // zeros for an ignored target (t < 0). In place (d == p) is allowed.
 __global__ void cross_entropy_backward_kernel(
-    float* dlogits_NV, const float* probs_NV, const int32_t* targets_N, float dloss, int V) {
+    float* dlogits_NV, const float* probs_NV, const int32_t* targets_N, float dloss, int V, int quads) {
     const size_t row = static_cast<size_t>(blockIdx.x) * V;
     const float* p = probs_NV + row;
     float* d = dlogits_NV + row;
@@ -307,7 +308,6 @@ __global__ void cross_entropy_backward_kernel(
     const float p_target = t >= 0 ? p[t] : 0.0f;
     __syncthreads();  // every thread has read p[t] before any thread overwrites it (in place)
     auto grad = [&](float pv) { return t < 0 ? 0.0f : dloss * pv; };
-    const int quads = V % 4 == 0 ? V / 4 : 0;
     for (int q = threadIdx.x; q < quads; q += blockDim.x) {
         const float4 v = reinterpret_cast<const float4*>(p)[q];
         reinterpret_cast<float4*>(d)[q] = make_float4(grad(v.x), grad(v.y), grad(v.z), grad(v.w));
@@ -324,7 +324,8 @@ __global__ void cross_entropy_backward_bf16_kernel(uint16_t* dlogits16_NV,
                                                    const float* lse_N,
                                                    const int32_t* targets_N,
                                                    float dloss,
-                                                   int V) {
+                                                   int V,
+                                                   int quads) {
     const size_t row = static_cast<size_t>(blockIdx.x) * V;
     const uint16_t* x = logits16_NV + row;
     uint16_t* d = dlogits16_NV + row;
@@ -335,7 +336,6 @@ __global__ void cross_entropy_backward_bf16_kernel(uint16_t* dlogits16_NV,
         const float p = expf(__uint_as_float(bits) - lse);
         return bf16_bits_rne(dloss * (v == t ? p - 1.0f : p));
     };
-    const int quads = V % 4 == 0 ? V / 4 : 0;
     for (int q = threadIdx.x; q < quads; q += blockDim.x) {
         const uint2 in = reinterpret_cast<const uint2*>(x)[q];
         const int v = 4 * q;
@@ -674,11 +674,24 @@ void CudaBackend::gelu_backward(float* din, const float* dout, const float* in, 
 
 // ---- loss -------------------------------------------------------------------------------------
 
+namespace {
+// The 4-wide vectors per row of V elements the loss kernels may use: V / 4 where V % 4 == 0 and
+// every row of every tensor starts aligned for them (each base 4 elements aligned), else 0 (one
+// element at a time). A misaligned vector access would be a sticky device fault.
+int row_quads(int V, size_t element_bytes, std::initializer_list<const void*> bases) {
+    if (V % 4 != 0) return 0;
+    for (const void* b : bases)
+        if (reinterpret_cast<uintptr_t>(b) % (4 * element_bytes) != 0) return 0;
+    return V / 4;
+}
+}  // namespace
+
 void CudaBackend::cross_entropy_forward(
     float* loss_N, float* probs_NV, const float* logits_NV, const int32_t* targets_N, int N, int V) {
     const ProfiledOp op(profiler_.get(), "cross_entropy_forward");
     if (N <= 0 || V <= 0) return;
-    cross_entropy_forward_kernel<<<N, kThreads, 0, stream_>>>(loss_N, probs_NV, logits_NV, targets_N, V);
+    cross_entropy_forward_kernel<<<N, kThreads, 0, stream_>>>(loss_N, probs_NV, logits_NV, targets_N, V,
+                                                              row_quads(V, sizeof(float), {probs_NV, logits_NV}));
     CUDA_CHECK_LAST();
 }
 
@@ -686,7 +699,8 @@ void CudaBackend::cross_entropy_backward(
     float* dlogits_NV, const float* probs_NV, const int32_t* targets_N, float dloss, int N, int V) {
     const ProfiledOp op(profiler_.get(), "cross_entropy_backward");
     if (N <= 0 || V <= 0) return;
-    cross_entropy_backward_kernel<<<N, kThreads, 0, stream_>>>(dlogits_NV, probs_NV, targets_N, dloss, V);
+    cross_entropy_backward_kernel<<<N, kThreads, 0, stream_>>>(dlogits_NV, probs_NV, targets_N, dloss, V,
+                                                               row_quads(V, sizeof(float), {dlogits_NV, probs_NV}));
     CUDA_CHECK_LAST();
 }
 
@@ -695,7 +709,8 @@ void CudaBackend::cross_entropy_forward_bf16(
     const ProfiledOp op(profiler_.get(), "cross_entropy_forward_bf16");
     require_bf16_precision("cross_entropy_forward_bf16");
     if (N <= 0 || V <= 0) return;
-    cross_entropy_forward_bf16_kernel<<<N, kThreads, 0, stream_>>>(loss_N, lse_N, logits16_NV, targets_N, V);
+    cross_entropy_forward_bf16_kernel<<<N, kThreads, 0, stream_>>>(loss_N, lse_N, logits16_NV, targets_N, V,
+                                                                   row_quads(V, sizeof(uint16_t), {logits16_NV}));
     CUDA_CHECK_LAST();
 }
 
@@ -709,8 +724,9 @@ void CudaBackend::cross_entropy_backward_bf16(uint16_t* dlogits16_NV,
     const ProfiledOp op(profiler_.get(), "cross_entropy_backward_bf16");
     require_bf16_precision("cross_entropy_backward_bf16");
     if (N <= 0 || V <= 0) return;
-    cross_entropy_backward_bf16_kernel<<<N, kThreads, 0, stream_>>>(dlogits16_NV, logits16_NV, lse_N, targets_N, dloss,
-                                                                    V);
+    cross_entropy_backward_bf16_kernel<<<N, kThreads, 0, stream_>>>(
+        dlogits16_NV, logits16_NV, lse_N, targets_N, dloss, V,
+        row_quads(V, sizeof(uint16_t), {dlogits16_NV, logits16_NV}));
     CUDA_CHECK_LAST();
 }
 
