@@ -399,6 +399,22 @@ class Backend {
                                       int R,
                                       int K,
                                       int D) = 0;
+    // The same with the rows written as bf16 (each value rounded, nearest-even): the experts' input
+    // rows and d output rows where the experts read only their rounding (GroupedMlp storing bf16
+    // tensors, no expert exchange; Model::set_bf16_gemm_inputs). bf16 matmul precision only.
+    virtual void moe_gather_forward_bf16(
+        uint16_t* x16_RD, const float* x_ND, const int32_t* row_src_R, int R, int K, int D) = 0;
+    virtual void moe_combine_backward_bf16(uint16_t* dy16_RD,
+                                           float* dtopk_weight_NK,
+                                           const float* dy_ND,
+                                           const float* y_RD,
+                                           const int32_t* row_src_R,
+                                           const int32_t* slot_row_NK,
+                                           const float* topk_weight_NK,
+                                           int N,
+                                           int R,
+                                           int K,
+                                           int D) = 0;
 
     // ---- optimizer --------------------------------------------------------------------------
     // AdamW on one tensor, decoupled weight decay (PyTorch semantics), g = grad * grad_scale:

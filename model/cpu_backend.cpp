@@ -445,9 +445,9 @@ void CpuBackend::position_backward(float* dwpe_SD, const float* dx_BTD, int B, i
 // ---- norms ------------------------------------------------------------------------------------
 
 namespace {
-// A norm's output element as stored: fp32, or its bf16 rounding (the *_forward_bf16 ops).
-inline void store_norm_output(float* y, float v) { *y = v; }
-inline void store_norm_output(uint16_t* y, float v) { *y = bf16_bits(v); }
+// An output element as stored: fp32, or its bf16 rounding (the *_bf16 ops that write bf16).
+inline void store_as(float* y, float v) { *y = v; }
+inline void store_as(uint16_t* y, float v) { *y = bf16_bits(v); }
 
 template <typename Out>
 void rmsnorm_rows(Out* out_ND, float* rstd_N, const float* in_ND, const float* w_D, int N, int D, float eps) {
@@ -458,7 +458,7 @@ void rmsnorm_rows(Out* out_ND, float* rstd_N, const float* in_ND, const float* w
         for (int d = 0; d < D; ++d) ss += static_cast<double>(x[d]) * x[d];
         const float rstd = static_cast<float>(1.0 / std::sqrt(ss / D + eps));
         Out* y = out_ND + n * D;
-        for (int d = 0; d < D; ++d) store_norm_output(y + d, x[d] * rstd * w_D[d]);
+        for (int d = 0; d < D; ++d) store_as(y + d, x[d] * rstd * w_D[d]);
         rstd_N[n] = rstd;
     }
 }
@@ -483,7 +483,7 @@ void layernorm_rows(Out* out_ND,
         for (int d = 0; d < D; ++d) var += (x[d] - mean) * (x[d] - mean);
         const float m = static_cast<float>(mean), rstd = static_cast<float>(1.0 / std::sqrt(var / D + eps));
         Out* y = out_ND + n * D;
-        for (int d = 0; d < D; ++d) store_norm_output(y + d, (x[d] - m) * rstd * w_D[d] + b_D[d]);
+        for (int d = 0; d < D; ++d) store_as(y + d, (x[d] - m) * rstd * w_D[d] + b_D[d]);
         mean_N[n] = m;
         rstd_N[n] = rstd;
     }
@@ -978,6 +978,16 @@ void CpuBackend::moe_gather_forward(float* x_RD, const float* x_ND, const int32_
     }
 }
 
+void CpuBackend::moe_gather_forward_bf16(
+    uint16_t* x16_RD, const float* x_ND, const int32_t* row_src_R, int R, int K, int D) {
+    require_bf16_precision("moe_gather_forward_bf16");
+#pragma omp parallel for schedule(static) if (par(R, D))
+    for (idx_t r = 0; r < R; ++r) {
+        const float* x = x_ND + static_cast<size_t>(row_src_R[r] / K) * D;
+        for (int d = 0; d < D; ++d) x16_RD[r * D + d] = bf16_bits(x[d]);
+    }
+}
+
 void CpuBackend::moe_gather_backward(
     float* dx_ND, const float* dx_RD, const int32_t* slot_row_NK, int N, int K, int D) {
 #pragma omp parallel for schedule(static) if (par(N, K, D))
@@ -1008,6 +1018,38 @@ void CpuBackend::moe_combine_forward(
     }
 }
 
+namespace {
+// dy_RD[r] = topk_weight[src] * dy_ND[src / K], stored as Out
+template <typename Out>
+void combine_backward_rows(
+    Out* dy_RD, const float* dy_ND, const int32_t* row_src_R, const float* topk_weight_NK, int R, int K, int D) {
+#pragma omp parallel for schedule(static) if (par(R, D))
+    for (idx_t r = 0; r < R; ++r) {
+        const int32_t src = row_src_R[r];
+        const float w = topk_weight_NK[src];
+        const float* dy = dy_ND + static_cast<size_t>(src / K) * D;
+        Out* dst = dy_RD + r * D;
+        for (int d = 0; d < D; ++d) store_as(dst + d, w * dy[d]);
+    }
+}
+}  // namespace
+
+void CpuBackend::moe_combine_backward_bf16(uint16_t* dy16_RD,
+                                           float* dtopk_weight_NK,
+                                           const float* dy_ND,
+                                           const float* y_RD,
+                                           const int32_t* row_src_R,
+                                           const int32_t* slot_row_NK,
+                                           const float* topk_weight_NK,
+                                           int N,
+                                           int R,
+                                           int K,
+                                           int D) {
+    require_bf16_precision("moe_combine_backward_bf16");
+    combine_backward_rows(dy16_RD, dy_ND, row_src_R, topk_weight_NK, R, K, D);
+    combine_backward_gates(dtopk_weight_NK, dy_ND, y_RD, slot_row_NK, N, K, D);
+}
+
 void CpuBackend::moe_combine_backward(float* dy_RD,
                                       float* dtopk_weight_NK,
                                       const float* dy_ND,
@@ -1019,14 +1061,13 @@ void CpuBackend::moe_combine_backward(float* dy_RD,
                                       int R,
                                       int K,
                                       int D) {
-#pragma omp parallel for schedule(static) if (par(R, D))
-    for (idx_t r = 0; r < R; ++r) {
-        const int32_t src = row_src_R[r];
-        const float w = topk_weight_NK[src];
-        const float* dy = dy_ND + static_cast<size_t>(src / K) * D;
-        float* dst = dy_RD + r * D;
-        for (int d = 0; d < D; ++d) dst[d] = w * dy[d];
-    }
+    combine_backward_rows(dy_RD, dy_ND, row_src_R, topk_weight_NK, R, K, D);
+    combine_backward_gates(dtopk_weight_NK, dy_ND, y_RD, slot_row_NK, N, K, D);
+}
+
+// dtopk_weight_NK[n,k] = dot(dy_ND[n], y_RD[slot_row_NK[n,k]]), 0 for dropped copies
+void CpuBackend::combine_backward_gates(
+    float* dtopk_weight_NK, const float* dy_ND, const float* y_RD, const int32_t* slot_row_NK, int N, int K, int D) {
 #pragma omp parallel for schedule(static) if (par(N, K, D))
     for (idx_t nk = 0; nk < static_cast<idx_t>(N) * K; ++nk) {
         const int32_t r = slot_row_NK[nk];

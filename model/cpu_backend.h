@@ -231,6 +231,19 @@ class CpuBackend : public Backend {
                               int R,
                               int K,
                               int D) override;
+    void moe_gather_forward_bf16(
+        uint16_t* x16_RD, const float* x_ND, const int32_t* row_src_R, int R, int K, int D) override;
+    void moe_combine_backward_bf16(uint16_t* dy16_RD,
+                                   float* dtopk_weight_NK,
+                                   const float* dy_ND,
+                                   const float* y_RD,
+                                   const int32_t* row_src_R,
+                                   const int32_t* slot_row_NK,
+                                   const float* topk_weight_NK,
+                                   int N,
+                                   int R,
+                                   int K,
+                                   int D) override;
     void adamw_update(float* param,
                       const float* grad,
                       float* m,
@@ -260,6 +273,9 @@ class CpuBackend : public Backend {
     // fp32 scratch (slot 3; the ops using it read no operand there) for a GEMM result that is
     // then rounded into a bf16 output.
     float* fp32_result(size_t n);
+    // moe_combine_backward's gate gradients (both variants)
+    static void combine_backward_gates(
+        float* dtopk_weight_NK, const float* dy_ND, const float* y_RD, const int32_t* slot_row_NK, int N, int K, int D);
     // The dense backward GEMMs from a rounded (or fp32) dout and in (matmul_backward, matmul_backward_bf16).
     void dense_backward_rounded(float* din_NI,
                                 float* dw_OI,

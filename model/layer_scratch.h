@@ -19,6 +19,7 @@ struct LayerScratch {
     Buffer<uint16_t> mlp_act16_RF, mlp_x16_RD;
     // MoeBlock backward: d rows [R, D] around the experts, and this rank's share of them (EP)
     Buffer<float> moe_dy_RD, moe_dx_RD, moe_dy_local, moe_dx_local;
+    Buffer<uint16_t> moe_dy16_RD;  // the d rows in bf16 (MoeBlock::set_bf16_gemm_inputs, one rank)
     // MoeBlock forward (EP): the gathered rows until dispatched, and this rank's experts' outputs
     // until they are sent back
     Buffer<float> moe_x_RD, moe_y_local;

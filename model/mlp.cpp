@@ -1,5 +1,7 @@
 #include "model/mlp.h"
 
+#include "parallel/check.h"
+
 namespace bmoe::model {
 
 void GroupedMlp::set_recompute_activation(bool on) {
@@ -9,6 +11,12 @@ void GroupedMlp::set_recompute_activation(bool on) {
 
 bool GroupedMlp::keeps_input() const {
     return bf16_storage_ && !recompute_activation_ && backend_->matmul_precision() == MatmulPrecision::kBf16;
+}
+
+uint16_t* GroupedMlp::input16_rows(int R) {
+    BMOE_ASSERT(keeps_input(), "input16_rows: the MLP keeps no bf16 input copy in this mode");
+    x16_RD_.ensure(backend_, static_cast<size_t>(R) * D_);
+    return x16_RD_.data();
 }
 
 const uint16_t* GroupedMlp::round_input(const float* x_RD, size_t RD) {
@@ -56,8 +64,11 @@ void GroupedMlp::forward(float* y_RD, const float* x_RD, const MlpWeights& w, co
     if (stored16_) {  // every [R, F] tensor bf16; the fp32 ones of an earlier mode go
         h_up_RF_ = Buffer<float>(), h_gate_RF_ = Buffer<float>();
         if (!recompute_activation_) act_RF_ = Buffer<float>();
-        // x rounded once for both products and backward's dW (the GEMMs would round it the same)
-        const uint16_t* x16 = round_input(x_RD, static_cast<size_t>(R) * D_);
+        // x rounded once for both products and backward's dW (the GEMMs would round it the same),
+        // or already rounded by the caller
+        BMOE_ASSERT(x_RD != nullptr || (keeps_input() && x16_RD_.size() >= static_cast<size_t>(R) * D_),
+                    "GroupedMlp::forward without x_RD needs the rows in input16_rows(R)");
+        const uint16_t* x16 = x_RD ? round_input(x_RD, static_cast<size_t>(R) * D_) : x16_RD_.data();
         h_up16_RF_.ensure(backend_, RF);
         backend_->grouped_matmul_forward_bf16(nullptr, h_up16_RF_.data(), nullptr, x16, w.up, offsets_.data(), G, D_,
                                               F_);
@@ -84,8 +95,15 @@ void GroupedMlp::forward(float* y_RD, const float* x_RD, const MlpWeights& w, co
     backend_->grouped_matmul_forward(y_RD, act, w.down, offsets_.data(), G, F_, D_);
 }
 
-void GroupedMlp::backward(
-    float* dx_RD, const MlpGrads& dw, const float* dy_RD, const float* x_RD, const MlpWeights& w) {
+void GroupedMlp::backward(float* dx_RD,
+                          const MlpGrads& dw,
+                          const float* dy_RD,
+                          const uint16_t* dy16_RD,
+                          const float* x_RD,
+                          const MlpWeights& w) {
+    BMOE_ASSERT((dy_RD != nullptr) != (dy16_RD != nullptr) || offsets_.back() == 0,
+                "GroupedMlp::backward takes one of dy_RD and dy16_RD");
+    BMOE_ASSERT(dy16_RD == nullptr || stored16_, "GroupedMlp::backward: bf16 d rows need the bf16 tensors");
     const int G = static_cast<int>(offsets_.size()) - 1, R = offsets_.back();
     const size_t RF = static_cast<size_t>(R) * F_;
     if (R == 0) return;  // no rows: dx has none, the weight gradients get += 0
@@ -97,7 +115,7 @@ void GroupedMlp::backward(
         Buffer<uint16_t>& dh_up = scratch_->mlp_dh_up16_RF;
         dact16.ensure(backend_, RF);
         dh_up.ensure(backend_, RF);
-        backend_->grouped_matmul_backward_bf16(nullptr, dact16.data(), dw.down, dy_RD, nullptr, nullptr, act16, w.down,
+        backend_->grouped_matmul_backward_bf16(nullptr, dact16.data(), dw.down, dy_RD, dy16_RD, nullptr, act16, w.down,
                                                offsets_.data(), G, F_, D_);
         if (activation_ == Activation::kSwiGlu) {
             Buffer<uint16_t>& dh_gate = scratch_->mlp_dh_gate16_RF;

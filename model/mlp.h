@@ -42,14 +42,27 @@ class GroupedMlp {
           scratch_(scratch),
           bf16_storage_(bf16_mode_default("BMOE_BF16_MLP_ACTIVATIONS")) {}
 
-    // y_RD (=) from x_RD; offsets_host [G+1] stays referenced until backward.
+    // y_RD (=) from x_RD; offsets_host [G+1] stays referenced until backward. x_RD may be null
+    // where keeps_input(): the caller has written the rows rounded to bf16 into input16_rows(R).
     void forward(float* y_RD, const float* x_RD, const MlpWeights& w, const std::vector<int>& offsets_host);
-    // dx_RD (=), weight grads (+=). x_RD must be the forward input, except where keeps_input() (it
-    // is then not read: give any [R, D] buffer).
-    void backward(float* dx_RD, const MlpGrads& dw, const float* dy_RD, const float* x_RD, const MlpWeights& w);
+    // dx_RD (=), weight grads (+=), from dy_RD, or from dy16_RD (its bf16 rounding: only where the
+    // forward stored bf16 tensors, stores_bf16(); one of the two is given). x_RD must be the forward
+    // input, except where keeps_input() (it is then not read: give any [R, D] buffer, or null).
+    void backward(float* dx_RD,
+                  const MlpGrads& dw,
+                  const float* dy_RD,
+                  const uint16_t* dy16_RD,
+                  const float* x_RD,
+                  const MlpWeights& w);
     // True when the next forward keeps its own bf16 copy of x_RD for backward (bf16 storage without
     // recompute): the caller need not keep x_RD.
     bool keeps_input() const;
+    // Where keeps_input(): that copy's buffer for R rows, for a caller that writes the rows in bf16
+    // itself (a bf16 gather) and then calls forward with x_RD null.
+    uint16_t* input16_rows(int R);
+    // The last forward stored its [R, F] tensors in bf16 (bf16 storage under bf16 precision): its
+    // backward reads only the rounding of dy, so the caller may give dy16_RD.
+    bool stores_bf16() const { return stored16_; }
     // Activation recompute: keep only the pre-activations and recompute the activation (gelu or
     // silu * up, the same kernel: bitwise the same gradients) in backward, in shared scratch.
     // Saves one [R, F] per layer for one activation kernel per layer.

@@ -145,6 +145,11 @@ void Model::set_mlp_bf16_activations(bool on) {
         if (a->dense_ffn) a->dense_ffn->set_bf16_activation_storage(on);
 }
 
+void Model::set_bf16_gemm_inputs(bool on) {
+    bf16_gemm_inputs_ = on;
+    for (MoeBlock& b : moe_blocks_) b.set_bf16_gemm_inputs(on);
+}
+
 float* Model::scores(LayerActs& a) { return recompute_attention_ ? att_shared_.data() : a.att.data(); }
 
 void Model::ensure_activations(int B, int T) {
@@ -425,7 +430,7 @@ void Model::backward(float loss_scale) {
                                               z_weight, reg_weight);
         } else {
             a.dense_ffn->backward(dtmp_ND_.data(), MlpGrads{dw.ffn_gate, dw.ffn_up, dw.ffn_down}, dresidual_.data(),
-                                  a.norm2_out.data(), MlpWeights{w.ffn_gate, w.ffn_up, w.ffn_down});
+                                  nullptr, a.norm2_out.data(), MlpWeights{w.ffn_gate, w.ffn_up, w.ffn_down});
         }
         norm_backward(be, c, dresidual_.data(), dw.ffn_norm_w, dw.ffn_norm_b, dtmp_ND_.data(), a.resid_mid.data(),
                       w.ffn_norm_w, a.norm2_mean.data(), a.norm2_rstd.data(), N);

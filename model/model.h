@@ -129,7 +129,9 @@ class Model {
     // rounded its fp32 input itself: three times for Q, K, V forward, again in every backward.
     // Bitwise the same training. On by default; off (or BMOE_BF16_GEMM_INPUTS=0 in the environment)
     // keeps fp32 norm outputs rounded per op, for A/B runs. Takes effect at the next forward.
-    void set_bf16_gemm_inputs(bool on) { bf16_gemm_inputs_ = on; }
+    // The MoE blocks' expert rows too (MoeBlock::set_bf16_gemm_inputs): on one rank the gather
+    // writes the experts' input rows and the combine's backward their d rows in bf16.
+    void set_bf16_gemm_inputs(bool on);
     // Called by backward() each time the gradients of one backward stage are final (queued on the
     // backend): stage num_layers (final norm, LM head), then l = num_layers-1 .. 0, then -1
     // (embeddings). See ParamInfo::backward_stage. The trainer starts gradient all-reduces from it

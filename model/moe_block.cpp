@@ -28,8 +28,8 @@ MoeBlock::MoeBlock(
 void MoeBlock::run_experts_forward(const LayerTensors& w) {
     const int D = config_.d_model;
     const MlpWeights mw{w.ffn_gate, w.ffn_up, w.ffn_down};
-    if (!expert_exchange_) {
-        experts_.forward(y_RD_.data(), x_rows().data(), mw, plan_.expert_offsets);
+    if (!expert_exchange_) {  // x_rows() null: the rows were gathered into the experts' bf16 copy
+        experts_.forward(y_RD_.data(), gather16_ ? nullptr : x_rows().data(), mw, plan_.expert_offsets);
         return;
     }
     const parallel::DispatchHandle& h =
@@ -64,6 +64,8 @@ void MoeBlock::set_recompute_activation(bool on) {
     if (on) x_RD_ = Buffer<float>();  // not kept any more
 }
 
+bool MoeBlock::dy_rows16() const { return bf16_gemm_inputs_ && !expert_exchange_ && experts_.stores_bf16(); }
+
 bool MoeBlock::bf16_rows() const {
     return parallel_.exchange_bf16 && backend_->matmul_precision() == MatmulPrecision::kBf16;
 }
@@ -94,14 +96,16 @@ void MoeBlock::run_experts_backward(const LayerTensors& dw, const LayerTensors& 
     const MlpWeights mw{w.ffn_gate, w.ffn_up, w.ffn_down};
     const MlpGrads mg{dw.ffn_gate, dw.ffn_up, dw.ffn_down};
     if (!expert_exchange_) {
-        experts_.backward(scratch_->moe_dx_RD.data(), mg, scratch_->moe_dy_RD.data(), x_rows().data(), mw);
+        const bool dy16 = dy_rows16();
+        experts_.backward(scratch_->moe_dx_RD.data(), mg, dy16 ? nullptr : scratch_->moe_dy_RD.data(),
+                          dy16 ? scratch_->moe_dy16_RD.data() : nullptr, gather16_ ? nullptr : x_rows().data(), mw);
         return;
     }
     Buffer<float>& dy_local = scratch_->moe_dy_local;
     Buffer<float>& dx_local = scratch_->moe_dx_local;
     expert_exchange_->forward(scratch_->moe_dy_RD.data(), D, dy_local, bf16_rows());
     dx_local.ensure(backend_, static_cast<size_t>(expert_exchange_->handle().num_local_rows()) * D);
-    experts_.backward(dx_local.data(), mg, dy_local.data(), x_local_.data(), mw);
+    experts_.backward(dx_local.data(), mg, dy_local.data(), nullptr, x_local_.data(), mw);
     expert_exchange_->combine(dx_local.data(), D, scratch_->moe_dx_RD.data());
 }
 
@@ -139,9 +143,14 @@ MoeLayerStats MoeBlock::forward(
 
     // 3. gather -> experts -> combine
     if (experts_.keeps_input()) x_RD_ = Buffer<float>();  // an earlier mode's saved rows
-    x_rows().ensure(backend_, static_cast<size_t>(R) * D);
+    gather16_ = bf16_gemm_inputs_ && !expert_exchange_ && experts_.keeps_input();
     y_RD_.ensure(backend_, static_cast<size_t>(R) * D);
-    backend_->moe_gather_forward(x_rows().data(), x_ND, row_src_R_.data(), R, K, D);
+    if (gather16_) {
+        backend_->moe_gather_forward_bf16(experts_.input16_rows(R), x_ND, row_src_R_.data(), R, K, D);
+    } else {
+        x_rows().ensure(backend_, static_cast<size_t>(R) * D);
+        backend_->moe_gather_forward(x_rows().data(), x_ND, row_src_R_.data(), R, K, D);
+    }
     run_experts_forward(w);
     backend_->moe_combine_forward(out_ND, y_RD_.data(), slot_row_NK_.data(), router_.topk_weight_NK(), N, K, D);
 
@@ -194,14 +203,22 @@ void MoeBlock::backward(float* dx_ND,
                         float z_weight,
                         float reg_weight) {
     const int N = N_, D = config_.d_model, E = config_.num_experts, K = config_.top_k, R = plan_.num_rows();
-    Buffer<float>& dy_RD = scratch_->moe_dy_RD;
     Buffer<float>& dx_RD = scratch_->moe_dx_RD;
-    dy_RD.ensure(backend_, static_cast<size_t>(R) * D);
     dx_RD.ensure(backend_, static_cast<size_t>(R) * D);
     dtopk_weight_NK_.ensure(backend_, static_cast<size_t>(N) * K);
 
-    backend_->moe_combine_backward(dy_RD.data(), dtopk_weight_NK_.data(), dout_ND, y_RD_.data(), row_src_R_.data(),
-                                   slot_row_NK_.data(), router_.topk_weight_NK(), N, R, K, D);
+    if (dy_rows16()) {
+        Buffer<uint16_t>& dy16_RD = scratch_->moe_dy16_RD;
+        dy16_RD.ensure(backend_, static_cast<size_t>(R) * D);
+        backend_->moe_combine_backward_bf16(dy16_RD.data(), dtopk_weight_NK_.data(), dout_ND, y_RD_.data(),
+                                            row_src_R_.data(), slot_row_NK_.data(), router_.topk_weight_NK(), N, R, K,
+                                            D);
+    } else {
+        Buffer<float>& dy_RD = scratch_->moe_dy_RD;
+        dy_RD.ensure(backend_, static_cast<size_t>(R) * D);
+        backend_->moe_combine_backward(dy_RD.data(), dtopk_weight_NK_.data(), dout_ND, y_RD_.data(), row_src_R_.data(),
+                                       slot_row_NK_.data(), router_.topk_weight_NK(), N, R, K, D);
+    }
     if (recompute_ && !expert_exchange_) {  // the experts' input rows again (a copy: bitwise the same)
         x_rows().ensure(backend_, static_cast<size_t>(R) * D);
         backend_->moe_gather_forward(x_rows().data(), x_ND, row_src_R_.data(), R, K, D);

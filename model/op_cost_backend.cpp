@@ -456,6 +456,22 @@ void OpCostBackend::moe_combine_backward(float*,
     // dy rows read per copy, y_RD read for the gate gradients, dy_RD written
     kernel("moe_combine_backward", act(3.0 * R * D) + 4.0 * (2.0 * R + 3.0 * N * K), 3.0 * R * D);
 }
+void OpCostBackend::moe_gather_forward_bf16(uint16_t*, const float*, const int32_t*, int R, int, int D) {
+    kernel("moe_gather_forward_bf16", act(double(R) * D) + 2.0 * R * D + 4.0 * R);  // bf16 rows written
+}
+void OpCostBackend::moe_combine_backward_bf16(uint16_t*,
+                                              float*,
+                                              const float*,
+                                              const float*,
+                                              const int32_t*,
+                                              const int32_t*,
+                                              const float*,
+                                              int N,
+                                              int R,
+                                              int K,
+                                              int D) {
+    kernel("moe_combine_backward_bf16", act(2.0 * R * D) + 2.0 * R * D + 4.0 * (2.0 * R + 3.0 * N * K), 3.0 * R * D);
+}
 
 // ---- optimizer --------------------------------------------------------------------------------------
 

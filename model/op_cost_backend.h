@@ -300,6 +300,19 @@ class OpCostBackend final : public Backend {
                               int R,
                               int K,
                               int D) override;
+    void moe_gather_forward_bf16(
+        uint16_t* x16_RD, const float* x_ND, const int32_t* row_src_R, int R, int K, int D) override;
+    void moe_combine_backward_bf16(uint16_t* dy16_RD,
+                                   float* dtopk_weight_NK,
+                                   const float* dy_ND,
+                                   const float* y_RD,
+                                   const int32_t* row_src_R,
+                                   const int32_t* slot_row_NK,
+                                   const float* topk_weight_NK,
+                                   int N,
+                                   int R,
+                                   int K,
+                                   int D) override;
     void adamw_update(float* param,
                       const float* grad,
                       float* m,

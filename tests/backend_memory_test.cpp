@@ -267,7 +267,8 @@ TEST(BackendMemory, TrainerCheckpointAndResumeOnDeviceMemory) {
 TEST(BackendMemory, TheModelsCoverEveryOpButTheExpertParallelOnes) {
     MemoryCheckingBackend backend;
     for (const Variant& v : variants())
-        if (v.name.find("_everything") != std::string::npos || v.name == "router_topk" || v.name == "gpt2_like")
+        if (v.name.find("_everything") != std::string::npos || v.name == "router_topk" || v.name == "gpt2_like" ||
+            v.name == "router_topk_bf16")  // no recompute: the bf16 gather
             train_and_evaluate(backend, v);
     std::istringstream names(
         "accumulate adamw_update add add_input_noise attention_backward attention_forward cross_entropy_backward "
@@ -276,8 +277,8 @@ TEST(BackendMemory, TheModelsCoverEveryOpButTheExpertParallelOnes) {
         "gelu_backward_bf16 gelu_forward_bf16 grouped_matmul_backward grouped_matmul_backward_bf16 "
         "grouped_matmul_forward "
         "grouped_matmul_forward_bf16 layernorm_backward layernorm_forward layernorm_forward_bf16 matmul_backward "
-        "matmul_backward_bf16 matmul_forward matmul_forward_bf16 moe_combine_backward moe_combine_forward "
-        "moe_gather_backward moe_gather_forward mul "
+        "matmul_backward_bf16 matmul_forward matmul_forward_bf16 moe_combine_backward moe_combine_backward_bf16 "
+        "moe_combine_forward moe_gather_backward moe_gather_forward moe_gather_forward_bf16 mul "
         "position_backward position_forward rmsnorm_backward rmsnorm_forward rmsnorm_forward_bf16 rope_backward "
         "rope_forward router_rows "
         "router_topk_backward router_topk_forward scale sum_squares swiglu_backward swiglu_backward_bf16 "

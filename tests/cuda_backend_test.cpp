@@ -789,13 +789,22 @@ TEST(CudaBackend, MoeGatherCombine) {
     auto x = d.make(randn(N * D, 1)), gw = d.make(randn(N * K, 2)), y_rd = d.make(randn(R * D, 3));
     auto dx_rd = d.make(randn(R * D, 4)), dy = d.make(randn(N * D, 5));
     auto x_rd = d.garbage(R * D), dx = d.make(randn(N * D, 6)), y = d.garbage(N * D);
-    auto dy_rd = d.garbage(R * D), dgw = d.garbage(N * K);
+    auto dy_rd = d.garbage(R * D), dgw = d.garbage(N * K), dgw16 = d.garbage(N * K);
+    Pair<uint16_t> x_rd16, dy_rd16;  // the bf16-row variants
+    for (int s : {kCpu, kGpu}) x_rd16.side[s] = Buffer<uint16_t>(&d.be(s), static_cast<size_t>(R) * D);
+    for (int s : {kCpu, kGpu}) dy_rd16.side[s] = Buffer<uint16_t>(&d.be(s), static_cast<size_t>(R) * D);
     d.run([&](Backend& be, int s) {
         be.moe_gather_forward(x_rd[s], x[s], row_src[s], R, K, D);
         be.moe_gather_backward(dx[s], dx_rd[s], slot_row[s], N, K, D);
         be.moe_combine_forward(y[s], y_rd[s], slot_row[s], gw[s], N, K, D);
         be.moe_combine_backward(dy_rd[s], dgw[s], dy[s], y_rd[s], row_src[s], slot_row[s], gw[s], N, R, K, D);
+        const ScopedMatmulPrecision bf16(&be, MatmulPrecision::kBf16);
+        be.moe_gather_forward_bf16(x_rd16[s], x[s], row_src[s], R, K, D);
+        be.moe_combine_backward_bf16(dy_rd16[s], dgw16[s], dy[s], y_rd[s], row_src[s], slot_row[s], gw[s], N, R, K, D);
     });
+    EXPECT_EQ(x_rd16.side[kGpu].download(), x_rd16.side[kCpu].download()) << "bf16 gather: a copy, rounded";
+    expect_bf16_close(dy_rd16, "combine bf16 dy_RD", 0.0f);  // one product per element: rounds alike
+    expect_close(dgw16, "combine dtopk_weight, bf16 rows");
     expect_close(x_rd, "gather x_RD");
     expect_close(dx, "gather dx_ND (+=)");
     expect_close(y, "combine y_ND (=)");

@@ -519,6 +519,36 @@ class MemoryCheckingBackend : public CpuBackend {
                        {"topk_weight", weight, src_copies}}))
             CpuBackend::moe_combine_backward(dy_RD, dweight, dy_ND, y_RD, row_src, slot_row, weight, N, R, K, D);
     }
+    void moe_gather_forward_bf16(
+        uint16_t* x16_RD, const float* x_ND, const int32_t* row_src, int R, int K, int D) override {
+        const size_t N = rows_addressed("moe_gather_forward_bf16", "row_src", row_src, R, K, false);
+        if (check("moe_gather_forward_bf16",
+                  {{"x16_RD", x16_RD, numel(R, D)}, {"x_ND", x_ND, N * D}, {"row_src", row_src, R}}))
+            CpuBackend::moe_gather_forward_bf16(x16_RD, x_ND, row_src, R, K, D);
+    }
+    void moe_combine_backward_bf16(uint16_t* dy16_RD,
+                                   float* dweight,
+                                   const float* dy_ND,
+                                   const float* y_RD,
+                                   const int32_t* row_src,
+                                   const int32_t* slot_row,
+                                   const float* weight,
+                                   int N,
+                                   int R,
+                                   int K,
+                                   int D) override {
+        const char* op = "moe_combine_backward_bf16";
+        const size_t src_copies = std::max(numel(N, K), rows_addressed(op, "row_src", row_src, R, 1, false));
+        const size_t rows = std::max(numel(R), rows_addressed(op, "slot_row", slot_row, numel(N, K), 1, true));
+        if (check(op, {{"dy16_RD", dy16_RD, numel(R, D)},
+                       {"dtopk_weight", dweight, numel(N, K)},
+                       {"dy_ND", dy_ND, (src_copies + K - 1) / K * D},
+                       {"y_RD", y_RD, rows * D},
+                       {"row_src", row_src, numel(R)},
+                       {"slot_row", slot_row, numel(N, K)},
+                       {"topk_weight", weight, src_copies}}))
+            CpuBackend::moe_combine_backward_bf16(dy16_RD, dweight, dy_ND, y_RD, row_src, slot_row, weight, N, R, K, D);
+    }
 
     // ---- optimizer ------------------------------------------------------------------------------
     void adamw_update(float* param,

@@ -568,7 +568,7 @@ TEST(GroupedMlpTest, NoRowsIsANoOpInEveryMode) {
                 const MlpWeights mw{w.data(), w.data() + n, w.data() + 2 * n};
                 const MlpGrads mg{dw.data(), dw.data() + n, dw.data() + 2 * n};
                 EXPECT_NO_THROW(mlp.forward(nullptr, nullptr, mw, no_rows));
-                EXPECT_NO_THROW(mlp.backward(nullptr, mg, nullptr, nullptr, mw));
+                EXPECT_NO_THROW(mlp.backward(nullptr, mg, nullptr, nullptr, nullptr, mw));
                 for (float g : dw.download()) ASSERT_EQ(g, 0.0f);
             }
 }

@@ -1062,6 +1062,21 @@ TEST(CpuOps, MoeGatherCombineWithDroppedSlots) {
     EXPECT_EQ(dtw[2 * K + 0], 0.0f) << "dropped copy";
     check_grad(yr, dyr, combine_loss, "combine dy_RD");
     check_grad(tw, dtw, combine_loss, "combine dtopk_weight");
+
+    // the bf16-row variants: the fp32 rows rounded, the same gate gradients; bf16 precision only
+    std::vector<uint16_t> xr16(R * D), dyr16(R * D);
+    Vec dtw16(N * K, 9.0f);
+    EXPECT_THROW(be.moe_gather_forward_bf16(xr16.data(), x.data(), rt.row_src.data(), R, K, D), bmoe::Error);
+    be.set_matmul_precision(MatmulPrecision::kBf16);
+    be.moe_gather_forward(xr.data(), x.data(), rt.row_src.data(), R, K, D);
+    be.moe_gather_forward_bf16(xr16.data(), x.data(), rt.row_src.data(), R, K, D);
+    be.moe_combine_backward_bf16(dyr16.data(), dtw16.data(), wout.data(), yr.data(), rt.row_src.data(),
+                                 rt.slot_row.data(), tw.data(), N, R, K, D);
+    for (int i = 0; i < R * D; ++i) {
+        ASSERT_EQ(xr16[i], bf16_bits(xr[i])) << "gathered row element " << i;
+        ASSERT_EQ(dyr16[i], bf16_bits(dyr[i])) << "d row element " << i;
+    }
+    EXPECT_EQ(dtw16, dtw);
 }
 
 // ---- optimizer --------------------------------------------------------------------------------

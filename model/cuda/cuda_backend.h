@@ -263,6 +263,19 @@ class CudaBackend final : public Backend {
                               int R,
                               int K,
                               int D) override;
+    void moe_gather_forward_bf16(
+        uint16_t* x16_RD, const float* x_ND, const int32_t* row_src_R, int R, int K, int D) override;
+    void moe_combine_backward_bf16(uint16_t* dy16_RD,
+                                   float* dtopk_weight_NK,
+                                   const float* dy_ND,
+                                   const float* y_RD,
+                                   const int32_t* row_src_R,
+                                   const int32_t* slot_row_NK,
+                                   const float* topk_weight_NK,
+                                   int N,
+                                   int R,
+                                   int K,
+                                   int D) override;
     void adamw_update(float* param,
                       const float* grad,
                       float* m,
@@ -337,6 +350,20 @@ class CudaBackend final : public Backend {
               int ldc,
               GemmInput in,
               bool c_bf16 = false);
+
+    // moe_combine_backward with the d rows stored as Out (float or bf16 bits): rows, then gates.
+    template <typename Out>
+    void combine_backward(Out* dy_RD,
+                          float* dtopk_weight_NK,
+                          const float* dy_ND,
+                          const float* y_RD,
+                          const int32_t* row_src_R,
+                          const int32_t* slot_row_NK,
+                          const float* topk_weight_NK,
+                          int N,
+                          int R,
+                          int K,
+                          int D);
 
     // din_NI (=, or += with accumulate_din) = dout w; dw_OI += dout^T in: dout and in_rows as cuBLAS
     // reads them (fp32, a bf16 copy, or a bf16 tensor; in_rows read only with dw), w through `in`

@@ -78,9 +78,9 @@ std::vector<int32_t> token_csr(const std::vector<int32_t>& tokens, int& used) {
 
 // ---- norm kernels: one block per row ----------------------------------------------------------
 
-// A norm's output element as stored: fp32, or its bf16 rounding (the *_forward_bf16 ops).
-__device__ inline void store_norm_output(float* y, float v) { *y = v; }
-__device__ inline void store_norm_output(uint16_t* y, float v) { *y = bf16_bits_rne(v); }
+// An output element as stored: fp32, or its bf16 rounding (the *_bf16 ops that write bf16).
+__device__ inline void store_as(float* y, float v) { *y = v; }
+__device__ inline void store_as(uint16_t* y, float v) { *y = bf16_bits_rne(v); }
 
 template <typename Out>
 __global__ void rmsnorm_forward_kernel(
@@ -91,7 +91,7 @@ __global__ void rmsnorm_forward_kernel(
     for (int d = threadIdx.x; d < D; d += blockDim.x) ss += static_cast<double>(x[d]) * x[d];
     ss = block_sum(ss);
     const float rstd = static_cast<float>(1.0 / sqrt(ss / D + eps));
-    for (int d = threadIdx.x; d < D; d += blockDim.x) store_norm_output(out_ND + row + d, x[d] * rstd * w_D[d]);
+    for (int d = threadIdx.x; d < D; d += blockDim.x) store_as(out_ND + row + d, x[d] * rstd * w_D[d]);
     if (threadIdx.x == 0) rstd_N[blockIdx.x] = rstd;
 }
 
@@ -135,8 +135,7 @@ __global__ void layernorm_forward_kernel(Out* out_ND,
     for (int d = threadIdx.x; d < D; d += blockDim.x) var += (x[d] - mean) * (x[d] - mean);
     var = block_sum(var);
     const float m = static_cast<float>(mean), rstd = static_cast<float>(1.0 / sqrt(var / D + eps));
-    for (int d = threadIdx.x; d < D; d += blockDim.x)
-        store_norm_output(out_ND + row + d, (x[d] - m) * rstd * w_D[d] + b_D[d]);
+    for (int d = threadIdx.x; d < D; d += blockDim.x) store_as(out_ND + row + d, (x[d] - m) * rstd * w_D[d] + b_D[d]);
     if (threadIdx.x == 0) {
         mean_N[blockIdx.x] = m;
         rstd_N[blockIdx.x] = rstd;
@@ -424,9 +423,10 @@ __global__ void router_rows_kernel(RouterStage stage, RouterRows rows) {
 
 // ---- MoE permutation kernels: one thread per output element ---------------------------------------
 
+template <typename Out>
 __global__ void moe_gather_forward_kernel(
-    float* x_RD, const float* x_ND, const int32_t* row_src_R, size_t n, int K, int D) {
-    BMOE_GRID_STRIDE(i, n) x_RD[i] = x_ND[static_cast<size_t>(row_src_R[i / D] / K) * D + i % D];
+    Out* x_RD, const float* x_ND, const int32_t* row_src_R, size_t n, int K, int D) {
+    BMOE_GRID_STRIDE(i, n) store_as(x_RD + i, x_ND[static_cast<size_t>(row_src_R[i / D] / K) * D + i % D]);
 }
 
 __global__ void moe_gather_backward_kernel(
@@ -455,11 +455,12 @@ __global__ void moe_combine_forward_kernel(
     }
 }
 
+template <typename Out>
 __global__ void moe_combine_backward_rows_kernel(
-    float* dy_RD, const float* dy_ND, const int32_t* row_src_R, const float* topk_weight_NK, size_t n, int K, int D) {
+    Out* dy_RD, const float* dy_ND, const int32_t* row_src_R, const float* topk_weight_NK, size_t n, int K, int D) {
     BMOE_GRID_STRIDE(i, n) {
         const int32_t src = row_src_R[i / D];
-        dy_RD[i] = topk_weight_NK[src] * dy_ND[static_cast<size_t>(src / K) * D + i % D];
+        store_as(dy_RD + i, topk_weight_NK[src] * dy_ND[static_cast<size_t>(src / K) * D + i % D]);
     }
 }
 
@@ -791,6 +792,16 @@ void CudaBackend::moe_gather_forward(float* x_RD, const float* x_ND, const int32
     CUDA_CHECK_LAST();
 }
 
+void CudaBackend::moe_gather_forward_bf16(
+    uint16_t* x16_RD, const float* x_ND, const int32_t* row_src_R, int R, int K, int D) {
+    const ProfiledOp op(profiler_.get(), "moe_gather_forward_bf16");
+    require_bf16_precision("moe_gather_forward_bf16");
+    const size_t n = static_cast<size_t>(R) * D;
+    if (n == 0) return;
+    moe_gather_forward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(x16_RD, x_ND, row_src_R, n, K, D);
+    CUDA_CHECK_LAST();
+}
+
 void CudaBackend::moe_gather_backward(
     float* dx_ND, const float* dx_RD, const int32_t* slot_row_NK, int N, int K, int D) {
     const ProfiledOp op(profiler_.get(), "moe_gather_backward");
@@ -821,6 +832,37 @@ void CudaBackend::moe_combine_backward(float* dy_RD,
                                        int K,
                                        int D) {
     const ProfiledOp op(profiler_.get(), "moe_combine_backward");
+    combine_backward(dy_RD, dtopk_weight_NK, dy_ND, y_RD, row_src_R, slot_row_NK, topk_weight_NK, N, R, K, D);
+}
+
+void CudaBackend::moe_combine_backward_bf16(uint16_t* dy16_RD,
+                                            float* dtopk_weight_NK,
+                                            const float* dy_ND,
+                                            const float* y_RD,
+                                            const int32_t* row_src_R,
+                                            const int32_t* slot_row_NK,
+                                            const float* topk_weight_NK,
+                                            int N,
+                                            int R,
+                                            int K,
+                                            int D) {
+    const ProfiledOp op(profiler_.get(), "moe_combine_backward_bf16");
+    require_bf16_precision("moe_combine_backward_bf16");
+    combine_backward(dy16_RD, dtopk_weight_NK, dy_ND, y_RD, row_src_R, slot_row_NK, topk_weight_NK, N, R, K, D);
+}
+
+template <typename Out>
+void CudaBackend::combine_backward(Out* dy_RD,
+                                   float* dtopk_weight_NK,
+                                   const float* dy_ND,
+                                   const float* y_RD,
+                                   const int32_t* row_src_R,
+                                   const int32_t* slot_row_NK,
+                                   const float* topk_weight_NK,
+                                   int N,
+                                   int R,
+                                   int K,
+                                   int D) {
     const size_t rows = static_cast<size_t>(R) * D;
     if (rows > 0) {
         moe_combine_backward_rows_kernel<<<grid_for(rows), kThreads, 0, stream_>>>(dy_RD, dy_ND, row_src_R,
