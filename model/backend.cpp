@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "model/buffer.h"
 #include "model/cpu_backend.h"
 #include "parallel/check.h"
 #ifdef BMOE_HAVE_CUDA
@@ -71,6 +72,30 @@ MatmulPrecision parse_matmul_precision(const std::string& name) {
     if (name == "fp32") return MatmulPrecision::kFp32;
     if (name == "bf16") return MatmulPrecision::kBf16;
     throw Error(concat("matmul precision '", name, "' is unknown: use fp32 or bf16"));
+}
+
+void Backend::attention_backward_bf16(uint16_t* dq16_BTHd,
+                                      uint16_t* dk16_BTKVHd,
+                                      uint16_t* dv16_BTKVHd,
+                                      const float* dout_BTHd,
+                                      const float* out_BTHd,
+                                      const float* q_BTHd,
+                                      const float* k_BTKVHd,
+                                      const float* v_BTKVHd,
+                                      const float* att_BHTT,
+                                      int B,
+                                      int T,
+                                      int H,
+                                      int KV,
+                                      int Hd) {
+    require_bf16_precision("attention_backward_bf16");
+    const size_t nq = static_cast<size_t>(B) * T * H * Hd, nkv = static_cast<size_t>(B) * T * KV * Hd;
+    Buffer<float> dq(this, nq), dk(this, nkv), dv(this, nkv);
+    attention_backward(dq.data(), dk.data(), dv.data(), dout_BTHd, out_BTHd, q_BTHd, k_BTKVHd, v_BTKVHd, att_BHTT, B, T,
+                       H, KV, Hd);
+    float_to_bf16(dq16_BTHd, dq.data(), nq);
+    float_to_bf16(dk16_BTKVHd, dk.data(), nkv);
+    float_to_bf16(dv16_BTKVHd, dv.data(), nkv);
 }
 
 bool bf16_mode_default(const char* env_name) {

@@ -234,6 +234,24 @@ class Backend {
                                     int H,
                                     int KV,
                                     int Hd) = 0;
+    // attention_backward with dq, dk, dv written in bf16 (rounded, nearest-even), for input
+    // projections whose backward GEMMs read only their rounding (Model::set_bf16_gemm_inputs). The
+    // flash kernel stores them so directly; this default runs attention_backward into temporary
+    // fp32 buffers and rounds them. bf16 matmul precision only.
+    virtual void attention_backward_bf16(uint16_t* dq16_BTHd,
+                                         uint16_t* dk16_BTKVHd,
+                                         uint16_t* dv16_BTKVHd,
+                                         const float* dout_BTHd,
+                                         const float* out_BTHd,
+                                         const float* q_BTHd,
+                                         const float* k_BTKVHd,
+                                         const float* v_BTKVHd,
+                                         const float* att_BHTT,
+                                         int B,
+                                         int T,
+                                         int H,
+                                         int KV,
+                                         int Hd);
 
     // ---- activations ------------------------------------------------------------------------
     // out = silu(gate) * up

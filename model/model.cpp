@@ -199,9 +199,13 @@ void Model::ensure_activations(int B, int T) {
     losses_ = Buffer<float>(be, N);
     dresidual_ = Buffer<float>(be, N * D);
     dtmp_ND_ = Buffer<float>(be, N * std::max(D, q_dim));
-    dq_ = Buffer<float>(be, N * q_dim);
-    dk_ = Buffer<float>(be, N * kv_dim);
-    dv_ = Buffer<float>(be, N * kv_dim);
+    dqkv16_ = inputs16 && config_.position != PositionType::kRope;
+    dq_ = dqkv16_ && !recompute_attention_ ? Buffer<float>() : Buffer<float>(be, N * q_dim);
+    dk_ = dqkv16_ ? Buffer<float>() : Buffer<float>(be, N * kv_dim);
+    dv_ = dqkv16_ ? Buffer<float>() : Buffer<float>(be, N * kv_dim);
+    dq16_ = dqkv16_ ? Buffer<uint16_t>(be, N * q_dim) : Buffer<uint16_t>();
+    dk16_ = dqkv16_ ? Buffer<uint16_t>(be, N * kv_dim) : Buffer<uint16_t>();
+    dv16_ = dqkv16_ ? Buffer<uint16_t>(be, N * kv_dim) : Buffer<uint16_t>();
     dattn_ = Buffer<float>(be, N * q_dim);
 }
 
@@ -250,7 +254,8 @@ void norm_backward(Backend* be,
         be->layernorm_backward(din, dw, db, dout, in, w, mean, rstd, N, c.d_model);
 }
 
-// A dense GEMM's input (no bias): stored as bf16 where x16 is set (bf16 GEMM inputs), else fp32.
+// A dense GEMM's input or d output (no bias): stored as bf16 where x16 is set (bf16 GEMM inputs;
+// it wins over x), else fp32.
 struct GemmInput {
     const float* x;
     const uint16_t* x16;
@@ -264,17 +269,18 @@ void dense_forward(Backend* be, float* out_NO, GemmInput in, const float* w_OI, 
 void dense_backward(Backend* be,
                     float* din_NI,
                     float* dw_OI,
-                    const float* dout_NO,
+                    GemmInput dout,
                     GemmInput in,
                     const float* w_OI,
                     int N,
                     int I,
                     int O,
                     bool accumulate_din) {
-    if (in.x16)
-        be->matmul_backward_bf16(din_NI, dw_OI, dout_NO, nullptr, nullptr, in.x16, w_OI, N, I, O, accumulate_din);
+    if (in.x16 || dout.x16)
+        be->matmul_backward_bf16(din_NI, dw_OI, dout.x16 ? nullptr : dout.x, dout.x16, in.x16 ? nullptr : in.x, in.x16,
+                                 w_OI, N, I, O, accumulate_din);
     else
-        be->matmul_backward(din_NI, dw_OI, nullptr, dout_NO, in.x, w_OI, N, I, O, accumulate_din);
+        be->matmul_backward(din_NI, dw_OI, nullptr, dout.x, in.x, w_OI, N, I, O, accumulate_din);
 }
 }  // namespace
 
@@ -412,7 +418,7 @@ void Model::backward(float loss_scale) {
     } else {
         float* dlogits = probs();
         be->cross_entropy_backward(dlogits, dlogits, targets_.data(), dloss, N, V);
-        dense_backward(be, dtmp_ND_.data(), g.lm_head, dlogits, final_norm, p.lm_head, N, D, V, false);
+        dense_backward(be, dtmp_ND_.data(), g.lm_head, {dlogits, nullptr}, final_norm, p.lm_head, N, D, V, false);
     }
     dresidual_.zero();
     norm_backward(be, c, dresidual_.data(), g.final_norm_w, g.final_norm_b, dtmp_ND_.data(), resid_final_.data(),
@@ -435,20 +441,26 @@ void Model::backward(float loss_scale) {
         norm_backward(be, c, dresidual_.data(), dw.ffn_norm_w, dw.ffn_norm_b, dtmp_ND_.data(), a.resid_mid.data(),
                       w.ffn_norm_w, a.norm2_mean.data(), a.norm2_rstd.data(), N);
         // attention sub-block: d o_proj out = dresidual
-        dense_backward(be, dattn_.data(), dw.wo, dresidual_.data(), {a.attn_out.data(), a.attn_out16.data()}, w.wo, N,
-                       H * Hd, D, false);
+        dense_backward(be, dattn_.data(), dw.wo, {dresidual_.data(), nullptr}, {a.attn_out.data(), a.attn_out16.data()},
+                       w.wo, N, H * Hd, D, false);
         if (recompute_attention_)  // this layer's scores again (dq_ is free scratch for the output until below)
             be->attention_forward(dq_.data(), scores(a), a.q.data(), a.k.data(), a.v.data(), B, T, H, KV, Hd);
-        be->attention_backward(dq_.data(), dk_.data(), dv_.data(), dattn_.data(), a.attn_out.data(), a.q.data(),
-                               a.k.data(), a.v.data(), scores(a), B, T, H, KV, Hd);
+        if (dqkv16_) {
+            be->attention_backward_bf16(dq16_.data(), dk16_.data(), dv16_.data(), dattn_.data(), a.attn_out.data(),
+                                        a.q.data(), a.k.data(), a.v.data(), scores(a), B, T, H, KV, Hd);
+        } else {
+            be->attention_backward(dq_.data(), dk_.data(), dv_.data(), dattn_.data(), a.attn_out.data(), a.q.data(),
+                                   a.k.data(), a.v.data(), scores(a), B, T, H, KV, Hd);
+        }
         if (c.position == PositionType::kRope) {
             be->rope_backward(dq_.data(), B, T, H, Hd, c.rope_theta);
             be->rope_backward(dk_.data(), B, T, KV, Hd, c.rope_theta);
         }
         const GemmInput norm1{a.norm1_out.data(), a.norm1_out16.data()};
-        dense_backward(be, dtmp_ND_.data(), dw.wq, dq_.data(), norm1, w.wq, N, D, H * Hd, false);
-        dense_backward(be, dtmp_ND_.data(), dw.wk, dk_.data(), norm1, w.wk, N, D, KV * Hd, true);
-        dense_backward(be, dtmp_ND_.data(), dw.wv, dv_.data(), norm1, w.wv, N, D, KV * Hd, true);
+        const GemmInput dq{dq_.data(), dq16_.data()}, dk{dk_.data(), dk16_.data()}, dv{dv_.data(), dv16_.data()};
+        dense_backward(be, dtmp_ND_.data(), dw.wq, dq, norm1, w.wq, N, D, H * Hd, false);
+        dense_backward(be, dtmp_ND_.data(), dw.wk, dk, norm1, w.wk, N, D, KV * Hd, true);
+        dense_backward(be, dtmp_ND_.data(), dw.wv, dv, norm1, w.wv, N, D, KV * Hd, true);
         norm_backward(be, c, dresidual_.data(), dw.attn_norm_w, dw.attn_norm_b, dtmp_ND_.data(), a.resid_in.data(),
                       w.attn_norm_w, a.norm1_mean.data(), a.norm1_rstd.data(), N);
         if (gradients_ready_) gradients_ready_(l);

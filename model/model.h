@@ -204,6 +204,10 @@ class Model {
     // backward scratch
     Buffer<float> dresidual_, dtmp_ND_;            // [N, D], [N, max(D, H*Hd)]
     Buffer<float> dq_, dk_, dv_, dattn_;           // [N, H*Hd], [N, KV*Hd] x2, [N, H*Hd]
+    // dq, dk, dv in bf16 instead (bf16 GEMM inputs without RoPE, which rotates them in fp32); dq_
+    // then stays only as attention recompute's scratch
+    Buffer<uint16_t> dq16_, dk16_, dv16_;
+    bool dqkv16_ = false;
     bool recompute_attention_ = false;
     bool recompute_mlp_ = false;
     bool keep_logits_ = true;

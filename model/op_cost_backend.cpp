@@ -92,8 +92,9 @@ std::string shaped(const char* op, double a, long b, long c) {
 }
 }  // namespace
 
-OpCostBackend::ProfiledName::ProfiledName(OpCostBackend* be, const char* name, long a, long b, long c) : be_(be) {
-    be_->op_name_ = shaped(name, static_cast<double>(a), b, c);
+OpCostBackend::ProfiledName::ProfiledName(OpCostBackend* be, const char* name, long a, long b, long c)
+    : be_(be), outermost_(be->op_name_.empty()) {
+    if (outermost_) be_->op_name_ = shaped(name, static_cast<double>(a), b, c);
 }
 
 // ---- memory ---------------------------------------------------------------------------------------
@@ -368,6 +369,34 @@ void OpCostBackend::attention_backward(float*,
     const double operand_bytes = bf16() ? 2.0 * (2.0 * q + 2.0 * kv) + 4.0 * (q + 2.0 * kv) : act(4.0 * q + 4.0 * kv);
     const double score_bytes = scores * (bf16() ? 4.0 + (4.0 + 4.0 + 4.0 + 2.0) + 2.0 + 2.0 + 2.0 : 28.0);
     attention_products("attention_backward", 8.0 * scores * Hd, operand_bytes + score_bytes);
+}
+
+void OpCostBackend::attention_backward_bf16(uint16_t*,
+                                            uint16_t*,
+                                            uint16_t*,
+                                            const float* dout,
+                                            const float* out,
+                                            const float* q,
+                                            const float* k,
+                                            const float* v,
+                                            const float* att,
+                                            int B,
+                                            int T,
+                                            int H,
+                                            int KV,
+                                            int Hd) {
+    const ProfiledName op(this, "attention_backward_bf16");
+    require_bf16_precision("attention_backward_bf16");
+    if (attention_kernel_ != AttentionKernel::kFlash) {  // the gemm kernel into fp32 scratch, then rounded
+        const size_t nq = static_cast<size_t>(B) * T * H * Hd, nkv = static_cast<size_t>(B) * T * KV * Hd;
+        attention_backward(nullptr, nullptr, nullptr, dout, out, q, k, v, att, B, T, H, KV, Hd);
+        for (const size_t n : {nq, nkv, nkv}) kernel("bf16 copies, activation: float_to_bf16", 6.0 * n);
+        return;
+    }
+    const double q_n = double(B) * T * H * Hd, kv = double(B) * T * KV * Hd, scores = double(B) * H * T * T;
+    // reads q, out, dout, k, v, lse; writes dq, dk, dv in bf16
+    attention_products("attention_backward (flash)", 5.0 * scores * Hd,
+                       act(3.0 * q_n + 2.0 * kv) + 2.0 * (q_n + 2.0 * kv) + 4.0 * B * H * T);
 }
 
 // ---- activations and loss -------------------------------------------------------------------------

@@ -191,6 +191,20 @@ class OpCostBackend final : public Backend {
                             int H,
                             int KV,
                             int Hd) override;
+    void attention_backward_bf16(uint16_t* dq16_BTHd,
+                                 uint16_t* dk16_BTKVHd,
+                                 uint16_t* dv16_BTKVHd,
+                                 const float* dout_BTHd,
+                                 const float* out_BTHd,
+                                 const float* q_BTHd,
+                                 const float* k_BTKVHd,
+                                 const float* v_BTKVHd,
+                                 const float* att_BHTT,
+                                 int B,
+                                 int T,
+                                 int H,
+                                 int KV,
+                                 int Hd) override;
     void swiglu_forward(float* out, const float* gate, const float* up, size_t n) override;
     void swiglu_backward(
         float* dgate, float* dup, const float* dout, const float* gate, const float* up, size_t n) override;
@@ -391,12 +405,18 @@ class OpCostBackend final : public Backend {
     // Sets op_name_ for one op whose ledger rows are named otherwise than CUDA's profiler names it.
     class ProfiledName {
       public:
-        ProfiledName(OpCostBackend* be, std::string name) : be_(be) { be_->op_name_ = std::move(name); }
+        // Nested ops (an op calling another) book under the outermost name, as CUDA's profiler does.
+        ProfiledName(OpCostBackend* be, std::string name) : be_(be), outermost_(be->op_name_.empty()) {
+            if (outermost_) be_->op_name_ = std::move(name);
+        }
         ProfiledName(OpCostBackend* be, const char* name, long a, long b, long c);
-        ~ProfiledName() { be_->op_name_.clear(); }
+        ~ProfiledName() {
+            if (outermost_) be_->op_name_.clear();
+        }
 
       private:
         OpCostBackend* be_;
+        bool outermost_;
     };
     double act(double elements) const { return elements * model_.activation_bytes; }
     bool bf16() const { return matmul_precision_ == MatmulPrecision::kBf16; }

@@ -615,6 +615,17 @@ void check_flash_attention(int b, int t, int h, int kv, int hd) {
             EXPECT_EQ(dq.download(), r[1]);
             EXPECT_EQ(dk.download(), r[2]);
             EXPECT_EQ(dv.download(), r[3]);
+            // bf16 d inputs (Model::set_bf16_gemm_inputs): the same sums, each stored rounded
+            Buffer<uint16_t> dq16(be, nq), dk16(be, nkv), dv16(be, nkv);
+            be->attention_backward_bf16(dq16.data(), dk16.data(), dv16.data(), g.data(), out.data(), dq_.data(),
+                                        dk_.data(), dv_.data(), saved.data(), b, t, h, kv, hd);
+            int i = 1;
+            for (Buffer<uint16_t>* x16 : {&dq16, &dk16, &dv16}) {
+                const std::vector<uint16_t> got = x16->download();
+                for (size_t j = 0; j < got.size(); ++j)
+                    ASSERT_EQ(got[j], bf16_bits(r[i][j])) << "bf16 d input " << i << " element " << j;
+                ++i;
+            }
         }
     }
     const char* names[] = {"flash out", "flash dq", "flash dk", "flash dv"};

@@ -209,39 +209,48 @@ TEST(OpCostBackend, TheBf16WeightCopyReplacesThePerOpWeightCopies) {
 // bf16 GEMM inputs (the default): per layer the attention norm's bf16 output feeds Q, K and V and
 // the attention output is rounded once for its projection, forward and backward; the final norm's
 // feeds the LM head. Per op rounding copies them 4 times per layer forward (plus the head's) and 4
-// times backward (plus the head's); only the backward's d outputs are still rounded per op. The
-// MoE blocks gather their experts' rows and write their d rows in bf16: no rounding pass for the
-// rows, none in the down projection's backward.
+// times backward (plus the head's). Without RoPE attention's backward writes bf16 dq, dk, dv, so
+// only the output projection's d output is still rounded per op (with RoPE, which rotates them in
+// fp32, all four are). The MoE blocks gather their experts' rows and write their d rows in bf16:
+// no rounding pass for the rows, none in the down projection's backward.
 TEST(OpCostBackend, Bf16GemmInputsRoundEachDenseGemmInputOnce) {
-    const ModelConfig c = tiny_model_config();
-    const int L = c.num_layers, moe_layers = c.num_moe_layers();
-    ASSERT_GT(moe_layers, 0);
-    int explicit_copies[2];  // float_to_bf16 calls per step: bf16 GEMM inputs, rounded per op
-    for (const bool inputs16 : {true, false}) {
-        OpCostBackend be;
-        be.set_matmul_precision(MatmulPrecision::kBf16);
-        Step step(c, &be);
-        step.net.set_bf16_gemm_inputs(inputs16);
-        step.train();
-        be.clear_ledger();
-        step.train();
-        const std::string at = inputs16 ? " (bf16 GEMM inputs)" : " (rounded per op)";
-        EXPECT_EQ(rows_starting_with(be, {"bf16 copies, activation: matmul_forward"}).calls, inputs16 ? 0 : 4 * L + 1)
-            << at;
-        // backward: Q, K, V and O's d outputs either way; their inputs and the head's only per op
-        // (the head's d logits are bf16)
-        EXPECT_EQ(rows_starting_with(be, {"bf16 copies, activation: matmul_backward"}).calls,
-                  inputs16 ? 4 * L : 8 * L + 1)
-            << at;
-        explicit_copies[inputs16 ? 0 : 1] = rows_starting_with(be, {"bf16 copies, activation: float_to_bf16"}).calls;
-        EXPECT_EQ(rows_starting_with(be, {"moe_gather_forward_bf16"}).calls, inputs16 ? moe_layers : 0) << at;
-        EXPECT_EQ(rows_starting_with(be, {"moe_combine_backward_bf16"}).calls, inputs16 ? moe_layers : 0) << at;
-        EXPECT_EQ(rows_starting_with(be, {"bf16 copies, activation: grouped_matmul_backward"}).calls,
-                  inputs16 ? 0 : moe_layers)
-            << at << ": the down projection's d rows";
+    for (const PositionType position : {PositionType::kRope, PositionType::kLearned}) {
+        ModelConfig c = tiny_model_config();
+        c.position = position;
+        const int L = c.num_layers, moe_layers = c.num_moe_layers();
+        const bool rope = position == PositionType::kRope;
+        ASSERT_GT(moe_layers, 0);
+        int explicit_copies[2];  // float_to_bf16 calls per step: bf16 GEMM inputs, rounded per op
+        for (const bool inputs16 : {true, false}) {
+            OpCostBackend be;
+            be.set_matmul_precision(MatmulPrecision::kBf16);
+            be.set_attention_kernel(AttentionKernel::kFlash);
+            Step step(c, &be);
+            step.net.set_bf16_gemm_inputs(inputs16);
+            step.train();
+            be.clear_ledger();
+            step.train();
+            const std::string at = std::string(inputs16 ? " (bf16 GEMM inputs" : " (rounded per op") +
+                                   (rope ? ", RoPE)" : ", learned positions)");
+            EXPECT_EQ(rows_starting_with(be, {"bf16 copies, activation: matmul_forward"}).calls,
+                      inputs16 ? 0 : 4 * L + 1)
+                << at;
+            // backward: the head's d logits are bf16 either way
+            EXPECT_EQ(rows_starting_with(be, {"bf16 copies, activation: matmul_backward"}).calls,
+                      inputs16 ? (rope ? 4 : 1) * L : 8 * L + 1)
+                << at;
+            EXPECT_EQ(be.seconds_by_profiled_op().count("attention_backward_bf16"), inputs16 && !rope ? 1u : 0u) << at;
+            explicit_copies[inputs16 ? 0 : 1] =
+                rows_starting_with(be, {"bf16 copies, activation: float_to_bf16"}).calls;
+            EXPECT_EQ(rows_starting_with(be, {"moe_gather_forward_bf16"}).calls, inputs16 ? moe_layers : 0) << at;
+            EXPECT_EQ(rows_starting_with(be, {"moe_combine_backward_bf16"}).calls, inputs16 ? moe_layers : 0) << at;
+            EXPECT_EQ(rows_starting_with(be, {"bf16 copies, activation: grouped_matmul_backward"}).calls,
+                      inputs16 ? 0 : moe_layers)
+                << at << ": the down projection's d rows";
+        }
+        // one rounding of the attention output per layer; none of the MoE blocks' gathered rows
+        EXPECT_EQ(explicit_copies[0] - explicit_copies[1], L - moe_layers);
     }
-    // one rounding of the attention output per layer; none of the MoE blocks' gathered rows
-    EXPECT_EQ(explicit_copies[0] - explicit_copies[1], L - moe_layers);
 }
 
 TEST(OpCostBackend, FlashAttentionCostsTheCausalHalfAndSavesOnlyTheLse) {

@@ -179,4 +179,33 @@ void CudaBackend::attention_backward(float* dq_BTHd,
     for (size_t i = 1; i < plan.size(); ++i) run_batched_gemm(plan[i], in);  // dq, then dk/dv head by head
 }
 
+// The flash kernel stores bf16 d inputs directly; the gemm kernel's go through fp32 scratch.
+void CudaBackend::attention_backward_bf16(uint16_t* dq16_BTHd,
+                                          uint16_t* dk16_BTKVHd,
+                                          uint16_t* dv16_BTKVHd,
+                                          const float* dout_BTHd,
+                                          const float* out_BTHd,
+                                          const float* q_BTHd,
+                                          const float* k_BTKVHd,
+                                          const float* v_BTKVHd,
+                                          const float* att_BHTT,
+                                          int B,
+                                          int T,
+                                          int H,
+                                          int KV,
+                                          int Hd) {
+    const ProfiledOp op(profiler_.get(), "attention_backward_bf16");
+    require_bf16_precision("attention_backward_bf16");
+    if (flash_attention_active(Hd))
+        return flash_attention_backward(dq16_BTHd, dk16_BTKVHd, dv16_BTKVHd, dout_BTHd, out_BTHd, q_BTHd, k_BTKVHd,
+                                        v_BTKVHd, att_BHTT, B, T, H, KV, Hd);
+    const size_t nq = static_cast<size_t>(B) * T * H * Hd, nkv = static_cast<size_t>(B) * T * KV * Hd;
+    auto* dq = static_cast<float*>(scratch(attn_grads_ws_, (nq + 2 * nkv) * sizeof(float)));
+    float *dk = dq + nq, *dv = dk + nkv;
+    attention_backward(dq, dk, dv, dout_BTHd, out_BTHd, q_BTHd, k_BTKVHd, v_BTKVHd, att_BHTT, B, T, H, KV, Hd);
+    round_to_bf16(stream_, dq16_BTHd, dq, nq);
+    round_to_bf16(stream_, dk16_BTKVHd, dk, nkv);
+    round_to_bf16(stream_, dv16_BTKVHd, dv, nkv);
+}
+
 }  // namespace bmoe::model

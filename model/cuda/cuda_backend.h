@@ -154,6 +154,20 @@ class CudaBackend final : public Backend {
                             int H,
                             int KV,
                             int Hd) override;
+    void attention_backward_bf16(uint16_t* dq16_BTHd,
+                                 uint16_t* dk16_BTKVHd,
+                                 uint16_t* dv16_BTKVHd,
+                                 const float* dout_BTHd,
+                                 const float* out_BTHd,
+                                 const float* q_BTHd,
+                                 const float* k_BTKVHd,
+                                 const float* v_BTKVHd,
+                                 const float* att_BHTT,
+                                 int B,
+                                 int T,
+                                 int H,
+                                 int KV,
+                                 int Hd) override;
     void swiglu_forward(float* out, const float* gate, const float* up, size_t n) override;
     void swiglu_backward(
         float* dgate, float* dup, const float* dout, const float* gate, const float* up, size_t n) override;
@@ -437,9 +451,10 @@ class CudaBackend final : public Backend {
                                  int H,
                                  int KV,
                                  int Hd);
-    void flash_attention_backward(float* dq_BTHd,
-                                  float* dk_BTKVHd,
-                                  float* dv_BTKVHd,
+    template <typename Out>  // float, or uint16_t (bf16 bits: attention_backward_bf16)
+    void flash_attention_backward(Out* dq_BTHd,
+                                  Out* dk_BTKVHd,
+                                  Out* dv_BTKVHd,
                                   const float* dout_BTHd,
                                   const float* out_BTHd,
                                   const float* q_BTHd,
@@ -458,6 +473,7 @@ class CudaBackend final : public Backend {
     Scratch reduce_ws_;                      // sum_squares partials
     Scratch embed_ws_;                       // embedding_backward CSR of token positions
     Scratch attn_ws_;                        // attention_backward dS [B, H, T, T]
+    Scratch attn_grads_ws_;                  // attention_backward_bf16 (gemm kernel): fp32 dq, dk, dv
     Scratch colred_ws_;                      // column_reduce partial sums [splits, D] (double)
     Scratch bf16_ws_[kBf16Slots];            // bf16 copies of GEMM inputs (bf16 matmul precision)
     std::unique_ptr<OpProfiler> profiler_;   // disabled unless asked for

@@ -81,6 +81,10 @@ __device__ inline uint16_t bf16_bits_rne(float x) {
 // The float a bf16 bit pattern encodes (exact).
 __device__ inline float bf16_value(uint16_t b) { return __uint_as_float(static_cast<uint32_t>(b) << 16); }
 
+// An output element as stored: fp32, or its bf16 rounding (the ops that write bf16).
+__device__ inline void store_as(float* y, float v) { *y = v; }
+__device__ inline void store_as(uint16_t* y, float v) { *y = bf16_bits_rne(v); }
+
 // Four floats rounded to bf16 and packed as they lie in memory (one 8-byte store).
 __device__ inline uint2 pack_bf16x4(float a, float b, float c, float d) {
     return make_uint2(bf16_bits_rne(a) | (static_cast<uint32_t>(bf16_bits_rne(b)) << 16),

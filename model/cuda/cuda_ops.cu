@@ -78,10 +78,6 @@ std::vector<int32_t> token_csr(const std::vector<int32_t>& tokens, int& used) {
 
 // ---- norm kernels: one block per row ----------------------------------------------------------
 
-// An output element as stored: fp32, or its bf16 rounding (the *_bf16 ops that write bf16).
-__device__ inline void store_as(float* y, float v) { *y = v; }
-__device__ inline void store_as(uint16_t* y, float v) { *y = bf16_bits_rne(v); }
-
 template <typename Out>
 __global__ void rmsnorm_forward_kernel(
     Out* out_ND, float* rstd_N, const float* in_ND, const float* w_D, int D, float eps) {

@@ -214,8 +214,9 @@ size_t dkdv_smem(int Hdp) {  // K, V, Q, dO bf16; P^T, dS^T bf16; S^T, dP^T fp32
            (2 * kTile * kTile + 2 * kTile * Hdp + 2 * kTile) * sizeof(float);
 }
 
-__global__ void __launch_bounds__(kFlashThreads) flash_dkdv_kernel(float* dk,
-                                                                   float* dv,
+template <typename Out>  // float, or uint16_t: bf16 bits (attention_backward_bf16)
+__global__ void __launch_bounds__(kFlashThreads) flash_dkdv_kernel(Out* dk,
+                                                                   Out* dv,
                                                                    const float* dout,
                                                                    const float* q,
                                                                    const float* k,
@@ -283,8 +284,8 @@ __global__ void __launch_bounds__(kFlashThreads) flash_dkdv_kernel(float* dk,
         if (kj >= d.T) continue;
         const size_t row = ((static_cast<size_t>(b) * d.T + kj) * d.KV + g) * d.Hd;
         for (int col = lane; col < d.Hd; col += 32) {
-            dk[row + col] = dKs[r * Hdp + col] * d.scale;
-            dv[row + col] = dVs[r * Hdp + col];
+            store_as(dk + row + col, dKs[r * Hdp + col] * d.scale);
+            store_as(dv + row + col, dVs[r * Hdp + col]);
         }
     }
 #endif
@@ -295,7 +296,8 @@ size_t dq_smem(int Hdp) {  // Q, dO, K, V bf16; dS bf16; S, dP fp32; dQ fp32; ls
            (2 * kTile * kTile + kTile * Hdp + 2 * kTile) * sizeof(float);
 }
 
-__global__ void __launch_bounds__(kFlashThreads) flash_dq_kernel(float* dq,
+template <typename Out>
+__global__ void __launch_bounds__(kFlashThreads) flash_dq_kernel(Out* dq,
                                                                  const float* dout,
                                                                  const float* q,
                                                                  const float* k,
@@ -350,8 +352,8 @@ __global__ void __launch_bounds__(kFlashThreads) flash_dq_kernel(float* dq,
     for (int rr = 0; rr < 16; ++rr) {
         const int r = warp * 16 + rr, qi = i0 + r;
         if (qi >= d.T) continue;
-        float* o = dq + ((static_cast<size_t>(b) * d.T + qi) * d.H + h) * d.Hd;
-        for (int col = lane; col < d.Hd; col += 32) o[col] = dQs[r * Hdp + col] * d.scale;
+        Out* o = dq + ((static_cast<size_t>(b) * d.T + qi) * d.H + h) * d.Hd;
+        for (int col = lane; col < d.Hd; col += 32) store_as(o + col, dQs[r * Hdp + col] * d.scale);
     }
 #endif
 }
@@ -416,9 +418,10 @@ void CudaBackend::flash_attention_forward(float* out_BTHd,
     CUDA_CHECK_LAST();
 }
 
-void CudaBackend::flash_attention_backward(float* dq,
-                                           float* dk,
-                                           float* dv,
+template <typename Out>
+void CudaBackend::flash_attention_backward(Out* dq,
+                                           Out* dk,
+                                           Out* dv,
                                            const float* dout,
                                            const float* out,
                                            const float* q,
@@ -439,12 +442,43 @@ void CudaBackend::flash_attention_backward(float* dq,
     CUDA_CHECK_LAST();
     const unsigned tiles = static_cast<unsigned>((T + kTile - 1) / kTile);
     const size_t smem_kv = dkdv_smem(d.Hdp), smem_q = dq_smem(d.Hdp);
-    allow_smem(flash_dkdv_kernel, smem_kv);
-    allow_smem(flash_dq_kernel, smem_q);
-    flash_dkdv_kernel<<<dim3(tiles, B * KV), kFlashThreads, smem_kv, stream_>>>(dk, dv, dout, q, k, v, lse_BHT, D, d);
+    allow_smem(flash_dkdv_kernel<Out>, smem_kv);
+    allow_smem(flash_dq_kernel<Out>, smem_q);
+    flash_dkdv_kernel<Out>
+        <<<dim3(tiles, B * KV), kFlashThreads, smem_kv, stream_>>>(dk, dv, dout, q, k, v, lse_BHT, D, d);
     CUDA_CHECK_LAST();
-    flash_dq_kernel<<<dim3(tiles, B * H), kFlashThreads, smem_q, stream_>>>(dq, dout, q, k, v, lse_BHT, D, d);
+    flash_dq_kernel<Out><<<dim3(tiles, B * H), kFlashThreads, smem_q, stream_>>>(dq, dout, q, k, v, lse_BHT, D, d);
     CUDA_CHECK_LAST();
 }
+
+// fp32 d inputs (attention_backward) and bf16 ones (attention_backward_bf16)
+template void CudaBackend::flash_attention_backward<float>(float*,
+                                                           float*,
+                                                           float*,
+                                                           const float*,
+                                                           const float*,
+                                                           const float*,
+                                                           const float*,
+                                                           const float*,
+                                                           const float*,
+                                                           int,
+                                                           int,
+                                                           int,
+                                                           int,
+                                                           int);
+template void CudaBackend::flash_attention_backward<uint16_t>(uint16_t*,
+                                                              uint16_t*,
+                                                              uint16_t*,
+                                                              const float*,
+                                                              const float*,
+                                                              const float*,
+                                                              const float*,
+                                                              const float*,
+                                                              const float*,
+                                                              int,
+                                                              int,
+                                                              int,
+                                                              int,
+                                                              int);
 
 }  // namespace bmoe::model
