@@ -74,14 +74,43 @@ MatmulPrecision parse_matmul_precision(const std::string& name) {
     throw Error(concat("matmul precision '", name, "' is unknown: use fp32 or bf16"));
 }
 
+namespace {
+// q, k, v widened from bf16 into temporary fp32 buffers of `be` (the attention ops' defaults)
+struct WidenedQkv {
+    WidenedQkv(Backend* be, const uint16_t* q16, const uint16_t* k16, const uint16_t* v16, size_t nq, size_t nkv)
+        : q(be, nq), k(be, nkv), v(be, nkv) {
+        be->bf16_to_float(q.data(), q16, nq);
+        be->bf16_to_float(k.data(), k16, nkv);
+        be->bf16_to_float(v.data(), v16, nkv);
+    }
+    Buffer<float> q, k, v;
+};
+}  // namespace
+
+void Backend::attention_forward_bf16(float* out_BTHd,
+                                     float* att_BHTT,
+                                     const uint16_t* q16_BTHd,
+                                     const uint16_t* k16_BTKVHd,
+                                     const uint16_t* v16_BTKVHd,
+                                     int B,
+                                     int T,
+                                     int H,
+                                     int KV,
+                                     int Hd) {
+    require_bf16_precision("attention_forward_bf16");
+    const size_t nq = static_cast<size_t>(B) * T * H * Hd, nkv = static_cast<size_t>(B) * T * KV * Hd;
+    const WidenedQkv x(this, q16_BTHd, k16_BTKVHd, v16_BTKVHd, nq, nkv);
+    attention_forward(out_BTHd, att_BHTT, x.q.data(), x.k.data(), x.v.data(), B, T, H, KV, Hd);
+}
+
 void Backend::attention_backward_bf16(uint16_t* dq16_BTHd,
                                       uint16_t* dk16_BTKVHd,
                                       uint16_t* dv16_BTKVHd,
                                       const float* dout_BTHd,
                                       const float* out_BTHd,
-                                      const float* q_BTHd,
-                                      const float* k_BTKVHd,
-                                      const float* v_BTKVHd,
+                                      const uint16_t* q16_BTHd,
+                                      const uint16_t* k16_BTKVHd,
+                                      const uint16_t* v16_BTKVHd,
                                       const float* att_BHTT,
                                       int B,
                                       int T,
@@ -90,9 +119,10 @@ void Backend::attention_backward_bf16(uint16_t* dq16_BTHd,
                                       int Hd) {
     require_bf16_precision("attention_backward_bf16");
     const size_t nq = static_cast<size_t>(B) * T * H * Hd, nkv = static_cast<size_t>(B) * T * KV * Hd;
+    const WidenedQkv x(this, q16_BTHd, k16_BTKVHd, v16_BTKVHd, nq, nkv);
     Buffer<float> dq(this, nq), dk(this, nkv), dv(this, nkv);
-    attention_backward(dq.data(), dk.data(), dv.data(), dout_BTHd, out_BTHd, q_BTHd, k_BTKVHd, v_BTKVHd, att_BHTT, B, T,
-                       H, KV, Hd);
+    attention_backward(dq.data(), dk.data(), dv.data(), dout_BTHd, out_BTHd, x.q.data(), x.k.data(), x.v.data(),
+                       att_BHTT, B, T, H, KV, Hd);
     float_to_bf16(dq16_BTHd, dq.data(), nq);
     float_to_bf16(dk16_BTKVHd, dk.data(), nkv);
     float_to_bf16(dv16_BTKVHd, dv.data(), nkv);

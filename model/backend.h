@@ -234,18 +234,30 @@ class Backend {
                                     int H,
                                     int KV,
                                     int Hd) = 0;
-    // attention_backward with dq, dk, dv written in bf16 (rounded, nearest-even), for input
-    // projections whose backward GEMMs read only their rounding (Model::set_bf16_gemm_inputs). The
-    // flash kernel stores them so directly; this default runs attention_backward into temporary
-    // fp32 buffers and rounds them. bf16 matmul precision only.
+    // The attention ops with q, k, v stored in bf16 (the projections' bf16 outputs, where no RoPE
+    // rotates them in fp32: Model::set_bf16_gemm_inputs): what attention_forward/backward give for
+    // the floats they encode, which bf16 matmul precision rounds to bf16 anyway; backward writes dq,
+    // dk, dv in bf16 (rounded, nearest-even) for the projections' backward GEMMs. The flash kernel
+    // reads and writes them so directly; these defaults widen q, k, v into temporary fp32 buffers
+    // and round the d results. bf16 matmul precision only.
+    virtual void attention_forward_bf16(float* out_BTHd,
+                                        float* att_BHTT,
+                                        const uint16_t* q16_BTHd,
+                                        const uint16_t* k16_BTKVHd,
+                                        const uint16_t* v16_BTKVHd,
+                                        int B,
+                                        int T,
+                                        int H,
+                                        int KV,
+                                        int Hd);
     virtual void attention_backward_bf16(uint16_t* dq16_BTHd,
                                          uint16_t* dk16_BTKVHd,
                                          uint16_t* dv16_BTKVHd,
                                          const float* dout_BTHd,
                                          const float* out_BTHd,
-                                         const float* q_BTHd,
-                                         const float* k_BTKVHd,
-                                         const float* v_BTKVHd,
+                                         const uint16_t* q16_BTHd,
+                                         const uint16_t* k16_BTKVHd,
+                                         const uint16_t* v16_BTKVHd,
                                          const float* att_BHTT,
                                          int B,
                                          int T,

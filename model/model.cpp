@@ -13,6 +13,7 @@ struct Model::LayerActs {
     Buffer<float> norm1_out, norm1_mean, norm1_rstd;  // [N, D], [N], [N]
     Buffer<uint16_t> norm1_out16;                     // [N, D] instead of norm1_out (bf16 GEMM inputs)
     Buffer<float> q, k, v;                            // [N, H*Hd], [N, KV*Hd] x2 (q, k after RoPE)
+    Buffer<uint16_t> q16, k16, v16;                   // instead of q, k, v where Model::qkv16_
     Buffer<float> att;  // what attention saves: [B, H, T, T] probs or [B, H, T] lse (empty with recompute)
     Buffer<float> attn_out;                           // [N, H*Hd]
     Buffer<uint16_t> attn_out16;                      // [N, H*Hd] its bf16 rounding (bf16 GEMM inputs)
@@ -150,6 +151,15 @@ void Model::set_bf16_gemm_inputs(bool on) {
     for (MoeBlock& b : moe_blocks_) b.set_bf16_gemm_inputs(on);
 }
 
+void Model::attention_forward(LayerActs& a, float* out) {
+    const ModelConfig& c = config_;
+    const int H = c.num_heads, KV = c.num_kv_heads, Hd = c.head_dim();
+    if (qkv16_)
+        backend_->attention_forward_bf16(out, scores(a), a.q16.data(), a.k16.data(), a.v16.data(), B_, T_, H, KV, Hd);
+    else
+        backend_->attention_forward(out, scores(a), a.q.data(), a.k.data(), a.v.data(), B_, T_, H, KV, Hd);
+}
+
 float* Model::scores(LayerActs& a) { return recompute_attention_ ? att_shared_.data() : a.att.data(); }
 
 void Model::ensure_activations(int B, int T) {
@@ -161,6 +171,7 @@ void Model::ensure_activations(int B, int T) {
     T_ = T;
     att_numel_ = att_numel;
     gemm_inputs16_ = inputs16;
+    qkv16_ = inputs16 && config_.position != PositionType::kRope;
     const size_t N = static_cast<size_t>(B) * T, D = config_.d_model, V = config_.vocab_size;
     const size_t q_dim = static_cast<size_t>(config_.num_heads) * config_.head_dim();
     const size_t kv_dim = static_cast<size_t>(config_.num_kv_heads) * config_.head_dim();
@@ -174,9 +185,12 @@ void Model::ensure_activations(int B, int T) {
         a->norm1_out16 = inputs16 ? Buffer<uint16_t>(be, N * D) : Buffer<uint16_t>();
         a->norm1_mean = Buffer<float>(be, N);
         a->norm1_rstd = Buffer<float>(be, N);
-        a->q = Buffer<float>(be, N * q_dim);
-        a->k = Buffer<float>(be, N * kv_dim);
-        a->v = Buffer<float>(be, N * kv_dim);
+        a->q = qkv16_ ? Buffer<float>() : Buffer<float>(be, N * q_dim);
+        a->k = qkv16_ ? Buffer<float>() : Buffer<float>(be, N * kv_dim);
+        a->v = qkv16_ ? Buffer<float>() : Buffer<float>(be, N * kv_dim);
+        a->q16 = qkv16_ ? Buffer<uint16_t>(be, N * q_dim) : Buffer<uint16_t>();
+        a->k16 = qkv16_ ? Buffer<uint16_t>(be, N * kv_dim) : Buffer<uint16_t>();
+        a->v16 = qkv16_ ? Buffer<uint16_t>(be, N * kv_dim) : Buffer<uint16_t>();
         a->att = recompute_attention_ ? Buffer<float>() : Buffer<float>(be, att_numel);
         a->attn_out = Buffer<float>(be, N * q_dim);
         a->attn_out16 = inputs16 ? Buffer<uint16_t>(be, N * q_dim) : Buffer<uint16_t>();
@@ -199,13 +213,12 @@ void Model::ensure_activations(int B, int T) {
     losses_ = Buffer<float>(be, N);
     dresidual_ = Buffer<float>(be, N * D);
     dtmp_ND_ = Buffer<float>(be, N * std::max(D, q_dim));
-    dqkv16_ = inputs16 && config_.position != PositionType::kRope;
-    dq_ = dqkv16_ && !recompute_attention_ ? Buffer<float>() : Buffer<float>(be, N * q_dim);
-    dk_ = dqkv16_ ? Buffer<float>() : Buffer<float>(be, N * kv_dim);
-    dv_ = dqkv16_ ? Buffer<float>() : Buffer<float>(be, N * kv_dim);
-    dq16_ = dqkv16_ ? Buffer<uint16_t>(be, N * q_dim) : Buffer<uint16_t>();
-    dk16_ = dqkv16_ ? Buffer<uint16_t>(be, N * kv_dim) : Buffer<uint16_t>();
-    dv16_ = dqkv16_ ? Buffer<uint16_t>(be, N * kv_dim) : Buffer<uint16_t>();
+    dq_ = qkv16_ && !recompute_attention_ ? Buffer<float>() : Buffer<float>(be, N * q_dim);
+    dk_ = qkv16_ ? Buffer<float>() : Buffer<float>(be, N * kv_dim);
+    dv_ = qkv16_ ? Buffer<float>() : Buffer<float>(be, N * kv_dim);
+    dq16_ = qkv16_ ? Buffer<uint16_t>(be, N * q_dim) : Buffer<uint16_t>();
+    dk16_ = qkv16_ ? Buffer<uint16_t>(be, N * kv_dim) : Buffer<uint16_t>();
+    dv16_ = qkv16_ ? Buffer<uint16_t>(be, N * kv_dim) : Buffer<uint16_t>();
     dattn_ = Buffer<float>(be, N * q_dim);
 }
 
@@ -316,14 +329,20 @@ ForwardStats Model::forward(const int32_t* tokens, const int32_t* targets, int B
         norm_forward(be, c, a.norm1_out.data(), a.norm1_out16.data(), a.norm1_mean.data(), a.norm1_rstd.data(),
                      a.resid_in.data(), w.attn_norm_w, w.attn_norm_b, N);
         const GemmInput norm1{a.norm1_out.data(), a.norm1_out16.data()};
-        dense_forward(be, a.q.data(), norm1, w.wq, N, D, H * Hd);
-        dense_forward(be, a.k.data(), norm1, w.wk, N, D, KV * Hd);
-        dense_forward(be, a.v.data(), norm1, w.wv, N, D, KV * Hd);
+        if (qkv16_) {  // the projections write bf16, which attention reads directly
+            be->matmul_forward_bf16(nullptr, a.q16.data(), nullptr, norm1.x16, w.wq, N, D, H * Hd);
+            be->matmul_forward_bf16(nullptr, a.k16.data(), nullptr, norm1.x16, w.wk, N, D, KV * Hd);
+            be->matmul_forward_bf16(nullptr, a.v16.data(), nullptr, norm1.x16, w.wv, N, D, KV * Hd);
+        } else {
+            dense_forward(be, a.q.data(), norm1, w.wq, N, D, H * Hd);
+            dense_forward(be, a.k.data(), norm1, w.wk, N, D, KV * Hd);
+            dense_forward(be, a.v.data(), norm1, w.wv, N, D, KV * Hd);
+        }
         if (c.position == PositionType::kRope) {
             be->rope_forward(a.q.data(), B, T, H, Hd, c.rope_theta);
             be->rope_forward(a.k.data(), B, T, KV, Hd, c.rope_theta);
         }
-        be->attention_forward(a.attn_out.data(), scores(a), a.q.data(), a.k.data(), a.v.data(), B, T, H, KV, Hd);
+        attention_forward(a, a.attn_out.data());
         if (gemm_inputs16_) be->float_to_bf16(a.attn_out16.data(), a.attn_out.data(), a.attn_out16.size());
         // ffn_out_ holds the attention projection's output here, the FFN's below
         dense_forward(be, ffn_out_.data(), {a.attn_out.data(), a.attn_out16.data()}, w.wo, N, H * Hd, D);
@@ -444,10 +463,10 @@ void Model::backward(float loss_scale) {
         dense_backward(be, dattn_.data(), dw.wo, {dresidual_.data(), nullptr}, {a.attn_out.data(), a.attn_out16.data()},
                        w.wo, N, H * Hd, D, false);
         if (recompute_attention_)  // this layer's scores again (dq_ is free scratch for the output until below)
-            be->attention_forward(dq_.data(), scores(a), a.q.data(), a.k.data(), a.v.data(), B, T, H, KV, Hd);
-        if (dqkv16_) {
+            attention_forward(a, dq_.data());
+        if (qkv16_) {
             be->attention_backward_bf16(dq16_.data(), dk16_.data(), dv16_.data(), dattn_.data(), a.attn_out.data(),
-                                        a.q.data(), a.k.data(), a.v.data(), scores(a), B, T, H, KV, Hd);
+                                        a.q16.data(), a.k16.data(), a.v16.data(), scores(a), B, T, H, KV, Hd);
         } else {
             be->attention_backward(dq_.data(), dk_.data(), dv_.data(), dattn_.data(), a.attn_out.data(), a.q.data(),
                                    a.k.data(), a.v.data(), scores(a), B, T, H, KV, Hd);

@@ -204,16 +204,19 @@ class Model {
     // backward scratch
     Buffer<float> dresidual_, dtmp_ND_;            // [N, D], [N, max(D, H*Hd)]
     Buffer<float> dq_, dk_, dv_, dattn_;           // [N, H*Hd], [N, KV*Hd] x2, [N, H*Hd]
-    // dq, dk, dv in bf16 instead (bf16 GEMM inputs without RoPE, which rotates them in fp32); dq_
-    // then stays only as attention recompute's scratch
+    // dq, dk, dv in bf16 instead where q, k, v are (qkv16_); dq_ then stays only as attention
+    // recompute's scratch output
     Buffer<uint16_t> dq16_, dk16_, dv16_;
-    bool dqkv16_ = false;
+    // q, k, v and their gradients in bf16: bf16 GEMM inputs without RoPE (which rotates them in fp32)
+    bool qkv16_ = false;
     bool recompute_attention_ = false;
     bool recompute_mlp_ = false;
     bool keep_logits_ = true;
     float* probs() { return keep_logits_ ? probs_.data() : logits_.data(); }  // the loss's [N, V] buffer
     Buffer<float> att_shared_;  // what attention saves, shared by every layer with attention recompute
     float* scores(LayerActs& a);
+    // attention over the layer's saved q, k, v (fp32, or bf16 where qkv16_) into out [B*T, H*Hd]
+    void attention_forward(LayerActs& a, float* out);
 };
 
 }  // namespace bmoe::model

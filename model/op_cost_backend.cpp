@@ -371,14 +371,35 @@ void OpCostBackend::attention_backward(float*,
     attention_products("attention_backward", 8.0 * scores * Hd, operand_bytes + score_bytes);
 }
 
-void OpCostBackend::attention_backward_bf16(uint16_t*,
-                                            uint16_t*,
-                                            uint16_t*,
+// The _bf16 attention ops: the flash kernel reads q, k, v (and writes dq, dk, dv) at 2 bytes; the
+// gemm kernel runs Backend's defaults (q, k, v widened into fp32 temporaries, d results rounded).
+void OpCostBackend::attention_forward_bf16(float* out,
+                                           float* att,
+                                           const uint16_t* q16,
+                                           const uint16_t* k16,
+                                           const uint16_t* v16,
+                                           int B,
+                                           int T,
+                                           int H,
+                                           int KV,
+                                           int Hd) {
+    const ProfiledName op(this, "attention_forward_bf16");
+    if (attention_kernel_ != AttentionKernel::kFlash)
+        return Backend::attention_forward_bf16(out, att, q16, k16, v16, B, T, H, KV, Hd);
+    require_bf16_precision("attention_forward_bf16");
+    const double q = double(B) * T * H * Hd, kv = double(B) * T * KV * Hd, scores = double(B) * H * T * T;
+    // reads q, k, v (bf16); writes out and the lse
+    attention_products("attention_forward (flash)", 2.0 * scores * Hd, 2.0 * (q + 2.0 * kv) + act(q) + 4.0 * B * H * T);
+}
+
+void OpCostBackend::attention_backward_bf16(uint16_t* dq16,
+                                            uint16_t* dk16,
+                                            uint16_t* dv16,
                                             const float* dout,
                                             const float* out,
-                                            const float* q,
-                                            const float* k,
-                                            const float* v,
+                                            const uint16_t* q16,
+                                            const uint16_t* k16,
+                                            const uint16_t* v16,
                                             const float* att,
                                             int B,
                                             int T,
@@ -386,17 +407,13 @@ void OpCostBackend::attention_backward_bf16(uint16_t*,
                                             int KV,
                                             int Hd) {
     const ProfiledName op(this, "attention_backward_bf16");
+    if (attention_kernel_ != AttentionKernel::kFlash)
+        return Backend::attention_backward_bf16(dq16, dk16, dv16, dout, out, q16, k16, v16, att, B, T, H, KV, Hd);
     require_bf16_precision("attention_backward_bf16");
-    if (attention_kernel_ != AttentionKernel::kFlash) {  // the gemm kernel into fp32 scratch, then rounded
-        const size_t nq = static_cast<size_t>(B) * T * H * Hd, nkv = static_cast<size_t>(B) * T * KV * Hd;
-        attention_backward(nullptr, nullptr, nullptr, dout, out, q, k, v, att, B, T, H, KV, Hd);
-        for (const size_t n : {nq, nkv, nkv}) kernel("bf16 copies, activation: float_to_bf16", 6.0 * n);
-        return;
-    }
-    const double q_n = double(B) * T * H * Hd, kv = double(B) * T * KV * Hd, scores = double(B) * H * T * T;
-    // reads q, out, dout, k, v, lse; writes dq, dk, dv in bf16
+    const double q = double(B) * T * H * Hd, kv = double(B) * T * KV * Hd, scores = double(B) * H * T * T;
+    // reads out, dout (fp32), q, k, v and the lse; writes dq, dk, dv (bf16)
     attention_products("attention_backward (flash)", 5.0 * scores * Hd,
-                       act(3.0 * q_n + 2.0 * kv) + 2.0 * (q_n + 2.0 * kv) + 4.0 * B * H * T);
+                       act(2.0 * q) + 2.0 * (2.0 * q + 4.0 * kv) + 4.0 * B * H * T);
 }
 
 // ---- activations and loss -------------------------------------------------------------------------

@@ -615,10 +615,20 @@ void check_flash_attention(int b, int t, int h, int kv, int hd) {
             EXPECT_EQ(dq.download(), r[1]);
             EXPECT_EQ(dk.download(), r[2]);
             EXPECT_EQ(dv.download(), r[3]);
-            // bf16 d inputs (Model::set_bf16_gemm_inputs): the same sums, each stored rounded
-            Buffer<uint16_t> dq16(be, nq), dk16(be, nkv), dv16(be, nkv);
-            be->attention_backward_bf16(dq16.data(), dk16.data(), dv16.data(), g.data(), out.data(), dq_.data(),
-                                        dk_.data(), dv_.data(), saved.data(), b, t, h, kv, hd);
+            // q, k, v stored in bf16 (Model::set_bf16_gemm_inputs): the kernels read the values they
+            // rounded on load before, so the output and lse are bitwise the same, and dq, dk, dv are
+            // the same sums, each stored rounded
+            Buffer<uint16_t> q16(be, nq), k16(be, nkv), v16(be, nkv), dq16(be, nq), dk16(be, nkv), dv16(be, nkv);
+            be->float_to_bf16(q16.data(), dq_.data(), nq);
+            be->float_to_bf16(k16.data(), dk_.data(), nkv);
+            be->float_to_bf16(v16.data(), dv_.data(), nkv);
+            Buffer<float> out16in(be, nq), saved16in(be, saved.size());
+            be->attention_forward_bf16(out16in.data(), saved16in.data(), q16.data(), k16.data(), v16.data(), b, t, h,
+                                       kv, hd);
+            EXPECT_EQ(out16in.download(), r[0]) << "flash forward on bf16 q, k, v";
+            EXPECT_EQ(saved16in.download(), saved.download()) << "flash lse on bf16 q, k, v";
+            be->attention_backward_bf16(dq16.data(), dk16.data(), dv16.data(), g.data(), out.data(), q16.data(),
+                                        k16.data(), v16.data(), saved.data(), b, t, h, kv, hd);
             int i = 1;
             for (Buffer<uint16_t>* x16 : {&dq16, &dk16, &dv16}) {
                 const std::vector<uint16_t> got = x16->download();

@@ -179,15 +179,43 @@ void CudaBackend::attention_backward(float* dq_BTHd,
     for (size_t i = 1; i < plan.size(); ++i) run_batched_gemm(plan[i], in);  // dq, then dk/dv head by head
 }
 
-// The flash kernel stores bf16 d inputs directly; the gemm kernel's go through fp32 scratch.
+// The _bf16 ops: the flash kernel reads q, k, v and stores dq, dk, dv in bf16 directly; the gemm
+// kernel runs on fp32 scratch (q, k, v widened; dq, dk, dv rounded after).
+float* CudaBackend::widen_qkv(const uint16_t* q16, const uint16_t* k16, const uint16_t* v16, size_t nq, size_t nkv) {
+    auto* q = static_cast<float*>(scratch(attn_qkv_ws_, 2 * (nq + 2 * nkv) * sizeof(float)));
+    bf16_to_float(q, q16, nq);
+    bf16_to_float(q + nq, k16, nkv);
+    bf16_to_float(q + nq + nkv, v16, nkv);
+    return q;
+}
+
+void CudaBackend::attention_forward_bf16(float* out_BTHd,
+                                         float* att_BHTT,
+                                         const uint16_t* q16_BTHd,
+                                         const uint16_t* k16_BTKVHd,
+                                         const uint16_t* v16_BTKVHd,
+                                         int B,
+                                         int T,
+                                         int H,
+                                         int KV,
+                                         int Hd) {
+    const ProfiledOp op(profiler_.get(), "attention_forward_bf16");
+    require_bf16_precision("attention_forward_bf16");
+    if (flash_attention_active(Hd))
+        return flash_attention_forward(out_BTHd, att_BHTT, q16_BTHd, k16_BTKVHd, v16_BTKVHd, B, T, H, KV, Hd);
+    const size_t nq = static_cast<size_t>(B) * T * H * Hd, nkv = static_cast<size_t>(B) * T * KV * Hd;
+    const float* q = widen_qkv(q16_BTHd, k16_BTKVHd, v16_BTKVHd, nq, nkv);
+    attention_forward(out_BTHd, att_BHTT, q, q + nq, q + nq + nkv, B, T, H, KV, Hd);
+}
+
 void CudaBackend::attention_backward_bf16(uint16_t* dq16_BTHd,
                                           uint16_t* dk16_BTKVHd,
                                           uint16_t* dv16_BTKVHd,
                                           const float* dout_BTHd,
                                           const float* out_BTHd,
-                                          const float* q_BTHd,
-                                          const float* k_BTKVHd,
-                                          const float* v_BTKVHd,
+                                          const uint16_t* q16_BTHd,
+                                          const uint16_t* k16_BTKVHd,
+                                          const uint16_t* v16_BTKVHd,
                                           const float* att_BHTT,
                                           int B,
                                           int T,
@@ -197,12 +225,12 @@ void CudaBackend::attention_backward_bf16(uint16_t* dq16_BTHd,
     const ProfiledOp op(profiler_.get(), "attention_backward_bf16");
     require_bf16_precision("attention_backward_bf16");
     if (flash_attention_active(Hd))
-        return flash_attention_backward(dq16_BTHd, dk16_BTKVHd, dv16_BTKVHd, dout_BTHd, out_BTHd, q_BTHd, k_BTKVHd,
-                                        v_BTKVHd, att_BHTT, B, T, H, KV, Hd);
+        return flash_attention_backward(dq16_BTHd, dk16_BTKVHd, dv16_BTKVHd, dout_BTHd, out_BTHd, q16_BTHd, k16_BTKVHd,
+                                        v16_BTKVHd, att_BHTT, B, T, H, KV, Hd);
     const size_t nq = static_cast<size_t>(B) * T * H * Hd, nkv = static_cast<size_t>(B) * T * KV * Hd;
-    auto* dq = static_cast<float*>(scratch(attn_grads_ws_, (nq + 2 * nkv) * sizeof(float)));
-    float *dk = dq + nq, *dv = dk + nkv;
-    attention_backward(dq, dk, dv, dout_BTHd, out_BTHd, q_BTHd, k_BTKVHd, v_BTKVHd, att_BHTT, B, T, H, KV, Hd);
+    float* q = widen_qkv(q16_BTHd, k16_BTKVHd, v16_BTKVHd, nq, nkv);
+    float *dq = q + nq + 2 * nkv, *dk = dq + nq, *dv = dk + nkv;  // the scratch's second half
+    attention_backward(dq, dk, dv, dout_BTHd, out_BTHd, q, q + nq, q + nq + nkv, att_BHTT, B, T, H, KV, Hd);
     round_to_bf16(stream_, dq16_BTHd, dq, nq);
     round_to_bf16(stream_, dk16_BTKVHd, dk, nkv);
     round_to_bf16(stream_, dv16_BTKVHd, dv, nkv);

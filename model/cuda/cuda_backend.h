@@ -154,14 +154,24 @@ class CudaBackend final : public Backend {
                             int H,
                             int KV,
                             int Hd) override;
+    void attention_forward_bf16(float* out_BTHd,
+                                float* att_BHTT,
+                                const uint16_t* q16_BTHd,
+                                const uint16_t* k16_BTKVHd,
+                                const uint16_t* v16_BTKVHd,
+                                int B,
+                                int T,
+                                int H,
+                                int KV,
+                                int Hd) override;
     void attention_backward_bf16(uint16_t* dq16_BTHd,
                                  uint16_t* dk16_BTKVHd,
                                  uint16_t* dv16_BTKVHd,
                                  const float* dout_BTHd,
                                  const float* out_BTHd,
-                                 const float* q_BTHd,
-                                 const float* k_BTKVHd,
-                                 const float* v_BTKVHd,
+                                 const uint16_t* q16_BTHd,
+                                 const uint16_t* k16_BTKVHd,
+                                 const uint16_t* v16_BTKVHd,
                                  const float* att_BHTT,
                                  int B,
                                  int T,
@@ -438,28 +448,32 @@ class CudaBackend final : public Backend {
                                 int G,
                                 int I,
                                 int O);
+    // q, k, v [nq], [nkv] x2 widened from bf16 into attn_qkv_ws_ (sized for them and as much
+    // again, for dq, dk, dv): the _bf16 attention ops on the gemm kernel. Returns q; k and v follow.
+    float* widen_qkv(const uint16_t* q16, const uint16_t* k16, const uint16_t* v16, size_t nq, size_t nkv);
     // AttentionKernel::kFlash (flash_attention.cu): used when chosen, with bf16 matmul precision
     // and head_dim <= 128; the attention ops fall back to the gemm kernel otherwise.
     bool flash_attention_active(int Hd) const;
+    template <typename E>  // q, k, v elements: float, or uint16_t (bf16 bits: attention_forward_bf16)
     void flash_attention_forward(float* out_BTHd,
                                  float* lse_BHT,
-                                 const float* q_BTHd,
-                                 const float* k_BTKVHd,
-                                 const float* v_BTKVHd,
+                                 const E* q_BTHd,
+                                 const E* k_BTKVHd,
+                                 const E* v_BTKVHd,
                                  int B,
                                  int T,
                                  int H,
                                  int KV,
                                  int Hd);
-    template <typename Out>  // float, or uint16_t (bf16 bits: attention_backward_bf16)
-    void flash_attention_backward(Out* dq_BTHd,
-                                  Out* dk_BTKVHd,
-                                  Out* dv_BTKVHd,
+    template <typename E>  // q, k, v, dq, dk, dv elements: float, or uint16_t (attention_backward_bf16)
+    void flash_attention_backward(E* dq_BTHd,
+                                  E* dk_BTKVHd,
+                                  E* dv_BTKVHd,
                                   const float* dout_BTHd,
                                   const float* out_BTHd,
-                                  const float* q_BTHd,
-                                  const float* k_BTKVHd,
-                                  const float* v_BTKVHd,
+                                  const E* q_BTHd,
+                                  const E* k_BTKVHd,
+                                  const E* v_BTKVHd,
                                   const float* lse_BHT,
                                   int B,
                                   int T,
@@ -473,7 +487,7 @@ class CudaBackend final : public Backend {
     Scratch reduce_ws_;                      // sum_squares partials
     Scratch embed_ws_;                       // embedding_backward CSR of token positions
     Scratch attn_ws_;                        // attention_backward dS [B, H, T, T]
-    Scratch attn_grads_ws_;                  // attention_backward_bf16 (gemm kernel): fp32 dq, dk, dv
+    Scratch attn_qkv_ws_;                    // the _bf16 attention ops (gemm kernel): fp32 q, k, v (dq, dk, dv)
     Scratch colred_ws_;                      // column_reduce partial sums [splits, D] (double)
     Scratch bf16_ws_[kBf16Slots];            // bf16 copies of GEMM inputs (bf16 matmul precision)
     std::unique_ptr<OpProfiler> profiler_;   // disabled unless asked for

@@ -11,9 +11,10 @@
 // (warps own 16 keys); one block per (64 query rows, batch * head) sums dQ over the key tiles
 // (warps own 16 rows). Both recompute P = exp(scale Q K^T - lse) tile by tile.
 // q, k, v and dout are rounded to bf16 (nearest-even, as the gemm kernel's copies) on their way
-// into shared memory; head_dim is zero-padded to a multiple of 16 (Hd <= 128). Unlike the gemm
-// kernel, P enters P V unnormalised and dS is rounded per tile, so the two agree within bf16
-// error, not bit for bit. Needs sm_80 or newer (bf16 WMMA).
+// into shared memory (q, k, v stored in bf16 are read as they are: the same values, half the
+// bytes; the _bf16 ops, which also store dq, dk, dv in bf16); head_dim is zero-padded to a multiple of 16 (Hd <= 128).
+// Unlike the gemm kernel, P enters P V unnormalised and dS is rounded per tile, so the two agree within bf16 error, not
+// bit for bit. Needs sm_80 or newer (bf16 WMMA).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
@@ -102,12 +103,16 @@ __device__ void strip_abt(float* c, const bf16* a, int lda, const bf16* b, int l
 
 // Rows [t0, t0 + 64) of the (b, head) slice of x [B, T, heads, Hd] -> dst [64][Hdp] bf16, zeros
 // past T and past Hd. The whole block takes part.
-__device__ void load_tile(bf16* dst, const float* x, int b, int head, int heads, int t0, const FlashDims& d) {
+// x is fp32 (rounded here) or bf16 bits (q, k, v stored in bf16: the same values).
+__device__ inline bf16 to_bf16(float x) { return __float2bfloat16_rn(x); }
+__device__ inline bf16 to_bf16(uint16_t bits) { return __ushort_as_bfloat16(bits); }
+template <typename In>
+__device__ void load_tile(bf16* dst, const In* x, int b, int head, int heads, int t0, const FlashDims& d) {
     for (int i = threadIdx.x; i < kTile * d.Hdp; i += blockDim.x) {
         const int r = i / d.Hdp, col = i % d.Hdp, t = t0 + r;
-        float v = 0.0f;
+        In v = In(0);
         if (t < d.T && col < d.Hd) v = x[((static_cast<size_t>(b) * d.T + t) * heads + head) * d.Hd + col];
-        dst[i] = __float2bfloat16_rn(v);
+        dst[i] = to_bf16(v);
     }
 }
 
@@ -127,8 +132,9 @@ size_t forward_smem(int Hdp) {  // Q, K, V [64][Hdp] bf16; P [64][64] bf16; S [6
            (kTile * kTile + kTile * Hdp) * sizeof(float);
 }
 
+template <typename In>  // q, k, v: float, or uint16_t (bf16 bits)
 __global__ void __launch_bounds__(kFlashThreads)
-    flash_forward_kernel(float* out, float* lse_BHT, const float* q, const float* k, const float* v, FlashDims d) {
+    flash_forward_kernel(float* out, float* lse_BHT, const In* q, const In* k, const In* v, FlashDims d) {
 #if BMOE_FLASH_DEVICE_CODE
     extern __shared__ __align__(128) unsigned char smem[];
     const int Hdp = d.Hdp;
@@ -214,13 +220,13 @@ size_t dkdv_smem(int Hdp) {  // K, V, Q, dO bf16; P^T, dS^T bf16; S^T, dP^T fp32
            (2 * kTile * kTile + 2 * kTile * Hdp + 2 * kTile) * sizeof(float);
 }
 
-template <typename Out>  // float, or uint16_t: bf16 bits (attention_backward_bf16)
-__global__ void __launch_bounds__(kFlashThreads) flash_dkdv_kernel(Out* dk,
-                                                                   Out* dv,
+template <typename E>  // q, k, v, dk, dv elements: float, or uint16_t: bf16 bits (attention_backward_bf16)
+__global__ void __launch_bounds__(kFlashThreads) flash_dkdv_kernel(E* dk,
+                                                                   E* dv,
                                                                    const float* dout,
-                                                                   const float* q,
-                                                                   const float* k,
-                                                                   const float* v,
+                                                                   const E* q,
+                                                                   const E* k,
+                                                                   const E* v,
                                                                    const float* lse_BHT,
                                                                    const float* D_BHT,
                                                                    FlashDims d) {
@@ -296,12 +302,12 @@ size_t dq_smem(int Hdp) {  // Q, dO, K, V bf16; dS bf16; S, dP fp32; dQ fp32; ls
            (2 * kTile * kTile + kTile * Hdp + 2 * kTile) * sizeof(float);
 }
 
-template <typename Out>
-__global__ void __launch_bounds__(kFlashThreads) flash_dq_kernel(Out* dq,
+template <typename E>
+__global__ void __launch_bounds__(kFlashThreads) flash_dq_kernel(E* dq,
                                                                  const float* dout,
-                                                                 const float* q,
-                                                                 const float* k,
-                                                                 const float* v,
+                                                                 const E* q,
+                                                                 const E* k,
+                                                                 const E* v,
                                                                  const float* lse_BHT,
                                                                  const float* D_BHT,
                                                                  FlashDims d) {
@@ -352,7 +358,7 @@ __global__ void __launch_bounds__(kFlashThreads) flash_dq_kernel(Out* dq,
     for (int rr = 0; rr < 16; ++rr) {
         const int r = warp * 16 + rr, qi = i0 + r;
         if (qi >= d.T) continue;
-        Out* o = dq + ((static_cast<size_t>(b) * d.T + qi) * d.H + h) * d.Hd;
+        E* o = dq + ((static_cast<size_t>(b) * d.T + qi) * d.H + h) * d.Hd;
         for (int col = lane; col < d.Hd; col += 32) store_as(o + col, dQs[r * Hdp + col] * d.scale);
     }
 #endif
@@ -398,35 +404,28 @@ size_t CudaBackend::attention_saved_numel(int B, int T, int H, int Hd) const {
     return Backend::attention_saved_numel(B, T, H, Hd);
 }
 
-void CudaBackend::flash_attention_forward(float* out_BTHd,
-                                          float* lse_BHT,
-                                          const float* q,
-                                          const float* k,
-                                          const float* v,
-                                          int B,
-                                          int T,
-                                          int H,
-                                          int KV,
-                                          int Hd) {
+template <typename E>
+void CudaBackend::flash_attention_forward(
+    float* out_BTHd, float* lse_BHT, const E* q, const E* k, const E* v, int B, int T, int H, int KV, int Hd) {
     const ProfiledOp op(profiler_.get(), "flash_attention_forward");
     const FlashDims d = flash_dims(B, T, H, KV, Hd);
     if (B == 0 || T == 0 || H == 0 || Hd == 0) return;
     const size_t smem = forward_smem(d.Hdp);
-    allow_smem(flash_forward_kernel, smem);
+    allow_smem(flash_forward_kernel<E>, smem);
     const dim3 grid((T + kTile - 1) / kTile, B * H);
-    flash_forward_kernel<<<grid, kFlashThreads, smem, stream_>>>(out_BTHd, lse_BHT, q, k, v, d);
+    flash_forward_kernel<E><<<grid, kFlashThreads, smem, stream_>>>(out_BTHd, lse_BHT, q, k, v, d);
     CUDA_CHECK_LAST();
 }
 
-template <typename Out>
-void CudaBackend::flash_attention_backward(Out* dq,
-                                           Out* dk,
-                                           Out* dv,
+template <typename E>
+void CudaBackend::flash_attention_backward(E* dq,
+                                           E* dk,
+                                           E* dv,
                                            const float* dout,
                                            const float* out,
-                                           const float* q,
-                                           const float* k,
-                                           const float* v,
+                                           const E* q,
+                                           const E* k,
+                                           const E* v,
                                            const float* lse_BHT,
                                            int B,
                                            int T,
@@ -442,16 +441,20 @@ void CudaBackend::flash_attention_backward(Out* dq,
     CUDA_CHECK_LAST();
     const unsigned tiles = static_cast<unsigned>((T + kTile - 1) / kTile);
     const size_t smem_kv = dkdv_smem(d.Hdp), smem_q = dq_smem(d.Hdp);
-    allow_smem(flash_dkdv_kernel<Out>, smem_kv);
-    allow_smem(flash_dq_kernel<Out>, smem_q);
-    flash_dkdv_kernel<Out>
+    allow_smem(flash_dkdv_kernel<E>, smem_kv);
+    allow_smem(flash_dq_kernel<E>, smem_q);
+    flash_dkdv_kernel<E>
         <<<dim3(tiles, B * KV), kFlashThreads, smem_kv, stream_>>>(dk, dv, dout, q, k, v, lse_BHT, D, d);
     CUDA_CHECK_LAST();
-    flash_dq_kernel<Out><<<dim3(tiles, B * H), kFlashThreads, smem_q, stream_>>>(dq, dout, q, k, v, lse_BHT, D, d);
+    flash_dq_kernel<E><<<dim3(tiles, B * H), kFlashThreads, smem_q, stream_>>>(dq, dout, q, k, v, lse_BHT, D, d);
     CUDA_CHECK_LAST();
 }
 
-// fp32 d inputs (attention_backward) and bf16 ones (attention_backward_bf16)
+// fp32 q, k, v and d inputs (attention_forward/backward), and bf16 ones (the _bf16 variants)
+template void CudaBackend::flash_attention_forward<float>(
+    float*, float*, const float*, const float*, const float*, int, int, int, int, int);
+template void CudaBackend::flash_attention_forward<uint16_t>(
+    float*, float*, const uint16_t*, const uint16_t*, const uint16_t*, int, int, int, int, int);
 template void CudaBackend::flash_attention_backward<float>(float*,
                                                            float*,
                                                            float*,
@@ -471,9 +474,9 @@ template void CudaBackend::flash_attention_backward<uint16_t>(uint16_t*,
                                                               uint16_t*,
                                                               const float*,
                                                               const float*,
-                                                              const float*,
-                                                              const float*,
-                                                              const float*,
+                                                              const uint16_t*,
+                                                              const uint16_t*,
+                                                              const uint16_t*,
                                                               const float*,
                                                               int,
                                                               int,
