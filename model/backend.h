@@ -238,8 +238,10 @@ class Backend {
     // rotates them in fp32: Model::set_bf16_gemm_inputs): what attention_forward/backward give for
     // the floats they encode, which bf16 matmul precision rounds to bf16 anyway; backward writes dq,
     // dk, dv in bf16 (rounded, nearest-even) for the projections' backward GEMMs. The flash kernel
-    // reads and writes them so directly; these defaults widen q, k, v into temporary fp32 buffers
-    // and round the d results. bf16 matmul precision only.
+    // reads and writes them so directly (attention_reads_bf16); these defaults widen q, k, v into
+    // temporary fp32 buffers and round the d results, which costs more than the fp32 ops. bf16
+    // matmul precision only.
+    virtual bool attention_reads_bf16(int /*Hd*/) const { return false; }
     virtual void attention_forward_bf16(float* out_BTHd,
                                         float* att_BHTT,
                                         const uint16_t* q16_BTHd,

@@ -166,12 +166,15 @@ void Model::ensure_activations(int B, int T) {
     // What attention saves depends on the backend's attention kernel (and precision): re-checked.
     const size_t att_numel = backend_->attention_saved_numel(B, T, config_.num_heads, config_.head_dim());
     const bool inputs16 = bf16_gemm_inputs_ && backend_->matmul_precision() == MatmulPrecision::kBf16;
-    if (B == B_ && T == T_ && att_numel == att_numel_ && inputs16 == gemm_inputs16_) return;
+    // q, k, v in bf16 where no RoPE rotates them in fp32 and the backend's attention reads bf16
+    const bool qkv16 =
+        inputs16 && config_.position != PositionType::kRope && backend_->attention_reads_bf16(config_.head_dim());
+    if (B == B_ && T == T_ && att_numel == att_numel_ && inputs16 == gemm_inputs16_ && qkv16 == qkv16_) return;
     B_ = B;
     T_ = T;
     att_numel_ = att_numel;
     gemm_inputs16_ = inputs16;
-    qkv16_ = inputs16 && config_.position != PositionType::kRope;
+    qkv16_ = qkv16;
     const size_t N = static_cast<size_t>(B) * T, D = config_.d_model, V = config_.vocab_size;
     const size_t q_dim = static_cast<size_t>(config_.num_heads) * config_.head_dim();
     const size_t kv_dim = static_cast<size_t>(config_.num_kv_heads) * config_.head_dim();

@@ -122,15 +122,17 @@ class Model {
     // training, for 2 bytes per parameter. On by default; off (or BMOE_BF16_WEIGHTS=0 in the
     // environment) rounds per op, for A/B runs.
     void set_bf16_weights(bool on) { bf16_weights_ = on; }
-    // bf16 inputs for the dense GEMMs under bf16 matmul precision, each rounded once: the attention
-    // norm and the final norm write their output in bf16 (the Q/K/V projections and the LM head
-    // read only its rounding; no fp32 copy is kept), and the attention output is rounded once into
-    // a copy kept for the output projection's forward and weight gradient. Before, each GEMM op
-    // rounded its fp32 input itself: three times for Q, K, V forward, again in every backward.
-    // Bitwise the same training. On by default; off (or BMOE_BF16_GEMM_INPUTS=0 in the environment)
-    // keeps fp32 norm outputs rounded per op, for A/B runs. Takes effect at the next forward.
-    // The MoE blocks' expert rows too (MoeBlock::set_bf16_gemm_inputs): on one rank the gather
-    // writes the experts' input rows and the combine's backward their d rows in bf16.
+    // bf16 inputs for the GEMMs under bf16 matmul precision, each rounded once where it is written
+    // instead of in every GEMM op that reads it (three times for Q, K, V forward, again in every
+    // backward): the attention norm and the final norm write their output in bf16 (the Q/K/V
+    // projections and the LM head read only its rounding; no fp32 copy is kept); the attention
+    // output is rounded once into a copy kept for the output projection's forward and weight
+    // gradient; without RoPE and where the backend's attention reads bf16
+    // (Backend::attention_reads_bf16: CUDA's flash kernel), q, k, v and their gradients are bf16;
+    // and the MoE blocks' expert rows (MoeBlock::set_bf16_gemm_inputs: on one rank the gather
+    // writes the experts' input rows and the combine's backward their d rows in bf16). Bitwise the
+    // same training. On by default; off (or BMOE_BF16_GEMM_INPUTS=0 in the environment) rounds
+    // per op, for A/B runs. Takes effect at the next forward.
     void set_bf16_gemm_inputs(bool on);
     // Called by backward() each time the gradients of one backward stage are final (queued on the
     // backend): stage num_layers (final norm, LM head), then l = num_layers-1 .. 0, then -1
@@ -208,6 +210,7 @@ class Model {
     // recompute's scratch output
     Buffer<uint16_t> dq16_, dk16_, dv16_;
     // q, k, v and their gradients in bf16: bf16 GEMM inputs without RoPE (which rotates them in fp32)
+    // where the backend's attention reads bf16 (Backend::attention_reads_bf16)
     bool qkv16_ = false;
     bool recompute_attention_ = false;
     bool recompute_mlp_ = false;

@@ -191,6 +191,7 @@ class OpCostBackend final : public Backend {
                             int H,
                             int KV,
                             int Hd) override;
+    bool attention_reads_bf16(int) const override { return attention_kernel_ == AttentionKernel::kFlash && bf16(); }
     void attention_forward_bf16(float* out_BTHd,
                                 float* att_BHTT,
                                 const uint16_t* q16_BTHd,

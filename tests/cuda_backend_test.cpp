@@ -866,7 +866,9 @@ TEST(CudaBackend, AdamW) {
     const Vec gpu_p = p.side[kGpu].download();
     const std::vector<uint16_t> gpu_p16 = p16.side[kGpu].download();
     for (size_t i = 0; i < n; ++i) {
-        if (i < 4 || i >= 7) EXPECT_EQ(gpu_p16[i], bf16_bits(gpu_p[i])) << "bf16 weight copy " << i;
+        if (i < 4 || i >= 7) {
+            EXPECT_EQ(gpu_p16[i], bf16_bits(gpu_p[i])) << "bf16 weight copy " << i;
+        }
     }
     expect_bf16_close(p16, "adamw bf16 weight copy", 1.0f);
 }

@@ -27,6 +27,10 @@ namespace bmoe::model {
 
 class MemoryCheckingBackend : public CpuBackend {
   public:
+    // The bf16 attention ops (Backend's widening defaults) run where a model without RoPE trains in bf16,
+    // as on a GPU with the flash kernel, so their temporaries are checked too.
+    bool attention_reads_bf16(int) const override { return true; }
+
     // act_as_device: is_host() says false, so callers treat its buffers as device memory, as with
     // CUDA (communicators stage them through host copies instead of reading them directly).
     explicit MemoryCheckingBackend(bool act_as_device = false) : act_as_device_(act_as_device) {}

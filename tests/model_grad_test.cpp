@@ -345,6 +345,13 @@ TEST_P(ModelGradTest, Bf16WeightCopyGivesBitwiseTheSameTraining) {
     EXPECT_NE(losses[0][1], losses[0][2]) << "the weights did not change";
 }
 
+// A CPU backend whose attention_reads_bf16 says `reads` (the CPU's own says false).
+struct CpuBackendReadingBf16Attention : CpuBackend {
+    explicit CpuBackendReadingBf16Attention(bool reads) : reads(reads) {}
+    bool attention_reads_bf16(int) const override { return reads; }
+    bool reads;
+};
+
 // bf16 GEMM inputs (the default under bf16 matmul precision): the norms ahead of the attention
 // projections and the LM head write bf16 outputs, and the attention output is rounded once for its
 // projection, instead of every GEMM op rounding its fp32 input. Bitwise the same losses, gradients
@@ -354,39 +361,45 @@ TEST_P(ModelGradTest, Bf16GemmInputsGiveBitwiseTheSameTraining) {
     const ModelConfig cfg = GetParam().config;
     std::vector<int32_t> tokens = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10}, targets = {2, 3, 4, 5, 6, 7, 8, 9, 10, 11};
     const LossWeights w{0.01f, 0.001f, 0.05f};
-    for (const bool keep_logits : {false, true}) {
-        std::vector<std::vector<float>> grads[2], logits[2];
-        std::vector<double> losses[2];
-        size_t peak[2];
-        for (const bool inputs16 : {false, true}) {
-            CpuBackend backend;
-            backend.set_matmul_precision(MatmulPrecision::kBf16);
-            Model model(cfg, &backend);
-            model.init_weights(3);
-            model.set_keep_logits(keep_logits);
-            model.set_bf16_gemm_inputs(inputs16);
-            const size_t n = model.layout().total_numel();
-            for (int step = 0; step < 2; ++step) {
-                model.zero_grad();
-                losses[inputs16].push_back(model.forward(tokens.data(), targets.data(), 2, 5, w).total_loss);
-                model.backward(1.0f);
-                grads[inputs16].push_back(model.grads_to_host());
-                backend.scale(model.grads(), -0.5f, n);  // an SGD step
-                backend.accumulate(model.params(), model.grads(), n);
-                model.forward(tokens.data(), nullptr, 1, 7, w);  // evaluation: fp32 logits
-                logits[inputs16].push_back(model.logits_to_host());
+    // and with an attention that reads bf16 q, k, v (as CUDA's flash kernel does): without RoPE the
+    // model then stores them in bf16 (the CPU runs Backend's widening defaults)
+    for (const bool keep_logits : {false, true})
+        for (const bool attention16 : {false, true}) {
+            std::vector<std::vector<float>> grads[2], logits[2];
+            std::vector<double> losses[2];
+            size_t peak[2];
+            for (const bool inputs16 : {false, true}) {
+                CpuBackendReadingBf16Attention backend(attention16);
+                backend.set_matmul_precision(MatmulPrecision::kBf16);
+                Model model(cfg, &backend);
+                model.init_weights(3);
+                model.set_keep_logits(keep_logits);
+                model.set_bf16_gemm_inputs(inputs16);
+                const size_t n = model.layout().total_numel();
+                for (int step = 0; step < 2; ++step) {
+                    model.zero_grad();
+                    losses[inputs16].push_back(model.forward(tokens.data(), targets.data(), 2, 5, w).total_loss);
+                    model.backward(1.0f);
+                    grads[inputs16].push_back(model.grads_to_host());
+                    backend.scale(model.grads(), -0.5f, n);  // an SGD step
+                    backend.accumulate(model.params(), model.grads(), n);
+                    model.forward(tokens.data(), nullptr, 1, 7, w);  // evaluation: fp32 logits
+                    logits[inputs16].push_back(model.logits_to_host());
+                }
+                peak[inputs16] = backend.peak_allocated_bytes();
             }
-            peak[inputs16] = backend.peak_allocated_bytes();
+            const std::string at = std::string(keep_logits ? " (fp32 logits" : " (bf16 logits") +
+                                   (attention16 ? ", bf16 attention)" : ")");
+            EXPECT_EQ(losses[1], losses[0]) << at;
+            for (int step = 0; step < 2; ++step) {
+                EXPECT_EQ(grads[1][step], grads[0][step]) << "step " << step << at;
+                EXPECT_EQ(logits[1][step], logits[0][step]) << "step " << step << at;
+            }
+            EXPECT_NE(losses[0][0], losses[0][1]) << "the weights did not change";
+            if (!attention16) {  // (the CPU widens q, k, v into temporaries)
+                EXPECT_LT(peak[1], peak[0]) << at;
+            }
         }
-        const std::string at = keep_logits ? " (fp32 logits)" : " (bf16 logits)";
-        EXPECT_EQ(losses[1], losses[0]) << at;
-        for (int step = 0; step < 2; ++step) {
-            EXPECT_EQ(grads[1][step], grads[0][step]) << "step " << step << at;
-            EXPECT_EQ(logits[1][step], logits[0][step]) << "step " << step << at;
-        }
-        EXPECT_NE(losses[0][0], losses[0][1]) << "the weights did not change";
-        EXPECT_LT(peak[1], peak[0]) << at;
-    }
 }
 
 // Training forwards under bf16 matmul precision run the LM head and loss on bf16 logits (the

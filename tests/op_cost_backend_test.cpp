@@ -165,8 +165,9 @@ TEST(OpCostBackend, TheLossOnBf16LogitsMovesAThirdOfTheFp32LogitsBytes) {
         // the backward's activation copy: the d logits with fp32 logits (the final norm writes the
         // head's input in bf16)
         EXPECT_EQ(rows.count("bf16 copies, activation: matmul_backward " + head), bf16_logits ? 0u : 1u);
-        if (!bf16_logits)
+        if (!bf16_logits) {
             EXPECT_DOUBLE_EQ(rows.at("bf16 copies, activation: matmul_backward " + head).bytes, 6.0 * N * V);
+        }
         EXPECT_EQ(rows.count("cross_entropy_forward_bf16"), bf16_logits ? 1u : 0u);
         // the forward GEMM: bf16 operands, then N x V outputs of 2 (bf16) or 4 bytes
         EXPECT_DOUBLE_EQ(rows.at("matmul_forward " + head).bytes,

@@ -154,6 +154,7 @@ class CudaBackend final : public Backend {
                             int H,
                             int KV,
                             int Hd) override;
+    bool attention_reads_bf16(int Hd) const override { return flash_attention_active(Hd); }
     void attention_forward_bf16(float* out_BTHd,
                                 float* att_BHTT,
                                 const uint16_t* q16_BTHd,
