@@ -7,8 +7,9 @@
 // then cuBLAS bf16 x bf16 -> fp32), an exact emulation on the CPU (the same rounding, then sgemm).
 // Router GEMMs and all router/KL math stay fp32 (Router holds a ScopedMatmulPrecision): the
 // uncertainty terms are precision-sensitive. Attention scores, norms, softmax and losses compute in
-// fp32. Under kBf16, tensors only GEMMs read may be stored as bf16 (the expert MLP's activation, the
-// model's weight copy, a training step's logits): docs/design.md, "Precision".
+// fp32. Under kBf16, tensors only GEMMs read may be stored as bf16 (the expert MLP's tensors, the
+// model's weight copy, a training step's logits, the norms' outputs ahead of Q/K/V and the LM head,
+// the MoE rows, q/k/v for the flash kernel): docs/design.md, "Precision".
 #pragma once
 
 #include <cstdint>
