@@ -221,7 +221,7 @@ TEST(OpCostBackend, Bf16GemmInputsRoundEachDenseGemmInputOnce) {
         const int L = c.num_layers, moe_layers = c.num_moe_layers();
         const bool rope = position == PositionType::kRope;
         ASSERT_GT(moe_layers, 0);
-        int explicit_copies[2];  // float_to_bf16 calls per step: bf16 GEMM inputs, rounded per op
+        int explicit_copies[2] = {0, 0};  // float_to_bf16 calls per step: bf16 GEMM inputs, rounded per op
         for (const bool inputs16 : {true, false}) {
             OpCostBackend be;
             be.set_matmul_precision(MatmulPrecision::kBf16);

@@ -376,6 +376,19 @@ class CudaBackend final : public Backend {
               GemmInput in,
               bool c_bf16 = false);
 
+    // The norms' backward in one pass (norm_backward_fused_kernel: LayerNorm where mean_N is given,
+    // RMSNorm where null; db_D LayerNorm only, null where frozen, as dw_D may be). False where D is
+    // too wide for its shared memory: the caller runs the row kernel and column reductions.
+    bool norm_backward_fused(float* din_ND,
+                             float* dw_D,
+                             float* db_D,
+                             const float* dout_ND,
+                             const float* in_ND,
+                             const float* w_D,
+                             const float* mean_N,
+                             const float* rstd_N,
+                             int N,
+                             int D);
     // moe_combine_backward with the d rows stored as Out (float or bf16 bits): rows, then gates.
     template <typename Out>
     void combine_backward(Out* dy_RD,

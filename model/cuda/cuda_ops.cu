@@ -3,8 +3,10 @@
 // float operations where cheap), so parity holds well inside 1e-4. No atomics anywhere.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <initializer_list>
+#include <utility>
 #include <vector>
 
 #include "model/cuda/cuda_backend.h"
@@ -102,6 +104,65 @@ __global__ void rmsnorm_backward_kernel(
     dot = block_sum(dot);
     const float c = static_cast<float>(dot * r * r * r / D);
     for (int d = threadIdx.x; d < D; d += blockDim.x) din_ND[row + d] += r * w_D[d] * dy[d] - x[d] * c;
+}
+
+// The norms' backward in one pass over dout and the input (instead of the row kernel above plus
+// a column reduction per weight gradient, which read them again): din += ... per row (LayerNorm
+// where mean_N is given, RMSNorm where it is null), and this block's column sums of dw (dy * xhat)
+// and db (dy; LayerNorm) over its chunk of rows. Each warp takes its rows in order into its own
+// shared-memory partials (no atomics), the block sums its warps in order into ws[block][d]
+// (double), and column_reduce_finish_kernel adds the blocks in order: bitwise reproducible.
+__global__ void norm_backward_fused_kernel(float* din_ND,
+                                           double* ws_dw_SD,
+                                           double* ws_db_SD,
+                                           const float* dout_ND,
+                                           const float* in_ND,
+                                           const float* w_D,
+                                           const float* mean_N,
+                                           const float* rstd_N,
+                                           int N,
+                                           int D,
+                                           int chunk) {
+    extern __shared__ float partials[];  // [warps][2][D]: dw, db
+    const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    float* pw = partials + static_cast<size_t>(warp) * 2 * D;
+    float* pb = pw + D;
+    for (int d = lane; d < D; d += 32) pw[d] = pb[d] = 0.0f;
+    const int n0 = blockIdx.x * chunk, n1 = min(N, n0 + chunk);
+    for (int n = n0 + warp; n < n1; n += warps) {
+        const size_t row = static_cast<size_t>(n) * D;
+        const float *x = in_ND + row, *dy = dout_ND + row;
+        const float m = mean_N ? mean_N[n] : 0.0f, r = rstd_N[n];
+        double g_sum = 0.0, gx_sum = 0.0;  // sum(dy w), sum(dy w (x - m))
+        for (int d = lane; d < D; d += 32) {
+            const float g = dy[d] * w_D[d];
+            g_sum += g;
+            gx_sum += static_cast<double>(g) * (x[d] - m);
+        }
+        g_sum = warp_sum(g_sum);
+        gx_sum = warp_sum(gx_sum);
+        if (mean_N) {  // dx += r (g - mean(g) - xhat mean(g xhat)),  g = dy w
+            const float gm = static_cast<float>(g_sum / D), gxm = static_cast<float>(gx_sum * r / D);
+            for (int d = lane; d < D; d += 32) din_ND[row + d] += r * (dy[d] * w_D[d] - gm - (x[d] - m) * r * gxm);
+        } else {  // dx += r w dy - x r^3 / D * sum(dy w x)
+            const float c = static_cast<float>(gx_sum * r * r * r / D);
+            for (int d = lane; d < D; d += 32) din_ND[row + d] += r * w_D[d] * dy[d] - x[d] * c;
+        }
+        for (int d = lane; d < D; d += 32) {
+            pw[d] += dy[d] * (x[d] - m) * r;
+            pb[d] += dy[d];
+        }
+    }
+    __syncthreads();
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        double sw = 0.0, sb = 0.0;
+        for (int k = 0; k < warps; ++k) {
+            sw += partials[static_cast<size_t>(k) * 2 * D + d];
+            sb += partials[static_cast<size_t>(k) * 2 * D + D + d];
+        }
+        if (ws_dw_SD) ws_dw_SD[static_cast<size_t>(blockIdx.x) * D + d] = sw;
+        if (ws_db_SD) ws_db_SD[static_cast<size_t>(blockIdx.x) * D + d] = sb;
+    }
 }
 
 struct RmsDw {
@@ -551,9 +612,40 @@ void CudaBackend::rmsnorm_backward(float* din_ND,
                                    int D) {
     const ProfiledOp op(profiler_.get(), "rmsnorm_backward");
     if (N <= 0) return;
+    if (norm_backward_fused(din_ND, dw_D, nullptr, dout_ND, in_ND, w_D, nullptr, rstd_N, N, D)) return;
     rmsnorm_backward_kernel<<<N, kThreads, 0, stream_>>>(din_ND, dout_ND, in_ND, w_D, rstd_N, D);
     CUDA_CHECK_LAST();
     column_reduce(stream_, column_reduce_ws(N, D), dw_D, N, D, RmsDw{dout_ND, in_ND, rstd_N, D});
+}
+
+bool CudaBackend::norm_backward_fused(float* din_ND,
+                                      float* dw_D,
+                                      float* db_D,
+                                      const float* dout_ND,
+                                      const float* in_ND,
+                                      const float* w_D,
+                                      const float* mean_N,
+                                      const float* rstd_N,
+                                      int N,
+                                      int D) {
+    // warps per block: as many as 48 KB of partials allow (8 at D = 768); wider rows take the
+    // two-pass path
+    constexpr size_t kSmem = 48 * 1024;
+    const int warps = static_cast<int>(std::min<size_t>(8, kSmem / (2 * sizeof(float) * std::max(D, 1))));
+    if (warps < 1 || D <= 0) return false;
+    const int blocks = std::clamp(N / 16, 1, 264);  // ~2 per SM, at least 16 rows each
+    const int chunk = static_cast<int>(div_up(static_cast<size_t>(N), static_cast<size_t>(blocks)));
+    const size_t SD = static_cast<size_t>(blocks) * D;
+    auto* ws = static_cast<double*>(scratch(colred_ws_, 2 * SD * sizeof(double)));
+    norm_backward_fused_kernel<<<blocks, warps * 32, 2 * sizeof(float) * warps * D, stream_>>>(
+        din_ND, dw_D ? ws : nullptr, db_D ? ws + SD : nullptr, dout_ND, in_ND, w_D, mean_N, rstd_N, N, D, chunk);
+    CUDA_CHECK_LAST();
+    for (auto [out, part] : {std::pair<float*, const double*>{dw_D, ws}, {db_D, ws + SD}}) {
+        if (out == nullptr) continue;  // a frozen weight's gradient
+        column_reduce_finish_kernel<<<grid_for(static_cast<size_t>(D)), kThreads, 0, stream_>>>(out, part, blocks, D);
+        CUDA_CHECK_LAST();
+    }
+    return true;
 }
 
 void CudaBackend::layernorm_forward(float* out_ND,
@@ -599,6 +691,7 @@ void CudaBackend::layernorm_backward(float* din_ND,
                                      int D) {
     const ProfiledOp op(profiler_.get(), "layernorm_backward");
     if (N <= 0) return;
+    if (norm_backward_fused(din_ND, dw_D, db_D, dout_ND, in_ND, w_D, mean_N, rstd_N, N, D)) return;
     layernorm_backward_kernel<<<N, kThreads, 0, stream_>>>(din_ND, dout_ND, in_ND, w_D, mean_N, rstd_N, D);
     CUDA_CHECK_LAST();
     column_reduce(stream_, column_reduce_ws(N, D), dw_D, N, D, LnDw{dout_ND, in_ND, mean_N, rstd_N, D});
