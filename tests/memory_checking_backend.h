@@ -510,17 +510,8 @@ class MemoryCheckingBackend : public CpuBackend {
                               int R,
                               int K,
                               int D) override {
-        const char* op = "moe_combine_backward";
-        // (token, slot) copies row_src addresses; dy_ND holds ceil(copies / K) token rows of them
-        const size_t src_copies = std::max(numel(N, K), rows_addressed(op, "row_src", row_src, R, 1, false));
-        const size_t rows = std::max(numel(R), rows_addressed(op, "slot_row", slot_row, numel(N, K), 1, true));
-        if (check(op, {{"dy_RD", dy_RD, numel(R, D)},
-                       {"dtopk_weight", dweight, numel(N, K)},
-                       {"dy_ND", dy_ND, (src_copies + K - 1) / K * D},
-                       {"y_RD", y_RD, rows * D},
-                       {"row_src", row_src, numel(R)},
-                       {"slot_row", slot_row, numel(N, K)},
-                       {"topk_weight", weight, src_copies}}))
+        if (check_combine_backward("moe_combine_backward", {"dy_RD", dy_RD, numel(R, D)}, dweight, dy_ND, y_RD, row_src,
+                                   slot_row, weight, N, R, K, D))
             CpuBackend::moe_combine_backward(dy_RD, dweight, dy_ND, y_RD, row_src, slot_row, weight, N, R, K, D);
     }
     void moe_gather_forward_bf16(
@@ -541,16 +532,8 @@ class MemoryCheckingBackend : public CpuBackend {
                                    int R,
                                    int K,
                                    int D) override {
-        const char* op = "moe_combine_backward_bf16";
-        const size_t src_copies = std::max(numel(N, K), rows_addressed(op, "row_src", row_src, R, 1, false));
-        const size_t rows = std::max(numel(R), rows_addressed(op, "slot_row", slot_row, numel(N, K), 1, true));
-        if (check(op, {{"dy16_RD", dy16_RD, numel(R, D)},
-                       {"dtopk_weight", dweight, numel(N, K)},
-                       {"dy_ND", dy_ND, (src_copies + K - 1) / K * D},
-                       {"y_RD", y_RD, rows * D},
-                       {"row_src", row_src, numel(R)},
-                       {"slot_row", slot_row, numel(N, K)},
-                       {"topk_weight", weight, src_copies}}))
+        if (check_combine_backward("moe_combine_backward_bf16", {"dy16_RD", dy16_RD, numel(R, D)}, dweight, dy_ND, y_RD,
+                                   row_src, slot_row, weight, N, R, K, D))
             CpuBackend::moe_combine_backward_bf16(dy16_RD, dweight, dy_ND, y_RD, row_src, slot_row, weight, N, R, K, D);
     }
 
@@ -651,6 +634,31 @@ class MemoryCheckingBackend : public CpuBackend {
         Extent(const char* arg, const T* p, Count count)
             : name(arg), ptr(p), bytes(static_cast<size_t>(count) * sizeof(T)) {}
     };
+
+    // moe_combine_backward's operands (either d-row type): (token, slot) copies row_src addresses;
+    // dy_ND holds ceil(copies / K) token rows of them.
+    bool check_combine_backward(const char* op,
+                                Extent dy_rows,
+                                const float* dweight,
+                                const float* dy_ND,
+                                const float* y_RD,
+                                const int32_t* row_src,
+                                const int32_t* slot_row,
+                                const float* weight,
+                                int N,
+                                int R,
+                                int K,
+                                int D) {
+        const size_t src_copies = std::max(numel(N, K), rows_addressed(op, "row_src", row_src, R, 1, false));
+        const size_t rows = std::max(numel(R), rows_addressed(op, "slot_row", slot_row, numel(N, K), 1, true));
+        return check(op, {dy_rows,
+                          {"dtopk_weight", dweight, numel(N, K)},
+                          {"dy_ND", dy_ND, (src_copies + K - 1) / K * D},
+                          {"y_RD", y_RD, rows * D},
+                          {"row_src", row_src, numel(R)},
+                          {"slot_row", slot_row, numel(N, K)},
+                          {"topk_weight", weight, src_copies}});
+    }
 
     // Elements of a tensor of these dimensions (a negative one wraps to a huge count: a violation).
     template <typename... Dims>
