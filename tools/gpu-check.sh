@@ -97,6 +97,13 @@ if [[ $phase != bench ]] && stage "multi-rank tests, ranks sharing the GPU (MPI)
   grep -oE "\[ *(OK|SKIPPED|FAILED) *\] [A-Za-z]+\.[A-Za-z]*(Cuda|Nccl)[A-Za-z]*" "$logs/mpi_tests.log" | sort | uniq -c
 fi
 
+# GEMM kinds this cuBLAS refused (batched/grouped), each then run one GEMM per problem: slower
+fallbacks() {
+  local lines
+  lines=$(grep -h "bmoe: this cuBLAS has no" "$logs"/*.log 2>/dev/null | sort | uniq -c)
+  [[ -n $lines ]] && { echo "   cuBLAS fallbacks (one GEMM per problem):"; echo "$lines" | sed 's/^/   /'; }
+  return 0
+}
 # result LOG PATTERN: the log's last line matching PATTERN, else its last line (the error)
 result() { grep -E "$2" "$logs/$1" | tail -1 | grep . || tail -1 "$logs/$1"; }
 # bmoe vs PyTorch (same model, same batch, bf16 autocast vs bmoe bf16) on the GPT-2-small-sized MoE
@@ -110,7 +117,7 @@ bench_pair() {  # MODEL PRECISION [STEPS]
     --precision "$p" --steps "$steps" --warmup 3
   echo "torch $m $p (exit $?): $(result "torch_${m}_${p}.log" '^torch eager best')"
 }
-if [[ $phase != check ]] && stage "bmoe vs PyTorch eager: gpt2-moe bf16" 90; then bench_pair gpt2-moe bf16; fi
+if [[ $phase != check ]] && stage "bmoe vs PyTorch eager: gpt2-moe bf16" 90; then bench_pair gpt2-moe bf16; fallbacks; fi
 if [[ $phase != check ]] && stage "A/B: the same run with the earlier FAST_16BF GEMM inputs" 30; then
   capped 90 bmoe_gpt2-moe_fast16bf.log env BMOE_CUDA_BF16_GEMM=fast16bf BMOE_BF16_MLP_ACTIVATIONS=0 BMOE_BF16_LOGITS=0 \
     BMOE_BF16_WEIGHTS=0 BMOE_BF16_GEMM_INPUTS=0 ./build-gpu/bench/bench_train --backend cuda --model gpt2-moe --precision bf16 --steps 10 \
@@ -186,5 +193,6 @@ if [[ $phase != check ]] && stage "torch.compile: gpt2-moe bf16" 150; then
     --precision bf16 --steps 10 --warmup 3 --compile
   echo "torch.compile gpt2-moe bf16 (exit $?): $(result torch_compile.log '^torch compile best')"
 fi
+fallbacks
 pack
 echo "gpu-check: done in $((SECONDS - started)) s; logs in $out/gpu-check-logs.tgz"
