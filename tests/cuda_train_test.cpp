@@ -37,8 +37,10 @@ RunConfig small_config() {
 void expect_backends_agree(const std::string& precision,
                            double rel_tol,
                            double val_tol,
-                           const std::string& attention = "gemm") {
+                           const std::string& attention = "gemm",
+                           model::PositionType position = model::PositionType::kRope) {
     RunConfig c = small_config();
+    c.model.position = position;
     c.train.precision = precision;
     const auto tmp = std::filesystem::temp_directory_path();
     c.train.out_dir = (tmp / ("bmoe_cuda_train_cpu_" + precision)).string();
@@ -46,7 +48,8 @@ void expect_backends_agree(const std::string& precision,
     const TrainResult cpu = Trainer(c, log_cpu).run();
     c.train.backend = "cuda";
     c.train.attention = attention;  // the CPU has only the gemm kernel: its exact bf16 emulation is the reference
-    c.train.out_dir = (tmp / ("bmoe_cuda_train_gpu_" + precision + "_" + attention)).string();
+    c.train.out_dir =
+        (tmp / ("bmoe_cuda_train_gpu_" + precision + "_" + attention + "_" + model::to_string(position))).string();
     const TrainResult gpu = Trainer(c, log_gpu).run();
     ASSERT_EQ(cpu.losses.size(), gpu.losses.size());
     for (size_t i = 0; i < cpu.losses.size(); ++i)
@@ -75,22 +78,36 @@ TEST(CudaTrainTest, FlashAttentionLossesTrackCpuEmulation) {
     expect_backends_agree("bf16", 2e-3, 3e-2, "flash");
 }
 
+// The same with learned positions: no RoPE, so the GPU keeps q, k, v and their gradients in bf16
+// for the flash kernel (Model::set_bf16_gemm_inputs), which the CPU's gemm kernel does not.
+TEST(CudaTrainTest, FlashAttentionOnBf16QkvTracksCpuEmulation) {
+    if (!model::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+    expect_backends_agree("bf16", 2e-3, 3e-2, "flash", model::PositionType::kLearned);
+}
+
 // A bf16 storage mode on the GPU: bf16 runs with `env` = 1 and 0 (read when the model is built)
 // agree per step within `rel`. Where the CPU proves a mode bitwise neutral the GPU need not be: the
 // two modes hand cuBLAS operands of different alignment (a tensor inside the 32-byte aligned weight
 // copy vs a 256-byte aligned scratch copy), and cuBLAS picks kernels by alignment, so sums may
 // round differently and flip bf16 roundings downstream: 2e-4 per step there.
-void expect_bf16_mode_agrees(const char* env, double rel) {
+void expect_bf16_mode_agrees(const char* env,
+                             double rel,
+                             const std::string& attention = "gemm",
+                             model::PositionType position = model::PositionType::kRope) {
     for (const model::Activation activation : {model::Activation::kSwiGlu, model::Activation::kGelu}) {
         RunConfig c = small_config();
         c.model.activation = activation;
+        c.model.position = position;
         c.train.precision = "bf16";
         c.train.backend = "cuda";
+        c.train.attention = attention;
         const auto tmp = std::filesystem::temp_directory_path();
         std::vector<std::vector<double>> losses;
         for (const char* on : {"1", "0"}) {
             setenv(env, on, 1);
-            c.train.out_dir = (tmp / (std::string("bmoe_cuda_train_") + env + on)).string();
+            c.train.out_dir = (tmp / (std::string("bmoe_cuda_train_") + env + on + "_" + attention + "_" +
+                                      model::to_string(position)))
+                                  .string();
             std::ostringstream log;
             const TrainResult r = Trainer(c, log).run();
             losses.emplace_back(r.losses.begin(), r.losses.end());
@@ -117,11 +134,13 @@ TEST(CudaTrainTest, Bf16WeightCopyTrainsLikeRoundingPerOp) {
     expect_bf16_mode_agrees("BMOE_BF16_WEIGHTS", 2e-4);
 }
 
-// bf16 GEMM inputs (the norms' bf16 outputs, the attention output rounded once) against rounding
-// per GEMM op (CPU: ModelGradTest.Bf16GemmInputsGiveBitwiseTheSameTraining).
+// bf16 GEMM inputs (the norms' bf16 outputs, the attention output rounded once, the MoE rows; with
+// flash attention and learned positions also q, k, v) against rounding per GEMM op (CPU:
+// ModelGradTest.Bf16GemmInputsGiveBitwiseTheSameTraining).
 TEST(CudaTrainTest, Bf16GemmInputsTrainLikeRoundingPerOp) {
     if (!model::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
     expect_bf16_mode_agrees("BMOE_BF16_GEMM_INPUTS", 2e-4);
+    expect_bf16_mode_agrees("BMOE_BF16_GEMM_INPUTS", 2e-4, "flash", model::PositionType::kLearned);
 }
 
 }  // namespace

@@ -167,13 +167,13 @@ if [[ $phase != check ]] && stage "router families on the GPU: step time vs topk
   grep -A14 -E "^profile \(per step" "$logs/bmoe_gpt2-moe_logit_mf.log" | sed 's/^/   /'
   grep -E "^ *(router_|add_input_noise|dropout_mask)" "$logs/bmoe_gpt2-moe_logit_mf.log" | sed 's/^/   /'  # the router kernels
 fi
-if [[ $phase != bench ]] && stage "compute-sanitizer memcheck: 1 training step (bf16 topk flash, fp32 logit_fc)" 60; then
-  for run in "topk bf16 flash" "logit_fc fp32 gemm"; do  # router precision attention
-    set -- $run
+if [[ $phase != bench ]] && stage "compute-sanitizer memcheck: 1 training step (bf16 topk flash learned positions, fp32 logit_fc)" 60; then
+  for run in "topk bf16 flash learned" "logit_fc fp32 gemm rope"; do  # router precision attention position
+    set -- $run  # (learned positions: the bf16 q, k, v path of the flash kernel)
     capped 90 "sanitizer_$1.log" compute-sanitizer --tool memcheck --error-exitcode 9 ./build-gpu/launch/bmoe train \
-      --train.backend=cuda --train.precision=$2 --train.attention=$3 --router.type=$1 --train.steps=1 $small \
-      --train.out_dir="$logs/sanitize_$1"
-    echo "sanitizer $1 $2 $3: exit $? ; $(result "sanitizer_$1.log" 'ERROR SUMMARY')"
+      --train.backend=cuda --train.precision=$2 --train.attention=$3 --model.position=$4 --router.type=$1 \
+      --train.steps=1 $small --train.out_dir="$logs/sanitize_$1"
+    echo "sanitizer $1 $2 $3 $4: exit $? ; $(result "sanitizer_$1.log" 'ERROR SUMMARY')"
   done
 fi
 if [[ $phase != check ]] && stage "bmoe vs PyTorch eager: large bf16" 150; then bench_pair large bf16 6; fi
