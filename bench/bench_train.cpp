@@ -289,18 +289,27 @@ int run(int argc, char** argv) {
     std::printf(", peak allocated %.0f MiB", static_cast<double>(backend.peak_allocated_bytes()) / (1024.0 * 1024.0));
     if (cuda) std::printf(", device memory in use %.0f MiB", device_mib);
     std::printf("\n");
+    // the bf16 storage modes this run had (each BMOE_BF16_* = 0 turns one off for A/B runs)
+    char bf16_modes[96] = "";
+    if (opt.precision == "bf16") {
+        std::snprintf(bf16_modes, sizeof(bf16_modes), "mlp_activations=%d logits=%d weights=%d gemm_inputs=%d",
+                      model::bf16_mode_default("BMOE_BF16_MLP_ACTIVATIONS"),
+                      model::bf16_mode_default("BMOE_BF16_LOGITS"), model::bf16_mode_default("BMOE_BF16_WEIGHTS"),
+                      model::bf16_mode_default("BMOE_BF16_GEMM_INPUTS"));
+        std::printf("bmoe %s: bf16 storage %s\n", be, bf16_modes);
+    }
     std::printf(
         "JSON {\"impl\": \"bmoe\", \"backend\": \"%s\", \"precision\": \"%s\", \"model\": \"%s\", \"router\": \"%s\", "
         "\"attention\": \"%s\", \"threads\": %d, "
         "\"sgemm_flops\": %.6g, \"tokens_per_s\": %.6g, \"model_flops\": %.6g, \"fraction_of_peak\": %.6g, "
         "\"flops_per_token\": %.6g, \"active_matmul_params\": %.0f, \"steps\": %d, \"accumulate\": %d, "
-        "\"seconds\": %.6g, "
+        "\"seconds\": %.6g, \"bf16_modes\": \"%s\", "
         "\"peak_rss_mib\": %.1f, \"peak_allocated_mib\": %.1f, \"device_mib\": %.1f, \"openblas_coretype\": \"%s\", "
         "\"openblas_l2_size\": \"%s\", "
         "\"openblas_core\": \"%s\"}\n",
         be, opt.precision.c_str(), opt.model.c_str(), opt.router.c_str(), opt.attention.c_str(), threads, peak,
-        tokens_per_s, model_flops, model_flops / peak, flops_per_token, active, opt.steps, opt.accumulate, elapsed, rss,
-        static_cast<double>(backend.peak_allocated_bytes()) / (1024.0 * 1024.0), device_mib,
+        tokens_per_s, model_flops, model_flops / peak, flops_per_token, active, opt.steps, opt.accumulate, elapsed,
+        bf16_modes, rss, static_cast<double>(backend.peak_allocated_bytes()) / (1024.0 * 1024.0), device_mib,
         env_or_unset("OPENBLAS_CORETYPE"), env_or_unset("OPENBLAS_L2_SIZE"), openblas_get_corename());
 #ifdef BMOE_HAVE_CUDA
     if (cuda && opt.profile > 0) {
