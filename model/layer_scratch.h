@@ -23,6 +23,8 @@ struct LayerScratch {
     // MoeBlock forward (EP): the gathered rows until dispatched, and this rank's experts' outputs
     // until they are sent back
     Buffer<float> moe_x_RD, moe_y_local;
+    // MoeBlock forward (EP): the received rows, where the experts keep their own bf16 copy of them
+    Buffer<float> moe_x_local;
     // Router temporaries, redrawn or recomputed in backward: mc_dropout's mask and x * mask, or
     // weight_mfvi's x * x [N, D]; d trunk [N, max(D, hidden)]
     Buffer<float> router_mask_ND, router_x_ND, router_dtrunk;

@@ -32,12 +32,15 @@ void MoeBlock::run_experts_forward(const LayerTensors& w) {
         experts_.forward(y_RD_.data(), gather16_ ? nullptr : x_rows().data(), mw, plan_.expert_offsets);
         return;
     }
+    // the received rows: kept for backward, or shared scratch where the experts keep a bf16 copy
+    if (experts_.keeps_input()) x_local_ = Buffer<float>();  // an earlier mode's saved rows
+    Buffer<float>& x_local = experts_.keeps_input() ? scratch_->moe_x_local : x_local_;
     const parallel::DispatchHandle& h =
-        expert_exchange_->dispatch(x_rows().data(), plan_.expert_offsets, D, x_local_, bf16_rows());
+        expert_exchange_->dispatch(x_rows().data(), plan_.expert_offsets, D, x_local, bf16_rows());
     count_exchange_rows();
     Buffer<float>& y_local = scratch_->moe_y_local;
     y_local.ensure(backend_, static_cast<size_t>(h.num_local_rows()) * D);
-    experts_.forward(y_local.data(), x_local_.data(), mw, h.local_expert_offsets);
+    experts_.forward(y_local.data(), x_local.data(), mw, h.local_expert_offsets);
     expert_exchange_->combine(y_local.data(), D, y_RD_.data());
 }
 
@@ -105,7 +108,7 @@ void MoeBlock::run_experts_backward(const LayerTensors& dw, const LayerTensors& 
     Buffer<float>& dx_local = scratch_->moe_dx_local;
     expert_exchange_->forward(scratch_->moe_dy_RD.data(), D, dy_local, bf16_rows());
     dx_local.ensure(backend_, static_cast<size_t>(expert_exchange_->handle().num_local_rows()) * D);
-    experts_.backward(dx_local.data(), mg, dy_local.data(), nullptr, x_local_.data(), mw);
+    experts_.backward(dx_local.data(), mg, dy_local.data(), nullptr, x_local_.data(), mw);  // (null: not read)
     expert_exchange_->combine(dx_local.data(), D, scratch_->moe_dx_RD.data());
 }
 

@@ -107,7 +107,7 @@ class MoeBlock {
     bool gather16_ = false;  // this forward gathered the experts' rows in bf16 (bf16_gemm_inputs_)
     GroupedMlp experts_;
     std::unique_ptr<ExpertExchange> expert_exchange_;  // EP > 1 only
-    Buffer<float> x_local_;                            // rows of this rank's experts (saved)
+    Buffer<float> x_local_;  // rows of this rank's experts (saved; none where the experts keep a bf16 copy)
     int N_ = 0;
     double num_tokens_global_ = 0.0;
     ExchangeStats exchange_;
