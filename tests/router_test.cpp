@@ -89,7 +89,10 @@ TEST_P(RouterGradTest, BackwardMatchesFiniteDifferences) {
             const float* grad = t.second.first;
             const size_t n = t.second.second;
             std::vector<float> u(n), saved(value, value + n);
-            const float eps = 1e-3f;
+            // float32 losses: rounding noise grows as 1 / eps, truncation as eps^2. At 1e-3 the noise
+            // alone broke the 3e-3 bound on OpenBLAS's generic (Prescott) kernels; 2e-3 leaves both
+            // terms under half of it on every kernel tried.
+            const float eps = 2e-3f;
             // The selection is piecewise constant: a direction whose +-eps probes change it sits on
             // a kink of the loss, so draw another one.
             bool same_selection = false;
