@@ -447,6 +447,9 @@ class Backend {
                                            int R,
                                            int K,
                                            int D) = 0;
+    // out16_LD[l] = in16_RD[src_L[l]]: bf16 rows moved as they are (the expert-parallel exchange's
+    // regrouping of received bf16 rows, model/expert_exchange.h).
+    virtual void gather_rows_bf16(uint16_t* out16_LD, const uint16_t* in16_RD, const int32_t* src_L, int L, int D) = 0;
 
     // ---- optimizer --------------------------------------------------------------------------
     // AdamW on one tensor, decoupled weight decay (PyTorch semantics), g = grad * grad_scale:

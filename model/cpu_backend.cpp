@@ -988,6 +988,12 @@ void CpuBackend::moe_gather_forward_bf16(
     }
 }
 
+void CpuBackend::gather_rows_bf16(uint16_t* out16_LD, const uint16_t* in16_RD, const int32_t* src_L, int L, int D) {
+#pragma omp parallel for schedule(static) if (par(L, D))
+    for (idx_t l = 0; l < L; ++l)
+        std::memcpy(out16_LD + l * D, in16_RD + static_cast<size_t>(src_L[l]) * D, D * sizeof(uint16_t));
+}
+
 void CpuBackend::moe_gather_backward(
     float* dx_ND, const float* dx_RD, const int32_t* slot_row_NK, int N, int K, int D) {
 #pragma omp parallel for schedule(static) if (par(N, K, D))

@@ -7,8 +7,10 @@
 // received order (source rank, local expert) to expert-sorted order is a row gather on the
 // backend (moe_gather_forward with K = 1), so rows never visit the host on the direct path.
 //
-//   dispatch(x_RD) -> local_LD   (sorted by local expert: the grouped GEMM input)
+//   plan(offsets)                (the row counts of every rank; L = rows arriving here)
+//   forward(x_RD) -> local_LD    (sorted by local expert: the grouped GEMM input; fp32 or bf16)
 //   forward(dy_RD) -> local_LD   (same movement for another tensor, e.g. dy in backward)
+//   dispatch(x_RD) = plan, then forward
 //   combine(local_LD) -> y_RD    (back to the slots the rows came from)
 #pragma once
 
@@ -35,17 +37,23 @@ class ExpertExchange {
                    bool force_staging = false,
                    parallel::Communicator* counts = nullptr);
 
-    // Plans the exchange for x_RD (rows grouped by global expert, expert_offsets [E+1]) and moves
-    // it: local_LD (num_local_rows x D) grows as needed and is sorted by local expert.
-    // as_bf16: the rows only feed bf16 GEMMs (model/precision.h), which round them to bf16 anyway:
-    // they travel as bf16 (half the bytes) and arrive as exactly those rounded values (even D only;
-    // odd D travels as fp32).
+    // Plans the exchange for rows grouped by global expert (expert_offsets [E+1]): the handle says
+    // how many rows arrive here (num_local_rows() = L) before any row moves.
+    const parallel::DispatchHandle& plan(const std::vector<int>& expert_offsets);
+    // plan(expert_offsets), then forward(x_RD, ...).
     const parallel::DispatchHandle& dispatch(const float* x_RD,
                                              const std::vector<int>& expert_offsets,
                                              int D,
                                              Buffer<float>& local_LD,
                                              bool as_bf16 = false);
+    // Moves rows_RD (grouped by global expert, as planned) to local_LD (grows to L x D), sorted by
+    // local expert. as_bf16: the rows only feed bf16 GEMMs (model/precision.h), which round them
+    // to bf16 anyway: they travel as bf16 (half the bytes) and arrive as exactly those rounded
+    // values (even D only; odd D travels as fp32).
     void forward(const float* rows_RD, int D, Buffer<float>& local_LD, bool as_bf16 = false);
+    // The same for rows already in bf16 (even D), into a caller's [L, D] buffer: no fp32 copy on
+    // either side (the experts' kept bf16 input copy, or their bf16 d output rows).
+    void forward(const uint16_t* rows16_RD, int D, uint16_t* local16_LD);
     void combine(const float* local_LD, int D, float* y_RD);
     // Bytes this rank sent to other ranks since the last call (payloads as they travelled).
     int64_t take_bytes_sent() { return std::exchange(bytes_sent_, 0); }
@@ -61,7 +69,7 @@ class ExpertExchange {
     parallel::DispatchHandle handle_;
     Buffer<int32_t> received_to_sorted_, sorted_to_received_;  // the handle's permutations
     Buffer<float> received_;                                   // [L, D] rows in received order
-    Buffer<uint16_t> send16_, recv16_;                         // bf16 rows (as_bf16)
+    Buffer<uint16_t> send16_, recv16_, local16_;               // bf16 rows (as_bf16)
     std::vector<float> host_send_, host_recv_;                 // staging (staged_ only)
     std::vector<uint16_t> host_send16_, host_recv16_;
     int64_t bytes_sent_ = 0;

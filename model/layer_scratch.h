@@ -19,12 +19,15 @@ struct LayerScratch {
     Buffer<uint16_t> mlp_act16_RF, mlp_x16_RD;
     // MoeBlock backward: d rows [R, D] around the experts, and this rank's share of them (EP)
     Buffer<float> moe_dy_RD, moe_dx_RD, moe_dy_local, moe_dx_local;
-    Buffer<uint16_t> moe_dy16_RD;  // the d rows in bf16 (MoeBlock::set_bf16_gemm_inputs, one rank)
+    // the d rows in bf16 (MoeBlock::set_bf16_gemm_inputs), and this rank's share of them (EP)
+    Buffer<uint16_t> moe_dy16_RD, moe_dy16_local;
     // MoeBlock forward (EP): the gathered rows until dispatched, and this rank's experts' outputs
     // until they are sent back
     Buffer<float> moe_x_RD, moe_y_local;
     // MoeBlock forward (EP): the received rows, where the experts keep their own bf16 copy of them
     Buffer<float> moe_x_local;
+    // MoeBlock forward (EP, bf16 GEMM inputs and exchange): the gathered rows in bf16 until dispatched
+    Buffer<uint16_t> moe_x16_RD;
     // Router temporaries, redrawn or recomputed in backward: mc_dropout's mask and x * mask, or
     // weight_mfvi's x * x [N, D]; d trunk [N, max(D, hidden)]
     Buffer<float> router_mask_ND, router_x_ND, router_dtrunk;

@@ -32,15 +32,20 @@ void MoeBlock::run_experts_forward(const LayerTensors& w) {
         experts_.forward(y_RD_.data(), gather16_ ? nullptr : x_rows().data(), mw, plan_.expert_offsets);
         return;
     }
-    // the received rows: kept for backward, or shared scratch where the experts keep a bf16 copy
     if (experts_.keeps_input()) x_local_ = Buffer<float>();  // an earlier mode's saved rows
-    Buffer<float>& x_local = experts_.keeps_input() ? scratch_->moe_x_local : x_local_;
-    const parallel::DispatchHandle& h =
-        expert_exchange_->dispatch(x_rows().data(), plan_.expert_offsets, D, x_local, bf16_rows());
+    const parallel::DispatchHandle& h = expert_exchange_->plan(plan_.expert_offsets);
+    const float* x_local = nullptr;  // null: the rows arrive in bf16 in the experts' own copy
+    if (gather16_) {
+        expert_exchange_->forward(scratch_->moe_x16_RD.data(), D, experts_.input16_rows(h.num_local_rows()));
+    } else {  // the received rows: kept for backward, or shared scratch where the experts keep a bf16 copy
+        Buffer<float>& rows = experts_.keeps_input() ? scratch_->moe_x_local : x_local_;
+        expert_exchange_->forward(x_rows().data(), D, rows, bf16_rows());
+        x_local = rows.data();
+    }
     count_exchange_rows();
     Buffer<float>& y_local = scratch_->moe_y_local;
     y_local.ensure(backend_, static_cast<size_t>(h.num_local_rows()) * D);
-    experts_.forward(y_local.data(), x_local.data(), mw, h.local_expert_offsets);
+    experts_.forward(y_local.data(), x_local, mw, h.local_expert_offsets);
     expert_exchange_->combine(y_local.data(), D, y_RD_.data());
 }
 
@@ -67,7 +72,9 @@ void MoeBlock::set_recompute_activation(bool on) {
     if (on) x_RD_ = Buffer<float>();  // not kept any more
 }
 
-bool MoeBlock::dy_rows16() const { return bf16_gemm_inputs_ && !expert_exchange_ && experts_.stores_bf16(); }
+bool MoeBlock::dy_rows16() const { return bf16_gemm_inputs_ && experts_.stores_bf16() && rows16_reach_experts(); }
+
+bool MoeBlock::rows16_reach_experts() const { return !expert_exchange_ || (bf16_rows() && config_.d_model % 2 == 0); }
 
 bool MoeBlock::bf16_rows() const {
     return parallel_.exchange_bf16 && backend_->matmul_precision() == MatmulPrecision::kBf16;
@@ -104,11 +111,20 @@ void MoeBlock::run_experts_backward(const LayerTensors& dw, const LayerTensors& 
                           dy16 ? scratch_->moe_dy16_RD.data() : nullptr, gather16_ ? nullptr : x_rows().data(), mw);
         return;
     }
-    Buffer<float>& dy_local = scratch_->moe_dy_local;
+    const size_t L = static_cast<size_t>(expert_exchange_->handle().num_local_rows());
     Buffer<float>& dx_local = scratch_->moe_dx_local;
-    expert_exchange_->forward(scratch_->moe_dy_RD.data(), D, dy_local, bf16_rows());
-    dx_local.ensure(backend_, static_cast<size_t>(expert_exchange_->handle().num_local_rows()) * D);
-    experts_.backward(dx_local.data(), mg, dy_local.data(), nullptr, x_local_.data(), mw);  // (null: not read)
+    dx_local.ensure(backend_, L * D);
+    const float* x_local = x_local_.data();  // null where the experts keep a bf16 copy (not read)
+    if (dy_rows16()) {                       // the d rows leave in bf16 as the combine's backward wrote them
+        Buffer<uint16_t>& dy16_local = scratch_->moe_dy16_local;
+        dy16_local.ensure(backend_, L * D);
+        expert_exchange_->forward(scratch_->moe_dy16_RD.data(), D, dy16_local.data());
+        experts_.backward(dx_local.data(), mg, nullptr, dy16_local.data(), x_local, mw);
+    } else {
+        Buffer<float>& dy_local = scratch_->moe_dy_local;
+        expert_exchange_->forward(scratch_->moe_dy_RD.data(), D, dy_local, bf16_rows());
+        experts_.backward(dx_local.data(), mg, dy_local.data(), nullptr, x_local, mw);
+    }
     expert_exchange_->combine(dx_local.data(), D, scratch_->moe_dx_RD.data());
 }
 
@@ -146,10 +162,12 @@ MoeLayerStats MoeBlock::forward(
 
     // 3. gather -> experts -> combine
     if (experts_.keeps_input()) x_RD_ = Buffer<float>();  // an earlier mode's saved rows
-    gather16_ = bf16_gemm_inputs_ && !expert_exchange_ && experts_.keeps_input();
+    gather16_ = bf16_gemm_inputs_ && experts_.keeps_input() && rows16_reach_experts();
     y_RD_.ensure(backend_, static_cast<size_t>(R) * D);
-    if (gather16_) {
-        backend_->moe_gather_forward_bf16(experts_.input16_rows(R), x_ND, row_src_R_.data(), R, K, D);
+    if (gather16_) {  // into the experts' copy, or (EP) the rows to send
+        if (expert_exchange_) scratch_->moe_x16_RD.ensure(backend_, static_cast<size_t>(R) * D);
+        uint16_t* x16_RD = expert_exchange_ ? scratch_->moe_x16_RD.data() : experts_.input16_rows(R);
+        backend_->moe_gather_forward_bf16(x16_RD, x_ND, row_src_R_.data(), R, K, D);
     } else {
         x_rows().ensure(backend_, static_cast<size_t>(R) * D);
         backend_->moe_gather_forward(x_rows().data(), x_ND, row_src_R_.data(), R, K, D);

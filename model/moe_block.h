@@ -77,10 +77,12 @@ class MoeBlock {
     void set_recompute_activation(bool on);
     // GroupedMlp::set_bf16_activation_storage for this block's experts.
     void set_bf16_activation_storage(bool on) { experts_.set_bf16_activation_storage(on); }
-    // Where the experts read only the bf16 rounding of their rows (bf16 MLP storage) and no rows are
-    // exchanged: the gather writes the input rows in bf16 straight into the experts' kept copy (no
-    // fp32 rows, no rounding pass), and the combine's backward writes the d rows in bf16. Bitwise
-    // the same training (Model::set_bf16_gemm_inputs, which sets it; on by default).
+    // Where the experts read only the bf16 rounding of their rows (bf16 MLP storage): the gather
+    // writes the input rows in bf16 straight into the experts' kept copy (no fp32 rows, no rounding
+    // pass), and the combine's backward writes the d rows in bf16. With expert parallelism where
+    // rows travel as bf16 (ParallelContext::exchange_bf16, even D) the bf16 rows are what is sent,
+    // and they arrive in the experts' copy. Bitwise the same training (Model::set_bf16_gemm_inputs,
+    // which sets it; on by default).
     void set_bf16_gemm_inputs(bool on) { bf16_gemm_inputs_ = on; }
 
     Router& router() { return router_; }
@@ -93,6 +95,7 @@ class MoeBlock {
     void count_exchange_rows();  // adds this dispatch's rows to exchange_
     bool bf16_rows() const;      // x and dy rows travel as bf16 (ParallelContext::exchange_bf16)
     bool dy_rows16() const;      // backward's d rows are written in bf16 (set_bf16_gemm_inputs)
+    bool rows16_reach_experts() const;  // bf16 rows reach the experts as they are (one rank, or bf16 exchange)
     Buffer<float>& x_rows();     // x_RD [R, D]: x_RD_, or shared scratch (expert parallelism, recompute)
     const float* add_input_noise(const float* x_ND, int N, const RoutingContext& ctx);
 
@@ -104,7 +107,7 @@ class MoeBlock {
     LayerScratch* scratch_;  // y_local, dy/dx rows: shared with every layer
     bool recompute_ = false;  // set_recompute_activation
     bool bf16_gemm_inputs_ = bf16_mode_default("BMOE_BF16_GEMM_INPUTS");  // set_bf16_gemm_inputs
-    bool gather16_ = false;  // this forward gathered the experts' rows in bf16 (bf16_gemm_inputs_)
+    bool gather16_ = false;  // this forward gathered the experts' rows in bf16 (bf16_gemm_inputs_), sent them so (EP)
     GroupedMlp experts_;
     std::unique_ptr<ExpertExchange> expert_exchange_;  // EP > 1 only
     Buffer<float> x_local_;  // rows of this rank's experts (saved; none where the experts keep a bf16 copy)

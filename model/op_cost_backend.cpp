@@ -505,6 +505,9 @@ void OpCostBackend::moe_combine_backward(float*,
 void OpCostBackend::moe_gather_forward_bf16(uint16_t*, const float*, const int32_t*, int R, int, int D) {
     kernel("moe_gather_forward_bf16", act(double(R) * D) + 2.0 * R * D + 4.0 * R);  // bf16 rows written
 }
+void OpCostBackend::gather_rows_bf16(uint16_t*, const uint16_t*, const int32_t*, int L, int D) {
+    kernel("gather_rows_bf16", 4.0 * L * D + 4.0 * L);  // bf16 rows read and written, indices
+}
 void OpCostBackend::moe_combine_backward_bf16(uint16_t*,
                                               float*,
                                               const float*,

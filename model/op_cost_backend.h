@@ -338,6 +338,7 @@ class OpCostBackend final : public Backend {
                                    int R,
                                    int K,
                                    int D) override;
+    void gather_rows_bf16(uint16_t* out16_LD, const uint16_t* in16_RD, const int32_t* src_L, int L, int D) override;
     void adamw_update(float* param,
                       const float* grad,
                       float* m,

@@ -2,7 +2,8 @@
 // is backend memory of the right extent.
 //
 // backend_memory_test covers one process; this covers what only expert parallelism runs: the
-// dispatch/combine staging through host copies, the bf16 row transport (float_to_bf16 / bf16_to_float), the
+// dispatch/combine staging through host copies, the bf16 row transport (rows gathered in bf16 and
+// regrouped by gather_rows_bf16, or float_to_bf16 / bf16_to_float around the trip), the
 // received rows in the shared layer scratch, and the gradient all-reduce overlapped with backward.
 // Under mpiexec -n 2 or 4 every rank trains two steps on a MemoryCheckingBackend
 // (tests/memory_checking_backend.h), once as host memory (MPI reads the buffers directly) and once
@@ -34,6 +35,7 @@ struct EpVariant {
     bool bf16 = false;       // bf16 GEMMs, so the x and dy rows travel as bf16
     bool recompute = false;  // MLP and attention recompute
     bool overlap = false;    // gradient all-reduce started inside backward
+    bool gemm_inputs16 = true;  // Model::set_bf16_gemm_inputs: the rows travel from and into bf16 copies
 };
 
 TEST(BackendMemoryMpi, ExpertParallelTrainingPassesOnlyBackendMemoryOfTheRightSize) {
@@ -42,6 +44,7 @@ TEST(BackendMemoryMpi, ExpertParallelTrainingPassesOnlyBackendMemoryOfTheRightSi
     const std::vector<EpVariant> variants = {
         {"topk_fp32"},
         {"topk_bf16_rows", RouterType::kTopK, true},
+        {"topk_bf16_rows_rounded_per_op", RouterType::kTopK, true, false, false, false},
         {"logit_fc_bf16_recompute_overlap", RouterType::kLogitFc, true, true, true},
         {"mc_dropout_fp32_overlap", RouterType::kMcDropout, false, false, true},
     };
@@ -60,6 +63,7 @@ TEST(BackendMemoryMpi, ExpertParallelTrainingPassesOnlyBackendMemoryOfTheRightSi
                 model.init_weights(5);
                 model.set_mlp_recompute(v.recompute);
                 model.set_attention_recompute(v.recompute);
+                model.set_bf16_gemm_inputs(v.gemm_inputs16);
                 model.set_keep_logits(false);
                 trainer::AdamW optimizer(trainer::OptimConfig{}, model);
                 const int B = 2, T = 6, V = cfg.vocab_size;
@@ -85,7 +89,8 @@ TEST(BackendMemoryMpi, ExpertParallelTrainingPassesOnlyBackendMemoryOfTheRightSi
             }
     }
     // the expert-parallel-only ops were exercised (and so checked)
-    for (const char* op : {"float_to_bf16", "bf16_to_float"})
+    for (const char* op :
+         {"float_to_bf16", "bf16_to_float", "gather_rows_bf16", "moe_gather_forward_bf16", "moe_combine_backward_bf16"})
         EXPECT_TRUE(ops.count(op)) << op << " never ran on rank " << world.rank();
 }
 

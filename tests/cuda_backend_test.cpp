@@ -17,6 +17,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -660,6 +661,52 @@ TEST(CudaBackend, FlashAttentionMatchesCpuEmulation) {
     check_flash_attention(2, 130, 4, 1, 64);  // GQA group of 4, last tile of 2 rows
 }
 
+// The gemm kernel's attention on bf16 q, k, v (for direct callers: the model uses these ops only
+// where the flash kernel runs). It widens q, k, v into scratch and runs the fp32-input path, so
+// from inputs that hold the same (bf16) values the output and saved probabilities agree with the
+// fp32 ops, and dq, dk, dv are those gradients rounded (within one bf16 step: cuBLAS may pick
+// another kernel for other addresses).
+TEST(CudaBackend, GemmAttentionOnBf16QkvMatchesFp32Inputs) {
+    if (!bmoe::model::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+    const std::unique_ptr<Backend> gpu = make_cuda_backend();
+    gpu->set_attention_kernel(AttentionKernel::kGemm);
+    gpu->set_matmul_precision(MatmulPrecision::kBf16);
+    const int b = 1, t = 70, h = 2, kv = 1, hd = 128;
+    const size_t nq = static_cast<size_t>(b) * t * h * hd, nkv = static_cast<size_t>(b) * t * kv * hd;
+    const size_t nsaved = gpu->attention_saved_numel(b, t, h, hd);
+    Vec q = randn(nq, 1), k = randn(nkv, 2), v = randn(nkv, 3);
+    for (Vec* x : {&q, &k, &v})
+        for (float& e : *x) e = round_to_bf16(e);
+    Backend* be = gpu.get();
+    Buffer<float> q32(be, nq), k32(be, nkv), v32(be, nkv), g(be, nq), out(be, nq), saved(be, nsaved);
+    Buffer<float> dq(be, nq), dk(be, nkv), dv(be, nkv), out_b(be, nq), saved_b(be, nsaved);
+    Buffer<uint16_t> q16(be, nq), k16(be, nkv), v16(be, nkv), dq16(be, nq), dk16(be, nkv), dv16(be, nkv);
+    q32.upload(q);
+    k32.upload(k);
+    v32.upload(v);
+    g.upload(randn(nq, 4));
+    be->float_to_bf16(q16.data(), q32.data(), nq);
+    be->float_to_bf16(k16.data(), k32.data(), nkv);
+    be->float_to_bf16(v16.data(), v32.data(), nkv);
+    be->attention_forward(out.data(), saved.data(), q32.data(), k32.data(), v32.data(), b, t, h, kv, hd);
+    be->attention_backward(dq.data(), dk.data(), dv.data(), g.data(), out.data(), q32.data(), k32.data(), v32.data(),
+                           saved.data(), b, t, h, kv, hd);
+    be->attention_forward_bf16(out_b.data(), saved_b.data(), q16.data(), k16.data(), v16.data(), b, t, h, kv, hd);
+    be->attention_backward_bf16(dq16.data(), dk16.data(), dv16.data(), g.data(), out.data(), q16.data(), k16.data(),
+                                v16.data(), saved.data(), b, t, h, kv, hd);
+    for (auto [want, got, what] : {std::tuple{&out, &out_b, "out"}, {&saved, &saved_b, "saved probabilities"}}) {
+        const Vec a = want->download(), c = got->download();
+        for (size_t i = 0; i < a.size(); ++i)
+            ASSERT_NEAR(c[i], a[i], 1e-5 * (1.0 + std::abs(a[i]))) << what << " element " << i;
+    }
+    for (auto [want, got, what] : {std::tuple{&dq, &dq16, "dq"}, {&dk, &dk16, "dk"}, {&dv, &dv16, "dv"}}) {
+        const Vec a = want->download();
+        const std::vector<uint16_t> c = got->download();
+        for (size_t i = 0; i < a.size(); ++i)
+            ASSERT_NEAR(bf16_to_float(c[i]), a[i], 1.0 / 128 * std::abs(a[i]) + 1e-6) << what << " element " << i;
+    }
+}
+
 // ---- activations and loss -----------------------------------------------------------------------
 
 TEST(CudaBackend, Activations) {
@@ -824,6 +871,16 @@ TEST(CudaBackend, MoeGatherCombine) {
         be.moe_combine_backward_bf16(dy_rd16[s], dgw16[s], dy[s], y_rd[s], row_src[s], slot_row[s], gw[s], N, R, K, D);
     });
     EXPECT_EQ(x_rd16.side[kGpu].download(), x_rd16.side[kCpu].download()) << "bf16 gather: a copy, rounded";
+    // bf16 rows regrouped as they are (the EP exchange): 32-bit words for even D, 16-bit for odd D
+    for (const int width : {D, D - 1}) {
+        std::vector<int32_t> src_host(R);
+        for (int l = 0; l < R; ++l) src_host[l] = static_cast<int32_t>((7 * l + 3) % R);
+        auto src = d.make(src_host);
+        Pair<uint16_t> moved;
+        for (int s : {kCpu, kGpu}) moved.side[s] = Buffer<uint16_t>(&d.be(s), static_cast<size_t>(R) * width);
+        d.run([&](Backend& be, int s) { be.gather_rows_bf16(moved.side[s].data(), x_rd16[s], src[s], R, width); });
+        EXPECT_EQ(moved.side[kGpu].download(), moved.side[kCpu].download()) << "gather_rows_bf16 D " << width;
+    }
     expect_bf16_close(dy_rd16, "combine bf16 dy_RD", 0.0f);  // one product per element: rounds alike
     expect_close(dgw16, "combine dtopk_weight, bf16 rows");
     expect_close(x_rd, "gather x_RD");

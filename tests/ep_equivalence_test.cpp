@@ -183,20 +183,24 @@ TEST(EpEquivalence, GradientsThroughTheExchangeMatchSingleProcess) {
 
 // With bf16 GEMMs, sending x and dy rows as bf16 is lossless: the expert GEMMs round them the same
 // way, so training is bitwise the same as with fp32 rows, while the rows' bytes drop by a quarter.
+// Both bf16 transports: the rows gathered in bf16 and received into the experts' bf16 copy
+// (Model::set_bf16_gemm_inputs, the default), and fp32 rows rounded for the trip and widened after.
 TEST(EpEquivalence, Bf16RowTransportTrainsBitwiseLikeFp32Rows) {
     parallel::MpiComm world(MPI_COMM_WORLD);
     if (world.size() == 1) GTEST_SKIP() << "needs expert parallelism";
     std::vector<std::vector<float>> params;
     std::vector<TrainResult> results;
     std::vector<double> first_step_bytes;  // exchange_bytes of step 1 from metrics.jsonl (rank 0)
-    for (bool bf16_rows : {false, true}) {
+    for (int variant = 0; variant < 3; ++variant) {
+        const bool bf16_rows = variant > 0, gemm_inputs16 = variant == 1;
         RunConfig c = base_config();
         c.train.precision = "bf16";
         c.train.steps = 4;
         c.parallel.exchange_bf16 = bf16_rows;
-        c.train.out_dir += bf16_rows ? "_bf16_rows" : "_fp32_rows";
+        c.train.out_dir += std::string("_rows_variant") + std::to_string(variant);
         std::ostringstream log;
         Trainer trainer(c, log, &world);
+        trainer.model().set_bf16_gemm_inputs(gemm_inputs16);
         results.push_back(trainer.run());
         params.push_back(trainer.model().params_to_host());
         if (world.rank() == 0) {
@@ -208,11 +212,14 @@ TEST(EpEquivalence, Bf16RowTransportTrainsBitwiseLikeFp32Rows) {
             first_step_bytes.push_back(std::stod(line.substr(at + 17)));
         }
     }
-    EXPECT_EQ(results[0].losses, results[1].losses);
-    EXPECT_TRUE(params[0] == params[1]);
+    for (int variant : {1, 2}) {
+        EXPECT_EQ(results[0].losses, results[variant].losses) << "variant " << variant;
+        EXPECT_TRUE(params[0] == params[variant]) << "variant " << variant;
+    }
     if (world.rank() == 0) {  // x and dy at 2 bytes, y and dx at 4: 12 of 16 bytes per row
         EXPECT_GT(first_step_bytes[0], 0.0);
         EXPECT_DOUBLE_EQ(first_step_bytes[1], 0.75 * first_step_bytes[0]);
+        EXPECT_DOUBLE_EQ(first_step_bytes[2], first_step_bytes[1]);
     }
 }
 

@@ -521,6 +521,12 @@ class MemoryCheckingBackend : public CpuBackend {
                   {{"x16_RD", x16_RD, numel(R, D)}, {"x_ND", x_ND, N * D}, {"row_src", row_src, R}}))
             CpuBackend::moe_gather_forward_bf16(x16_RD, x_ND, row_src, R, K, D);
     }
+    void gather_rows_bf16(uint16_t* out16_LD, const uint16_t* in16_RD, const int32_t* src, int L, int D) override {
+        const size_t R = rows_addressed("gather_rows_bf16", "src", src, L, 1, false);
+        if (check("gather_rows_bf16",
+                  {{"out16_LD", out16_LD, numel(L, D)}, {"in16_RD", in16_RD, R * D}, {"src", src, L}}))
+            CpuBackend::gather_rows_bf16(out16_LD, in16_RD, src, L, D);
+    }
     void moe_combine_backward_bf16(uint16_t* dy16_RD,
                                    float* dweight,
                                    const float* dy_ND,

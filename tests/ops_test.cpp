@@ -1079,6 +1079,21 @@ TEST(CpuOps, MoeGatherCombineWithDroppedSlots) {
     EXPECT_EQ(dtw16, dtw);
 }
 
+// bf16 rows move bit for bit (NaN and odd widths included): out[l] = in[src[l]]
+TEST(CpuOps, GatherRowsBf16CopiesRowsAsTheyAre) {
+    CpuBackend be;
+    for (const int D : {1, 3, 8}) {
+        const int R = 5, L = 7;
+        std::vector<uint16_t> in(R * D);
+        for (int i = 0; i < R * D; ++i) in[i] = static_cast<uint16_t>(0x7fc1 + 977 * i);  // NaN bits among them
+        const std::vector<int32_t> src = {4, 0, 0, 2, 3, 1, 4};
+        std::vector<uint16_t> out(L * D, 0xdead);
+        be.gather_rows_bf16(out.data(), in.data(), src.data(), L, D);
+        for (int l = 0; l < L; ++l)
+            for (int d = 0; d < D; ++d) ASSERT_EQ(out[l * D + d], in[src[l] * D + d]) << "D " << D << " row " << l;
+    }
+}
+
 // ---- optimizer --------------------------------------------------------------------------------
 
 TEST(CpuOps, AdamwMatchesHandComputation) {

@@ -486,6 +486,12 @@ __global__ void moe_gather_forward_kernel(
     BMOE_GRID_STRIDE(i, n) store_as(x_RD + i, x_ND[static_cast<size_t>(row_src_R[i / D] / K) * D + i % D]);
 }
 
+// Word: uint32_t (two bf16 values) for even D, uint16_t otherwise; W = words per row
+template <typename Word>
+__global__ void gather_rows_kernel(Word* out_LW, const Word* in_RW, const int32_t* src_L, size_t n, int W) {
+    BMOE_GRID_STRIDE(i, n) out_LW[i] = in_RW[static_cast<size_t>(src_L[i / W]) * W + i % W];
+}
+
 __global__ void moe_gather_backward_kernel(
     float* dx_ND, const float* dx_RD, const int32_t* slot_row_NK, size_t n, int K, int D) {
     BMOE_GRID_STRIDE(i, n) {
@@ -888,6 +894,22 @@ void CudaBackend::moe_gather_forward_bf16(
     const size_t n = static_cast<size_t>(R) * D;
     if (n == 0) return;
     moe_gather_forward_kernel<<<grid_for(n), kThreads, 0, stream_>>>(x16_RD, x_ND, row_src_R, n, K, D);
+    CUDA_CHECK_LAST();
+}
+
+void CudaBackend::gather_rows_bf16(uint16_t* out16_LD, const uint16_t* in16_RD, const int32_t* src_L, int L, int D) {
+    const ProfiledOp op(profiler_.get(), "gather_rows_bf16");
+    if (L <= 0 || D <= 0) return;
+    // Buffers are 256-byte aligned and even rows keep every row 4-byte aligned: move 32-bit words.
+    const bool words =
+        D % 2 == 0 && reinterpret_cast<uintptr_t>(out16_LD) % 4 == 0 && reinterpret_cast<uintptr_t>(in16_RD) % 4 == 0;
+    const int W = words ? D / 2 : D;
+    const size_t n = static_cast<size_t>(L) * W;
+    if (words)
+        gather_rows_kernel<<<grid_for(n), kThreads, 0, stream_>>>(
+            reinterpret_cast<uint32_t*>(out16_LD), reinterpret_cast<const uint32_t*>(in16_RD), src_L, n, W);
+    else
+        gather_rows_kernel<<<grid_for(n), kThreads, 0, stream_>>>(out16_LD, in16_RD, src_L, n, W);
     CUDA_CHECK_LAST();
 }
 
