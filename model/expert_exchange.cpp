@@ -37,28 +37,54 @@ void ExpertExchange::count_bytes(const std::vector<int64_t>& rows_to_peer, size_
         if (static_cast<int>(p) != me) bytes_sent_ += rows_to_peer[p] * static_cast<int64_t>(row_bytes);
 }
 
+template <>
+std::vector<float>& ExpertExchange::host_staging<float>(int i) {
+    return i == 0 ? host_send_ : host_recv_;
+}
+template <>
+std::vector<int32_t>& ExpertExchange::host_staging<int32_t>(int i) {
+    return i == 0 ? host_send_words_ : host_recv_words_;
+}
+
+// Words: float rows (W = D), or int32_t words holding two bf16 values (W = D / 2).
+template <typename Word>
+void ExpertExchange::move(Direction direction, const Word* send, Word* recv, int W) {
+    const bool out = direction == Direction::kToExperts;
+    const size_t sent = static_cast<size_t>(out ? handle_.num_sent_rows() : handle_.num_local_rows()) * W;
+    const size_t received = static_cast<size_t>(out ? handle_.num_local_rows() : handle_.num_sent_rows()) * W;
+    auto all_to_all = [&](const Word* from, Word* to) {
+        if (out)
+            dispatcher_.send_to_experts(handle_, from, W, to);
+        else
+            dispatcher_.return_to_senders(handle_, from, W, to);
+    };
+    if (staged_) {  // the communicator reads host memory only
+        std::vector<Word>& host_send = host_staging<Word>(0);
+        std::vector<Word>& host_recv = host_staging<Word>(1);
+        host_send.resize(sent);
+        host_recv.resize(received);
+        if (sent > 0) backend_->download(host_send.data(), send, sent * sizeof(Word));
+        all_to_all(host_send.data(), host_recv.data());
+        if (received > 0) backend_->upload(recv, host_recv.data(), received * sizeof(Word));
+    } else {
+        all_to_all(send, recv);
+    }
+    count_bytes(out ? handle_.send_rows : handle_.recv_rows, W * sizeof(Word));
+}
+
 void ExpertExchange::forward(const float* rows_RD, int D, Buffer<float>& local_LD, bool as_bf16) {
     const size_t R = static_cast<size_t>(handle_.num_sent_rows()), L = static_cast<size_t>(handle_.num_local_rows());
     local_LD.ensure(backend_, L * D);
     if (as_bf16 && D % 2 == 0) {  // rounded, moved and regrouped in bf16, widened at the end
-        send16_.ensure(backend_, R * D);
+        rows16_R_.ensure(backend_, R * D);
         local16_.ensure(backend_, L * D);
-        if (R > 0) backend_->float_to_bf16(send16_.data(), rows_RD, R * D);
-        forward(send16_.data(), D, local16_.data());
+        if (R > 0) backend_->float_to_bf16(rows16_R_.data(), rows_RD, R * D);
+        forward(rows16_R_.data(), D, local16_.data());
         if (L > 0) backend_->bf16_to_float(local_LD.data(), local16_.data(), L * D);
         return;
     }
     received_.ensure(backend_, L * D);
-    if (staged_) {
-        host_send_.resize(R * D);
-        host_recv_.resize(L * D);
-        if (R > 0) backend_->download(host_send_.data(), rows_RD, R * D * sizeof(float));
-        dispatcher_.send_to_experts(handle_, host_send_.data(), D, host_recv_.data());
-        if (L > 0) backend_->upload(received_.data(), host_recv_.data(), L * D * sizeof(float));
-    } else {
-        dispatcher_.send_to_experts(handle_, rows_RD, D, received_.data());
-    }
-    count_bytes(handle_.send_rows, D * sizeof(float));
+    move(Direction::kToExperts, rows_RD, received_.data(), D);
     // local[sorted] = received[sorted_to_received[sorted]]
     if (L > 0)
         backend_->moe_gather_forward(local_LD.data(), received_.data(), sorted_to_received_.data(), static_cast<int>(L),
@@ -67,42 +93,33 @@ void ExpertExchange::forward(const float* rows_RD, int D, Buffer<float>& local_L
 
 void ExpertExchange::forward(const uint16_t* rows16_RD, int D, uint16_t* local16_LD) {
     BMOE_REQUIRE(D % 2 == 0, "bf16 rows travel as pairs of values in 32-bit words: D must be even, got D = ", D);
-    const size_t R = static_cast<size_t>(handle_.num_sent_rows()), L = static_cast<size_t>(handle_.num_local_rows());
-    recv16_.ensure(backend_, L * D);
-    // two bf16 values per int32 word: D / 2 words a row
-    if (staged_) {
-        host_send16_.resize(R * D);
-        host_recv16_.resize(L * D);
-        if (R > 0) backend_->download(host_send16_.data(), rows16_RD, R * D * sizeof(uint16_t));
-        dispatcher_.send_to_experts(handle_, reinterpret_cast<const int32_t*>(host_send16_.data()), D / 2,
-                                    reinterpret_cast<int32_t*>(host_recv16_.data()));
-        if (L > 0) backend_->upload(recv16_.data(), host_recv16_.data(), L * D * sizeof(uint16_t));
-    } else {
-        dispatcher_.send_to_experts(handle_, reinterpret_cast<const int32_t*>(rows16_RD), D / 2,
-                                    reinterpret_cast<int32_t*>(recv16_.data()));
-    }
-    count_bytes(handle_.send_rows, D * sizeof(uint16_t));
+    const size_t L = static_cast<size_t>(handle_.num_local_rows());
+    rows16_L_.ensure(backend_, L * D);
+    move(Direction::kToExperts, reinterpret_cast<const int32_t*>(rows16_RD),
+         reinterpret_cast<int32_t*>(rows16_L_.data()), D / 2);
     // local[sorted] = received[sorted_to_received[sorted]]
     if (L > 0)
-        backend_->gather_rows_bf16(local16_LD, recv16_.data(), sorted_to_received_.data(), static_cast<int>(L), D);
+        backend_->gather_rows_bf16(local16_LD, rows16_L_.data(), sorted_to_received_.data(), static_cast<int>(L), D);
 }
 
-void ExpertExchange::combine(const float* local_LD, int D, float* y_RD) {
+void ExpertExchange::combine(const float* local_LD, int D, float* y_RD, bool as_bf16) {
     const size_t R = static_cast<size_t>(handle_.num_sent_rows()), L = static_cast<size_t>(handle_.num_local_rows());
+    // received[r] = local[received_to_sorted[r]], rounded to bf16 on the way where as_bf16
+    if (as_bf16 && D % 2 == 0) {
+        rows16_L_.ensure(backend_, L * D);
+        rows16_R_.ensure(backend_, R * D);
+        if (L > 0)
+            backend_->moe_gather_forward_bf16(rows16_L_.data(), local_LD, received_to_sorted_.data(),
+                                              static_cast<int>(L), 1, D);
+        move(Direction::kToSenders, reinterpret_cast<const int32_t*>(rows16_L_.data()),
+             reinterpret_cast<int32_t*>(rows16_R_.data()), D / 2);
+        if (R > 0) backend_->bf16_to_float(y_RD, rows16_R_.data(), R * D);
+        return;
+    }
     received_.ensure(backend_, L * D);
-    // received[r] = local[received_to_sorted[r]]
     if (L > 0)
         backend_->moe_gather_forward(received_.data(), local_LD, received_to_sorted_.data(), static_cast<int>(L), 1, D);
-    if (staged_) {
-        host_send_.resize(L * D);
-        host_recv_.resize(R * D);
-        if (L > 0) backend_->download(host_send_.data(), received_.data(), L * D * sizeof(float));
-        dispatcher_.return_to_senders(handle_, host_send_.data(), D, host_recv_.data());
-        if (R > 0) backend_->upload(y_RD, host_recv_.data(), R * D * sizeof(float));
-    } else {
-        dispatcher_.return_to_senders(handle_, received_.data(), D, y_RD);
-    }
-    count_bytes(handle_.recv_rows, D * sizeof(float));
+    move(Direction::kToSenders, received_.data(), y_RD, D);
 }
 
 }  // namespace bmoe::model

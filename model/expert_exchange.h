@@ -54,7 +54,10 @@ class ExpertExchange {
     // The same for rows already in bf16 (even D), into a caller's [L, D] buffer: no fp32 copy on
     // either side (the experts' kept bf16 input copy, or their bf16 d output rows).
     void forward(const uint16_t* rows16_RD, int D, uint16_t* local16_LD);
-    void combine(const float* local_LD, int D, float* y_RD);
+    // local_LD (sorted by local expert) back to the slots the rows came from: y_RD [R, D].
+    // as_bf16 (even D; bf16 precision): the rows travel rounded to bf16 (half the bytes) and arrive
+    // as those rounded values -- a change of the numbers, as a bf16 GEMM output's rounding is.
+    void combine(const float* local_LD, int D, float* y_RD, bool as_bf16 = false);
     // Bytes this rank sent to other ranks since the last call (payloads as they travelled).
     int64_t take_bytes_sent() { return std::exchange(bytes_sent_, 0); }
 
@@ -69,12 +72,20 @@ class ExpertExchange {
     parallel::DispatchHandle handle_;
     Buffer<int32_t> received_to_sorted_, sorted_to_received_;  // the handle's permutations
     Buffer<float> received_;                                   // [L, D] rows in received order
-    Buffer<uint16_t> send16_, recv16_, local16_;               // bf16 rows (as_bf16)
-    std::vector<float> host_send_, host_recv_;                 // staging (staged_ only)
-    std::vector<uint16_t> host_send16_, host_recv16_;
+    Buffer<uint16_t> rows16_R_, rows16_L_;      // bf16 rows in the senders' order [R, D], in received order [L, D]
+    Buffer<uint16_t> local16_;                  // [L, D] bf16 rows sorted by local expert (fp32 rows as_bf16)
+    std::vector<float> host_send_, host_recv_;  // staging (staged_ only)
+    std::vector<int32_t> host_send_words_, host_recv_words_;
     int64_t bytes_sent_ = 0;
     // Rows sent to OTHER ranks (the bytes that cross a link) for a payload of row_bytes per row.
     void count_bytes(const std::vector<int64_t>& rows_to_peer, size_t row_bytes);
+    enum class Direction { kToExperts, kToSenders };
+    // The all-to-all of rows of W words in the planned direction, staged through host memory where
+    // the communicator cannot read the backend's; counts the bytes.
+    template <typename Word>
+    void move(Direction direction, const Word* send, Word* recv, int W);
+    template <typename Word>
+    std::vector<Word>& host_staging(int i);  // 0: send, 1: receive
 };
 
 }  // namespace bmoe::model

@@ -46,7 +46,7 @@ void MoeBlock::run_experts_forward(const LayerTensors& w) {
     Buffer<float>& y_local = scratch_->moe_y_local;
     y_local.ensure(backend_, static_cast<size_t>(h.num_local_rows()) * D);
     experts_.forward(y_local.data(), x_local, mw, h.local_expert_offsets);
-    expert_exchange_->combine(y_local.data(), D, y_RD_.data());
+    expert_exchange_->combine(y_local.data(), D, y_RD_.data(), bf16_returns());
 }
 
 ExchangeStats MoeBlock::take_exchange_stats() {
@@ -80,6 +80,10 @@ bool MoeBlock::bf16_rows() const {
     return parallel_.exchange_bf16 && backend_->matmul_precision() == MatmulPrecision::kBf16;
 }
 
+bool MoeBlock::bf16_returns() const {
+    return parallel_.combine_bf16 && backend_->matmul_precision() == MatmulPrecision::kBf16;
+}
+
 void MoeBlock::count_exchange_rows() {
     const int P = parallel_.ep->size(), me = parallel_.ep->rank(), K = config_.top_k;
     const int experts_per_rank = config_.num_experts / P;
@@ -94,9 +98,11 @@ void MoeBlock::count_exchange_rows() {
             if (plan_.slot_row[i] < 0 || p == me || seen[p] == n) continue;
             seen[p] = n;
             ++exchange_.min_rows_sent;
-            // x, y, dy, dx of that row (x and dy as bf16 when bf16_rows() and D is even)
-            const bool half = bf16_rows() && config_.d_model % 2 == 0;
-            exchange_.min_bytes += static_cast<double>(config_.d_model) * (half ? 12 : 16);
+            // x, y, dy, dx of that row (x and dy as bf16 where bf16_rows(), y and dx where
+            // bf16_returns(), for even D)
+            const bool even = config_.d_model % 2 == 0;
+            const int bytes = (bf16_rows() && even ? 4 : 8) + (bf16_returns() && even ? 4 : 8);
+            exchange_.min_bytes += static_cast<double>(config_.d_model) * bytes;
         }
 }
 
@@ -125,7 +131,7 @@ void MoeBlock::run_experts_backward(const LayerTensors& dw, const LayerTensors& 
         expert_exchange_->forward(scratch_->moe_dy_RD.data(), D, dy_local, bf16_rows());
         experts_.backward(dx_local.data(), mg, dy_local.data(), nullptr, x_local, mw);
     }
-    expert_exchange_->combine(dx_local.data(), D, scratch_->moe_dx_RD.data());
+    expert_exchange_->combine(dx_local.data(), D, scratch_->moe_dx_RD.data(), bf16_returns());
 }
 
 // x + input_noise * RMS(x_n) * eps, eps ~ N(0, 1) keyed by (seed, layer, global token id, feature).

@@ -94,6 +94,7 @@ class MoeBlock {
     void run_experts_backward(const LayerTensors& dw, const LayerTensors& w);
     void count_exchange_rows();  // adds this dispatch's rows to exchange_
     bool bf16_rows() const;      // x and dy rows travel as bf16 (ParallelContext::exchange_bf16)
+    bool bf16_returns() const;   // y and dx rows travel as bf16 (ParallelContext::combine_bf16)
     bool dy_rows16() const;      // backward's d rows are written in bf16 (set_bf16_gemm_inputs)
     bool rows16_reach_experts() const;  // bf16 rows reach the experts as they are (one rank, or bf16 exchange)
     Buffer<float>& x_rows();     // x_RD [R, D]: x_RD_, or shared scratch (expert parallelism, recompute)

@@ -21,8 +21,12 @@ struct ParallelContext {
     // on GPUs, else ep itself. nullptr = ep.
     parallel::Communicator* ep_rows = nullptr;
     // With bf16 GEMMs, move the expert-GEMM inputs (x forward, dy backward) as bf16: lossless (the
-    // GEMMs round them the same way) and half their bytes. y and dx always travel as fp32.
+    // GEMMs round them the same way) and half their bytes.
     bool exchange_bf16 = true;
+    // With bf16 GEMMs, also return the experts' outputs (y forward, dx backward) as bf16: half their
+    // bytes, at the cost of rounding them (as torch.autocast rounds a bf16 GEMM's output, and as
+    // DeepEP's combine sends). Off: they travel as fp32, and expert parallelism trains like one rank.
+    bool combine_bf16 = false;
 
     bool expert_parallel() const { return ep != nullptr && ep->size() > 1; }
 };

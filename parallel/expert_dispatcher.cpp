@@ -75,7 +75,8 @@ void ExpertDispatcher::send_to_experts(const DispatchHandle& h, const T* rows_RD
 template void ExpertDispatcher::send_to_experts(const DispatchHandle&, const float*, int, float*);
 template void ExpertDispatcher::send_to_experts(const DispatchHandle&, const int32_t*, int, int32_t*);
 
-void ExpertDispatcher::return_to_senders(const DispatchHandle& h, const float* received_LD, int D, float* rows_RD) {
+template <typename T>
+void ExpertDispatcher::return_to_senders(const DispatchHandle& h, const T* received_LD, int D, T* rows_RD) {
     const int P = ep_.size();
     std::vector<int64_t> send(P), recv(P);
     for (int p = 0; p < P; ++p) send[p] = h.recv_rows[p] * D, recv[p] = h.send_rows[p] * D;
@@ -83,5 +84,8 @@ void ExpertDispatcher::return_to_senders(const DispatchHandle& h, const float* r
     ep_.all_to_all_v(received_LD, send.data(), rows_RD, recv.data());
     seconds_ += std::chrono::duration<double>(Clock::now() - t0).count();
 }
+
+template void ExpertDispatcher::return_to_senders(const DispatchHandle&, const float*, int, float*);
+template void ExpertDispatcher::return_to_senders(const DispatchHandle&, const int32_t*, int, int32_t*);
 
 }  // namespace bmoe::parallel

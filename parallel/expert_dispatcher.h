@@ -48,8 +48,9 @@ class ExpertDispatcher {
     // T = float, or int32_t for rows packed as D / 2 words of two bf16 values.
     template <typename T>
     void send_to_experts(const DispatchHandle& h, const T* rows_RD, int D, T* received_LD);
-    // The inverse movement: received-order rows back to the ranks and slots they came from.
-    void return_to_senders(const DispatchHandle& h, const float* received_LD, int D, float* rows_RD);
+    // The inverse movement: received-order rows back to the ranks and slots they came from (T as above).
+    template <typename T>
+    void return_to_senders(const DispatchHandle& h, const T* received_LD, int D, T* rows_RD);
     // Wall seconds spent inside all-to-alls (waiting for peers included) since the last call.
     double take_seconds() { return std::exchange(seconds_, 0.0); }
 

@@ -36,6 +36,7 @@ struct EpVariant {
     bool recompute = false;  // MLP and attention recompute
     bool overlap = false;    // gradient all-reduce started inside backward
     bool gemm_inputs16 = true;  // Model::set_bf16_gemm_inputs: the rows travel from and into bf16 copies
+    bool combine16 = false;     // ParallelContext::combine_bf16: y and dx return as bf16
 };
 
 TEST(BackendMemoryMpi, ExpertParallelTrainingPassesOnlyBackendMemoryOfTheRightSize) {
@@ -45,6 +46,7 @@ TEST(BackendMemoryMpi, ExpertParallelTrainingPassesOnlyBackendMemoryOfTheRightSi
         {"topk_fp32"},
         {"topk_bf16_rows", RouterType::kTopK, true},
         {"topk_bf16_rows_rounded_per_op", RouterType::kTopK, true, false, false, false},
+        {"topk_bf16_rows_and_returns", RouterType::kTopK, true, false, false, true, true},
         {"logit_fc_bf16_recompute_overlap", RouterType::kLogitFc, true, true, true},
         {"mc_dropout_fp32_overlap", RouterType::kMcDropout, false, false, true},
     };
@@ -59,7 +61,9 @@ TEST(BackendMemoryMpi, ExpertParallelTrainingPassesOnlyBackendMemoryOfTheRightSi
                 MemoryCheckingBackend backend(act_as_device);
                 backend.set_matmul_precision(v.bf16 ? MatmulPrecision::kBf16 : MatmulPrecision::kFp32);
                 parallel::ProcessGrid grid(world, ep);
-                Model model(cfg, &backend, make_parallel_context(grid, cfg.num_experts));
+                ParallelContext parallel = make_parallel_context(grid, cfg.num_experts);
+                parallel.combine_bf16 = v.combine16;
+                Model model(cfg, &backend, parallel);
                 model.init_weights(5);
                 model.set_mlp_recompute(v.recompute);
                 model.set_attention_recompute(v.recompute);

@@ -141,11 +141,13 @@ TEST(ExpertExchange, DirectAndStagedPathsMoveRowsExactly) {
 // bf16 transport (rows that only feed bf16 GEMMs): fp32 rows arrive as exactly their bf16
 // roundings, directly and staged, and the bytes that crossed a link are half those of fp32 rows.
 // Rows already in bf16 (the gather writes the experts' rows in bf16) move bit for bit into the
-// caller's buffer, each where the fp32 path puts it. An odd width cannot travel as 32-bit words.
+// caller's buffer, each where the fp32 path puts it. The experts' outputs return as their bf16
+// roundings too where asked (combine as_bf16). An odd width cannot travel as 32-bit words.
 TEST(ExpertExchange, Bf16RowsArriveAsTheirRoundingWithHalfTheBytes) {
     MpiComm world(MPI_COMM_WORLD);
     const int P = world.size(), me = world.rank(), D = 6;
     auto backend = model::make_backend("cpu");
+    backend->set_matmul_precision(model::MatmulPrecision::kBf16);
     for (bool staged : {false, true}) {
         const int E = 2 * P;
         model::ExpertExchange exchange(world, E, backend.get(), staged);
@@ -175,6 +177,18 @@ TEST(ExpertExchange, Bf16RowsArriveAsTheirRoundingWithHalfTheBytes) {
             const std::vector<uint16_t> got16 = local16.download();
             for (size_t i = 0; i < L; ++i) ASSERT_EQ(got16[i], model::bf16_bits(exact[i])) << "staged " << staged;
             EXPECT_EQ(got16[L], 0xbeef) << "wrote past the rows";
+
+            // the way back: y = 3x - 0.7, fp32 and rounded to bf16 for the trip
+            for (float& v : exact) v = 3.0f * v - 0.7f;
+            fp32_rows.upload(exact);
+            model::Buffer<float> y32(backend.get(), x.size()), y16(backend.get(), x.size());
+            exchange.combine(fp32_rows.data(), D, y32.data());
+            const int64_t y32_bytes = exchange.take_bytes_sent();
+            exchange.combine(fp32_rows.data(), D, y16.data(), /*as_bf16=*/true);
+            EXPECT_EQ(2 * exchange.take_bytes_sent(), y32_bytes);
+            const std::vector<float> want = y32.download(), back = y16.download();
+            for (size_t i = 0; i < x.size(); ++i)
+                ASSERT_EQ(back[i], model::round_to_bf16(want[i])) << "staged " << staged;
         }
         std::vector<uint16_t> odd(8);
         EXPECT_THROW(exchange.forward(odd.data(), 3, odd.data()), bmoe::Error);

@@ -172,6 +172,8 @@ void add_run_options(CLI::App& app, RunConfig& c, RunConfigCli& cli) {
         ->group("Options");
     opt("parallel.exchange_bf16", c.parallel.exchange_bf16,
         "with bf16 GEMMs, send expert-GEMM input rows (x, dy) as bf16: lossless, half their bytes");
+    opt("parallel.combine_bf16", c.parallel.combine_bf16,
+        "with bf16 GEMMs, return the experts' output rows (y, dx) as bf16: half their bytes, rounded on the way");
     opt("parallel.overlap_grad_reduce", c.parallel.overlap_grad_reduce,
         "true | false | auto (with NCCL): start each layer's gradient all-reduce as soon as its backward is done");
     opt("checkpoint.dir", c.checkpoint.dir, "checkpoint directory (empty = <train.out_dir>/checkpoints)");
@@ -241,7 +243,8 @@ std::string RunConfig::to_toml() const {
        << "\nseq_len = " << data.seq_len << "\ntrain_tokens = " << data.train_tokens << "\nloss_on = \"" << data.loss_on
        << "\"";
     os << "\n\n[parallel]\nep = " << parallel.ep << "\ncomm = \"" << parallel.comm << "\"\noverlap_grad_reduce = \""
-       << parallel.overlap_grad_reduce << "\"\nexchange_bf16 = " << b(parallel.exchange_bf16);
+       << parallel.overlap_grad_reduce << "\"\nexchange_bf16 = " << b(parallel.exchange_bf16)
+       << "\ncombine_bf16 = " << b(parallel.combine_bf16);
     os << "\n\n[checkpoint]\ndir = \"" << checkpoint.dir << "\"\nevery = " << checkpoint.every
        << "\nevery_minutes = " << checkpoint.every_minutes << "\nkeep = " << checkpoint.keep << "\nresume = \""
        << checkpoint.resume << "\"";

@@ -72,8 +72,11 @@ struct ParallelConfig {
     // bench/bench_overlap.sh).
     std::string overlap_grad_reduce = "auto";
     // With train.precision=bf16: token rows that only feed expert GEMMs (x, dy) travel as bf16 --
-    // lossless, since the GEMMs round them the same way; y and dx stay fp32 (model/parallel_context.h).
+    // lossless, since the GEMMs round them the same way (model/parallel_context.h).
     bool exchange_bf16 = true;
+    // With train.precision=bf16: the experts' outputs (y, dx) travel back as bf16 too -- half their
+    // bytes, rounded on the way (not lossless; off by default).
+    bool combine_bf16 = false;
 };
 
 struct CheckpointConfig {

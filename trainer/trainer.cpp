@@ -59,6 +59,7 @@ Trainer::Trainer(const RunConfig& config,
     const std::string data_comm = setup_data_comm(config_.parallel, *backend_, *grid_);
     model::ParallelContext parallel_context = model::make_parallel_context(*grid_, config_.model.num_experts);
     parallel_context.exchange_bf16 = config_.parallel.exchange_bf16;
+    parallel_context.combine_bf16 = config_.parallel.combine_bf16;
     model_ = std::make_unique<model::Model>(config_.model, backend_.get(), parallel_context);
     model_->init_weights(config_.train.seed);
     model_->set_attention_recompute(recomputes(config_.train, "attention"));
