@@ -215,15 +215,24 @@ int run(int argc, char** argv) {
         "alone: %.2f ms at %.1f%% of the peak); %lld kernels and transfers, %.1f GB moved; peak allocated %.2f GiB\n",
         total.seconds * 1e3, tokens_per_s, 100 * mfu, flops_per_token, gemm_seconds * 1e3, 100 * gemm_only_mfu,
         static_cast<long long>(total.calls), total.bytes / 1e9, gib);
+    // The GPU idles while the host works between a synchronising download and the next launch:
+    // measured on this CPU (a GPU server's host may be faster), added to the roofline step.
+    const model::OpCostBackend::HostGaps& gaps = backend.host_after_sync();
+    const double mfu_with_host = N / (total.seconds + gaps.seconds) * flops_per_token / peak;
+    std::printf(
+        "host work after synchronising downloads (measured on this CPU, not in the step above): %.2f ms over %lld "
+        "syncs (%.0f us each); with it the step takes %.2f ms, MFU %.1f%%\n",
+        gaps.seconds * 1e3, static_cast<long long>(gaps.syncs), gaps.syncs ? 1e6 * gaps.seconds / gaps.syncs : 0.0,
+        (total.seconds + gaps.seconds) * 1e3, 100 * mfu_with_host);
     std::printf(
         "JSON {\"model\": \"%s\", \"gpu\": \"%s\", \"precision\": \"%s\", \"attention\": \"%s\", \"router\": \"%s\", "
         "\"recompute\": \"%s\", \"activation_bytes\": %d, \"accumulate\": %d, \"tokens_per_step\": %d, \"step_ms\": "
         "%.6g, "
         "\"tokens_per_s\": %.6g, \"mfu_ceiling\": %.6g, \"gemm_only_mfu\": %.6g, \"bytes\": %.6g, "
-        "\"peak_allocated_gib\": %.6g}\n",
+        "\"peak_allocated_gib\": %.6g, \"host_after_sync_ms\": %.6g, \"mfu_with_host\": %.6g}\n",
         opt.model.c_str(), opt.gpu.c_str(), opt.precision.c_str(), opt.attention.c_str(), opt.router.c_str(),
         opt.recompute.c_str(), cm.activation_bytes, opt.accumulate, N, total.seconds * 1e3, tokens_per_s, mfu,
-        gemm_only_mfu, total.bytes, gib);
+        gemm_only_mfu, total.bytes, gib, gaps.seconds * 1e3, mfu_with_host);
     return 0;
 }
 

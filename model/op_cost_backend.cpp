@@ -76,6 +76,11 @@ void OpCostBackend::host_transfer(size_t bytes, bool synchronizes) {
 }
 
 void OpCostBackend::book(const std::string& key, double flops, double bytes, double seconds) {
+    if (queue_empty_ && key != "host transfers") {  // the first kernel after a synchronisation
+        host_after_sync_.seconds +=
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - synced_at_).count();
+        queue_empty_ = false;
+    }
     OpCost& row = ledger_[key];
     row.calls += 1;
     row.flops += flops;
@@ -114,6 +119,9 @@ void OpCostBackend::download(void* dst_host, const void*, size_t bytes) {
     const ProfiledName op(this, "download");
     if (bytes > 0) std::memset(dst_host, 0, bytes);  // what the caller reads: zeros, as alloc promises
     host_transfer(bytes, true);
+    host_after_sync_.syncs += 1;
+    if (!queue_empty_) synced_at_ = std::chrono::steady_clock::now();  // idle since the first of several
+    queue_empty_ = true;
 }
 void OpCostBackend::copy(void*, const void*, size_t bytes) { kernel("copy", 2.0 * bytes); }
 void OpCostBackend::zero(void*, size_t bytes) { kernel("zero", static_cast<double>(bytes)); }

@@ -22,6 +22,7 @@
 // peak_allocated_bytes() is exact: the same buffers the model allocates on any backend.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <initializer_list>
 #include <map>
@@ -80,7 +81,17 @@ class OpCostBackend final : public Backend {
     void clear_ledger() {
         ledger_.clear();
         profiled_.clear();
+        host_after_sync_ = {};
     }
+    // Measured, not modelled: wall seconds this process's host code ran between a synchronising
+    // download (the first of consecutive ones) and the next kernel (the routing plan, the router's
+    // host work), while a GPU would have nothing queued. Not in the ledger (it depends on the CPU;
+    // the idle time of the downloads themselves is); bench_roofline reports it.
+    struct HostGaps {
+        int64_t syncs = 0;
+        double seconds = 0.0;
+    };
+    const HostGaps& host_after_sync() const { return host_after_sync_; }
 
     // Both kernels can be costed (the CPU has no flash kernel, the model of one needs none).
     void set_attention_kernel(AttentionKernel k) override { attention_kernel_ = k; }
@@ -437,6 +448,9 @@ class OpCostBackend final : public Backend {
     std::map<std::string, OpCost> ledger_;
     std::map<std::string, double> profiled_;
     std::string op_name_;
+    HostGaps host_after_sync_;
+    std::chrono::steady_clock::time_point synced_at_;
+    bool queue_empty_ = false;                     // a download synchronised and no kernel was queued since
     uintptr_t next_address_ = uintptr_t{1} << 44;  // far above any host allocation: never dereferenced
 };
 

@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <regex>
@@ -289,6 +290,31 @@ TEST(OpCostBackend, EveryRouterFamilyTrainsWithoutReadingABufferAndDownloadsAreZ
     EXPECT_EQ(host, std::vector<unsigned char>(16, 0));
     EXPECT_EQ(be.ledger().at("host transfers").calls, 1);
     EXPECT_THROW(gpu_spec("a100"), bmoe::Error);
+}
+
+// The host's work after synchronising downloads (the GPU idles meanwhile) is measured from the first
+// of consecutive downloads to the next kernel: one gap per MoE layer's routing at least, within the
+// step's wall time, outside the ledger, and reset with it.
+TEST(OpCostBackend, HostWorkAfterSynchronisingDownloadsIsMeasuredOutsideTheLedger) {
+    const ModelConfig c = tiny_model_config();
+    OpCostBackend be;
+    Step step(c, &be);
+    step.train();
+    be.clear_ledger();
+    EXPECT_EQ(be.host_after_sync().syncs, 0);
+    const auto start = std::chrono::steady_clock::now();
+    step.train();
+    const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    const OpCostBackend::HostGaps& gaps = be.host_after_sync();
+    int moe_layers = 0;
+    for (int l = 0; l < c.num_layers; ++l) moe_layers += c.is_moe_layer(l) ? 1 : 0;
+    EXPECT_GE(gaps.syncs, moe_layers);
+    EXPECT_GT(gaps.seconds, 0.0);
+    EXPECT_LT(gaps.seconds, wall);
+    const OpCost before = be.total();
+    step.forward();  // the ledger grows by the forward's ops only: no row for host time
+    for (const auto& [key, row] : be.ledger()) EXPECT_EQ(key.find("host work"), std::string::npos) << key;
+    EXPECT_GT(be.total().seconds, before.seconds);
 }
 
 // bench_train --profile sets each op's measured GPU time beside seconds_by_profiled_op()[name]:
