@@ -403,6 +403,19 @@ class Backend {
                                       int E,
                                       int K,
                                       bool renormalize) = 0;
+    // The routing plan (model/routing_plan.h, plan_routing) built where the selection is, so only
+    // the counts travel to the host: groups the N*K copies of topk_idx_NK by expert, stable in
+    // token order, each expert keeping at most `capacity` (< 0: all). Writes counts_E[e] (copies
+    // routed to e, before dropping), row_src_R (its first R = sum_e min(count, capacity) entries;
+    // room for N*K) and slot_row_NK (-1 for dropped copies). Indices must lie in [0, E).
+    virtual void moe_plan_routing(int32_t* row_src_R,
+                                  int32_t* slot_row_NK,
+                                  int32_t* counts_E,
+                                  const int32_t* topk_idx_NK,
+                                  int N,
+                                  int K,
+                                  int E,
+                                  int capacity) = 0;
     // Routed rows r are grouped by expert. row_src_R[r] = n*K + k: the (token, slot) copy that row
     // r carries. slot_row_NK[n*K + k] = r, or -1 when that copy was dropped (capacity).
     // x_RD[r] = x_ND[row_src_R[r] / K]

@@ -14,6 +14,7 @@
 #include <memory>
 #include <vector>
 
+#include "model/routing_plan.h"
 #include "parallel/check.h"
 
 namespace bmoe::model {
@@ -969,6 +970,20 @@ void CpuBackend::router_topk_backward(float* dlogits_NE,
         const float z = 2.0f * zloss_coef * lse_N[n];  // d(c lse^2)/dlogit_e = 2 c lse p_e
         for (int e = 0; e < E; ++e) dp[e] = p[e] * (dp[e] - static_cast<float>(pdp) + z);
     }
+}
+
+void CpuBackend::moe_plan_routing(int32_t* row_src_R,
+                                  int32_t* slot_row_NK,
+                                  int32_t* counts_E,
+                                  const int32_t* topk_idx_NK,
+                                  int N,
+                                  int K,
+                                  int E,
+                                  int capacity) {
+    const RoutingPlan plan = plan_routing(topk_idx_NK, N, K, E, capacity);
+    std::copy(plan.row_src.begin(), plan.row_src.end(), row_src_R);
+    std::copy(plan.slot_row.begin(), plan.slot_row.end(), slot_row_NK);
+    for (int e = 0; e < E; ++e) counts_E[e] = static_cast<int32_t>(plan.tokens_per_expert[e]);
 }
 
 void CpuBackend::moe_gather_forward(float* x_RD, const float* x_ND, const int32_t* row_src_R, int R, int K, int D) {

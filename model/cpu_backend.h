@@ -210,6 +210,14 @@ class CpuBackend : public Backend {
                               int E,
                               int K,
                               bool renormalize) override;
+    void moe_plan_routing(int32_t* row_src_R,
+                          int32_t* slot_row_NK,
+                          int32_t* counts_E,
+                          const int32_t* topk_idx_NK,
+                          int N,
+                          int K,
+                          int E,
+                          int capacity) override;
     void moe_gather_forward(float* x_RD, const float* x_ND, const int32_t* row_src_R, int R, int K, int D) override;
     void moe_gather_backward(
         float* dx_ND, const float* dx_RD, const int32_t* slot_row_NK, int N, int K, int D) override;

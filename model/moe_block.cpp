@@ -154,17 +154,31 @@ MoeLayerStats MoeBlock::forward(
     // 1. route (all routing noise is drawn here, before any exchange)
     router_.forward(x_ND, w, N, ctx);
 
-    // 2. plan the permutation on the host (R + N*K ints up)
-    const std::vector<int32_t>& idx_host = router_.topk_idx_host();
+    // 2. plan the permutation: on the backend, where only the E counts come to the host (a GPU
+    // idles while the host plans); on the host under expert parallelism, whose exchange statistics
+    // read every selection (R + N*K ints up)
     const int capacity = config_.capacity_factor > 0.0f
                              ? static_cast<int>(std::ceil(config_.capacity_factor * N * K / static_cast<double>(E)))
                              : -1;
-    plan_ = plan_routing(idx_host.data(), N, K, E, capacity);
+    const size_t NK = static_cast<size_t>(N) * K;
+    slot_row_NK_.ensure(backend_, NK);
+    if (expert_exchange_) {
+        const std::vector<int32_t>& idx_host = router_.topk_idx_host();
+        plan_ = plan_routing(idx_host.data(), N, K, E, capacity);
+        row_src_R_.ensure(backend_, static_cast<size_t>(plan_.num_rows()));
+        if (plan_.num_rows() > 0)
+            backend_->upload(row_src_R_.data(), plan_.row_src.data(), plan_.num_rows() * sizeof(int32_t));
+        backend_->upload(slot_row_NK_.data(), plan_.slot_row.data(), NK * sizeof(int32_t));
+    } else {
+        row_src_R_.ensure(backend_, NK);
+        expert_counts_E_.ensure(backend_, E);
+        backend_->moe_plan_routing(row_src_R_.data(), slot_row_NK_.data(), expert_counts_E_.data(),
+                                   router_.topk_idx_NK(), N, K, E, capacity);
+        std::vector<int32_t> counts(E);
+        backend_->download(counts.data(), expert_counts_E_.data(), E * sizeof(int32_t));
+        plan_ = plan_from_counts(std::vector<int64_t>(counts.begin(), counts.end()), capacity);
+    }
     const int R = plan_.num_rows();
-    row_src_R_.ensure(backend_, R);
-    slot_row_NK_.ensure(backend_, idx_host.size());
-    if (R > 0) backend_->upload(row_src_R_.data(), plan_.row_src.data(), R * sizeof(int32_t));
-    backend_->upload(slot_row_NK_.data(), plan_.slot_row.data(), plan_.slot_row.size() * sizeof(int32_t));
 
     // 3. gather -> experts -> combine
     if (experts_.keeps_input()) x_RD_ = Buffer<float>();  // an earlier mode's saved rows

@@ -115,10 +115,11 @@ class MoeBlock {
     int N_ = 0;
     double num_tokens_global_ = 0.0;
     ExchangeStats exchange_;
-    RoutingPlan plan_;
+    RoutingPlan plan_;                    // row_src and slot_row on the host only with expert parallelism
     std::vector<float> aux_dprobs_host_;  // [E] d aux / d probs[n, e], same for every n
     // saved
-    Buffer<int32_t> row_src_R_, slot_row_NK_;
+    Buffer<int32_t> row_src_R_, slot_row_NK_;  // row_src_R_: room for N*K rows on one rank
+    Buffer<int32_t> expert_counts_E_;          // Backend::moe_plan_routing's counts
     Buffer<float> x_RD_, y_RD_;  // x_RD_: one rank without recompute only (x_rows())
     Buffer<float> x_noisy_;  // [N, D] input with RoutingContext::input_noise (evaluation)
     // backward scratch (the [R, D] ones are in scratch_)

@@ -115,9 +115,15 @@ void OpCostBackend::upload(void*, const void*, size_t bytes) {
     const ProfiledName op(this, "upload");
     host_transfer(bytes, false);
 }
-void OpCostBackend::download(void* dst_host, const void*, size_t bytes) {
+void OpCostBackend::download(void* dst_host, const void* src, size_t bytes) {
     const ProfiledName op(this, "download");
     if (bytes > 0) std::memset(dst_host, 0, bytes);  // what the caller reads: zeros, as alloc promises
+    if (src == planned_.counts && bytes == planned_.experts * sizeof(int32_t)) {  // a balanced routing
+        auto* counts = static_cast<int32_t*>(dst_host);
+        for (int e = 0; e < planned_.experts; ++e)
+            counts[e] =
+                static_cast<int32_t>(planned_.copies / planned_.experts + (e < planned_.copies % planned_.experts));
+    }
     host_transfer(bytes, true);
     host_after_sync_.syncs += 1;
     if (!queue_empty_) synced_at_ = std::chrono::steady_clock::now();  // idle since the first of several
@@ -512,6 +518,12 @@ void OpCostBackend::moe_combine_backward(float*,
 }
 void OpCostBackend::moe_gather_forward_bf16(uint16_t*, const float*, const int32_t*, int R, int, int D) {
     kernel("moe_gather_forward_bf16", act(double(R) * D) + 2.0 * R * D + 4.0 * R);  // bf16 rows written
+}
+void OpCostBackend::moe_plan_routing(int32_t*, int32_t*, int32_t* counts_E, const int32_t*, int N, int K, int E, int) {
+    planned_ = {counts_E, static_cast<int64_t>(N) * K, E};
+    // the selection read twice (count, place), row_src and slot_row written, per-tile counts
+    const double NK = static_cast<double>(N) * K;
+    kernel("moe_plan_routing", 4.0 * (4.0 * NK + 2.0 * E * (NK / 256 + 1)));
 }
 void OpCostBackend::gather_rows_bf16(uint16_t*, const uint16_t*, const int32_t*, int L, int D) {
     kernel("gather_rows_bf16", 4.0 * L * D + 4.0 * L);  // bf16 rows read and written, indices

@@ -1,7 +1,8 @@
 // op_cost_backend.h -- OpCostBackend: runs no op; models what each would cost on a GPU.
 //
 // A Backend whose buffers are never touched: alloc() hands out addresses with no memory behind
-// them (a host read of one crashes), download() returns zeros, and every op adds its FLOPs and the
+// them (a host read of one crashes), download() returns zeros (a routing plan's expert counts: a
+// balanced routing, so every expert gets its share of rows), and every op adds its FLOPs and the
 // bytes it must move to a ledger, with a roofline time per call:
 //   time = max(FLOPs / (peak * compute efficiency), bytes / (HBM bandwidth * bandwidth efficiency),
 //              min_kernel_seconds)
@@ -315,6 +316,14 @@ class OpCostBackend final : public Backend {
                               int E,
                               int K,
                               bool renormalize) override;
+    void moe_plan_routing(int32_t* row_src_R,
+                          int32_t* slot_row_NK,
+                          int32_t* counts_E,
+                          const int32_t* topk_idx_NK,
+                          int N,
+                          int K,
+                          int E,
+                          int capacity) override;
     void moe_gather_forward(float* x_RD, const float* x_ND, const int32_t* row_src_R, int R, int K, int D) override;
     void moe_gather_backward(
         float* dx_ND, const float* dx_RD, const int32_t* slot_row_NK, int N, int K, int D) override;
@@ -449,6 +458,11 @@ class OpCostBackend final : public Backend {
     std::map<std::string, double> profiled_;
     std::string op_name_;
     HostGaps host_after_sync_;
+    struct {
+        const void* counts = nullptr;  // the last moe_plan_routing's counts_E
+        int64_t copies = 0;
+        int experts = 0;
+    } planned_;
     std::chrono::steady_clock::time_point synced_at_;
     bool queue_empty_ = false;                     // a download synchronised and no kernel was queued since
     uintptr_t next_address_ = uintptr_t{1} << 44;  // far above any host allocation: never dereferenced

@@ -106,7 +106,14 @@ void Router::forward(const float* x_ND, const LayerTensors& w, int N, const Rout
         select(ctx);
         download_to(backend_, token_stats_, t_.stats_NC.data(), static_cast<size_t>(N) * (E + kStatsExtra));
     }
-    download_to(backend_, topk_idx_host_, t_.topk_idx_NK.data(), NK);
+    idx_current_ = false;
+}
+
+const std::vector<int32_t>& Router::topk_idx_host() const {
+    if (!idx_current_)
+        download_to(backend_, topk_idx_host_, t_.topk_idx_NK.data(), static_cast<size_t>(N_) * config_.top_k);
+    idx_current_ = true;
+    return topk_idx_host_;
 }
 
 // topk without a selection bias: the backend's fused softmax/top-k; the statistics from pbar and lse.
@@ -318,7 +325,7 @@ const RouterOutputs& Router::outputs() const {
     if (outputs_current_ || N_ == 0) return out_;
     const int N = N_, E = config_.num_experts, K = config_.top_k, C = E + kStatsExtra;
     const size_t NE = static_cast<size_t>(N) * E, SNE = static_cast<size_t>(S_) * NE;
-    out_.topk_idx = topk_idx_host_;
+    out_.topk_idx = topk_idx_host();
     download_to(backend_, out_.topk_weight, t_.topk_weight_NK.data(), static_cast<size_t>(N) * K);
     out_.probs.resize(NE);
     out_.lse.resize(N);

@@ -106,9 +106,11 @@ class Router {
 
     const int32_t* topk_idx_NK() const { return t_.topk_idx_NK.data(); }
     const float* topk_weight_NK() const { return t_.topk_weight_NK.data(); }
-    // Host, downloaded by every forward: the selection [N, K] (the dispatcher plans on it) and the
-    // per-token statistics [N, E + kStatsExtra]: pbar, then the RouterStatsColumn values.
-    const std::vector<int32_t>& topk_idx_host() const { return topk_idx_host_; }
+    // Host: the selection [N, K] (downloaded on the first call after each forward: the expert-
+    // parallel dispatcher plans on it; one rank plans on the backend and never needs it), and the
+    // per-token statistics [N, E + kStatsExtra] (downloaded by every forward): pbar, then the
+    // RouterStatsColumn values.
+    const std::vector<int32_t>& topk_idx_host() const;
     const std::vector<float>& token_stats() const { return token_stats_; }
     // Host copies of everything the last forward computed (evaluation, tests), and the noise it
     // drew: downloaded on the first call after each forward, so training never pays for them.
@@ -166,7 +168,8 @@ class Router {
             dlogits_NE;
     } t_;
     RouterRows rows_;
-    std::vector<int32_t> topk_idx_host_;  // [N, K]
+    mutable std::vector<int32_t> topk_idx_host_;  // [N, K], downloaded on demand
+    mutable bool idx_current_ = false;
     std::vector<float> token_stats_;      // [N, E + kStatsExtra]
     mutable RouterOutputs out_;
     mutable RouterNoise noise_;

@@ -25,4 +25,9 @@ struct RoutingPlan {
 // capacity < 0: dropless. Otherwise each expert keeps at most `capacity` copies (in token order).
 RoutingPlan plan_routing(const int32_t* topk_idx_NK, int N, int K, int E, int capacity = -1);
 
+// The plan's per-expert part from the copies routed to each expert (tokens_per_expert, [E]):
+// expert_offsets, num_dropped; row_src and slot_row stay empty (Backend::moe_plan_routing wrote
+// them on the backend).
+RoutingPlan plan_from_counts(const std::vector<int64_t>& tokens_per_expert, int capacity = -1);
+
 }  // namespace bmoe::model

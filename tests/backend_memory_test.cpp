@@ -279,7 +279,7 @@ TEST(BackendMemory, TheModelsCoverEveryOp) {
         "grouped_matmul_forward "
         "grouped_matmul_forward_bf16 layernorm_backward layernorm_forward layernorm_forward_bf16 matmul_backward "
         "matmul_backward_bf16 matmul_forward matmul_forward_bf16 moe_combine_backward moe_combine_backward_bf16 "
-        "moe_combine_forward moe_gather_backward moe_gather_forward moe_gather_forward_bf16 mul "
+        "moe_combine_forward moe_gather_backward moe_gather_forward moe_gather_forward_bf16 moe_plan_routing mul "
         "position_backward position_forward rmsnorm_backward rmsnorm_forward rmsnorm_forward_bf16 rope_backward "
         "rope_forward router_rows "
         "router_topk_backward router_topk_forward scale sum_squares swiglu_backward swiglu_backward_bf16 "

@@ -847,6 +847,37 @@ TEST(CudaBackend, RouterTopK) {
     }
 }
 
+// The routing plan on the GPU (three kernels: per-tile counts, a scan, the placement) against the
+// CPU's plan_routing: identical rows, slots and counts. Tiles of 256 copies, so N*K past one and
+// several tiles with a partial last one; a capacity that drops; many experts; and more experts
+// than the kernels' shared histograms hold (the host fallback).
+TEST(CudaBackend, PlanRoutingMatchesTheHostPlan) {
+    if (!bmoe::model::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+    struct Case {
+        int N, K, E, capacity;
+    };
+    for (const Case c : {Case{5, 2, 4, -1}, Case{300, 2, 8, -1}, Case{1000, 2, 8, 200}, Case{4099, 4, 64, -1},
+                         Case{777, 1, 300, 2}, Case{513, 2, 2000, -1}}) {
+        Dual d;
+        const Plan plan = make_plan(c.N, c.K, c.E, /*empty=*/1, /*drop_every=*/1 << 30, 17);
+        auto idx = d.make(plan.topk_idx);
+        const size_t NK = static_cast<size_t>(c.N) * c.K;
+        auto row_src = d.make(IVec(NK, -5)), slot_row = d.make(IVec(NK, -5)), counts = d.make(IVec(c.E, -5));
+        d.run([&](Backend& be, int s) {
+            be.moe_plan_routing(row_src[s], slot_row[s], counts[s], idx[s], c.N, c.K, c.E, c.capacity);
+        });
+        const std::string at = "N " + std::to_string(c.N) + " K " + std::to_string(c.K) + " E " + std::to_string(c.E) +
+                               " capacity " + std::to_string(c.capacity);
+        EXPECT_EQ(counts.side[kGpu].download(), counts.side[kCpu].download()) << at;
+        EXPECT_EQ(slot_row.side[kGpu].download(), slot_row.side[kCpu].download()) << at;
+        const IVec cpu_rows = row_src.side[kCpu].download(), gpu_rows = row_src.side[kGpu].download();
+        const IVec cpu_slots = slot_row.side[kCpu].download();
+        const size_t R =
+            static_cast<size_t>(std::count_if(cpu_slots.begin(), cpu_slots.end(), [](int32_t r) { return r >= 0; }));
+        EXPECT_EQ(IVec(gpu_rows.begin(), gpu_rows.begin() + R), IVec(cpu_rows.begin(), cpu_rows.begin() + R)) << at;
+    }
+}
+
 TEST(CudaBackend, MoeGatherCombine) {
     if (!bmoe::model::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
     Dual d;

@@ -263,7 +263,9 @@ TEST(EpEquivalence, Bf16CombineTrainsWithinItsRoundingOfFp32Returns) {
         apart += std::abs(fp32.params[i] - returns16.params[i]);
     }
     EXPECT_LE(apart, 5e-2 * moved) << "the runs moved apart by more than a rounding of the updates";
-    if (world.rank() == 0) EXPECT_DOUBLE_EQ(returns16.first_step_bytes, 0.5 * fp32.first_step_bytes);
+    if (world.rank() == 0) {
+        EXPECT_DOUBLE_EQ(returns16.first_step_bytes, 0.5 * fp32.first_step_bytes);
+    }
 }
 
 // The bf16 transports on CUDA ranks sharing one GPU (the MPI communicator, host-staged): the

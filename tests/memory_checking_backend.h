@@ -521,6 +521,20 @@ class MemoryCheckingBackend : public CpuBackend {
                   {{"x16_RD", x16_RD, numel(R, D)}, {"x_ND", x_ND, N * D}, {"row_src", row_src, R}}))
             CpuBackend::moe_gather_forward_bf16(x16_RD, x_ND, row_src, R, K, D);
     }
+    void moe_plan_routing(int32_t* row_src,
+                          int32_t* slot_row,
+                          int32_t* counts,
+                          const int32_t* idx,
+                          int N,
+                          int K,
+                          int E,
+                          int capacity) override {
+        if (check("moe_plan_routing", {{"row_src", row_src, numel(N, K)},
+                                       {"slot_row", slot_row, numel(N, K)},
+                                       {"counts", counts, static_cast<size_t>(E)},
+                                       {"topk_idx", idx, numel(N, K)}}))
+            CpuBackend::moe_plan_routing(row_src, slot_row, counts, idx, N, K, E, capacity);
+    }
     void gather_rows_bf16(uint16_t* out16_LD, const uint16_t* in16_RD, const int32_t* src, int L, int D) override {
         const size_t R = rows_addressed("gather_rows_bf16", "src", src, L, 1, false);
         if (check("gather_rows_bf16",

@@ -15,6 +15,7 @@
 #include "model/cpu_backend.h"
 #include "model/cpu_threads.h"
 #include "model/precision.h"
+#include "model/routing_plan.h"
 #include "parallel/check.h"
 #include "tests/test_util.h"
 
@@ -1077,6 +1078,28 @@ TEST(CpuOps, MoeGatherCombineWithDroppedSlots) {
         ASSERT_EQ(dyr16[i], bf16_bits(dyr[i])) << "d row element " << i;
     }
     EXPECT_EQ(dtw16, dtw);
+}
+
+// The backend's routing plan is the host's plan_routing: the same rows, slots and counts, with and
+// without a capacity (plan_from_counts then gives the same offsets from the counts alone).
+TEST(CpuOps, PlanRoutingOnTheBackendIsTheHostPlan) {
+    CpuBackend be;
+    std::mt19937 gen(5);
+    const int N = 37, K = 3, E = 6;
+    std::vector<int32_t> idx(N * K);
+    for (int32_t& e : idx) e = static_cast<int32_t>(gen() % (E - 1));  // expert E-1 gets none
+    for (const int capacity : {-1, 4, 0}) {
+        const RoutingPlan want = plan_routing(idx.data(), N, K, E, capacity);
+        std::vector<int32_t> row_src(N * K, -7), slot_row(N * K, -7), counts(E, -7);
+        be.moe_plan_routing(row_src.data(), slot_row.data(), counts.data(), idx.data(), N, K, E, capacity);
+        const int R = want.num_rows();
+        EXPECT_EQ(std::vector<int32_t>(row_src.begin(), row_src.begin() + R), want.row_src) << "capacity " << capacity;
+        EXPECT_EQ(slot_row, want.slot_row) << "capacity " << capacity;
+        const RoutingPlan from_counts = plan_from_counts(std::vector<int64_t>(counts.begin(), counts.end()), capacity);
+        EXPECT_EQ(from_counts.tokens_per_expert, want.tokens_per_expert);
+        EXPECT_EQ(from_counts.expert_offsets, want.expert_offsets);
+        EXPECT_EQ(from_counts.num_dropped, want.num_dropped);
+    }
 }
 
 // bf16 rows move bit for bit (NaN and odd widths included): out[l] = in[src[l]]

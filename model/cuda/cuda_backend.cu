@@ -87,7 +87,7 @@ CudaBackend::CudaBackend() {
 CudaBackend::~CudaBackend() {
     cudaStreamSynchronize(stream_);
     profiler_.reset();
-    for (Scratch* s : {&gemm_ptrs_ws_, &reduce_ws_, &embed_ws_, &attn_ws_, &attn_qkv_ws_, &colred_ws_})
+    for (Scratch* s : {&gemm_ptrs_ws_, &reduce_ws_, &embed_ws_, &attn_ws_, &attn_qkv_ws_, &colred_ws_, &plan_ws_})
         cudaFree(s->ptr);
     for (Scratch& s : bf16_ws_) cudaFree(s.ptr);
     cublasDestroy(blas_);

@@ -267,6 +267,14 @@ class CudaBackend final : public Backend {
                               int E,
                               int K,
                               bool renormalize) override;
+    void moe_plan_routing(int32_t* row_src_R,
+                          int32_t* slot_row_NK,
+                          int32_t* counts_E,
+                          const int32_t* topk_idx_NK,
+                          int N,
+                          int K,
+                          int E,
+                          int capacity) override;
     void moe_gather_forward(float* x_RD, const float* x_ND, const int32_t* row_src_R, int R, int K, int D) override;
     void moe_gather_backward(
         float* dx_ND, const float* dx_RD, const int32_t* slot_row_NK, int N, int K, int D) override;
@@ -504,6 +512,7 @@ class CudaBackend final : public Backend {
     Scratch attn_ws_;                        // attention_backward dS [B, H, T, T]
     Scratch attn_qkv_ws_;                    // the _bf16 attention ops (gemm kernel): fp32 q, k, v (dq, dk, dv)
     Scratch colred_ws_;                      // column_reduce partial sums [splits, D] (double)
+    Scratch plan_ws_;                        // moe_plan_routing: per-tile counts and bases, offsets, kept
     Scratch bf16_ws_[kBf16Slots];            // bf16 copies of GEMM inputs (bf16 matmul precision)
     std::unique_ptr<OpProfiler> profiler_;   // disabled unless asked for
     uint64_t gemm_unsupported_ = 0;  // bit (bf16 C, batched, GemmInput, transA, transB): cuBLAS refused that call

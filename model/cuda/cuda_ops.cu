@@ -12,6 +12,7 @@
 #include "model/cuda/cuda_backend.h"
 #include "model/cuda/cuda_common.cuh"
 #include "model/cuda/op_profiler.h"
+#include "model/routing_plan.h"
 #include "parallel/cuda_check.h"
 
 namespace bmoe::model {
@@ -492,6 +493,89 @@ __global__ void gather_rows_kernel(Word* out_LW, const Word* in_RW, const int32_
     BMOE_GRID_STRIDE(i, n) out_LW[i] = in_RW[static_cast<size_t>(src_L[i / W]) * W + i % W];
 }
 
+// ---- routing plan: a stable counting sort of the N*K copies by expert ---------------------------
+// Tiles of kPlanTile copies, one block each. A copy's place among its expert's copies is the count
+// of earlier ones: in earlier tiles (the scan's tile base), earlier warps of its tile (per-warp
+// histograms in shared memory) and earlier lanes of its warp (__match_any_sync): the order of
+// plan_routing, with no atomics.
+constexpr int kPlanTile = 256, kPlanWarps = kPlanTile / 32;
+
+// warp_hist[w * E + e] = copies of expert e in warp w of this block's tile; returns this thread's
+// expert (E for lanes past the end) and sets rank to its place among its warp's copies of it.
+__device__ int plan_tile_histogram(int32_t* warp_hist, const int32_t* idx, int NK, int E, int& rank) {
+    for (int j = threadIdx.x; j < kPlanWarps * E; j += blockDim.x) warp_hist[j] = 0;
+    __syncthreads();
+    const int i = blockIdx.x * kPlanTile + threadIdx.x, lane = threadIdx.x & 31;
+    int e = i < NK ? idx[i] : E;
+    if (e < 0 || e > E) e = E;  // out of range: not placed (the router writes [0, E))
+    const unsigned peers = __match_any_sync(0xffffffffu, e);
+    rank = __popc(peers & ((1u << lane) - 1u));
+    if (e < E && rank == 0) warp_hist[(threadIdx.x >> 5) * E + e] = __popc(peers);
+    __syncthreads();
+    return e;
+}
+
+__global__ void plan_count_kernel(int32_t* tile_counts_TE, const int32_t* idx, int NK, int E) {
+    extern __shared__ int32_t warp_hist[];
+    int rank;
+    plan_tile_histogram(warp_hist, idx, NK, E, rank);
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        int32_t n = 0;
+        for (int w = 0; w < kPlanWarps; ++w) n += warp_hist[w * E + e];
+        tile_counts_TE[static_cast<size_t>(blockIdx.x) * E + e] = n;
+    }
+}
+
+// One block: tile_base[t][e] = copies of e in tiles before t; counts_E; offsets_kept = [offset[E], kept[E]].
+__global__ void plan_scan_kernel(int32_t* tile_base_TE,
+                                 int32_t* counts_E,
+                                 int32_t* offsets_kept,
+                                 const int32_t* tile_counts_TE,
+                                 int T,
+                                 int E,
+                                 int capacity) {
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        int32_t running = 0;
+        for (int t = 0; t < T; ++t) {
+            tile_base_TE[static_cast<size_t>(t) * E + e] = running;
+            running += tile_counts_TE[static_cast<size_t>(t) * E + e];
+        }
+        counts_E[e] = running;
+        offsets_kept[E + e] = capacity < 0 ? running : min(running, capacity);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int32_t next = 0;
+        for (int e = 0; e < E; ++e) {
+            offsets_kept[e] = next;
+            next += offsets_kept[E + e];
+        }
+    }
+}
+
+__global__ void plan_scatter_kernel(int32_t* row_src_R,
+                                    int32_t* slot_row_NK,
+                                    const int32_t* idx,
+                                    const int32_t* tile_base_TE,
+                                    const int32_t* offsets_kept,
+                                    int NK,
+                                    int E) {
+    extern __shared__ int32_t warp_hist[];
+    int rank;
+    const int e = plan_tile_histogram(warp_hist, idx, NK, E, rank);
+    const int i = blockIdx.x * kPlanTile + threadIdx.x;
+    if (i >= NK) return;
+    if (e == E) {
+        slot_row_NK[i] = -1;
+        return;
+    }
+    int32_t pos = tile_base_TE[static_cast<size_t>(blockIdx.x) * E + e] + rank;
+    for (int w = 0; w < (threadIdx.x >> 5); ++w) pos += warp_hist[w * E + e];
+    const int32_t row = pos < offsets_kept[E + e] ? offsets_kept[e] + pos : -1;
+    slot_row_NK[i] = row;
+    if (row >= 0) row_src_R[row] = i;
+}
+
 __global__ void moe_gather_backward_kernel(
     float* dx_ND, const float* dx_RD, const int32_t* slot_row_NK, size_t n, int K, int D) {
     BMOE_GRID_STRIDE(i, n) {
@@ -876,6 +960,46 @@ void CudaBackend::router_rows(RouterStage stage, const RouterRows& rows) {
     // spread the 8k tokens of a step over every SM instead of half of them.
     constexpr int kRowThreads = 64;
     router_rows_kernel<<<div_up(rows.N, kRowThreads), kRowThreads, 0, stream_>>>(stage, rows);
+    CUDA_CHECK_LAST();
+}
+
+void CudaBackend::moe_plan_routing(int32_t* row_src_R,
+                                   int32_t* slot_row_NK,
+                                   int32_t* counts_E,
+                                   const int32_t* topk_idx_NK,
+                                   int N,
+                                   int K,
+                                   int E,
+                                   int capacity) {
+    const ProfiledOp op(profiler_.get(), "moe_plan_routing");
+    const int NK = N * K;
+    const size_t hist_bytes = static_cast<size_t>(kPlanWarps) * E * sizeof(int32_t);
+    if (hist_bytes > 48 * 1024) {  // more experts than a block's histograms hold: plan on the host
+        std::vector<int32_t> idx(NK), counts(E);
+        download(idx.data(), topk_idx_NK, idx.size() * sizeof(int32_t));
+        CUDA_CHECK(cudaStreamSynchronize(stream_));
+        const RoutingPlan plan = plan_routing(idx.data(), N, K, E, capacity);
+        for (int e = 0; e < E; ++e) counts[e] = static_cast<int32_t>(plan.tokens_per_expert[e]);
+        upload(row_src_R, plan.row_src.data(), plan.row_src.size() * sizeof(int32_t));
+        upload(slot_row_NK, plan.slot_row.data(), plan.slot_row.size() * sizeof(int32_t));
+        upload(counts_E, counts.data(), counts.size() * sizeof(int32_t));
+        CUDA_CHECK(cudaStreamSynchronize(stream_));  // the host vectors go out of scope
+        return;
+    }
+    if (NK == 0) {
+        CUDA_CHECK(cudaMemsetAsync(counts_E, 0, E * sizeof(int32_t), stream_));
+        return;
+    }
+    const int T = div_up(NK, kPlanTile);
+    auto* ws = static_cast<int32_t*>(scratch(plan_ws_, (2 * static_cast<size_t>(T) * E + 2 * E) * sizeof(int32_t)));
+    int32_t *tile_counts = ws, *tile_base = ws + static_cast<size_t>(T) * E,
+            *offsets_kept = tile_base + static_cast<size_t>(T) * E;
+    plan_count_kernel<<<T, kPlanTile, hist_bytes, stream_>>>(tile_counts, topk_idx_NK, NK, E);
+    CUDA_CHECK_LAST();
+    plan_scan_kernel<<<1, 256, 0, stream_>>>(tile_base, counts_E, offsets_kept, tile_counts, T, E, capacity);
+    CUDA_CHECK_LAST();
+    plan_scatter_kernel<<<T, kPlanTile, hist_bytes, stream_>>>(row_src_R, slot_row_NK, topk_idx_NK, tile_base,
+                                                               offsets_kept, NK, E);
     CUDA_CHECK_LAST();
 }
 
