@@ -178,6 +178,7 @@ MoeLayerStats MoeBlock::forward(
         backend_->download(counts.data(), expert_counts_E_.data(), E * sizeof(int32_t));
         plan_ = plan_from_counts(std::vector<int64_t>(counts.begin(), counts.end()), capacity);
     }
+    router_.fetch_token_stats();  // the queue just drained: no second wait for the GPU
     const int R = plan_.num_rows();
 
     // 3. gather -> experts -> combine

@@ -124,9 +124,12 @@ void OpCostBackend::download(void* dst_host, const void* src, size_t bytes) {
             counts[e] =
                 static_cast<int32_t>(planned_.copies / planned_.experts + (e < planned_.copies % planned_.experts));
     }
-    host_transfer(bytes, true);
-    host_after_sync_.syncs += 1;
-    if (!queue_empty_) synced_at_ = std::chrono::steady_clock::now();  // idle since the first of several
+    // a download right after another finds the queue empty: no wait to book (nor a new idle start)
+    host_transfer(bytes, /*synchronizes=*/!queue_empty_);
+    if (!queue_empty_) {
+        host_after_sync_.syncs += 1;
+        synced_at_ = std::chrono::steady_clock::now();
+    }
     queue_empty_ = true;
 }
 void OpCostBackend::copy(void*, const void*, size_t bytes) { kernel("copy", 2.0 * bytes); }

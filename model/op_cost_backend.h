@@ -52,7 +52,7 @@ struct CostModel {
     double bandwidth_efficiency = 0.8;   // of HBM bandwidth, reached by memory-bound kernels
     double min_kernel_seconds = 3e-6;    // no kernel finishes faster (launch and tail)
     double pcie_bytes_per_s = 25e9;      // host <-> device copies
-    double sync_seconds = 20e-6;         // a download waits for the queue and restarts it
+    double sync_seconds = 20e-6;         // a download waits for the queue and restarts it (not one right after another)
     int activation_bytes = 4;            // 4: as built (fp32); 2: what-if bf16 activation storage
 };
 

@@ -104,9 +104,38 @@ void Router::forward(const float* x_ND, const LayerTensors& w, int N, const Rout
     } else {
         sample_logits(x_ND, w, ctx);
         select(ctx);
-        download_to(backend_, token_stats_, t_.stats_NC.data(), static_cast<size_t>(N) * (E + kStatsExtra));
     }
-    idx_current_ = false;
+    idx_current_ = stats_fetched_ = stats_current_ = false;
+}
+
+// One download, where the caller's synchronisation point is (MoeBlock: beside the plan's counts):
+// the fast path's pbar and lse, or the families' statistics rows as they are.
+void Router::fetch_token_stats() const {
+    if (stats_fetched_) return;
+    const size_t N = static_cast<size_t>(N_), E = static_cast<size_t>(config_.num_experts);
+    if (fast_path())
+        download_to(backend_, fast_stats_host_, static_cast<const float*>(t_.probs_NE.data()), N * E + N);
+    else
+        download_to(backend_, token_stats_, static_cast<const float*>(t_.stats_NC.data()), N * (E + kStatsExtra));
+    stats_fetched_ = true;
+}
+
+// The fast path's [N, E] pbar and [N] lse laid out as statistics rows, on the host (after the
+// caller queued the layer's GPU work, so a GPU does not wait for it).
+const std::vector<float>& Router::token_stats() const {
+    fetch_token_stats();
+    if (!stats_current_ && fast_path()) {
+        const int N = N_, E = config_.num_experts, C = E + kStatsExtra;
+        const size_t NE = static_cast<size_t>(N) * E;
+        token_stats_.assign(static_cast<size_t>(N) * C, 0.0f);
+        for (size_t n = 0; n < static_cast<size_t>(N); ++n) {
+            std::copy(fast_stats_host_.begin() + n * E, fast_stats_host_.begin() + (n + 1) * E,
+                      token_stats_.begin() + n * C);
+            token_stats_[n * C + E + kStatsLse] = fast_stats_host_[NE + n];
+        }
+    }
+    stats_current_ = true;
+    return token_stats_;
 }
 
 const std::vector<int32_t>& Router::topk_idx_host() const {
@@ -118,18 +147,11 @@ const std::vector<int32_t>& Router::topk_idx_host() const {
 
 // topk without a selection bias: the backend's fused softmax/top-k; the statistics from pbar and lse.
 void Router::forward_fast() {
-    const int N = N_, E = config_.num_experts, K = config_.top_k, C = E + kStatsExtra;
+    const int N = N_, E = config_.num_experts, K = config_.top_k;
     const size_t NE = static_cast<size_t>(N) * E;
     float* probs = sized(t_.probs_NE, NE + N);  // pbar [N, E], then lse [N]: one download
     backend_->router_topk_forward(probs, probs + NE, t_.topk_idx_NK.data(), t_.topk_weight_NK.data(), t_.ldet_NE.data(),
                                   N, E, K, config_.router_renormalize);
-    std::vector<float> host;
-    download_to(backend_, host, static_cast<const float*>(probs), NE + N);
-    token_stats_.assign(static_cast<size_t>(N) * C, 0.0f);
-    for (size_t n = 0; n < static_cast<size_t>(N); ++n) {
-        std::copy(host.begin() + n * E, host.begin() + (n + 1) * E, token_stats_.begin() + n * C);
-        token_stats_[n * C + E + kStatsLse] = host[NE + n];
-    }
 }
 
 // The family's GEMMs (on the backend), then the kSample stage: l^s [S, N, E], mu and the family's own
@@ -330,8 +352,8 @@ const RouterOutputs& Router::outputs() const {
     out_.probs.resize(NE);
     out_.lse.resize(N);
     for (size_t n = 0; n < static_cast<size_t>(N); ++n) {
-        std::copy(token_stats_.begin() + n * C, token_stats_.begin() + n * C + E, out_.probs.begin() + n * E);
-        out_.lse[n] = token_stats_[n * C + E + kStatsLse];
+        std::copy(token_stats().begin() + n * C, token_stats().begin() + n * C + E, out_.probs.begin() + n * E);
+        out_.lse[n] = token_stats()[n * C + E + kStatsLse];
     }
     if (fast_path()) {
         download_to(backend_, out_.mu, t_.ldet_NE.data(), NE);

@@ -108,10 +108,12 @@ class Router {
     const float* topk_weight_NK() const { return t_.topk_weight_NK.data(); }
     // Host: the selection [N, K] (downloaded on the first call after each forward: the expert-
     // parallel dispatcher plans on it; one rank plans on the backend and never needs it), and the
-    // per-token statistics [N, E + kStatsExtra] (downloaded by every forward): pbar, then the
-    // RouterStatsColumn values.
+    // per-token statistics [N, E + kStatsExtra]: pbar, then the RouterStatsColumn values.
+    // fetch_token_stats() downloads them (where the caller synchronises anyway; token_stats() does
+    // it on its first call otherwise) and token_stats() lays them out.
     const std::vector<int32_t>& topk_idx_host() const;
-    const std::vector<float>& token_stats() const { return token_stats_; }
+    void fetch_token_stats() const;
+    const std::vector<float>& token_stats() const;
     // Host copies of everything the last forward computed (evaluation, tests), and the noise it
     // drew: downloaded on the first call after each forward, so training never pays for them.
     const RouterOutputs& outputs() const;
@@ -170,7 +172,9 @@ class Router {
     RouterRows rows_;
     mutable std::vector<int32_t> topk_idx_host_;  // [N, K], downloaded on demand
     mutable bool idx_current_ = false;
-    std::vector<float> token_stats_;      // [N, E + kStatsExtra]
+    mutable std::vector<float> token_stats_;      // [N, E + kStatsExtra]
+    mutable std::vector<float> fast_stats_host_;  // fast path: pbar [N, E], then lse [N]
+    mutable bool stats_fetched_ = false, stats_current_ = false;
     mutable RouterOutputs out_;
     mutable RouterNoise noise_;
     mutable bool outputs_current_ = false, noise_current_ = false;
