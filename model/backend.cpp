@@ -128,13 +128,15 @@ void Backend::attention_backward_bf16(uint16_t* dq16_BTHd,
     float_to_bf16(dv16_BTKVHd, dv.data(), nkv);
 }
 
-bool bf16_mode_default(const char* env_name) {
+bool env_switch(const char* env_name, const char* on, const char* off) {
     const char* v = std::getenv(env_name);
     if (v == nullptr || std::strcmp(v, "1") == 0) return true;
     if (std::strcmp(v, "0") == 0) return false;
-    throw Error(
-        concat(env_name, "='", v, "' is not a switch: set it to 1 (the default, bf16) or 0 (fp32, for A/B runs)"));
+    throw Error(concat(env_name, "='", v, "' is not a switch: set it to 1 (the default, ", on, ") or 0 (", off,
+                       ", for A/B runs)"));
 }
+
+bool bf16_mode_default(const char* env_name) { return env_switch(env_name, "bf16", "fp32"); }
 
 std::string to_string(MatmulPrecision p) { return p == MatmulPrecision::kBf16 ? "bf16" : "fp32"; }
 

@@ -156,13 +156,13 @@ MoeLayerStats MoeBlock::forward(
 
     // 2. plan the permutation: on the backend, where only the E counts come to the host (a GPU
     // idles while the host plans); on the host under expert parallelism, whose exchange statistics
-    // read every selection (R + N*K ints up)
+    // read every selection (R + N*K ints up), or where BMOE_DEVICE_ROUTING_PLAN=0
     const int capacity = config_.capacity_factor > 0.0f
                              ? static_cast<int>(std::ceil(config_.capacity_factor * N * K / static_cast<double>(E)))
                              : -1;
     const size_t NK = static_cast<size_t>(N) * K;
     slot_row_NK_.ensure(backend_, NK);
-    if (expert_exchange_) {
+    if (expert_exchange_ || !plan_on_backend_) {
         const std::vector<int32_t>& idx_host = router_.topk_idx_host();
         plan_ = plan_routing(idx_host.data(), N, K, E, capacity);
         row_src_R_.ensure(backend_, static_cast<size_t>(plan_.num_rows()));

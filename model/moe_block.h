@@ -108,6 +108,7 @@ class MoeBlock {
     LayerScratch* scratch_;  // y_local, dy/dx rows: shared with every layer
     bool recompute_ = false;  // set_recompute_activation
     bool bf16_gemm_inputs_ = bf16_mode_default("BMOE_BF16_GEMM_INPUTS");  // set_bf16_gemm_inputs
+    bool plan_on_backend_ = env_switch("BMOE_DEVICE_ROUTING_PLAN", "the plan on the backend", "on the host");
     bool gather16_ = false;  // this forward gathered the experts' rows in bf16 (bf16_gemm_inputs_), sent them so (EP)
     GroupedMlp experts_;
     std::unique_ptr<ExpertExchange> expert_exchange_;  // EP > 1 only

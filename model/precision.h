@@ -46,8 +46,10 @@ inline float bf16_to_float(uint16_t b) {
 // x rounded to the nearest bf16 (ties to even), returned as a float.
 inline float round_to_bf16(float x) { return bf16_to_float(bf16_bits(x)); }
 
-// A bf16 storage mode's default: on, unless the environment sets env_name to "0" (for A/B runs);
-// a value other than 0 or 1 is a one-line bmoe::Error naming both.
+// An A/B switch's default: on, unless the environment sets env_name to "0"; a value other than 0
+// or 1 is a one-line bmoe::Error naming both (`on` and `off` say what they select).
+bool env_switch(const char* env_name, const char* on, const char* off);
+// A bf16 storage mode's default: env_switch(env_name, "bf16", "fp32").
 bool bf16_mode_default(const char* env_name);
 
 }  // namespace bmoe::model

@@ -127,6 +127,14 @@ TEST(CudaTrainTest, Bf16MlpTensorsTrainLikeFp32Ones) {
     expect_bf16_mode_agrees("BMOE_BF16_MLP_ACTIVATIONS", 2e-3);
 }
 
+// The routing plan built on the GPU (Backend::moe_plan_routing) against the host's plan_routing:
+// the same plan (CudaBackend.PlanRoutingMatchesTheHostPlan), so the same training up to cuBLAS's
+// choice of kernels by operand address (2e-4 per step, as for the bitwise-neutral bf16 modes).
+TEST(CudaTrainTest, RoutingPlanOnTheGpuTrainsLikeTheHostPlan) {
+    if (!model::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+    expect_bf16_mode_agrees("BMOE_DEVICE_ROUTING_PLAN", 2e-4);
+}
+
 // The model's bf16 weight copy, re-rounded after each optimizer step, against rounding per GEMM op
 // (CPU: ModelGradTest.Bf16WeightCopyGivesBitwiseTheSameTraining).
 TEST(CudaTrainTest, Bf16WeightCopyTrainsLikeRoundingPerOp) {

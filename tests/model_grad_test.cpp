@@ -19,6 +19,7 @@
 #include "model/mlp.h"
 #include "model/model.h"
 #include "parallel/check.h"
+#include "tests/memory_checking_backend.h"
 #include "tests/router_test_util.h"
 
 namespace bmoe::model {
@@ -586,11 +587,42 @@ TEST(GroupedMlpTest, NoRowsIsANoOpInEveryMode) {
             }
 }
 
+// BMOE_DEVICE_ROUTING_PLAN=0 plans on the host (the selection comes down, the plan goes up) instead
+// of on the backend: the same plan, so bitwise the same training, with a capacity that drops too.
+TEST(ModelTest, RoutingPlanOnTheHostTrainsBitwiseLikeOnTheBackend) {
+    ModelConfig c = tiny_model_config();
+    c.capacity_factor = 0.75f;
+    std::vector<int32_t> tokens = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10}, targets = {2, 3, 4, 5, 6, 7, 8, 9, 10, 11};
+    std::vector<double> losses[2];
+    std::vector<float> params[2];
+    for (const int on_backend : {0, 1}) {
+        setenv("BMOE_DEVICE_ROUTING_PLAN", on_backend ? "1" : "0", 1);
+        MemoryCheckingBackend backend;
+        Model model(c, &backend);
+        unsetenv("BMOE_DEVICE_ROUTING_PLAN");
+        model.init_weights(3);
+        for (int step = 0; step < 2; ++step) {
+            model.zero_grad();
+            losses[on_backend].push_back(
+                model.forward(tokens.data(), targets.data(), 2, 5, LossWeights{0.01f}).total_loss);
+            model.backward(1.0f);
+            const size_t n = model.layout().total_numel();
+            backend.scale(model.grads(), -0.5f, n);
+            backend.accumulate(model.params(), model.grads(), n);
+        }
+        params[on_backend] = model.params_to_host();
+        EXPECT_EQ(backend.checked_ops.count("moe_plan_routing"), static_cast<size_t>(on_backend));
+    }
+    EXPECT_EQ(losses[0], losses[1]);
+    EXPECT_TRUE(params[0] == params[1]);
+    EXPECT_NE(losses[0][0], losses[0][1]) << "the weights did not change";
+}
+
 TEST(ModelTest, Bf16SwitchesRejectValuesOtherThanZeroAndOne) {
     const ModelConfig c = tiny_model_config();
     CpuBackend backend;
-    for (const char* env :
-         {"BMOE_BF16_LOGITS", "BMOE_BF16_WEIGHTS", "BMOE_BF16_MLP_ACTIVATIONS", "BMOE_BF16_GEMM_INPUTS"}) {
+    for (const char* env : {"BMOE_BF16_LOGITS", "BMOE_BF16_WEIGHTS", "BMOE_BF16_MLP_ACTIVATIONS",
+                            "BMOE_BF16_GEMM_INPUTS", "BMOE_DEVICE_ROUTING_PLAN"}) {
         for (const char* ok : {"0", "1"}) {
             setenv(env, ok, 1);
             EXPECT_NO_THROW(Model(c, &backend)) << env << "=" << ok;

@@ -134,6 +134,11 @@ if [[ $phase != check ]] && stage "A/B: the same run with fp32 logits, weights a
     ./build-gpu/bench/bench_train --backend cuda --model gpt2-moe --precision bf16 --steps 10 --warmup 3
   echo "bmoe gpt2-moe bf16 fp32 logits, per-op weight and input copies (exit $?): $(result bmoe_gpt2-moe_fp32logits.log '^bmoe cuda: ')"
 fi
+if [[ $phase != check ]] && stage "A/B: the same run with the routing plan built on the host" 30; then
+  capped 90 bmoe_gpt2-moe_hostplan.log env BMOE_DEVICE_ROUTING_PLAN=0 ./build-gpu/bench/bench_train --backend cuda \
+    --model gpt2-moe --precision bf16 --steps 10 --warmup 3
+  echo "bmoe gpt2-moe bf16 host routing plan (exit $?): $(result bmoe_gpt2-moe_hostplan.log '^bmoe cuda: ')"
+fi
 if [[ $phase != check ]] && stage "grouped expert GEMM vs dense, permute bandwidth" 30; then
   capped 60 bench_cuda.log ./build-gpu/bench/bench_cuda
   grep -vE "^\s*$" "$logs/bench_cuda.log" | tail -20
