@@ -212,6 +212,7 @@ std::string json_stats(const char* key, const Stats& s) {
 }  // namespace
 
 int main(int argc, char** argv) {
+    bmoe::model::use_fast_openblas_kernels(argv);
     using namespace bmoe;
     parallel::MpiEnvironment mpi(&argc, &argv);
     const Options opt = parse_options(argc, argv);

@@ -103,6 +103,7 @@ double router_flops(const model::ModelConfig& c, int S) {
 }  // namespace
 
 int main(int argc, char** argv) {
+    bmoe::model::use_fast_openblas_kernels(argv);
     const Options opt = parse_options(argc, argv);
     model::set_cpu_threads(0);
     model::ModelConfig base;

@@ -334,6 +334,7 @@ int run(int argc, char** argv) {
 }
 
 int main(int argc, char** argv) {
+    bmoe::model::use_fast_openblas_kernels(argv);
     try {
         return run(argc, argv);
     } catch (const std::exception& e) {  // bmoe::Error messages name the problem and the fix

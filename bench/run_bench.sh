@@ -26,7 +26,11 @@ echo "== bmoe (C++ CPU backend)"
 bmoe_out="$("$BUILD/bench/bench_train" --steps "${BENCH_STEPS:-16}" --warmup 2)"
 echo "$bmoe_out" | grep -v '^JSON '
 echo "== PyTorch eager (tools/bmoe_torch.py)"
-torch_out="$("$PY" bench/torch_bench.py --steps "${TORCH_STEPS:-8}" --warmup 1 --threads 1,2)"
+# the same OpenBLAS kernels for both: bench_train may have replaced OpenBLAS's generic fallback
+# (model/cpu_threads.h), and Debian's torch runs its GEMMs on the same OpenBLAS
+core="$(echo "$bmoe_out" | sed -n 's/^JSON .*"openblas_core": "\([A-Za-z0-9]*\)".*/\1/p')"
+torch_out="$(OPENBLAS_CORETYPE="${OPENBLAS_CORETYPE:-$core}" "$PY" bench/torch_bench.py --steps "${TORCH_STEPS:-8}" \
+  --warmup 1 --threads 1,2)"
 echo "$torch_out" | grep -v '^JSON '
 
 BMOE_JSON="$(echo "$bmoe_out" | sed -n 's/^JSON //p')" TORCH_JSON="$(echo "$torch_out" | sed -n 's/^JSON //p')" \

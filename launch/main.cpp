@@ -18,6 +18,7 @@
 #include "data/data_command.h"
 #include "eval/evaluator.h"
 #include "model/backend.h"
+#include "model/cpu_threads.h"
 #include "parallel/check.h"
 #include "parallel/local_comm.h"
 #include "parallel/mpi_comm.h"
@@ -82,6 +83,7 @@ int run_training(const std::string& cmd, bmoe::trainer::RunConfig config) {
 
 int main(int argc, char** argv) {
     using namespace bmoe;
+    model::use_fast_openblas_kernels(argv);
     CLI::App app{"bmoe: Mixture-of-Experts training with Bayesian routers (version " BMOE_VERSION ")", "bmoe"};
     app.require_subcommand(1);
     app.set_version_flag("--version", std::string(BMOE_VERSION));

@@ -407,7 +407,8 @@ class Backend {
     // the counts travel to the host: groups the N*K copies of topk_idx_NK by expert, stable in
     // token order, each expert keeping at most `capacity` (< 0: all). Writes counts_E[e] (copies
     // routed to e, before dropping), row_src_R (its first R = sum_e min(count, capacity) entries;
-    // room for N*K) and slot_row_NK (-1 for dropped copies). Indices must lie in [0, E).
+    // room for N*K) and slot_row_NK (-1 for dropped copies). Indices must lie in [0, E) (the router
+    // writes no other; the CPU throws on one, CUDA leaves such a copy out).
     virtual void moe_plan_routing(int32_t* row_src_R,
                                   int32_t* slot_row_NK,
                                   int32_t* counts_E,

@@ -83,6 +83,7 @@ class OpCostBackend final : public Backend {
         ledger_.clear();
         profiled_.clear();
         host_after_sync_ = {};
+        queue_empty_ = false;  // a gap open at the clear is not counted
     }
     // Measured, not modelled: wall seconds this process's host code ran between a synchronising
     // download (the first of consecutive ones) and the next kernel (the routing plan, the router's

@@ -857,7 +857,8 @@ TEST(CudaBackend, PlanRoutingMatchesTheHostPlan) {
         int N, K, E, capacity;
     };
     for (const Case c : {Case{5, 2, 4, -1}, Case{300, 2, 8, -1}, Case{1000, 2, 8, 200}, Case{4099, 4, 64, -1},
-                         Case{777, 1, 300, 2}, Case{513, 2, 2000, -1}}) {
+                         Case{777, 1, 300, 2}, Case{513, 2, 2000, -1}, Case{0, 2, 4, -1}, Case{300, 2, 8, 0},
+                         Case{900, 2, 1536, 1}, Case{900, 2, 1537, -1}}) {
         Dual d;
         const Plan plan = make_plan(c.N, c.K, c.E, /*empty=*/1, /*drop_every=*/1 << 30, 17);
         auto idx = d.make(plan.topk_idx);

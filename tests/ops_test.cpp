@@ -1117,6 +1117,17 @@ TEST(CpuOps, GatherRowsBf16CopiesRowsAsTheyAre) {
     }
 }
 
+// OpenBLAS's generic fallback on a CPU with wide vector units gets the matching kernels; a core
+// OpenBLAS recognised, or a CPU with nothing wider, keeps OpenBLAS's choice.
+TEST(CpuThreads, GenericOpenblasCoreIsReplacedWhereTheCpuHasWiderVectors) {
+    EXPECT_EQ(better_openblas_core("Prescott", true, true), "SkylakeX");
+    EXPECT_EQ(better_openblas_core("Prescott", false, true), "Haswell");
+    EXPECT_EQ(better_openblas_core("Core2", false, true), "Haswell");
+    EXPECT_EQ(better_openblas_core("Prescott", false, false), "");
+    EXPECT_EQ(better_openblas_core("SkylakeX", true, true), "");
+    EXPECT_EQ(better_openblas_core("Zen", false, true), "");
+}
+
 // ---- optimizer --------------------------------------------------------------------------------
 
 TEST(CpuOps, AdamwMatchesHandComputation) {

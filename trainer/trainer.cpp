@@ -94,7 +94,7 @@ Trainer::Trainer(const RunConfig& config,
          << "params: " << model_->layout().total_numel() << " on rank 0, " << model_->layout().active_matmul_params()
          << " active matmul per token | backend " << backend_->name() << " ("
          << model::to_string(backend_->matmul_precision()) << " GEMMs, " << config_.train.attention << " attention)"
-         << " | threads " << model::cpu_threads() << "\n";
+         << " | threads " << model::cpu_threads() << " (OpenBLAS " << model::openblas_kernels() << " kernels)\n";
 }
 
 void Trainer::resume_if_asked() {
