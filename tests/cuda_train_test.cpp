@@ -93,9 +93,11 @@ TEST(CudaTrainTest, FlashAttentionOnBf16QkvTracksCpuEmulation) {
 void expect_bf16_mode_agrees(const char* env,
                              double rel,
                              const std::string& attention = "gemm",
-                             model::PositionType position = model::PositionType::kRope) {
+                             model::PositionType position = model::PositionType::kRope,
+                             float capacity_factor = 0.0f) {
     for (const model::Activation activation : {model::Activation::kSwiGlu, model::Activation::kGelu}) {
         RunConfig c = small_config();
+        c.model.capacity_factor = capacity_factor;
         c.model.activation = activation;
         c.model.position = position;
         c.train.precision = "bf16";
@@ -106,7 +108,7 @@ void expect_bf16_mode_agrees(const char* env,
         for (const char* on : {"1", "0"}) {
             setenv(env, on, 1);
             c.train.out_dir = (tmp / (std::string("bmoe_cuda_train_") + env + on + "_" + attention + "_" +
-                                      model::to_string(position)))
+                                      model::to_string(position) + "_cf" + std::to_string(capacity_factor)))
                                   .string();
             std::ostringstream log;
             const TrainResult r = Trainer(c, log).run();
@@ -129,10 +131,12 @@ TEST(CudaTrainTest, Bf16MlpTensorsTrainLikeFp32Ones) {
 
 // The routing plan built on the GPU (Backend::moe_plan_routing) against the host's plan_routing:
 // the same plan (CudaBackend.PlanRoutingMatchesTheHostPlan), so the same training up to cuBLAS's
-// choice of kernels by operand address (2e-4 per step, as for the bitwise-neutral bf16 modes).
+// choice of kernels by operand address (2e-4 per step, as for the bitwise-neutral bf16 modes);
+// dropless and with a capacity that drops copies.
 TEST(CudaTrainTest, RoutingPlanOnTheGpuTrainsLikeTheHostPlan) {
     if (!model::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
     expect_bf16_mode_agrees("BMOE_DEVICE_ROUTING_PLAN", 2e-4);
+    expect_bf16_mode_agrees("BMOE_DEVICE_ROUTING_PLAN", 2e-4, "gemm", model::PositionType::kRope, 0.75f);
 }
 
 // The model's bf16 weight copy, re-rounded after each optimizer step, against rounding per GEMM op
