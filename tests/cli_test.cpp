@@ -83,6 +83,7 @@ TEST(CliTest, BadConfigValuesAreOneLineErrors) {
     expect_one_line_error(run_bmoe("train --parallel.comm=gloo"), "parallel.comm must be 'auto', 'mpi' or 'nccl'");
     expect_one_line_error(run_bmoe("train --parallel.comm=nccl"), "needs --train.backend=cuda");
     expect_one_line_error(run_bmoe("train --parallel.overlap_grad_reduce=maybe"), "parallel.overlap_grad_reduce");
+    expect_one_line_error(run_bmoe("train --parallel.combine_bf16=maybe"), "parallel.combine_bf16");
     expect_one_line_error(run_bmoe("train --train.precision=fp16"), "train.precision must be 'auto', 'fp32' or 'bf16'");
     expect_one_line_error(run_bmoe("train --train.recompute=all"), "train.recompute must be 'none' or a comma list");
     expect_one_line_error(run_bmoe("train --train.recompute=attention,ffn"), "'attention' and 'mlp'");
