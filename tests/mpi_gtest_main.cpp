@@ -1,13 +1,15 @@
 // mpi_gtest_main.cpp -- main() for GoogleTest binaries run under mpiexec (tests/CMakeLists.txt
 // bmoe_add_mpi_test links it). Every rank runs every test; rank 0 prints the usual report, the
 // other ranks print only their failures (prefixed with the rank), and the exit code is the worst
-// over ranks, so ctest fails when any rank fails.
+// over ranks, so ctest fails when any rank fails. Ranks run on bmoe's OpenBLAS kernels, as the
+// single-process tests do (tests/gtest_main.cpp).
 #include <gtest/gtest.h>
 #include <mpi.h>
 
 #include <cstdio>
 #include <string>
 
+#include "model/cpu_threads.h"
 #include "parallel/check.h"
 #include "parallel/mpi_env.h"
 
@@ -36,6 +38,7 @@ class FailurePrinter : public ::testing::EmptyTestEventListener {
 }  // namespace
 
 int main(int argc, char** argv) {
+    bmoe::model::use_fast_openblas_kernels(argv);  // before MPI_Init: it may re-execute the rank
     try {
         bmoe::parallel::MpiEnvironment mpi(&argc, &argv);
         ::testing::InitGoogleTest(&argc, argv);
