@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <memory>
+#include <numeric>
 
 #include "model/rng.h"
 #include "parallel/check.h"
@@ -177,6 +178,10 @@ MoeLayerStats MoeBlock::forward(
         std::vector<int32_t> counts(E);
         backend_->download(counts.data(), expert_counts_E_.data(), E * sizeof(int32_t));
         plan_ = plan_from_counts(std::vector<int64_t>(counts.begin(), counts.end()), capacity);
+        // the host plan asserts every index is in [0, E); the backend's skips one that is not
+        const int64_t counted = std::accumulate(counts.begin(), counts.end(), int64_t{0});
+        BMOE_ASSERT(counted == static_cast<int64_t>(NK), "routing plan counted ", counted, " of ", NK,
+                    " selections: an expert index out of range");
     }
     router_.fetch_token_stats();  // the queue just drained: no second wait for the GPU
     const int R = plan_.num_rows();

@@ -879,6 +879,19 @@ TEST(CudaBackend, PlanRoutingMatchesTheHostPlan) {
     }
 }
 
+// The contract's one difference (backend.h): CUDA leaves out a copy whose expert index is out of
+// range, where the CPU throws; MoeBlock then finds the counts short of N*K and stops the run.
+TEST(CudaBackend, PlanRoutingLeavesOutAnExpertIndexOutOfRange) {
+    if (!bmoe::model::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+    const std::unique_ptr<Backend> gpu = make_cuda_backend();
+    const int N = 3, K = 2, E = 4;
+    Buffer<int32_t> idx(gpu.get(), 6), row_src(gpu.get(), 6), slot_row(gpu.get(), 6), counts(gpu.get(), E);
+    idx.upload(IVec{0, 1, 2, E, 3, 0});  // copy 3 names expert E
+    gpu->moe_plan_routing(row_src.data(), slot_row.data(), counts.data(), idx.data(), N, K, E, /*capacity=*/-1);
+    EXPECT_EQ(counts.download(), (IVec{2, 1, 1, 1}));
+    EXPECT_EQ(slot_row.download()[3], -1);
+}
+
 TEST(CudaBackend, MoeGatherCombine) {
     if (!bmoe::model::cuda_device_available()) GTEST_SKIP() << "no CUDA device";
     Dual d;
