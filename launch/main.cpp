@@ -95,7 +95,9 @@ int main(int argc, char** argv) {
     bool print_config = false;
     CLI::App* train = app.add_subcommand("train", "train a MoE language model from scratch");
     train->add_flag("--print-config", print_config, "print the resolved config as TOML and exit");
-    train->add_option("--config", "TOML file with [model] [optim] [loss] [data] [train] sections; flags override it");
+    train->add_option("--config",
+                      "TOML file with [model] [router] [optim] [loss] [data] [parallel] [checkpoint] [train] sections; "
+                      "flags override it");
     trainer::add_run_options(*train, config, config_cli);
 
     // ---- bmoe finetune-router ----

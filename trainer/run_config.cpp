@@ -197,7 +197,7 @@ void add_run_options(CLI::App& app, RunConfig& c, RunConfigCli& cli) {
         "gemm | flash: attention as batched GEMMs (saves [B,H,T,T]) or one fused bf16 kernel (cuda, bf16)");
     opt("train.precision", c.train.precision,
         "auto | fp32 | bf16: GEMM inputs in bf16 with fp32 accumulation and master weights (auto: bf16 on cuda)");
-    opt("train.threads", c.train.threads, "CPU threads (0 = all cores)");
+    opt("train.threads", c.train.threads, "CPU threads per rank (0 = OMP_NUM_THREADS if set, else all cores)");
     opt("train.plot", c.train.plot, "write loss_curve.png at the end (python3-matplotlib)");
     opt("train.log_layers", c.train.log_layers, "log aux, z and the router regulariser per MoE layer");
     opt("train.init", c.train.init, "initialise from this checkpoint's tensors (matched by name) instead of random");
