@@ -14,8 +14,9 @@
 #   BMOE_GPU_CHECK_OTHER : ctest -R regex of the CPU/MPI tests to run too (default: the multi-rank
 #                          tests that put several ranks on one GPU)
 # Summary lines go to stdout; every log goes to $OUT/gpu-check-logs.tgz (refreshed after each stage,
-# so a run cut short still returns what it did). On a machine without Debian's packages, carry the
-# bundle from device-bundle.sh as .device/.
+# so a run cut short still returns what it did). On a machine without Debian's packages, put Open
+# MPI and HDF5 under .device/ with a .device/env.sh that adds them to PATH and LD_LIBRARY_PATH: the
+# script sources it first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 phase="${1:-all}"
