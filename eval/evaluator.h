@@ -1,6 +1,6 @@
 // evaluator.h -- `bmoe eval`: evaluate any checkpoint (deterministic or Bayesian router).
 //
-// Sections (docs routing-methods.md sections 4 and 8 define the metrics):
+// Sections (eval/metrics.h defines the metrics):
 //   lm         loss and perplexity per domain of the checkpoint's corpus (validation split for the
 //              in-distribution domains, ood split for the held-out ones) and of every --data file/dir
 //   mcqa       accuracy, ECE (equal-width bins, bootstrap SE, noise floor), MCE, Brier, NLL of the

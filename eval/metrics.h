@@ -1,8 +1,9 @@
 // metrics.h -- evaluation metrics: MCQA calibration, OoD detection, routing stability.
 //
-// Plain structs and pure functions on host vectors; no model, no I/O. Definitions follow
-// docs routing-methods.md section 4 (ECE, MCE, Brier, NLL, AUROC, Jaccard) and section 8 (the ECE
-// noise floor and bootstrap SE, without which a small ECE difference cannot be read).
+// Plain structs and pure functions on host vectors; no model, no I/O. Definitions: the README's
+// "Evaluate a checkpoint" (ECE with equal-width bins as in Guo et al. 2017, MCE, Brier, NLL, AUROC,
+// Jaccard), plus the ECE noise floor and bootstrap SE, without which a small ECE difference cannot
+// be read.
 // Every random quantity (bootstrap, floor) is deterministic from its seed.
 // Shape legend: N = questions (or tokens), C = answer options, K = top-k experts.
 #pragma once

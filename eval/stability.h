@@ -1,4 +1,4 @@
-// stability.h -- routing stability under input noise (docs routing-methods.md section 4.1).
+// stability.h -- routing stability under input noise (the README's "Evaluate a checkpoint").
 //
 // On a fixed set of sequences: one clean forward, then one forward per noise scale sigma with
 // RoutingContext.input_noise = sigma (Gaussian noise of std sigma * RMS(x_n) added to the hidden

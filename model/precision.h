@@ -1,7 +1,7 @@
 // precision.h -- matmul precision: fp32, or bf16 inputs with fp32 accumulation and output.
 //
 // Mixed precision in bmoe (Megatron/torch.autocast style, for the GEMMs that dominate the FLOPs):
-// weights, gradients, optimizer moments and activations stay fp32 (the master copy); with
+// weights, gradients and optimizer moments stay fp32 (the master copy), activations fp32 except as below; with
 // kBf16 the dense and expert GEMMs (matmul_* and grouped_matmul_* ops) round their two inputs to
 // bf16 and accumulate in fp32 -- bf16 tensor cores on GPUs (bf16 copies rounded to nearest-even,
 // then cuBLAS bf16 x bf16 -> fp32), an exact emulation on the CPU (the same rounding, then sgemm).

@@ -147,7 +147,7 @@ TEST(EvalCalibration, FloorShrinksLikeInverseSqrtN) {
     EXPECT_GT(small, 0.0);
     EXPECT_GT(small / large, 3.3) << small << " vs " << large;
     EXPECT_LT(small / large, 4.8) << small << " vs " << large;
-    // 15 bins at n = 500 put the floor in the few-percent range (routing-methods.md section 8: ~.03 at n = 1000).
+    // 15 bins at n = 500 put the floor in the few-percent range (docs/comparison.md: ~.03 at n = 1000).
     EXPECT_GT(small, 0.02);
     EXPECT_LT(small, 0.08);
 }
