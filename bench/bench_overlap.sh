@@ -5,6 +5,7 @@
 # On a 2-core box the ranks share the cores: read the wait column, not the speedup.
 #   bash bench/bench_overlap.sh            # uses ./build (tools/build.sh builds it); STEPS=20
 set -euo pipefail
+# shellcheck source=bench/mpi_bench_env.sh
 source "$(dirname "$0")/mpi_bench_env.sh"
 steps="${STEPS:-20}"
 args=("${model_args[@]}" --train.steps="$steps" --train.log_every="$steps" --parallel.ep=1)

@@ -1,7 +1,8 @@
+# shellcheck shell=bash disable=SC2034  # sourced: its variables are for the sourcing script
 # mpi_bench_env.sh -- sourced by the multi-rank CPU benchmarks (bench_ep.sh, bench_overlap.sh):
 # the bmoe binary (built by tools/build.sh when missing), Open MPI settings for root and more ranks
 # than cores, and the default comparison model's flags in `model_args`.
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 bin=./build/launch/bmoe
 [[ -x $bin ]] || bash tools/build.sh >/dev/null
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1 \

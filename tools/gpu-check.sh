@@ -18,7 +18,7 @@
 # MPI and HDF5 under .device/ with a .device/env.sh that adds them to PATH and LD_LIBRARY_PATH: the
 # script sources it first.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 phase="${1:-all}"
 [[ $phase =~ ^(all|check|bench|profile)$ ]] || { echo "usage: gpu-check.sh [all|check|bench|profile]"; exit 2; }
 out="${OUT:-/tmp/bmoe-gpu-check}"
