@@ -102,8 +102,7 @@ double router_flops(const model::ModelConfig& c, int S) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-    bmoe::model::use_fast_openblas_kernels(argv);
+int run(int argc, char** argv) {
     const Options opt = parse_options(argc, argv);
     model::set_cpu_threads(0);
     model::ModelConfig base;
@@ -206,4 +205,14 @@ int main(int argc, char** argv) {
     }
     std::printf("JSON %s]\n", json.c_str());
     return 0;
+}
+
+int main(int argc, char** argv) {
+    bmoe::model::use_fast_openblas_kernels(argv);
+    try {
+        return run(argc, argv);
+    } catch (const std::exception& e) {  // bmoe::Error messages name the problem and the fix
+        std::fprintf(stderr, "bench_routers: error: %s\n", e.what());
+        return 1;
+    }
 }

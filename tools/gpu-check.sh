@@ -16,7 +16,8 @@
 # Summary lines go to stdout; every log goes to $OUT/gpu-check-logs.tgz (refreshed after each stage,
 # so a run cut short still returns what it did). On a machine without Debian's packages, put Open
 # MPI and HDF5 under .device/ with a .device/env.sh that adds them to PATH and LD_LIBRARY_PATH: the
-# script sources it first.
+# script sources it first. On a machine without a GPU every stage runs and fails or skips quickly,
+# which checks the script itself (build, summary lines, logs) before a GPU session spends time on it.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 phase="${1:-all}"
@@ -105,8 +106,11 @@ fallbacks() {
   [[ -n $lines ]] && { echo "   cuBLAS fallbacks (one GEMM per problem):"; echo "$lines" | sed 's/^/   /'; }
   return 0
 }
-# result LOG PATTERN: the log's last line matching PATTERN, else its last line (the error)
-result() { grep -E "$2" "$logs/$1" | tail -1 | grep . || tail -1 "$logs/$1"; }
+# result LOG REGEX: the log's last line matching REGEX, else its last error, else its last line
+result() {
+  grep -E "$2" "$logs/$1" | tail -1 | grep . || grep -iE "error|what\(\)" "$logs/$1" | tail -1 | grep . \
+    || tail -1 "$logs/$1"
+}
 # bmoe vs PyTorch (same model, same batch, bf16 autocast vs bmoe bf16) on the GPT-2-small-sized MoE
 bench_pair() {  # MODEL PRECISION [STEPS]
   local m=$1 p=$2 steps=${3:-10}
@@ -174,9 +178,10 @@ if [[ $phase != check ]] && stage "router families on the GPU: step time vs topk
   grep -E "^ *(router_|add_input_noise|dropout_mask)" "$logs/bmoe_gpt2-moe_logit_mf.log" | sed 's/^/   /'  # the router kernels
 fi
 if [[ $phase != bench ]] && stage "compute-sanitizer memcheck: 1 training step (bf16 topk flash learned positions, fp32 logit_fc)" 60; then
+  sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || echo compute-sanitizer)
   for run in "topk bf16 flash learned" "logit_fc fp32 gemm rope"; do  # router precision attention position
     set -- $run  # (learned positions: the bf16 q, k, v path of the flash kernel)
-    capped 90 "sanitizer_$1.log" compute-sanitizer --tool memcheck --error-exitcode 9 ./build-gpu/launch/bmoe train \
+    capped 90 "sanitizer_$1.log" "$sanitizer" --tool memcheck --error-exitcode 9 ./build-gpu/launch/bmoe train \
       --train.backend=cuda --train.precision=$2 --train.attention=$3 --model.position=$4 --router.type=$1 \
       --train.steps=1 $small --train.out_dir="$logs/sanitize_$1"
     echo "sanitizer $1 $2 $3 $4: exit $? ; $(result "sanitizer_$1.log" 'ERROR SUMMARY')"
